@@ -1,0 +1,315 @@
+//! Completion queues (`fi_cq(3)`) and the per-operation context that completions are
+//! delivered to.
+
+use std::cell::UnsafeCell;
+use std::collections::VecDeque;
+use std::ffi::CStr;
+use std::ptr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use efa_ffi as ffi;
+
+use crate::error::{check, check_int, strerror, CompletionError, Error, Result};
+use crate::fabric::{close_fid, Domain};
+
+/// How many completions one `fi_cq_read` call takes at most.
+pub const CQ_BATCH: usize = 32;
+
+/// A successful completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// Completion flags (`FI_SEND`, `FI_RECV`, `FI_TAGGED`, `FI_RMA`, `FI_REMOTE_CQ_DATA`, ...).
+    pub flags: u64,
+    /// Bytes received (receives) or transferred.
+    pub len: usize,
+    /// Tag of the received message (tagged receives).
+    pub tag: u64,
+    /// Remote CQ data, valid when `flags` has `FI_REMOTE_CQ_DATA`.
+    pub data: u64,
+}
+
+impl Completion {
+    /// True when the completion carries remote CQ data (`senddata`, `writedata`).
+    pub fn has_data(&self) -> bool {
+        self.flags & ffi::FI_REMOTE_CQ_DATA as u64 != 0
+    }
+}
+
+const PENDING: u32 = 0;
+const DONE: u32 = 1;
+
+/// The context of one posted operation.
+///
+/// Every operation posted through this crate passes a pointer to an `OpContext` as its
+/// libfabric context. It begins with a `struct fi_context2`, the scratch space that providers
+/// requiring `FI_CONTEXT` or `FI_CONTEXT2` use, and then records the operation's completion
+/// when a [`CompletionQueue`] reads it. It must stay at the same address, and must not be
+/// freed, until [`OpContext::is_done`] is true.
+#[repr(C)]
+pub struct OpContext {
+    /// Provider scratch space; must be the first field.
+    fi_ctx: UnsafeCell<ffi::fi_context2>,
+    state: AtomicU32,
+    result: UnsafeCell<Option<std::result::Result<Completion, CompletionError>>>,
+}
+
+impl std::fmt::Debug for OpContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpContext")
+            .field("done", &self.is_done())
+            .finish()
+    }
+}
+
+// SAFETY: `result` is written only by the single CQ reader that dequeues this context's
+// completion (libfabric delivers each completion once), before `state` is set to DONE with
+// Release; it is read only after observing DONE with Acquire. `fi_ctx` is touched only by the
+// provider while the operation is in flight.
+unsafe impl Sync for OpContext {}
+// SAFETY: as above; no thread-affine data.
+unsafe impl Send for OpContext {}
+
+impl Default for OpContext {
+    fn default() -> Self {
+        OpContext {
+            fi_ctx: UnsafeCell::new(ffi::fi_context2::default()),
+            state: AtomicU32::new(PENDING),
+            result: UnsafeCell::new(None),
+        }
+    }
+}
+
+impl OpContext {
+    /// A fresh, pending context on the heap (heap so that its address is stable).
+    pub fn new_boxed() -> Box<OpContext> {
+        Box::default()
+    }
+
+    /// The pointer to pass as libfabric's `context` argument.
+    pub fn as_raw(&self) -> *mut std::os::raw::c_void {
+        self as *const OpContext as *mut std::os::raw::c_void
+    }
+
+    /// True once the operation's completion (successful or not) has been read from its CQ.
+    pub fn is_done(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DONE
+    }
+
+    /// The outcome, once [`OpContext::is_done`]; `None` while pending.
+    pub fn result(&self) -> Option<std::result::Result<Completion, CompletionError>> {
+        if !self.is_done() {
+            return None;
+        }
+        // SAFETY: DONE was stored with Release after the single write of `result`; we observed
+        // it with Acquire, and nobody writes `result` again.
+        unsafe { (*self.result.get()).clone() }
+    }
+
+    /// Resets a completed context so that it can be posted again.
+    ///
+    /// # Panics
+    /// If the context is still pending: reusing it would corrupt an operation in flight.
+    pub fn reset(&mut self) {
+        assert!(
+            self.is_done(),
+            "OpContext::reset on an operation still in flight"
+        );
+        *self.result.get_mut() = None;
+        *self.fi_ctx.get_mut() = ffi::fi_context2::default();
+        self.state.store(PENDING, Ordering::Relaxed);
+    }
+
+    /// Records the completion.
+    ///
+    /// # Safety
+    /// `ctx` must point to a live `OpContext` whose completion has not been recorded yet, and
+    /// only the reader that dequeued this completion may call this.
+    unsafe fn complete(ctx: *const OpContext, r: std::result::Result<Completion, CompletionError>) {
+        // SAFETY: guaranteed by the caller: live, not yet completed, single writer.
+        unsafe {
+            *(*ctx).result.get() = Some(r);
+            (*ctx).state.store(DONE, Ordering::Release);
+        }
+    }
+}
+
+/// A completion queue in `FI_CQ_FORMAT_TAGGED`. Keeps its [`Domain`] alive.
+///
+/// Reading it ([`CompletionQueue::poll`]) delivers each completion to the [`OpContext`] of
+/// its operation. Completions that carry no context (remote CQ data from `writedata` on
+/// providers that report it without consuming a receive) are queued and returned by
+/// [`CompletionQueue::take_unsolicited`].
+#[derive(Clone)]
+pub struct CompletionQueue {
+    inner: Arc<CqInner>,
+}
+
+struct CqInner {
+    fid: *mut ffi::fid_cq,
+    /// A CQ cannot outlive its domain.
+    domain: Domain,
+    unsolicited: Mutex<VecDeque<Completion>>,
+    size: usize,
+}
+
+// SAFETY: opened on a FI_THREAD_SAFE domain; libfabric serializes access internally. Our own
+// state is behind a Mutex.
+unsafe impl Send for CqInner {}
+// SAFETY: as above.
+unsafe impl Sync for CqInner {}
+
+impl Drop for CqInner {
+    fn drop(&mut self) {
+        // SAFETY: fid_cq begins with its struct fid.
+        close_fid(
+            unsafe { ptr::addr_of_mut!((*self.fid).fid) },
+            "completion queue",
+        );
+    }
+}
+
+impl std::fmt::Debug for CompletionQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionQueue")
+            .field("size", &self.inner.size)
+            .finish()
+    }
+}
+
+impl CompletionQueue {
+    /// Opens a CQ with room for `size` entries (0: the provider's default).
+    ///
+    /// # Errors
+    /// `fi_cq_open` errors, e.g. `FI_ENOMEM`.
+    pub fn open(domain: &Domain, size: usize) -> Result<CompletionQueue> {
+        let mut attr = ffi::fi_cq_attr {
+            size,
+            format: ffi::FI_CQ_FORMAT_TAGGED,
+            wait_obj: ffi::FI_WAIT_NONE,
+            ..Default::default()
+        };
+        let mut fid = ptr::null_mut();
+        // SAFETY: domain is open, attr valid for the call; fi_cq_open writes the new CQ.
+        let ret = unsafe { ffi::fi_cq_open(domain.raw(), &mut attr, &mut fid, ptr::null_mut()) };
+        check_int("fi_cq_open", ret)?;
+        Ok(CompletionQueue {
+            inner: Arc::new(CqInner {
+                fid,
+                domain: domain.clone(),
+                unsolicited: Mutex::new(VecDeque::new()),
+                size,
+            }),
+        })
+    }
+
+    pub(crate) fn raw(&self) -> *mut ffi::fid_cq {
+        self.inner.fid
+    }
+
+    /// The domain this CQ belongs to.
+    pub fn domain(&self) -> &Domain {
+        &self.inner.domain
+    }
+
+    /// Reads up to [`CQ_BATCH`] completions and delivers each to its operation's context.
+    /// Returns how many were delivered (0 when the queue was empty). Reading also drives
+    /// progress for providers with manual progress.
+    ///
+    /// # Errors
+    /// `fi_cq_read` errors other than `FI_EAGAIN`; an error entry without an operation context
+    /// is returned as [`Error::Completion`].
+    pub fn poll(&self) -> Result<usize> {
+        let mut entries = [ffi::fi_cq_tagged_entry::default(); CQ_BATCH];
+        // SAFETY: entries has room for CQ_BATCH tagged entries, the CQ's format.
+        let ret = unsafe { ffi::fi_cq_read(self.inner.fid, entries.as_mut_ptr().cast(), CQ_BATCH) };
+        if ret == -(ffi::FI_EAGAIN as isize) {
+            return Ok(0);
+        }
+        if ret == -(ffi::FI_EAVAIL as isize) {
+            return self.read_error().map(|_| 1);
+        }
+        let n = check("fi_cq_read", ret)?;
+        for e in &entries[..n] {
+            let c = Completion {
+                flags: e.flags,
+                len: e.len,
+                tag: e.tag,
+                data: e.data,
+            };
+            if e.op_context.is_null() {
+                self.inner
+                    .unsolicited
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(c);
+            } else {
+                // SAFETY: every operation posted through this crate uses a live OpContext as
+                // its context, kept alive until it is done; this reader dequeued the entry, so
+                // it is the only one completing it.
+                unsafe { OpContext::complete(e.op_context as *const OpContext, Ok(c)) };
+            }
+        }
+        Ok(n)
+    }
+
+    fn read_error(&self) -> Result<()> {
+        let mut err = ffi::fi_cq_err_entry::default();
+        // SAFETY: err is a valid, zeroed error entry (err_data_size 0: provider-owned err_data).
+        let ret = unsafe { ffi::fi_cq_readerr(self.inner.fid, &mut err, 0) };
+        if ret == -(ffi::FI_EAGAIN as isize) {
+            return Ok(());
+        }
+        check("fi_cq_readerr", ret)?;
+        let mut buf = [0 as std::os::raw::c_char; 256];
+        // SAFETY: fi_cq_strerror writes at most buf.len() bytes into buf and returns a
+        // NUL-terminated string (possibly a static one) valid until the next CQ read.
+        let prov_text = unsafe {
+            let p = ffi::fi_cq_strerror(
+                self.inner.fid,
+                err.prov_errno,
+                err.err_data,
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        // Some providers (shm in 1.17) report `err` negated; the contract is a positive code.
+        let code = err.err.abs();
+        let ce = CompletionError {
+            code,
+            text: strerror(code),
+            prov_errno: err.prov_errno,
+            prov_text,
+            flags: err.flags,
+            len: err.len,
+            olen: err.olen,
+            tag: err.tag,
+        };
+        if err.op_context.is_null() {
+            return Err(Error::Completion(ce));
+        }
+        tracing::debug!(
+            code = ce.code,
+            prov_errno = ce.prov_errno,
+            "error completion: {ce}"
+        );
+        // SAFETY: as in poll: the context is a live OpContext, completed only by this reader.
+        unsafe { OpContext::complete(err.op_context as *const OpContext, Err(ce)) };
+        Ok(())
+    }
+
+    /// Takes the completions that arrived without an operation context (remote CQ data).
+    pub fn take_unsolicited(&self) -> Vec<Completion> {
+        self.inner
+            .unsolicited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+}

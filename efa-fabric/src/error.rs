@@ -1,0 +1,278 @@
+//! Errors from libfabric calls and completions.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::time::Duration;
+
+use efa_ffi as ffi;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failed libfabric call: the call's name, its `FI_E*` code and `fi_strerror` text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    /// The libfabric function that failed, e.g. `fi_endpoint`.
+    pub call: &'static str,
+    /// Positive `FI_E*` / errno code (libfabric returns it negated).
+    pub code: i32,
+    /// `fi_strerror(code)`.
+    pub text: String,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed: {} (-{})", self.call, self.text, self.code)
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// A completion that finished with an error (`fi_cq_readerr`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletionError {
+    /// Positive `FI_E*` code of the failure.
+    pub code: i32,
+    /// `fi_strerror(code)`.
+    pub text: String,
+    /// Provider-specific errno.
+    pub prov_errno: i32,
+    /// `fi_cq_strerror` text for `prov_errno`.
+    pub prov_text: String,
+    /// Completion flags (`FI_SEND`, `FI_RECV`, `FI_RMA`, ...).
+    pub flags: u64,
+    /// Bytes transferred before the failure.
+    pub len: usize,
+    /// Bytes that did not fit (for truncation).
+    pub olen: usize,
+    /// Tag of the failed operation, for tagged receives.
+    pub tag: u64,
+}
+
+impl fmt::Display for CompletionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "completion error: {} (-{}); provider errno {}: {}",
+            self.text, self.code, self.prov_errno, self.prov_text
+        )
+    }
+}
+
+impl std::error::Error for CompletionError {}
+
+/// Every error that `efa-fabric` returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A libfabric call returned an error code. Check the call and code; `fi_strerror` text is
+    /// included.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// An operation completed with an error. The peer may have gone away, or the provider
+    /// rejected the transfer; `prov_text` says why.
+    #[error(transparent)]
+    Completion(#[from] CompletionError),
+    /// A message was larger than the receive buffer. The first `buffer_len` bytes were
+    /// delivered; post a larger buffer (or exchange sizes first) to receive it whole.
+    #[error("message truncated: {} arrived for a {buffer_len}-byte receive buffer", match message_len { Some(n) => format!("{n} bytes"), None => "a larger message".to_string() })]
+    Truncated {
+        /// Capacity of the posted receive buffer.
+        buffer_len: usize,
+        /// Full length of the message, when the provider reports it (`olen`); shm and
+        /// ofi_rxm in libfabric 1.17 do not.
+        message_len: Option<usize>,
+    },
+    /// Memory registration failed and the locked-memory limit (`ulimit -l`) is the likely
+    /// cause. Raise the limit (`ulimit -l unlimited`, or `memlock` in
+    /// `/etc/security/limits.conf`, or `LimitMEMLOCK=infinity` for systemd services).
+    #[error(
+        "memory registration of {requested} bytes failed ({source}); the locked-memory limit \
+         RLIMIT_MEMLOCK is {limit} (ulimit -l {limit_kib}): raise it, e.g. `ulimit -l unlimited`"
+    )]
+    MemlockLimit {
+        /// Bytes we tried to register.
+        requested: usize,
+        /// Soft RLIMIT_MEMLOCK in bytes.
+        limit: u64,
+        /// The same limit in KiB, as `ulimit -l` prints it.
+        limit_kib: u64,
+        /// The registration call's error.
+        source: CallError,
+    },
+    /// The operation did not complete within its deadline. It was cancelled (where the
+    /// provider supports cancelling) before this error was returned.
+    #[error("{op} did not complete within {waited:?}")]
+    Timeout {
+        /// What timed out, e.g. `send`, `recv`, `write`.
+        op: &'static str,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// An RMA access outside the remote region. Nothing was transferred.
+    #[error(
+        "RMA {op} of {len} bytes at offset {offset} is outside the remote region of {region_len} bytes"
+    )]
+    OutOfBounds {
+        /// `read` or `write`.
+        op: &'static str,
+        /// Requested offset into the remote region.
+        offset: u64,
+        /// Requested length.
+        len: usize,
+        /// Size of the remote region.
+        region_len: u64,
+    },
+    /// The provider lacks a capability that the call needs.
+    #[error("provider {provider} does not support {what}")]
+    Unsupported {
+        /// Provider name.
+        provider: String,
+        /// The missing capability.
+        what: String,
+    },
+    /// An argument is invalid; the message says which and why.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// The positive `FI_E*` code behind this error, if it came from libfabric.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Error::Call(e) => Some(e.code),
+            Error::Completion(e) => Some(e.code),
+            Error::MemlockLimit { source, .. } => Some(source.code),
+            Error::Truncated { .. } => Some(ffi::FI_ETRUNC as i32),
+            _ => None,
+        }
+    }
+
+    /// True for `FI_EAGAIN`: retry after progressing the completion queues.
+    pub fn is_again(&self) -> bool {
+        self.code() == Some(ffi::FI_EAGAIN as i32)
+    }
+}
+
+/// `fi_strerror` for a positive or negative code.
+pub fn strerror(code: i32) -> String {
+    // SAFETY: fi_strerror accepts any int and returns a pointer to a static NUL-terminated
+    // string (or to a thread-local buffer for unknown codes), valid until the next call on this
+    // thread; we copy it out immediately.
+    unsafe {
+        let p = ffi::fi_strerror(code.abs());
+        if p.is_null() {
+            return format!("error {code}");
+        }
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// Turns a libfabric return value (0 or positive on success, `-FI_E*` on failure) into a
+/// `Result`, naming the call.
+pub(crate) fn check(call: &'static str, ret: isize) -> Result<usize, CallError> {
+    if ret >= 0 {
+        Ok(ret as usize)
+    } else {
+        let code = (-ret) as i32;
+        Err(CallError {
+            call,
+            code,
+            text: strerror(code),
+        })
+    }
+}
+
+/// [`check`] for the `int`-returning calls.
+pub(crate) fn check_int(call: &'static str, ret: i32) -> Result<(), CallError> {
+    check(call, ret as isize).map(|_| ())
+}
+
+/// The current soft `RLIMIT_MEMLOCK` in bytes (`u64::MAX` for unlimited).
+pub fn memlock_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid `lim` we pass; RLIMIT_MEMLOCK is a valid resource.
+    let ret = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if ret != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        lim.rlim_cur
+    }
+}
+
+/// Classifies a failed registration: when the locked-memory limit is finite, a registration
+/// failure is reported as [`Error::MemlockLimit`] (naming the limit and its value), because
+/// that is by far the most common cause; otherwise the call error is returned as is.
+pub(crate) fn registration_error(requested: usize, err: CallError, limit: u64) -> Error {
+    let memlock_related = [
+        libc::ENOMEM,
+        libc::EPERM,
+        libc::EFAULT,
+        libc::EAGAIN,
+        libc::EINVAL,
+    ]
+    .contains(&err.code)
+        || err.code == ffi::FI_ENOMEM as i32;
+    if limit != u64::MAX && memlock_related {
+        Error::MemlockLimit {
+            requested,
+            limit,
+            limit_kib: limit / 1024,
+            source: err,
+        }
+    } else {
+        Error::Call(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call_err(code: i32) -> CallError {
+        CallError {
+            call: "fi_mr_reg",
+            code,
+            text: strerror(code),
+        }
+    }
+
+    #[test]
+    fn check_maps_negative_codes() {
+        assert_eq!(check("fi_x", 5).unwrap(), 5);
+        let e = check("fi_x", -(ffi::FI_EAGAIN as isize)).unwrap_err();
+        assert_eq!(e.code, ffi::FI_EAGAIN as i32);
+        assert_eq!(e.call, "fi_x");
+        assert!(e.to_string().starts_with("fi_x failed: "), "{e}");
+        assert!(Error::from(e).is_again());
+    }
+
+    #[test]
+    fn registration_error_names_the_memlock_limit() {
+        let e = registration_error(1 << 20, call_err(libc::ENOMEM), 64 * 1024);
+        let text = e.to_string();
+        assert!(matches!(e, Error::MemlockLimit { limit: 65536, .. }));
+        assert!(text.contains("RLIMIT_MEMLOCK is 65536"), "{text}");
+        assert!(text.contains("ulimit -l 64"), "{text}");
+    }
+
+    #[test]
+    fn registration_error_with_unlimited_memlock_is_plain() {
+        let e = registration_error(1 << 20, call_err(libc::ENOMEM), u64::MAX);
+        assert!(matches!(e, Error::Call(_)));
+    }
+
+    #[test]
+    fn truncation_gives_both_sizes() {
+        let e = Error::Truncated {
+            buffer_len: 10,
+            message_len: Some(20),
+        };
+        assert_eq!(e.code(), Some(ffi::FI_ETRUNC as i32));
+        let s = e.to_string();
+        assert!(s.contains("20 bytes") && s.contains("10-byte"), "{s}");
+    }
+}

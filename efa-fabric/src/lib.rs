@@ -1,0 +1,93 @@
+//! Safe libfabric objects for efa-rs: fabric, domain, endpoint, address vector, completion
+//! queue, counter and memory region, with plain and tagged messaging and RMA, on any provider
+//! (`efa`, `verbs;ofi_rxm`, `tcp;ofi_rxm`, `udp;ofi_rxd`, `shm`, ...).
+//!
+//! # Quick start
+//! ```no_run
+//! use std::time::Duration;
+//! use efa_fabric::{Caps, Endpoint, Hints};
+//!
+//! # fn main() -> efa_fabric::Result<()> {
+//! let info = Hints::new().provider("tcp;ofi_rxm").domain("lo").get()?.remove(0);
+//! let a = Endpoint::open(&info)?;
+//! let b = Endpoint::open(&info)?;
+//! let b_addr = a.av().insert(&b.name()?)?;
+//! let a_addr = b.av().insert(&a.name()?)?;
+//! let recv = b.trecv(vec![0u8; 5], a_addr, 7, 0)?;
+//! let send = a.tsend(b"hello".to_vec(), b_addr, 7)?;
+//! send.wait(Duration::from_secs(5))?;
+//! let done = recv.wait(Duration::from_secs(5))?;
+//! assert_eq!(&done.buf[..done.len], b"hello");
+//! # Ok(()) }
+//! ```
+//!
+//! # Layers
+//! `efa-ffi` has the raw bindings; this crate is the only one that owns libfabric objects and
+//! the only one with `unsafe` code above the bindings. Every `unsafe` block says why it is
+//! sound in a `// SAFETY:` comment.
+//!
+//! # Resource cleanup
+//! Every object is a cheap handle over an `Arc`; each keeps alive the objects it was created
+//! from (a domain its fabric; AVs, CQs, counters and MRs their domain; an endpoint its domain,
+//! AV, CQs and counters). So objects are closed in the order fabtests uses (endpoint, CQs,
+//! counters, MRs, AV, domain, fabric) without anyone managing it. `fi_close` is called once
+//! per object, in `Drop`, and a failure is logged with `tracing::error!`, never a panic.
+//!
+//! # Thread safety
+//! Domains are always opened with `FI_THREAD_SAFE` (set by [`Hints::new`]; the provider
+//! serializes access to every object internally). That is why every handle is `Send + Sync`
+//! and several threads may post and poll the same endpoint and CQ. A completion is delivered
+//! to its operation's [`OpContext`] by whichever thread reads the CQ.
+//!
+//! # Buffers in flight
+//! The `unsafe fn post_*` calls on [`Endpoint`] state exactly how long the buffer must stay
+//! valid. The safe calls ([`Endpoint::send`], [`Endpoint::trecv`], [`Endpoint::write`], ...)
+//! take ownership of the buffer and return it when the completion has been reaped; dropping
+//! an unfinished operation cancels it and drains its completion first. See [`op`].
+//!
+//! # Memory registration
+//! Every MR mode the providers ask for is honoured: `FI_MR_LOCAL` (buffers without their own
+//! registration are registered for the duration of the operation; use [`RegisteredBuf`] to
+//! avoid that cost), `FI_MR_VIRT_ADDR`, `FI_MR_ALLOCATED`, `FI_MR_PROV_KEY` and
+//! `FI_MR_ENDPOINT`, plus the `FI_CONTEXT`/`FI_CONTEXT2` modes. A registration that fails
+//! under a finite `ulimit -l` reports [`Error::MemlockLimit`] with the limit's value.
+//!
+//! # Library dependency
+//! Needs libfabric >= 1.17 headers and library; see `efa-ffi` for how it is found.
+//! Man pages: `fi_getinfo(3)`, `fi_domain(3)`, `fi_endpoint(3)`, `fi_av(3)`, `fi_cq(3)`,
+//! `fi_cntr(3)`, `fi_mr(3)`, `fi_msg(3)`, `fi_tagged(3)`, `fi_rma(3)`.
+#![deny(missing_docs)]
+// bindgen gives libfabric's constants different integer types in 1.17 and 2.x headers; the
+// casts that are no-ops on one version are needed on the other.
+#![allow(clippy::unnecessary_cast)]
+
+pub mod av;
+pub mod cntr;
+pub mod cq;
+pub mod ep;
+pub mod error;
+pub mod fabric;
+pub mod info;
+pub mod mr;
+pub mod op;
+pub mod progress;
+
+pub use av::{AddressVector, FiAddr};
+pub use cntr::{Counter, CounterEvents};
+pub use cq::{Completion, CompletionQueue, OpContext};
+pub use ep::{Endpoint, EndpointBuilder};
+pub use error::{CallError, CompletionError, Error, Result};
+pub use fabric::{Domain, Fabric};
+pub use info::{
+    AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder, Progress, Threading,
+};
+pub use mr::{Access, AlignedBuf, IoBuf, IoBufMut, MemoryRegion, RegisteredBuf, RemoteRegion};
+pub use op::{Done, OpError, Pending};
+pub use progress::{Backoff, Deadline};
+
+/// The libfabric version linked at run time, as (major, minor).
+pub fn libfabric_version() -> (u32, u32) {
+    // SAFETY: fi_version takes no arguments and returns a number.
+    let v = unsafe { efa_ffi::fi_version() };
+    (v >> 16, v & 0xffff)
+}
