@@ -1,0 +1,1426 @@
+//! Per-peer route choice: shared memory on the same host, the fabric on the same subnet, IP
+//! otherwise — decided by a pure function over two [`Card`]s, with a reason one can print.
+//!
+//! Each rank describes itself in a [`Card`]: its host identity, its endpoints (one per
+//! transport it has opened, with the provider name and the opaque endpoint address), and the
+//! subnets of its fabric and IP interfaces. Cards travel through the rendezvous store in a
+//! compact versioned binary form ([`Card::encode`], [`Card::decode`]).
+//!
+//! [`choose_route`] then applies the rules, in order:
+//!
+//! 1. A rank talking to itself (same rank, same host id) uses the first transport its card
+//!    offers and `EFA_TRANSPORTS` allows, in the order shm, fabric, IP.
+//! 2. Same host (equal [`Card::host_id`]), both have a shm endpoint of the same provider, shm
+//!    allowed: [`Transport::Shm`].
+//! 3. Both have a fabric endpoint of the same provider, both fabric subnets are known and
+//!    equal, fabric allowed: [`Transport::Fabric`]. EFA does not cross subnets.
+//! 4. Both have an IP endpoint of the same provider, IP allowed: [`Transport::Ip`], with the
+//!    reason the better transports were not used.
+//! 5. Otherwise [`NoRoute`], saying what each side offers and what is allowed.
+//!
+//! Every rule is symmetric, so both ends of a pair pick the same transport.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// A way to move bytes to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    /// Shared memory between processes on one host (libfabric `shm`).
+    Shm,
+    /// The OS-bypass fabric: EFA, or verbs (soft-RoCE in CI).
+    Fabric,
+    /// Plain IP through the kernel (libfabric `tcp`, over ENA on EC2).
+    Ip,
+}
+
+impl Transport {
+    /// All transports, in order of preference.
+    pub const ALL: [Transport; 3] = [Transport::Shm, Transport::Fabric, Transport::Ip];
+
+    fn code(self) -> u8 {
+        match self {
+            Transport::Shm => 1,
+            Transport::Fabric => 2,
+            Transport::Ip => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => Transport::Shm,
+            2 => Transport::Fabric,
+            3 => Transport::Ip,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Shm => "shm",
+            Transport::Fabric => "fabric",
+            Transport::Ip => "ip",
+        })
+    }
+}
+
+/// A transport name in `EFA_TRANSPORTS` that is not known.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown transport `{name}` in EFA_TRANSPORTS={input:?}; known: shm, fabric (also efa, verbs), ip (also tcp), all; prefix the list with ^ to exclude")]
+pub struct UnknownTransport {
+    /// The unknown name.
+    pub name: String,
+    /// The whole list.
+    pub input: String,
+}
+
+impl FromStr for Transport {
+    type Err = UnknownTransport;
+
+    /// Parses one name, case-insensitively: `shm`; `fabric`, `efa`, `verbs`; `ip`, `tcp`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "shm" => Ok(Transport::Shm),
+            "fabric" | "efa" | "verbs" => Ok(Transport::Fabric),
+            "ip" | "tcp" => Ok(Transport::Ip),
+            _ => Err(UnknownTransport {
+                name: s.trim().into(),
+                input: s.into(),
+            }),
+        }
+    }
+}
+
+/// The transports a job may use, in the spirit of `UCX_TLS`.
+///
+/// Parsed from `EFA_TRANSPORTS`: a comma-separated list (`"shm,tcp"`, `"shm,fabric,ip"`),
+/// `"all"`, or a list prefixed with `^` meaning "all except" (`"^shm"`). The default (unset
+/// or empty) is all transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TransportSet {
+    bits: u8,
+}
+
+impl Default for TransportSet {
+    fn default() -> Self {
+        Self::all()
+    }
+}
+
+impl TransportSet {
+    /// Every transport.
+    pub fn all() -> Self {
+        Self::of(&Transport::ALL)
+    }
+
+    /// No transport.
+    pub fn empty() -> Self {
+        Self { bits: 0 }
+    }
+
+    /// The set holding exactly `ts`.
+    pub fn of(ts: &[Transport]) -> Self {
+        ts.iter().fold(Self::empty(), |s, &t| s.with(t))
+    }
+
+    /// This set plus `t`.
+    pub fn with(self, t: Transport) -> Self {
+        Self {
+            bits: self.bits | 1 << t.code(),
+        }
+    }
+
+    /// This set minus `t`.
+    pub fn without(self, t: Transport) -> Self {
+        Self {
+            bits: self.bits & !(1 << t.code()),
+        }
+    }
+
+    /// Whether `t` is allowed.
+    pub fn contains(self, t: Transport) -> bool {
+        self.bits & 1 << t.code() != 0
+    }
+
+    /// Whether no transport is allowed.
+    pub fn is_empty(self) -> bool {
+        Transport::ALL.iter().all(|&t| !self.contains(t))
+    }
+
+    /// The allowed transports in order of preference.
+    pub fn iter(self) -> impl Iterator<Item = Transport> {
+        Transport::ALL
+            .into_iter()
+            .filter(move |&t| self.contains(t))
+    }
+
+    /// Parses an `EFA_TRANSPORTS` value (see the type docs). Empty means all.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownTransport`] naming the first unknown entry and the whole input.
+    pub fn parse(s: &str) -> Result<Self, UnknownTransport> {
+        let t = s.trim();
+        let (negate, list) = match t.strip_prefix('^') {
+            Some(rest) => (true, rest),
+            None => (false, t),
+        };
+        if list.trim().is_empty() || list.trim().eq_ignore_ascii_case("all") {
+            return Ok(if negate { Self::empty() } else { Self::all() });
+        }
+        let mut set = Self::empty();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let tr: Transport = name.parse().map_err(|_| UnknownTransport {
+                name: name.into(),
+                input: s.into(),
+            })?;
+            set = set.with(tr);
+        }
+        if negate {
+            set = Transport::ALL
+                .into_iter()
+                .filter(|&t| !set.contains(t))
+                .fold(Self::empty(), Self::with);
+        }
+        Ok(set)
+    }
+
+    /// Reads `EFA_TRANSPORTS` from the process environment.
+    ///
+    /// # Errors
+    ///
+    /// As [`TransportSet::parse`].
+    pub fn from_env() -> Result<Self, UnknownTransport> {
+        std::env::var("EFA_TRANSPORTS").map_or(Ok(Self::all()), |v| Self::parse(&v))
+    }
+}
+
+impl fmt::Display for TransportSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        let names: Vec<String> = self.iter().map(|t| t.to_string()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// An IP subnet, written `10.0.1.0/24` or `fd00:1::/64`. `addr` may be an interface address
+/// inside the subnet (`10.0.1.17/24`); [`Subnet::network`] masks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Subnet {
+    /// An address in the subnet.
+    pub addr: IpAddr,
+    /// The prefix length: at most 32 for IPv4, 128 for IPv6.
+    pub prefix: u8,
+}
+
+/// A subnet string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid subnet `{input}`: {reason}")]
+pub struct SubnetParseError {
+    /// The input.
+    pub input: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+impl Subnet {
+    /// A subnet from an address and prefix length; `None` if the prefix is too long for the
+    /// address family.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        (prefix <= max_prefix(addr)).then_some(Self { addr, prefix })
+    }
+
+    /// The subnet with host bits cleared: `10.0.1.17/24` gives `10.0.1.0/24`.
+    pub fn network(&self) -> Subnet {
+        Subnet {
+            addr: mask(self.addr, self.prefix),
+            prefix: self.prefix,
+        }
+    }
+
+    /// Whether `ip` is inside this subnet (never across address families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == mask(self.addr, self.prefix)
+    }
+
+    /// Whether both describe the same subnet: same family, same prefix length, same network.
+    /// Two interfaces with different prefix lengths are treated as different subnets, as
+    /// their owners disagree about the network.
+    pub fn same_subnet(&self, other: &Subnet) -> bool {
+        self.prefix == other.prefix && self.network() == other.network()
+    }
+}
+
+fn max_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix.min(32)))
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix.min(128)))
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+impl FromStr for Subnet {
+    type Err = SubnetParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| SubnetParseError {
+            input: s.into(),
+            reason,
+        };
+        let (a, p) = s
+            .trim()
+            .split_once('/')
+            .ok_or(bad("expected address/prefix"))?;
+        let addr: IpAddr = a.parse().map_err(|_| bad("not an IPv4 or IPv6 address"))?;
+        let prefix: u8 = p.parse().map_err(|_| bad("prefix is not a number"))?;
+        Subnet::new(addr, prefix).ok_or(bad("prefix longer than the address"))
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// One endpoint a rank has opened.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndpointCard {
+    /// Which transport it serves.
+    pub transport: Transport,
+    /// The libfabric provider name (`efa`, `verbs;ofi_rxm`, `shm`, `tcp`); endpoints talk
+    /// only to endpoints of the same provider. At most 255 bytes.
+    pub provider: String,
+    /// The endpoint's address as `fi_getname(3)` returns it; opaque here. At most 65535 bytes.
+    pub addr: Vec<u8>,
+}
+
+/// What a rank tells the others about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Card {
+    /// The rank.
+    pub rank: u32,
+    /// Host identity, see [`host_id`]. At most 65535 bytes.
+    pub host_id: String,
+    /// Opened endpoints; at most 65535.
+    pub endpoints: Vec<EndpointCard>,
+    /// Subnet of the fabric interface, if known.
+    pub fabric_subnet: Option<Subnet>,
+    /// Subnet of the IP interface, if known.
+    pub ip_subnet: Option<Subnet>,
+}
+
+/// A card that cannot be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CardError {
+    /// The input ends inside `field`.
+    #[error("card truncated in {field}: needed {needed} more bytes, {remaining} left")]
+    Truncated {
+        /// The field being read.
+        field: &'static str,
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes left.
+        remaining: usize,
+    },
+    /// The input is not a card.
+    #[error("not a card: bad magic")]
+    BadMagic,
+    /// A card from a newer (or older, incompatible) library version.
+    #[error("card format version {0} is not supported (this library reads version {CARD_VERSION}); run the same efa-rs version on all ranks")]
+    UnsupportedVersion(u8),
+    /// A field holds an impossible value.
+    #[error("corrupt card: {0}")]
+    Corrupt(&'static str),
+    /// Bytes follow the card.
+    #[error("{0} unexpected bytes after the card")]
+    TrailingBytes(usize),
+    /// A field is too long for the wire format.
+    #[error("card field {field} is {len} bytes; the format allows {max}")]
+    FieldTooLong {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Card wire format version written by [`Card::encode`].
+pub const CARD_VERSION: u8 = 1;
+const CARD_MAGIC: &[u8; 3] = b"EFC";
+
+impl Card {
+    /// Whether the card has an endpoint for `t`.
+    pub fn has(&self, t: Transport) -> bool {
+        self.endpoints.iter().any(|e| e.transport == t)
+    }
+
+    /// The transports this card offers, in order of preference.
+    pub fn transports(&self) -> TransportSet {
+        TransportSet::of(
+            &self
+                .endpoints
+                .iter()
+                .map(|e| e.transport)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Encodes the card:
+    ///
+    /// ```text
+    /// "EFC" version:u8 rank:u32le host_len:u16le host
+    /// fabric_subnet ip_subnet            each: 0 | 4 addr[4] prefix:u8 | 6 addr[16] prefix:u8
+    /// n_endpoints:u16le { transport:u8 provider_len:u8 provider addr_len:u16le addr }*
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`CardError::FieldTooLong`] if the host id, a provider, an address or the endpoint
+    /// list exceeds its length field.
+    pub fn encode(&self) -> Result<Vec<u8>, CardError> {
+        let mut b = Vec::with_capacity(64 + self.host_id.len());
+        b.extend_from_slice(CARD_MAGIC);
+        b.push(CARD_VERSION);
+        b.extend_from_slice(&self.rank.to_le_bytes());
+        put_len16(&mut b, "host_id", self.host_id.len())?;
+        b.extend_from_slice(self.host_id.as_bytes());
+        put_subnet(&mut b, self.fabric_subnet);
+        put_subnet(&mut b, self.ip_subnet);
+        put_len16(&mut b, "endpoints", self.endpoints.len())?;
+        for e in &self.endpoints {
+            b.push(e.transport.code());
+            let plen = u8::try_from(e.provider.len()).map_err(|_| CardError::FieldTooLong {
+                field: "provider",
+                len: e.provider.len(),
+                max: 255,
+            })?;
+            b.push(plen);
+            b.extend_from_slice(e.provider.as_bytes());
+            put_len16(&mut b, "endpoint addr", e.addr.len())?;
+            b.extend_from_slice(&e.addr);
+        }
+        Ok(b)
+    }
+
+    /// Decodes a card written by [`Card::encode`].
+    ///
+    /// # Errors
+    ///
+    /// [`CardError::Truncated`], [`CardError::BadMagic`], [`CardError::UnsupportedVersion`],
+    /// [`CardError::Corrupt`] or [`CardError::TrailingBytes`].
+    pub fn decode(bytes: &[u8]) -> Result<Card, CardError> {
+        let mut r = Reader { b: bytes };
+        if r.take("magic", 3)? != CARD_MAGIC {
+            return Err(CardError::BadMagic);
+        }
+        let v = r.u8("version")?;
+        if v != CARD_VERSION {
+            return Err(CardError::UnsupportedVersion(v));
+        }
+        let rank = u32::from_le_bytes(r.array("rank")?);
+        let hl = r.u16("host_id length")? as usize;
+        let host_id = std::str::from_utf8(r.take("host_id", hl)?)
+            .map_err(|_| CardError::Corrupt("host id is not UTF-8"))?
+            .to_owned();
+        let fabric_subnet = r.subnet("fabric subnet")?;
+        let ip_subnet = r.subnet("ip subnet")?;
+        let n = r.u16("endpoint count")?;
+        let mut endpoints = Vec::with_capacity(usize::from(n).min(r.b.len() / 4));
+        for _ in 0..n {
+            let transport = Transport::from_code(r.u8("endpoint transport")?)
+                .ok_or(CardError::Corrupt("unknown transport code"))?;
+            let pl = r.u8("provider length")? as usize;
+            let provider = std::str::from_utf8(r.take("provider", pl)?)
+                .map_err(|_| CardError::Corrupt("provider name is not UTF-8"))?
+                .to_owned();
+            let al = r.u16("endpoint addr length")? as usize;
+            let addr = r.take("endpoint addr", al)?.to_vec();
+            endpoints.push(EndpointCard {
+                transport,
+                provider,
+                addr,
+            });
+        }
+        if !r.b.is_empty() {
+            return Err(CardError::TrailingBytes(r.b.len()));
+        }
+        Ok(Card {
+            rank,
+            host_id,
+            endpoints,
+            fabric_subnet,
+            ip_subnet,
+        })
+    }
+}
+
+fn put_len16(b: &mut Vec<u8>, field: &'static str, len: usize) -> Result<(), CardError> {
+    let l = u16::try_from(len).map_err(|_| CardError::FieldTooLong {
+        field,
+        len,
+        max: u16::MAX as usize,
+    })?;
+    b.extend_from_slice(&l.to_le_bytes());
+    Ok(())
+}
+
+fn put_subnet(b: &mut Vec<u8>, s: Option<Subnet>) {
+    match s {
+        None => b.push(0),
+        Some(Subnet {
+            addr: IpAddr::V4(a),
+            prefix,
+        }) => {
+            b.push(4);
+            b.extend_from_slice(&a.octets());
+            b.push(prefix);
+        }
+        Some(Subnet {
+            addr: IpAddr::V6(a),
+            prefix,
+        }) => {
+            b.push(6);
+            b.extend_from_slice(&a.octets());
+            b.push(prefix);
+        }
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], CardError> {
+        if self.b.len() < n {
+            return Err(CardError::Truncated {
+                field,
+                needed: n,
+                remaining: self.b.len(),
+            });
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], CardError> {
+        let s = self.take(field, N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, CardError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, CardError> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+
+    fn subnet(&mut self, field: &'static str) -> Result<Option<Subnet>, CardError> {
+        let addr = match self.u8(field)? {
+            0 => return Ok(None),
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>(field)?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>(field)?)),
+            _ => return Err(CardError::Corrupt("unknown subnet address family")),
+        };
+        let prefix = self.u8(field)?;
+        Subnet::new(addr, prefix)
+            .map(Some)
+            .ok_or(CardError::Corrupt("subnet prefix longer than its address"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host identity
+// ---------------------------------------------------------------------------------------
+
+/// This machine's identity could not be determined.
+#[derive(Debug, Error)]
+#[error("cannot determine the host identity: {what}: {source}; set EFA_HOST_ID to a string unique to this host and network namespace")]
+pub struct HostIdError {
+    /// What could not be read.
+    pub what: &'static str,
+    /// The I/O error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// This host's identity for placement: `EFA_HOST_ID` if set, else
+/// `<boot_id>/netns:<inode>` from `/proc/sys/kernel/random/boot_id` and the inode of
+/// `/proc/self/ns/net`. Two processes share shared memory routes only if their ids are
+/// equal, so containers in separate network namespaces count as separate hosts (they
+/// usually cannot see each other's shm either).
+///
+/// # Errors
+///
+/// [`HostIdError`] if `/proc` cannot be read and `EFA_HOST_ID` is unset.
+pub fn host_id() -> Result<String, HostIdError> {
+    let ovr = std::env::var("EFA_HOST_ID").ok();
+    if let Some(id) = ovr.as_deref().filter(|s| !s.trim().is_empty()) {
+        return Ok(id.trim().to_owned());
+    }
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map_err(|source| {
+        HostIdError {
+            what: "reading /proc/sys/kernel/random/boot_id",
+            source,
+        }
+    })?;
+    let ns = std::fs::read_link("/proc/self/ns/net").map_err(|source| HostIdError {
+        what: "reading the link /proc/self/ns/net",
+        source,
+    })?;
+    Ok(compose_host_id(None, &boot, &ns.to_string_lossy()))
+}
+
+/// The pure part of [`host_id`]: an override wins; otherwise the trimmed boot id and the
+/// inode from a namespace link target such as `net:[4026531840]`.
+pub fn compose_host_id(override_id: Option<&str>, boot_id: &str, netns_link: &str) -> String {
+    if let Some(id) = override_id.map(str::trim).filter(|s| !s.is_empty()) {
+        return id.to_owned();
+    }
+    let inode = netns_link
+        .split_once('[')
+        .and_then(|(_, r)| r.strip_suffix(']'))
+        .unwrap_or(netns_link);
+    format!("{}/netns:{}", boot_id.trim(), inode)
+}
+
+// ---------------------------------------------------------------------------------------
+// Route choice
+// ---------------------------------------------------------------------------------------
+
+/// Why a route was chosen. `Display` gives one line for logs and `efa doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RouteReason {
+    /// A rank talking to itself.
+    SelfLoop,
+    /// Same host, both have shm.
+    SameHost {
+        /// The shared host id.
+        host_id: String,
+    },
+    /// Both fabric interfaces are in this subnet.
+    SameSubnet {
+        /// The subnet (network form).
+        subnet: Subnet,
+    },
+    /// IP, because the fabric subnets differ.
+    DifferentSubnets {
+        /// The peer's fabric subnet (network form).
+        peer: Subnet,
+        /// This rank's fabric subnet (network form).
+        local: Subnet,
+    },
+    /// IP, because the peer has no fabric endpoint.
+    PeerNoFabric,
+    /// IP, because this rank has no fabric endpoint.
+    LocalNoFabric,
+    /// IP, because `EFA_TRANSPORTS` excludes the fabric.
+    FabricExcluded,
+    /// IP, because the two fabric endpoints use different providers.
+    FabricProviderMismatch {
+        /// This rank's fabric provider.
+        local: String,
+        /// The peer's fabric provider.
+        peer: String,
+    },
+    /// IP, because a fabric subnet is unknown, so sharing a subnet cannot be checked.
+    FabricSubnetUnknown,
+}
+
+impl fmt::Display for RouteReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteReason::SelfLoop => f.write_str("self: a rank talking to itself"),
+            RouteReason::SameHost { host_id } => write!(f, "shm: same host {host_id}"),
+            RouteReason::SameSubnet { subnet } => write!(f, "fabric: same subnet {subnet}"),
+            RouteReason::DifferentSubnets { peer, local } => write!(
+                f,
+                "IP: peer is in {peer}, this rank in {local}; EFA does not cross subnets"
+            ),
+            RouteReason::PeerNoFabric => f.write_str("IP: peer has no fabric endpoint"),
+            RouteReason::LocalNoFabric => f.write_str("IP: this rank has no fabric endpoint"),
+            RouteReason::FabricExcluded => f.write_str("IP: fabric excluded by EFA_TRANSPORTS"),
+            RouteReason::FabricProviderMismatch { local, peer } => write!(
+                f,
+                "IP: fabric providers differ (this rank {local}, peer {peer})"
+            ),
+            RouteReason::FabricSubnetUnknown => f.write_str(
+                "IP: a fabric subnet is unknown, so a shared subnet cannot be confirmed",
+            ),
+        }
+    }
+}
+
+/// The chosen way to reach one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    /// The transport.
+    pub transport: Transport,
+    /// Index into the local card's `endpoints` to send from.
+    pub local_endpoint: usize,
+    /// Index into the peer card's `endpoints` to send to.
+    pub peer_endpoint: usize,
+    /// Why.
+    pub reason: RouteReason,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.reason, f)
+    }
+}
+
+/// No transport connects two ranks. Fix by opening a common transport on both (usually
+/// `tcp`) or by widening `EFA_TRANSPORTS`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("no route from rank {local_rank} to rank {peer_rank}: this rank offers [{local_offers}], the peer [{peer_offers}], EFA_TRANSPORTS allows [{allowed}]{}", if .note.is_empty() { String::new() } else { format!("; {}", .note) })]
+pub struct NoRoute {
+    /// This rank.
+    pub local_rank: u32,
+    /// The peer.
+    pub peer_rank: u32,
+    /// Transports this rank has endpoints for.
+    pub local_offers: TransportSet,
+    /// Transports the peer has endpoints for.
+    pub peer_offers: TransportSet,
+    /// Transports allowed.
+    pub allowed: TransportSet,
+    /// Why the transports both offer did not qualify (for example "shm needs the same
+    /// host"); empty if they share none.
+    pub note: String,
+}
+
+/// Finds endpoints of transport `t` on both cards sharing a provider; the first such pair.
+/// If both have `t` but no provider in common, returns the first providers as `Err`.
+fn pair(
+    local: &Card,
+    peer: &Card,
+    t: Transport,
+) -> Option<Result<(usize, usize), (String, String)>> {
+    let mine: Vec<(usize, &EndpointCard)> = local
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.transport == t)
+        .collect();
+    let theirs: Vec<(usize, &EndpointCard)> = peer
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.transport == t)
+        .collect();
+    let (m0, t0) = (mine.first()?, theirs.first()?);
+    for (i, a) in &mine {
+        if let Some((j, _)) = theirs.iter().find(|(_, b)| b.provider == a.provider) {
+            return Some(Ok((*i, *j)));
+        }
+    }
+    Some(Err((m0.1.provider.clone(), t0.1.provider.clone())))
+}
+
+/// Chooses how `local` reaches `peer`; see the [module docs](self) for the rules.
+///
+/// # Errors
+///
+/// [`NoRoute`] if no allowed transport is offered by both with a common provider (and, for
+/// shm, on the same host).
+pub fn choose_route(local: &Card, peer: &Card, allowed: &TransportSet) -> Result<Route, NoRoute> {
+    let usable = |t: Transport| match pair(local, peer, t) {
+        Some(Ok(p)) if allowed.contains(t) => Some(p),
+        _ => None,
+    };
+    let route = |t, (l, p): (usize, usize), reason| Route {
+        transport: t,
+        local_endpoint: l,
+        peer_endpoint: p,
+        reason,
+    };
+
+    // Same rank on the same host is this rank itself. (Same rank on different hosts is a
+    // misconfiguration; the ordinary rules below then keep shm off.)
+    if local.rank == peer.rank && local.host_id == peer.host_id {
+        if let Some((t, p)) = Transport::ALL
+            .iter()
+            .find_map(|&t| usable(t).map(|p| (t, p)))
+        {
+            return Ok(route(t, p, RouteReason::SelfLoop));
+        }
+    }
+
+    let same_host = local.host_id == peer.host_id;
+    if same_host {
+        if let Some(p) = usable(Transport::Shm) {
+            return Ok(route(
+                Transport::Shm,
+                p,
+                RouteReason::SameHost {
+                    host_id: local.host_id.clone(),
+                },
+            ));
+        }
+    }
+
+    // Fabric, or the reason it is not used.
+    let fabric_reason = if !allowed.contains(Transport::Fabric) {
+        RouteReason::FabricExcluded
+    } else if !local.has(Transport::Fabric) {
+        RouteReason::LocalNoFabric
+    } else if !peer.has(Transport::Fabric) {
+        RouteReason::PeerNoFabric
+    } else {
+        match (local.fabric_subnet, peer.fabric_subnet) {
+            (Some(a), Some(b)) if a.same_subnet(&b) => match pair(local, peer, Transport::Fabric) {
+                Some(Ok(p)) => {
+                    return Ok(route(
+                        Transport::Fabric,
+                        p,
+                        RouteReason::SameSubnet {
+                            subnet: a.network(),
+                        },
+                    ))
+                }
+                Some(Err((l, p))) => RouteReason::FabricProviderMismatch { local: l, peer: p },
+                None => unreachable!("both cards have a fabric endpoint"),
+            },
+            (Some(a), Some(b)) => RouteReason::DifferentSubnets {
+                peer: b.network(),
+                local: a.network(),
+            },
+            _ => RouteReason::FabricSubnetUnknown,
+        }
+    };
+
+    if let Some(p) = usable(Transport::Ip) {
+        return Ok(route(Transport::Ip, p, fabric_reason));
+    }
+
+    let mut notes = Vec::new();
+    let both = TransportSet::of(
+        &Transport::ALL
+            .into_iter()
+            .filter(|&t| local.has(t) && peer.has(t))
+            .collect::<Vec<_>>(),
+    );
+    for t in both.iter() {
+        if !allowed.contains(t) {
+            notes.push(format!("{t} is excluded"));
+            continue;
+        }
+        if let Some(Err((l, p))) = pair(local, peer, t) {
+            notes.push(format!("{t} providers differ ({l} vs {p})"));
+            continue;
+        }
+        match t {
+            Transport::Shm if !same_host => notes.push(format!(
+                "shm needs the same host, but the hosts are {} and {}",
+                local.host_id, peer.host_id
+            )),
+            Transport::Fabric => notes.push(fabric_reason.to_string().replacen(
+                "IP: ",
+                "fabric unusable: ",
+                1,
+            )),
+            _ => {}
+        }
+    }
+    Err(NoRoute {
+        local_rank: local.rank,
+        peer_rank: peer.rank,
+        local_offers: local.transports(),
+        peer_offers: peer.transports(),
+        allowed: *allowed,
+        note: notes.join("; "),
+    })
+}
+
+/// Routes from `local` to every card in `cards` (indexed like `cards`), for logging a whole
+/// placement at start-up.
+pub fn choose_routes(
+    local: &Card,
+    cards: &[Card],
+    allowed: &TransportSet,
+) -> Vec<Result<Route, NoRoute>> {
+    cards
+        .iter()
+        .map(|c| choose_route(local, c, allowed))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(t: Transport, provider: &str) -> EndpointCard {
+        EndpointCard {
+            transport: t,
+            provider: provider.into(),
+            addr: vec![t.code(); 4],
+        }
+    }
+
+    fn net(s: &str) -> Option<Subnet> {
+        Some(s.parse().unwrap())
+    }
+
+    /// A card with shm, efa and tcp endpoints on `host`, fabric and IP in `subnet`.
+    fn full(rank: u32, host: &str, subnet: &str) -> Card {
+        Card {
+            rank,
+            host_id: host.into(),
+            endpoints: vec![
+                ep(Transport::Shm, "shm"),
+                ep(Transport::Fabric, "efa"),
+                ep(Transport::Ip, "tcp"),
+            ],
+            fabric_subnet: net(subnet),
+            ip_subnet: net(subnet),
+        }
+    }
+
+    fn without(mut c: Card, t: Transport) -> Card {
+        c.endpoints.retain(|e| e.transport != t);
+        c
+    }
+
+    fn route(a: &Card, b: &Card, allowed: &str) -> Result<Route, NoRoute> {
+        choose_route(a, b, &TransportSet::parse(allowed).unwrap())
+    }
+
+    #[test]
+    fn transport_set_parsing() {
+        use Transport::*;
+        assert_eq!(TransportSet::parse("tcp").unwrap(), TransportSet::of(&[Ip]));
+        assert_eq!(
+            TransportSet::parse("shm,tcp").unwrap(),
+            TransportSet::of(&[Shm, Ip])
+        );
+        assert_eq!(
+            TransportSet::parse(" SHM , Fabric ,ip ").unwrap(),
+            TransportSet::all()
+        );
+        assert_eq!(
+            TransportSet::parse("efa").unwrap(),
+            TransportSet::of(&[Fabric])
+        );
+        assert_eq!(
+            TransportSet::parse("verbs,ip").unwrap(),
+            TransportSet::of(&[Fabric, Ip])
+        );
+        assert_eq!(TransportSet::parse("").unwrap(), TransportSet::all());
+        assert_eq!(TransportSet::parse("all").unwrap(), TransportSet::all());
+        assert_eq!(
+            TransportSet::parse("^shm").unwrap(),
+            TransportSet::of(&[Fabric, Ip])
+        );
+        assert_eq!(
+            TransportSet::parse("^shm,efa").unwrap(),
+            TransportSet::of(&[Ip])
+        );
+        assert!(TransportSet::parse("^all").unwrap().is_empty());
+        let e = TransportSet::parse("shm,ucx").unwrap_err();
+        assert_eq!(e.name, "ucx");
+        assert!(e.to_string().contains("EFA_TRANSPORTS=\"shm,ucx\""), "{e}");
+        assert_eq!(TransportSet::all().to_string(), "shm,fabric,ip");
+        assert_eq!(TransportSet::empty().to_string(), "none");
+        assert_eq!(
+            TransportSet::all().without(Shm),
+            TransportSet::of(&[Fabric, Ip])
+        );
+        assert_eq!(TransportSet::default(), TransportSet::all());
+    }
+
+    #[test]
+    fn subnet_logic_v4_and_v6() {
+        let s: Subnet = "10.0.1.17/24".parse().unwrap();
+        assert_eq!(s.network().to_string(), "10.0.1.0/24");
+        assert!(s.contains("10.0.1.200".parse().unwrap()));
+        assert!(!s.contains("10.0.2.1".parse().unwrap()));
+        assert!(!s.contains("::ffff:10.0.1.1".parse().unwrap()));
+        assert!(s.same_subnet(&"10.0.1.99/24".parse().unwrap()));
+        assert!(!s.same_subnet(&"10.0.1.99/25".parse().unwrap()));
+        assert!(!s.same_subnet(&"10.0.2.17/24".parse().unwrap()));
+        let z: Subnet = "1.2.3.4/0".parse().unwrap();
+        assert!(z.contains("9.9.9.9".parse().unwrap()));
+        let h: Subnet = "1.2.3.4/32".parse().unwrap();
+        assert!(h.contains("1.2.3.4".parse().unwrap()) && !h.contains("1.2.3.5".parse().unwrap()));
+
+        let v6: Subnet = "fd00:1:2:3::17/64".parse().unwrap();
+        assert_eq!(v6.network().to_string(), "fd00:1:2:3::/64");
+        assert!(v6.contains("fd00:1:2:3:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("fd00:1:2:4::1".parse().unwrap()));
+        assert!(!v6.same_subnet(&"10.0.1.0/24".parse().unwrap()));
+        assert!(v6.same_subnet(&"fd00:1:2:3:abcd::/64".parse().unwrap()));
+        assert!("::/128".parse::<Subnet>().is_ok());
+
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "x/8",
+            "10.0.0.0/x",
+            "10.0.0/8",
+        ] {
+            assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+        assert!(Subnet::new("1.1.1.1".parse().unwrap(), 33).is_none());
+    }
+
+    #[test]
+    fn same_host_uses_shm() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = full(1, "h1", "10.0.1.6/24");
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(r.transport, Transport::Shm);
+        assert_eq!(r.to_string(), "shm: same host h1");
+        assert_eq!((r.local_endpoint, r.peer_endpoint), (0, 0));
+    }
+
+    #[test]
+    fn same_subnet_uses_fabric() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = full(1, "h2", "10.0.1.6/24");
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(r.transport, Transport::Fabric);
+        assert_eq!(r.to_string(), "fabric: same subnet 10.0.1.0/24");
+        assert_eq!((r.local_endpoint, r.peer_endpoint), (1, 1));
+    }
+
+    #[test]
+    fn different_subnets_use_ip() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = full(1, "h2", "10.0.2.6/24");
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(r.transport, Transport::Ip);
+        assert_eq!(
+            r.to_string(),
+            "IP: peer is in 10.0.2.0/24, this rank in 10.0.1.0/24; EFA does not cross subnets"
+        );
+        // Same addresses, different prefix lengths: treated as different subnets.
+        let c = full(2, "h3", "10.0.1.7/23");
+        assert_eq!(route(&a, &c, "all").unwrap().transport, Transport::Ip);
+    }
+
+    #[test]
+    fn missing_fabric_on_either_side_uses_ip() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = without(full(1, "h2", "10.0.1.6/24"), Transport::Fabric);
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(
+            (r.transport, r.to_string().as_str()),
+            (Transport::Ip, "IP: peer has no fabric endpoint")
+        );
+        let r = route(&b, &a, "all").unwrap();
+        assert_eq!(
+            (r.transport, r.reason),
+            (Transport::Ip, RouteReason::LocalNoFabric)
+        );
+    }
+
+    #[test]
+    fn unknown_fabric_subnet_uses_ip() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let mut b = full(1, "h2", "10.0.1.6/24");
+        b.fabric_subnet = None;
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(
+            (r.transport, r.reason),
+            (Transport::Ip, RouteReason::FabricSubnetUnknown)
+        );
+    }
+
+    #[test]
+    fn fabric_provider_mismatch_uses_ip() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let mut b = full(1, "h2", "10.0.1.6/24");
+        b.endpoints[1].provider = "verbs;ofi_rxm".into();
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(r.transport, Transport::Ip);
+        assert_eq!(
+            r.to_string(),
+            "IP: fabric providers differ (this rank efa, peer verbs;ofi_rxm)"
+        );
+        // A second fabric endpoint with a common provider is found.
+        let mut a2 = a.clone();
+        a2.endpoints.push(ep(Transport::Fabric, "verbs;ofi_rxm"));
+        let r = route(&a2, &b, "all").unwrap();
+        assert_eq!(
+            (r.transport, r.local_endpoint, r.peer_endpoint),
+            (Transport::Fabric, 3, 1)
+        );
+    }
+
+    #[test]
+    fn same_host_without_shm_falls_to_fabric_then_ip() {
+        let a = without(full(0, "h1", "10.0.1.5/24"), Transport::Shm);
+        let b = full(1, "h1", "10.0.1.6/24");
+        assert_eq!(route(&a, &b, "all").unwrap().transport, Transport::Fabric);
+        assert_eq!(route(&b, &a, "all").unwrap().transport, Transport::Fabric);
+        let a = without(a, Transport::Fabric);
+        assert_eq!(route(&a, &b, "all").unwrap().transport, Transport::Ip);
+        // shm excluded although both have it.
+        let a = full(0, "h1", "10.0.1.5/24");
+        assert_eq!(
+            route(&a, &b, "fabric,ip").unwrap().transport,
+            Transport::Fabric
+        );
+        assert_eq!(route(&a, &b, "tcp").unwrap().transport, Transport::Ip);
+    }
+
+    #[test]
+    fn different_hosts_never_use_shm() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = full(1, "h2", "10.0.2.6/24");
+        let e = route(&a, &b, "shm").unwrap_err();
+        assert!(e.note.contains("shm needs the same host"), "{e}");
+        assert!(
+            e.to_string().starts_with("no route from rank 0 to rank 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn transport_overrides() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = full(1, "h2", "10.0.1.6/24");
+        let r = route(&a, &b, "shm,tcp").unwrap();
+        assert_eq!(
+            (r.transport, r.to_string().as_str()),
+            (Transport::Ip, "IP: fabric excluded by EFA_TRANSPORTS")
+        );
+        assert_eq!(route(&a, &b, "^tcp").unwrap().transport, Transport::Fabric);
+        let e = route(&a, &b, "shm").unwrap_err();
+        assert_eq!(e.allowed, TransportSet::of(&[Transport::Shm]));
+        // Fabric only, different subnets: no route, with the subnet reason.
+        let c = full(2, "h3", "10.0.9.1/24");
+        let e = route(&a, &c, "efa").unwrap_err();
+        assert!(e.note.contains("EFA does not cross subnets"), "{e}");
+        assert!(route(&a, &b, "^all").is_err());
+    }
+
+    #[test]
+    fn ipv6_subnets() {
+        let a = full(0, "h1", "fd00:0:0:1::5/64");
+        let b = full(1, "h2", "fd00:0:0:1::6/64");
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(r.to_string(), "fabric: same subnet fd00:0:0:1::/64");
+        let c = full(2, "h3", "fd00:0:0:2::6/64");
+        assert_eq!(route(&a, &c, "all").unwrap().transport, Transport::Ip);
+    }
+
+    #[test]
+    fn mixed_v4_v6_are_different_subnets() {
+        let a = full(0, "h1", "10.0.1.5/24");
+        let b = full(1, "h2", "fd00::6/24");
+        let r = route(&a, &b, "all").unwrap();
+        assert_eq!(r.transport, Transport::Ip);
+        assert!(matches!(r.reason, RouteReason::DifferentSubnets { .. }));
+    }
+
+    #[test]
+    fn no_common_transport() {
+        let a = Card {
+            rank: 0,
+            host_id: "h1".into(),
+            endpoints: vec![ep(Transport::Fabric, "efa")],
+            fabric_subnet: net("10.0.1.1/24"),
+            ip_subnet: None,
+        };
+        let b = Card {
+            rank: 1,
+            host_id: "h2".into(),
+            endpoints: vec![ep(Transport::Ip, "tcp")],
+            fabric_subnet: None,
+            ip_subnet: net("10.0.1.2/24"),
+        };
+        let e = route(&a, &b, "all").unwrap_err();
+        assert_eq!(e.note, "");
+        assert_eq!(
+            e.to_string(),
+            "no route from rank 0 to rank 1: this rank offers [fabric], the peer [ip], EFA_TRANSPORTS allows [shm,fabric,ip]"
+        );
+        // Both IP but different providers.
+        let mut c = b.clone();
+        c.rank = 2;
+        c.endpoints[0].provider = "udp".into();
+        let e = route(&b, &c, "all").unwrap_err();
+        assert!(e.note.contains("ip providers differ (tcp vs udp)"), "{e}");
+    }
+
+    #[test]
+    fn self_route() {
+        let a = full(3, "h1", "10.0.1.5/24");
+        let r = route(&a, &a, "all").unwrap();
+        assert_eq!(
+            (r.transport, r.reason.clone()),
+            (Transport::Shm, RouteReason::SelfLoop)
+        );
+        let only_fabric = Card {
+            endpoints: vec![ep(Transport::Fabric, "efa")],
+            fabric_subnet: None,
+            ..a.clone()
+        };
+        // Even with the subnet unknown, a rank reaches itself over its own fabric endpoint.
+        assert_eq!(
+            route(&only_fabric, &only_fabric, "all").unwrap().transport,
+            Transport::Fabric
+        );
+        assert_eq!(route(&a, &a, "tcp").unwrap().transport, Transport::Ip);
+        assert!(route(&only_fabric, &only_fabric, "shm").is_err());
+    }
+
+    #[test]
+    fn route_table() {
+        let me = full(0, "h1", "10.0.1.5/24");
+        let cards = vec![
+            me.clone(),
+            full(1, "h1", "10.0.1.6/24"),
+            full(2, "h2", "10.0.1.7/24"),
+            full(3, "h3", "10.0.2.7/24"),
+        ];
+        let ts: Vec<Transport> = choose_routes(&me, &cards, &TransportSet::all())
+            .into_iter()
+            .map(|r| r.unwrap().transport)
+            .collect();
+        assert_eq!(
+            ts,
+            [
+                Transport::Shm,
+                Transport::Shm,
+                Transport::Fabric,
+                Transport::Ip
+            ]
+        );
+    }
+
+    /// Small deterministic generator (xorshift64*), so property tests need no extra crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn random_card(rng: &mut Rng, rank: u32) -> Card {
+        let subnets = [
+            None,
+            net("10.0.1.9/24"),
+            net("10.0.1.200/24"),
+            net("10.0.2.1/24"),
+            net("10.0.1.9/16"),
+            net("fd00::1/64"),
+            net("fd00::2/64"),
+            net("fd00:0:0:1::1/64"),
+        ];
+        let providers = ["shm", "efa", "verbs;ofi_rxm", "tcp", "udp"];
+        let mut endpoints = Vec::new();
+        for _ in 0..rng.below(5) {
+            let t = Transport::ALL[rng.below(3) as usize];
+            let p = providers[rng.below(providers.len() as u64) as usize];
+            endpoints.push(EndpointCard {
+                transport: t,
+                provider: p.into(),
+                addr: (0..rng.below(40)).map(|_| rng.next() as u8).collect(),
+            });
+        }
+        Card {
+            rank,
+            host_id: format!("host{}", rng.below(3)),
+            endpoints,
+            fabric_subnet: subnets[rng.below(subnets.len() as u64) as usize],
+            ip_subnet: subnets[rng.below(subnets.len() as u64) as usize],
+        }
+    }
+
+    #[test]
+    fn route_choice_is_symmetric() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut counts = [0usize; 4];
+        for i in 0..20_000 {
+            let ra = rng.below(3) as u32;
+            let a = random_card(&mut rng, ra);
+            let b = if i % 10 == 0 {
+                a.clone()
+            } else {
+                let rb = rng.below(3) as u32;
+                random_card(&mut rng, rb)
+            };
+            let allowed = TransportSet {
+                bits: (rng.below(8) as u8) << 1,
+            };
+            let ab = choose_route(&a, &b, &allowed);
+            let ba = choose_route(&b, &a, &allowed);
+            match (&ab, &ba) {
+                (Ok(x), Ok(y)) => {
+                    assert_eq!(x.transport, y.transport, "{a:?}\n{b:?}\n{allowed}");
+                    assert!(allowed.contains(x.transport));
+                    assert_eq!(a.endpoints[x.local_endpoint].transport, x.transport);
+                    assert_eq!(b.endpoints[x.peer_endpoint].transport, x.transport);
+                    assert_eq!(
+                        a.endpoints[x.local_endpoint].provider,
+                        b.endpoints[x.peer_endpoint].provider
+                    );
+                    if x.transport == Transport::Shm {
+                        assert_eq!(a.host_id, b.host_id);
+                    }
+                    counts[x.transport.code() as usize] += 1;
+                }
+                (Err(_), Err(_)) => counts[0] += 1,
+                _ => panic!("asymmetric: {ab:?} vs {ba:?}\n{a:?}\n{b:?}\n{allowed}"),
+            }
+        }
+        // The generator reaches every outcome, so the property is not vacuous.
+        assert!(counts.iter().all(|&c| c > 100), "{counts:?}");
+    }
+
+    #[test]
+    fn card_roundtrip() {
+        let mut rng = Rng(42);
+        for i in 0..500 {
+            let c = random_card(&mut rng, i);
+            let b = c.encode().unwrap();
+            assert_eq!(Card::decode(&b).unwrap(), c);
+        }
+        let c = full(7, "boot/netns:4026531840", "fd00::1/64");
+        let b = c.encode().unwrap();
+        assert_eq!(&b[..4], b"EFC\x01");
+        assert_eq!(Card::decode(&b).unwrap(), c);
+    }
+
+    #[test]
+    fn card_decode_rejects_every_truncation() {
+        let mut rng = Rng(7);
+        for i in 0..200 {
+            let c = random_card(&mut rng, i);
+            let b = c.encode().unwrap();
+            for cut in 0..b.len() {
+                match Card::decode(&b[..cut]) {
+                    Err(CardError::Truncated { .. }) => {}
+                    other => panic!("cut {cut}/{}: {other:?}", b.len()),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn card_decode_survives_random_corruption() {
+        let mut rng = Rng(99);
+        let mut errors = 0;
+        for i in 0..2000 {
+            let c = random_card(&mut rng, i);
+            let mut b = c.encode().unwrap();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(b.len() as u64) as usize;
+                b[at] = rng.next() as u8;
+            }
+            // Must not panic; a result that decodes must re-encode to the same bytes.
+            match Card::decode(&b) {
+                Ok(d) => assert_eq!(d.encode().unwrap(), b),
+                Err(_) => errors += 1,
+            }
+        }
+        assert!(errors > 0);
+    }
+
+    #[test]
+    fn card_decode_errors() {
+        let b = full(1, "h", "10.0.0.1/8").encode().unwrap();
+        let mut bad = b.clone();
+        bad[0] = b'X';
+        assert_eq!(Card::decode(&bad), Err(CardError::BadMagic));
+        let mut bad = b.clone();
+        bad[3] = 9;
+        assert_eq!(Card::decode(&bad), Err(CardError::UnsupportedVersion(9)));
+        let mut bad = b.clone();
+        bad.push(0);
+        assert_eq!(Card::decode(&bad), Err(CardError::TrailingBytes(1)));
+        // Fabric subnet family byte sits right after the host id.
+        let fam = 4 + 4 + 2 + 1;
+        let mut bad = b.clone();
+        bad[fam] = 5;
+        assert!(matches!(Card::decode(&bad), Err(CardError::Corrupt(_))));
+        let mut bad = b.clone();
+        bad[fam + 5] = 33; // prefix of the IPv4 fabric subnet
+        assert!(matches!(Card::decode(&bad), Err(CardError::Corrupt(_))));
+        let long = Card {
+            host_id: "x".repeat(70_000),
+            ..full(1, "h", "10.0.0.1/8")
+        };
+        assert!(matches!(
+            long.encode(),
+            Err(CardError::FieldTooLong {
+                field: "host_id",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn host_id_composition() {
+        assert_eq!(
+            compose_host_id(None, "8d2c-11\n", "net:[4026531840]"),
+            "8d2c-11/netns:4026531840"
+        );
+        assert_eq!(compose_host_id(Some(" mine "), "b", "net:[1]"), "mine");
+        assert_eq!(compose_host_id(Some(""), "b", "net:[1]"), "b/netns:1");
+        assert_ne!(
+            compose_host_id(None, "b", "net:[1]"),
+            compose_host_id(None, "b", "net:[2]")
+        );
+    }
+
+    #[test]
+    fn host_id_reads_proc() {
+        if std::env::var_os("EFA_HOST_ID").is_some() {
+            eprintln!("EFA_HOST_ID is set; checking the override only");
+        }
+        let id = host_id().expect("/proc is readable on Linux");
+        assert!(!id.is_empty());
+        if std::env::var_os("EFA_HOST_ID").is_none() {
+            assert!(id.contains("/netns:"), "{id}");
+            assert_eq!(id, host_id().unwrap());
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Rendezvous stores with several ranks as threads of one process: TCP over loopback with
+//! ephemeral ports, and a file store in a temporary directory.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use efa_core::bootstrap::{BootstrapBuilder, BootstrapError, Rendezvous, StoreServer};
+use efa_core::store::{
+    barrier, exchange_all, FileStore, MemoryStore, Store, StoreError, TcpStore, TcpStoreServer,
+};
+
+fn soon(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms)
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p =
+            std::env::temp_dir().join(format!("efa-core-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn blob(rank: u32) -> Vec<u8> {
+    format!("card of rank {rank}").into_bytes()
+}
+
+/// Runs `size` ranks as threads; `open(rank)` gives each its store. Checks that every rank
+/// sees every blob.
+fn run_exchange(size: u32, open: impl Fn(u32) -> Arc<dyn Store> + Send + Sync + 'static) {
+    let open = Arc::new(open);
+    let handles: Vec<_> = (0..size)
+        .map(|rank| {
+            let open = open.clone();
+            thread::spawn(move || {
+                let store = open(rank);
+                let all =
+                    exchange_all(&*store, "card", rank, size, &blob(rank), soon(10_000)).unwrap();
+                barrier(&*store, "done", rank, size, soon(10_000)).unwrap();
+                all
+            })
+        })
+        .collect();
+    for h in handles {
+        let all = h.join().unwrap();
+        assert_eq!(all, (0..size).map(blob).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn tcp_exchange_rank0_serves() {
+    let size = 5;
+    let server = TcpStore::serve("127.0.0.1:0", 0, size, soon(5_000)).unwrap();
+    let addr = server.server_addr().unwrap().to_string();
+    let server: Arc<dyn Store> = Arc::new(server);
+    run_exchange(size, move |rank| {
+        if rank == 0 {
+            server.clone()
+        } else {
+            Arc::new(TcpStore::connect(&addr, rank, soon(5_000)).unwrap())
+        }
+    });
+}
+
+#[test]
+fn tcp_exchange_launcher_serves() {
+    let size = 4;
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().to_string();
+    run_exchange(size, move |rank| {
+        Arc::new(TcpStore::connect(&addr, rank, soon(5_000)).unwrap())
+    });
+    // Every rank dropped its client, so all have come and gone.
+    server.wait_departed(size, soon(2_000)).unwrap();
+}
+
+#[test]
+fn file_exchange() {
+    let dir = TempDir::new("file-exchange");
+    let path = dir.0.clone();
+    run_exchange(4, move |_| Arc::new(FileStore::open(&path).unwrap()));
+}
+
+#[test]
+fn memory_exchange() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    run_exchange(3, move |_| store.clone());
+}
+
+#[test]
+fn bootstrap_connect_store_over_tcp() {
+    // Find a free port, then let rank 0 serve on it through the bootstrap path.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rdv = Rendezvous::Tcp {
+        addr: format!("127.0.0.1:{port}"),
+        server: StoreServer::Rank0,
+    };
+    let size = 3;
+    let handles: Vec<_> = (0..size)
+        .map(|rank| {
+            let rdv = rdv.clone();
+            thread::spawn(move || {
+                let b = BootstrapBuilder::new(rank, size, rdv).build().unwrap();
+                let store = b.connect_store(soon(5_000)).unwrap();
+                exchange_all(&*store, "card", rank, size, &blob(rank), soon(5_000)).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().len(), size as usize);
+    }
+}
+
+fn assert_never_joined(r: Result<Vec<Vec<u8>>, BootstrapError>, want: &[u32], started: Instant) {
+    let took = started.elapsed();
+    match r {
+        Err(BootstrapError::RankNeverJoined { ranks, waited }) => {
+            assert_eq!(ranks, want);
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        }
+        other => panic!("expected RankNeverJoined {want:?}, got {other:?}"),
+    }
+    assert!(took < Duration::from_millis(1_500), "took {took:?}");
+}
+
+#[test]
+fn missing_rank_is_named_tcp() {
+    let size = 4;
+    let server = TcpStore::serve("127.0.0.1:0", 0, size, soon(5_000)).unwrap();
+    let addr = server.server_addr().unwrap().to_string();
+    let server = Arc::new(server);
+    // Rank 2 never arrives.
+    let handles: Vec<_> = [0u32, 1, 3]
+        .into_iter()
+        .map(|rank| {
+            let addr = addr.clone();
+            let server = server.clone();
+            thread::spawn(move || {
+                let store: Arc<dyn Store> = if rank == 0 {
+                    server
+                } else {
+                    Arc::new(TcpStore::connect(&addr, rank, soon(5_000)).unwrap())
+                };
+                let t = Instant::now();
+                let r = exchange_all(
+                    &*store,
+                    "card",
+                    rank,
+                    size,
+                    &blob(rank),
+                    t + Duration::from_millis(300),
+                );
+                (r, t)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (r, t) = h.join().unwrap();
+        let e = r.as_ref().map(|_| ()).unwrap_err().to_string();
+        assert!(e.starts_with("rank 2 never joined within"), "{e}");
+        assert_never_joined(r, &[2], t);
+    }
+    // The serving rank reports who never came; it must not wait out its linger.
+    let server = Arc::try_unwrap(server).unwrap();
+    let t = Instant::now();
+    match server.close(soon(200)) {
+        Err(StoreError::StillInUse { ranks, .. }) => assert_eq!(ranks, [2]),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn missing_ranks_are_all_named_file() {
+    let dir = TempDir::new("file-missing");
+    let store = FileStore::open(&dir.0).unwrap();
+    let t = Instant::now();
+    let r = exchange_all(
+        &store,
+        "card",
+        1,
+        5,
+        &blob(1),
+        t + Duration::from_millis(300),
+    );
+    assert_never_joined(r, &[0, 2, 3, 4], t);
+}
+
+#[test]
+fn timeout_names_the_key_and_rank() {
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let c = TcpStore::connect(&server.local_addr().to_string(), 0, soon(5_000)).unwrap();
+    let t = Instant::now();
+    let e = c.get("card/6", soon(300)).unwrap_err();
+    assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(2));
+    assert_eq!(e.missing_key(), Some("card/6"));
+    assert_eq!(e.missing_rank(), Some(6));
+    assert!(e.to_string().contains("`card/6`"), "{e}");
+    // A deadline in the past still looks once.
+    c.set("there", b"x").unwrap();
+    assert_eq!(
+        c.get("there", Instant::now() - Duration::from_secs(1))
+            .unwrap(),
+        b"x"
+    );
+}
+
+#[test]
+fn server_wakes_waiting_get_promptly() {
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().to_string();
+    let reader = TcpStore::connect(&addr, 0, soon(5_000)).unwrap();
+    let writer = TcpStore::connect(&addr, 1, soon(5_000)).unwrap();
+    let h = thread::spawn(move || {
+        let t = Instant::now();
+        let v = reader.get("late", soon(10_000)).unwrap();
+        (v, t.elapsed())
+    });
+    thread::sleep(Duration::from_millis(200));
+    let set_at = Instant::now();
+    writer.set("late", b"value").unwrap();
+    let (v, waited) = h.join().unwrap();
+    assert_eq!(v, b"value");
+    // Woken by the set, not by the 10 s deadline or a coarse poll.
+    assert!(waited >= Duration::from_millis(200));
+    assert!(set_at.elapsed() < Duration::from_millis(500), "{waited:?}");
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+}
+
+#[test]
+fn serving_rank_stays_up_until_late_ranks_have_read() {
+    let size = 3;
+    let server = TcpStore::serve("127.0.0.1:0", 0, size, soon(5_000)).unwrap();
+    let addr = server.server_addr().unwrap().to_string();
+    server.set("card/0", b"zero").unwrap();
+    let late: Vec<_> = (1..size)
+        .map(|rank| {
+            let addr = addr.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(300));
+                let c = TcpStore::connect(&addr, rank, soon(5_000)).unwrap();
+                c.get("card/0", soon(5_000)).unwrap()
+            })
+        })
+        .collect();
+    // Rank 0 is done at once; its drop must wait for ranks 1 and 2 to come and go.
+    let t = Instant::now();
+    drop(server);
+    let dropped_after = t.elapsed();
+    for h in late {
+        assert_eq!(h.join().unwrap(), b"zero");
+    }
+    assert!(
+        dropped_after >= Duration::from_millis(300),
+        "{dropped_after:?}"
+    );
+    assert!(dropped_after < Duration::from_secs(5), "{dropped_after:?}");
+}
+
+#[test]
+fn client_retries_until_server_starts() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let a2 = addr.clone();
+    let h = thread::spawn(move || {
+        TcpStore::connect(&a2, 1, soon(5_000)).map(|c| c.get("k", soon(5_000)))
+    });
+    thread::sleep(Duration::from_millis(300));
+    let server = TcpStore::serve(&addr, 0, 2, soon(5_000)).unwrap();
+    server.set("k", b"v").unwrap();
+    assert_eq!(h.join().unwrap().unwrap().unwrap(), b"v");
+    server.close(soon(2_000)).unwrap();
+}
+
+#[test]
+fn unreachable_store_fails_at_the_deadline() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = Instant::now();
+    let e = TcpStore::connect(&format!("127.0.0.1:{port}"), 1, soon(300)).unwrap_err();
+    assert!(matches!(e, StoreError::Unreachable { .. }), "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn bind_conflict_is_reported() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = TcpStoreServer::bind(&addr).unwrap_err();
+    assert!(matches!(e, StoreError::Bind { .. }), "{e}");
+    assert!(e.to_string().contains("EFA_STORE"), "{e}");
+}
+
+#[test]
+fn large_values_and_overwrite() {
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let c = TcpStore::connect(&server.local_addr().to_string(), 0, soon(5_000)).unwrap();
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+    c.set("big", &big).unwrap();
+    assert_eq!(c.get("big", soon(1_000)).unwrap(), big);
+    c.set("big", b"small").unwrap();
+    assert_eq!(c.get("big", soon(1_000)).unwrap(), b"small");
+    assert!(matches!(
+        c.set("", b"x"),
+        Err(StoreError::InvalidKey { .. })
+    ));
+}
+
+#[test]
+fn file_store_writes_are_atomic() {
+    // A reader polling while a writer replaces a large value never sees a partial file.
+    let dir = TempDir::new("file-atomic");
+    let store = Arc::new(FileStore::open(&dir.0).unwrap());
+    let a = vec![b'a'; 256 * 1024];
+    let b = vec![b'b'; 256 * 1024];
+    store.set("v", &a).unwrap();
+    let w = {
+        let (store, a, b) = (store.clone(), a.clone(), b.clone());
+        thread::spawn(move || {
+            for i in 0..50 {
+                store.set("v", if i % 2 == 0 { &b } else { &a }).unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !w.is_finished() || reads < 10 {
+        let v = store.get("v", soon(1_000)).unwrap();
+        assert!(v == a || v == b, "partial read of {} bytes", v.len());
+        reads += 1;
+    }
+    w.join().unwrap();
+    // No temporary files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
