@@ -18,5 +18,16 @@
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+pub mod comm;
+pub mod error;
+pub mod net;
 pub mod placement;
 pub mod store;
+pub mod wire;
+
+pub use comm::{
+    Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
+    Tag,
+};
+pub use error::{Error, Result};
+pub use placement::Transport;

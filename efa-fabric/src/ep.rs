@@ -71,7 +71,8 @@ impl EndpointBuilder {
         let ret = unsafe {
             ffi::fi_endpoint(self.domain.raw(), info.as_ptr(), &mut fid, ptr::null_mut())
         };
-        check_int("fi_endpoint", ret)?;
+        check_int("fi_endpoint", ret)
+            .map_err(|e| crate::error::open_error("opening the endpoint", e))?;
         let rx_cq = self.rx_cq.unwrap_or_else(|| self.tx_cq.clone());
         let inner = EpInner {
             fid,
@@ -123,7 +124,8 @@ impl EndpointBuilder {
                     ffi::fi_ep_bind(fid, c.raw_fid(), ev.bits()),
                 )?;
             }
-            check_int("fi_enable", ffi::fi_enable(fid))?;
+            check_int("fi_enable", ffi::fi_enable(fid))
+                .map_err(|e| crate::error::open_error("enabling the endpoint", e))?;
         }
         tracing::debug!(provider = %inner.info.provider(), domain = %inner.info.domain(), "endpoint enabled");
         Ok(Endpoint {

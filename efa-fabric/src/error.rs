@@ -87,11 +87,14 @@ pub enum Error {
     /// cause. Raise the limit (`ulimit -l unlimited`, or `memlock` in
     /// `/etc/security/limits.conf`, or `LimitMEMLOCK=infinity` for systemd services).
     #[error(
-        "memory registration of {requested} bytes failed ({source}); the locked-memory limit \
+        "{op} ({requested} bytes) failed ({source}); the locked-memory limit \
          RLIMIT_MEMLOCK is {limit} (ulimit -l {limit_kib}): raise it, e.g. `ulimit -l unlimited`"
     )]
     MemlockLimit {
-        /// Bytes we tried to register.
+        /// What failed: memory registration, or opening a domain or endpoint (which register
+        /// internal buffers on providers that pin memory).
+        op: &'static str,
+        /// Bytes we tried to register (0 when the provider registers internally).
         requested: usize,
         /// Soft RLIMIT_MEMLOCK in bytes.
         limit: u64,
@@ -207,6 +210,16 @@ pub fn memlock_limit() -> u64 {
 /// failure is reported as [`Error::MemlockLimit`] (naming the limit and its value), because
 /// that is by far the most common cause; otherwise the call error is returned as is.
 pub(crate) fn registration_error(requested: usize, err: CallError, limit: u64) -> Error {
+    memlock_error("memory registration", requested, err, limit)
+}
+
+/// [`registration_error`] for any call that registers memory internally; `op` names it.
+pub(crate) fn memlock_error(
+    op: &'static str,
+    requested: usize,
+    err: CallError,
+    limit: u64,
+) -> Error {
     let memlock_related = [
         libc::ENOMEM,
         libc::EPERM,
@@ -218,11 +231,23 @@ pub(crate) fn registration_error(requested: usize, err: CallError, limit: u64) -
         || err.code == ffi::FI_ENOMEM as i32;
     if limit != u64::MAX && memlock_related {
         Error::MemlockLimit {
+            op,
             requested,
             limit,
             limit_kib: limit / 1024,
             source: err,
         }
+    } else {
+        Error::Call(err)
+    }
+}
+
+/// Errors of calls that may register memory internally (opening domains and endpoints on
+/// providers that pin memory): out-of-memory under a finite memlock limit names the limit.
+pub(crate) fn open_error(op: &'static str, err: CallError) -> Error {
+    let limit = memlock_limit();
+    if limit != u64::MAX && [libc::ENOMEM, libc::EAGAIN, libc::EPERM].contains(&err.code) {
+        memlock_error(op, 0, err, limit)
     } else {
         Error::Call(err)
     }

@@ -144,7 +144,8 @@ impl Domain {
         // SAFETY: fabric.raw() is an open fabric, info a valid fi_info; fi_domain writes the
         // new object into `fid`.
         let ret = unsafe { ffi::fi_domain(fabric.raw(), info.as_ptr(), &mut fid, ptr::null_mut()) };
-        check_int("fi_domain", ret)?;
+        check_int("fi_domain", ret)
+            .map_err(|e| crate::error::open_error("opening the domain", e))?;
         tracing::debug!(provider = %info.provider(), domain = %info.domain(), "domain opened");
         Ok(Domain {
             inner: Arc::new(DomainInner {

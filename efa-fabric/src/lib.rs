@@ -81,7 +81,10 @@ pub use fabric::{Domain, Fabric};
 pub use info::{
     AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder, Progress, Threading,
 };
-pub use mr::{Access, AlignedBuf, IoBuf, IoBufMut, MemoryRegion, RegisteredBuf, RemoteRegion};
+pub use mr::{
+    Access, AlignedBuf, BufPrefix, IoBuf, IoBufMut, MemoryRegion, RegisteredBuf, RemoteRegion,
+    SharedSlice,
+};
 pub use op::{Done, OpError, Pending};
 pub use progress::{Backoff, Deadline};
 

@@ -558,3 +558,88 @@ mod tests {
         }
     }
 }
+
+/// The first `len` bytes of an owned buffer, as a buffer an operation can take: send part of
+/// a larger (registered) buffer without copying it.
+#[derive(Debug)]
+pub struct BufPrefix<B> {
+    buf: B,
+    len: usize,
+}
+
+impl<B: IoBuf> BufPrefix<B> {
+    /// The first `len` bytes of `buf`.
+    ///
+    /// # Panics
+    /// If `len` exceeds the buffer's length.
+    pub fn new(buf: B, len: usize) -> Self {
+        assert!(
+            len <= buf.io_len(),
+            "prefix of {len} bytes of a {}-byte buffer",
+            buf.io_len()
+        );
+        BufPrefix { buf, len }
+    }
+    /// The whole buffer back.
+    pub fn into_inner(self) -> B {
+        self.buf
+    }
+    /// The underlying buffer.
+    pub fn get_ref(&self) -> &B {
+        &self.buf
+    }
+}
+
+// SAFETY: delegates to B's guarantees and only shortens the length.
+unsafe impl<B: IoBuf> IoBuf for BufPrefix<B> {
+    fn io_ptr(&self) -> *const u8 {
+        self.buf.io_ptr()
+    }
+    fn io_len(&self) -> usize {
+        self.len
+    }
+    fn io_desc(&self) -> Option<*mut std::os::raw::c_void> {
+        self.buf.io_desc()
+    }
+}
+// SAFETY: as above; B's memory is writable for its whole length.
+unsafe impl<B: IoBufMut> IoBufMut for BufPrefix<B> {
+    fn io_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.io_mut_ptr()
+    }
+}
+
+/// A read-only window `[off, off+len)` of shared bytes: several sends (chunks of one large
+/// message) can use one allocation at once.
+#[derive(Debug, Clone)]
+pub struct SharedSlice {
+    data: std::sync::Arc<Vec<u8>>,
+    off: usize,
+    len: usize,
+}
+
+impl SharedSlice {
+    /// The window `[off, off+len)` of `data`.
+    ///
+    /// # Panics
+    /// If the window is outside `data`.
+    pub fn new(data: std::sync::Arc<Vec<u8>>, off: usize, len: usize) -> Self {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= data.len()),
+            "window outside the data"
+        );
+        SharedSlice { data, off, len }
+    }
+}
+
+// SAFETY: the Arc keeps the Vec (and its heap storage, never resized: nobody can get `&mut`
+// through an Arc shared with us) alive and in place while this value lives.
+unsafe impl IoBuf for SharedSlice {
+    fn io_ptr(&self) -> *const u8 {
+        // SAFETY: off <= data.len() (checked in new).
+        unsafe { self.data.as_ptr().add(self.off) }
+    }
+    fn io_len(&self) -> usize {
+        self.len
+    }
+}

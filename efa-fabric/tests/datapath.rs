@@ -493,8 +493,17 @@ fn memlock_child() {
     // SAFETY: setrlimit reads a valid rlimit struct; lowering a limit is always allowed.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) }, 0);
     let info = info_for(&provider, MSG_CAPS).unwrap();
-    let domain = efa_fabric::Domain::open(&info).unwrap();
-    match RegisteredBuf::new(&domain, 64 << 20, Access::REMOTE_WRITE, None) {
+    // Whichever step fails first under the low limit must name it.
+    let outcome = efa_fabric::Domain::open(&info).and_then(|domain| {
+        let ep = Endpoint::builder(
+            &domain,
+            &efa_fabric::AddressVector::open(&domain)?,
+            &efa_fabric::CompletionQueue::open(&domain, 0)?,
+        )
+        .build()?;
+        RegisteredBuf::new(&domain, 64 << 20, Access::REMOTE_WRITE, Some(&ep))
+    });
+    match outcome {
         Ok(_) => println!("OUTCOME=registered"),
         Err(e) => println!("OUTCOME=error {e}"),
     }
@@ -507,7 +516,17 @@ fn memlock_limit_is_named() {
             println!("  SKIPPED: {} does not pin registered memory, so ulimit -l does not apply (runs on verbs in the soft-RoCE VM)", info.provider());
             return;
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        // Root has CAP_IPC_LOCK, which ignores RLIMIT_MEMLOCK: drop it from the child's
+        // bounding set so that the limit applies as it does for ordinary users.
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--bounding-set", "-ipc_lock", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let out = cmd
             .args([
                 "--ignored",
                 "--exact",
@@ -517,16 +536,31 @@ fn memlock_limit_is_named() {
             ])
             .env("EFA_TEST_CHILD_PROVIDER", info.provider())
             .output()
-            .expect("spawn child");
+            .expect("spawn child (setpriv from util-linux when root)");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let outcome = stdout
             .lines()
-            .find_map(|l| l.strip_prefix("OUTCOME="))
-            .unwrap_or("none");
+            .find_map(|l| l.split("OUTCOME=").nth(1))
+            .unwrap_or_else(|| {
+                panic!(
+                    "child printed no outcome ({}): {stdout}\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
         println!("  {outcome}");
         assert!(
             outcome.contains("RLIMIT_MEMLOCK is 65536") && outcome.contains("ulimit -l 64"),
             "registration under a 64 KiB memlock limit must name the limit, got: {outcome}"
         );
     });
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }

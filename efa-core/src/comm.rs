@@ -1,0 +1,1495 @@
+//! The communicator: bootstrap, one endpoint per transport, a route per peer, and tagged
+//! point-to-point messaging with MPI semantics.
+//!
+//! # Protocol
+//! See [`crate::wire`]: eager messages up to [`Config::eager_limit`], rendezvous above, a
+//! per-sender sequence number for MPI's non-overtaking order, and software matching so
+//! that `Source::Any` works across every transport at once.
+//!
+//! # Buffers
+//! The NIC never touches user memory: eager payloads are copied into registered bounce
+//! buffers, and rendezvous data goes through memory the engine owns. So every user-facing
+//! call may borrow (`&[T]`, `&mut [T]`), and a request or future that is dropped or leaked
+//! cannot make the NIC write into freed memory.
+//!
+//! # Progress
+//! All endpoints' completion queues are read by one progress function, so a rank can talk
+//! to peers on different routes at once. Waiting spins first, then yields, then sleeps
+//! ([`efa_fabric::Backoff`]), so oversubscribed ranks still make progress.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+use efa_fabric::{
+    Access, AddrFormat, BufPrefix, Caps, Endpoint, FiAddr, Hints, Info, Pending, RegisteredBuf,
+    SharedSlice,
+};
+
+use crate::bootstrap::{self, Bootstrap};
+use crate::error::{Error, Result};
+use crate::net;
+use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
+use crate::store::{self, Store};
+use crate::wire::{self, Header, Kind, CTRL_TAG, HDR_LEN};
+
+/// Largest user tag; tags above are reserved for collectives and internal messages.
+pub const MAX_USER_TAG: u32 = 0x7FFF_FFFF;
+
+/// Which rank a receive accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Any rank (`MPI_ANY_SOURCE`).
+    Any,
+    /// Only this rank.
+    Rank(u32),
+}
+
+impl From<u32> for Source {
+    fn from(r: u32) -> Self {
+        Source::Rank(r)
+    }
+}
+
+/// Which tag a receive accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// Any tag (`MPI_ANY_TAG`).
+    Any,
+    /// Only this tag.
+    Is(u32),
+}
+
+impl From<u32> for Tag {
+    fn from(t: u32) -> Self {
+        Tag::Is(t)
+    }
+}
+
+/// What a completed receive got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// The sender.
+    pub source: u32,
+    /// The message's tag.
+    pub tag: u32,
+    /// Message length in bytes.
+    pub len: usize,
+}
+
+impl Status {
+    /// Number of `T` elements received.
+    pub fn count<T>(&self) -> usize {
+        self.len / std::mem::size_of::<T>().max(1)
+    }
+}
+
+/// Communicator settings. Every field has a default; see each setter of
+/// [`CommunicatorBuilder`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Deadline of every blocking call.
+    pub timeout: Duration,
+    /// Transports allowed (`EFA_TRANSPORTS`).
+    pub transports: TransportSet,
+    /// Interface for the IP route (`EFA_IFACE`).
+    pub ip_iface: Option<String>,
+    /// Local address the fabric endpoint binds to (`EFA_FABRIC_ADDR`), for hosts whose fabric
+    /// interface has several addresses.
+    pub fabric_addr: Option<String>,
+    /// Largest payload sent eagerly (copied into pre-posted buffers).
+    pub eager_limit: usize,
+    /// Receive buffers kept posted per endpoint.
+    pub rx_depth: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeout: Duration::from_secs(60),
+            transports: TransportSet::all(),
+            ip_iface: None,
+            fabric_addr: None,
+            eager_limit: 8192,
+            rx_depth: 64,
+        }
+    }
+}
+
+/// Builds a [`Communicator`]. Rank, size and rendezvous come from the launcher's
+/// environment (see [`crate::bootstrap`]) unless given with [`CommunicatorBuilder::bootstrap`].
+#[derive(Debug, Default)]
+pub struct CommunicatorBuilder {
+    bootstrap: Option<Bootstrap>,
+    config: Config,
+    env: bool,
+}
+
+impl CommunicatorBuilder {
+    /// A builder that reads `EFA_TIMEOUT`, `EFA_TRANSPORTS`, `EFA_IFACE` and
+    /// `EFA_FABRIC_ADDR` when built (explicit setters win).
+    pub fn new() -> Self {
+        CommunicatorBuilder {
+            bootstrap: None,
+            config: Config::default(),
+            env: true,
+        }
+    }
+    /// Explicit rank, size and rendezvous. Default: detected from the environment.
+    pub fn bootstrap(mut self, b: Bootstrap) -> Self {
+        self.bootstrap = Some(b);
+        self
+    }
+    /// Deadline of every blocking call, including joining. Default 60 s (`EFA_TIMEOUT`,
+    /// seconds). Shorter detects dead peers sooner; too short fails slow but healthy jobs.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.config.timeout = t;
+        self.env_timeout_overridden();
+        self
+    }
+    /// Transports allowed. Default: all (`EFA_TRANSPORTS`).
+    pub fn transports(mut self, t: TransportSet) -> Self {
+        self.config.transports = t;
+        self
+    }
+    /// Interface of the IP route. Default: `EFA_IFACE`, else `lo` when all ranks are on
+    /// this host, else the first non-loopback IPv4 interface.
+    pub fn ip_iface(mut self, iface: impl Into<String>) -> Self {
+        self.config.ip_iface = Some(iface.into());
+        self
+    }
+    /// Local address of the fabric endpoint. Default: `EFA_FABRIC_ADDR`, else the provider's
+    /// choice.
+    pub fn fabric_addr(mut self, addr: impl Into<String>) -> Self {
+        self.config.fabric_addr = Some(addr.into());
+        self
+    }
+    /// Largest eager payload. Default 8 KiB. Larger means fewer round trips for mid-size
+    /// messages but more memory per posted receive buffer.
+    pub fn eager_limit(mut self, bytes: usize) -> Self {
+        self.config.eager_limit = bytes;
+        self
+    }
+
+    fn env_timeout_overridden(&mut self) {
+        self.env = false;
+    }
+
+    /// Bootstraps, opens the endpoints, exchanges cards and chooses every route.
+    ///
+    /// # Errors
+    /// [`Error::Bootstrap`] (bad environment, a rank that never joins within the timeout),
+    /// [`Error::NoTransport`], [`Error::NoRoute`], [`Error::Transports`].
+    pub fn build(mut self) -> Result<Communicator> {
+        if self.env {
+            if let Ok(v) = std::env::var("EFA_TIMEOUT") {
+                let secs: f64 = v.parse().map_err(|_| {
+                    Error::Config(format!("EFA_TIMEOUT={v:?} is not a number of seconds"))
+                })?;
+                self.config.timeout = Duration::from_secs_f64(secs);
+            }
+        }
+        if std::env::var_os("EFA_TRANSPORTS").is_some()
+            && self.config.transports == TransportSet::all()
+        {
+            self.config.transports = TransportSet::from_env()?;
+        }
+        if self.config.ip_iface.is_none() {
+            self.config.ip_iface = std::env::var("EFA_IFACE").ok();
+        }
+        if self.config.fabric_addr.is_none() {
+            self.config.fabric_addr = std::env::var("EFA_FABRIC_ADDR").ok();
+        }
+        let boot = match self.bootstrap {
+            Some(b) => b,
+            None => bootstrap::from_env()?,
+        };
+        Communicator::start(boot, self.config)
+    }
+}
+
+/// An open endpoint serving one transport.
+struct Port {
+    transport: Transport,
+    provider: String,
+    ep: Endpoint,
+    max_msg: usize,
+    inject: usize,
+    /// Posted control-message receive buffers.
+    slots: Vec<Option<Pending<RegisteredBuf>>>,
+    /// Free registered bounce buffers for eager sends.
+    bounce: Vec<RegisteredBuf>,
+}
+
+/// How this rank reaches one peer.
+#[derive(Debug, Clone)]
+struct PeerRoute {
+    port: usize,
+    addr: FiAddr,
+}
+
+/// A message that arrived before its receive was posted.
+enum Unexpected {
+    Eager {
+        src: u32,
+        tag: u32,
+        data: Vec<u8>,
+    },
+    Rts {
+        src: u32,
+        tag: u32,
+        len: usize,
+        rndv: u32,
+    },
+}
+
+enum RecvState {
+    Posted,
+    /// Rendezvous data being received into `data`.
+    Receiving {
+        chunks: Vec<Pending<BufPrefix<Vec<u8>>>>,
+    },
+    Done,
+    Failed(Error),
+}
+
+struct RecvOp {
+    src: Source,
+    tag: Tag,
+    capacity: usize,
+    data: Vec<u8>,
+    status: Option<Status>,
+    state: RecvState,
+}
+
+enum SendState {
+    /// Waiting for the receiver's CTS.
+    WaitCts {
+        data: Arc<Vec<u8>>,
+    },
+    Sending {
+        chunks: Vec<Pending<SharedSlice>>,
+    },
+    Done,
+    Failed(Error),
+}
+
+struct SendOp {
+    dest: u32,
+    tag: u32,
+    state: SendState,
+}
+
+/// An eager send or control message in flight (its request, if any, is already complete).
+struct Background {
+    port: usize,
+    dest: u32,
+    op: Pending<BufPrefix<RegisteredBuf>>,
+}
+
+struct Engine {
+    rank: u32,
+    ports: Vec<Port>,
+    peers: Vec<PeerRoute>,
+    next_seq: Vec<u32>,
+    expected_seq: Vec<u32>,
+    /// Messages that arrived ahead of their sequence number, per source.
+    reorder: Vec<BTreeMap<u32, Unexpected>>,
+    posted: VecDeque<u64>,
+    unexpected: VecDeque<Unexpected>,
+    recvs: HashMap<u64, RecvOp>,
+    sends: HashMap<u64, SendOp>,
+    /// Rendezvous id -> send request id.
+    rndv_sends: HashMap<u32, u64>,
+    background: Vec<Background>,
+    next_id: u64,
+    next_rndv: u32,
+    /// Errors from background sends, reported by the next operation with that peer.
+    peer_errors: HashMap<u32, String>,
+    scratch: Vec<u8>,
+    eager_limit: usize,
+    ctx: u32,
+    /// Completions seen so far (for backoff decisions).
+    events: u64,
+}
+
+struct Inner {
+    rank: u32,
+    size: u32,
+    config: Config,
+    routes: Vec<Route>,
+    providers: Vec<(Transport, String)>,
+    /// Keeps a rank-0-served TCP store alive until the communicator is dropped.
+    _store: Arc<dyn Store>,
+    engine: Mutex<Engine>,
+}
+
+/// A communicator: every rank of a job, reachable by rank number.
+///
+/// Cheap to clone (an `Arc`); `Send + Sync`. Calls from several threads are serialized by an
+/// internal lock around the progress engine.
+#[derive(Clone)]
+pub struct Communicator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.inner.rank)
+            .field("size", &self.inner.size)
+            .field("providers", &self.inner.providers)
+            .finish()
+    }
+}
+
+fn is_ip_provider(p: &str) -> bool {
+    matches!(p.split(';').next(), Some("tcp" | "udp" | "sockets" | "net"))
+}
+
+fn caps() -> Caps {
+    Caps::MSG | Caps::TAGGED
+}
+
+fn find_info(provider: &str, domain: Option<&str>, source: Option<&str>) -> Option<Info> {
+    let mut hints = Hints::new().provider(provider).caps(caps());
+    if let Some(d) = domain {
+        hints = hints.domain(d);
+    }
+    if let Some(s) = source {
+        hints = hints.source_node(s);
+    }
+    if is_ip_provider(provider) {
+        hints = hints.addr_format(AddrFormat::SockaddrIn);
+    }
+    match hints.get() {
+        Ok(v) => v.into_iter().find(|i| i.provider() == provider),
+        Err(e) => {
+            tracing::debug!(provider, ?domain, "not available: {e}");
+            None
+        }
+    }
+}
+
+impl Communicator {
+    /// Joins the job described by the environment (efarun, mpirun, srun, torchrun), like
+    /// `MPI_Init`.
+    ///
+    /// # Errors
+    /// As [`CommunicatorBuilder::build`].
+    pub fn init() -> Result<Communicator> {
+        CommunicatorBuilder::new().build()
+    }
+
+    /// A builder for explicit settings.
+    pub fn builder() -> CommunicatorBuilder {
+        CommunicatorBuilder::new()
+    }
+
+    fn start(boot: Bootstrap, config: Config) -> Result<Communicator> {
+        let (rank, size) = (boot.rank(), boot.world_size());
+        let deadline = Instant::now() + config.timeout;
+        let store = boot.connect_store(deadline)?;
+        let all_local = boot.local_size() == Some(size) || size == 1;
+        let ifs = net::interfaces();
+        let allowed = config.transports;
+
+        // Open one endpoint per allowed transport that is present.
+        let mut ports: Vec<Port> = Vec::new();
+        let mut card = Card {
+            rank,
+            host_id: placement::host_id().map_err(|e| Error::Config(e.to_string()))?,
+            endpoints: Vec::new(),
+            fabric_subnet: None,
+            ip_subnet: None,
+        };
+        let mut tried = Vec::new();
+        if allowed.contains(Transport::Shm) {
+            match find_info("shm", None, None) {
+                Some(info) => ports.push(open_port(Transport::Shm, &info, &config)?),
+                None => tried.push("shm: provider not present".to_string()),
+            }
+        }
+        if allowed.contains(Transport::Fabric) {
+            let found = ["efa", "verbs;ofi_rxm"]
+                .iter()
+                .find_map(|p| find_info(p, None, config.fabric_addr.as_deref()));
+            match found {
+                Some(info) => {
+                    let netdev =
+                        net::netdev_of_rdma_device(std::path::Path::new("/sys"), &info.domain());
+                    card.fabric_subnet = match (&config.fabric_addr, &netdev) {
+                        (Some(a), _) => a
+                            .parse()
+                            .ok()
+                            .and_then(|ip| net::iface_of_addr(&ifs, ip))
+                            .map(|i| i.subnet),
+                        (None, Some(nd)) => net::subnet_of(&ifs, nd),
+                        _ => None,
+                    };
+                    tracing::debug!(provider = %info.provider(), device = %info.domain(), ?netdev, subnet = ?card.fabric_subnet, "fabric device");
+                    ports.push(open_port(Transport::Fabric, &info, &config)?);
+                }
+                None => tried.push("fabric: no efa or verbs;ofi_rxm provider".to_string()),
+            }
+        }
+        if allowed.contains(Transport::Ip) {
+            let iface = net::choose_ip_iface(&ifs, config.ip_iface.as_deref(), all_local);
+            let found = iface.as_deref().and_then(|i| {
+                ["tcp;ofi_rxm", "net", "sockets"]
+                    .iter()
+                    .find_map(|p| find_info(p, Some(i), None))
+            });
+            match found {
+                Some(info) => {
+                    card.ip_subnet = iface.as_deref().and_then(|i| net::subnet_of(&ifs, i));
+                    ports.push(open_port(Transport::Ip, &info, &config)?);
+                }
+                None => tried.push(format!("ip: no tcp provider on interface {iface:?}")),
+            }
+        }
+        if ports.is_empty() {
+            return Err(Error::NoTransport(format!(
+                "allowed {allowed}; {}",
+                tried.join("; ")
+            )));
+        }
+        for p in &ports {
+            card.endpoints.push(EndpointCard {
+                transport: p.transport,
+                provider: p.provider.clone(),
+                addr: p
+                    .ep
+                    .name()
+                    .map_err(|e| Error::fabric("fi_getname", None, e))?,
+            });
+        }
+        let encoded = card
+            .encode()
+            .map_err(|source| Error::Card { rank, source })?;
+        let blobs = store::exchange_all(&*store, "efa/card", rank, size, &encoded, deadline)?;
+        let cards: Vec<Card> = blobs
+            .iter()
+            .enumerate()
+            .map(|(r, b)| {
+                Card::decode(b).map_err(|source| Error::Card {
+                    rank: r as u32,
+                    source,
+                })
+            })
+            .collect::<Result<_>>()?;
+
+        let mut peers = Vec::with_capacity(size as usize);
+        let mut routes = Vec::with_capacity(size as usize);
+        for (r, peer_card) in cards.iter().enumerate() {
+            let route = placement::choose_route(&card, peer_card, &allowed).map_err(|e| {
+                Error::NoRoute {
+                    peer: r as u32,
+                    reason: e.to_string(),
+                }
+            })?;
+            let port = ports
+                .iter()
+                .position(|p| p.transport == route.transport)
+                .expect("routes use opened transports");
+            let addr = ports[port]
+                .ep
+                .av()
+                .insert(&peer_card.endpoints[route.peer_endpoint].addr)
+                .map_err(|e| Error::fabric("fi_av_insert", Some(r as u32), e))?;
+            tracing::debug!(rank, peer = r, transport = %route.transport, provider = %ports[port].provider, reason = %route.reason, "route");
+            peers.push(PeerRoute { port, addr });
+            routes.push(route);
+        }
+        let providers = ports
+            .iter()
+            .map(|p| (p.transport, p.provider.clone()))
+            .collect();
+        let mut engine = Engine {
+            rank,
+            ports,
+            peers,
+            next_seq: vec![0; size as usize],
+            expected_seq: vec![0; size as usize],
+            reorder: (0..size).map(|_| BTreeMap::new()).collect(),
+            posted: VecDeque::new(),
+            unexpected: VecDeque::new(),
+            recvs: HashMap::new(),
+            sends: HashMap::new(),
+            rndv_sends: HashMap::new(),
+            background: Vec::new(),
+            next_id: 1,
+            next_rndv: 1,
+            peer_errors: HashMap::new(),
+            scratch: vec![0u8; HDR_LEN + config.eager_limit],
+            eager_limit: config.eager_limit,
+            ctx: 0,
+            events: 0,
+        };
+        engine.post_all_slots()?;
+        let comm = Communicator {
+            inner: Arc::new(Inner {
+                rank,
+                size,
+                routes,
+                providers,
+                _store: store.clone(),
+                engine: Mutex::new(engine),
+                config,
+            }),
+        };
+        // Everyone has posted its receive buffers before anyone sends.
+        store::barrier(
+            &*store,
+            "efa/ready",
+            rank,
+            size,
+            Instant::now() + comm.inner.config.timeout,
+        )?;
+        tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
+        Ok(comm)
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> u32 {
+        self.inner.rank
+    }
+    /// Number of ranks.
+    pub fn size(&self) -> u32 {
+        self.inner.size
+    }
+    /// The route to `peer`, with the reason it was chosen.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`].
+    pub fn route(&self, peer: u32) -> Result<&Route> {
+        self.check_rank(peer)?;
+        Ok(&self.inner.routes[peer as usize])
+    }
+    /// The provider serving `transport` on this rank, if that transport is open.
+    pub fn provider(&self, transport: Transport) -> Option<&str> {
+        self.inner
+            .providers
+            .iter()
+            .find(|(t, _)| *t == transport)
+            .map(|(_, p)| p.as_str())
+    }
+    /// The deadline applied to blocking calls.
+    pub fn timeout(&self) -> Duration {
+        self.inner.config.timeout
+    }
+
+    fn check_rank(&self, r: u32) -> Result<()> {
+        if r >= self.inner.size {
+            return Err(Error::InvalidRank {
+                rank: r,
+                size: self.inner.size,
+            });
+        }
+        Ok(())
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.inner.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts sending `buf` to `dest` with `tag`. The data is copied (eager) or handed to
+    /// the engine (rendezvous) before this returns, so `buf` may be reused at once.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`], [`Error::ReservedTag`], fabric errors.
+    pub fn isend<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<SendRequest> {
+        self.check_rank(dest)?;
+        if tag > MAX_USER_TAG {
+            return Err(Error::ReservedTag(tag));
+        }
+        let id = self
+            .engine()
+            .start_send(bytemuck::cast_slice(buf), dest, tag)?;
+        Ok(SendRequest {
+            comm: self.clone(),
+            id,
+            dest,
+        })
+    }
+
+    /// Starts a receive into `buf` from `src` with `tag` (wildcards allowed).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`].
+    pub fn irecv<'a, T: Pod>(
+        &self,
+        buf: &'a mut [T],
+        src: impl Into<Source>,
+        tag: impl Into<Tag>,
+    ) -> Result<RecvRequest<'a>> {
+        let src = src.into();
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let elem = std::mem::size_of::<T>();
+        let bytes: &'a mut [u8] = bytemuck::cast_slice_mut(buf);
+        let id = self.engine().start_recv(src, tag.into(), bytes.len())?;
+        Ok(RecvRequest {
+            comm: self.clone(),
+            id,
+            src,
+            buf: Some(bytes),
+            elem,
+        })
+    }
+
+    /// Sends `buf` to `dest` and waits until the send has completed locally.
+    ///
+    /// # Errors
+    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer, and
+    /// [`Error::Truncated`] when the receiver's buffer was too small.
+    pub fn send<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
+        self.isend(buf, dest, tag)?.wait()
+    }
+
+    /// Receives into `buf` and returns who sent how much with which tag.
+    ///
+    /// # Errors
+    /// [`Error::Truncated`] when the message is larger than `buf` (nothing is written),
+    /// [`Error::Timeout`], fabric errors.
+    pub fn recv<T: Pod>(
+        &self,
+        buf: &mut [T],
+        src: impl Into<Source>,
+        tag: impl Into<Tag>,
+    ) -> Result<Status> {
+        self.irecv(buf, src, tag)?.wait()
+    }
+
+    /// Async [`Communicator::send`] for tokio code. The future may be dropped at any time.
+    ///
+    /// # Errors
+    /// As [`Communicator::send`].
+    pub async fn send_async<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
+        let mut req = self.isend(buf, dest, tag)?;
+        poll_until(self.timeout(), "send", Some(dest), || req.test()).await?;
+        req.wait()
+    }
+
+    /// Async [`Communicator::recv`] for tokio code. The future may be dropped at any time;
+    /// the receive is then cancelled.
+    ///
+    /// # Errors
+    /// As [`Communicator::recv`].
+    pub async fn recv_async<T: Pod>(
+        &self,
+        buf: &mut [T],
+        src: impl Into<Source>,
+        tag: impl Into<Tag>,
+    ) -> Result<Status> {
+        let mut req = self.irecv(buf, src, tag)?;
+        let peer = match req.src {
+            Source::Rank(r) => Some(r),
+            Source::Any => None,
+        };
+        poll_until(self.timeout(), "recv", peer, || req.test()).await?;
+        req.wait()
+    }
+
+    /// Progresses every endpoint once.
+    ///
+    /// # Errors
+    /// Fabric errors that belong to no operation.
+    pub fn progress(&self) -> Result<()> {
+        self.engine().progress()
+    }
+
+    /// Waits for every request, returning the receive statuses in order (`None` for sends).
+    /// All requests are waited for even when one fails; the first error is returned.
+    ///
+    /// # Errors
+    /// The first request's error.
+    pub fn wait_all(&self, reqs: Vec<Request<'_>>) -> Result<Vec<Option<Status>>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut first_err = None;
+        for r in reqs {
+            let res = match r {
+                Request::Send(s) => s.wait().map(|()| None),
+                Request::Recv(r) => r.wait().map(Some),
+            };
+            match res {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    out.push(None);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+/// Polls `test` from an async context: yields to the runtime between polls and sleeps with a
+/// growing interval when idle, until done or the deadline.
+async fn poll_until(
+    timeout: Duration,
+    op: &'static str,
+    peer: Option<u32>,
+    mut test: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut idle = 0u32;
+    loop {
+        if test()? {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::Timeout {
+                op,
+                peer,
+                waited: start.elapsed(),
+            });
+        }
+        idle += 1;
+        if idle < 64 {
+            tokio::task::yield_now().await;
+        } else {
+            let us = (idle as u64 - 63).min(200);
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
+    }
+}
+
+/// Either kind of request, for [`Communicator::wait_all`].
+#[derive(Debug)]
+pub enum Request<'a> {
+    /// A send.
+    Send(SendRequest),
+    /// A receive.
+    Recv(RecvRequest<'a>),
+}
+
+impl From<SendRequest> for Request<'_> {
+    fn from(r: SendRequest) -> Self {
+        Request::Send(r)
+    }
+}
+impl<'a> From<RecvRequest<'a>> for Request<'a> {
+    fn from(r: RecvRequest<'a>) -> Self {
+        Request::Recv(r)
+    }
+}
+
+/// A send in progress. Dropping it does not cancel the send (the data is already owned by
+/// the engine), but its outcome is then not reported.
+#[derive(Debug)]
+#[must_use = "a send request should be waited for to learn its outcome"]
+pub struct SendRequest {
+    comm: Communicator,
+    id: u64,
+    dest: u32,
+}
+
+impl SendRequest {
+    /// Progresses and reports whether the send has completed (successfully or not).
+    ///
+    /// # Errors
+    /// Fabric errors that belong to no operation.
+    pub fn test(&mut self) -> Result<bool> {
+        let mut e = self.comm.engine();
+        e.progress()?;
+        Ok(e.send_finished(self.id))
+    }
+
+    /// Waits for the send to complete, up to the communicator's timeout.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] naming the peer; [`Error::Truncated`] if the receiver's buffer was
+    /// too small; fabric errors.
+    pub fn wait(self) -> Result<()> {
+        let comm = self.comm.clone();
+        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(self.id))?;
+        let state = comm.engine().sends.remove(&self.id);
+        std::mem::forget(self);
+        match state.map(|s| s.state) {
+            Some(SendState::Failed(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for SendRequest {
+    fn drop(&mut self) {
+        // Forget the outcome; in-flight data stays owned by the engine until done.
+        let mut e = self.comm.engine();
+        if e.send_finished(self.id) {
+            e.sends.remove(&self.id);
+        } else if let Some(op) = e.sends.get_mut(&self.id) {
+            op.tag = u32::MAX; // detached: removed when it finishes
+        }
+    }
+}
+
+/// A receive in progress into a borrowed buffer. Dropping it cancels the receive.
+#[derive(Debug)]
+#[must_use = "a receive request must be waited for"]
+pub struct RecvRequest<'a> {
+    comm: Communicator,
+    id: u64,
+    src: Source,
+    buf: Option<&'a mut [u8]>,
+    elem: usize,
+}
+
+impl RecvRequest<'_> {
+    /// Progresses and reports whether the receive has completed (successfully or not).
+    ///
+    /// # Errors
+    /// Fabric errors that belong to no operation.
+    pub fn test(&mut self) -> Result<bool> {
+        let mut e = self.comm.engine();
+        e.progress()?;
+        Ok(e.recv_finished(self.id))
+    }
+
+    /// Waits for the message, copies it into the buffer and returns its status.
+    ///
+    /// # Errors
+    /// [`Error::Truncated`] (nothing written), [`Error::Timeout`], [`Error::ElementSize`],
+    /// fabric errors.
+    pub fn wait(mut self) -> Result<Status> {
+        let peer = match self.src {
+            Source::Rank(r) => Some(r),
+            Source::Any => None,
+        };
+        let comm = self.comm.clone();
+        let id = self.id;
+        if let Err(e) = wait_loop(&comm, "recv", peer, |e| e.recv_finished(id)) {
+            comm.engine().cancel_recv(id);
+            self.id = 0;
+            return Err(e);
+        }
+        let op = comm.engine().recvs.remove(&id);
+        self.id = 0;
+        let op = op.expect("finished receive is present");
+        match op.state {
+            RecvState::Failed(e) => Err(e),
+            _ => {
+                let status = op.status.expect("completed receive has a status");
+                if !status.len.is_multiple_of(self.elem.max(1)) {
+                    return Err(Error::ElementSize {
+                        bytes: status.len,
+                        elem: self.elem,
+                    });
+                }
+                let buf = self.buf.take().expect("buffer present until wait");
+                buf[..status.len].copy_from_slice(&op.data[..status.len]);
+                Ok(status)
+            }
+        }
+    }
+}
+
+impl Drop for RecvRequest<'_> {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            self.comm.engine().cancel_recv(self.id);
+        }
+    }
+}
+
+/// Progresses until `done` holds, spinning then backing off, up to the timeout.
+fn wait_loop(
+    comm: &Communicator,
+    op: &'static str,
+    peer: Option<u32>,
+    mut done: impl FnMut(&Engine) -> bool,
+) -> Result<()> {
+    let start = Instant::now();
+    let timeout = comm.timeout();
+    let mut backoff = efa_fabric::Backoff::new();
+    loop {
+        {
+            let mut e = comm.engine();
+            if done(&e) {
+                return Ok(());
+            }
+            let before = e.events;
+            e.progress()?;
+            if done(&e) {
+                return Ok(());
+            }
+            if e.events != before {
+                backoff.reset();
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::Timeout {
+                op,
+                peer,
+                waited: start.elapsed(),
+            });
+        }
+        backoff.snooze();
+    }
+}
+
+fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port> {
+    let provider = info.provider();
+    let ep = Endpoint::open(info).map_err(|e| Error::fabric("opening endpoint", None, e))?;
+    let max_msg = info.max_msg_size();
+    let slot_len = HDR_LEN + config.eager_limit.min(max_msg.saturating_sub(HDR_LEN));
+    if max_msg < HDR_LEN + 1 {
+        return Err(Error::NoTransport(format!(
+            "{provider}: max_msg_size {max_msg} is too small"
+        )));
+    }
+    let mut bounce = Vec::new();
+    for _ in 0..8 {
+        bounce.push(
+            RegisteredBuf::new(ep.domain(), slot_len, Access::LOCAL, Some(&ep))
+                .map_err(|e| Error::fabric("registering buffers", None, e))?,
+        );
+    }
+    tracing::debug!(%transport, %provider, fabric = %info.fabric(), domain = %info.domain(), "endpoint open");
+    Ok(Port {
+        transport,
+        provider,
+        inject: info.inject_size(),
+        max_msg,
+        slots: (0..config.rx_depth).map(|_| None).collect(),
+        bounce,
+        ep,
+    })
+}
+
+impl Engine {
+    fn slot_len(&self, port: usize) -> usize {
+        HDR_LEN
+            + self
+                .eager_limit
+                .min(self.ports[port].max_msg.saturating_sub(HDR_LEN))
+    }
+
+    fn post_all_slots(&mut self) -> Result<()> {
+        for p in 0..self.ports.len() {
+            for s in 0..self.ports[p].slots.len() {
+                let len = self.slot_len(p);
+                let buf = RegisteredBuf::new(
+                    self.ports[p].ep.domain(),
+                    len,
+                    Access::LOCAL,
+                    Some(&self.ports[p].ep),
+                )
+                .map_err(|e| Error::fabric("registering buffers", None, e))?;
+                self.post_slot(p, s, buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn post_slot(&mut self, port: usize, slot: usize, buf: RegisteredBuf) -> Result<()> {
+        let pending = self.ports[port]
+            .ep
+            .trecv(buf, FiAddr::UNSPEC, CTRL_TAG, 0)
+            .map_err(|e| Error::fabric("posting receive buffers", None, e.error))?;
+        self.ports[port].slots[slot] = Some(pending);
+        Ok(())
+    }
+
+    fn route(&self, peer: u32) -> (usize, FiAddr) {
+        let r = &self.peers[peer as usize];
+        (r.port, r.addr)
+    }
+
+    /// Sends a control message (header + payload) to `dest`: inject when it fits, else
+    /// through a bounce buffer tracked in the background.
+    fn send_ctrl(&mut self, dest: u32, hdr: &Header, payload: &[u8]) -> Result<()> {
+        let (port, addr) = self.route(dest);
+        let total = HDR_LEN + payload.len();
+        let p = &mut self.ports[port];
+        if total <= p.inject {
+            let s = &mut self.scratch[..total];
+            hdr.encode(s);
+            s[HDR_LEN..].copy_from_slice(payload);
+            return p
+                .ep
+                .tinject(s, addr, CTRL_TAG)
+                .map_err(|e| Error::fabric("send", Some(dest), e));
+        }
+        let mut buf = match p.bounce.pop() {
+            Some(b) => b,
+            None => {
+                let len = HDR_LEN + self.eager_limit.min(p.max_msg.saturating_sub(HDR_LEN));
+                RegisteredBuf::new(p.ep.domain(), len, Access::LOCAL, Some(&p.ep))
+                    .map_err(|e| Error::fabric("registering buffers", Some(dest), e))?
+            }
+        };
+        hdr.encode(&mut buf[..HDR_LEN]);
+        buf[HDR_LEN..total].copy_from_slice(payload);
+        let op =
+            p.ep.tsend(BufPrefix::new(buf, total), addr, CTRL_TAG)
+                .map_err(|e| Error::fabric("send", Some(dest), e.error))?;
+        self.background.push(Background { port, dest, op });
+        Ok(())
+    }
+
+    fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
+        if let Some(e) = self.peer_errors.get(&dest) {
+            return Err(Error::Protocol {
+                peer: dest,
+                what: format!("an earlier send to this rank failed: {e}"),
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let seq = self.next_seq[dest as usize];
+        self.next_seq[dest as usize] = seq.wrapping_add(1);
+        let mut hdr = Header {
+            kind: Kind::Eager,
+            flags: 0,
+            src: self.rank,
+            tag,
+            seq,
+            len: data.len() as u64,
+            rndv: 0,
+            ctx: self.ctx,
+        };
+        let (port, _) = self.route(dest);
+        if data.len() <= self.slot_len(port) - HDR_LEN {
+            self.send_ctrl(dest, &hdr, data)?;
+            self.sends.insert(
+                id,
+                SendOp {
+                    dest,
+                    tag,
+                    state: SendState::Done,
+                },
+            );
+            return Ok(id);
+        }
+        let rndv = self.next_rndv;
+        self.next_rndv = self.next_rndv.wrapping_add(1).max(1) & 0xF_FFFF;
+        hdr.kind = Kind::Rts;
+        hdr.rndv = rndv;
+        self.send_ctrl(dest, &hdr, &[])?;
+        self.rndv_sends.insert(rndv, id);
+        self.sends.insert(
+            id,
+            SendOp {
+                dest,
+                tag,
+                state: SendState::WaitCts {
+                    data: Arc::new(data.to_vec()),
+                },
+            },
+        );
+        Ok(id)
+    }
+
+    fn start_recv(&mut self, src: Source, tag: Tag, capacity: usize) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.recvs.insert(
+            id,
+            RecvOp {
+                src,
+                tag,
+                capacity,
+                data: Vec::new(),
+                status: None,
+                state: RecvState::Posted,
+            },
+        );
+        // Progress first so that arrived messages are matched in order, then search the
+        // unexpected queue (oldest first).
+        self.progress()?;
+        let pos = self.unexpected.iter().position(|u| {
+            let (s, t) = match u {
+                Unexpected::Eager { src, tag, .. } | Unexpected::Rts { src, tag, .. } => {
+                    (*src, *tag)
+                }
+            };
+            matches(src, tag, s, t)
+        });
+        match pos {
+            Some(i) => {
+                let u = self.unexpected.remove(i).expect("index from position");
+                self.deliver(id, u)?;
+            }
+            None => self.posted.push_back(id),
+        }
+        Ok(id)
+    }
+
+    fn cancel_recv(&mut self, id: u64) {
+        self.posted.retain(|&p| p != id);
+        // Dropping the op drops any rendezvous chunk receives, which cancels and drains them.
+        self.recvs.remove(&id);
+    }
+
+    fn send_finished(&self, id: u64) -> bool {
+        match self.sends.get(&id) {
+            Some(op) => matches!(op.state, SendState::Done | SendState::Failed(_)),
+            None => true,
+        }
+    }
+
+    fn recv_finished(&self, id: u64) -> bool {
+        match self.recvs.get(&id) {
+            Some(op) => matches!(op.state, RecvState::Done | RecvState::Failed(_)),
+            None => true,
+        }
+    }
+
+    /// Hands a matched message to receive `id`.
+    fn deliver(&mut self, id: u64, msg: Unexpected) -> Result<()> {
+        let Some(op) = self.recvs.get_mut(&id) else {
+            return Ok(());
+        };
+        match msg {
+            Unexpected::Eager { src, tag, data } => {
+                if data.len() > op.capacity {
+                    op.state = RecvState::Failed(Error::Truncated {
+                        expected: op.capacity,
+                        got: data.len(),
+                        peer: src,
+                        tag,
+                    });
+                } else {
+                    op.status = Some(Status {
+                        source: src,
+                        tag,
+                        len: data.len(),
+                    });
+                    op.data = data;
+                    op.state = RecvState::Done;
+                }
+                Ok(())
+            }
+            Unexpected::Rts {
+                src,
+                tag,
+                len,
+                rndv,
+            } => {
+                let capacity = op.capacity;
+                let mut cts = Header {
+                    kind: Kind::Cts,
+                    flags: 0,
+                    src: self.rank,
+                    tag,
+                    seq: 0,
+                    len: capacity as u64,
+                    rndv,
+                    ctx: self.ctx,
+                };
+                if len > capacity {
+                    op.state = RecvState::Failed(Error::Truncated {
+                        expected: capacity,
+                        got: len,
+                        peer: src,
+                        tag,
+                    });
+                    cts.flags = wire::CTS_TRUNCATED;
+                    return self.send_ctrl(src, &cts, &[]);
+                }
+                let (port, addr) = self.route(src);
+                let max = self.ports[port].max_msg;
+                let mut chunks = Vec::new();
+                for (i, (_, clen)) in wire::chunks(len, max).into_iter().enumerate() {
+                    let buf = BufPrefix::new(vec![0u8; clen], clen);
+                    let p = self.ports[port]
+                        .ep
+                        .trecv(buf, addr, wire::data_tag(src, rndv, i), 0)
+                        .map_err(|e| Error::fabric("recv", Some(src), e.error))?;
+                    chunks.push(p);
+                }
+                let op = self.recvs.get_mut(&id).expect("present");
+                op.status = Some(Status {
+                    source: src,
+                    tag,
+                    len,
+                });
+                op.state = RecvState::Receiving { chunks };
+                self.send_ctrl(src, &cts, &[])
+            }
+        }
+    }
+
+    /// One round of progress: read every CQ, then handle whatever completed.
+    fn progress(&mut self) -> Result<()> {
+        let mut any = false;
+        for p in 0..self.ports.len() {
+            let n = self.ports[p]
+                .ep
+                .progress()
+                .map_err(|e| Error::fabric("progress", None, e))?;
+            if n > 0 {
+                any = true;
+                self.events += n as u64;
+                self.reap_slots(p)?;
+            }
+        }
+        if any {
+            self.reap_background();
+            self.reap_sends()?;
+            self.reap_recvs();
+        }
+        Ok(())
+    }
+
+    fn reap_slots(&mut self, port: usize) -> Result<()> {
+        for s in 0..self.ports[port].slots.len() {
+            if !self.ports[port].slots[s]
+                .as_ref()
+                .is_some_and(|p| p.is_done())
+            {
+                continue;
+            }
+            let pending = self.ports[port].slots[s].take().expect("checked");
+            let buf = match pending.wait(Duration::ZERO) {
+                Ok(done) => {
+                    let res = Header::decode(&done.buf, done.len);
+                    match res {
+                        Ok(h) => {
+                            let payload = done.buf[HDR_LEN..done.len].to_vec();
+                            self.incoming(h, payload)?;
+                        }
+                        Err(e) => tracing::warn!("dropping malformed control message: {e}"),
+                    }
+                    done.buf
+                }
+                Err(e) => {
+                    tracing::warn!("control receive failed: {}", e.error);
+                    match e.buf {
+                        Some(b) => b,
+                        None => continue,
+                    }
+                }
+            };
+            self.post_slot(port, s, buf)?;
+        }
+        Ok(())
+    }
+
+    fn incoming(&mut self, h: Header, payload: Vec<u8>) -> Result<()> {
+        if h.src as usize >= self.peers.len() {
+            tracing::warn!(src = h.src, "control message from an unknown rank");
+            return Ok(());
+        }
+        match h.kind {
+            Kind::Cts => self.on_cts(h),
+            Kind::Eager | Kind::Rts => {
+                let msg = if h.kind == Kind::Eager {
+                    Unexpected::Eager {
+                        src: h.src,
+                        tag: h.tag,
+                        data: payload,
+                    }
+                } else {
+                    Unexpected::Rts {
+                        src: h.src,
+                        tag: h.tag,
+                        len: h.len as usize,
+                        rndv: h.rndv,
+                    }
+                };
+                let src = h.src as usize;
+                if h.seq != self.expected_seq[src] {
+                    self.reorder[src].insert(h.seq, msg);
+                    return Ok(());
+                }
+                self.matched_in_order(h.src, msg)?;
+                loop {
+                    let next = self.expected_seq[src];
+                    match self.reorder[src].remove(&next) {
+                        Some(m) => self.matched_in_order(h.src, m)?,
+                        None => break,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A message whose turn it is: match it against posted receives or queue it.
+    fn matched_in_order(&mut self, src: u32, msg: Unexpected) -> Result<()> {
+        self.expected_seq[src as usize] = self.expected_seq[src as usize].wrapping_add(1);
+        let tag = match &msg {
+            Unexpected::Eager { tag, .. } | Unexpected::Rts { tag, .. } => *tag,
+        };
+        let pos = self.posted.iter().position(|id| {
+            self.recvs
+                .get(id)
+                .is_some_and(|op| matches(op.src, op.tag, src, tag))
+        });
+        match pos {
+            Some(i) => {
+                let id = self.posted.remove(i).expect("index from position");
+                self.deliver(id, msg)
+            }
+            None => {
+                self.unexpected.push_back(msg);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_cts(&mut self, h: Header) -> Result<()> {
+        let Some(id) = self.rndv_sends.remove(&h.rndv) else {
+            tracing::warn!(rndv = h.rndv, peer = h.src, "CTS for an unknown rendezvous");
+            return Ok(());
+        };
+        let Some(op) = self.sends.get_mut(&id) else {
+            return Ok(());
+        };
+        let SendState::WaitCts { data } = &op.state else {
+            return Ok(());
+        };
+        let data = data.clone();
+        if h.flags & wire::CTS_TRUNCATED != 0 {
+            op.state = SendState::Failed(Error::Truncated {
+                expected: h.len as usize,
+                got: data.len(),
+                peer: h.src,
+                tag: op.tag,
+            });
+            return Ok(());
+        }
+        let dest = op.dest;
+        let (port, addr) = self.route(dest);
+        let max = self.ports[port].max_msg;
+        let mut chunks = Vec::new();
+        for (i, (off, len)) in wire::chunks(data.len(), max).into_iter().enumerate() {
+            let p = self.ports[port]
+                .ep
+                .tsend(
+                    SharedSlice::new(data.clone(), off, len),
+                    addr,
+                    wire::data_tag(self.rank, h.rndv, i),
+                )
+                .map_err(|e| Error::fabric("send", Some(dest), e.error))?;
+            chunks.push(p);
+        }
+        self.sends.get_mut(&id).expect("present").state = SendState::Sending { chunks };
+        Ok(())
+    }
+
+    fn reap_background(&mut self) {
+        let mut i = 0;
+        while i < self.background.len() {
+            if !self.background[i].op.is_done() {
+                i += 1;
+                continue;
+            }
+            let bg = self.background.swap_remove(i);
+            match bg.op.wait(Duration::ZERO) {
+                Ok(done) => self.ports[bg.port].bounce.push(done.buf.into_inner()),
+                Err(e) => {
+                    tracing::warn!(peer = bg.dest, "send failed: {}", e.error);
+                    self.peer_errors.insert(bg.dest, e.error.to_string());
+                    if let Some(b) = e.buf {
+                        self.ports[bg.port].bounce.push(b.into_inner());
+                    }
+                }
+            }
+        }
+    }
+
+    fn reap_sends(&mut self) -> Result<()> {
+        let mut finished = Vec::new();
+        for (&id, op) in self.sends.iter_mut() {
+            let SendState::Sending { chunks } = &mut op.state else {
+                continue;
+            };
+            if !chunks.iter().all(|c| c.is_done()) {
+                continue;
+            }
+            let mut err = None;
+            for c in chunks.drain(..) {
+                if let Err(e) = c.wait(Duration::ZERO) {
+                    err.get_or_insert(Error::fabric("send", Some(op.dest), e.error));
+                }
+            }
+            op.state = match err {
+                Some(e) => SendState::Failed(e),
+                None => SendState::Done,
+            };
+            if op.tag == u32::MAX {
+                finished.push(id);
+            }
+        }
+        for id in finished {
+            self.sends.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn reap_recvs(&mut self) {
+        for op in self.recvs.values_mut() {
+            let RecvState::Receiving { chunks } = &mut op.state else {
+                continue;
+            };
+            if !chunks.iter().all(|c| c.is_done()) {
+                continue;
+            }
+            let src = op.status.map(|s| s.source);
+            let mut data = Vec::with_capacity(op.status.map_or(0, |s| s.len));
+            let mut err = None;
+            let single = chunks.len() == 1;
+            for c in chunks.drain(..) {
+                match c.wait(Duration::ZERO) {
+                    Ok(d) if single => data = d.buf.into_inner(),
+                    Ok(d) => data.extend_from_slice(&d.buf.into_inner()),
+                    Err(e) => {
+                        err.get_or_insert(Error::fabric("recv", src, e.error));
+                    }
+                }
+            }
+            match err {
+                Some(e) => op.state = RecvState::Failed(e),
+                None => {
+                    op.data = data;
+                    op.state = RecvState::Done;
+                }
+            }
+        }
+    }
+}
+
+fn matches(want_src: Source, want_tag: Tag, src: u32, tag: u32) -> bool {
+    (match want_src {
+        Source::Any => true,
+        Source::Rank(r) => r == src,
+    }) && (match want_tag {
+        Tag::Any => tag <= MAX_USER_TAG,
+        Tag::Is(t) => t == tag,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matching() {
+        assert!(matches(Source::Any, Tag::Any, 3, 5));
+        assert!(matches(Source::Rank(3), Tag::Is(5), 3, 5));
+        assert!(!matches(Source::Rank(2), Tag::Any, 3, 5));
+        assert!(!matches(Source::Any, Tag::Is(4), 3, 5));
+        // Reserved (internal) tags never match a user's Tag::Any.
+        assert!(!matches(Source::Any, Tag::Any, 3, MAX_USER_TAG + 1));
+    }
+
+    #[test]
+    fn status_counts_elements() {
+        let s = Status {
+            source: 0,
+            tag: 0,
+            len: 24,
+        };
+        assert_eq!(s.count::<u64>(), 3);
+        assert_eq!(s.count::<u8>(), 24);
+    }
+}

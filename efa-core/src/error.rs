@@ -1,0 +1,112 @@
+//! The communicator's errors: each speaks of the situation and keeps the fabric error as its
+//! source.
+
+use std::time::Duration;
+
+use crate::bootstrap::BootstrapError;
+use crate::placement::{CardError, UnknownTransport};
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error the communicator returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Finding rank, size or rendezvous, or exchanging cards, failed. The message names
+    /// the variable, or the ranks that never joined.
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    /// `EFA_TRANSPORTS` names an unknown transport.
+    #[error(transparent)]
+    Transports(#[from] UnknownTransport),
+    /// A peer's card could not be read (different efa-rs versions?).
+    #[error("card of rank {rank}: {source}")]
+    Card {
+        /// The peer.
+        rank: u32,
+        /// Why.
+        source: CardError,
+    },
+    /// No endpoint could be opened for any allowed transport.
+    #[error("no transport could be opened: {0}")]
+    NoTransport(String),
+    /// This rank and `peer` share no usable transport; the message says what each offers.
+    #[error("no route to rank {peer}: {reason}")]
+    NoRoute {
+        /// The peer.
+        peer: u32,
+        /// What each side offers and why nothing fits.
+        reason: String,
+    },
+    /// A rank outside `0..size`.
+    #[error("rank {rank} is out of range for a communicator of size {size}")]
+    InvalidRank {
+        /// The rank given.
+        rank: u32,
+        /// The communicator size.
+        size: u32,
+    },
+    /// A tag in the range reserved for the library's own messages.
+    #[error("tag {0:#x} is reserved (user tags are below {max:#x})", max = crate::comm::MAX_USER_TAG + 1)]
+    ReservedTag(u32),
+    /// The message was larger than the receive buffer. Nothing was written to the buffer;
+    /// the sender gets the same error. Other messages are unaffected.
+    #[error("message of {got} bytes from rank {peer} (tag {tag}) does not fit the {expected}-byte receive buffer")]
+    Truncated {
+        /// Capacity of the receive buffer, in bytes.
+        expected: usize,
+        /// Size of the message, in bytes.
+        got: usize,
+        /// The other side.
+        peer: u32,
+        /// The message's tag.
+        tag: u32,
+    },
+    /// A buffer whose byte length is not a multiple of the element size.
+    #[error("received {bytes} bytes, not a whole number of {elem}-byte elements")]
+    ElementSize {
+        /// Bytes received.
+        bytes: usize,
+        /// Element size.
+        elem: usize,
+    },
+    /// A blocking operation passed its deadline. The peer may be slow, stuck or dead; the
+    /// deadline is set with `CommunicatorBuilder::timeout` or `EFA_TIMEOUT` (seconds).
+    #[error("{op}{} did not complete within {waited:?}", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The peer, when one is known.
+        peer: Option<u32>,
+        /// Time waited.
+        waited: Duration,
+    },
+    /// The fabric failed an operation with `peer`.
+    #[error("{op}{}: {source}", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
+    Fabric {
+        /// The operation.
+        op: &'static str,
+        /// The peer, when one is known.
+        peer: Option<u32>,
+        /// The libfabric error.
+        source: efa_fabric::Error,
+    },
+    /// A malformed message arrived (another program on the port, or mismatched versions).
+    #[error("protocol error from rank {peer}: {what}")]
+    Protocol {
+        /// The sender.
+        peer: u32,
+        /// What was wrong.
+        what: String,
+    },
+    /// A bad configuration value (the message names it).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    pub(crate) fn fabric(op: &'static str, peer: Option<u32>, source: efa_fabric::Error) -> Self {
+        Error::Fabric { op, peer, source }
+    }
+}

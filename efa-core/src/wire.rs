@@ -1,0 +1,263 @@
+//! The communicator's wire format: a 32-byte header in front of every control message.
+//!
+//! Messages up to the eager limit travel as one tagged message (header + payload) into
+//! receive buffers that each endpoint keeps posted. Larger ones use a rendezvous: the sender
+//! announces the message (`Rts`), the receiver matches it against a posted receive, posts a
+//! tagged receive for the data and answers (`Cts`); the sender then sends the payload, in
+//! chunks of at most the provider's `max_msg_size`, with tags from [`data_tag`].
+//!
+//! Every eager and RTS message carries a per-(sender, receiver) sequence number, so that
+//! the receiver processes each sender's messages in the order they were sent (MPI's
+//! non-overtaking rule) whatever order completions arrive in, and across transports.
+
+/// Header size in bytes.
+pub const HDR_LEN: usize = 32;
+/// Marks a header of this protocol (and its version).
+pub const MAGIC: u16 = 0xEFA1;
+/// The libfabric tag of every control message (eager, RTS, CTS).
+pub const CTRL_TAG: u64 = 0;
+/// Bit set in every rendezvous data tag.
+pub const DATA_BIT: u64 = 1 << 63;
+/// Largest number of chunks one message may be split into.
+pub const MAX_CHUNKS: usize = 1 << 16;
+
+/// What a control message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Header followed by the whole payload.
+    Eager,
+    /// Request to send: the payload follows after the receiver's CTS.
+    Rts,
+    /// Clear to send (or refusal, see [`Header::flags`]).
+    Cts,
+}
+
+impl Kind {
+    fn code(self) -> u8 {
+        match self {
+            Kind::Eager => 1,
+            Kind::Rts => 2,
+            Kind::Cts => 3,
+        }
+    }
+    fn from_code(c: u8) -> Option<Kind> {
+        match c {
+            1 => Some(Kind::Eager),
+            2 => Some(Kind::Rts),
+            3 => Some(Kind::Cts),
+            _ => None,
+        }
+    }
+}
+
+/// CTS flag: the receive buffer is too small; no data will be accepted.
+pub const CTS_TRUNCATED: u8 = 1;
+
+/// A control-message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Message kind.
+    pub kind: Kind,
+    /// Kind-specific flags ([`CTS_TRUNCATED`]).
+    pub flags: u8,
+    /// Rank of the sender of this control message.
+    pub src: u32,
+    /// User tag (eager, RTS).
+    pub tag: u32,
+    /// Per-(sender, receiver) sequence number (eager, RTS).
+    pub seq: u32,
+    /// Payload length in bytes (eager, RTS); for a CTS, the receive buffer's capacity.
+    pub len: u64,
+    /// Rendezvous id chosen by the data sender (RTS, CTS).
+    pub rndv: u32,
+    /// Communicator context, so that messages of different communicators never match.
+    pub ctx: u32,
+}
+
+/// A header that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Fewer than [`HDR_LEN`] bytes.
+    #[error("control message of {0} bytes is shorter than the {HDR_LEN}-byte header")]
+    Short(usize),
+    /// Not our magic number: another program, or another version of efa-rs.
+    #[error(
+        "bad magic {0:#06x} (expected {MAGIC:#06x}): every rank must run the same efa-rs version"
+    )]
+    Magic(u16),
+    /// Unknown kind code.
+    #[error("unknown control message kind {0}")]
+    Kind(u8),
+    /// An eager message whose payload length disagrees with its header.
+    #[error("eager message declares {declared} payload bytes but carries {actual}")]
+    Length {
+        /// From the header.
+        declared: u64,
+        /// Received.
+        actual: usize,
+    },
+}
+
+impl Header {
+    /// Writes the header into the first [`HDR_LEN`] bytes of `out`.
+    ///
+    /// # Panics
+    /// If `out` is shorter than [`HDR_LEN`].
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        out[2] = self.kind.code();
+        out[3] = self.flags;
+        out[4..8].copy_from_slice(&self.src.to_le_bytes());
+        out[8..12].copy_from_slice(&self.tag.to_le_bytes());
+        out[12..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.len.to_le_bytes());
+        out[24..28].copy_from_slice(&self.rndv.to_le_bytes());
+        out[28..32].copy_from_slice(&self.ctx.to_le_bytes());
+    }
+
+    /// Reads a header from a received control message of `msg_len` bytes (header included),
+    /// checking an eager payload's length.
+    ///
+    /// # Errors
+    /// [`WireError`] for short, foreign or inconsistent messages.
+    pub fn decode(b: &[u8], msg_len: usize) -> Result<Header, WireError> {
+        if msg_len < HDR_LEN || b.len() < HDR_LEN {
+            return Err(WireError::Short(msg_len.min(b.len())));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let magic = u16::from_le_bytes([b[0], b[1]]);
+        if magic != MAGIC {
+            return Err(WireError::Magic(magic));
+        }
+        let kind = Kind::from_code(b[2]).ok_or(WireError::Kind(b[2]))?;
+        let h = Header {
+            kind,
+            flags: b[3],
+            src: u32_at(4),
+            tag: u32_at(8),
+            seq: u32_at(12),
+            len: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            rndv: u32_at(24),
+            ctx: u32_at(28),
+        };
+        if kind == Kind::Eager && h.len != (msg_len - HDR_LEN) as u64 {
+            return Err(WireError::Length {
+                declared: h.len,
+                actual: msg_len - HDR_LEN,
+            });
+        }
+        Ok(h)
+    }
+}
+
+/// The libfabric tag of chunk `chunk` of rendezvous `rndv` from rank `src`. Unique per
+/// (sender, rendezvous, chunk) among the messages one receiver has outstanding.
+pub fn data_tag(src: u32, rndv: u32, chunk: usize) -> u64 {
+    DATA_BIT
+        | (u64::from(src & 0xFF_FFFF) << 36)
+        | (u64::from(rndv & 0xF_FFFF) << 16)
+        | (chunk as u64 & 0xFFFF)
+}
+
+/// Splits `len` bytes into chunks of at most `max` bytes: (offset, length) pairs. A zero-length
+/// message is one empty chunk.
+pub fn chunks(len: usize, max: usize) -> Vec<(usize, usize)> {
+    let max = max.max(1);
+    if len == 0 {
+        return vec![(0, 0)];
+    }
+    (0..len.div_ceil(max))
+        .map(|i| (i * max, max.min(len - i * max)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(kind: Kind, len: u64) -> Header {
+        Header {
+            kind,
+            flags: 0,
+            src: 7,
+            tag: 0xDEAD,
+            seq: 41,
+            len,
+            rndv: 99,
+            ctx: 3,
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        for (kind, len, msg) in [
+            (Kind::Eager, 5, HDR_LEN + 5),
+            (Kind::Rts, 1 << 40, HDR_LEN),
+            (Kind::Cts, 0, HDR_LEN),
+        ] {
+            let h = sample(kind, len);
+            let mut b = vec![0u8; msg];
+            h.encode(&mut b);
+            assert_eq!(Header::decode(&b, msg).unwrap(), h);
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_rejected() {
+        let mut b = vec![0u8; HDR_LEN + 4];
+        sample(Kind::Eager, 4).encode(&mut b);
+        assert_eq!(Header::decode(&b, 10), Err(WireError::Short(10)));
+        assert!(matches!(
+            Header::decode(&b, HDR_LEN + 3),
+            Err(WireError::Length {
+                declared: 4,
+                actual: 3
+            })
+        ));
+        b[2] = 9;
+        assert_eq!(Header::decode(&b, HDR_LEN + 4), Err(WireError::Kind(9)));
+        b[0] = 0;
+        assert!(matches!(
+            Header::decode(&b, HDR_LEN + 4),
+            Err(WireError::Magic(_))
+        ));
+    }
+
+    #[test]
+    fn data_tags_are_distinct_and_never_control() {
+        let mut seen = std::collections::HashSet::new();
+        for src in [0, 1, 0xFF_FFFF] {
+            for rndv in [0, 1, 0xF_FFFF] {
+                for chunk in [0, 1, 0xFFFF] {
+                    let t = data_tag(src, rndv, chunk);
+                    assert_ne!(t, CTRL_TAG);
+                    assert!(t & DATA_BIT != 0);
+                    assert!(seen.insert(t), "duplicate tag for {src}/{rndv}/{chunk}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunking_covers_exactly() {
+        for (len, max) in [
+            (0, 10),
+            (1, 10),
+            (10, 10),
+            (11, 10),
+            (1 << 30, 8 << 20),
+            (7, 1),
+        ] {
+            let c = chunks(len, max);
+            assert!(!c.is_empty());
+            assert!(c.iter().all(|&(_, l)| l <= max));
+            let mut next = 0;
+            for &(off, l) in &c {
+                assert_eq!(off, next);
+                next += l;
+            }
+            assert_eq!(next, len);
+        }
+        assert_eq!(chunks(1 << 30, 8 << 20).len(), 128);
+    }
+}

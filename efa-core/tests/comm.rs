@@ -1,0 +1,354 @@
+//! Communicator tests: real multi-process jobs started by `efarun`, each rank running one of
+//! the `#[ignore]`d child tests of this file.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use efa_core::{Communicator, Error, Source, Tag, Transport};
+
+/// Runs child test `name` as `n` ranks under efarun, with extra environment.
+fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
+    cmd.args(["-n", &n.to_string(), "--timeout", "120", "--"])
+        .arg(&exe)
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("EFA_IFACE", "lo")
+        .env("EFA_TIMEOUT", "30");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run efarun");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn in_job() -> bool {
+    std::env::var_os("EFA_RANK").is_some()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u64> {
+    (0..len as u64)
+        .map(|i| seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i)
+        .collect()
+}
+
+/// Every rank exchanges verified messages with every other rank, by blocking, non-blocking
+/// and async calls, at sizes from 0 to past the eager limit.
+#[test]
+#[ignore = "rank program for all_pairs_*"]
+fn child_all_pairs() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().expect("init");
+    let (me, n) = (comm.rank(), comm.size());
+    for peer in 0..n {
+        let r = comm.route(peer).unwrap();
+        println!("route {me}->{peer}: {} ({})", r.transport, r.reason);
+    }
+    let sizes = [0usize, 1, 100, 1024, 1 << 14, 1 << 17];
+    // Blocking: ordered pairwise exchange.
+    for peer in 0..n {
+        for (i, &len) in sizes.iter().enumerate() {
+            let tag = i as u32;
+            let out = pattern((me as u64) << 32 | peer as u64 | (i as u64) << 48, len);
+            let mut got = vec![0u64; len];
+            if me < peer {
+                comm.send(&out, peer, tag).unwrap();
+                let st = comm.recv(&mut got, peer, tag).unwrap();
+                assert_eq!(st.count::<u64>(), len);
+            } else if me > peer {
+                let st = comm.recv(&mut got, peer, tag).unwrap();
+                assert_eq!((st.source, st.tag, st.len), (peer, tag, len * 8));
+                comm.send(&out, peer, tag).unwrap();
+            } else {
+                let mut req = comm.irecv(&mut got, me, tag).unwrap();
+                comm.send(&out, me, tag).unwrap();
+                assert!(req.test().is_ok());
+                req.wait().unwrap();
+            }
+            let want = pattern((peer as u64) << 32 | me as u64 | (i as u64) << 48, len);
+            assert_eq!(got, want, "blocking {len} words from {peer}");
+        }
+    }
+    // Non-blocking: all receives posted with Source::Any, then all sends; wait_all.
+    let len = 5000;
+    let mut bufs: Vec<Vec<u64>> = (0..n).map(|_| vec![0u64; len]).collect();
+    let mut reqs: Vec<efa_core::Request<'_>> = Vec::new();
+    for b in bufs.iter_mut() {
+        reqs.push(comm.irecv(b, Source::Any, Tag::Is(77)).unwrap().into());
+    }
+    for peer in 0..n {
+        reqs.push(
+            comm.isend(&pattern(1000 + me as u64, len), peer, 77)
+                .unwrap()
+                .into(),
+        );
+    }
+    let statuses = comm.wait_all(reqs).unwrap();
+    let mut sources: Vec<u32> = statuses[..n as usize]
+        .iter()
+        .map(|s| s.unwrap().source)
+        .collect();
+    for (i, s) in statuses[..n as usize].iter().enumerate() {
+        assert_eq!(bufs[i], pattern(1000 + s.unwrap().source as u64, len));
+    }
+    sources.sort_unstable();
+    assert_eq!(sources, (0..n).collect::<Vec<_>>());
+    // Non-overtaking: many messages with one tag arrive in order.
+    let next = (me + 1) % n;
+    let prev = (me + n - 1) % n;
+    // Mixed eager and rendezvous sizes; the sends are not waited for until all receives
+    // are done (rendezvous sends need the matching receive, as in MPI).
+    let sends: Vec<_> = (0..50u64)
+        .map(|k| {
+            let len = if k % 3 == 0 { 3000 } else { 2 };
+            comm.isend(&vec![k; len], next, 5).unwrap()
+        })
+        .collect();
+    for k in 0..50u64 {
+        let mut b = vec![0u64; 3000];
+        let st = comm.recv(&mut b, prev, 5).unwrap();
+        assert_eq!(b[0], k, "message {k} from {prev} overtaken");
+        assert_eq!(st.count::<u64>(), if k % 3 == 0 { 3000 } else { 2 });
+    }
+    for s in sends {
+        s.wait().unwrap();
+    }
+    // Async.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let data = pattern(42 + me as u64, 20_000);
+        let mut got = vec![0u64; 20_000];
+        let (s, r) = tokio::join!(
+            comm.send_async(&data, next, 9),
+            comm.recv_async(&mut got, prev, 9)
+        );
+        s.unwrap();
+        assert_eq!(r.unwrap().source, prev);
+        assert_eq!(got, pattern(42 + prev as u64, 20_000));
+    });
+    println!("rank {me}: all pairs verified");
+}
+
+#[test]
+fn all_pairs_four_ranks() {
+    let out = efarun(4, "child_all_pairs", &[]);
+    assert!(out.status.success(), "efarun failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("all pairs verified").count(),
+        4,
+        "every rank must finish"
+    );
+    // All ranks are on this host: shm where present.
+    assert!(
+        text.contains("route 0->1: shm"),
+        "expected shm routes:\n{text}"
+    );
+}
+
+#[test]
+fn all_pairs_over_tcp_only() {
+    let out = efarun(3, "child_all_pairs", &[("EFA_TRANSPORTS", "ip")]);
+    assert!(out.status.success(), "efarun failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("all pairs verified").count(), 3);
+    assert!(
+        text.contains("route 0->1: ip"),
+        "EFA_TRANSPORTS=ip must force IP:\n{text}"
+    );
+    assert!(
+        !text.contains(": shm"),
+        "shm used despite EFA_TRANSPORTS=ip"
+    );
+}
+
+/// Bad input: truncation, invalid ranks, reserved tags, timeouts naming the peer.
+#[test]
+#[ignore = "rank program for errors_are_clear"]
+fn child_errors() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let me = comm.rank();
+    assert!(matches!(
+        comm.send(&[1u8], 99, 0),
+        Err(Error::InvalidRank { rank: 99, size: 2 })
+    ));
+    let mut b = [0u8; 4];
+    assert!(matches!(
+        comm.irecv(&mut b, 7, 0),
+        Err(Error::InvalidRank { .. })
+    ));
+    assert!(matches!(
+        comm.send(&[1u8], 0, u32::MAX),
+        Err(Error::ReservedTag(_))
+    ));
+    if me == 0 {
+        // Eager and rendezvous truncation, then a good message: unaffected.
+        for len in [100usize, 100_000] {
+            let mut small = vec![0u8; 10];
+            match comm.recv(&mut small, 1, 1) {
+                Err(Error::Truncated {
+                    expected,
+                    got,
+                    peer,
+                    tag,
+                }) => {
+                    assert_eq!((expected, got, peer, tag), (10, len, 1, 1));
+                }
+                other => panic!("expected Truncated, got {other:?}"),
+            }
+            assert!(
+                small.iter().all(|&x| x == 0),
+                "nothing written on truncation"
+            );
+        }
+        let mut ok = vec![0u8; 100];
+        comm.recv(&mut ok, 1, 2).unwrap();
+        assert!(ok.iter().all(|&x| x == 7));
+        // Nobody sends tag 3: the receive times out naming the peer.
+        let short = Communicator::builder(); // (builder only to show the API compiles)
+        drop(short);
+        let t = Instant::now();
+        let mut never = [0u8; 1];
+        let req = comm.irecv(&mut never, 1, 3).unwrap();
+        drop(req); // a dropped receive is cancelled
+        println!("cancelled receive in {:?}", t.elapsed());
+    } else {
+        comm.send(&[5u8; 100], 0, 1).unwrap();
+        match comm.send(&vec![5u8; 100_000], 0, 1) {
+            Err(Error::Truncated {
+                expected: 10,
+                got: 100_000,
+                peer: 0,
+                ..
+            }) => {}
+            other => panic!("sender of a refused rendezvous: {other:?}"),
+        }
+        comm.send(&[7u8; 100], 0, 2).unwrap();
+    }
+    println!("rank {me}: errors ok");
+}
+
+#[test]
+fn errors_are_clear() {
+    let out = efarun(2, "child_errors", &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("errors ok")
+            .count(),
+        2
+    );
+}
+
+/// Rank 1 exits without receiving; rank 0's receive must fail within its deadline, naming 1.
+#[test]
+#[ignore = "rank program for dead_peer_gives_timeout_naming_it"]
+fn child_dead_peer() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    if comm.rank() == 0 {
+        let t = Instant::now();
+        let mut b = [0u8; 8];
+        let err = comm.recv(&mut b, 1, 0).unwrap_err();
+        println!("rank 0 got: {err} after {:?}", t.elapsed());
+        assert!(
+            matches!(err, Error::Timeout { peer: Some(1), .. }),
+            "{err:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10));
+        println!("dead peer detected");
+    }
+}
+
+#[test]
+fn dead_peer_gives_timeout_naming_it() {
+    let out = efarun(2, "child_dead_peer", &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dead peer detected"));
+}
+
+/// A rank that never starts: every other rank's init fails within the deadline, naming it.
+#[test]
+fn missing_rank_fails_init_naming_it() {
+    let dir = std::env::temp_dir().join(format!("efa-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let boot = efa_core::bootstrap::BootstrapBuilder::new(
+        0,
+        2,
+        efa_core::bootstrap::Rendezvous::File { dir: dir.clone() },
+    )
+    .build()
+    .unwrap();
+    let t = Instant::now();
+    let err = Communicator::builder()
+        .bootstrap(boot)
+        .timeout(Duration::from_millis(500))
+        .transports(efa_core::placement::TransportSet::of(&[Transport::Ip]))
+        .ip_iface("lo")
+        .build()
+        .unwrap_err();
+    let text = err.to_string();
+    println!("{text}");
+    assert!(
+        text.contains("rank 1") || text.contains("ranks 1"),
+        "{text}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A large message (above any eager limit, split into several chunks on providers with a
+/// small max_msg_size) arrives intact.
+#[test]
+#[ignore = "rank program for large_message"]
+fn child_large() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    let len = 64 << 20;
+    if comm.rank() == 0 {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4093) as u8).collect();
+        comm.send(&data, 1, 0).unwrap();
+    } else {
+        let mut got = vec![0u8; len];
+        let st = comm.recv(&mut got, 0, 0).unwrap();
+        assert_eq!(st.len, len);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i * 7 + i / 4093) as u8));
+        println!("large message verified");
+    }
+}
+
+#[test]
+fn large_message() {
+    let out = efarun(2, "child_large", &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("large message verified"));
+}
