@@ -614,6 +614,33 @@ impl Communicator {
         })
     }
 
+    /// [`Communicator::isend`] of raw bytes with any tag, including the reserved range above
+    /// [`MAX_USER_TAG`] (for collectives and other library-internal traffic).
+    pub(crate) fn isend_bytes(&self, data: &[u8], dest: u32, tag: u32) -> Result<SendRequest> {
+        self.check_rank(dest)?;
+        let id = self.engine().start_send(data, dest, tag)?;
+        Ok(SendRequest {
+            comm: self.clone(),
+            id,
+            dest,
+        })
+    }
+
+    /// [`Communicator::irecv`] of raw bytes with an exact tag, including reserved ones.
+    pub(crate) fn irecv_bytes<'a>(&self, buf: &'a mut [u8], src: Source, tag: u32) -> Result<RecvRequest<'a>> {
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let id = self.engine().start_recv(src, Tag::Is(tag), buf.len())?;
+        Ok(RecvRequest {
+            comm: self.clone(),
+            id,
+            src,
+            buf: Some(buf),
+            elem: 1,
+        })
+    }
+
     /// Starts a receive into `buf` from `src` with `tag` (wildcards allowed).
     ///
     /// # Errors
