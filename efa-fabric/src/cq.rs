@@ -220,8 +220,10 @@ impl CompletionQueue {
     /// `fi_cq_read` errors other than `FI_EAGAIN`; an error entry without an operation context
     /// is returned as [`Error::Completion`].
     pub fn poll(&self) -> Result<usize> {
-        let mut entries = [ffi::fi_cq_tagged_entry::default(); CQ_BATCH];
-        // SAFETY: entries has room for CQ_BATCH tagged entries, the CQ's format.
+        let mut entries = std::mem::MaybeUninit::<[ffi::fi_cq_tagged_entry; CQ_BATCH]>::uninit();
+        // SAFETY: entries has room for CQ_BATCH tagged entries, the CQ's format; libfabric
+        // writes the first `ret` of them, and only those are read below. Not zeroing the
+        // array keeps an empty poll cheap.
         let ret = unsafe { ffi::fi_cq_read(self.inner.fid, entries.as_mut_ptr().cast(), CQ_BATCH) };
         if ret == -(ffi::FI_EAGAIN as isize) {
             return Ok(0);
@@ -229,8 +231,11 @@ impl CompletionQueue {
         if ret == -(ffi::FI_EAVAIL as isize) {
             return self.read_error().map(|_| 1);
         }
-        let n = check("fi_cq_read", ret)?;
-        for e in &entries[..n] {
+        let n = check("fi_cq_read", ret)?.min(CQ_BATCH);
+        // SAFETY: fi_cq_read initialised the first `n` entries (n <= CQ_BATCH).
+        let entries: &[ffi::fi_cq_tagged_entry] =
+            unsafe { std::slice::from_raw_parts(entries.as_ptr().cast(), n) };
+        for e in entries {
             let c = Completion {
                 flags: e.flags,
                 len: e.len,

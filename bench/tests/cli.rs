@@ -1,0 +1,162 @@
+//! CLI tests: bad flags are rejected with a clear message, and a short run of every
+//! subcommand prints the expected columns. Runs need a provider: `EFA_BENCH_PROVIDER`
+//! (default `shm`); if it is not available the run tests say so and are skipped.
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_efa-bench");
+const HEADER: &str = "bytes   iters   total       time     MB/sec    usec/xfer   Mxfers/sec";
+
+fn provider() -> String {
+    std::env::var("EFA_BENCH_PROVIDER").unwrap_or_else(|_| "shm".into())
+}
+
+fn efa_bench(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run efa-bench")
+}
+
+fn rejected(args: &[&str], needle: &str) {
+    let o = efa_bench(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} was accepted");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
+}
+
+#[test]
+fn bad_flags_are_rejected_clearly() {
+    rejected(
+        &["pingpong", "-p", "TCP ofi_rxm"],
+        "not a libfabric provider name",
+    );
+    rejected(
+        &["pingpong", "-p", "tcp;ofi_rxm;x"],
+        "not a libfabric provider name",
+    );
+    rejected(&["pingpong", "-S", "garbage"], "is not a size");
+    rejected(&["pingpong", "-S", "4q"], "unknown size suffix");
+    rejected(&["pingpong", "-I", "0"], "must be at least 1");
+    rejected(&["bw", "-W", "0"], "must be at least 1");
+    rejected(&["rma", "-W", "0"], "must be at least 1");
+    rejected(&["pingpong", "--osu", "--json"], "cannot be used with");
+    rejected(&["pingpong", "--bogus"], "unexpected argument");
+}
+
+/// Runs a short benchmark, or returns None (with the reason printed) if the provider is
+/// missing on this machine.
+fn short_run(sub: &str, extra: &[&str]) -> Option<String> {
+    let p = provider();
+    let mut args = vec![sub, "-p", &p, "-S", "8,1k", "-I", "10", "-w", "2"];
+    args.extend_from_slice(extra);
+    let o = efa_bench(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() && err.contains("is not available") {
+        println!("SKIPPED {sub}: provider {p} not available: {err}");
+        return None;
+    }
+    assert!(o.status.success(), "{args:?} failed: {err}");
+    Some(String::from_utf8(o.stdout).expect("utf-8 output"))
+}
+
+fn check_fabtests(out: &str) {
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(HEADER), "{out}");
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (row, size) in rows.iter().zip(["8", "1k"]) {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(f.len(), 7, "{row}");
+        assert_eq!(f[0], size);
+        assert_eq!(f[1], "10");
+        assert!(f[3].ends_with('s'), "{row}");
+        for x in &f[4..] {
+            x.parse::<f64>().unwrap_or_else(|_| panic!("{x} in {row}"));
+        }
+    }
+}
+
+#[test]
+fn every_subcommand_prints_fabtests_columns() {
+    for (sub, extra) in [
+        ("pingpong", &[][..]),
+        ("pingpong", &["--api", "safe"][..]),
+        ("bw", &["-W", "4"][..]),
+        ("rma", &[][..]),
+        ("rma", &["--op", "read", "-W", "4"][..]),
+    ] {
+        if let Some(out) = short_run(sub, extra) {
+            check_fabtests(&out);
+        }
+    }
+}
+
+#[test]
+fn osu_format() {
+    for (sub, col) in [("pingpong", "Latency (us)"), ("bw", "Bandwidth (MB/s)")] {
+        let Some(out) = short_run(sub, &["--osu"]) else {
+            return;
+        };
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("# "), "{out}");
+        assert!(
+            lines[1].starts_with("# Size") && lines[1].ends_with(col),
+            "{out}"
+        );
+        assert_eq!(lines.len(), 4, "{out}");
+        for (l, size) in lines[2..].iter().zip(["8", "1024"]) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 2, "{l}");
+            assert_eq!(f[0], size);
+            f[1].parse::<f64>().expect("value");
+        }
+    }
+}
+
+#[test]
+fn json_lines_carry_provenance_and_percentiles() {
+    let Some(out) = short_run("pingpong", &["--json"]) else {
+        return;
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+        assert_eq!(v["provider"], provider().as_str());
+        for k in ["p50", "p99", "max", "usec_per_xfer", "mb_per_sec"] {
+            assert!(v[k].as_f64().is_some(), "{k} missing in {l}");
+        }
+        assert!(v["p50"].as_f64() <= v["p99"].as_f64());
+        assert!(v["p99"].as_f64() <= v["max"].as_f64());
+        assert!(v["libfabric"].as_str().unwrap().starts_with("1."), "{l}");
+        assert!(!v["git_rev"].as_str().unwrap().is_empty(), "{l}");
+        assert!(v["host"].is_string() && v["route"].is_string(), "{l}");
+    }
+}
+
+#[test]
+fn plot_writes_svg_with_baseline() {
+    let dir = std::env::temp_dir().join(format!("efa-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.jsonl");
+    let svg = dir.join("out.svg");
+    let Some(json) = short_run("bw", &["--json"]) else {
+        return;
+    };
+    std::fs::write(&base, json).unwrap();
+    let (b, s) = (base.to_str().unwrap(), svg.to_str().unwrap());
+    short_run("bw", &["--plot", s, "--baseline", b]).expect("second run");
+    let text = std::fs::read_to_string(&svg).expect("svg written");
+    let t = text.trim_start();
+    assert!(
+        t.starts_with("<svg") || t.starts_with("<?xml"),
+        "{}",
+        &t[..80]
+    );
+    assert!(t.trim_end().ends_with("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
