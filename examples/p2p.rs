@@ -23,7 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for peer in 0..n {
         let r = comm.route(peer)?;
         let provider = comm.provider(r.transport).unwrap_or("?");
-        println!("rank {me} -> {peer}: {} via {provider} ({})", r.transport, r.reason);
+        println!(
+            "rank {me} -> {peer}: {} via {provider} ({})",
+            r.transport, r.reason
+        );
     }
     let sizes = [0usize, 1, 1000, 100_000];
 
@@ -64,17 +67,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Async, on a tokio runtime: a ring shift.
     let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
     let got = rt.block_on(async {
         let out = pattern(me, next, 200, 50_000);
         let mut got = vec![0u32; 50_000];
-        let (s, r) = tokio::join!(comm.send_async(&out, next, 200), comm.recv_async(&mut got, prev, 200));
+        let (s, r) = tokio::join!(
+            comm.send_async(&out, next, 200),
+            comm.recv_async(&mut got, prev, 200)
+        );
         s.and(r).map(|_| got)
     })?;
     if got != pattern(prev, me, 200, 50_000) {
         return Err(format!("async: bad message from rank {prev}").into());
     }
 
-    println!("rank {me}: verified blocking, non-blocking and async exchanges with all {} peers", n - 1);
+    println!(
+        "rank {me}: verified blocking, non-blocking and async exchanges with all {} peers",
+        n - 1
+    );
     Ok(())
 }

@@ -1,116 +1,80 @@
-//! Two-process ping-pong over efa-fabric: the process starts its peer itself, exchanges
-//! endpoint addresses through the child's stdin/stdout, then bounces messages of several
-//! sizes, verifying every byte, and prints the half round-trip latency per size.
+//! Two-rank ping-pong through the communicator, on the route the placement rule picks (shm
+//! for two ranks on one host; `EFA_TRANSPORTS=ip` forces TCP). Every echo is verified.
 //!
 //! ```text
-//! cargo run --release -p efa-examples --example pingpong -- [PROVIDER] [ITERS]
+//! efarun -n 2 target/release/examples/pingpong [ITERS]
 //! ```
-//! PROVIDER defaults to the best one present for two processes on one host: a fabric
-//! (`efa`, `verbs;ofi_rxm`) if there is one, else `shm`, else `tcp;ofi_rxm` on `lo`.
+//! Prints the route and its reason, then the half round-trip latency per size.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use efa_examples::{best_provider, from_hex, open_endpoint, to_hex};
-use efa_fabric::{FiAddr, RegisteredBuf};
+use efa_core::Communicator;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
 const SIZES: &[usize] = &[8, 1024, 64 * 1024, 1 << 20];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     efa_examples::init_logging();
-    let args: Vec<String> = std::env::args().collect();
-    let child = std::env::var("EFA_PINGPONG_ROLE").as_deref() == Ok("pong");
-    let provider = match args.get(1) {
-        Some(p) => p.clone(),
-        None => best_provider()?,
-    };
-    let iters: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-    let ep = open_endpoint(&provider)?;
+    let iters: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1000);
+    let comm = Communicator::init()?;
+    if comm.size() != 2 {
+        return Err(format!("pingpong needs exactly 2 ranks, got {}", comm.size()).into());
+    }
+    let me = comm.rank();
+    let peer = 1 - me;
+    let route = comm.route(peer)?;
+    let provider = comm.provider(route.transport).unwrap_or("?");
+    if me == 0 {
+        println!(
+            "ping-pong rank 0 <-> rank 1: route {} via {provider} ({})",
+            route.transport, route.reason
+        );
+        println!(
+            "{:>10} {:>8} {:>14} {:>12}",
+            "bytes", "iters", "usec/xfer", "MB/sec"
+        );
+    }
     let max = *SIZES.iter().max().unwrap();
-    let mut tx = RegisteredBuf::new(ep.domain(), max, efa_fabric::Access::LOCAL, Some(&ep))?;
-    let mut rx = RegisteredBuf::new(ep.domain(), max, efa_fabric::Access::LOCAL, Some(&ep))?;
-
-    if child {
-        // Pong: read the parent's address from stdin, print ours, then echo every message.
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        let peer = ep.av().insert(&from_hex(line.trim())?)?;
-        println!("{}", to_hex(&ep.name()?));
-        std::io::stdout().flush()?;
-        for &size in SIZES {
-            for _ in 0..iters {
-                let d = ep.trecv(rx, peer, size as u64, 0)?.wait(TIMEOUT)?;
-                rx = d.buf;
-                tx[..size].copy_from_slice(&rx[..size]);
-                tx = send(&ep, tx, size, peer)?;
-            }
-        }
-        return Ok(());
-    }
-
-    println!(
-        "ping-pong over {provider} ({} / {}), {iters} iterations per size",
-        ep.info().fabric(),
-        ep.info().domain()
-    );
-    let mut pong = Command::new(std::env::current_exe()?)
-        .args([provider.as_str(), &iters.to_string()])
-        .env("EFA_PINGPONG_ROLE", "pong")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    writeln!(pong.stdin.as_mut().unwrap(), "{}", to_hex(&ep.name()?))?;
-    let mut line = String::new();
-    BufReader::new(pong.stdout.as_mut().unwrap()).read_line(&mut line)?;
-    let peer = ep.av().insert(&from_hex(line.trim())?)?;
-
-    println!("{:>10} {:>8} {:>14}", "bytes", "iters", "usec/xfer");
+    let mut out = vec![0u8; max];
+    let mut back = vec![0u8; max];
     for &size in SIZES {
-        let mut seed = size as u8;
+        let n = if size >= 1 << 20 {
+            iters.div_ceil(10)
+        } else {
+            iters
+        };
+        comm.send(&[0u8], peer, 1)?; // align the two ranks before timing
+        comm.recv(&mut [0u8], peer, 1)?;
         let start = Instant::now();
-        for i in 0..iters {
-            for b in &mut tx[..size] {
-                seed = seed.wrapping_mul(31).wrapping_add(7);
-                *b = seed;
-            }
-            let posted = ep.trecv(rx, peer, size as u64, 0)?;
-            tx = send(&ep, tx, size, peer)?;
-            let d = posted.wait(TIMEOUT)?;
-            rx = d.buf;
-            if d.len != size || rx[..size] != tx[..size] {
-                return Err(format!("iteration {i}: {size}-byte echo differs").into());
+        for i in 0..n {
+            if me == 0 {
+                let fill = (i as u8).wrapping_add(size as u8);
+                out[..size].fill(fill);
+                out[size / 2..size]
+                    .iter_mut()
+                    .for_each(|b| *b = b.wrapping_mul(3));
+                comm.send(&out[..size], peer, 0)?;
+                let st = comm.recv(&mut back[..size], peer, 0)?;
+                if st.len != size || back[..size] != out[..size] {
+                    return Err(format!("echo {i} of {size} bytes differs").into());
+                }
+            } else {
+                let st = comm.recv(&mut back[..size], peer, 0)?;
+                comm.send(&back[..st.len], peer, 0)?;
             }
         }
-        let half_rtt = start.elapsed().as_secs_f64() * 1e6 / (2 * iters) as f64;
-        println!("{size:>10} {iters:>8} {half_rtt:>14.2}");
+        if me == 0 {
+            let secs = start.elapsed().as_secs_f64();
+            let half_rtt_us = secs * 1e6 / (2 * n) as f64;
+            let mbps = (2 * n * size) as f64 / secs / 1e6;
+            println!("{size:>10} {n:>8} {half_rtt_us:>14.2} {mbps:>12.1}");
+        }
     }
-    let status = pong.wait()?;
-    if !status.success() {
-        return Err(format!("pong process failed: {status}").into());
+    if me == 0 {
+        println!("ping-pong verified: every byte of every echo matched");
     }
-    println!("ping-pong verified: every byte of every echo matched");
     Ok(())
-}
-
-/// Sends the first `size` bytes of `buf` (inject when small enough) and returns the buffer.
-fn send(
-    ep: &efa_fabric::Endpoint,
-    buf: RegisteredBuf,
-    size: usize,
-    peer: FiAddr,
-) -> Result<RegisteredBuf, efa_fabric::Error> {
-    if size <= ep.inject_size() {
-        ep.tinject(&buf[..size], peer, size as u64)?;
-        return Ok(buf);
-    }
-    // The buffer is registered once for its whole length; send only `size` bytes of it by
-    // posting a send of an owned view.
-    let view = efa_fabric::BufPrefix::new(buf, size);
-    Ok(ep
-        .tsend(view, peer, size as u64)?
-        .wait(TIMEOUT)?
-        .buf
-        .into_inner())
 }

@@ -24,7 +24,8 @@
 #   EFA_TEST_PROVIDER='verbs;ofi_rxm'
 #   EFA_TEST_IFACE=<netdev carrying the rxe device>   (dummy0)
 #   EFA_TEST_ADDR=<its IPv4>                           (10.10.1.1)
-#   EFA_TEST_ADDR2=<a second IPv4 on the same netdev, another /24> (10.10.2.1)
+#   EFA_TEST_ADDR1B=<a second IPv4 in the same /24>       (10.10.1.2)
+#   EFA_TEST_ADDR2=<a third IPv4 on the same netdev, another /24> (10.10.2.1)
 #   FI_UNIVERSE_SIZE=64 (unless already set; see below)
 #   TMPDIR=/tmp (a writable overlay inside the guest)
 #   SOFTROCE_OUT=<host dir shared read-write into the guest; logs go here>
@@ -191,6 +192,7 @@ set -u
 export PATH="$HOST_PATH:/usr/sbin:/sbin"
 IFACE=dummy0
 ADDR=10.10.1.1
+ADDR1B=10.10.1.2
 ADDR2=10.10.2.1
 result() { echo "$1 $2 $3" > "$OUT/result"; sync; }   # passed failed status
 setup_fail() {
@@ -207,6 +209,7 @@ modprobe rdma_rxe || setup_fail "modprobe rdma_rxe"
 # Two /24s on it give tests a second subnet to bind to.
 ip link add "$IFACE" type dummy || setup_fail "ip link add $IFACE"
 ip addr add "$ADDR/24" dev "$IFACE" || setup_fail "ip addr add $ADDR"
+ip addr add "$ADDR1B/24" dev "$IFACE" || setup_fail "ip addr add $ADDR1B"
 ip addr add "$ADDR2/24" dev "$IFACE" || setup_fail "ip addr add $ADDR2"
 ip link set "$IFACE" up || setup_fail "ip link set $IFACE up"
 ip link set lo up
@@ -226,7 +229,7 @@ fi
 echo "softroce: verbs;ofi_rxm ok on rxe0 ($IFACE $ADDR, $ADDR2)"
 
 export EFA_TEST_PROVIDER='verbs;ofi_rxm' EFA_TEST_IFACE="$IFACE" \
-       EFA_TEST_ADDR="$ADDR" EFA_TEST_ADDR2="$ADDR2" TMPDIR=/tmp SOFTROCE_OUT="$OUT"
+       EFA_TEST_ADDR="$ADDR" EFA_TEST_ADDR1B="$ADDR1B" EFA_TEST_ADDR2="$ADDR2" TMPDIR=/tmp SOFTROCE_OUT="$OUT"
 pass=0 fail=0 i=0
 result 0 0 running
 while IFS= read -r cmd; do

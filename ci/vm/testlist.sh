@@ -4,17 +4,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # Test executables of the named targets, from cargo's JSON build messages.
-bins=$(cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+json=$(cargo test -p efa-ffi -p efa-fabric -p efa-core --no-run --message-format=json) ||
+  { echo "testlist: building the test binaries failed" >&2; exit 1; }
+bins=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
-want = {"smoke", "datapath"}
+want = {"smoke", "datapath", "comm"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
         print(m["target"]["name"], m["executable"])
 ')
+bin_of() {
+  local bin
+  bin=$(printf '%s\n' "$bins" | awk -v t="$1" '$1 == t {print $2}' | head -1)
+  [ -n "$bin" ] || { echo "testlist: no test binary for $1" >&2; exit 1; }
+  echo "$bin"
+}
+# efa-ffi and efa-fabric: everything, on the one provider of the VM.
+for t in smoke datapath comm; do bin_of "$t" > /dev/null || exit 1; done
 for t in smoke datapath; do
-  bin=$(printf '%s\n' "$bins" | awk -v t="$t" '$1 == t {print $2}' | head -1)
-  [ -n "$bin" ] || { echo "testlist: no test binary for $t" >&2; exit 1; }
-  # One provider in the VM: all of it must run there.
-  echo "EFA_TEST_MIN_PROVIDERS=1 $bin --test-threads=1"
+  echo "EFA_TEST_MIN_PROVIDERS=1 $(bin_of "$t") --test-threads=1"
 done
+# efa-core: the communicator over the verbs fabric (2 and 4 ranks), and placement on two
+# subnets of the rxe device (same subnet -> fabric, across -> IP). The host-only tests of
+# that binary (which expect shm) are not selected.
+echo "$(bin_of comm) --test-threads=1 --nocapture --exact all_pairs_on_the_fabric two_subnets_route_by_subnet"

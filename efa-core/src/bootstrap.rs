@@ -43,7 +43,9 @@
 //!    world size, or Slurm reports one node): a file store in
 //!    `/tmp/efa-store-<launcher>-<job>`, where `<job>` is `SLURM_JOB_ID.SLURM_STEP_ID`
 //!    (Slurm), `OMPI_MCA_ess_base_jobid` or else `PMIX_NAMESPACE` (Open MPI), and
-//!    `PMI_KVSNAME`, `PMI_JOBID` or `PMIX_NAMESPACE` (Hydra), with characters other than
+//!    `PMI_KVSNAME`, `PMI_JOBID` or `PMIX_NAMESPACE` (Hydra; MPICH 4's Hydra sets none of
+//!    them, so [`from_env`] falls back to `proxy-<pid>` of the node's `hydra_pmi_proxy`, the
+//!    parent of every rank on the node), with characters other than
 //!    `[A-Za-z0-9._-]` replaced by `_`. Every rank of one job computes the same path, and
 //!    different jobs get different ones.
 //! 6. Under Slurm across several nodes: a TCP store served by rank 0 on the **first host of
@@ -423,11 +425,25 @@ impl BootstrapBuilder {
 
 /// [`detect`] over the process environment.
 ///
+/// Under MPICH's Hydra, whose job (KVS) name travels only over the PMI socket, a single-node
+/// job's file store is keyed by the parent process if that is `hydra_pmi_proxy`: it forks
+/// every rank of its node and lives as long as the job.
+///
 /// # Errors
 ///
 /// As [`detect`].
 pub fn from_env() -> Result<Bootstrap, BootstrapError> {
-    detect(&|k| std::env::var(k).ok())
+    let proxy = hydra_proxy_key(
+        std::path::Path::new("/proc"),
+        std::os::unix::process::parent_id(),
+    );
+    detect_with(&|k| std::env::var(k).ok(), proxy)
+}
+
+/// `proxy-<ppid>` if process `ppid` (under the procfs root `proc`) is `hydra_pmi_proxy`.
+fn hydra_proxy_key(proc: &std::path::Path, ppid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(proc.join(ppid.to_string()).join("comm")).ok()?;
+    (comm.trim() == "hydra_pmi_proxy").then(|| format!("proxy-{ppid}"))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -452,6 +468,14 @@ struct Ids {
 ///   no default applies.
 /// * [`BootstrapError::InvalidHostlist`]: a Slurm node list that does not parse.
 pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Result<Bootstrap, BootstrapError> {
+    detect_with(env, None)
+}
+
+/// [`detect`], with the Hydra job key to use when Hydra's environment names none.
+fn detect_with(
+    env: &dyn Fn(&str) -> Option<String>,
+    hydra_proxy: Option<String>,
+) -> Result<Bootstrap, BootstrapError> {
     let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let has = |k: &str| get(k).is_some();
 
@@ -549,7 +573,10 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Result<Bootstrap, Bootstr
     };
     validate(&ids, size_var)?;
 
-    let job_id = job_id(&get, launcher);
+    let job_id = job_id(&get, launcher).or(match launcher {
+        Launcher::Hydra => hydra_proxy,
+        _ => None,
+    });
     let (rendezvous, source) = choose_rendezvous(&get, launcher, &ids, job_id.as_deref())?;
     Ok(Bootstrap {
         rank: ids.rank,
@@ -1198,6 +1225,51 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hydra_without_kvsname_is_keyed_by_its_proxy() {
+        // What MPICH 4.0's `mpiexec.hydra -n 2` sets: no PMI_KVSNAME, PMI_JOBID or PMIX_*.
+        let vars = [
+            ("PMI_RANK", "1"),
+            ("PMI_SIZE", "2"),
+            ("PMI_FD", "6"),
+            ("MPI_LOCALRANKID", "1"),
+            ("MPI_LOCALNRANKS", "2"),
+        ];
+        let b = detect_with(&env(&vars), Some("proxy-4242".into())).unwrap();
+        assert_eq!(b.job_id(), Some("proxy-4242"));
+        assert_eq!(
+            b.rendezvous(),
+            &Rendezvous::File {
+                dir: "/tmp/efa-store-hydra-proxy-4242".into()
+            }
+        );
+        // A KVS name in the environment wins; other launchers ignore the proxy key.
+        let mut with_kvs = vars.to_vec();
+        with_kvs.push(("PMI_KVSNAME", "kvs_7_0"));
+        let b = detect_with(&env(&with_kvs), Some("proxy-4242".into())).unwrap();
+        assert_eq!(b.job_id(), Some("kvs_7_0"));
+        let e = detect_with(
+            &env(&[
+                ("OMPI_COMM_WORLD_RANK", "0"),
+                ("OMPI_COMM_WORLD_SIZE", "2"),
+                ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ]),
+            Some("proxy-4242".into()),
+        )
+        .unwrap_err();
+        assert!(matches!(e, BootstrapError::NoRendezvous { .. }), "{e}");
+
+        let proc = std::env::temp_dir().join(format!("efa-proc-{}", std::process::id()));
+        for (pid, comm) in [(10, "hydra_pmi_proxy\n"), (11, "bash\n")] {
+            std::fs::create_dir_all(proc.join(pid.to_string())).unwrap();
+            std::fs::write(proc.join(pid.to_string()).join("comm"), comm).unwrap();
+        }
+        assert_eq!(hydra_proxy_key(&proc, 10).as_deref(), Some("proxy-10"));
+        assert_eq!(hydra_proxy_key(&proc, 11), None);
+        assert_eq!(hydra_proxy_key(&proc, 12), None);
+        std::fs::remove_dir_all(&proc).unwrap();
     }
 
     #[test]

@@ -627,7 +627,13 @@ impl Communicator {
     }
 
     /// [`Communicator::irecv`] of raw bytes with an exact tag, including reserved ones.
-    pub(crate) fn irecv_bytes<'a>(&self, buf: &'a mut [u8], src: Source, tag: u32) -> Result<RecvRequest<'a>> {
+    #[allow(dead_code)] // used by the collectives module
+    pub(crate) fn irecv_bytes<'a>(
+        &self,
+        buf: &'a mut [u8],
+        src: Source,
+        tag: u32,
+    ) -> Result<RecvRequest<'a>> {
         if let Source::Rank(r) = src {
             self.check_rank(r)?;
         }

@@ -352,3 +352,154 @@ fn large_message() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("large message verified"));
 }
+
+/// The fabric provider present on this machine (verbs in the soft-RoCE VM, efa on EC2), or
+/// why there is none.
+fn fabric_present() -> Result<String, String> {
+    // Where the CI harness promises a fabric (the soft-RoCE VM sets EFA_TEST_PROVIDER), its
+    // absence is a failure, never a skip.
+    if let Ok(p) = std::env::var("EFA_TEST_PROVIDER") {
+        if p == "efa" || p.starts_with("verbs") {
+            assert!(
+                efa_fabric::Hints::new().provider(&p).get().is_ok(),
+                "EFA_TEST_PROVIDER={p} but libfabric does not offer it"
+            );
+            return Ok(p);
+        }
+    }
+    for p in ["efa", "verbs;ofi_rxm"] {
+        if efa_fabric::Hints::new()
+            .provider(p)
+            .get()
+            .is_ok_and(|v| v.iter().any(|i| i.provider() == p))
+        {
+            return Ok(p.to_string());
+        }
+    }
+    Err(
+        "no fabric provider (efa, verbs;ofi_rxm): no RDMA device on this host; \
+         ci/test runs this test inside the soft-RoCE VM"
+            .into(),
+    )
+}
+
+/// Every pair over the fabric alone (2 and 4 ranks): the verbs route in the soft-RoCE VM.
+#[test]
+fn all_pairs_on_the_fabric() {
+    let provider = match fabric_present() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("SKIPPED all_pairs_on_the_fabric: {why}");
+            return;
+        }
+    };
+    for n in [2, 4] {
+        let out = efarun(n, "child_all_pairs", &[("EFA_TRANSPORTS", "fabric")]);
+        assert!(out.status.success(), "efarun -n {n} on {provider} failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.matches("all pairs verified").count(), n as usize);
+        assert!(
+            text.contains("route 0->1: fabric"),
+            "expected fabric routes:\n{text}"
+        );
+        println!("{n} ranks verified over {provider}");
+    }
+}
+
+/// Starts `envs.len()` ranks of child test `name` directly (not through efarun), each with
+/// its own extra environment, sharing a file store; returns each rank's output.
+fn spawn_ranks(name: &str, envs: &[Vec<(&str, String)>]) -> Vec<std::process::Output> {
+    let dir = std::env::temp_dir().join(format!("efa-ranks-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = envs.len();
+    let children: Vec<_> = envs
+        .iter()
+        .enumerate()
+        .map(|(r, env)| {
+            let mut cmd = Command::new(std::env::current_exe().unwrap());
+            cmd.args([
+                "--ignored",
+                "--exact",
+                name,
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("EFA_RANK", r.to_string())
+            .env("EFA_WORLD_SIZE", n.to_string())
+            .env("EFA_LOCAL_RANK", r.to_string())
+            .env("EFA_LOCAL_SIZE", n.to_string())
+            .env("EFA_STORE", format!("file://{}", dir.display()))
+            .env("EFA_TIMEOUT", "60")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            cmd.spawn().expect("spawn rank")
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        println!(
+            "--- rank {r} ({}):\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    outs
+}
+
+/// Placement on two subnets of one fabric device: ranks 0 and 1 bind the fabric to two
+/// addresses in 10.10.1.0/24, rank 2 to 10.10.2.1. Same-subnet pairs must use the fabric
+/// (verbs), cross-subnet pairs IP, and every pair verifies its data. Needs the soft-RoCE VM
+/// (EFA_TEST_ADDR, EFA_TEST_ADDR1B, EFA_TEST_ADDR2 name the addresses).
+#[test]
+fn two_subnets_route_by_subnet() {
+    let addrs = ["EFA_TEST_ADDR", "EFA_TEST_ADDR1B", "EFA_TEST_ADDR2"].map(std::env::var);
+    let (Ok(a), Ok(b), Ok(c)) = (&addrs[0], &addrs[1], &addrs[2]) else {
+        println!("SKIPPED two_subnets_route_by_subnet: needs a fabric device with addresses in two subnets (EFA_TEST_ADDR, EFA_TEST_ADDR1B, EFA_TEST_ADDR2; set by ci/vm/softroce.sh)");
+        return;
+    };
+    if let Err(why) = fabric_present() {
+        println!("SKIPPED two_subnets_route_by_subnet: {why}");
+        return;
+    }
+    let envs: Vec<Vec<(&str, String)>> = [a, b, c]
+        .iter()
+        .map(|addr| {
+            vec![
+                ("EFA_FABRIC_ADDR", addr.to_string()),
+                ("EFA_TRANSPORTS", "fabric,ip".to_string()),
+                ("EFA_IFACE", "lo".to_string()),
+            ]
+        })
+        .collect();
+    let outs = spawn_ranks("child_all_pairs", &envs);
+    let text: String = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    assert!(outs.iter().all(|o| o.status.success()), "a rank failed");
+    assert_eq!(text.matches("all pairs verified").count(), 3);
+    assert!(
+        text.contains("route 0->1: fabric"),
+        "same subnet must use the fabric:\n{text}"
+    );
+    assert!(text.contains("route 1->0: fabric"));
+    for pair in ["0->2", "2->0", "1->2", "2->1"] {
+        assert!(
+            text.contains(&format!("route {pair}: ip")),
+            "{pair} crosses subnets, must use IP:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("does not cross subnets") || text.contains("subnet"),
+        "reason printed"
+    );
+}
