@@ -616,6 +616,7 @@ impl Communicator {
 
     /// [`Communicator::isend`] of raw bytes with any tag, including the reserved range above
     /// [`MAX_USER_TAG`] (for collectives and other library-internal traffic).
+    #[allow(dead_code)] // used by the collectives module
     pub(crate) fn isend_bytes(&self, data: &[u8], dest: u32, tag: u32) -> Result<SendRequest> {
         self.check_rank(dest)?;
         let id = self.engine().start_send(data, dest, tag)?;
