@@ -220,6 +220,10 @@ struct Port {
     slots: Vec<Option<Pending<RegisteredBuf>>>,
     /// Free registered bounce buffers for eager sends.
     bounce: Vec<RegisteredBuf>,
+    /// Some peer is routed through this endpoint.
+    used: bool,
+    /// CQ completion count when the slots were last scanned.
+    seen: u64,
 }
 
 /// How this rank reaches one peer.
@@ -499,6 +503,7 @@ impl Communicator {
                 .insert(&peer_card.endpoints[route.peer_endpoint].addr)
                 .map_err(|e| Error::fabric("fi_av_insert", Some(r as u32), e))?;
             tracing::debug!(rank, peer = r, transport = %route.transport, provider = %ports[port].provider, reason = %route.reason, "route");
+            ports[port].used = true;
             peers.push(PeerRoute { port, addr });
             routes.push(route);
         }
@@ -994,6 +999,8 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
         slots: (0..config.rx_depth).map(|_| None).collect(),
         bounce,
         ep,
+        used: false,
+        seen: 0,
     })
 }
 
@@ -1255,13 +1262,25 @@ impl Engine {
     fn progress(&mut self) -> Result<()> {
         let mut any = false;
         for p in 0..self.ports.len() {
-            let n = self.ports[p]
+            // An endpoint that no peer is routed to never has traffic: polling it would
+            // only cost time (a syscall per poll for IP providers).
+            if !self.ports[p].used {
+                continue;
+            }
+            self.ports[p]
                 .ep
                 .progress()
                 .map_err(|e| Error::fabric("progress", None, e))?;
-            if n > 0 {
+            // Count completions delivered by anyone (posts that retried on FI_EAGAIN read
+            // the CQ too), not just by this call.
+            // (When one CQ serves both directions this counts it twice: still a number that
+            // changes exactly when a completion is delivered.)
+            let ep = &self.ports[p].ep;
+            let delivered = ep.rx_cq().delivered().wrapping_add(ep.tx_cq().delivered());
+            if delivered != self.ports[p].seen {
+                self.events += delivered.wrapping_sub(self.ports[p].seen);
+                self.ports[p].seen = delivered;
                 any = true;
-                self.events += n as u64;
                 self.reap_slots(p)?;
             }
         }
@@ -1500,6 +1519,88 @@ fn matches(want_src: Source, want_tag: Tag, src: u32, tag: u32) -> bool {
         Tag::Any => tag <= MAX_USER_TAG,
         Tag::Is(t) => t == tag,
     })
+}
+
+// ---- Crate-internal support for `crate::coll` (owned receives, collective sequence). ----
+
+/// A receive whose data the engine hands over as an owned `Vec<u8>` (no copy-out), for the
+/// collectives. Dropping it cancels the receive.
+#[derive(Debug)]
+pub(crate) struct OwnedRecv {
+    comm: Communicator,
+    id: u64,
+}
+
+/// Per-communicator count of collective calls (see [`Communicator::next_coll_seq`]).
+static COLL_SEQ: Mutex<Vec<(std::sync::Weak<Inner>, u32)>> = Mutex::new(Vec::new());
+
+impl Communicator {
+    /// Starts a receive of at most `capacity` bytes with an exact (possibly reserved) tag;
+    /// the data is taken with [`OwnedRecv::take`].
+    pub(crate) fn irecv_owned(&self, src: Source, tag: u32, capacity: usize) -> Result<OwnedRecv> {
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let id = self.engine().start_recv(src, Tag::Is(tag), capacity)?;
+        Ok(OwnedRecv {
+            comm: self.clone(),
+            id,
+        })
+    }
+
+    /// This rank's number of collective calls so far on this communicator (then counts this
+    /// one). All ranks call collectives in the same order, so equal numbers mean the same call.
+    pub(crate) fn next_coll_seq(&self) -> u32 {
+        let mut v = COLL_SEQ.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|(w, _)| w.strong_count() > 0);
+        let me = Arc::as_ptr(&self.inner);
+        if let Some((_, s)) = v.iter_mut().find(|(w, _)| std::ptr::eq(w.as_ptr(), me)) {
+            let cur = *s;
+            *s = s.wrapping_add(1);
+            return cur;
+        }
+        v.push((Arc::downgrade(&self.inner), 1));
+        0
+    }
+}
+
+impl OwnedRecv {
+    /// The status and data of the finished receive, `None` while it is still in flight.
+    pub(crate) fn take(&mut self) -> Option<Result<(Status, Vec<u8>)>> {
+        let mut e = self.comm.engine();
+        if self.id == 0 || !e.recv_finished(self.id) {
+            return None;
+        }
+        let op = e.recvs.remove(&self.id);
+        self.id = 0;
+        Some(match op {
+            None => Err(Error::Config("receive vanished from the engine".into())),
+            Some(op) => match op.state {
+                RecvState::Failed(err) => Err(err),
+                _ => {
+                    let status = op.status.expect("completed receive has a status");
+                    let mut data = op.data;
+                    data.truncate(status.len);
+                    Ok((status, data))
+                }
+            },
+        })
+    }
+}
+
+impl Drop for OwnedRecv {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            self.comm.engine().cancel_recv(self.id);
+        }
+    }
+}
+
+impl SendRequest {
+    /// Whether the send has completed (successfully or not), without progressing.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.comm.engine().send_finished(self.id)
+    }
 }
 
 #[cfg(test)]

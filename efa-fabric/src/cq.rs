@@ -5,7 +5,7 @@ use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::ptr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use efa_ffi as ffi;
@@ -151,6 +151,8 @@ struct CqInner {
     domain: Domain,
     unsolicited: Mutex<VecDeque<Completion>>,
     size: usize,
+    /// Completions delivered so far, by any reader.
+    delivered: AtomicU64,
 }
 
 // SAFETY: opened on a FI_THREAD_SAFE domain; libfabric serializes access internally. Our own
@@ -199,6 +201,7 @@ impl CompletionQueue {
                 domain: domain.clone(),
                 unsolicited: Mutex::new(VecDeque::new()),
                 size,
+                delivered: AtomicU64::new(0),
             }),
         })
     }
@@ -229,7 +232,9 @@ impl CompletionQueue {
             return Ok(0);
         }
         if ret == -(ffi::FI_EAVAIL as isize) {
-            return self.read_error().map(|_| 1);
+            self.read_error()?;
+            self.inner.delivered.fetch_add(1, Ordering::Release);
+            return Ok(1);
         }
         let n = check("fi_cq_read", ret)?.min(CQ_BATCH);
         // SAFETY: fi_cq_read initialised the first `n` entries (n <= CQ_BATCH).
@@ -255,6 +260,7 @@ impl CompletionQueue {
                 unsafe { OpContext::complete(e.op_context as *const OpContext, Ok(c)) };
             }
         }
+        self.inner.delivered.fetch_add(n as u64, Ordering::Release);
         Ok(n)
     }
 
@@ -306,6 +312,14 @@ impl CompletionQueue {
         // SAFETY: as in poll: the context is a live OpContext, completed only by this reader.
         unsafe { OpContext::complete(err.op_context as *const OpContext, Err(ce)) };
         Ok(())
+    }
+
+    /// How many completions this CQ has delivered so far, whoever read them. A caller that
+    /// tracks operations of its own compares this with an earlier value to learn whether any
+    /// may have completed since, even through reads made by other code (a post that retried
+    /// on `FI_EAGAIN` reads the CQ too).
+    pub fn delivered(&self) -> u64 {
+        self.inner.delivered.load(Ordering::Acquire)
     }
 
     /// Takes the completions that arrived without an operation context (remote CQ data).
