@@ -316,6 +316,8 @@ struct Engine {
     ctx: u32,
     /// Completions seen so far (for backoff decisions).
     events: u64,
+    /// Remote CQ data delivered with RMA writes (`writedata`), oldest first.
+    notifications: VecDeque<u64>,
 }
 
 struct Inner {
@@ -327,6 +329,8 @@ struct Inner {
     /// Keeps a rank-0-served TCP store alive until the communicator is dropped.
     _store: Arc<dyn Store>,
     engine: Mutex<Engine>,
+    /// Collective objects (RMA windows) created so far.
+    objects: std::sync::atomic::AtomicU32,
 }
 
 /// A communicator: every rank of a job, reachable by rank number.
@@ -356,8 +360,22 @@ fn caps() -> Caps {
     Caps::MSG | Caps::TAGGED
 }
 
+/// The info for `provider`, with RMA capabilities when the provider has them (RMA windows
+/// need them), else with messaging only.
 fn find_info(provider: &str, domain: Option<&str>, source: Option<&str>) -> Option<Info> {
-    let mut hints = Hints::new().provider(provider).caps(caps());
+    let rma =
+        caps() | Caps::RMA | Caps::READ | Caps::WRITE | Caps::REMOTE_READ | Caps::REMOTE_WRITE;
+    find_info_caps(provider, domain, source, rma)
+        .or_else(|| find_info_caps(provider, domain, source, caps()))
+}
+
+fn find_info_caps(
+    provider: &str,
+    domain: Option<&str>,
+    source: Option<&str>,
+    caps: Caps,
+) -> Option<Info> {
+    let mut hints = Hints::new().provider(provider).caps(caps);
     if let Some(d) = domain {
         hints = hints.domain(d);
     }
@@ -531,6 +549,7 @@ impl Communicator {
             eager_limit: config.eager_limit,
             ctx: 0,
             events: 0,
+            notifications: VecDeque::new(),
         };
         engine.post_all_slots()?;
         let comm = Communicator {
@@ -542,6 +561,7 @@ impl Communicator {
                 _store: store.clone(),
                 engine: Mutex::new(engine),
                 config,
+                objects: std::sync::atomic::AtomicU32::new(0),
             }),
         };
         // Everyone has posted its receive buffers before anyone sends.
@@ -583,6 +603,42 @@ impl Communicator {
     /// The deadline applied to blocking calls.
     pub fn timeout(&self) -> Duration {
         self.inner.config.timeout
+    }
+
+    /// The endpoint and address through which `peer` is reached (for RMA).
+    pub(crate) fn peer_endpoint(&self, peer: u32) -> (usize, Endpoint, FiAddr) {
+        let e = self.engine();
+        let r = &e.peers[peer as usize];
+        (r.port, e.ports[r.port].ep.clone(), r.addr)
+    }
+
+    /// Every open endpoint, by port index, with whether any peer is routed through it.
+    pub(crate) fn port_endpoints(&self) -> Vec<(Endpoint, bool)> {
+        let e = self.engine();
+        e.ports.iter().map(|p| (p.ep.clone(), p.used)).collect()
+    }
+
+    /// Takes the remote CQ data delivered by RMA writes with notification, oldest first.
+    pub(crate) fn take_notifications(&self) -> Vec<u64> {
+        let mut e = self.engine();
+        let _ = e.progress();
+        let mut out: Vec<u64> = e.notifications.drain(..).collect();
+        for p in &e.ports {
+            for c in p.ep.rx_cq().take_unsolicited() {
+                if c.has_data() {
+                    out.push(c.data);
+                }
+            }
+        }
+        out
+    }
+
+    /// A fresh id for a collective object (window), equal on every rank that creates its
+    /// objects in the same order.
+    pub(crate) fn next_object_id(&self) -> u32 {
+        self.inner
+            .objects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn check_rank(&self, r: u32) -> Result<()> {
@@ -1302,6 +1358,11 @@ impl Engine {
             }
             let pending = self.ports[port].slots[s].take().expect("checked");
             let buf = match pending.wait(Duration::ZERO) {
+                Ok(done) if done.len == 0 && done.data.is_some() => {
+                    // Remote CQ data of an RMA write that consumed a receive buffer.
+                    self.notifications.extend(done.data);
+                    done.buf
+                }
                 Ok(done) => {
                     let res = Header::decode(&done.buf, done.len);
                     match res {

@@ -100,6 +100,36 @@ pub enum Error {
         /// What was wrong.
         what: String,
     },
+    /// An RMA access outside the peer's window. Nothing was transferred.
+    #[error("{op} of {count} elements at offset {offset} is outside rank {peer}'s window of {window_len} elements")]
+    RmaOutOfBounds {
+        /// put or get.
+        op: crate::window::RmaOp,
+        /// The target rank.
+        peer: u32,
+        /// First element.
+        offset: usize,
+        /// Number of elements.
+        count: usize,
+        /// Window size in elements.
+        window_len: usize,
+    },
+    /// The peer's window does not allow this operation. Nothing was transferred.
+    #[error("{op} denied: rank {peer}'s window is {access:?}")]
+    RmaAccess {
+        /// put or get.
+        op: crate::window::RmaOp,
+        /// The target rank.
+        peer: u32,
+        /// The window's access.
+        access: crate::window::WindowAccess,
+    },
+    /// The provider lacks a capability this call needs; the message says which.
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// The missing capability and what to do.
+        what: String,
+    },
     /// A bad configuration value (the message names it).
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -56,16 +56,20 @@
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+pub mod coll;
 pub mod comm;
 pub mod error;
 pub mod net;
 pub mod placement;
 pub mod store;
+pub mod window;
 pub mod wire;
 
+pub use coll::{Algorithm, CollConfig, CollRequest, Element, ReduceOp};
 pub use comm::{
     Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
     Tag,
 };
 pub use error::{Error, Result};
 pub use placement::Transport;
+pub use window::{RmaOp, RmaRequest, Window, WindowAccess};

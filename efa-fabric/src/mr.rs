@@ -383,8 +383,10 @@ impl std::fmt::Debug for AlignedBuf {
 /// A page-aligned buffer registered for local use (and, if asked, remote access): the usual
 /// buffer for sends, receives and RMA on providers that want registered memory.
 pub struct RegisteredBuf {
-    // Field order matters: the region is closed before the memory is freed.
+    // Field order matters: the regions are closed before the memory is freed.
     mr: MemoryRegion,
+    /// Registrations of the same memory in other domains ([`RegisteredBuf::register_in`]).
+    extra: Vec<MemoryRegion>,
     buf: AlignedBuf,
 }
 
@@ -410,7 +412,38 @@ impl RegisteredBuf {
         let mr = unsafe {
             MemoryRegion::register_raw(domain, buf.ptr.as_ptr(), len, access | Access::LOCAL, ep)?
         };
-        Ok(RegisteredBuf { mr, buf })
+        Ok(RegisteredBuf {
+            mr,
+            extra: Vec::new(),
+            buf,
+        })
+    }
+
+    /// Registers the same memory in another domain too (a rank that reaches peers through
+    /// several providers exposes one buffer on each), and returns that registration. The
+    /// registration lives, and is closed, with this buffer.
+    ///
+    /// # Errors
+    /// As [`MemoryRegion::register_raw`].
+    pub fn register_in(
+        &mut self,
+        domain: &Domain,
+        access: Access,
+        ep: Option<&Endpoint>,
+    ) -> Result<MemoryRegion> {
+        // SAFETY: as in `new`: the memory is owned by self, fixed, and freed only after every
+        // registration in `extra` (field order).
+        let mr = unsafe {
+            MemoryRegion::register_raw(
+                domain,
+                self.buf.ptr.as_ptr(),
+                self.buf.len,
+                access | Access::LOCAL,
+                ep,
+            )?
+        };
+        self.extra.push(mr.clone());
+        Ok(mr)
     }
 
     /// The memory region.

@@ -1,0 +1,656 @@
+//! Collective schedules as plain data: for one rank, a list of [`Step`]s saying which element
+//! ranges go to which peer and which arrive from which peer, and how each arrival is applied
+//! (copied, or reduced with a fixed operand order). No I/O here; the executor in
+//! [`super`] runs the steps over the network, and the tests below run them for every rank
+//! in-process.
+//!
+//! Semantics of a step (the executor and the simulator agree on them):
+//! 1. every send of the step is issued, reading the working buffer (or the input buffer,
+//!    [`Send::input`]) at that moment (the data is copied when the send is issued);
+//! 2. the receives are applied in list order.
+//!
+//! A send of step `s + 1` whose range equals a receive range of step `s` may be issued
+//! chunk by chunk as soon as that chunk has been applied (pipelining); all other sends of
+//! step `s + 1` wait for every receive of step `s`.
+//!
+//! Summation order is fixed by the schedule alone: recursive doubling always combines the
+//! lower group's partial first, a ring combines in ring order starting after the block's
+//! owner, and trees combine the lower relative rank first.
+
+use std::ops::Range;
+
+use super::kernel::Order;
+
+/// What to do with received data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Overwrite the range.
+    Copy,
+    /// Combine into the range with the given operand order.
+    Reduce(Order),
+}
+
+/// One outgoing transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Send {
+    /// Destination rank.
+    pub peer: u32,
+    /// Element range.
+    pub range: Range<usize>,
+    /// Read from the input buffer instead of the working buffer.
+    pub input: bool,
+}
+
+/// One incoming transfer into the working buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recv {
+    /// Source rank.
+    pub peer: u32,
+    /// Element range of the working buffer.
+    pub range: Range<usize>,
+    /// How it is applied.
+    pub action: Action,
+}
+
+/// One step of a rank's schedule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Issued first.
+    pub sends: Vec<Send>,
+    /// Then applied in order.
+    pub recvs: Vec<Recv>,
+}
+
+fn send(peer: u32, range: Range<usize>) -> Send {
+    Send {
+        peer,
+        range,
+        input: false,
+    }
+}
+
+fn recv(peer: u32, range: Range<usize>, action: Action) -> Recv {
+    Recv {
+        peer,
+        range,
+        action,
+    }
+}
+
+/// Splits `count` elements into `n` contiguous blocks, the first `count % n` one longer.
+pub fn even_blocks(count: usize, n: u32) -> Vec<Range<usize>> {
+    let n = n as usize;
+    let (base, extra) = (count / n, count % n);
+    let mut out = Vec::with_capacity(n);
+    let mut off = 0;
+    for i in 0..n {
+        let len = base + usize::from(i < extra);
+        out.push(off..off + len);
+        off += len;
+    }
+    out
+}
+
+/// Contiguous blocks of the given lengths.
+pub fn blocks_of(counts: &[usize]) -> Vec<Range<usize>> {
+    let mut off = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            off += c;
+            off - c..off
+        })
+        .collect()
+}
+
+/// Recursive doubling with the non-power-of-two ranks folded in and out: with `p` the largest
+/// power of two `<= n` and `r = n - p`, each even rank `< 2r` first hands its data to the odd
+/// rank above it, sits out the `log2 p` exchange steps among the `p` remaining ranks, and gets
+/// the result back at the end.
+///
+/// Applies to allreduce (`action = Reduce`) over `0..count`; also used for the argument check
+/// and the barrier.
+pub fn recursive_doubling(n: u32, rank: u32, count: usize) -> Vec<Step> {
+    let p = 1u32 << (31 - n.leading_zeros());
+    let r = n - p;
+    let all = 0..count;
+    let real = |v: u32| if v < r { 2 * v + 1 } else { v + r };
+    let mut steps = Vec::new();
+    if rank < 2 * r && rank % 2 == 0 {
+        // Folded out: send, wait for the result.
+        steps.push(Step {
+            sends: vec![send(rank + 1, all.clone())],
+            recvs: vec![],
+        });
+        steps.push(Step {
+            sends: vec![],
+            recvs: vec![recv(rank + 1, all, Action::Copy)],
+        });
+        return steps;
+    }
+    let v = if rank < 2 * r { rank / 2 } else { rank - r };
+    if rank < 2 * r {
+        // The lower (even) rank's data comes first.
+        steps.push(Step {
+            sends: vec![],
+            recvs: vec![recv(rank - 1, all.clone(), Action::Reduce(Order::SrcFirst))],
+        });
+    }
+    let mut mask = 1;
+    while mask < p {
+        let pv = v ^ mask;
+        let order = if v < pv {
+            Order::DstFirst
+        } else {
+            Order::SrcFirst
+        };
+        steps.push(Step {
+            sends: vec![send(real(pv), all.clone())],
+            recvs: vec![recv(real(pv), all.clone(), Action::Reduce(order))],
+        });
+        mask <<= 1;
+    }
+    if rank < 2 * r {
+        steps.push(Step {
+            sends: vec![send(rank - 1, all)],
+            recvs: vec![],
+        });
+    }
+    steps
+}
+
+/// Ring reduce-scatter over `blocks` (one per rank): after `n - 1` steps rank `r` holds the
+/// reduction of block `r`. Block `b` is combined in ring order `b+1, b+2, ..., b` (each
+/// arriving partial first).
+pub fn ring_reduce_scatter(n: u32, rank: u32, blocks: &[Range<usize>]) -> Vec<Step> {
+    let next = (rank + 1) % n;
+    let prev = (rank + n - 1) % n;
+    let b = |k: u32| blocks[(k % n) as usize].clone();
+    (0..n.saturating_sub(1))
+        .map(|s| Step {
+            sends: vec![send(next, b(rank + 2 * n - s - 1))],
+            recvs: vec![recv(
+                prev,
+                b(rank + 2 * n - s - 2),
+                Action::Reduce(Order::SrcFirst),
+            )],
+        })
+        .collect()
+}
+
+/// Ring allgather over `blocks`: rank `r` starts with block `r` and after `n - 1` steps has
+/// them all.
+pub fn ring_allgather(n: u32, rank: u32, blocks: &[Range<usize>]) -> Vec<Step> {
+    let next = (rank + 1) % n;
+    let prev = (rank + n - 1) % n;
+    let b = |k: u32| blocks[(k % n) as usize].clone();
+    (0..n.saturating_sub(1))
+        .map(|s| Step {
+            sends: vec![send(next, b(rank + n - s))],
+            recvs: vec![recv(prev, b(rank + 2 * n - s - 1), Action::Copy)],
+        })
+        .collect()
+}
+
+/// Ring allreduce: reduce-scatter then allgather over [`even_blocks`]. Rank `r`'s last
+/// reduce-scatter receive and its first allgather send are both block `r`, so the executor
+/// pipelines across the boundary.
+pub fn ring_allreduce(n: u32, rank: u32, count: usize) -> Vec<Step> {
+    let blocks = even_blocks(count, n);
+    let mut s = ring_reduce_scatter(n, rank, &blocks);
+    s.extend(ring_allgather(n, rank, &blocks));
+    s
+}
+
+/// Binomial-tree broadcast of `0..count` from `root`.
+pub fn binomial_bcast(n: u32, rank: u32, root: u32, count: usize) -> Vec<Step> {
+    let v = (rank + n - root) % n;
+    let real = |x: u32| (x + root) % n;
+    let mut steps = Vec::new();
+    let mut mask = 1u32;
+    while mask < n {
+        if v & mask != 0 {
+            steps.push(Step {
+                sends: vec![],
+                recvs: vec![recv(real(v - mask), 0..count, Action::Copy)],
+            });
+            break;
+        }
+        mask <<= 1;
+    }
+    let mut sends = Vec::new();
+    mask >>= 1;
+    while mask > 0 {
+        if v + mask < n {
+            sends.push(send(real(v + mask), 0..count));
+        }
+        mask >>= 1;
+    }
+    if !sends.is_empty() {
+        steps.push(Step {
+            sends,
+            recvs: vec![],
+        });
+    }
+    steps
+}
+
+/// Chain broadcast from `root` (root -> root+1 -> ...); the executor pipelines it in chunks.
+pub fn chain_bcast(n: u32, rank: u32, root: u32, count: usize) -> Vec<Step> {
+    let v = (rank + n - root) % n;
+    let mut steps = Vec::new();
+    if v > 0 {
+        steps.push(Step {
+            sends: vec![],
+            recvs: vec![recv((rank + n - 1) % n, 0..count, Action::Copy)],
+        });
+    }
+    if v + 1 < n {
+        steps.push(Step {
+            sends: vec![send((rank + 1) % n, 0..count)],
+            recvs: vec![],
+        });
+    }
+    steps
+}
+
+/// Binomial-tree reduction of `0..count` to `root`; the lower relative rank's partial comes
+/// first. Other ranks' working buffers hold partial results afterwards.
+pub fn binomial_reduce(n: u32, rank: u32, root: u32, count: usize) -> Vec<Step> {
+    let v = (rank + n - root) % n;
+    let real = |x: u32| (x + root) % n;
+    let mut steps = Vec::new();
+    let mut mask = 1u32;
+    while mask < n {
+        if v & mask != 0 {
+            steps.push(Step {
+                sends: vec![send(real(v - mask), 0..count)],
+                recvs: vec![],
+            });
+            break;
+        }
+        if v + mask < n {
+            steps.push(Step {
+                sends: vec![],
+                recvs: vec![recv(
+                    real(v + mask),
+                    0..count,
+                    Action::Reduce(Order::DstFirst),
+                )],
+            });
+        }
+        mask <<= 1;
+    }
+    steps
+}
+
+/// Reduction to `root` for large counts: ring reduce-scatter, then every rank sends its
+/// reduced block to the root.
+pub fn ring_reduce(n: u32, rank: u32, root: u32, count: usize) -> Vec<Step> {
+    let blocks = even_blocks(count, n);
+    let mut steps = ring_reduce_scatter(n, rank, &blocks);
+    steps.extend(gather(n, rank, root, &blocks, false));
+    steps
+}
+
+/// Linear gather of `blocks` to `root` (the root's own block stays in place). With
+/// `input`, senders read their block from the start of the input buffer.
+pub fn gather(n: u32, rank: u32, root: u32, blocks: &[Range<usize>], input: bool) -> Vec<Step> {
+    if n == 1 {
+        return Vec::new();
+    }
+    if rank == root {
+        let recvs = (0..n)
+            .filter(|&r| r != root && !blocks[r as usize].is_empty())
+            .map(|r| recv(r, blocks[r as usize].clone(), Action::Copy))
+            .collect();
+        vec![Step {
+            sends: vec![],
+            recvs,
+        }]
+    } else {
+        let b = blocks[rank as usize].clone();
+        if b.is_empty() {
+            return Vec::new();
+        }
+        let range = if input { 0..b.len() } else { b };
+        vec![Step {
+            sends: vec![Send {
+                peer: root,
+                range,
+                input,
+            }],
+            recvs: vec![],
+        }]
+    }
+}
+
+/// Linear scatter of `blocks` of the root's input buffer; every other rank receives its
+/// block into `0..len` of its working buffer.
+pub fn scatter(n: u32, rank: u32, root: u32, blocks: &[Range<usize>]) -> Vec<Step> {
+    if n == 1 {
+        return Vec::new();
+    }
+    if rank == root {
+        let sends = (0..n)
+            .filter(|&r| r != root)
+            .map(|r| Send {
+                peer: r,
+                range: blocks[r as usize].clone(),
+                input: true,
+            })
+            .collect();
+        vec![Step {
+            sends,
+            recvs: vec![],
+        }]
+    } else {
+        let len = blocks[rank as usize].len();
+        vec![Step {
+            sends: vec![],
+            recvs: vec![recv(root, 0..len, Action::Copy)],
+        }]
+    }
+}
+
+/// Pairwise all-to-all: in step `s` rank `r` sends input block `(r+s) % n` and receives
+/// block `(r-s) % n` into the working buffer. `send_blocks[d]` is the range of the input
+/// going to `d`, `recv_blocks[s]` the range of the output coming from `s`. The rank's own
+/// block is not part of the schedule (the caller copies it).
+pub fn pairwise_alltoall(
+    n: u32,
+    rank: u32,
+    send_blocks: &[Range<usize>],
+    recv_blocks: &[Range<usize>],
+) -> Vec<Step> {
+    (1..n)
+        .map(|s| {
+            let to = (rank + s) % n;
+            let from = (rank + n - s) % n;
+            Step {
+                sends: vec![Send {
+                    peer: to,
+                    range: send_blocks[to as usize].clone(),
+                    input: true,
+                }],
+                recvs: vec![recv(from, recv_blocks[from as usize].clone(), Action::Copy)],
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod sim {
+    //! Runs the steps of every rank in one process, on plain data.
+    use super::*;
+    use std::collections::{HashMap, VecDeque};
+
+    /// Runs every rank's schedule; `combine(dst, src, order)` reduces. Returns the working
+    /// buffers. Panics on deadlock or on a size mismatch.
+    pub fn run<T: Clone + std::fmt::Debug>(
+        steps: &[Vec<Step>],
+        mut work: Vec<Vec<T>>,
+        input: &[Vec<T>],
+        combine: &dyn Fn(&mut [T], &[T], Order),
+    ) -> Vec<Vec<T>> {
+        let n = steps.len();
+        let mut pc = vec![(0usize, false, 0usize); n]; // (step, sends done, recvs applied)
+        let mut chan: HashMap<(usize, usize), VecDeque<Vec<T>>> = HashMap::new();
+        loop {
+            let mut moved = false;
+            for r in 0..n {
+                loop {
+                    let (s, sent, applied) = pc[r];
+                    if s >= steps[r].len() {
+                        break;
+                    }
+                    let st = &steps[r][s];
+                    if !sent {
+                        for x in &st.sends {
+                            let data = if x.input {
+                                input[r][x.range.clone()].to_vec()
+                            } else {
+                                work[r][x.range.clone()].to_vec()
+                            };
+                            chan.entry((r, x.peer as usize))
+                                .or_default()
+                                .push_back(data);
+                        }
+                        pc[r].1 = true;
+                        moved = true;
+                        continue;
+                    }
+                    if applied == st.recvs.len() {
+                        pc[r] = (s + 1, false, 0);
+                        moved = true;
+                        continue;
+                    }
+                    let rv = &st.recvs[applied];
+                    let Some(data) = chan
+                        .get_mut(&(rv.peer as usize, r))
+                        .and_then(|q| q.pop_front())
+                    else {
+                        break;
+                    };
+                    assert_eq!(
+                        data.len(),
+                        rv.range.len(),
+                        "rank {r} step {s}: size mismatch"
+                    );
+                    let dst = &mut work[r][rv.range.clone()];
+                    match rv.action {
+                        Action::Copy => dst.clone_from_slice(&data),
+                        Action::Reduce(o) => combine(dst, &data, o),
+                    }
+                    pc[r].2 += 1;
+                    moved = true;
+                }
+            }
+            if pc.iter().enumerate().all(|(r, p)| p.0 >= steps[r].len()) {
+                assert!(chan.values().all(|q| q.is_empty()), "unreceived messages");
+                return work;
+            }
+            assert!(moved, "deadlock: {pc:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sim::run;
+    use super::*;
+
+    /// Symbolic values: each element is the expression tree that produced it, so the tests
+    /// check the exact order of operations, not just the value.
+    fn sym(dst: &mut [String], src: &[String], o: Order) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = match o {
+                Order::DstFirst => format!("({d}+{s})"),
+                Order::SrcFirst => format!("({s}+{d})"),
+            };
+        }
+    }
+
+    fn leaves(e: &str) -> Vec<u32> {
+        e.split(|c: char| !c.is_ascii_digit() && c != 'x')
+            .filter(|t| t.starts_with('x'))
+            .map(|t| t[1..].split('_').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    fn inputs(n: u32, count: usize) -> Vec<Vec<String>> {
+        (0..n)
+            .map(|r| (0..count).map(|i| format!("x{r}_{i}")).collect())
+            .collect()
+    }
+
+    fn check_allreduce(n: u32, count: usize, plan: fn(u32, u32, usize) -> Vec<Step>) {
+        let steps: Vec<_> = (0..n).map(|r| plan(n, r, count)).collect();
+        let out = run(&steps, inputs(n, count), &[], &sym);
+        for i in 0..count {
+            // Identical expression (so bitwise identical results) on every rank ...
+            for r in 1..n as usize {
+                assert_eq!(out[r][i], out[0][i], "n={n} count={count} elem {i}");
+            }
+            // ... containing every rank's input exactly once, for this element.
+            let mut l = leaves(&out[0][i]);
+            l.sort_unstable();
+            assert_eq!(l, (0..n).collect::<Vec<_>>(), "n={n} {}", out[0][i]);
+            assert!(out[0][i].split('_').skip(1).all(|t| {
+                let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+                digits.parse::<usize>().unwrap() == i
+            }));
+        }
+    }
+
+    #[test]
+    fn recursive_doubling_all_sizes() {
+        for n in 1..=16 {
+            for count in [0, 1, 3, 17] {
+                check_allreduce(n, count, recursive_doubling);
+            }
+        }
+        // The fold keeps lower ranks first: with 3 ranks, (x0+x1)+x2.
+        let steps: Vec<_> = (0..3).map(|r| recursive_doubling(3, r, 1)).collect();
+        assert_eq!(
+            run(&steps, inputs(3, 1), &[], &sym)[2][0],
+            "((x0_0+x1_0)+x2_0)"
+        );
+    }
+
+    #[test]
+    fn ring_allreduce_all_sizes() {
+        for n in 1..=16 {
+            for count in [0, 1, 2, 7, 16, 17, 50] {
+                check_allreduce(n, count, ring_allreduce);
+            }
+        }
+    }
+
+    #[test]
+    fn ring_allreduce_pipelines_across_the_boundary() {
+        for n in 2..=8 {
+            for r in 0..n {
+                let s = ring_allreduce(n, r, 100);
+                let k = (n - 1) as usize;
+                assert_eq!(s[k - 1].recvs[0].range, s[k].sends[0].range);
+                for w in s.windows(2).take(k - 1) {
+                    assert_eq!(w[0].recvs[0].range, w[1].sends[0].range);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_and_allgather() {
+        for n in 1..=16 {
+            for count in [0, 1, 5, 33] {
+                let blocks = even_blocks(count, n);
+                let steps: Vec<_> = (0..n).map(|r| ring_reduce_scatter(n, r, &blocks)).collect();
+                let out = run(&steps, inputs(n, count), &[], &sym);
+                for r in 0..n as usize {
+                    for i in blocks[r].clone() {
+                        let mut l = leaves(&out[r][i]);
+                        l.sort_unstable();
+                        assert_eq!(l, (0..n).collect::<Vec<_>>());
+                    }
+                }
+                // Allgather with variable blocks.
+                let counts: Vec<usize> = (0..n as usize).map(|r| (r * 7 + count) % 5).collect();
+                let blocks = blocks_of(&counts);
+                let total = counts.iter().sum();
+                let work: Vec<Vec<String>> = (0..n as usize)
+                    .map(|r| {
+                        (0..total)
+                            .map(|i| {
+                                if blocks[r].contains(&i) {
+                                    format!("v{i}")
+                                } else {
+                                    "?".into()
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let steps: Vec<_> = (0..n).map(|r| ring_allgather(n, r, &blocks)).collect();
+                let out = run(&steps, work, &[], &sym);
+                let want: Vec<String> = (0..total).map(|i| format!("v{i}")).collect();
+                assert!(out.iter().all(|o| *o == want), "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn broadcasts_and_reduce() {
+        for n in 1..=16 {
+            for root in [0, n / 2, n - 1] {
+                for count in [0, 1, 9] {
+                    for plan in [binomial_bcast, chain_bcast] {
+                        let work: Vec<Vec<String>> = (0..n)
+                            .map(|r| {
+                                let tag = if r == root { "root" } else { "junk" };
+                                vec![tag.to_string(); count]
+                            })
+                            .collect();
+                        let steps: Vec<_> = (0..n).map(|r| plan(n, r, root, count)).collect();
+                        let out = run(&steps, work, &[], &sym);
+                        assert!(out.iter().all(|o| o.iter().all(|x| x == "root")));
+                    }
+                    for plan in [binomial_reduce, ring_reduce] {
+                        let steps: Vec<_> = (0..n).map(|r| plan(n, r, root, count)).collect();
+                        let out = run(&steps, inputs(n, count), &[], &sym);
+                        for i in 0..count {
+                            let mut l = leaves(&out[root as usize][i]);
+                            l.sort_unstable();
+                            assert_eq!(l, (0..n).collect::<Vec<_>>(), "n={n} root={root}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gather_scatter_alltoall() {
+        for n in 1..=16u32 {
+            let root = n / 3;
+            let counts: Vec<usize> = (0..n as usize).map(|r| r % 3 + 1).collect();
+            let blocks = blocks_of(&counts);
+            let total: usize = counts.iter().sum();
+            // Gather from inputs.
+            let input: Vec<Vec<String>> = (0..n as usize)
+                .map(|r| (0..counts[r]).map(|i| format!("{r}.{i}")).collect())
+                .collect();
+            let mut work = vec![vec!["?".to_string(); total]; n as usize];
+            work[root as usize][blocks[root as usize].clone()]
+                .clone_from_slice(&input[root as usize]);
+            let steps: Vec<_> = (0..n).map(|r| gather(n, r, root, &blocks, true)).collect();
+            let out = run(&steps, work, &input, &sym);
+            assert_eq!(out[root as usize], input.concat());
+            // Scatter it back.
+            let inp: Vec<Vec<String>> = vec![input.concat(); n as usize];
+            let work = vec![vec!["?".to_string(); 3]; n as usize];
+            let steps: Vec<_> = (0..n).map(|r| scatter(n, r, root, &blocks)).collect();
+            let out = run(&steps, work, &inp, &sym);
+            for r in (0..n as usize).filter(|&r| r != root as usize) {
+                assert_eq!(out[r][..counts[r]], input[r][..]);
+            }
+            // All-to-all, 2 elements per pair.
+            let b = even_blocks(2 * n as usize, n);
+            let inp: Vec<Vec<String>> = (0..n)
+                .map(|r| (0..2 * n).map(|i| format!("{r}>{}", i / 2)).collect())
+                .collect();
+            let steps: Vec<_> = (0..n).map(|r| pairwise_alltoall(n, r, &b, &b)).collect();
+            let mut work = vec![vec!["?".to_string(); 2 * n as usize]; n as usize];
+            for r in 0..n as usize {
+                let own = b[r].clone();
+                work[r][own.clone()].clone_from_slice(&inp[r][own]);
+            }
+            let out = run(&steps, work, &inp, &sym);
+            for r in 0..n {
+                let want: Vec<String> = (0..2 * n).map(|i| format!("{}>{r}", i / 2)).collect();
+                assert_eq!(out[r as usize], want);
+            }
+        }
+    }
+}

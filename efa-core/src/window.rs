@@ -1,0 +1,650 @@
+//! RMA windows: one-sided put and get into registered memory of other ranks.
+//!
+//! [`Communicator::window`] is collective: every rank allocates `len` elements, registers
+//! them with the endpoint of every route it uses, and sends each peer the descriptor
+//! (address, key, length, access) of the registration that peer reaches it through.
+//!
+//! # Completion and visibility
+//! - [`Window::put`] / [`Window::get`] return when the operation has completed locally: the
+//!   source buffer of a put may be reused, the destination of a get holds the data.
+//! - [`Window::flush`]`(peer)` returns when every put this rank issued to `peer` has been
+//!   written into `peer`'s memory (it waits for local completions, then reads from the
+//!   target through the same connection, which is ordered after the writes).
+//! - The target sees the data after a synchronisation: [`Window::fence`] (collective:
+//!   flush everything, then a barrier), or a notification from [`Window::put_notify`],
+//!   whose remote CQ data is delivered after the data itself.
+//!
+//! # Safety of memory
+//! The NIC never touches user buffers: puts read from a copy, gets land in memory the
+//! window owns and are copied out on completion. A window's own memory is released only by
+//! [`Window::free`], which is collective (a fence first), so no peer can write into memory
+//! that has gone back to the allocator. A window dropped without `free` keeps its memory
+//! (and logs a warning) for the same reason.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+use efa_fabric::{Access, Endpoint, FiAddr, Pending, RegisteredBuf, RemoteRegion};
+
+use crate::comm::{Communicator, Source};
+use crate::error::{Error, Result};
+
+/// Who may access a window remotely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowAccess {
+    /// Peers may only get.
+    ReadOnly,
+    /// Peers may only put.
+    WriteOnly,
+    /// Peers may put and get.
+    ReadWrite,
+}
+
+impl WindowAccess {
+    fn fabric(self) -> Access {
+        match self {
+            WindowAccess::ReadOnly => Access::REMOTE_READ,
+            WindowAccess::WriteOnly => Access::REMOTE_WRITE,
+            WindowAccess::ReadWrite => Access::REMOTE_READ | Access::REMOTE_WRITE,
+        }
+    }
+    fn code(self) -> u8 {
+        match self {
+            WindowAccess::ReadOnly => 1,
+            WindowAccess::WriteOnly => 2,
+            WindowAccess::ReadWrite => 3,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(WindowAccess::ReadOnly),
+            2 => Some(WindowAccess::WriteOnly),
+            3 => Some(WindowAccess::ReadWrite),
+            _ => None,
+        }
+    }
+    fn allows(self, op: RmaOp) -> bool {
+        match op {
+            RmaOp::Put => self != WindowAccess::ReadOnly,
+            RmaOp::Get => self != WindowAccess::WriteOnly,
+        }
+    }
+}
+
+/// One-sided operation kinds, for errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmaOp {
+    /// Write into the peer's window.
+    Put,
+    /// Read from the peer's window.
+    Get,
+}
+
+impl std::fmt::Display for RmaOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RmaOp::Put => "put",
+            RmaOp::Get => "get",
+        })
+    }
+}
+
+/// Tag range of window descriptors and fence tokens (reserved, above user tags).
+const WIN_TAG: u32 = 0xF000_0000;
+const DESC_LEN: usize = RemoteRegion::WIRE_LEN + 1;
+
+struct PeerWin {
+    ep: Endpoint,
+    addr: FiAddr,
+    remote: RemoteRegion,
+    access: WindowAccess,
+}
+
+enum Op {
+    Put(Pending<Vec<u8>>),
+    Get(Pending<Vec<u8>>),
+}
+
+struct Outstanding {
+    next: u64,
+    ops: HashMap<u64, (u32, Op)>,
+}
+
+/// A window of `T` elements on every rank. See the [module docs](self).
+pub struct Window<T: Pod> {
+    comm: Communicator,
+    id: u32,
+    len: usize,
+    access: WindowAccess,
+    peers: Vec<PeerWin>,
+    outstanding: Mutex<Outstanding>,
+    // Last: the memory outlives the operations above when dropped field by field.
+    mem: Option<RegisteredBuf>,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> std::fmt::Debug for Window<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("id", &self.id)
+            .field("len", &self.len)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+/// A non-blocking put or get. Dropping it before completion cancels and drains it.
+#[derive(Debug)]
+#[must_use = "an RMA request must be waited for"]
+pub struct RmaRequest<'w, 'a, T: Pod> {
+    win: &'w Window<T>,
+    id: u64,
+    peer: u32,
+    out: Option<&'a mut [T]>,
+}
+
+impl Communicator {
+    /// Creates a window of `len` zeroed elements on every rank (collective: every rank calls
+    /// it, in the same order relative to other windows).
+    ///
+    /// # Errors
+    /// [`Error::Fabric`] when registration fails ([`efa_fabric::Error::MemlockLimit`] names a
+    /// too-low `ulimit -l`); [`Error::Unsupported`] when a route's provider lacks RMA;
+    /// [`Error::Timeout`] when a peer does not create its window in time.
+    pub fn window<T: Pod>(&self, len: usize, access: WindowAccess) -> Result<Window<T>> {
+        Window::create(self, len, access)
+    }
+}
+
+impl<T: Pod> Window<T> {
+    fn create(comm: &Communicator, len: usize, access: WindowAccess) -> Result<Window<T>> {
+        let id = comm.next_object_id();
+        let bytes = len * std::mem::size_of::<T>();
+        let ports = comm.port_endpoints();
+        // Register the memory in every domain some peer is routed through.
+        let mut mem: Option<RegisteredBuf> = None;
+        let mut regions: HashMap<usize, RemoteRegion> = HashMap::new();
+        for (i, (ep, used)) in ports.iter().enumerate() {
+            if !used {
+                continue;
+            }
+            if !ep.caps().contains(efa_fabric::Caps::RMA) {
+                return Err(Error::Unsupported {
+                    what: format!("provider {} has no FI_RMA capability, so RMA windows cannot use it (restrict EFA_TRANSPORTS to a transport with RMA)", ep.info().provider()),
+                });
+            }
+            let remote = match &mut mem {
+                None => {
+                    let b = RegisteredBuf::new(ep.domain(), bytes, access.fabric(), Some(ep))
+                        .map_err(|e| Error::fabric("registering the window", None, e))?;
+                    let r = b.remote();
+                    mem = Some(b);
+                    r
+                }
+                Some(b) => b
+                    .register_in(ep.domain(), access.fabric() | Access::LOCAL, Some(ep))
+                    .map_err(|e| Error::fabric("registering the window", None, e))?
+                    .remote(),
+            };
+            regions.insert(i, remote);
+        }
+        // Tell each peer the registration it reaches us through; learn theirs.
+        let tag = WIN_TAG | ((id & 0xFFFF) << 8);
+        let n = comm.size();
+        let mut descs = vec![[0u8; DESC_LEN]; n as usize];
+        let mut recvs = Vec::new();
+        for (p, d) in descs.iter_mut().enumerate() {
+            recvs.push(comm.irecv_bytes(d, Source::Rank(p as u32), tag)?);
+        }
+        let mut sends = Vec::new();
+        for p in 0..n {
+            let (port, _, _) = comm.peer_endpoint(p);
+            let mut d = [0u8; DESC_LEN];
+            d[..RemoteRegion::WIRE_LEN].copy_from_slice(&regions[&port].to_bytes());
+            d[RemoteRegion::WIRE_LEN] = access.code();
+            sends.push(comm.isend_bytes(&d, p, tag)?);
+        }
+        for r in recvs {
+            r.wait()?;
+        }
+        for s in sends {
+            s.wait()?;
+        }
+        let mut peers = Vec::with_capacity(n as usize);
+        for (p, d) in descs.iter().enumerate() {
+            let remote = RemoteRegion::from_bytes(&d[..RemoteRegion::WIRE_LEN]).map_err(|e| {
+                Error::Protocol {
+                    peer: p as u32,
+                    what: e.to_string(),
+                }
+            })?;
+            let access = WindowAccess::from_code(d[RemoteRegion::WIRE_LEN]).ok_or_else(|| {
+                Error::Protocol {
+                    peer: p as u32,
+                    what: "bad window access code".into(),
+                }
+            })?;
+            if remote.len != bytes as u64 {
+                return Err(Error::Protocol {
+                    peer: p as u32,
+                    what: format!("window {id}: rank {p} created {} bytes, this rank {bytes} (every rank must create the same window)", remote.len),
+                });
+            }
+            let (_, ep, addr) = comm.peer_endpoint(p as u32);
+            peers.push(PeerWin {
+                ep,
+                addr,
+                remote,
+                access,
+            });
+        }
+        tracing::debug!(id, len, ?access, "window created");
+        Ok(Window {
+            comm: comm.clone(),
+            id,
+            len,
+            access,
+            peers,
+            outstanding: Mutex::new(Outstanding {
+                next: 1,
+                ops: HashMap::new(),
+            }),
+            mem,
+            _t: PhantomData,
+        })
+    }
+
+    /// Elements per rank.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length window.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// This rank's window memory. Peers may write it at any time during an access epoch;
+    /// read it after a [`Window::fence`] or a notification for a consistent view.
+    pub fn local(&self) -> &[T] {
+        match &self.mem {
+            Some(m) if self.len > 0 => {
+                bytemuck::cast_slice(&m[..self.len * std::mem::size_of::<T>()])
+            }
+            _ => &[],
+        }
+    }
+
+    /// This rank's window memory, for local initialisation (between fences).
+    pub fn local_mut(&mut self) -> &mut [T] {
+        let n = self.len * std::mem::size_of::<T>();
+        match &mut self.mem {
+            Some(m) if n > 0 => bytemuck::cast_slice_mut(&mut m[..n]),
+            _ => &mut [],
+        }
+    }
+
+    fn check(&self, op: RmaOp, peer: u32, offset: usize, count: usize) -> Result<(&PeerWin, u64)> {
+        if peer >= self.comm.size() {
+            return Err(Error::InvalidRank {
+                rank: peer,
+                size: self.comm.size(),
+            });
+        }
+        let pw = &self.peers[peer as usize];
+        if !pw.access.allows(op) {
+            return Err(Error::RmaAccess {
+                op,
+                peer,
+                access: pw.access,
+            });
+        }
+        let esz = std::mem::size_of::<T>();
+        let in_bounds = offset.checked_add(count).is_some_and(|end| end <= self.len);
+        if !in_bounds {
+            return Err(Error::RmaOutOfBounds {
+                op,
+                peer,
+                offset,
+                count,
+                window_len: self.len,
+            });
+        }
+        Ok((pw, (offset * esz) as u64))
+    }
+
+    fn track(&self, peer: u32, op: Op) -> u64 {
+        let mut o = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        let id = o.next;
+        o.next += 1;
+        o.ops.insert(id, (peer, op));
+        id
+    }
+
+    /// Starts writing `data` into `peer`'s window at element `offset`.
+    ///
+    /// # Errors
+    /// [`Error::RmaOutOfBounds`] (naming the window size) or [`Error::RmaAccess`] before
+    /// anything is sent; fabric errors.
+    pub fn iput(&self, peer: u32, offset: usize, data: &[T]) -> Result<RmaRequest<'_, '_, T>> {
+        let (pw, off) = self.check(RmaOp::Put, peer, offset, data.len())?;
+        let bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        let p = pw
+            .ep
+            .write(bytes, pw.addr, &pw.remote, off)
+            .map_err(|e| Error::fabric("put", Some(peer), e.error))?;
+        let id = self.track(peer, Op::Put(p));
+        Ok(RmaRequest {
+            win: self,
+            id,
+            peer,
+            out: None,
+        })
+    }
+
+    /// Starts reading `out.len()` elements from `peer`'s window at `offset` into `out`.
+    ///
+    /// # Errors
+    /// As [`Window::iput`].
+    pub fn iget<'a>(
+        &self,
+        peer: u32,
+        offset: usize,
+        out: &'a mut [T],
+    ) -> Result<RmaRequest<'_, 'a, T>> {
+        let (pw, off) = self.check(RmaOp::Get, peer, offset, out.len())?;
+        let p = pw
+            .ep
+            .read(
+                vec![0u8; std::mem::size_of_val(out)],
+                pw.addr,
+                &pw.remote,
+                off,
+            )
+            .map_err(|e| Error::fabric("get", Some(peer), e.error))?;
+        let id = self.track(peer, Op::Get(p));
+        Ok(RmaRequest {
+            win: self,
+            id,
+            peer,
+            out: Some(out),
+        })
+    }
+
+    /// Writes `data` into `peer`'s window at element `offset` and waits for local completion.
+    ///
+    /// # Errors
+    /// As [`Window::iput`], plus [`Error::Timeout`].
+    pub fn put(&self, peer: u32, offset: usize, data: &[T]) -> Result<()> {
+        self.iput(peer, offset, data)?.wait()
+    }
+
+    /// Reads from `peer`'s window at element `offset` into `out`.
+    ///
+    /// # Errors
+    /// As [`Window::iput`], plus [`Error::Timeout`].
+    pub fn get(&self, peer: u32, offset: usize, out: &mut [T]) -> Result<()> {
+        self.iget(peer, offset, out)?.wait()
+    }
+
+    /// [`Window::put`] that also delivers `value` to `peer`, which receives `(source rank,
+    /// value)` from [`Window::wait_notify`] once the data is in its memory.
+    ///
+    /// # Errors
+    /// As [`Window::put`]; [`Error::Unsupported`] when the route's provider carries no remote
+    /// CQ data.
+    pub fn put_notify(&self, peer: u32, offset: usize, data: &[T], value: u32) -> Result<()> {
+        let (pw, off) = self.check(RmaOp::Put, peer, offset, data.len())?;
+        if pw.ep.info().cq_data_size() < 8 {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "provider {} carries {} bytes of remote CQ data; put_notify needs 8",
+                    pw.ep.info().provider(),
+                    pw.ep.info().cq_data_size()
+                ),
+            });
+        }
+        let bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        let cq_data = (u64::from(self.comm.rank()) << 32) | u64::from(value);
+        let p = pw
+            .ep
+            .writedata(bytes, cq_data, pw.addr, &pw.remote, off)
+            .map_err(|e| Error::fabric("put_notify", Some(peer), e.error))?;
+        let id = self.track(peer, Op::Put(p));
+        RmaRequest {
+            win: self,
+            id,
+            peer,
+            out: None,
+        }
+        .wait()
+    }
+
+    /// Waits for a notification from [`Window::put_notify`]: `(source rank, value)`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] after the communicator's timeout.
+    pub fn wait_notify(&self) -> Result<(u32, u32)> {
+        let start = Instant::now();
+        let mut backoff = efa_fabric::Backoff::new();
+        loop {
+            let mut pending = self.notes().lock().unwrap_or_else(|p| p.into_inner());
+            pending.extend(self.comm.take_notifications());
+            if !pending.is_empty() {
+                let d = pending.remove(0);
+                return Ok(((d >> 32) as u32, d as u32));
+            }
+            drop(pending);
+            if start.elapsed() >= self.comm.timeout() {
+                return Err(Error::Timeout {
+                    op: "wait_notify",
+                    peer: None,
+                    waited: start.elapsed(),
+                });
+            }
+            backoff.snooze();
+        }
+    }
+
+    fn notes(&self) -> &'static Mutex<Vec<u64>> {
+        // Notifications are per process (CQ data does not say which window it belongs to).
+        static NOTES: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        &NOTES
+    }
+
+    /// Waits for every operation to `peer` (all peers if `None`) issued through this window.
+    fn wait_outstanding(&self, peer: Option<u32>) -> Result<()> {
+        let ids: Vec<(u64, u32)> = {
+            let o = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            o.ops
+                .iter()
+                .filter(|(_, (p, _))| peer.is_none_or(|x| x == *p))
+                .map(|(id, (p, _))| (*id, *p))
+                .collect()
+        };
+        let mut first = None;
+        for (id, p) in ids {
+            if let Err(e) = self.finish(id, p, None) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Completes operation `id`, copying a get's data into `out`.
+    fn finish(&self, id: u64, peer: u32, out: Option<&mut [T]>) -> Result<()> {
+        let op = {
+            let mut o = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            o.ops.remove(&id)
+        };
+        let Some((_, op)) = op else {
+            return Ok(()); // already completed by a flush
+        };
+        let timeout = self.comm.timeout();
+        match op {
+            Op::Put(p) => p
+                .wait(timeout)
+                .map(|_| ())
+                .map_err(|e| rma_error("put", peer, e.error, timeout)),
+            Op::Get(p) => {
+                let d = p
+                    .wait(timeout)
+                    .map_err(|e| rma_error("get", peer, e.error, timeout))?;
+                if let Some(out) = out {
+                    bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&d.buf);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns when every put this rank issued to `peer` is in `peer`'s memory.
+    ///
+    /// # Errors
+    /// The first failed operation's error; [`Error::Timeout`].
+    pub fn flush(&self, peer: u32) -> Result<()> {
+        if peer >= self.comm.size() {
+            return Err(Error::InvalidRank {
+                rank: peer,
+                size: self.comm.size(),
+            });
+        }
+        self.wait_outstanding(Some(peer))?;
+        let pw = &self.peers[peer as usize];
+        // A read through the same connection completes only after the earlier writes have
+        // been placed at the target.
+        if self.len > 0 && pw.access.allows(RmaOp::Get) {
+            let p = pw
+                .ep
+                .read(vec![0u8; 1], pw.addr, &pw.remote, 0)
+                .map_err(|e| Error::fabric("flush", Some(peer), e.error))?;
+            p.wait(self.comm.timeout())
+                .map_err(|e| rma_error("flush", peer, e.error, self.comm.timeout()))?;
+        }
+        Ok(())
+    }
+
+    /// [`Window::flush`] for every peer.
+    ///
+    /// # Errors
+    /// As [`Window::flush`].
+    pub fn flush_all(&self) -> Result<()> {
+        for p in 0..self.comm.size() {
+            self.flush(p)?;
+        }
+        Ok(())
+    }
+
+    /// Collective: completes every operation of every rank on this window, then synchronises,
+    /// so that afterwards each rank sees all data written into its window before the fence.
+    ///
+    /// # Errors
+    /// As [`Window::flush`]; [`Error::Timeout`] naming a rank that does not reach the fence.
+    pub fn fence(&self) -> Result<()> {
+        self.flush_all()?;
+        let n = self.comm.size();
+        let me = self.comm.rank();
+        let tag = WIN_TAG | ((self.id & 0xFFFF) << 8) | 1;
+        // Dissemination barrier: log2(n) rounds.
+        let mut dist = 1;
+        while dist < n {
+            let to = (me + dist) % n;
+            let from = (me + n - dist) % n;
+            let mut token = [0u8; 1];
+            let r = self.comm.irecv_bytes(&mut token, Source::Rank(from), tag)?;
+            let s = self.comm.isend_bytes(&[1], to, tag)?;
+            r.wait()?;
+            s.wait()?;
+            dist *= 2;
+        }
+        Ok(())
+    }
+
+    /// Collective: fences, then releases the window's memory. No peer can access it after.
+    ///
+    /// # Errors
+    /// As [`Window::fence`]; on error the memory is kept (not freed).
+    pub fn free(mut self) -> Result<()> {
+        self.fence()?;
+        drop(self.mem.take());
+        Ok(())
+    }
+}
+
+fn rma_error(op: &'static str, peer: u32, e: efa_fabric::Error, waited: Duration) -> Error {
+    match e {
+        efa_fabric::Error::Timeout { .. } => Error::Timeout {
+            op,
+            peer: Some(peer),
+            waited,
+        },
+        other => Error::fabric(op, Some(peer), other),
+    }
+}
+
+impl<T: Pod> Drop for Window<T> {
+    fn drop(&mut self) {
+        // Complete (or cancel and drain) our own operations first.
+        let ops: Vec<_> = {
+            let mut o = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            o.ops.drain().collect()
+        };
+        drop(ops);
+        if let Some(mem) = self.mem.take() {
+            // Peers may still write into it: without the collective `free`, keep it.
+            tracing::warn!(
+                id = self.id,
+                "window dropped without Window::free; its memory is kept until the process exits"
+            );
+            std::mem::forget(mem);
+        }
+    }
+}
+
+impl<T: Pod> RmaRequest<'_, '_, T> {
+    /// Waits for local completion (a get's data is then in its buffer).
+    ///
+    /// # Errors
+    /// The operation's error; [`Error::Timeout`] naming the peer.
+    pub fn wait(mut self) -> Result<()> {
+        let out = self.out.take();
+        let r = self.win.finish(self.id, self.peer, out);
+        self.id = 0;
+        r
+    }
+
+    /// True once the operation has completed locally (progresses once).
+    pub fn test(&mut self) -> bool {
+        let o = self
+            .win
+            .outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match o.ops.get(&self.id) {
+            None => true,
+            Some((_, Op::Put(p))) | Some((_, Op::Get(p))) => {
+                let _ = self.win.peers[self.peer as usize].ep.progress();
+                p.is_done()
+            }
+        }
+    }
+}
+
+impl<T: Pod> Drop for RmaRequest<'_, '_, T> {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            // Dropping the pending operation cancels and drains it.
+            let op = self
+                .win
+                .outstanding
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ops
+                .remove(&self.id);
+            drop(op);
+        }
+    }
+}
