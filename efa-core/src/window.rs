@@ -393,22 +393,31 @@ impl<T: Pod> Window<T> {
     /// [`Window::put`] that also delivers `value` to `peer`, which receives `(source rank,
     /// value)` from [`Window::wait_notify`] once the data is in its memory.
     ///
+    /// The notification travels as 32 bits of remote CQ data (what EFA and verbs carry):
+    /// 16 for the source rank and 16 for `value`, so it needs ranks below 65536.
+    ///
     /// # Errors
-    /// As [`Window::put`]; [`Error::Unsupported`] when the route's provider carries no remote
-    /// CQ data.
-    pub fn put_notify(&self, peer: u32, offset: usize, data: &[T], value: u32) -> Result<()> {
+    /// As [`Window::put`]; [`Error::Unsupported`] when the route's provider carries less than
+    /// 4 bytes of remote CQ data, or this rank is 65536 or above.
+    pub fn put_notify(&self, peer: u32, offset: usize, data: &[T], value: u16) -> Result<()> {
         let (pw, off) = self.check(RmaOp::Put, peer, offset, data.len())?;
-        if pw.ep.info().cq_data_size() < 8 {
+        if pw.ep.info().cq_data_size() < 4 {
             return Err(Error::Unsupported {
                 what: format!(
-                    "provider {} carries {} bytes of remote CQ data; put_notify needs 8",
+                    "provider {} carries {} bytes of remote CQ data; put_notify needs 4",
                     pw.ep.info().provider(),
                     pw.ep.info().cq_data_size()
                 ),
             });
         }
+        let me = self.comm.rank();
+        if me > u32::from(u16::MAX) {
+            return Err(Error::Unsupported {
+                what: format!("put_notify from rank {me}: notifications name ranks below 65536"),
+            });
+        }
         let bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
-        let cq_data = (u64::from(self.comm.rank()) << 32) | u64::from(value);
+        let cq_data = (u64::from(me) << 16) | u64::from(value);
         let p = pw
             .ep
             .writedata(bytes, cq_data, pw.addr, &pw.remote, off)
@@ -427,7 +436,7 @@ impl<T: Pod> Window<T> {
     ///
     /// # Errors
     /// [`Error::Timeout`] after the communicator's timeout.
-    pub fn wait_notify(&self) -> Result<(u32, u32)> {
+    pub fn wait_notify(&self) -> Result<(u32, u16)> {
         let start = Instant::now();
         let mut backoff = efa_fabric::Backoff::new();
         loop {
@@ -435,7 +444,7 @@ impl<T: Pod> Window<T> {
             pending.extend(self.comm.take_notifications());
             if !pending.is_empty() {
                 let d = pending.remove(0);
-                return Ok(((d >> 32) as u32, d as u32));
+                return Ok((((d >> 16) & 0xFFFF) as u32, (d & 0xFFFF) as u16));
             }
             drop(pending);
             if start.elapsed() >= self.comm.timeout() {

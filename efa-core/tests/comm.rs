@@ -444,12 +444,16 @@ fn spawn_ranks(name: &str, envs: &[Vec<(&str, String)>]) -> Vec<std::process::Ou
         .map(|c| c.wait_with_output().unwrap())
         .collect();
     for (r, o) in outs.iter().enumerate() {
-        println!(
-            "--- rank {r} ({}):\n{}{}",
-            o.status,
+        // Indented, so that the ranks' own "test result:" lines are not read as this test's.
+        let text = format!(
+            "{}{}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
+        println!("--- rank {r} ({}):", o.status);
+        for line in text.lines() {
+            println!("    {line}");
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     outs

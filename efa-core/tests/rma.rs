@@ -100,11 +100,11 @@ fn child_put_get() {
     win.fence().unwrap();
     // Put with notification: rank r writes into rank (r+1)'s window and notifies it.
     let next = (me + 1) % n;
-    win.put_notify(next, 3, &[0xABCD + u64::from(me)], 40 + me)
+    win.put_notify(next, 3, &[0xABCD + u64::from(me)], 40 + me as u16)
         .unwrap();
     let (src, value) = win.wait_notify().unwrap();
     let prev = (me + n - 1) % n;
-    assert_eq!((src, value), (prev, 40 + prev));
+    assert_eq!((src, value), (prev, 40 + prev as u16));
     assert_eq!(
         win.local()[3],
         0xABCD + u64::from(prev),
