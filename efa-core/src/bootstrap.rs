@@ -433,17 +433,66 @@ impl BootstrapBuilder {
 ///
 /// As [`detect`].
 pub fn from_env() -> Result<Bootstrap, BootstrapError> {
-    let proxy = hydra_proxy_key(
-        std::path::Path::new("/proc"),
-        std::os::unix::process::parent_id(),
-    );
-    detect_with(&|k| std::env::var(k).ok(), proxy)
+    let proc = std::path::Path::new("/proc");
+    let ppid = std::os::unix::process::parent_id();
+    let proxy = hydra_proxy_key(proc, ppid);
+    let mut b = detect_with(&|k| std::env::var(k).ok(), proxy)?;
+    // Job ids repeat (Open MPI's are hashes, a restarted Slurm counts again, pids are
+    // reused), and a file store left by an earlier job with the same id would hand this job
+    // stale addresses. The launcher process that forked every local rank (mpirun,
+    // slurmstepd, hydra_pmi_proxy) and its start time name this incarnation.
+    if b.rendezvous_source.starts_with("single-node") {
+        if let (Rendezvous::File { dir }, Some(inc)) = (&mut b.rendezvous, incarnation(proc, ppid))
+        {
+            let mut name = dir.as_os_str().to_owned();
+            name.push(format!("-{inc}"));
+            *dir = PathBuf::from(name);
+        }
+    }
+    Ok(b)
+}
+
+/// `<ppid>.<start time>` of the parent process: unique per launcher incarnation.
+fn incarnation(proc: &std::path::Path, ppid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(proc.join(ppid.to_string()).join("stat")).ok()?;
+    // Field 22 (starttime); fields after the parenthesised command name, which may contain
+    // spaces.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let start = after.split_whitespace().nth(19)?;
+    Some(format!("{ppid}.{start}"))
 }
 
 /// `proxy-<ppid>` if process `ppid` (under the procfs root `proc`) is `hydra_pmi_proxy`.
 fn hydra_proxy_key(proc: &std::path::Path, ppid: u32) -> Option<String> {
     let comm = std::fs::read_to_string(proc.join(ppid.to_string()).join("comm")).ok()?;
     (comm.trim() == "hydra_pmi_proxy").then(|| format!("proxy-{ppid}"))
+}
+
+#[cfg(test)]
+mod incarnation_tests {
+    #[test]
+    fn incarnation_reads_the_start_time() {
+        let root = std::env::temp_dir().join(format!("efa-proc-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("77")).unwrap();
+        // comm with spaces and parentheses, then fields 3.. ; field 22 is 123456.
+        let fields: Vec<String> = (3..=25)
+            .map(|i| {
+                if i == 22 {
+                    "123456".into()
+                } else {
+                    i.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(
+            root.join("77/stat"),
+            format!("77 (my (odd) prog) {}", fields.join(" ")),
+        )
+        .unwrap();
+        assert_eq!(super::incarnation(&root, 77).as_deref(), Some("77.123456"));
+        assert_eq!(super::incarnation(&root, 78), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

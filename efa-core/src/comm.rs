@@ -572,6 +572,12 @@ impl Communicator {
             size,
             Instant::now() + comm.inner.config.timeout,
         )?;
+        // Every rank has read every card (a rank sets its ready key only after that), so the
+        // cards can go: a persistent store reused by a later job with the same id must not
+        // hand it this job's addresses.
+        if let Err(e) = store.delete(&format!("efa/card/{rank}")) {
+            tracing::warn!("could not remove this rank's card from the store: {e}");
+        }
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
         Ok(comm)
     }

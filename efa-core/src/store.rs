@@ -222,6 +222,18 @@ pub trait Store: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+
+    /// Removes `key` (absent keys are fine). Stores that live only as long as one job (TCP,
+    /// in-process) need not implement it; a persistent store (files) must, so that a later
+    /// job with the same id cannot read this job's values.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors other than the key being absent.
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// Publishes `my_blob` under `<tag>/<my_rank>` and collects the blobs of all `size` ranks,
@@ -466,6 +478,19 @@ impl Store for FileStore {
             return Err(self.io("writing a key")(e));
         }
         Ok(())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path_of(key)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                location: path.display().to_string(),
+                op: "removing a key",
+                source,
+            }),
+        }
     }
 
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
