@@ -6,33 +6,8 @@ use std::time::{Duration, Instant};
 
 use efa_core::{Communicator, Error, Source, Tag, Transport};
 
-/// Runs child test `name` as `n` ranks under efarun, with extra environment.
-fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> std::process::Output {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
-    cmd.args(["-n", &n.to_string(), "--timeout", "120", "--"])
-        .arg(&exe)
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("EFA_IFACE", "lo")
-        .env("EFA_TIMEOUT", "30");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run efarun");
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn in_job() -> bool {
-    std::env::var_os("EFA_RANK").is_some()
-}
+mod common;
+use common::{efarun, fabric_present, in_job};
 
 fn pattern(seed: u64, len: usize) -> Vec<u64> {
     (0..len as u64)
@@ -351,36 +326,6 @@ fn large_message() {
     let out = efarun(2, "child_large", &[]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("large message verified"));
-}
-
-/// The fabric provider present on this machine (verbs in the soft-RoCE VM, efa on EC2), or
-/// why there is none.
-fn fabric_present() -> Result<String, String> {
-    // Where the CI harness promises a fabric (the soft-RoCE VM sets EFA_TEST_PROVIDER), its
-    // absence is a failure, never a skip.
-    if let Ok(p) = std::env::var("EFA_TEST_PROVIDER") {
-        if p == "efa" || p.starts_with("verbs") {
-            assert!(
-                efa_fabric::Hints::new().provider(&p).get().is_ok(),
-                "EFA_TEST_PROVIDER={p} but libfabric does not offer it"
-            );
-            return Ok(p);
-        }
-    }
-    for p in ["efa", "verbs;ofi_rxm"] {
-        if efa_fabric::Hints::new()
-            .provider(p)
-            .get()
-            .is_ok_and(|v| v.iter().any(|i| i.provider() == p))
-        {
-            return Ok(p.to_string());
-        }
-    }
-    Err(
-        "no fabric provider (efa, verbs;ofi_rxm): no RDMA device on this host; \
-         ci/test runs this test inside the soft-RoCE VM"
-            .into(),
-    )
 }
 
 /// Every pair over the fabric alone (2 and 4 ranks): the verbs route in the soft-RoCE VM.

@@ -1,34 +1,20 @@
 //! RMA window tests: real multi-rank jobs under efarun (the binary re-runs its own
 //! `#[ignore]`d child tests as ranks), on shm, on IP, and (in the soft-RoCE VM) on verbs.
 
-use std::process::Command;
-
 use efa_core::{Communicator, Error, RmaOp, WindowAccess};
 
-fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
-    cmd.args(["-n", &n.to_string(), "--timeout", "180", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("EFA_IFACE", "lo")
-        .env("EFA_TIMEOUT", "60");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run efarun");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
+mod common;
+use common::{fabric_present, in_job};
 
-fn in_job() -> bool {
-    std::env::var_os("EFA_RANK").is_some()
+/// Runs child `name` as `n` ranks; returns success and stdout.
+fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let mut env = env.to_vec();
+    env.push(("EFA_TIMEOUT", "60"));
+    let out = common::efarun(n, name, &env);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn val(rank: u32, i: usize, round: u64) -> u64 {
@@ -131,18 +117,8 @@ fn put_get_on_ip() {
 /// The fabric route (verbs in the soft-RoCE VM, efa on EC2); skipped with a reason elsewhere.
 #[test]
 fn put_get_on_the_fabric() {
-    let fabric = ["efa", "verbs;ofi_rxm"].iter().any(|p| {
-        efa_fabric::Hints::new()
-            .provider(*p)
-            .get()
-            .is_ok_and(|v| v.iter().any(|i| i.provider() == *p))
-    });
-    if !fabric {
-        assert!(
-            std::env::var("EFA_TEST_PROVIDER").map_or(true, |p| !p.starts_with("verbs")),
-            "EFA_TEST_PROVIDER promises verbs but libfabric does not offer it"
-        );
-        println!("SKIPPED put_get_on_the_fabric: no fabric provider on this host (runs in the soft-RoCE VM)");
+    if let Err(why) = fabric_present() {
+        println!("SKIPPED put_get_on_the_fabric: {why}");
         return;
     }
     let (ok, text) = efarun(2, "child_put_get", &[("EFA_TRANSPORTS", "fabric")]);
