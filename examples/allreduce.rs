@@ -53,8 +53,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             comm.allreduce(&mut buf, ReduceOp::Avg)?;
         }
         let us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
-        let algbw = bytes as f64 / us / 1e3;
-        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
         // Rank 0 prints the slowest rank's time.
         let mut worst = [us];
         comm.allreduce(&mut worst, ReduceOp::Max)?;
@@ -63,7 +61,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
             println!("{bytes:>12} {:>12.1} {algbw:>12.3} {busbw:>12.3}", worst[0]);
         }
-        let _ = busbw;
     }
     println!("rank {me}: allreduce results verified");
     Ok(())

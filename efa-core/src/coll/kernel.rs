@@ -156,6 +156,7 @@ macro_rules! float_accum {
         impl sealed::Sealed for $t {}
         impl Accum for $t {
             #[inline(never)]
+            #[allow(clippy::assign_op_pattern)] // the operand order is the point
             fn reduce(dst: &mut [$t], src: &[$t], op: ReduceOp, order: Order) {
                 let n = dst.len().min(src.len());
                 let (dst, src) = (&mut dst[..n], &src[..n]);

@@ -281,6 +281,9 @@ fn fnv(words: impl IntoIterator<Item = u64>) -> u64 {
     h
 }
 
+/// Combines received bytes into working-buffer bytes.
+type Reducer<'a> = dyn Fn(&mut [u8], &[u8], Order) + 'a;
+
 const TAG_BIT: u32 = 0x8000_0000;
 const SUB_ABORT: u32 = 0;
 const SUB_AGREE: u32 = 1;
@@ -392,8 +395,12 @@ impl<'c> Exec<'c> {
             if let Some(x) = done() {
                 return Ok(x);
             }
-            if let Some(blame) = self.collect_aborts() {
-                self.send_abort(blame);
+            if self.collect_aborts().is_some() {
+                // Another rank gave up: report whom we wait for, hear the other reports,
+                // then blame the end of the chain that starts at our peer.
+                self.send_abort(peer);
+                self.grace();
+                let blame = self.blame(peer);
                 return Err(Error::Timeout {
                     op: self.name,
                     peer: Some(blame),
@@ -445,7 +452,9 @@ impl<'c> Exec<'c> {
         }
         self.aborted = true;
         let tag = self.tag(SUB_ABORT);
-        for r in (0..self.n).filter(|&r| r != self.me) {
+        // Not to the suspects: sends to a dead rank may stall in the provider.
+        let suspects: Vec<u32> = self.reports.values().copied().chain([suspect]).collect();
+        for r in (0..self.n).filter(|r| *r != self.me && !suspects.contains(r)) {
             // Detached: the outcome does not matter.
             drop(self.comm.isend_bytes(&suspect.to_le_bytes(), r, tag));
         }
@@ -455,6 +464,16 @@ impl<'c> Exec<'c> {
     /// reports for a moment, and blame the end of the chain.
     fn timed_out(&mut self, peer: u32) -> Error {
         self.send_abort(peer);
+        self.grace();
+        Error::Timeout {
+            op: self.name,
+            peer: Some(self.blame(peer)),
+            waited: self.start.elapsed(),
+        }
+    }
+
+    /// Collects abort reports for a moment.
+    fn grace(&mut self) {
         let grace =
             (self.comm.timeout() / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
         let until = Instant::now() + grace;
@@ -462,11 +481,6 @@ impl<'c> Exec<'c> {
             let _ = self.comm.progress();
             let _ = self.collect_aborts();
             std::thread::sleep(Duration::from_millis(1));
-        }
-        Error::Timeout {
-            op: self.name,
-            peer: Some(self.blame(peer)),
-            waited: self.start.elapsed(),
         }
     }
 
@@ -500,7 +514,7 @@ impl<'c> Exec<'c> {
         steps: &[Step],
         chunk: usize,
         sub_base: u32,
-        reduce: &dyn Fn(&mut [u8], &[u8], Order),
+        reduce: &Reducer<'_>,
     ) -> Result<()> {
         let chunks = |r: &Range<usize>| -> Vec<Range<usize>> {
             (r.start..r.end)
@@ -687,7 +701,7 @@ fn broadcast_seq<T: Element>(
 ) -> Result<()> {
     let (n, me) = (comm.size(), comm.rank());
     let elem = std::mem::size_of::<T>();
-    let chain = buf.len() * elem >= cfg.ring_threshold;
+    let chain = std::mem::size_of_val(buf) >= cfg.ring_threshold;
     let mut d = Desc::new(Kind::Broadcast, buf.len()).dtype::<T>();
     d.root = root;
     d.algo = u8::from(chain);
@@ -1107,7 +1121,7 @@ impl Communicator {
     /// As [`Communicator::allgather`]; a length not divisible by `size()` fails on every rank.
     pub fn allgather_in_place<T: Element>(&self, buf: &mut [T]) -> Result<()> {
         let n = self.size() as usize;
-        let bad = buf.len() % n != 0;
+        let bad = !buf.len().is_multiple_of(n);
         let counts = vec![buf.len() / n; n];
         allgatherv_seq(
             self,
@@ -1127,7 +1141,7 @@ impl Communicator {
         CollRequest::spawn(move || {
             let n = comm.size() as usize;
             let counts = vec![buf.len() / n; n];
-            let bad = buf.len() % n != 0;
+            let bad = !buf.len().is_multiple_of(n);
             allgatherv_seq(
                 &comm,
                 seq,
@@ -1224,7 +1238,7 @@ impl Communicator {
     /// As [`Communicator::reduce_scatter`]; a length not divisible by `size()` fails on every
     /// rank.
     pub fn reduce_scatter_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let bad = buf.len() % self.size() as usize != 0;
+        let bad = !buf.len().is_multiple_of(self.size() as usize);
         reduce_scatter_seq(self, self.next_coll_seq(), buf, op, bad, env_config()?)
     }
 
@@ -1237,7 +1251,7 @@ impl Communicator {
         let seq = self.next_coll_seq();
         let comm = self.clone();
         CollRequest::spawn(move || {
-            let bad = buf.len() % comm.size() as usize != 0;
+            let bad = !buf.len().is_multiple_of(comm.size() as usize);
             reduce_scatter_seq(&comm, seq, &mut buf, op, bad, env_config()?)?;
             Ok(buf)
         })
@@ -1284,7 +1298,7 @@ impl Communicator {
     pub fn gather_in_place<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (n, me) = (self.size(), self.rank());
         let is_root = me == root;
-        let bad = is_root && buf.len() % n as usize != 0;
+        let bad = is_root && !buf.len().is_multiple_of(n as usize);
         let c = if is_root {
             buf.len() / n as usize
         } else {
@@ -1352,7 +1366,7 @@ impl Communicator {
     pub fn scatter_in_place<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (n, me) = (self.size(), self.rank());
         let is_root = me == root;
-        let bad = is_root && buf.len() % n as usize != 0;
+        let bad = is_root && !buf.len().is_multiple_of(n as usize);
         let c = if is_root {
             buf.len() / n as usize
         } else {
@@ -1390,7 +1404,7 @@ impl Communicator {
     /// [`Error::Protocol`] on every rank for mismatched lengths; [`Error::Timeout`].
     pub fn alltoall<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let (n, me) = (self.size(), self.rank());
-        let bad = send.len() != recv.len() || send.len() % n as usize != 0;
+        let bad = send.len() != recv.len() || !send.len().is_multiple_of(n as usize);
         let blocks = schedule::even_blocks(if bad { 0 } else { send.len() }, n);
         if !bad {
             let own = blocks[me as usize].clone();
@@ -1429,7 +1443,7 @@ impl Communicator {
         CollRequest::spawn(move || {
             let (n, me) = (comm.size(), comm.rank());
             let mut recv = send.clone();
-            let bad = send.len() % n as usize != 0;
+            let bad = !send.len().is_multiple_of(n as usize);
             let blocks = schedule::even_blocks(if bad { 0 } else { send.len() }, n);
             let m = Movement {
                 work: &mut recv,

@@ -116,7 +116,7 @@ pub fn recursive_doubling(n: u32, rank: u32, count: usize) -> Vec<Step> {
     let all = 0..count;
     let real = |v: u32| if v < r { 2 * v + 1 } else { v + r };
     let mut steps = Vec::new();
-    if rank < 2 * r && rank % 2 == 0 {
+    if rank < 2 * r && rank.is_multiple_of(2) {
         // Folded out: send, wait for the result.
         steps.push(Step {
             sends: vec![send(rank + 1, all.clone())],
@@ -380,6 +380,7 @@ pub fn pairwise_alltoall(
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)]
 pub(crate) mod sim {
     //! Runs the steps of every rank in one process, on plain data.
     use super::*;
@@ -456,6 +457,7 @@ pub(crate) mod sim {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::sim::run;
     use super::*;
