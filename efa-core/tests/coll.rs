@@ -475,7 +475,8 @@ fn child_dead_rank() {
     let e = comm.allreduce(&mut b, ReduceOp::Sum).unwrap_err();
     println!("rank {me}: {e} after {:?}", t.elapsed());
     assert!(matches!(e, Error::Timeout { peer: Some(2), .. }), "{e:?}");
-    assert!(t.elapsed() < Duration::from_secs(8));
+    // The deadline is 3 s; the bound leaves room for a loaded 2-core machine.
+    assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
     println!("rank {me}: dead rank named");
 }
 

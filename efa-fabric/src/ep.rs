@@ -66,6 +66,11 @@ impl EndpointBuilder {
     /// the configuration.
     pub fn build(self) -> Result<Endpoint> {
         let info = self.info.unwrap_or_else(|| self.domain.info().clone());
+        // Endpoint creation is serialised process-wide: libfabric 1.17's shm provider names
+        // each endpoint from an unsynchronised counter, so two threads opening endpoints at
+        // once can pick the same name and fail with FI_EBUSY. This is the control path only.
+        static OPEN_LOCK: Mutex<()> = Mutex::new(());
+        let _serial = OPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let mut fid = ptr::null_mut();
         // SAFETY: domain is open and info valid; fi_endpoint writes the new endpoint.
         let ret = unsafe {
