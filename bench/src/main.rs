@@ -1,4 +1,4 @@
-//! `efa-bench`: point-to-point benchmarks for efa-rs with fabtests/OSU-compatible output.
+//! `efa-bench`: benchmarks for efa-rs with fabtests/OSU/nccl-tests-compatible output.
 //!
 //! ```text
 //! efa-bench pingpong -p shm -S 8,1k,64k        # both sides on this host
@@ -6,14 +6,17 @@
 //! efa-bench rma --op read -S all --json > rma.jsonl
 //! efa-bench pingpong --listen 9000              # server of an explicit two-process run
 //! efa-bench pingpong 127.0.0.1:9000             # its client
+//! efa-bench allreduce -N 4 -b 8 -e 64m -f 4     # 4 local ranks, nccl-tests columns
+//! mpirun -n 2 efa-bench allreduce -d bfloat16 -o max --json
 //! ```
 //!
 //! Structure (as fabtests' `shared.c`): [`opts`] is the one options struct, [`harness`] the
-//! session setup and size sweep, [`output`] the one writer, [`benches`] the benchmarks, and
-//! [`fab`] the allocation-free data path on efa-fabric. A future `allreduce` subcommand
-//! built on efa-core plugs in as another `sweep` user.
+//! session setup and size sweep, [`output`] the one writer, [`benches`] the point-to-point
+//! benchmarks, [`fab`] the allocation-free data path on efa-fabric, and [`coll`] the
+//! collectives on an efa-core communicator.
 
 mod benches;
+mod coll;
 mod fab;
 mod harness;
 mod oob;
@@ -53,7 +56,7 @@ fn main() {
 }
 
 fn config(cmd: &Cmd) -> RunConfig {
-    let c = cmd.common();
+    let c = cmd.common().expect("a point-to-point benchmark");
     let mut sizes = c
         .sizes
         .clone()
@@ -63,6 +66,7 @@ fn config(cmd: &Cmd) -> RunConfig {
         Cmd::Pingpong(a) => ("pingpong", 1, a.api, None, false, 2),
         Cmd::Bw(a) => ("bw", a.window, Api::Raw, None, true, 1),
         Cmd::Rma(a) => ("rma", a.window, Api::Raw, Some(a.op), a.window > 1, 1),
+        _ => unreachable!("collectives have no RunConfig"),
     };
     if bench == "rma" {
         // Zero-byte RMA is not meaningful (and some providers reject it).
@@ -103,11 +107,20 @@ impl Drop for ChildGuard {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let c: &Common = cli.cmd.common();
+    if let Some((which, a)) = cli.cmd.collective() {
+        a.validate().map_err(err)?;
+        return if coll::under_launcher() {
+            coll::run_rank(which, a)
+        } else {
+            coll::spawn_local(a.nranks.unwrap_or(2))
+        };
+    }
+    let c: &Common = cli.cmd.common().expect("a point-to-point benchmark");
     let sub = match &cli.cmd {
         Cmd::Pingpong(_) => "pingpong",
         Cmd::Bw(_) => "bw",
         Cmd::Rma(_) => "rma",
+        _ => unreachable!("collectives returned above"),
     };
     let timeout = c.timeout();
     // Server sides.

@@ -13,12 +13,17 @@ pub const MAX_SWEEP: usize = 8 << 20;
 #[command(
     name = "efa-bench",
     version,
-    about = "Point-to-point benchmarks for efa-rs, with fabtests/OSU-compatible output",
-    long_about = "Point-to-point benchmarks for efa-rs, with fabtests/OSU-compatible output.\n\n\
-        With no peer argument both sides run on this host (efa-bench spawns its own server \
-        process). For two explicit processes run `efa-bench <bench> --listen PORT` on one side \
-        and `efa-bench <bench> HOST:PORT` on the other; the TCP connection is used only to \
-        exchange endpoint addresses and for barriers."
+    about = "Benchmarks for efa-rs, with fabtests/OSU/nccl-tests-compatible output",
+    long_about = "Benchmarks for efa-rs, with fabtests/OSU/nccl-tests-compatible output.\n\n\
+        Point-to-point (pingpong, bw, rma): with no peer argument both sides run on this host \
+        (efa-bench spawns its own server process). For two explicit processes run \
+        `efa-bench <bench> --listen PORT` on one side and `efa-bench <bench> HOST:PORT` on the \
+        other; the TCP connection is used only to exchange endpoint addresses and for \
+        barriers.\n\n\
+        Collectives (allreduce, broadcast, allgather, reduce-scatter, alltoall) run on an \
+        efa-core communicator: under a launcher (efarun, mpirun, srun, torchrun) every rank \
+        runs the benchmark and rank 0 prints; without one, `-N` copies are started on this \
+        host."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -33,15 +38,234 @@ pub enum Cmd {
     Bw(BwArgs),
     /// RMA put (fi_write) / get (fi_read) latency (-W 1) or bandwidth (-W > 1).
     Rma(RmaArgs),
+    /// Out-of-place allreduce on an efa-core communicator (nccl-tests all_reduce_perf).
+    Allreduce(CollArgs),
+    /// Broadcast from `-r ROOT`, in place (nccl-tests broadcast_perf).
+    Broadcast(CollArgs),
+    /// Out-of-place allgather (nccl-tests all_gather_perf).
+    Allgather(CollArgs),
+    /// Out-of-place reduce-scatter (nccl-tests reduce_scatter_perf).
+    ReduceScatter(CollArgs),
+    /// Out-of-place all-to-all (nccl-tests alltoall_perf).
+    Alltoall(CollArgs),
 }
 
 impl Cmd {
-    pub fn common(&self) -> &Common {
+    /// The point-to-point options, `None` for the collectives.
+    pub fn common(&self) -> Option<&Common> {
         match self {
-            Cmd::Pingpong(a) => &a.common,
-            Cmd::Bw(a) => &a.common,
-            Cmd::Rma(a) => &a.common,
+            Cmd::Pingpong(a) => Some(&a.common),
+            Cmd::Bw(a) => Some(&a.common),
+            Cmd::Rma(a) => Some(&a.common),
+            _ => None,
         }
+    }
+
+    /// The collective and its options, `None` for the point-to-point benchmarks.
+    pub fn collective(&self) -> Option<(Collective, &CollArgs)> {
+        match self {
+            Cmd::Allreduce(a) => Some((Collective::Allreduce, a)),
+            Cmd::Broadcast(a) => Some((Collective::Broadcast, a)),
+            Cmd::Allgather(a) => Some((Collective::Allgather, a)),
+            Cmd::ReduceScatter(a) => Some((Collective::ReduceScatter, a)),
+            Cmd::Alltoall(a) => Some((Collective::Alltoall, a)),
+            _ => None,
+        }
+    }
+}
+
+/// A collective benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    Allreduce,
+    Broadcast,
+    Allgather,
+    ReduceScatter,
+    Alltoall,
+}
+
+/// Options of the collective benchmarks: nccl-tests' flags and defaults where they exist
+/// (except the size range: nccl-tests defaults to one size, 32 MiB; we sweep 8 B..64 MiB).
+#[derive(Debug, Clone, Args)]
+pub struct CollArgs {
+    /// Smallest size in bytes (`8`, `4k`, `1m`), as nccl-tests' `-b/--minbytes`.
+    #[arg(short = 'b', long = "minbytes", default_value = "8", value_parser = parse_size)]
+    pub minbytes: usize,
+    /// Largest size in bytes, as nccl-tests' `-e/--maxbytes`.
+    #[arg(short = 'e', long = "maxbytes", default_value = "64m", value_parser = parse_size)]
+    pub maxbytes: usize,
+    /// Multiply the size by this factor between steps (nccl-tests' `-f/--stepfactor`).
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2, value_parser = parse_factor)]
+    pub stepfactor: usize,
+    /// Timed iterations per size (nccl-tests' `-n/--iters`).
+    #[arg(short = 'n', long = "iters", default_value_t = 20, value_parser = parse_positive)]
+    pub iters: usize,
+    /// Untimed warm-up iterations per size (nccl-tests' `-w/--warmup_iters`).
+    #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
+    pub warmup: usize,
+    /// Check the result of the last iteration against the locally computed expected value
+    /// and count wrong elements in `#wrong` (nccl-tests' `-c/--check`): 0 or 1.
+    #[arg(short = 'c', long = "check", default_value_t = 1, value_parser = parse_check)]
+    pub check: u8,
+    /// Element type, by nccl-tests name: int8, uint8, int32, uint32, int64, uint64, half,
+    /// float, double, bfloat16.
+    #[arg(short = 'd', long = "datatype", default_value = "float", value_parser = parse_dtype)]
+    pub dtype: DataType,
+    /// Reduction operator (allreduce, reduce-scatter): sum, prod, min, max, avg.
+    #[arg(short = 'o', long = "op", default_value = "sum", value_parser = parse_op)]
+    pub op: Op,
+    /// Root rank (broadcast), as nccl-tests' `-r/--root`.
+    #[arg(short = 'r', long = "root", default_value_t = 0)]
+    pub root: u32,
+    /// Ranks to start on this host when not under a launcher (efarun, mpirun, srun,
+    /// torchrun). Under a launcher the launcher's world size is used.
+    #[arg(short = 'N', long = "nranks", value_parser = parse_positive)]
+    pub nranks: Option<usize>,
+    /// Print one JSON object per size (with provenance and p50/p99/max) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds any collective may take before the run fails (the communicator's timeout).
+    /// Default: `EFA_TIMEOUT`, else 60.
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
+}
+
+impl CollArgs {
+    /// The sizes nccl-tests would run: `minbytes`, times `stepfactor`, up to `maxbytes`.
+    pub fn sizes(&self) -> Vec<usize> {
+        let mut v = Vec::new();
+        let mut s = self.minbytes;
+        while s <= self.maxbytes {
+            v.push(s);
+            if s == 0 {
+                s = 1;
+                continue;
+            }
+            match s.checked_mul(self.stepfactor) {
+                Some(n) => s = n,
+                None => break,
+            }
+        }
+        v
+    }
+
+    /// Checks what clap cannot (relations between flags).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.minbytes > self.maxbytes {
+            return Err(format!(
+                "-b/--minbytes ({}) is larger than -e/--maxbytes ({})",
+                self.minbytes, self.maxbytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An element type, with nccl-tests' names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    Int8,
+    Uint8,
+    Int32,
+    Uint32,
+    Int64,
+    Uint64,
+    Half,
+    Float,
+    Double,
+    Bfloat16,
+}
+
+/// (nccl-tests name, aliases, type)
+const DTYPES: &[(&str, &[&str], DataType)] = &[
+    ("int8", &["char", "i8"], DataType::Int8),
+    ("uint8", &["u8"], DataType::Uint8),
+    ("int32", &["int", "i32"], DataType::Int32),
+    ("uint32", &["u32"], DataType::Uint32),
+    ("int64", &["i64"], DataType::Int64),
+    ("uint64", &["u64"], DataType::Uint64),
+    ("half", &["float16", "fp16", "f16"], DataType::Half),
+    ("float", &["float32", "fp32", "f32"], DataType::Float),
+    ("double", &["float64", "fp64", "f64"], DataType::Double),
+    ("bfloat16", &["bf16"], DataType::Bfloat16),
+];
+
+impl DataType {
+    /// nccl-tests' name (the `type` column).
+    pub fn name(self) -> &'static str {
+        DTYPES
+            .iter()
+            .find(|(_, _, t)| *t == self)
+            .map(|(n, _, _)| *n)
+            .expect("every type is listed")
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DataType, String> {
+    let l = s.to_ascii_lowercase();
+    DTYPES
+        .iter()
+        .find(|(n, a, _)| *n == l || a.contains(&l.as_str()))
+        .map(|(_, _, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = DTYPES.iter().map(|(n, _, _)| *n).collect();
+            format!(
+                "'{s}' is not a supported data type (expected one of: {})",
+                names.join(", ")
+            )
+        })
+}
+
+/// A reduction operator, with nccl-tests' names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Sum,
+    Prod,
+    Min,
+    Max,
+    Avg,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Sum => "sum",
+            Op::Prod => "prod",
+            Op::Min => "min",
+            Op::Max => "max",
+            Op::Avg => "avg",
+        }
+    }
+}
+
+pub fn parse_op(s: &str) -> Result<Op, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "sum" => Ok(Op::Sum),
+        "prod" => Ok(Op::Prod),
+        "min" => Ok(Op::Min),
+        "max" => Ok(Op::Max),
+        "avg" => Ok(Op::Avg),
+        _ => Err(format!(
+            "'{s}' is not a supported reduction (expected one of: sum, prod, min, max, avg)"
+        )),
+    }
+}
+
+fn parse_factor(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(format!(
+            "'{s}': the step factor must be an integer of at least 2 (each size is the \
+             previous one times it)"
+        )),
+    }
+}
+
+fn parse_check(s: &str) -> Result<u8, String> {
+    match s {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        _ => Err(format!("'{s}': expected 0 (no check) or 1 (check results)")),
     }
 }
 
@@ -288,6 +512,36 @@ mod tests {
         let all = parse_sizes("all").unwrap().0;
         assert_eq!(&all[..6], &[0, 1, 2, 3, 4, 6]);
         assert_eq!(*all.last().unwrap(), 8 << 20);
+    }
+
+    #[test]
+    fn collective_flags_parse() {
+        assert_eq!(parse_dtype("float"), Ok(DataType::Float));
+        assert_eq!(parse_dtype("BF16"), Ok(DataType::Bfloat16));
+        assert!(parse_dtype("complex").unwrap_err().contains("bfloat16"));
+        for t in DTYPES {
+            assert_eq!(parse_dtype(t.0), Ok(t.2));
+            assert_eq!(t.2.name(), t.0);
+        }
+        assert_eq!(parse_op("max"), Ok(Op::Max));
+        assert!(parse_op("premulsum").is_err());
+        assert!(parse_factor("1").is_err());
+        assert_eq!(parse_factor("4"), Ok(4));
+        assert!(parse_check("2").is_err());
+    }
+
+    #[test]
+    fn collective_sizes_follow_nccl_tests() {
+        use clap::Parser as _;
+        let cli = Cli::parse_from(["efa-bench", "allreduce", "-b", "4k", "-e", "64m", "-f", "4"]);
+        let (_, a) = cli.cmd.collective().unwrap();
+        let v = a.sizes();
+        assert_eq!(v.first(), Some(&4096));
+        assert_eq!(v.last(), Some(&(64 << 20)));
+        assert!(v.contains(&(1 << 20)));
+        assert_eq!(v.len(), 8);
+        let cli = Cli::parse_from(["efa-bench", "allreduce", "-b", "8", "-e", "4"]);
+        assert!(cli.cmd.collective().unwrap().1.validate().is_err());
     }
 
     #[test]

@@ -227,6 +227,105 @@ impl Writer {
     }
 }
 
+// ---- nccl-tests format (the collectives) ---------------------------------------------------
+
+/// nccl-tests' column header, out-of-place section only (`common.cu`'s format strings with
+/// the in-place columns left out), three lines.
+pub fn nccl_header() -> String {
+    format!(
+        "# {:>10}  {:>12}  {:>8}  {:>6}  {:>6}           out-of-place\n\
+         # {:>10}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6} {:>6}\n\
+         # {:>10}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "size",
+        "count",
+        "type",
+        "redop",
+        "root",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong",
+        "(B)",
+        "(elements)",
+        "",
+        "",
+        "",
+        "(us)",
+        "(GB/s)",
+        "(GB/s)"
+    )
+}
+
+/// One nccl-tests row: `%12li  %12li  %8s  %6s  %6i` then `  %7s  %6.2f  %6.2f  %5s`, with
+/// the time as `%7.2f` below 100 us, `%7.1f` below 10 ms, else `%7.0f`; `#wrong` is `N/A`
+/// when results were not checked.
+#[allow(clippy::too_many_arguments)]
+pub fn nccl_row(
+    size: usize,
+    count: usize,
+    dtype: &str,
+    redop: &str,
+    root: i64,
+    time_us: f64,
+    algbw: f64,
+    busbw: f64,
+    wrong: Option<u64>,
+) -> String {
+    let time = if time_us >= 10000.0 {
+        format!("{time_us:>7.0}")
+    } else if time_us >= 100.0 {
+        format!("{time_us:>7.1}")
+    } else {
+        format!("{time_us:>7.2}")
+    };
+    let wrong = wrong.map_or_else(|| "N/A".to_string(), |w| w.to_string());
+    format!(
+        "{size:>12}  {count:>12}  {dtype:>8}  {redop:>6}  {root:>6}  {time:>7}  {algbw:>6.2}  \
+         {busbw:>6.2}  {wrong:>5}"
+    )
+}
+
+/// One `--json` line of a collective benchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollRecord {
+    pub bench: String,
+    /// Bytes, as nccl-tests' `size` column.
+    pub size: u64,
+    /// Elements, as nccl-tests' `count` column.
+    pub count: u64,
+    #[serde(rename = "type")]
+    pub dtype: String,
+    pub redop: String,
+    pub root: i64,
+    pub nranks: u32,
+    pub iters: u64,
+    pub warmup: u64,
+    /// Max over ranks of the mean per-iteration time, microseconds.
+    pub time_us: f64,
+    pub algbw: f64,
+    pub busbw: f64,
+    /// Wrong elements summed over ranks; `null` when not checked (`-c 0`).
+    pub wrong: Option<u64>,
+    /// Per-iteration time percentiles in microseconds, each the max over ranks.
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    /// `EFA_ALLREDUCE_ALGO` (or `auto`).
+    pub algorithm: String,
+    /// Every rank's route to every peer: `src->dst transport provider`.
+    pub routes: Vec<String>,
+    /// Distinct `transport/provider` pairs in use.
+    pub route: String,
+    pub libfabric: String,
+    pub host: String,
+    pub git_rev: String,
+}
+
 /// p50, p99 and max of `samples` (sorted in place; called outside the timed loop).
 pub fn percentiles(samples: &mut [u64]) -> (u64, u64, u64) {
     if samples.is_empty() {
@@ -288,6 +387,41 @@ mod tests {
             row,
             "64      1k      125k        0.07s      1.81      35.35       0.03"
         );
+    }
+
+    #[test]
+    fn nccl_format_matches_nccl_tests() {
+        let h = nccl_header();
+        let lines: Vec<&str> = h.lines().collect();
+        assert_eq!(
+            lines[1],
+            "#       size         count      type   redop    root     time   algbw   busbw #wrong"
+        );
+        assert_eq!(
+            lines[2],
+            "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)"
+        );
+        // From an nccl-tests run: "           8             2     float     sum      -1    19.24    0.00    0.00      0"
+        assert_eq!(
+            nccl_row(8, 2, "float", "sum", -1, 19.24, 0.0, 0.0, Some(0)),
+            "           8             2     float     sum      -1    19.24    0.00    0.00      0"
+        );
+        assert_eq!(
+            nccl_row(
+                1048576,
+                262144,
+                "float",
+                "sum",
+                -1,
+                105.9,
+                9.9,
+                17.33,
+                Some(0)
+            ),
+            "     1048576        262144     float     sum      -1    105.9    9.90   17.33      0"
+        );
+        assert!(nccl_row(8, 2, "float", "sum", -1, 12345.6, 0.0, 0.0, None)
+            .ends_with("    12346    0.00    0.00    N/A"));
     }
 
     #[test]

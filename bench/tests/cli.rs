@@ -160,3 +160,152 @@ fn plot_writes_svg_with_baseline() {
     assert!(t.trim_end().ends_with("</svg>"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- collectives (nccl-tests format) ------------------------------------------------------
+
+const NCCL_COLUMNS: &str =
+    "#       size         count      type   redop    root     time   algbw   busbw #wrong";
+const NCCL_UNITS: &str =
+    "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)";
+
+/// Runs a collective benchmark with 2 local ranks (efa-bench starts them); the transports are
+/// whatever efa-core picks on this host (shm when present).
+fn coll_run(args: &[&str]) -> String {
+    let o = efa_bench(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{args:?} failed: {err}");
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+#[test]
+fn allreduce_prints_nccl_tests_columns_and_checks() {
+    let out = coll_run(&[
+        "allreduce",
+        "-N",
+        "2",
+        "-b",
+        "4",
+        "-e",
+        "4096",
+        "-f",
+        "4",
+        "-n",
+        "3",
+        "-w",
+        "1",
+        "-c",
+        "1",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&NCCL_COLUMNS), "{out}");
+    assert!(lines.contains(&NCCL_UNITS), "{out}");
+    assert!(lines.iter().any(|l| l.starts_with("# nRanks 2 ")), "{out}");
+    assert!(lines.iter().any(|l| l.starts_with("#  Rank  1 ")), "{out}");
+    let rows: Vec<Vec<&str>> = lines
+        .iter()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let sizes: Vec<&str> = rows.iter().map(|f| f[0]).collect();
+    assert_eq!(sizes, ["4", "16", "64", "256", "1024", "4096"], "{out}");
+    for f in &rows {
+        assert_eq!(f.len(), 9, "{f:?}");
+        let size: usize = f[0].parse().unwrap();
+        assert_eq!(f[1].parse::<usize>().unwrap(), size / 4, "{f:?}");
+        assert_eq!((f[2], f[3], f[4]), ("float", "sum", "-1"), "{f:?}");
+        for x in &f[5..8] {
+            x.parse::<f64>().unwrap_or_else(|_| panic!("{x} in {f:?}"));
+        }
+        // Two ranks: busbw = algbw * 2(n-1)/n = algbw.
+        assert_eq!(f[6], f[7], "{f:?}");
+        assert_eq!(f[8], "0", "wrong elements: {f:?}");
+    }
+    assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
+}
+
+#[test]
+fn other_types_ops_and_collectives_check_clean() {
+    for args in [
+        &["allreduce", "-d", "bfloat16", "-o", "max"][..],
+        &["allreduce", "-d", "half", "-o", "avg"][..],
+        &["allreduce", "-d", "int8", "-o", "prod"][..],
+        &["allreduce", "-d", "uint64", "-o", "min"][..],
+        &["allreduce", "-d", "double", "-o", "sum", "-N", "3"][..],
+        &["broadcast", "-r", "1"][..],
+        &["allgather"][..],
+        &["reduce-scatter", "-d", "int32"][..],
+        &["alltoall", "-N", "3"][..],
+    ] {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["-b", "1k", "-e", "256k", "-f", "16", "-n", "2", "-w", "1"]);
+        let out = coll_run(&a);
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 3, "{a:?}: {out}");
+        for f in rows {
+            assert_eq!(f.len(), 9, "{a:?}: {f:?}");
+            assert_eq!(f[8], "0", "{a:?}: {f:?}");
+        }
+    }
+}
+
+#[test]
+fn allreduce_json_lines_parse() {
+    let out = coll_run(&[
+        "allreduce",
+        "-N",
+        "2",
+        "-b",
+        "1k",
+        "-e",
+        "64k",
+        "-f",
+        "8",
+        "-n",
+        "3",
+        "-w",
+        "1",
+        "--json",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+        assert_eq!(v["bench"], "allreduce");
+        assert_eq!(v["type"], "float");
+        assert_eq!(v["nranks"], 2);
+        assert_eq!(v["wrong"], 0);
+        for k in ["time_us", "algbw", "busbw", "p50", "p99", "max"] {
+            assert!(v[k].as_f64().is_some(), "{k} missing in {l}");
+        }
+        assert!(v["p50"].as_f64() <= v["max"].as_f64(), "{l}");
+        assert!(v["libfabric"].as_str().unwrap().starts_with("1."), "{l}");
+        assert!(!v["git_rev"].as_str().unwrap().is_empty(), "{l}");
+        assert_eq!(v["routes"].as_array().map(Vec::len), Some(2), "{l}");
+        assert!(!v["route"].as_str().unwrap().is_empty(), "{l}");
+    }
+}
+
+#[test]
+fn bad_collective_flags_are_rejected_clearly() {
+    rejected(&["allreduce", "-d", "complex"], "not a supported data type");
+    rejected(&["allreduce", "-o", "xor"], "not a supported reduction");
+    rejected(
+        &["allreduce", "-f", "1"],
+        "step factor must be an integer of at least 2",
+    );
+    rejected(
+        &["allreduce", "-b", "8", "-e", "4"],
+        "is larger than -e/--maxbytes",
+    );
+    rejected(&["allreduce", "-c", "2"], "expected 0 (no check) or 1");
+    rejected(&["allreduce", "-n", "0"], "must be at least 1");
+    rejected(&["allreduce", "-b", "4q"], "unknown size suffix");
+    rejected(
+        &["broadcast", "-N", "2", "-r", "5", "-n", "1"],
+        "is not a rank",
+    );
+}

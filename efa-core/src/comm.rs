@@ -304,8 +304,8 @@ struct Engine {
     reorder: Vec<BTreeMap<u32, Unexpected>>,
     posted: VecDeque<u64>,
     unexpected: VecDeque<Unexpected>,
-    recvs: HashMap<u64, RecvOp>,
-    sends: HashMap<u64, SendOp>,
+    recvs: HashMap<u64, RecvOp, IdHash>,
+    sends: HashMap<u64, SendOp, IdHash>,
     /// Rendezvous id -> send request id.
     rndv_sends: HashMap<u32, u64>,
     background: Vec<Background>,
@@ -324,6 +324,27 @@ struct Engine {
     pool: BufPool,
 }
 
+/// Request ids are sequential integers: hashing them with SipHash (the std default) costs
+/// more than the lookup. This passes the id through.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
 /// Large buffers kept for reuse. Allocations above glibc's mmap threshold (128 KiB) are
 /// fresh mappings each time: every rendezvous would pay an mmap, a page fault per page and
 /// a munmap on both sides (measured: a 1 MiB shm ping-pong took 640 us instead of about
@@ -336,8 +357,13 @@ struct BufPool {
 impl BufPool {
     /// Buffers smaller than this come from malloc cheaply; they are not pooled.
     const MIN: usize = 64 * 1024;
-    /// At most this many buffers are kept.
-    const KEEP: usize = 8;
+    /// At most this many buffers are kept (a pipelined collective has many chunks in
+    /// flight at once).
+    const KEEP: usize = 64;
+    /// Buffers larger than this are not kept (one huge message must not pin its size).
+    const MAX: usize = 64 << 20;
+    /// At most this many bytes are kept in all.
+    const MAX_TOTAL: usize = 256 << 20;
 
     fn take(&mut self, cap: usize) -> Option<Vec<u8>> {
         let best = self
@@ -388,7 +414,12 @@ impl BufPool {
     }
 
     fn put(&mut self, v: Vec<u8>) {
-        if v.capacity() >= Self::MIN && self.free.len() < Self::KEEP {
+        let cap = v.capacity();
+        if !(Self::MIN..=Self::MAX).contains(&cap) || self.free.len() >= Self::KEEP {
+            return;
+        }
+        let kept: usize = self.free.iter().map(Vec::capacity).sum();
+        if kept + cap <= Self::MAX_TOTAL {
             self.free.push(v);
         }
     }
@@ -612,8 +643,8 @@ impl Communicator {
             reorder: (0..size).map(|_| BTreeMap::new()).collect(),
             posted: VecDeque::new(),
             unexpected: VecDeque::new(),
-            recvs: HashMap::new(),
-            sends: HashMap::new(),
+            recvs: HashMap::default(),
+            sends: HashMap::default(),
             rndv_sends: HashMap::new(),
             background: Vec::new(),
             next_id: 1,
@@ -697,6 +728,11 @@ impl Communicator {
     pub(crate) fn port_endpoints(&self) -> Vec<(Endpoint, bool)> {
         let e = self.engine();
         e.ports.iter().map(|p| (p.ep.clone(), p.used)).collect()
+    }
+
+    /// Returns a buffer obtained from the engine (an [`OwnedRecv`]'s data) to its pool.
+    pub(crate) fn recycle(&self, v: Vec<u8>) {
+        self.engine().pool.put(v);
     }
 
     /// Takes the remote CQ data delivered by RMA writes with notification, oldest first.
@@ -1085,7 +1121,9 @@ fn wait_loop(
     let start = Instant::now();
     let timeout = comm.timeout();
     let mut backoff = efa_fabric::Backoff::new();
+    let mut polls = 0u32;
     loop {
+        polls = polls.wrapping_add(1);
         {
             let mut e = comm.engine();
             if done(&e) {
@@ -1100,7 +1138,8 @@ fn wait_loop(
                 backoff.reset();
             }
         }
-        if start.elapsed() >= timeout {
+        // Reading the clock costs as much as an empty poll: look every 64 polls.
+        if polls.is_multiple_of(64) && start.elapsed() >= timeout {
             return Err(Error::Timeout {
                 op,
                 peer,

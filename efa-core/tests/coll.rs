@@ -476,7 +476,11 @@ fn child_dead_rank() {
     println!("rank {me}: {e} after {:?}", t.elapsed());
     assert!(matches!(e, Error::Timeout { peer: Some(2), .. }), "{e:?}");
     // The deadline is 3 s; the bound leaves room for a loaded 2-core machine.
-    assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
     println!("rank {me}: dead rank named");
 }
 

@@ -598,6 +598,8 @@ impl<'c> Exec<'c> {
                     Action::Copy => dst.copy_from_slice(&data),
                     Action::Reduce(o) => reduce(dst, &data, o),
                 }
+                // Back to the communicator's buffer pool: no fresh mapping next time.
+                self.comm.recycle(data);
                 for &k in &follow[index] {
                     self.isend(&work[bytes(&range)], next_sends[k].peer, sub(s + 1))?;
                 }
