@@ -8,7 +8,7 @@ json=$(cargo test -p efa-ffi -p efa-fabric -p efa-core -p efa-cli --no-run --mes
   { echo "testlist: building the test binaries failed" >&2; exit 1; }
 bins=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
-want = {"smoke", "datapath", "comm", "cli", "rma"}
+want = {"smoke", "datapath", "comm", "cli", "rma", "coll"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
@@ -21,7 +21,7 @@ bin_of() {
   echo "$bin"
 }
 # efa-ffi and efa-fabric: everything, on the one provider of the VM.
-for t in smoke datapath comm cli rma; do bin_of "$t" > /dev/null || exit 1; done
+for t in smoke datapath comm cli rma coll; do bin_of "$t" > /dev/null || exit 1; done
 for t in smoke datapath; do
   echo "EFA_TEST_MIN_PROVIDERS=1 $(bin_of "$t") --test-threads=1"
 done
@@ -31,6 +31,8 @@ done
 echo "$(bin_of comm) --test-threads=1 --nocapture --exact all_pairs_on_the_fabric two_subnets_route_by_subnet"
 # RMA windows over the verbs fabric.
 echo "$(bin_of rma) --test-threads=1 --nocapture --exact put_get_on_the_fabric"
+# Collectives (every op and type against a serial reference) over the verbs fabric.
+echo "$(bin_of coll) --test-threads=1 --nocapture --exact collectives_on_the_fabric"
 # efa-cli: its integration tests, then `efa info` must choose verbs for the fabric role and
 # `efa doctor` must pass (rxe active, memlock unlimited inside the VM).
 echo "$(bin_of cli) --test-threads=1"

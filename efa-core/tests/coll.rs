@@ -3,38 +3,20 @@
 //! of this file. Results are checked against a serial reference computed locally from every
 //! rank's deterministic input.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use efa_core::coll::kernel::reference;
 use efa_core::{Algorithm, CollConfig, Communicator, Element, Error, ReduceOp};
 use half::{bf16, f16};
 
-fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> std::process::Output {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
-    cmd.args(["-n", &n.to_string(), "--timeout", "300", "--"])
-        .arg(&exe)
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("EFA_IFACE", "lo")
-        .env("EFA_TIMEOUT", "60");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run efarun");
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
+mod common;
+use common::{fabric_present, in_job};
 
-fn in_job() -> bool {
-    std::env::var_os("EFA_RANK").is_some()
+/// Runs child `name` as `n` ranks (deadline 60 s each call).
+fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut env = env.to_vec();
+    env.push(("EFA_TIMEOUT", "60"));
+    common::efarun(n, name, &env)
 }
 
 trait TestElem: Element + PartialEq + std::fmt::Debug {
@@ -373,6 +355,16 @@ fn collectives_match_reference_5_to_8() {
 #[test]
 fn collectives_over_tcp_only() {
     run_reference(3, &[("EFA_TRANSPORTS", "ip")]);
+}
+
+/// The fabric route (verbs in the soft-RoCE VM, efa on EC2); skipped with a reason elsewhere.
+#[test]
+fn collectives_on_the_fabric() {
+    if let Err(why) = fabric_present() {
+        println!("SKIPPED collectives_on_the_fabric: {why}");
+        return;
+    }
+    run_reference(2, &[("EFA_TRANSPORTS", "fabric")]);
 }
 
 /// Mismatched lengths, operators and types: every rank gets an error, none hangs, and the
