@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use efa_core::{Communicator, Request, Source, Tag};
+use efa_core::Communicator;
+
+mod common;
 
 const HOSTS_SH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/netns/hosts.sh");
 /// Set in the environment of the ranks this file starts, so the child test does nothing
@@ -45,12 +47,6 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  | {l}\n")).collect()
 }
 
-fn pattern(from: u32, to: u32, kind: u32, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| i ^ (from << 24) ^ (to << 16) ^ (kind << 12))
-        .collect()
-}
-
 /// The rank program, as `examples/p2p.rs`: routes, then blocking, non-blocking and async
 /// exchanges with every peer, each message checked.
 #[test]
@@ -60,76 +56,7 @@ fn child_netns_rank() {
         return;
     }
     let comm = Communicator::init().expect("Communicator::init");
-    let (me, n) = (comm.rank(), comm.size());
-    for peer in 0..n {
-        let r = comm.route(peer).expect("route");
-        let provider = comm.provider(r.transport).unwrap_or("?");
-        println!(
-            "rank {me} -> {peer}: {} via {provider} ({})",
-            r.transport, r.reason
-        );
-    }
-    let sizes = [0usize, 1, 1000, 100_000];
-    for peer in (0..n).filter(|&p| p != me) {
-        for (k, &len) in sizes.iter().enumerate() {
-            let k = k as u32;
-            let mut got = vec![0u32; len];
-            if me < peer {
-                comm.send(&pattern(me, peer, k, len), peer, k).unwrap();
-                comm.recv(&mut got, peer, k).unwrap();
-            } else {
-                comm.recv(&mut got, peer, k).unwrap();
-                comm.send(&pattern(me, peer, k, len), peer, k).unwrap();
-            }
-            assert!(
-                got == pattern(peer, me, k, len),
-                "blocking: bad {len}-word message from rank {peer}"
-            );
-        }
-    }
-    let len = 10_000;
-    let mut bufs: Vec<Vec<u32>> = (1..n).map(|_| vec![0u32; len]).collect();
-    let mut reqs: Vec<Request<'_>> = Vec::new();
-    for b in &mut bufs {
-        reqs.push(comm.irecv(b, Source::Any, Tag::Is(100)).unwrap().into());
-    }
-    for peer in (0..n).filter(|&p| p != me) {
-        reqs.push(
-            comm.isend(&pattern(me, peer, 100, len), peer, 100)
-                .unwrap()
-                .into(),
-        );
-    }
-    let statuses = comm.wait_all(reqs).unwrap();
-    for (b, st) in bufs.iter().zip(&statuses) {
-        let src = st.expect("receive status").source;
-        assert!(
-            *b == pattern(src, me, 100, len),
-            "non-blocking: bad message from {src}"
-        );
-    }
-    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let got = rt.block_on(async {
-        let out = pattern(me, next, 200, 50_000);
-        let mut got = vec![0u32; 50_000];
-        let (s, r) = tokio::join!(
-            comm.send_async(&out, next, 200),
-            comm.recv_async(&mut got, prev, 200)
-        );
-        s.and(r).map(|_| got)
-    });
-    assert!(
-        got.unwrap() == pattern(prev, me, 200, 50_000),
-        "async: bad message from {prev}"
-    );
-    println!(
-        "rank {me}: verified blocking, non-blocking and async exchanges with all {} peers",
-        n - 1
-    );
+    common::verify_all_pairs(&comm);
 }
 
 /// The namespaces of one run; deleted (with anything left inside) on drop.
