@@ -98,8 +98,11 @@ pub struct Config {
     /// Local address the fabric endpoint binds to (`EFA_FABRIC_ADDR`), for hosts whose fabric
     /// interface has several addresses.
     pub fabric_addr: Option<String>,
-    /// Largest payload sent eagerly (copied into pre-posted buffers).
+    /// Largest payload sent eagerly (copied into pre-posted buffers) over the fabric and IP.
     pub eager_limit: usize,
+    /// Largest payload sent eagerly over shm, where receive buffers cost no pinned memory and
+    /// a rendezvous round trip costs more than copying a mid-size message.
+    pub shm_eager_limit: usize,
     /// Receive buffers kept posted per endpoint.
     pub rx_depth: usize,
 }
@@ -112,6 +115,7 @@ impl Default for Config {
             ip_iface: None,
             fabric_addr: None,
             eager_limit: 8192,
+            shm_eager_limit: 32 * 1024,
             rx_depth: 64,
         }
     }
@@ -220,6 +224,8 @@ struct Port {
     slots: Vec<Option<Pending<RegisteredBuf>>>,
     /// Free registered bounce buffers for eager sends.
     bounce: Vec<RegisteredBuf>,
+    /// Largest eager payload on this endpoint (its receive buffers hold header + this).
+    eager: usize,
     /// Some peer is routed through this endpoint.
     used: bool,
     /// CQ completion count when the slots were last scanned.
@@ -314,7 +320,6 @@ struct Engine {
     /// Errors from background sends, reported by the next operation with that peer.
     peer_errors: HashMap<u32, String>,
     scratch: Vec<u8>,
-    eager_limit: usize,
     ctx: u32,
     /// Completions seen so far (for backoff decisions).
     events: u64,
@@ -651,7 +656,6 @@ impl Communicator {
             next_rndv: 1,
             peer_errors: HashMap::new(),
             scratch: vec![0u8; HDR_LEN + config.eager_limit],
-            eager_limit: config.eager_limit,
             ctx: 0,
             events: 0,
             notifications: VecDeque::new(),
@@ -1154,7 +1158,13 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
     let provider = info.provider();
     let ep = Endpoint::open(info).map_err(|e| Error::fabric("opening endpoint", None, e))?;
     let max_msg = info.max_msg_size();
-    let slot_len = HDR_LEN + config.eager_limit.min(max_msg.saturating_sub(HDR_LEN));
+    let limit = if transport == Transport::Shm {
+        config.shm_eager_limit
+    } else {
+        config.eager_limit
+    };
+    let eager = limit.min(max_msg.saturating_sub(HDR_LEN));
+    let slot_len = HDR_LEN + eager;
     if max_msg < HDR_LEN + 1 {
         return Err(Error::NoTransport(format!(
             "{provider}: max_msg_size {max_msg} is too small"
@@ -1173,6 +1183,7 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
         provider,
         inject: info.inject_size(),
         max_msg,
+        eager,
         slots: (0..config.rx_depth).map(|_| None).collect(),
         bounce,
         ep,
@@ -1183,10 +1194,7 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
 
 impl Engine {
     fn slot_len(&self, port: usize) -> usize {
-        HDR_LEN
-            + self
-                .eager_limit
-                .min(self.ports[port].max_msg.saturating_sub(HDR_LEN))
+        HDR_LEN + self.ports[port].eager
     }
 
     fn post_all_slots(&mut self) -> Result<()> {
@@ -1238,7 +1246,7 @@ impl Engine {
         let mut buf = match p.bounce.pop() {
             Some(b) => b,
             None => {
-                let len = HDR_LEN + self.eager_limit.min(p.max_msg.saturating_sub(HDR_LEN));
+                let len = HDR_LEN + p.eager;
                 RegisteredBuf::new(p.ep.domain(), len, Access::LOCAL, Some(&p.ep))
                     .map_err(|e| Error::fabric("registering buffers", Some(dest), e))?
             }

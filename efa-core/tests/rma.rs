@@ -8,8 +8,10 @@ use common::{fabric_present, in_job};
 
 /// Runs child `name` as `n` ranks; returns success and stdout.
 fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> (bool, String) {
-    let mut env = env.to_vec();
-    env.push(("EFA_TIMEOUT", "60"));
+    // The default first, so that a test's own EFA_TIMEOUT wins.
+    let mut all = vec![("EFA_TIMEOUT", "60")];
+    all.extend_from_slice(env);
+    let env = all;
     let out = common::efarun(n, name, &env);
     (
         out.status.success(),

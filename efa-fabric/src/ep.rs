@@ -78,6 +78,38 @@ impl EndpointBuilder {
         };
         check_int("fi_endpoint", ret)
             .map_err(|e| crate::error::open_error("opening the endpoint", e))?;
+        if info.provider() == "shm" {
+            // shm names its shared-memory region after the pid (`fi_shm://<pid>:<uid>:<n>`).
+            // A process that exits without closing its endpoint leaves the region file
+            // behind, and a later process that gets the same pid then fails to enable with
+            // FI_EBUSY. A name that is unique over time avoids the collision.
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let name = format!(
+                "efa-{}-{nanos:x}-{}\0",
+                std::process::id(),
+                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            // SAFETY: fid is the endpoint just opened (not yet enabled); the name is a
+            // NUL-terminated string that the provider copies.
+            let ret = unsafe {
+                ffi::fi_setname(
+                    ptr::addr_of_mut!((*fid).fid),
+                    name.as_ptr() as *mut c_void,
+                    name.len(),
+                )
+            };
+            if let Err(e) = check_int("fi_setname", ret) {
+                close_fid(
+                    // SAFETY: fid_ep begins with its struct fid; closed once here.
+                    unsafe { ptr::addr_of_mut!((*fid).fid) },
+                    "endpoint",
+                );
+                return Err(e.into());
+            }
+        }
         let rx_cq = self.rx_cq.unwrap_or_else(|| self.tx_cq.clone());
         let inner = EpInner {
             fid,
