@@ -305,7 +305,7 @@ fn child_large() {
         return;
     }
     let comm = Communicator::init().unwrap();
-    let len = 64 << 20;
+    let len: usize = std::env::var("LARGE_BYTES").map_or(64 << 20, |v| v.parse().unwrap());
     if comm.rank() == 0 {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4093) as u8).collect();
         comm.send(&data, 1, 0).unwrap();
@@ -317,7 +317,7 @@ fn child_large() {
             .iter()
             .enumerate()
             .all(|(i, &b)| b == (i * 7 + i / 4093) as u8));
-        println!("large message verified");
+        println!("large message of {len} bytes verified");
     }
 }
 
@@ -325,7 +325,31 @@ fn child_large() {
 fn large_message() {
     let out = efarun(2, "child_large", &[]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("large message verified"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("large message of 67108864 bytes verified")
+    );
+}
+
+/// The upper bound: a 1 GiB message, over shm and over TCP (split into chunks where a
+/// provider's max_msg_size is smaller).
+#[test]
+fn one_gib_message() {
+    for transports in ["shm", "ip"] {
+        let t = std::time::Instant::now();
+        let out = efarun(
+            2,
+            "child_large",
+            &[
+                ("LARGE_BYTES", "1073741824"),
+                ("EFA_TRANSPORTS", transports),
+                ("EFA_TIMEOUT", "120"),
+            ],
+        );
+        assert!(out.status.success(), "1 GiB over {transports}");
+        assert!(String::from_utf8_lossy(&out.stdout)
+            .contains("large message of 1073741824 bytes verified"));
+        println!("1 GiB over {transports}: {:?}", t.elapsed());
+    }
 }
 
 /// Every pair over the fabric alone (2 and 4 ranks): the verbs route in the soft-RoCE VM.
