@@ -1156,7 +1156,18 @@ fn wait_loop(
 
 fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port> {
     let provider = info.provider();
-    let ep = Endpoint::open(info).map_err(|e| Error::fabric("opening endpoint", None, e))?;
+    // Posts that find the provider's queue full retry (progressing) for at most the
+    // communicator's deadline: a peer that died with our messages queued must not hold a
+    // caller past the deadline it was promised.
+    let ep = (|| {
+        let domain = efa_fabric::Domain::open(info)?;
+        let av = efa_fabric::AddressVector::open(&domain)?;
+        let cq = efa_fabric::CompletionQueue::open(&domain, 0)?;
+        Endpoint::builder(&domain, &av, &cq)
+            .post_timeout(config.timeout)
+            .build()
+    })()
+    .map_err(|e| Error::fabric("opening endpoint", None, e))?;
     let max_msg = info.max_msg_size();
     let limit = if transport == Transport::Shm {
         config.shm_eager_limit

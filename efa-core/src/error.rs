@@ -137,6 +137,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn fabric(op: &'static str, peer: Option<u32>, source: efa_fabric::Error) -> Self {
-        Error::Fabric { op, peer, source }
+        match source {
+            // A post that could not be queued within the deadline is a timeout with that peer.
+            efa_fabric::Error::Timeout { waited, .. } => Error::Timeout { op, peer, waited },
+            source => Error::Fabric { op, peer, source },
+        }
     }
 }
