@@ -3,10 +3,10 @@
 //! [`OpContext`]s, busy-polling the CQ), every wait bounded by a deadline.
 
 use std::os::raw::c_void;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use efa_fabric::{
-    AddrFormat, Caps, Completion, CompletionQueue, Endpoint, FiAddr, Hints, OpContext,
+    AddrFormat, Caps, Completion, CompletionQueue, Endpoint, FiAddr, Hints, OpContext, PollClock,
     RegisteredBuf, RemoteRegion,
 };
 
@@ -21,7 +21,7 @@ pub const TAG_ACK: u64 = 0x2;
 /// Tag of the end-of-size notice (rma).
 pub const TAG_FIN: u64 = 0x3;
 
-/// Polls between two looks at the clock in a wait (so the fast path reads no clock).
+/// Polls between two out-of-band liveness checks (x16) in `wait_while_peer_alive`.
 /// (A power of two: tested with a mask.)
 const POLLS_PER_CLOCK: u32 = 1024;
 
@@ -132,26 +132,17 @@ impl Net {
     }
 
     /// Busy-polls the CQ until `done()`, failing after the timeout. The clock is read only
-    /// every `POLLS_PER_CLOCK` empty polls.
+    /// every [`PollClock::EVERY`] empty polls.
     #[inline]
     pub fn wait(&self, what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
-        let mut polls = 0u32;
-        let mut deadline: Option<Instant> = None;
+        let mut clock = PollClock::new(self.timeout);
         while !done() {
             self.poll()?;
-            polls = polls.wrapping_add(1);
-            if polls & (POLLS_PER_CLOCK - 1) == 0 {
-                let now = Instant::now();
-                match deadline {
-                    None => deadline = Some(now + self.timeout),
-                    Some(d) if now >= d => {
-                        return Err(err(format!(
-                            "{what} did not complete within {:?} (peer dead or stuck?)",
-                            self.timeout
-                        )))
-                    }
-                    Some(_) => {}
-                }
+            if clock.expired() {
+                return Err(err(format!(
+                    "{what} did not complete within {:?} (peer dead or stuck?)",
+                    self.timeout
+                )));
             }
         }
         Ok(())
@@ -179,26 +170,17 @@ impl Net {
     /// Retries a raw post while the provider says `FI_EAGAIN`, progressing in between.
     #[inline]
     fn retry(&self, what: &str, mut post: impl FnMut() -> efa_fabric::Result<bool>) -> Result<()> {
-        let mut polls = 0u32;
-        let mut deadline: Option<Instant> = None;
+        let mut clock = PollClock::new(self.timeout);
         loop {
             if post()? {
                 return Ok(());
             }
             self.poll()?;
-            polls = polls.wrapping_add(1);
-            if polls & (POLLS_PER_CLOCK - 1) == 0 {
-                let now = Instant::now();
-                match deadline {
-                    None => deadline = Some(now + self.timeout),
-                    Some(d) if now >= d => {
-                        return Err(err(format!(
-                            "{what}: provider queue stayed full for {:?}",
-                            self.timeout
-                        )))
-                    }
-                    Some(_) => {}
-                }
+            if clock.expired() {
+                return Err(err(format!(
+                    "{what}: provider queue stayed full for {:?}",
+                    self.timeout
+                )));
             }
         }
     }

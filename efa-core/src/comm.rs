@@ -441,6 +441,8 @@ struct Inner {
     engine: Mutex<Engine>,
     /// Collective objects (RMA windows) created so far.
     objects: std::sync::atomic::AtomicU32,
+    /// Collective calls made so far (every rank makes them in the same order).
+    coll_seq: std::sync::atomic::AtomicU32,
 }
 
 /// A communicator: every rank of a job, reachable by rank number.
@@ -672,6 +674,7 @@ impl Communicator {
                 engine: Mutex::new(engine),
                 config,
                 objects: std::sync::atomic::AtomicU32::new(0),
+                coll_seq: std::sync::atomic::AtomicU32::new(0),
             }),
         };
         // Everyone has posted its receive buffers before anyone sends.
@@ -1125,9 +1128,8 @@ fn wait_loop(
     let start = Instant::now();
     let timeout = comm.timeout();
     let mut backoff = efa_fabric::Backoff::new();
-    let mut polls = 0u32;
+    let mut clock = efa_fabric::PollClock::new(timeout);
     loop {
-        polls = polls.wrapping_add(1);
         {
             let mut e = comm.engine();
             if done(&e) {
@@ -1142,8 +1144,7 @@ fn wait_loop(
                 backoff.reset();
             }
         }
-        // Reading the clock costs as much as an empty poll: look every 64 polls.
-        if polls.is_multiple_of(64) && start.elapsed() >= timeout {
+        if clock.expired() {
             return Err(Error::Timeout {
                 op,
                 peer,
@@ -1338,9 +1339,9 @@ impl Engine {
                 state: RecvState::Posted,
             },
         );
-        // Progress first so that arrived messages are matched in order, then search the
-        // unexpected queue (oldest first).
-        self.progress()?;
+        // Search the messages already processed (oldest first). A message that has arrived
+        // but is not processed yet will match this receive in `posted` when it is: no
+        // progress call is needed here.
         let pos = self.unexpected.iter().position(|u| {
             let (s, t) = match u {
                 Unexpected::Eager { src, tag, .. } | Unexpected::Rts { src, tag, .. } => {
@@ -1745,9 +1746,6 @@ pub(crate) struct OwnedRecv {
     id: u64,
 }
 
-/// Per-communicator count of collective calls (see [`Communicator::next_coll_seq`]).
-static COLL_SEQ: Mutex<Vec<(std::sync::Weak<Inner>, u32)>> = Mutex::new(Vec::new());
-
 impl Communicator {
     /// Starts a receive of at most `capacity` bytes with an exact (possibly reserved) tag;
     /// the data is taken with [`OwnedRecv::take`].
@@ -1765,16 +1763,9 @@ impl Communicator {
     /// This rank's number of collective calls so far on this communicator (then counts this
     /// one). All ranks call collectives in the same order, so equal numbers mean the same call.
     pub(crate) fn next_coll_seq(&self) -> u32 {
-        let mut v = COLL_SEQ.lock().unwrap_or_else(|p| p.into_inner());
-        v.retain(|(w, _)| w.strong_count() > 0);
-        let me = Arc::as_ptr(&self.inner);
-        if let Some((_, s)) = v.iter_mut().find(|(w, _)| std::ptr::eq(w.as_ptr(), me)) {
-            let cur = *s;
-            *s = s.wrapping_add(1);
-            return cur;
-        }
-        v.push((Arc::downgrade(&self.inner), 1));
-        0
+        self.inner
+            .coll_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }
 

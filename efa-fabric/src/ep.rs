@@ -616,14 +616,26 @@ impl Endpoint {
 
     // ---- inject: the buffer is copied before the call returns, so these are safe ----------
 
-    fn check_inject(&self, len: usize) -> Result<()> {
-        if len > self.inner.inject_size {
+    /// The common path of every inject call: size and peer checks, then the call (named
+    /// `call`), retried while the queue is full. `post` makes the libfabric call on `buf`,
+    /// which the provider copies before returning.
+    fn inject_with(
+        &self,
+        op: &'static str,
+        call: &'static str,
+        buf: &[u8],
+        dest: FiAddr,
+        post: impl Fn(*const c_void, usize) -> isize,
+    ) -> Result<()> {
+        if buf.len() > self.inner.inject_size {
             return Err(Error::InvalidArgument(format!(
-                "inject of {len} bytes exceeds the provider's inject_size {}",
+                "{op} of {} bytes exceeds the provider's inject_size {}",
+                buf.len(),
                 self.inner.inject_size
             )));
         }
-        Ok(())
+        self.check_peer(op, dest, false)?;
+        self.retry_post(op, || posted(call, post(buf.as_ptr().cast(), buf.len())))
     }
 
     /// Sends a small message, copied before return, with no completion (`fi_inject`).
@@ -633,13 +645,9 @@ impl Endpoint {
     /// [`Error::InvalidArgument`] if `buf` exceeds [`Endpoint::inject_size`]; `fi_inject`
     /// errors; [`Error::Timeout`] if the queue stays full.
     pub fn inject(&self, buf: &[u8], dest: FiAddr) -> Result<()> {
-        self.check_inject(buf.len())?;
-        self.check_peer("inject", dest, false)?;
-        self.retry_post("inject", || {
-            // SAFETY: fi_inject copies the buffer before returning.
-            posted("fi_inject", unsafe {
-                ffi::fi_inject(self.raw(), buf.as_ptr().cast(), buf.len(), dest.0)
-            })
+        // SAFETY: fi_inject copies the buffer before returning.
+        self.inject_with("inject", "fi_inject", buf, dest, |p, n| unsafe {
+            ffi::fi_inject(self.raw(), p, n, dest.0)
         })
     }
 
@@ -648,13 +656,9 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::inject`].
     pub fn tinject(&self, buf: &[u8], dest: FiAddr, tag: u64) -> Result<()> {
-        self.check_inject(buf.len())?;
-        self.check_peer("tinject", dest, false)?;
-        self.retry_post("tinject", || {
-            // SAFETY: fi_tinject copies the buffer before returning.
-            posted("fi_tinject", unsafe {
-                ffi::fi_tinject(self.raw(), buf.as_ptr().cast(), buf.len(), dest.0, tag)
-            })
+        // SAFETY: fi_tinject copies the buffer before returning.
+        self.inject_with("tinject", "fi_tinject", buf, dest, |p, n| unsafe {
+            ffi::fi_tinject(self.raw(), p, n, dest.0, tag)
         })
     }
 
@@ -663,13 +667,9 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::inject`].
     pub fn injectdata(&self, buf: &[u8], data: u64, dest: FiAddr) -> Result<()> {
-        self.check_inject(buf.len())?;
-        self.check_peer("injectdata", dest, false)?;
-        self.retry_post("injectdata", || {
-            // SAFETY: fi_injectdata copies the buffer before returning.
-            posted("fi_injectdata", unsafe {
-                ffi::fi_injectdata(self.raw(), buf.as_ptr().cast(), buf.len(), data, dest.0)
-            })
+        // SAFETY: fi_injectdata copies the buffer before returning.
+        self.inject_with("injectdata", "fi_injectdata", buf, dest, |p, n| unsafe {
+            ffi::fi_injectdata(self.raw(), p, n, data, dest.0)
         })
     }
 
@@ -678,20 +678,9 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::inject`].
     pub fn tinjectdata(&self, buf: &[u8], data: u64, dest: FiAddr, tag: u64) -> Result<()> {
-        self.check_inject(buf.len())?;
-        self.check_peer("tinjectdata", dest, false)?;
-        self.retry_post("tinjectdata", || {
-            // SAFETY: fi_tinjectdata copies the buffer before returning.
-            posted("fi_tinjectdata", unsafe {
-                ffi::fi_tinjectdata(
-                    self.raw(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    data,
-                    dest.0,
-                    tag,
-                )
-            })
+        // SAFETY: fi_tinjectdata copies the buffer before returning.
+        self.inject_with("tinjectdata", "fi_tinjectdata", buf, dest, |p, n| unsafe {
+            ffi::fi_tinjectdata(self.raw(), p, n, data, dest.0, tag)
         })
     }
 
@@ -708,20 +697,13 @@ impl Endpoint {
         offset: u64,
     ) -> Result<()> {
         let addr = remote.address_of("inject_write", offset, buf.len())?;
-        self.check_inject(buf.len())?;
-        self.check_peer("inject_write", dest, false)?;
-        self.retry_post("inject_write", || {
-            // SAFETY: fi_inject_write copies the buffer before returning.
-            posted("fi_inject_write", unsafe {
-                ffi::fi_inject_write(
-                    self.raw(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    dest.0,
-                    addr,
-                    remote.key,
-                )
-            })
-        })
+        // SAFETY: fi_inject_write copies the buffer before returning.
+        self.inject_with(
+            "inject_write",
+            "fi_inject_write",
+            buf,
+            dest,
+            |p, n| unsafe { ffi::fi_inject_write(self.raw(), p, n, dest.0, addr, remote.key) },
+        )
     }
 }

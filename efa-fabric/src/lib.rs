@@ -86,7 +86,7 @@ pub use mr::{
     SharedSlice,
 };
 pub use op::{Done, OpError, Pending};
-pub use progress::{Backoff, Deadline};
+pub use progress::{Backoff, Deadline, PollClock};
 
 /// The libfabric version linked at run time, as (major, minor).
 pub fn libfabric_version() -> (u32, u32) {

@@ -20,7 +20,7 @@ use crate::cq::{Completion, OpContext};
 use crate::ep::Endpoint;
 use crate::error::{Error, Result};
 use crate::mr::{Access, IoBuf, IoBufMut, MemoryRegion, RemoteRegion};
-use crate::progress::{Backoff, Deadline};
+use crate::progress::{Backoff, Deadline, PollClock};
 
 /// How long dropping or timing out an operation waits for its cancellation to complete.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -130,6 +130,7 @@ impl<B: IoBuf> Pending<B> {
     /// too small); [`Error::Timeout`] after `timeout`, once the operation has been cancelled.
     pub fn wait(mut self, timeout: Duration) -> std::result::Result<Done<B>, OpError<B>> {
         let deadline = Deadline::after(timeout);
+        let mut clock = PollClock::new(timeout);
         let mut backoff = Backoff::new();
         while !self.is_done() {
             match self.ep.progress() {
@@ -137,7 +138,7 @@ impl<B: IoBuf> Pending<B> {
                 Ok(_) => backoff.reset(),
                 Err(e) => return Err(OpError::new(e, None)),
             }
-            if deadline.expired() && !self.is_done() {
+            if clock.expired() && !self.is_done() {
                 if !self.cancel_and_drain() {
                     self.orphan();
                     return Err(OpError::new(

@@ -87,6 +87,47 @@ impl Deadline {
     }
 }
 
+/// A deadline for polling loops that reads the clock only every [`PollClock::EVERY`] calls
+/// (a clock read costs about as much as an empty CQ poll), starting the clock at the first
+/// read, so the common case of an operation that completes at once never reads it.
+#[derive(Debug, Clone)]
+pub struct PollClock {
+    timeout: std::time::Duration,
+    polls: u32,
+    deadline: Option<Instant>,
+}
+
+impl PollClock {
+    /// Calls between clock reads.
+    pub const EVERY: u32 = 64;
+
+    /// A clock that expires about `timeout` after its first reading.
+    pub fn new(timeout: std::time::Duration) -> Self {
+        PollClock {
+            timeout,
+            polls: 0,
+            deadline: None,
+        }
+    }
+
+    /// Counts one poll; true once the timeout has passed (checked every [`PollClock::EVERY`]
+    /// calls).
+    pub fn expired(&mut self) -> bool {
+        self.polls = self.polls.wrapping_add(1);
+        if !self.polls.is_multiple_of(Self::EVERY) {
+            return false;
+        }
+        let now = Instant::now();
+        match self.deadline {
+            None => {
+                self.deadline = Some(now + self.timeout);
+                self.timeout.is_zero()
+            }
+            Some(d) => now >= d,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +152,25 @@ mod tests {
         );
         b.reset();
         assert_eq!(b.polls, 0);
+    }
+
+    #[test]
+    fn poll_clock_expires_only_after_its_timeout() {
+        let mut c = PollClock::new(Duration::from_millis(20));
+        let t = Instant::now();
+        while !c.expired() {
+            assert!(t.elapsed() < Duration::from_secs(5), "never expired");
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "expired after {:?}",
+            t.elapsed()
+        );
+        let mut z = PollClock::new(Duration::ZERO);
+        assert!(
+            (0..PollClock::EVERY).any(|_| z.expired()),
+            "a zero timeout expires at the first reading"
+        );
     }
 
     #[test]
