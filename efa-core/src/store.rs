@@ -1133,7 +1133,7 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
             };
             if len > limit {
                 if !authed {
-                    tracing::warn!(%peer, len, "refused a store client: a first frame of {len} bytes, too long for a token");
+                    tracing::warn!("refused a store client from {peer}: a first frame of {len} bytes, too long for a token; its connection is closed");
                     return Ok(());
                 }
                 return Err(io::Error::new(
@@ -1145,7 +1145,7 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
             stream.read_exact(&mut frame).await?;
             let req = Request::decode(&frame);
             if let Some(reason) = refusal(shared.token.as_ref(), authed, &req) {
-                tracing::warn!(%peer, reason, "refused a store client");
+                tracing::warn!("refused a store client from {peer}: {reason}; its connection is closed");
                 let mut reply = Vec::with_capacity(5 + reason.len());
                 reply.extend_from_slice(&((reason.len() + 1) as u32).to_be_bytes());
                 reply.push(ST_REFUSED);
