@@ -56,6 +56,31 @@
 //!    `SLURM_HOSTFILE`, set `EFA_STORE`.
 //! 7. Anything else (mpirun across nodes, for example) is an error,
 //!    [`BootstrapError::NoRendezvous`], asking for `EFA_STORE`.
+//!
+//! A file store's directory is created with mode 0700, but never its parents: with
+//! `EFA_STORE=file:///fsx/jobs/42`, `/fsx/jobs` must exist, or [`Bootstrap::connect_store`]
+//! fails at once with [`BootstrapError::InvalidVar`] naming `EFA_STORE` (a missing parent is
+//! usually a typo or a filesystem not mounted on this node; creating it would leave this rank
+//! waiting alone). The launcher-keyed directories of rule 5 live in `/tmp`, which exists.
+//! `EFA_STORE_SERVED=1` without `EFA_STORE` is an error; with a file store it is ignored.
+//!
+//! # Who may join
+//!
+//! `EFA_STORE_TOKEN` is the job's secret for a TCP store (16 to 256 printable ASCII
+//! characters, e.g. `openssl rand -hex 32`; empty means unset). A store served with a token
+//! admits only clients presenting the same one; a store served without one admits only
+//! clients without one. So:
+//!
+//! * under `efarun` nothing is needed: it generates a token per job and passes it on;
+//! * under other launchers, set the same `EFA_STORE_TOKEN` on every rank, rank 0 (the server)
+//!   included, and make the launcher pass it on: `mpirun -x EFA_STORE_TOKEN ...` (Open MPI),
+//!   `mpiexec -genvlist EFA_STORE_TOKEN ...` (Hydra), `srun --export=ALL,EFA_STORE_TOKEN ...`
+//!   (Hydra and srun pass the whole environment by default; lists of exported variables must
+//!   name it);
+//! * with no token anywhere the store admits anyone who can reach its port, as before
+//!   tokens existed (rank 0 logs a warning when it serves on a non-loopback address);
+//! * a rank whose token differs from the server's gets [`StoreError::Refused`] at once, and
+//!   the server logs a warning naming the refused address and goes on serving the others.
 
 use std::fmt;
 use std::path::PathBuf;

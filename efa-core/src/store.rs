@@ -1112,6 +1112,56 @@ fn refusal(
     }
 }
 
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn hello_auth_roundtrip_and_limits() {
+        let r = Request::HelloAuth {
+            rank: 3,
+            token: b"0123456789abcdef".to_vec(),
+        };
+        assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        // An empty token decodes (and is then refused as wrong); a huge one does not.
+        assert!(Request::decode(&[OP_HELLO_AUTH, 0, 0, 0, 1]).is_ok());
+        let mut big = vec![OP_HELLO_AUTH, 0, 0, 0, 1];
+        big.resize(5 + StoreToken::MAX_LEN + 1, b'x');
+        assert!(Request::decode(&big).is_err());
+        assert!(Request::decode(&[OP_HELLO_AUTH, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn refusal_rules() {
+        let t = StoreToken::new("0123456789abcdef").unwrap();
+        let auth = |tok: &[u8]| {
+            Ok(Request::HelloAuth {
+                rank: 0,
+                token: tok.to_vec(),
+            })
+        };
+        let hello = Ok(Request::Hello { rank: 0 });
+        let get = Ok(Request::Get {
+            key: "k".into(),
+            wait: Duration::ZERO,
+        });
+        // With a token: only the right HELLO_AUTH opens the connection.
+        assert_eq!(refusal(Some(&t), false, &auth(b"0123456789abcdef")), None);
+        assert!(refusal(Some(&t), false, &auth(b"0123456789abcdeF")).is_some());
+        assert!(refusal(Some(&t), false, &auth(b"")).is_some());
+        assert!(refusal(Some(&t), false, &hello).is_some());
+        assert!(refusal(Some(&t), false, &get).is_some());
+        assert!(refusal(Some(&t), false, &Err("garbage".into())).is_some());
+        // Once in, requests are served; a wrong token later still ends the connection.
+        assert_eq!(refusal(Some(&t), true, &get), None);
+        assert!(refusal(Some(&t), true, &auth(b"wrong-wrong-wrong")).is_some());
+        // Without a token: everything but a token is served, as before tokens existed.
+        assert_eq!(refusal(None, true, &hello), None);
+        assert_eq!(refusal(None, true, &get), None);
+        assert!(refusal(None, true, &auth(b"0123456789abcdef")).is_some());
+    }
+}
+
 async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let mut rank = None;
     let mut authed = shared.token.is_none();
