@@ -577,8 +577,8 @@ impl FileStore {
     /// # Errors
     ///
     /// [`StoreError::Directory`] at once if the parent of `dir` does not exist, `dir` is not a
-    /// directory, it cannot be created, or it already exists and other users may write to
-    /// it (group or other write permission). The message names the path and the fix.
+    /// directory, it cannot be created, or it already exists and every user may write to it
+    /// (the "other" write permission). The message names the path and the fix.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = dir.into();
@@ -609,11 +609,13 @@ impl FileStore {
                 "exists and is not a directory; remove it or choose another path".into(),
             ));
         }
+        // Group write is allowed: with user private groups (the default on Debian and Ubuntu,
+        // umask 002) every directory a user makes is group-writable.
         let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o022 != 0 {
+        if mode & 0o002 != 0 {
             return Err(bad(format!(
-                "other users may write to it (mode {mode:04o}), so they could add cards to this \
-                 job; run chmod go-w on it, or let the store create a fresh directory"
+                "every user may write to it (mode {mode:04o}), so anyone could add cards to \
+                 this job; run chmod o-w on it, or let the store create a fresh directory"
             )));
         }
         Ok(Self { dir })
