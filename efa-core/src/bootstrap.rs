@@ -309,7 +309,7 @@ pub enum BootstrapError {
     /// crashed, are still starting, or use a different `EFA_STORE`. The message names the
     /// store: "rank 1 never joined the TCP store at 127.0.0.1:4242 (served by efarun) within
     /// 30.0 s ...".
-    #[error("{} never joined {store} within {}: not started, crashed, still starting, or using another EFA_STORE (raise EFA_TIMEOUT for slow starts)", fmt_ranks(.ranks), fmt_secs(*.waited))]
+    #[error("{} never joined {store} within {}: not started, crashed, still starting, or using another EFA_STORE or EFA_STORE_TOKEN (raise EFA_TIMEOUT for slow starts)", fmt_ranks(.ranks), fmt_secs(*.waited))]
     RankNeverJoined {
         /// Every rank that was missing, ascending.
         ranks: Vec<u32>,

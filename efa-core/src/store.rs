@@ -95,7 +95,7 @@ pub enum StoreError {
     },
     /// No connection to the store server could be made before the deadline. Check that the
     /// serving process (rank 0 or the launcher) runs and that the address is reachable.
-    #[error("could not reach the store at {addr} within {waited:?}: {source}")]
+    #[error("could not reach the store at {addr} within {waited:?}: {source} (is the process that serves it, rank 0 or the launcher, running, and is EFA_STORE the same on every rank?)")]
     Unreachable {
         /// The address tried.
         addr: String,

@@ -15,7 +15,9 @@
 //! * The store admits only this job's ranks: efarun generates a secret per job (32 random
 //!   bytes from `/dev/urandom`, as 64 hex digits), serves the store with it and passes it to
 //!   the ranks as `EFA_STORE_TOKEN` (`-x EFA_STORE_TOKEN=...` chooses it instead). Any other
-//!   client is refused and efarun prints a warning naming its address; the job goes on.
+//!   client is refused and efarun prints a warning naming its address; the job goes on. An
+//!   unusable `-x EFA_STORE_TOKEN` (fewer than 16 or more than 256 characters, or not
+//!   printable ASCII) makes efarun exit with 2 before any rank starts.
 //!   `RUST_LOG` (default `efa_core=warn`) sets what efarun's own log shows.
 //! * Each rank runs in its own process group with stdin from `/dev/null`. Every line it
 //!   writes to stdout or stderr is written to efarun's stdout or stderr prefixed with
