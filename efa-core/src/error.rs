@@ -130,6 +130,16 @@ pub enum Error {
         /// The missing capability and what to do.
         what: String,
     },
+    /// A peer failed: it exited, became unreachable, aborted the job, or stopped answering.
+    /// Pending and later operations that need it fail with this error. The job cannot go on
+    /// as it was: finish what does not need the peer, report, and exit.
+    #[error("{}", cause.describe(*rank))]
+    PeerFailed {
+        /// The failed rank.
+        rank: u32,
+        /// How it failed.
+        cause: PeerFailure,
+    },
     /// A bad configuration value (the message names it).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -142,5 +152,107 @@ impl Error {
             efa_fabric::Error::Timeout { waited, .. } => Error::Timeout { op, peer, waited },
             source => Error::Fabric { op, peer, source },
         }
+    }
+}
+
+/// How a peer failed; carried by [`Error::PeerFailed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerFailure {
+    /// The peer's process is gone (seen as a dead pid on the same host, or a closed
+    /// connection).
+    Exited {
+        /// Its process id, when known.
+        pid: Option<u32>,
+        /// Its host, when known.
+        host: Option<String>,
+    },
+    /// The transport reports that the peer cannot be reached; `detail` is the transport's text.
+    Unreachable {
+        /// The transport's error text, e.g. "connection reset".
+        detail: String,
+    },
+    /// The peer called `abort(code, reason)`.
+    Aborted {
+        /// The code it gave.
+        code: i32,
+        /// The reason it gave.
+        reason: String,
+    },
+    /// The peer did not answer within the communicator's deadline.
+    TimedOut {
+        /// Time waited.
+        waited: Duration,
+    },
+}
+
+impl PeerFailure {
+    /// The sentence for rank `rank` failing this way, e.g. "rank 1 (pid 4242 on host a) exited".
+    pub fn describe(&self, rank: u32) -> String {
+        match self {
+            PeerFailure::Exited { pid, host } => {
+                let at = match (pid, host) {
+                    (Some(pid), Some(host)) => format!(" (pid {pid} on host {host})"),
+                    (Some(pid), None) => format!(" (pid {pid})"),
+                    (None, Some(host)) => format!(" (on host {host})"),
+                    (None, None) => String::new(),
+                };
+                format!("rank {rank}{at} exited")
+            }
+            PeerFailure::Unreachable { detail } => format!("rank {rank} unreachable: {detail}"),
+            PeerFailure::Aborted { code, reason } => {
+                format!("rank {rank} aborted the job (code {code}): {reason}")
+            }
+            PeerFailure::TimedOut { waited } => {
+                format!("rank {rank} did not answer within {waited:?}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod peer_failed_tests {
+    use super::*;
+
+    #[test]
+    fn peer_failed_names_rank_and_cause() {
+        let e = Error::PeerFailed {
+            rank: 1,
+            cause: PeerFailure::Exited {
+                pid: Some(4242),
+                host: Some("a".into()),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 1 (pid 4242 on host a) exited");
+        let e = Error::PeerFailed {
+            rank: 1,
+            cause: PeerFailure::Unreachable {
+                detail: "connection reset".into(),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 1 unreachable: connection reset");
+        let e = Error::PeerFailed {
+            rank: 1,
+            cause: PeerFailure::Aborted {
+                code: 3,
+                reason: "bad input".into(),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 1 aborted the job (code 3): bad input");
+        let e = Error::PeerFailed {
+            rank: 2,
+            cause: PeerFailure::TimedOut {
+                waited: Duration::from_secs(5),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 2 did not answer within 5s");
+        let e = Error::PeerFailed {
+            rank: 0,
+            cause: PeerFailure::Exited {
+                pid: None,
+                host: None,
+            },
+        };
+        assert_eq!(e.to_string(), "rank 0 exited");
     }
 }

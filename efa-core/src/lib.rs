@@ -70,6 +70,6 @@ pub use comm::{
     Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
     Tag,
 };
-pub use error::{Error, Result};
+pub use error::{Error, PeerFailure, Result};
 pub use placement::Transport;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
