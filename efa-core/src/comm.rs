@@ -186,6 +186,7 @@ impl CommunicatorBuilder {
     /// [`Error::Bootstrap`] (bad environment, a rank that never joins within the timeout),
     /// [`Error::NoTransport`], [`Error::NoRoute`], [`Error::Transports`].
     pub fn build(mut self) -> Result<Communicator> {
+        crate::debug::init(self.bootstrap.as_ref())?;
         if self.env {
             if let Ok(v) = std::env::var("EFA_TIMEOUT") {
                 let secs: f64 = v.parse().map_err(|_| {

@@ -58,6 +58,7 @@
 pub mod bootstrap;
 pub mod coll;
 pub mod comm;
+pub mod debug;
 pub mod error;
 pub mod net;
 pub mod placement;
@@ -70,6 +71,6 @@ pub use comm::{
     Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
     Tag,
 };
-pub use error::{Error, PeerFailure, Result};
+pub use error::{Error, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
