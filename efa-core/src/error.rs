@@ -466,8 +466,70 @@ impl PeerFailure {
 }
 
 #[cfg(test)]
-mod peer_failed_tests {
+mod tests {
     use super::*;
+
+    #[test]
+    fn debug_is_the_report_and_alternate_the_structure() {
+        // The source's text is already in the message: no "Caused by" repeating it.
+        let e = Error::Fabric {
+            op: "send",
+            peer: Some(2),
+            source: efa_fabric::Error::InvalidArgument("bad".into()),
+        };
+        let report = format!("{e:?}");
+        assert_eq!(report, e.to_string());
+        assert!(
+            report.starts_with("send with rank 2 failed: invalid argument: bad; EFA_DEBUG=debug"),
+            "{report}"
+        );
+        assert!(format!("{e:#?}").starts_with("Fabric {\n    op: \"send\","));
+
+        // A cause the message does not include is listed, then the hint.
+        let e = Error::Bootstrap(BootstrapError::Store(
+            crate::store::StoreError::Unreachable {
+                addr: "h:1".into(),
+                waited: Duration::from_secs(1),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+            },
+        ));
+        assert_eq!(
+            format!("{e:?}"),
+            format!(
+                "rendezvous store failed\n\nCaused by:\n    could not reach the store at h:1 \
+                 within 1s: refused\n\nHint: {}",
+                e.hint().unwrap()
+            )
+        );
+
+        let e = Error::PeerFailed {
+            rank: 3,
+            cause: PeerFailure::Unreachable {
+                detail: "connection reset".into(),
+            },
+        };
+        assert!(format!("{e:?}").starts_with("rank 3 unreachable: connection reset\n\nHint: "));
+    }
+
+    #[test]
+    fn setting_errors_name_the_source_value_and_forms() {
+        let e = SettingError::env("EFA_IFACE", "eth9", "no such interface", "lo, eth0");
+        assert_eq!(
+            e.to_string(),
+            "EFA_IFACE=\"eth9\": no such interface; accepted: lo, eth0"
+        );
+        let e = SettingError::argument(
+            "CommunicatorBuilder::ip_iface",
+            "eth9",
+            "no such interface",
+            "lo",
+        );
+        assert_eq!(
+            e.to_string(),
+            "CommunicatorBuilder::ip_iface(\"eth9\"): no such interface; accepted: lo"
+        );
+        assert_eq!(e.var(), None);
+    }
 
     #[test]
     fn peer_failed_names_rank_and_cause() {
