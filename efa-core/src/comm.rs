@@ -200,12 +200,7 @@ impl CommunicatorBuilder {
         {
             self.config.transports = TransportSet::from_env()?;
         }
-        if self.config.ip_iface.is_none() {
-            self.config.ip_iface = std::env::var("EFA_IFACE").ok();
-        }
-        if self.config.fabric_addr.is_none() {
-            self.config.fabric_addr = std::env::var("EFA_FABRIC_ADDR").ok();
-        }
+        net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;
         let boot = match self.bootstrap {
             Some(b) => b,
             None => bootstrap::from_env()?,

@@ -410,6 +410,27 @@ impl SettingError {
     }
 }
 
+/// The value of environment variable `var`; `None` when unset or blank.
+///
+/// # Errors
+/// [`SettingError`] naming `var` when the value is not UTF-8 (`accepted` says what is).
+pub(crate) fn env_var(
+    var: &'static str,
+    accepted: &str,
+) -> std::result::Result<Option<String>, SettingError> {
+    match std::env::var(var) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(SettingError::env(
+            var,
+            raw.to_string_lossy(),
+            "is not valid UTF-8",
+            accepted,
+        )),
+    }
+}
+
 /// How a peer failed; carried by [`Error::PeerFailed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -1,13 +1,18 @@
-//! `EFA_DEBUG`: real jobs under `efarun` whose program installs no subscriber print the
-//! library's log with the rank, to stderr or to `EFA_DEBUG_FILE`; without the variable they
-//! print none; bad values are typed errors; an application's own subscriber wins.
+//! `EFA_*` settings in real jobs under `efarun`.
+//!
+//! `EFA_DEBUG`: a program that installs no subscriber prints the library's log with the rank,
+//! to stderr or to `EFA_DEBUG_FILE`; without the variable it prints none; an application's
+//! own subscriber wins.
+//!
+//! Every other variable: a bad value is an `Error::Setting` (or `Error::Transports`) naming
+//! the variable, the value and the accepted forms, before anything waits.
 
 mod common;
 
 use std::process::{Command, Output};
 
 use common::in_job;
-use efa_core::{Communicator, Error, Source, Tag};
+use efa_core::{Communicator, Error, SettingSource, Source, Tag};
 
 /// Runs child test `name` as `n` ranks under `efarun` with exactly the `EFA_DEBUG*` variables
 /// given (the test's own environment's are removed).
@@ -24,10 +29,16 @@ fn job(n: u32, name: &str, env: &[(&str, &str)]) -> Output {
         ])
         .env("EFA_IFACE", "lo")
         .env("EFA_TIMEOUT", "30")
-        .env_remove("EFA_DEBUG")
-        .env_remove("EFA_DEBUG_SUBSYS")
-        .env_remove("EFA_DEBUG_FILE")
         .env_remove("RUST_LOG");
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("EFA_DEBUG")
+            || k.starts_with("EFA_COLL_")
+            || ["EFA_TRANSPORTS", "EFA_FABRIC_ADDR", "EFA_ALLREDUCE_ALGO"].contains(&&*k)
+        {
+            cmd.env_remove(&*k);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -195,7 +206,8 @@ fn efa_debug_file_writes_one_file_per_rank() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Child: building fails with a typed error naming the bad variable.
+/// Child: building (or, with `EXPECT_AT=allreduce`, the first allreduce) fails with a
+/// setting error naming `EXPECT_VAR` and containing `EXPECT_TEXT`.
 #[test]
 #[ignore]
 fn child_bad_setting() {
@@ -203,39 +215,122 @@ fn child_bad_setting() {
         return;
     }
     let var = std::env::var("EXPECT_VAR").unwrap();
-    let e = Communicator::init().unwrap_err();
+    let text = std::env::var("EXPECT_TEXT").unwrap_or_default();
+    let e = if std::env::var("EXPECT_AT").as_deref() == Ok("allreduce") {
+        let comm = Communicator::init().unwrap();
+        let mut buf = [1.0f32; 16];
+        comm.allreduce(&mut buf, efa_core::ReduceOp::Sum)
+            .unwrap_err()
+    } else if std::env::var("EXPECT_AT").as_deref() == Ok("builder") {
+        let mut b = Communicator::builder();
+        if let Ok(v) = std::env::var("ARG_IP_IFACE") {
+            b = b.ip_iface(v);
+        }
+        if let Ok(v) = std::env::var("ARG_FABRIC_ADDR") {
+            b = b.fabric_addr(v);
+        }
+        b.build().unwrap_err()
+    } else {
+        Communicator::init().unwrap_err()
+    };
     match &e {
-        Error::Setting(s) => assert_eq!(s.var(), Some(var.as_str()), "{e}"),
+        Error::Setting(s) => match s.source_of_value {
+            SettingSource::Env(v) | SettingSource::Argument(v) => assert_eq!(v, var, "{e}"),
+        },
+        Error::Transports(t) => assert_eq!(var, "EFA_TRANSPORTS", "{t}"),
         other => panic!("expected a setting error for {var}, got {other}"),
     }
+    let shown = e.to_string();
+    assert!(shown.contains(&text), "{shown:?} lacks {text:?}");
+    assert!(
+        shown.contains("accepted: ") || shown.contains("known: "),
+        "{shown}"
+    );
     eprintln!("typed error: {e}");
 }
 
+/// One job per bad value of every `EFA_*` variable (other than the bootstrap ones and
+/// `EFA_TIMEOUT`) and per bad builder argument.
 #[test]
-fn bad_efa_debug_values_are_typed_errors() {
-    let dir = std::env::temp_dir().join(format!("efa-debug-none-{}", std::process::id()));
-    let missing_dir = format!("{}/no/such/dir/x.log", dir.display());
-    for (env, var) in [
-        (vec![("EFA_DEBUG", "loud")], "EFA_DEBUG"),
+fn every_bad_setting_is_a_typed_error() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        // (variable, value, where it fails, text the message must contain)
+        ("EFA_TRANSPORTS", "^all", "init", "EFA_TRANSPORTS=\"^all\": allows no transport"),
+        ("EFA_TRANSPORTS", ",", "init", "allows no transport; accepted: a comma-separated"),
+        ("EFA_TRANSPORTS", "shm,ucx", "init", "unknown transport `ucx` in EFA_TRANSPORTS"),
+        ("EFA_IFACE", "nonexistent0", "init", "no interface nonexistent0 with an IP address; accepted: the name of an interface of this host that is up and has an IP address: lo (127.0.0.1/8"),
+        ("EFA_FABRIC_ADDR", "192.0.2.77", "init", "EFA_FABRIC_ADDR=\"192.0.2.77\": 192.0.2.77 is not an address of this host; accepted: an IP address"),
+        ("EFA_FABRIC_ADDR", "lo", "init", "EFA_FABRIC_ADDR=\"lo\": not an IP address"),
+        ("EFA_ALLREDUCE_ALGO", "tree", "allreduce", "EFA_ALLREDUCE_ALGO=\"tree\": not an allreduce algorithm"),
+        ("EFA_COLL_RING_MIN", "lots", "allreduce", "EFA_COLL_RING_MIN=\"lots\": not a whole number of bytes"),
+        ("EFA_COLL_CHUNK", "8", "allreduce", "EFA_COLL_CHUNK=\"8\": below the smallest chunk"),
+        ("EFA_COLL_CHECK", "maybe", "allreduce", "EFA_COLL_CHECK=\"maybe\": not a switch"),
+        ("EFA_DEBUG", "loud", "init", "EFA_DEBUG=\"loud\": not a log level"),
+        ("EFA_DEBUG_SUBSYS", "comm,ucx", "init", "unknown subsystem `ucx`"),
+        ("EFA_DEBUG_FILE", "/tmp/x%q", "init", "unknown substitution %q"),
+        ("EFA_DEBUG_FILE", "/nonexistent-efa-dir/x.log", "init", "cannot open /nonexistent-efa-dir/x.log"),
+    ];
+    let mut failed = Vec::new();
+    for &(var, value, at, text) in cases {
+        let mut env = vec![
+            (var, value),
+            ("EXPECT_VAR", var),
+            ("EXPECT_AT", at),
+            ("EXPECT_TEXT", text),
+        ];
+        if var.starts_with("EFA_DEBUG_") {
+            env.push(("EFA_DEBUG", "info"));
+        }
+        let out = job(1, "child_bad_setting", &env);
+        if !out.status.success() || !stderr(&out).contains("typed error: ") {
+            failed.push(format!("{var}={value}"));
+        }
+    }
+    for (var, arg, value, text) in [
         (
-            vec![("EFA_DEBUG", "info"), ("EFA_DEBUG_SUBSYS", "comm,ucx")],
-            "EFA_DEBUG_SUBSYS",
+            "CommunicatorBuilder::ip_iface",
+            "ARG_IP_IFACE",
+            "nonexistent0",
+            "CommunicatorBuilder::ip_iface(\"nonexistent0\"): this host has no interface",
         ),
         (
-            vec![("EFA_DEBUG", "info"), ("EFA_DEBUG_FILE", "/tmp/x%q")],
-            "EFA_DEBUG_FILE",
-        ),
-        (
-            vec![("EFA_DEBUG", "info"), ("EFA_DEBUG_FILE", &missing_dir)],
-            "EFA_DEBUG_FILE",
+            "CommunicatorBuilder::fabric_addr",
+            "ARG_FABRIC_ADDR",
+            "10.",
+            "CommunicatorBuilder::fabric_addr(\"10.\"): not an IP address",
         ),
     ] {
-        let mut env = env.clone();
-        env.push(("EXPECT_VAR", var));
+        let env = [
+            (arg, value),
+            ("EXPECT_VAR", var),
+            ("EXPECT_AT", "builder"),
+            ("EXPECT_TEXT", text),
+        ];
         let out = job(1, "child_bad_setting", &env);
-        assert!(out.status.success(), "{env:?}");
-        assert!(stderr(&out).contains("typed error: "), "{env:?}");
+        if !out.status.success() || !stderr(&out).contains("typed error: ") {
+            failed.push(format!("{var}({value})"));
+        }
     }
+    assert!(failed.is_empty(), "not typed errors: {failed:?}");
+}
+
+/// Good values of the same variables are accepted, and the job runs.
+#[test]
+fn good_settings_are_accepted() {
+    let out = job(
+        2,
+        "child_ring",
+        &[
+            ("EFA_TRANSPORTS", "^fabric"),
+            ("EFA_IFACE", " lo "),
+            ("EFA_ALLREDUCE_ALGO", "RING"),
+            ("EFA_COLL_CHUNK", "64"),
+            ("EFA_COLL_CHECK", "yes"),
+            ("EFA_DEBUG", ""),
+        ],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ring ok"));
 }
 
 /// Child: the application installs its own subscriber (to stdout, efa_core at debug) before
