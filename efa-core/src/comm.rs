@@ -186,6 +186,7 @@ impl CommunicatorBuilder {
     /// [`Error::Bootstrap`] (bad environment, a rank that never joins within the timeout),
     /// [`Error::NoTransport`], [`Error::NoRoute`], [`Error::Transports`].
     pub fn build(mut self) -> Result<Communicator> {
+        crate::debug::init(self.bootstrap.as_ref())?;
         if self.env {
             if let Ok(v) = std::env::var("EFA_TIMEOUT") {
                 let secs: f64 = v.parse().map_err(|_| {
@@ -199,12 +200,7 @@ impl CommunicatorBuilder {
         {
             self.config.transports = TransportSet::from_env()?;
         }
-        if self.config.ip_iface.is_none() {
-            self.config.ip_iface = std::env::var("EFA_IFACE").ok();
-        }
-        if self.config.fabric_addr.is_none() {
-            self.config.fabric_addr = std::env::var("EFA_FABRIC_ADDR").ok();
-        }
+        net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;
         let boot = match self.bootstrap {
             Some(b) => b,
             None => bootstrap::from_env()?,

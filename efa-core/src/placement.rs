@@ -190,13 +190,30 @@ impl TransportSet {
         Ok(set)
     }
 
-    /// Reads `EFA_TRANSPORTS` from the process environment.
+    /// Reads `EFA_TRANSPORTS` from the process environment; unset or blank means all.
     ///
     /// # Errors
     ///
-    /// As [`TransportSet::parse`].
-    pub fn from_env() -> Result<Self, UnknownTransport> {
-        std::env::var("EFA_TRANSPORTS").map_or(Ok(Self::all()), |v| Self::parse(&v))
+    /// [`crate::Error::Transports`] for an unknown name; [`crate::Error::Setting`] for a
+    /// list that allows no transport (`^all`, `,`, `^shm,fabric,ip`) or a value that is not
+    /// UTF-8.
+    pub fn from_env() -> crate::Result<Self> {
+        const FORMS: &str = "a comma-separated list of shm, fabric (also efa, verbs), ip (also \
+                             tcp), or all; a leading ^ excludes the listed ones (e.g. ^shm)";
+        let Some(v) = crate::error::env_var("EFA_TRANSPORTS", FORMS)? else {
+            return Ok(Self::all());
+        };
+        let set = Self::parse(&v)?;
+        if set.is_empty() {
+            return Err(crate::error::SettingError::env(
+                "EFA_TRANSPORTS",
+                v,
+                "allows no transport",
+                FORMS,
+            )
+            .into());
+        }
+        Ok(set)
     }
 }
 
