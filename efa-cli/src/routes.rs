@@ -40,6 +40,7 @@ pub fn local_card(f: &LocalFacts) -> Card {
             .collect(),
         fabric_subnet: f.fabric_subnet,
         ip_subnet: f.ip_subnet,
+        process: Default::default(),
     }
 }
 

@@ -28,11 +28,11 @@ use efa_fabric::{
 };
 
 use crate::bootstrap::{self, Bootstrap};
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerFailure, Result};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::store::{self, Store};
-use crate::wire::{self, Header, Kind, CTRL_TAG, HDR_LEN};
+use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
 /// Largest user tag; tags above are reserved for collectives and internal messages.
 pub const MAX_USER_TAG: u32 = 0x7FFF_FFFF;
@@ -335,7 +335,22 @@ struct Engine {
     fin: Vec<FinState>,
     /// `finalize` has completed: no new operations.
     finalized: bool,
+    /// Every rank's process (pid, start time, host), and whether it shares this host.
+    procs: Vec<(placement::ProcessId, bool)>,
+    /// The first rank known to have failed, and how. Once set, every pending and later
+    /// operation fails with [`Error::PeerFailed`] naming it.
+    failure: Option<(u32, PeerFailure)>,
+    /// Progress calls since the last liveness check of same-host peers, and its time.
+    polls: u32,
+    last_check: Instant,
+    /// Transfers of operations failed by a peer failure: kept until the endpoints close,
+    /// because the provider may still use their buffers (dropping them would wait to cancel).
+    abandoned_sends: Vec<Pending<SharedSlice>>,
+    abandoned_recvs: Vec<Pending<BufPrefix<Vec<u8>>>>,
 }
+
+/// How often blocked ranks look at same-host peers' processes.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where the finalize handshake with one peer stands.
 #[derive(Debug, Default, Clone, Copy)]
@@ -482,6 +497,21 @@ impl Inner {
         result
     }
 
+    /// Tells every peer that this rank failed with `cause`, and gives those messages up to
+    /// a second to leave.
+    fn tell_and_flush(&self, cause: PeerFailure) {
+        let mut e = lock_engine(&self.engine);
+        e.mark_failed(self.rank, cause, true);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !e.background.is_empty() && Instant::now() < deadline {
+            if e.progress().is_err() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        e.finalized = true;
+    }
+
     fn finalize_handshake(&self) -> Result<()> {
         let start = Instant::now();
         let mut backoff = efa_fabric::Backoff::new();
@@ -492,6 +522,11 @@ impl Inner {
                 let mut e = lock_engine(&self.engine);
                 let before = e.events;
                 e.progress()?;
+                if let Some(err) = e.failure_error() {
+                    // Messages to or from a failed rank cannot be delivered any more, and
+                    // every other rank hears of the failure and gives up the same way.
+                    return Err(err);
+                }
                 if e.events != before {
                     backoff.reset();
                 }
@@ -527,11 +562,8 @@ impl Inner {
                 return Ok(());
             };
             if clock.expired() {
-                return Err(Error::Timeout {
-                    op,
-                    peer: Some(peer),
-                    waited: start.elapsed(),
-                });
+                let mut e = lock_engine(&self.engine);
+                return Err(e.deadline_passed(op, Some(peer), start.elapsed()));
             }
             backoff.snooze();
         }
@@ -546,8 +578,12 @@ impl Drop for Inner {
         if std::thread::panicking() {
             tracing::warn!(
                 rank = self.rank,
-                "communicator dropped during a panic: closing without finalize"
+                "communicator dropped during a panic: telling the other ranks, no finalize"
             );
+            self.tell_and_flush(PeerFailure::Aborted {
+                code: 101,
+                reason: "the rank panicked".into(),
+            });
             return;
         }
         if let Err(e) = self.finalize() {
@@ -652,6 +688,7 @@ impl Communicator {
             endpoints: Vec::new(),
             fabric_subnet: None,
             ip_subnet: None,
+            process: placement::ProcessId::this(),
         };
         let mut tried = Vec::new();
         if allowed.contains(Transport::Shm) {
@@ -779,6 +816,15 @@ impl Communicator {
             pool: BufPool::default(),
             fin: vec![FinState::default(); size as usize],
             finalized: false,
+            procs: cards
+                .iter()
+                .map(|c| (c.process.clone(), c.host_id == card.host_id))
+                .collect(),
+            failure: None,
+            polls: 0,
+            last_check: Instant::now(),
+            abandoned_sends: Vec::new(),
+            abandoned_recvs: Vec::new(),
         };
         engine.post_all_slots()?;
         let comm = Communicator {
@@ -831,6 +877,19 @@ impl Communicator {
     /// finalize; fabric errors.
     pub fn finalize(self) -> Result<()> {
         self.inner.finalize()
+    }
+
+    /// Ends the job on purpose, like `MPI_Abort`: tells every rank it can reach that this
+    /// rank aborted with `code` and `reason` (their pending and later operations fail at
+    /// once with [`Error::PeerFailed`] naming this rank, [`PeerFailure::Aborted`]), gives
+    /// those messages up to a second to leave, and exits the process with `code`.
+    pub fn abort(&self, code: i32, reason: &str) -> ! {
+        tracing::error!(rank = self.inner.rank, code, "abort: {reason}");
+        self.inner.tell_and_flush(PeerFailure::Aborted {
+            code,
+            reason: reason.to_owned(),
+        });
+        std::process::exit(code)
     }
 
     /// This process's rank.
@@ -1290,11 +1349,7 @@ fn wait_loop(
             }
         }
         if clock.expired() {
-            return Err(Error::Timeout {
-                op,
-                peer,
-                waited: start.elapsed(),
-            });
+            return Err(comm.engine().deadline_passed(op, peer, start.elapsed()));
         }
         backoff.snooze();
     }
@@ -1534,7 +1589,182 @@ impl Engine {
         if self.finalized {
             return Err(Error::Finalized);
         }
-        Ok(())
+        match self.failure_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The error every operation gets once a peer has failed.
+    fn failure_error(&self) -> Option<Error> {
+        self.failure
+            .as_ref()
+            .map(|(rank, cause)| Error::PeerFailed {
+                rank: *rank,
+                cause: cause.clone(),
+            })
+    }
+
+    /// Records that `rank` failed (the first failure wins), fails every pending operation,
+    /// and, when this rank learned it first hand (`tell`), tells every other rank it can
+    /// still reach.
+    fn mark_failed(&mut self, rank: u32, cause: PeerFailure, tell: bool) {
+        if self.failure.is_some() {
+            return;
+        }
+        tracing::error!(rank = self.rank, failed = rank, "{}", cause.describe(rank));
+        self.failure = Some((rank, cause.clone()));
+        let err = || Error::PeerFailed {
+            rank,
+            cause: cause.clone(),
+        };
+        self.posted.clear();
+        self.rndv_sends.clear();
+        for op in self.recvs.values_mut() {
+            if matches!(op.state, RecvState::Done | RecvState::Failed(_)) {
+                continue;
+            }
+            if let RecvState::Receiving { chunks } = &mut op.state {
+                self.abandoned_recvs.append(chunks);
+            }
+            op.state = RecvState::Failed(err());
+        }
+        for op in self.sends.values_mut() {
+            if matches!(op.state, SendState::Done | SendState::Failed(_)) {
+                continue;
+            }
+            if let SendState::Sending { chunks, .. } = &mut op.state {
+                self.abandoned_sends.append(chunks);
+            }
+            op.state = SendState::Failed(err());
+        }
+        // Detached sends that failed are forgotten.
+        self.sends.retain(|_, op| op.tag != u32::MAX);
+        if tell {
+            let (code, num, text) = match &cause {
+                PeerFailure::Exited { pid, host } => (
+                    FailCode::Exited,
+                    u64::from(pid.unwrap_or(0)),
+                    host.clone().unwrap_or_default(),
+                ),
+                PeerFailure::Unreachable { detail } => (FailCode::Unreachable, 0, detail.clone()),
+                PeerFailure::Aborted { code, reason } => {
+                    (FailCode::Aborted, *code as i64 as u64, reason.clone())
+                }
+                PeerFailure::Stopped { pid, waited } => (
+                    FailCode::Stopped,
+                    u64::from(*pid) | ((waited.as_millis() as u64) << 32),
+                    String::new(),
+                ),
+                PeerFailure::TimedOut { waited } => {
+                    (FailCode::TimedOut, waited.as_millis() as u64, String::new())
+                }
+            };
+            let mut end = text.len().min(1024);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let h = Header {
+                kind: Kind::Failed,
+                flags: code as u8,
+                src: self.rank,
+                tag: rank,
+                seq: 0,
+                len: num,
+                rndv: 0,
+                ctx: self.ctx,
+            };
+            for p in 0..self.peers.len() as u32 {
+                if p == self.rank || p == rank || self.fin[p as usize].got_ack {
+                    continue;
+                }
+                if let Err(e) = self.send_ctrl(p, &h, &text.as_bytes()[..end]) {
+                    tracing::debug!(peer = p, "could not tell the rank about the failure: {e}");
+                }
+            }
+        }
+    }
+
+    /// A failure notice from `from` about rank `h.tag`.
+    fn on_failed(&mut self, h: &Header, text: &[u8]) {
+        let text = String::from_utf8_lossy(text).into_owned();
+        let cause = match FailCode::from_flags(h.flags) {
+            Some(FailCode::Exited) => PeerFailure::Exited {
+                pid: (h.len != 0).then_some(h.len as u32),
+                host: (!text.is_empty()).then_some(text),
+            },
+            Some(FailCode::Aborted) => PeerFailure::Aborted {
+                code: h.len as i64 as i32,
+                reason: text,
+            },
+            Some(FailCode::Stopped) => PeerFailure::Stopped {
+                pid: h.len as u32,
+                waited: Duration::from_millis(h.len >> 32),
+            },
+            Some(FailCode::TimedOut) => PeerFailure::TimedOut {
+                waited: Duration::from_millis(h.len),
+            },
+            _ => PeerFailure::Unreachable {
+                detail: format!("{text} (reported by rank {})", h.src),
+            },
+        };
+        let rank = if (h.tag as usize) < self.peers.len() {
+            h.tag
+        } else {
+            h.src
+        };
+        self.mark_failed(rank, cause, false);
+    }
+
+    /// Looks at the processes of same-host peers that have not finalized: one that is gone
+    /// (or whose pid now belongs to another process) has failed.
+    fn check_peers(&mut self) {
+        for p in 0..self.procs.len() {
+            let (proc_, same_host) = &self.procs[p];
+            if p as u32 == self.rank || !same_host || proc_.pid == 0 || self.fin[p].got_fin {
+                continue;
+            }
+            let alive = match placement::proc_stat(proc_.pid) {
+                None => false,
+                Some((state, start)) => {
+                    !matches!(state, 'Z' | 'X') && (proc_.start == 0 || start == proc_.start)
+                }
+            };
+            if !alive {
+                let cause = PeerFailure::Exited {
+                    pid: Some(proc_.pid),
+                    host: (!proc_.host.is_empty()).then(|| proc_.host.clone()),
+                };
+                self.mark_failed(p as u32, cause, true);
+                return;
+            }
+        }
+    }
+
+    /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
+    fn stopped_peer(&self) -> Option<(u32, u32)> {
+        self.procs
+            .iter()
+            .enumerate()
+            .filter(|(p, (id, same))| *p as u32 != self.rank && *same && id.pid != 0)
+            .find(|(_, (id, _))| {
+                placement::proc_stat(id.pid).is_some_and(|(st, _)| matches!(st, 'T' | 't'))
+            })
+            .map(|(p, (id, _))| (p as u32, id.pid))
+    }
+
+    /// What a wait that passed its deadline reports: a stopped same-host peer is named as
+    /// the culprit; otherwise the peer waited for is. Either way every other rank is told, so
+    /// that theirs fail at once instead of at their own deadlines.
+    fn deadline_passed(&mut self, op: &'static str, peer: Option<u32>, waited: Duration) -> Error {
+        if let Some((rank, pid)) = self.stopped_peer() {
+            self.mark_failed(rank, PeerFailure::Stopped { pid, waited }, true);
+            return self.failure_error().expect("just set");
+        }
+        if let Some(p) = peer.filter(|&p| p != self.rank) {
+            self.mark_failed(p, PeerFailure::TimedOut { waited }, true);
+        }
+        Error::Timeout { op, peer, waited }
     }
 
     /// A send to some peer that has not completed locally (its request or a background
@@ -1696,6 +1926,13 @@ impl Engine {
 
     /// One round of progress: read every CQ, then handle whatever completed.
     fn progress(&mut self) -> Result<()> {
+        if self.failure.is_none() {
+            self.polls = self.polls.wrapping_add(1);
+            if self.polls % 64 == 0 && self.last_check.elapsed() >= LIVENESS_INTERVAL {
+                self.last_check = Instant::now();
+                self.check_peers();
+            }
+        }
         let mut any = false;
         for p in 0..self.ports.len() {
             // An endpoint that no peer is routed to never has traffic: polling it would
@@ -1776,6 +2013,10 @@ impl Engine {
             Kind::Cts => self.on_cts(h),
             Kind::FinAck => {
                 self.fin[h.src as usize].got_ack = true;
+                Ok(())
+            }
+            Kind::Failed => {
+                self.on_failed(&h, &payload);
                 Ok(())
             }
             Kind::Eager | Kind::Rts | Kind::Fin => {
@@ -1903,6 +2144,10 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!(peer = bg.dest, "send failed: {}", e.error);
                     self.peer_errors.insert(bg.dest, e.error.to_string());
+                    if !self.fin[bg.dest as usize].got_fin {
+                        let detail = e.error.to_string();
+                        self.mark_failed(bg.dest, PeerFailure::Unreachable { detail }, true);
+                    }
                     if let Some(b) = e.buf {
                         self.ports[bg.port].bounce.push(b.into_inner());
                     }

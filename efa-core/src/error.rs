@@ -312,10 +312,9 @@ impl Error {
                 .finish(),
             Error::Config(s) => f.debug_tuple("Config").field(s).finish(),
             Error::Finalized => f.write_str("Finalized"),
-            Error::PeerFinalized { rank } => f
-                .debug_struct("PeerFinalized")
-                .field("rank", rank)
-                .finish(),
+            Error::PeerFinalized { rank } => {
+                f.debug_struct("PeerFinalized").field("rank", rank).finish()
+            }
         }
     }
 }
@@ -472,6 +471,14 @@ pub enum PeerFailure {
         /// The reason it gave.
         reason: String,
     },
+    /// The peer's process is stopped (SIGSTOP, a debugger) and did not answer within the
+    /// communicator's deadline.
+    Stopped {
+        /// Its process id.
+        pid: u32,
+        /// Time waited.
+        waited: Duration,
+    },
     /// The peer did not answer within the communicator's deadline.
     TimedOut {
         /// Time waited.
@@ -495,6 +502,9 @@ impl PeerFailure {
             PeerFailure::Unreachable { detail } => format!("rank {rank} unreachable: {detail}"),
             PeerFailure::Aborted { code, reason } => {
                 format!("rank {rank} aborted the job (code {code}): {reason}")
+            }
+            PeerFailure::Stopped { pid, waited } => {
+                format!("rank {rank} (pid {pid}) is stopped and did not answer within {waited:?}")
             }
             PeerFailure::TimedOut { waited } => {
                 format!("rank {rank} did not answer within {waited:?}")

@@ -353,6 +353,52 @@ pub struct Card {
     pub fabric_subnet: Option<Subnet>,
     /// Subnet of the IP interface, if known.
     pub ip_subnet: Option<Subnet>,
+    /// The rank's process: its pid, the start time the kernel gives it
+    /// (`/proc/PID/stat` field 22, so a reused pid is not mistaken for it) and its host name
+    /// (for error messages). Ranks on the same host watch each other's pid to learn at once
+    /// that a peer died.
+    pub process: ProcessId,
+}
+
+/// Which process a rank is, for liveness checks on the same host and for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// Process id (0: unknown).
+    pub pid: u32,
+    /// Start time in clock ticks after boot (0: unknown).
+    pub start: u64,
+    /// Host name; at most 255 bytes.
+    pub host: String,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn this() -> ProcessId {
+        let pid = std::process::id();
+        ProcessId {
+            pid,
+            start: proc_start_time(pid).unwrap_or(0),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().chars().take(255).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Field 22 (start time) of `/proc/PID/stat`, and the state letter (field 3); `None` when
+/// the process does not exist.
+pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let start = f.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, t)| t)
 }
 
 /// A card that cannot be encoded or decoded.
@@ -394,7 +440,7 @@ pub enum CardError {
 }
 
 /// Card wire format version written by [`Card::encode`].
-pub const CARD_VERSION: u8 = 1;
+pub const CARD_VERSION: u8 = 2;
 const CARD_MAGIC: &[u8; 3] = b"EFC";
 
 impl Card {
@@ -420,6 +466,7 @@ impl Card {
     /// "EFC" version:u8 rank:u32le host_len:u16le host
     /// fabric_subnet ip_subnet            each: 0 | 4 addr[4] prefix:u8 | 6 addr[16] prefix:u8
     /// n_endpoints:u16le { transport:u8 provider_len:u8 provider addr_len:u16le addr }*
+    /// pid:u32le start:u64le hostname_len:u8 hostname
     /// ```
     ///
     /// # Errors
@@ -448,6 +495,15 @@ impl Card {
             put_len16(&mut b, "endpoint addr", e.addr.len())?;
             b.extend_from_slice(&e.addr);
         }
+        b.extend_from_slice(&self.process.pid.to_le_bytes());
+        b.extend_from_slice(&self.process.start.to_le_bytes());
+        let hl = u8::try_from(self.process.host.len()).map_err(|_| CardError::FieldTooLong {
+            field: "hostname",
+            len: self.process.host.len(),
+            max: 255,
+        })?;
+        b.push(hl);
+        b.extend_from_slice(self.process.host.as_bytes());
         Ok(b)
     }
 
@@ -490,6 +546,12 @@ impl Card {
                 addr,
             });
         }
+        let pid = u32::from_le_bytes(r.array("pid")?);
+        let start = u64::from_le_bytes(r.array("start time")?);
+        let hl = r.u8("hostname length")? as usize;
+        let host = std::str::from_utf8(r.take("hostname", hl)?)
+            .map_err(|_| CardError::Corrupt("hostname is not UTF-8"))?
+            .to_owned();
         if !r.b.is_empty() {
             return Err(CardError::TrailingBytes(r.b.len()));
         }
@@ -499,6 +561,7 @@ impl Card {
             endpoints,
             fabric_subnet,
             ip_subnet,
+            process: ProcessId { pid, start, host },
         })
     }
 }
@@ -928,6 +991,7 @@ mod tests {
             ],
             fabric_subnet: net(subnet),
             ip_subnet: net(subnet),
+            process: Default::default(),
         }
     }
 
@@ -1178,6 +1242,7 @@ mod tests {
             endpoints: vec![ep(Transport::Fabric, "efa")],
             fabric_subnet: net("10.0.1.1/24"),
             ip_subnet: None,
+            process: Default::default(),
         };
         let b = Card {
             rank: 1,
@@ -1185,6 +1250,7 @@ mod tests {
             endpoints: vec![ep(Transport::Ip, "tcp")],
             fabric_subnet: None,
             ip_subnet: net("10.0.1.2/24"),
+            process: Default::default(),
         };
         let e = route(&a, &b, "all").unwrap_err();
         assert_eq!(e.note, "");
@@ -1288,6 +1354,7 @@ mod tests {
             endpoints,
             fabric_subnet: subnets[rng.below(subnets.len() as u64) as usize],
             ip_subnet: subnets[rng.below(subnets.len() as u64) as usize],
+            process: Default::default(),
         }
     }
 

@@ -43,6 +43,40 @@ pub enum Kind {
     /// The receiver has processed the sender's `Fin` and holds every byte the sender sent
     /// it (rendezvous data included).
     FinAck,
+    /// A rank failed: `tag` names it, `flags` says how ([`FailCode`]), `len` carries a
+    /// number (pid, abort code, milliseconds waited) and the payload a text (host, reason,
+    /// transport error). Sent by the rank that noticed to every rank it can still reach.
+    Failed,
+}
+
+/// How a failed rank failed, in a [`Kind::Failed`] message's `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FailCode {
+    /// The process is gone; `len` is its pid (0: unknown), the payload its host.
+    Exited = 1,
+    /// Unreachable; the payload is the transport's error text.
+    Unreachable = 2,
+    /// It called `abort`; `len` is the code (as i64), the payload the reason.
+    Aborted = 3,
+    /// Stopped; `len` is the pid.
+    Stopped = 4,
+    /// No answer within the deadline; `len` is the milliseconds waited.
+    TimedOut = 5,
+}
+
+impl FailCode {
+    /// The code for `flags`, if known.
+    pub fn from_flags(f: u8) -> Option<FailCode> {
+        Some(match f {
+            1 => FailCode::Exited,
+            2 => FailCode::Unreachable,
+            3 => FailCode::Aborted,
+            4 => FailCode::Stopped,
+            5 => FailCode::TimedOut,
+            _ => return None,
+        })
+    }
 }
 
 impl Kind {
@@ -53,6 +87,7 @@ impl Kind {
             Kind::Cts => 3,
             Kind::Fin => 4,
             Kind::FinAck => 5,
+            Kind::Failed => 6,
         }
     }
     fn from_code(c: u8) -> Option<Kind> {
@@ -62,6 +97,7 @@ impl Kind {
             3 => Some(Kind::Cts),
             4 => Some(Kind::Fin),
             5 => Some(Kind::FinAck),
+            6 => Some(Kind::Failed),
             _ => None,
         }
     }
@@ -213,6 +249,7 @@ mod tests {
             (Kind::Cts, 0, HDR_LEN),
             (Kind::Fin, 0, HDR_LEN),
             (Kind::FinAck, 0, HDR_LEN),
+            (Kind::Failed, 4242, HDR_LEN + 3),
         ] {
             let h = sample(kind, len);
             let mut b = vec![0u8; msg];

@@ -60,7 +60,10 @@ fn lifecycle_rank() {
         .map(|k| SIZES[(last + k) % SIZES.len()])
         .collect();
     // `EFA_LIFE_ONLY=B`: one size only (the job: one 5000-byte ring exchange).
-    if let Some(b) = std::env::var("EFA_LIFE_ONLY").ok().and_then(|v| v.parse().ok()) {
+    if let Some(b) = std::env::var("EFA_LIFE_ONLY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         order = vec![b];
     }
     let mut sends = Vec::new();
@@ -191,11 +194,7 @@ const CASES: [Case; 4] = [
         run_jobs(jobs_from_env(100) / 2, 4, &[])
     }),
     ("explicit_finalize_loses_nothing", || {
-        run_jobs(
-            jobs_from_env(100) / 4,
-            4,
-            &[("EFA_LIFE_FINALIZE", "1")],
-        )
+        run_jobs(jobs_from_env(100) / 4, 4, &[("EFA_LIFE_FINALIZE", "1")])
     }),
 ];
 
