@@ -28,7 +28,7 @@ use efa_fabric::{
 };
 
 use crate::bootstrap::{self, Bootstrap};
-use crate::error::{Error, PeerFailure, Result};
+use crate::error::{Error, PeerFailure, Result, SettingError};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::store::{self, Store};
@@ -169,8 +169,10 @@ impl CommunicatorBuilder {
         self.config.fabric_addr = Some(addr.into());
         self
     }
-    /// Largest eager payload. Default 8 KiB. Larger means fewer round trips for mid-size
-    /// messages but more memory per posted receive buffer.
+    /// Largest eager payload over the fabric and IP, in bytes, from 0 to
+    /// [`MAX_EAGER_LIMIT`] (1 MiB; [`CommunicatorBuilder::build`] fails above). Default 8 KiB.
+    /// Larger means fewer round trips for mid-size messages but more memory per posted
+    /// receive buffer.
     pub fn eager_limit(mut self, bytes: usize) -> Self {
         self.config.eager_limit = bytes;
         self
@@ -188,12 +190,28 @@ impl CommunicatorBuilder {
     pub fn build(mut self) -> Result<Communicator> {
         crate::debug::init(self.bootstrap.as_ref())?;
         if self.env {
-            if let Ok(v) = std::env::var("EFA_TIMEOUT") {
-                let secs: f64 = v.parse().map_err(|_| {
-                    Error::Config(format!("EFA_TIMEOUT={v:?} is not a number of seconds"))
-                })?;
-                self.config.timeout = Duration::from_secs_f64(secs);
+            if let Some(v) = crate::error::env_var("EFA_TIMEOUT", TIMEOUT_FORMS)? {
+                self.config.timeout = parse_timeout(&v)
+                    .map_err(|problem| SettingError::env("EFA_TIMEOUT", v, problem, TIMEOUT_FORMS))?;
             }
+        }
+        check_timeout(self.config.timeout).map_err(|problem| {
+            SettingError::argument(
+                "CommunicatorBuilder::timeout",
+                format!("{:?}", self.config.timeout),
+                problem,
+                TIMEOUT_FORMS,
+            )
+        })?;
+        if self.config.eager_limit > MAX_EAGER_LIMIT {
+            return Err(SettingError::argument(
+                "CommunicatorBuilder::eager_limit",
+                self.config.eager_limit.to_string(),
+                "is larger than the largest eager limit: every endpoint keeps rx_depth receive \
+                 buffers of this size registered",
+                format!("0 to {MAX_EAGER_LIMIT} bytes (default 8192)"),
+            )
+            .into());
         }
         if std::env::var_os("EFA_TRANSPORTS").is_some()
             && self.config.transports == TransportSet::all()
@@ -207,6 +225,40 @@ impl CommunicatorBuilder {
         };
         Communicator::start(boot, self.config)
     }
+}
+
+/// Largest eager limit accepted ([`CommunicatorBuilder::eager_limit`]), in bytes.
+pub const MAX_EAGER_LIMIT: usize = 1 << 20;
+
+const TIMEOUT_FORMS: &str = "a number of seconds from 0.001 to 31536000 (one year), e.g. 60 or 2.5";
+
+/// Seconds, as `EFA_TIMEOUT` gives them.
+fn parse_timeout(v: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| "is not a number of seconds".to_string())?;
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| {
+        if secs.is_sign_negative() {
+            "is negative: a deadline must lie in the future".to_string()
+        } else {
+            "is not a finite number of seconds".to_string()
+        }
+    })?;
+    check_timeout(d)?;
+    Ok(d)
+}
+
+/// A deadline too short to join a job (0 would fail every call at once) or too long to be
+/// meant (a hung job would never be reported).
+fn check_timeout(d: Duration) -> std::result::Result<(), String> {
+    if d < Duration::from_millis(1) {
+        return Err("is shorter than 1 ms: every call, joining included, would fail at once".into());
+    }
+    if d > Duration::from_secs(365 * 24 * 3600) {
+        return Err("is longer than a year: a hung job would never be reported".into());
+    }
+    Ok(())
 }
 
 /// An open endpoint serving one transport.
@@ -793,6 +845,11 @@ impl Communicator {
             .iter()
             .map(|p| (p.transport, p.provider.clone()))
             .collect();
+        let scratch_len = ports
+            .iter()
+            .map(|p| p.inject.max(HDR_LEN + p.eager))
+            .max()
+            .unwrap_or(HDR_LEN);
         let mut engine = Engine {
             rank,
             ports,
@@ -809,7 +866,9 @@ impl Communicator {
             next_id: 1,
             next_rndv: 1,
             peer_errors: HashMap::new(),
-            scratch: vec![0u8; HDR_LEN + config.eager_limit],
+            // Control messages are assembled here when they are injected: as large as the
+            // largest inject size or eager message of any endpoint.
+            scratch: vec![0u8; scratch_len],
             ctx: 0,
             events: 0,
             notifications: VecDeque::new(),
