@@ -1025,11 +1025,15 @@ impl SendRequest {
     /// # Errors
     /// [`Error::Timeout`] naming the peer; [`Error::Truncated`] if the receiver's buffer was
     /// too small; fabric errors.
-    pub fn wait(self) -> Result<()> {
+    pub fn wait(mut self) -> Result<()> {
         let comm = self.comm.clone();
-        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(self.id))?;
-        let state = comm.engine().sends.remove(&self.id);
-        std::mem::forget(self);
+        let id = self.id;
+        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(id))?;
+        let state = comm.engine().sends.remove(&id);
+        // Nothing left for Drop to do (ids start at 1). Not `mem::forget(self)`: that would
+        // leak `self.comm`, so the communicator, its endpoints and their shm regions would
+        // never be closed.
+        self.id = 0;
         match state.map(|s| s.state) {
             Some(SendState::Failed(e)) => Err(e),
             _ => Ok(()),
@@ -1039,6 +1043,9 @@ impl SendRequest {
 
 impl Drop for SendRequest {
     fn drop(&mut self) {
+        if self.id == 0 {
+            return; // waited for
+        }
         // Forget the outcome; in-flight data stays owned by the engine until done.
         let mut e = self.comm.engine();
         if e.send_finished(self.id) {
