@@ -71,6 +71,7 @@ pub mod info;
 pub mod mr;
 pub mod op;
 pub mod progress;
+pub mod shm;
 
 pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};
