@@ -16,7 +16,7 @@
 //!   O_EXCL, 0600)`, which the umask can only narrow. After `fi_enable` the region is checked:
 //!   it must be a regular file owned by this process's effective uid; group or other access
 //!   bits are removed (mode 0600). A region owned by someone else fails the open with
-//!   [`Error::ShmRegion`](crate::Error::ShmRegion).
+//!   [`crate::Error::ShmRegion`].
 //! - **Clean exit.** Closing the endpoint (dropping the last handle) makes the provider
 //!   unlink the region. Endpoints that are never dropped (a handle in a `static`, a leaked
 //!   handle, `std::process::exit`) are unlinked by an `atexit` handler. `SIGINT`, `SIGTERM`,
