@@ -135,8 +135,9 @@ static OPEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
 pub(crate) fn opened(name: &str) {
     static AT_EXIT: Once = Once::new();
     AT_EXIT.call_once(|| {
-        // SAFETY: unlink_at_exit is an `extern "C" fn()` that never unwinds (it cannot
-        // panic: no indexing, no unwrap, allocation failure aborts anyway).
+        // SAFETY: unlink_at_exit is an `extern "C" fn()` taking nothing, as atexit needs. It
+        // does not panic (no unwrap; parse_region_name indexes only within checked lengths),
+        // and a panic could not unwind out of an `extern "C"` fn anyway (it aborts).
         if unsafe { libc::atexit(unlink_at_exit) } != 0 {
             tracing::warn!("atexit failed: shm regions of endpoints never closed may be left in /dev/shm until the next job reclaims them");
         }
