@@ -19,6 +19,13 @@ use efa_fabric::{Endpoint, Hints, Info};
 
 const CHILD_ENV: &str = "EFA_SHM_CHILD";
 
+/// The tests of this file run one at a time: each opens shm endpoints, which reclaims dead
+/// processes' regions, and one of them must see a killed child's region before that.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn shm_info() -> Option<Info> {
     match Hints::new().provider("shm").get() {
         Ok(v) => v.into_iter().find(|i| i.provider() == "shm").or_else(|| {
@@ -106,6 +113,7 @@ fn euid() -> u32 {
 
 #[test]
 fn region_is_private_mode_0600() {
+    let _serial = serial();
     let Some(info) = shm_info() else { return };
     let ep = Endpoint::open(&info).unwrap();
     let region = ep.shm_region().expect("shm endpoint has a region");
@@ -142,6 +150,7 @@ fn child_umask_0_opens() {
 
 #[test]
 fn closing_the_endpoint_removes_its_region() {
+    let _serial = serial();
     let Some(info) = shm_info() else { return };
     let ep = Endpoint::open(&info).unwrap();
     let clone = ep.clone();
@@ -159,6 +168,7 @@ fn closing_the_endpoint_removes_its_region() {
 
 #[test]
 fn exit_without_closing_removes_the_region() {
+    let _serial = serial();
     if shm_info().is_none() {
         return;
     }
@@ -189,6 +199,7 @@ fn child_exits_without_closing() {
 
 #[test]
 fn killed_process_region_is_reclaimed_by_the_next_open() {
+    let _serial = serial();
     let Some(info) = shm_info() else { return };
     let mut child = spawn_child("child_killed");
     let region = read_region(&mut child);
@@ -250,6 +261,7 @@ fn make_region(name: &str) -> PathBuf {
 
 #[test]
 fn reclaim_keeps_live_foreign_and_unknown_regions() {
+    let _serial = serial();
     if shm_info().is_none() {
         return;
     }
