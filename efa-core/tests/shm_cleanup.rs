@@ -179,11 +179,14 @@ fn no_shm_region_is_left_behind() {
         "killed job (pids {killed:?}): {} region(s) left: {left:?}",
         left.len()
     );
-    // Rank 1's region at least (rank 0 got SIGTERM first, whose handler unlinks).
-    assert!(
-        !left.is_empty(),
-        "SIGKILL leaves a region behind (else this test shows nothing)"
-    );
+    // Normally rank 1's region is left (rank 0 got SIGTERM first, whose handler unlinks),
+    // and the next job must remove it. Not asserted: any job that opens an shm endpoint on
+    // this host meanwhile reclaims it first, which is the behaviour under test as well. The
+    // ranks asserted that their regions existed while open, and on a library that does not
+    // reclaim, the check after the next job fails whoever else runs.
+    if left.is_empty() {
+        println!("the killed job's regions were already reclaimed by another job on this host");
+    }
 
     // The next job on the host reclaims them.
     let out = efarun(2, "child_clean_rank", &env);

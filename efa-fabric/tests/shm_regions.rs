@@ -205,10 +205,12 @@ fn killed_process_region_is_reclaimed_by_the_next_open() {
     let region = read_region(&mut child);
     let st = wait_child(&mut child);
     assert!(st.code().is_none(), "child was killed by a signal: {st}");
-    assert!(
-        region.exists(),
-        "SIGKILL leaves the region (else this test shows nothing)"
-    );
+    // SIGKILL leaves the region, unless another process on this host opened an shm
+    // endpoint meanwhile and reclaimed it already (the behaviour under test as well; without
+    // a reclaim, the check below fails whoever else runs).
+    if !region.exists() {
+        println!("the killed child's region was already reclaimed by another process");
+    }
     let ep = Endpoint::open(&info).unwrap();
     assert!(
         !region.exists(),
