@@ -51,6 +51,9 @@
 //! Dropping the last clone closes the endpoints (through `efa-fabric`'s ownership rules).
 //! Requests that are dropped are cancelled (receives) or detached (sends); the NIC never
 //! writes into user memory, so nothing can be written after a buffer is freed.
+//! Each shm endpoint's region in `/dev/shm` is unlinked when its endpoint closes, or at
+//! process exit if it never closes. Regions that killed processes left are reclaimed when
+//! the next shm endpoint on the host opens (see `efa_fabric::shm`).
 //!
 //! Bootstrap under common launchers, per-peer placement (shm on the same host, the fabric on
 //! the same subnet, IP across subnets), tagged point-to-point messaging, RMA windows and

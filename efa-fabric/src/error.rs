@@ -137,6 +137,17 @@ pub enum Error {
     /// An argument is invalid; the message says which and why.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The shared-memory region of a new `shm` endpoint is not private to this user: not a
+    /// regular file, owned by another uid (someone created a file with the endpoint's name
+    /// first), or its mode could not be narrowed to 0600. The endpoint was closed. See
+    /// [`crate::shm`].
+    #[error("shm region {}: {problem}", path.display())]
+    ShmRegion {
+        /// The region's file, e.g. `/dev/shm/efa-4242-...`.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 impl Error {
