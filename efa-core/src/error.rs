@@ -533,7 +533,8 @@ mod tests {
         );
         assert!(format!("{e:#?}").starts_with("Fabric {\n    op: \"send\","));
 
-        // A cause the message does not include is listed, then the hint.
+        // The store's error includes its cause in its message (so no "Caused by"
+        // repeats it), then the hint follows.
         let e = Error::Bootstrap(BootstrapError::Store(
             crate::store::StoreError::Unreachable {
                 addr: "h:1".into(),
@@ -544,8 +545,9 @@ mod tests {
         assert_eq!(
             format!("{e:?}"),
             format!(
-                "rendezvous store failed\n\nCaused by:\n    could not reach the store at h:1 \
-                 within 1s: refused\n\nHint: {}",
+                "rendezvous store failed: could not reach the store at h:1 within 1s: refused \
+                 (is the process that serves it, rank 0 or the launcher, running, and is \
+                 EFA_STORE the same on every rank?)\n\nHint: {}",
                 e.hint().unwrap()
             )
         );

@@ -1409,7 +1409,7 @@ mod tests {
         }
         let c = full(7, "boot/netns:4026531840", "fd00::1/64");
         let b = c.encode().unwrap();
-        assert_eq!(&b[..4], b"EFC\x01");
+        assert_eq!(&b[..4], b"EFC\x02");
         assert_eq!(Card::decode(&b).unwrap(), c);
     }
 
