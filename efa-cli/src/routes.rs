@@ -155,7 +155,8 @@ pub struct StoreCards {
 pub const OBSERVER_RANK: u32 = u32::MAX;
 
 /// Reads `<tag>/<rank>` for every rank of a running job from its store (`host:port`,
-/// `tcp://host:port` or `file:///dir`), without waiting long for absent keys.
+/// `tcp://host:port` or `file:///dir`), without waiting long for absent keys. A TCP store is
+/// joined with `EFA_STORE_TOKEN` when that is set.
 ///
 /// # Errors
 /// The store could not be opened.
@@ -169,7 +170,17 @@ pub fn read_cards(
         Box::new(FileStore::open(dir)?)
     } else {
         let a = addr.strip_prefix("tcp://").unwrap_or(addr);
-        Box::new(TcpStore::connect(a, OBSERVER_RANK, Instant::now() + wait)?)
+        // A store with a token (efarun's, or EFA_STORE_TOKEN's) admits only its holders.
+        let token = match std::env::var("EFA_STORE_TOKEN") {
+            Ok(v) if !v.is_empty() => Some(efa_core::store::StoreToken::new(&v)?),
+            _ => None,
+        };
+        Box::new(TcpStore::connect_with_token(
+            a,
+            OBSERVER_RANK,
+            token.as_ref(),
+            Instant::now() + wait,
+        )?)
     };
     let deadline = Instant::now() + wait;
     let mut out = StoreCards::default();

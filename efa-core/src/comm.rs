@@ -250,6 +250,14 @@ enum Unexpected {
     },
 }
 
+/// A sequence-numbered message, processed in the sender's order.
+enum Ordered {
+    /// An eager message or RTS, matched against receives.
+    Msg(Unexpected),
+    /// The sender's last message: it is finalizing.
+    Fin,
+}
+
 enum RecvState {
     Posted,
     /// Rendezvous data being received into `data`.
@@ -303,7 +311,7 @@ struct Engine {
     next_seq: Vec<u32>,
     expected_seq: Vec<u32>,
     /// Messages that arrived ahead of their sequence number, per source.
-    reorder: Vec<BTreeMap<u32, Unexpected>>,
+    reorder: Vec<BTreeMap<u32, Ordered>>,
     posted: VecDeque<u64>,
     unexpected: VecDeque<Unexpected>,
     recvs: HashMap<u64, RecvOp, IdHash>,
@@ -323,6 +331,21 @@ struct Engine {
     notifications: VecDeque<u64>,
     /// Large rendezvous buffers kept for reuse.
     pool: BufPool,
+    /// Finalize progress, per peer.
+    fin: Vec<FinState>,
+    /// `finalize` has completed: no new operations.
+    finalized: bool,
+}
+
+/// Where the finalize handshake with one peer stands.
+#[derive(Debug, Default, Clone, Copy)]
+struct FinState {
+    /// The peer's `Fin` was processed (so were all its messages before it).
+    got_fin: bool,
+    /// This rank acknowledged the peer's `Fin`.
+    sent_ack: bool,
+    /// The peer acknowledged this rank's `Fin`.
+    got_ack: bool,
 }
 
 /// Request ids are sequential integers: hashing them with SipHash (the std default) costs
@@ -439,6 +462,102 @@ struct Inner {
     objects: std::sync::atomic::AtomicU32,
     /// Collective calls made so far (every rank makes them in the same order).
     coll_seq: std::sync::atomic::AtomicU32,
+}
+
+fn lock_engine(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// The finalize protocol (see [`crate::wire`]): waits until every send has completed
+    /// locally, sends `Fin` to every peer, acknowledges every peer's `Fin` once all its data
+    /// is here, and returns when every peer has acknowledged this rank's `Fin`. Afterwards
+    /// no operation may start. Runs at most once.
+    fn finalize(&self) -> Result<()> {
+        if lock_engine(&self.engine).finalized {
+            return Ok(());
+        }
+        let result = self.finalize_handshake();
+        lock_engine(&self.engine).finalized = true;
+        result
+    }
+
+    fn finalize_handshake(&self) -> Result<()> {
+        let start = Instant::now();
+        let mut backoff = efa_fabric::Backoff::new();
+        let mut clock = efa_fabric::PollClock::new(self.config.timeout);
+        let mut sent_fin = false;
+        loop {
+            let waiting = {
+                let mut e = lock_engine(&self.engine);
+                let before = e.events;
+                e.progress()?;
+                if e.events != before {
+                    backoff.reset();
+                }
+                if !sent_fin {
+                    match e.unfinished_send() {
+                        Some(p) => Some(("finalize: waiting for a send to complete", p)),
+                        None => {
+                            for p in (0..self.size).filter(|&p| p != self.rank) {
+                                let h = e.fin_header(Kind::Fin, p);
+                                e.send_ctrl_with(p, &h, &[], false)?;
+                            }
+                            sent_fin = true;
+                            e.finalize_step()?
+                                .map(|p| ("finalize: waiting for the peer to finalize", p))
+                        }
+                    }
+                } else {
+                    e.finalize_step()?
+                        .map(|p| ("finalize: waiting for the peer to finalize", p))
+                }
+            };
+            let Some((op, peer)) = waiting else {
+                let e = lock_engine(&self.engine);
+                let unread = e.unexpected.len();
+                if unread > 0 {
+                    tracing::warn!(
+                        rank = self.rank,
+                        unread,
+                        "finalize: messages that arrived were never received"
+                    );
+                }
+                tracing::debug!(rank = self.rank, took = ?start.elapsed(), "finalized");
+                return Ok(());
+            };
+            if clock.expired() {
+                return Err(Error::Timeout {
+                    op,
+                    peer: Some(peer),
+                    waited: start.elapsed(),
+                });
+            }
+            backoff.snooze();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if lock_engine(&self.engine).finalized {
+            return;
+        }
+        if std::thread::panicking() {
+            tracing::warn!(
+                rank = self.rank,
+                "communicator dropped during a panic: closing without finalize"
+            );
+            return;
+        }
+        if let Err(e) = self.finalize() {
+            tracing::error!(rank = self.rank, "finalize at drop failed: {e}");
+            eprintln!(
+                "efa: rank {}: finalize when the communicator was dropped failed: {e}",
+                self.rank
+            );
+        }
+    }
 }
 
 /// A communicator: every rank of a job, reachable by rank number.
@@ -658,6 +777,8 @@ impl Communicator {
             events: 0,
             notifications: VecDeque::new(),
             pool: BufPool::default(),
+            fin: vec![FinState::default(); size as usize],
+            finalized: false,
         };
         engine.post_all_slots()?;
         let comm = Communicator {
@@ -689,6 +810,27 @@ impl Communicator {
         }
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
         Ok(comm)
+    }
+
+    /// Ends this rank's part in the job, like `MPI_Finalize`: returns once every message
+    /// that this rank's API calls reported as sent (inject, eager, rendezvous, detached
+    /// sends and collective traffic) has reached its peer, and every peer has finalized its
+    /// side with this rank. It is collective: every rank must call it (or drop its last
+    /// clone of the communicator, which does the same, best effort, logging what it could
+    /// not finish). Afterwards every operation on a remaining clone fails with
+    /// [`Error::Finalized`].
+    ///
+    /// Messages that arrived but were never received are dropped (logged at warn level).
+    /// A process that ends without dropping the communicator (`std::process::exit`, a
+    /// clone leaked or held by a thread still running) skips finalize, and its last
+    /// messages may be lost.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] naming a peer when, within the communicator's deadline, a send
+    /// did not complete (a rendezvous whose receive was never posted) or a peer did not
+    /// finalize; fabric errors.
+    pub fn finalize(self) -> Result<()> {
+        self.inner.finalize()
     }
 
     /// This process's rank.
@@ -772,7 +914,7 @@ impl Communicator {
     }
 
     fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.inner.engine.lock().unwrap_or_else(|p| p.into_inner())
+        lock_engine(&self.inner.engine)
     }
 
     /// Starts sending `buf` to `dest` with `tag`. The data is copied (eager) or handed to
@@ -1021,11 +1163,15 @@ impl SendRequest {
     /// # Errors
     /// [`Error::Timeout`] naming the peer; [`Error::Truncated`] if the receiver's buffer was
     /// too small; fabric errors.
-    pub fn wait(self) -> Result<()> {
+    pub fn wait(mut self) -> Result<()> {
         let comm = self.comm.clone();
-        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(self.id))?;
-        let state = comm.engine().sends.remove(&self.id);
-        std::mem::forget(self);
+        let id = self.id;
+        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(id))?;
+        let state = comm.engine().sends.remove(&id);
+        // Consumed: the drop below has nothing left to detach. (Not `mem::forget`, which
+        // would leak this request's clone of the communicator, so the communicator would
+        // never be dropped and never finalize.)
+        self.id = 0;
         match state.map(|s| s.state) {
             Some(SendState::Failed(e)) => Err(e),
             _ => Ok(()),
@@ -1035,6 +1181,9 @@ impl SendRequest {
 
 impl Drop for SendRequest {
     fn drop(&mut self) {
+        if self.id == 0 {
+            return;
+        }
         // Forget the outcome; in-flight data stays owned by the engine until done.
         let mut e = self.comm.engine();
         if e.send_finished(self.id) {
@@ -1239,10 +1388,23 @@ impl Engine {
     /// Sends a control message (header + payload) to `dest`: inject when it fits, else
     /// through a bounce buffer tracked in the background.
     fn send_ctrl(&mut self, dest: u32, hdr: &Header, payload: &[u8]) -> Result<()> {
+        self.send_ctrl_with(dest, hdr, payload, true)
+    }
+
+    /// [`Engine::send_ctrl`], injecting only when `inject` allows it. An inject has no
+    /// completion, so a provider may still hold it when the endpoint closes: the finalize
+    /// handshake's messages are tracked sends instead.
+    fn send_ctrl_with(
+        &mut self,
+        dest: u32,
+        hdr: &Header,
+        payload: &[u8],
+        inject: bool,
+    ) -> Result<()> {
         let (port, addr) = self.route(dest);
         let total = HDR_LEN + payload.len();
         let p = &mut self.ports[port];
-        if total <= p.inject {
+        if inject && total <= p.inject {
             let s = &mut self.scratch[..total];
             hdr.encode(s);
             s[HDR_LEN..].copy_from_slice(payload);
@@ -1269,6 +1431,10 @@ impl Engine {
     }
 
     fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
+        self.check_open()?;
+        if self.fin[dest as usize].got_fin {
+            return Err(Error::PeerFinalized { rank: dest });
+        }
         if let Some(e) = self.peer_errors.get(&dest) {
             return Err(Error::Protocol {
                 peer: dest,
@@ -1322,6 +1488,7 @@ impl Engine {
     }
 
     fn start_recv(&mut self, src: Source, tag: Tag, capacity: usize) -> Result<u64> {
+        self.check_open()?;
         let id = self.next_id;
         self.next_id += 1;
         self.recvs.insert(
@@ -1351,9 +1518,85 @@ impl Engine {
                 let u = self.unexpected.remove(i).expect("index from position");
                 self.deliver(id, u)?;
             }
-            None => self.posted.push_back(id),
+            None => match src {
+                // Everything that rank sent has been processed: nothing can match any more.
+                Source::Rank(r) if self.fin[r as usize].got_fin => {
+                    self.recvs.get_mut(&id).expect("inserted above").state =
+                        RecvState::Failed(Error::PeerFinalized { rank: r });
+                }
+                _ => self.posted.push_back(id),
+            },
         }
         Ok(id)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.finalized {
+            return Err(Error::Finalized);
+        }
+        Ok(())
+    }
+
+    /// A send to some peer that has not completed locally (its request or a background
+    /// bounce-buffer send), if any.
+    fn unfinished_send(&self) -> Option<u32> {
+        self.sends
+            .values()
+            .find(|op| !matches!(op.state, SendState::Done | SendState::Failed(_)))
+            .map(|op| op.dest)
+            .or_else(|| self.background.first().map(|b| b.dest))
+    }
+
+    /// Whether rendezvous data from `peer` is still being received.
+    fn receiving_from(&self, peer: u32) -> bool {
+        self.recvs.values().any(|op| {
+            matches!(op.state, RecvState::Receiving { .. })
+                && op.status.is_some_and(|s| s.source == peer)
+        })
+    }
+
+    fn fin_header(&mut self, kind: Kind, peer: u32) -> Header {
+        let seq = if kind == Kind::Fin {
+            let s = self.next_seq[peer as usize];
+            self.next_seq[peer as usize] = s.wrapping_add(1);
+            s
+        } else {
+            0
+        };
+        Header {
+            kind,
+            flags: 0,
+            src: self.rank,
+            tag: 0,
+            seq,
+            len: 0,
+            rndv: 0,
+            ctx: self.ctx,
+        }
+    }
+
+    /// One step of the finalize handshake: acknowledges every peer whose `Fin` has been
+    /// processed and whose rendezvous data has all arrived. Returns the first peer the
+    /// handshake still waits for, or `None` when it is complete and every handshake message
+    /// has completed locally.
+    fn finalize_step(&mut self) -> Result<Option<u32>> {
+        let mut waiting = None;
+        for p in 0..self.fin.len() as u32 {
+            if p == self.rank {
+                continue;
+            }
+            let f = self.fin[p as usize];
+            if f.got_fin && !f.sent_ack && !self.receiving_from(p) {
+                let h = self.fin_header(Kind::FinAck, p);
+                self.send_ctrl_with(p, &h, &[], false)?;
+                self.fin[p as usize].sent_ack = true;
+            }
+            let f = self.fin[p as usize];
+            if waiting.is_none() && !(f.sent_ack && f.got_ack) {
+                waiting = Some(p);
+            }
+        }
+        Ok(waiting.or_else(|| self.background.first().map(|b| b.dest)))
     }
 
     fn cancel_recv(&mut self, id: u64) {
@@ -1531,20 +1774,24 @@ impl Engine {
         }
         match h.kind {
             Kind::Cts => self.on_cts(h),
-            Kind::Eager | Kind::Rts => {
-                let msg = if h.kind == Kind::Eager {
-                    Unexpected::Eager {
+            Kind::FinAck => {
+                self.fin[h.src as usize].got_ack = true;
+                Ok(())
+            }
+            Kind::Eager | Kind::Rts | Kind::Fin => {
+                let msg = match h.kind {
+                    Kind::Eager => Ordered::Msg(Unexpected::Eager {
                         src: h.src,
                         tag: h.tag,
                         data: payload,
-                    }
-                } else {
-                    Unexpected::Rts {
+                    }),
+                    Kind::Rts => Ordered::Msg(Unexpected::Rts {
                         src: h.src,
                         tag: h.tag,
                         len: h.len as usize,
                         rndv: h.rndv,
-                    }
+                    }),
+                    _ => Ordered::Fin,
                 };
                 let src = h.src as usize;
                 if h.seq != self.expected_seq[src] {
@@ -1565,8 +1812,24 @@ impl Engine {
     }
 
     /// A message whose turn it is: match it against posted receives or queue it.
-    fn matched_in_order(&mut self, src: u32, msg: Unexpected) -> Result<()> {
+    fn matched_in_order(&mut self, src: u32, msg: Ordered) -> Result<()> {
         self.expected_seq[src as usize] = self.expected_seq[src as usize].wrapping_add(1);
+        let msg = match msg {
+            Ordered::Msg(m) => m,
+            Ordered::Fin => {
+                self.fin[src as usize].got_fin = true;
+                // Receives waiting for this rank alone can never match now.
+                let recvs = &mut self.recvs;
+                self.posted.retain(|id| match recvs.get_mut(id) {
+                    Some(op) if op.src == Source::Rank(src) => {
+                        op.state = RecvState::Failed(Error::PeerFinalized { rank: src });
+                        false
+                    }
+                    _ => true,
+                });
+                return Ok(());
+            }
+        };
         let tag = match &msg {
             Unexpected::Eager { tag, .. } | Unexpected::Rts { tag, .. } => *tag,
         };

@@ -170,6 +170,18 @@ pub enum Error {
     /// argument and what to do.
     #[error("{0}")]
     Config(String),
+    /// The communicator was finalized ([`crate::Communicator::finalize`]); no operation may
+    /// follow.
+    #[error("the communicator has been finalized: no operation may follow finalize")]
+    Finalized,
+    /// `rank` has finalized: every message it sent has been processed, and it will send and
+    /// receive no more. A receive that only that rank could match, or a send to it, fails
+    /// with this error at once instead of waiting for the deadline.
+    #[error("rank {rank} has finalized: it sends and receives no more messages")]
+    PeerFinalized {
+        /// The rank that finalized.
+        rank: u32,
+    },
 }
 
 impl Error {
@@ -299,6 +311,11 @@ impl Error {
                 .field("cause", cause)
                 .finish(),
             Error::Config(s) => f.debug_tuple("Config").field(s).finish(),
+            Error::Finalized => f.write_str("Finalized"),
+            Error::PeerFinalized { rank } => f
+                .debug_struct("PeerFinalized")
+                .field("rank", rank)
+                .finish(),
         }
     }
 }
