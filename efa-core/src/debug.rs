@@ -22,7 +22,9 @@
 //! `tracing_subscriber::fmt().init()`) must do so before building the communicator, as
 //! usual; its filter then decides (`RUST_LOG=efa_core=debug,efa_fabric=debug` with an
 //! `EnvFilter`), and `EFA_DEBUG` only prints a one-line note to stderr saying that it was
-//! ignored. With `EFA_DEBUG` unset, the library never installs anything. The subscriber shows
+//! ignored. A subscriber set only for a scope (`tracing::subscriber::set_default`) is not
+//! a global one: it keeps its scope, and the switch serves the other threads. With
+//! `EFA_DEBUG` unset, the library never installs anything. The subscriber shows
 //! only the targets `efa_core` and `efa_fabric`: the application's own events are left alone,
 //! and the `log` crate's logger is not touched.
 //!

@@ -3,15 +3,14 @@
 //!
 //! # What a user sees
 //! `Display` (`{}`) is one line: the situation and the fix. `Debug` (`{:?}`), which is what
-//! `fn main() -> Result<(), efa_core::Error>` prints, is that line followed by the chain of
-//! causes and, where the cause comes from elsewhere (the launcher's environment, the store),
-//! a hint:
+//! `fn main() -> Result<(), efa_core::Error>` prints, is that line followed by any cause it
+//! does not already include and, where the line cannot say it all, a hint:
 //!
 //! ```text
-//! Error: rank 1 never joined within 60s
+//! Error: rank 1 (pid 4242 on host a) exited
 //!
-//! Hint: rank 1 was not started, crashed before joining, is still starting, or uses a
-//! different rendezvous; check its output, and raise EFA_TIMEOUT (seconds) if start-up is slow
+//! Hint: the job cannot go on without that rank: look at its own output (efarun prefixes it
+//! with its rank) for why it failed
 //! ```
 //!
 //! The alternate form (`{:#?}`) is the structured, derive-like form
@@ -177,7 +176,7 @@ pub enum Error {
     /// `rank` has finalized: every message it sent has been processed, and it will send and
     /// receive no more. A receive that only that rank could match, or a send to it, fails
     /// with this error at once instead of waiting for the deadline.
-    #[error("rank {rank} has finalized: it sends and receives no more messages")]
+    #[error("rank {rank} has finalized: it sends and receives no more messages; every operation with a rank must come before that rank's finalize")]
     PeerFinalized {
         /// The rank that finalized.
         rank: u32,
@@ -196,26 +195,10 @@ impl Error {
         }
     }
 
-    /// What to do, for errors whose own text comes from elsewhere and may not say it.
+    /// What to do, where the message itself cannot say it all. (Bootstrap and store errors
+    /// carry their own fix in their text.)
     fn hint(&self) -> Option<String> {
         match self {
-            Error::Bootstrap(BootstrapError::RankNeverJoined { ranks, .. }) => {
-                let who = if ranks.len() == 1 {
-                    format!("rank {}", ranks[0])
-                } else {
-                    "those ranks".to_string()
-                };
-                Some(format!(
-                    "{who} was not started, crashed before joining, is still starting, or uses a \
-                     different rendezvous (EFA_STORE); check its output, and raise EFA_TIMEOUT \
-                     (seconds) if start-up is slow"
-                ))
-            }
-            Error::Bootstrap(BootstrapError::Store(_)) => Some(
-                "check that the rendezvous (EFA_STORE, or the launcher's) is reachable from \
-                 every rank and that rank 0 (or the launcher serving it) is alive"
-                    .into(),
-            ),
             Error::PeerFailed { .. } => Some(
                 "the job cannot go on without that rank: look at its own output (efarun \
                  prefixes it with its rank) for why it failed"
@@ -533,8 +516,7 @@ mod tests {
         );
         assert!(format!("{e:#?}").starts_with("Fabric {\n    op: \"send\","));
 
-        // The store's error includes its cause in its message (so no "Caused by"
-        // repeats it), then the hint follows.
+        // Bootstrap and store errors carry their fix in their text: Debug adds nothing.
         let e = Error::Bootstrap(BootstrapError::Store(
             crate::store::StoreError::Unreachable {
                 addr: "h:1".into(),
@@ -542,14 +524,26 @@ mod tests {
                 source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
             },
         ));
+        assert_eq!(format!("{e:?}"), e.to_string());
+
+        // A cause the message does not include is listed, then the hint.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer failed")]
+        struct Outer(#[source] std::io::Error);
+        struct Report<'a>(&'a dyn StdError, Option<&'a str>);
+        impl fmt::Display for Report<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_report(f, self.0, self.1)
+            }
+        }
+        let outer = Outer(std::io::Error::other("inner cause"));
         assert_eq!(
-            format!("{e:?}"),
-            format!(
-                "rendezvous store failed: could not reach the store at h:1 within 1s: refused \
-                 (is the process that serves it, rank 0 or the launcher, running, and is \
-                 EFA_STORE the same on every rank?)\n\nHint: {}",
-                e.hint().unwrap()
-            )
+            Report(&outer, Some("do this")).to_string(),
+            "outer failed\n\nCaused by:\n    inner cause\n\nHint: do this"
+        );
+        assert_eq!(
+            Report(&outer, None).to_string(),
+            "outer failed\n\nCaused by:\n    inner cause"
         );
 
         let e = Error::PeerFailed {

@@ -668,11 +668,27 @@ pub struct HostIdError {
 ///
 /// # Errors
 ///
-/// [`HostIdError`] if `/proc` cannot be read and `EFA_HOST_ID` is unset.
+/// [`HostIdError`] if `/proc` cannot be read and `EFA_HOST_ID` is unset, or if
+/// `EFA_HOST_ID` is not UTF-8 or longer than the 65535 bytes a card carries.
 pub fn host_id() -> Result<String, HostIdError> {
-    let ovr = std::env::var("EFA_HOST_ID").ok();
-    if let Some(id) = ovr.as_deref().filter(|s| !s.trim().is_empty()) {
-        return Ok(id.trim().to_owned());
+    let bad_override = |what| HostIdError {
+        what,
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    };
+    let ovr = match std::env::var("EFA_HOST_ID") {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(bad_override("EFA_HOST_ID is not valid UTF-8"))
+        }
+    };
+    if let Some(id) = ovr.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        if id.len() > usize::from(u16::MAX) {
+            return Err(bad_override(
+                "EFA_HOST_ID is longer than the 65535 bytes a card carries",
+            ));
+        }
+        return Ok(id.to_owned());
     }
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map_err(|source| {
         HostIdError {

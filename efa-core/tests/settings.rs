@@ -238,12 +238,14 @@ fn child_bad_setting() {
             SettingSource::Env(v) | SettingSource::Argument(v) => assert_eq!(v, var, "{e}"),
         },
         Error::Transports(t) => assert_eq!(var, "EFA_TRANSPORTS", "{t}"),
+        // The communicator reports a bad host identity as a configuration error.
+        Error::Config(c) if var == "EFA_HOST_ID" => assert!(c.contains("EFA_HOST_ID"), "{c}"),
         other => panic!("expected a setting error for {var}, got {other}"),
     }
     let shown = e.to_string();
     assert!(shown.contains(&text), "{shown:?} lacks {text:?}");
     assert!(
-        shown.contains("accepted: ") || shown.contains("known: "),
+        shown.contains("accepted: ") || shown.contains("known: ") || shown.contains("; set "),
         "{shown}"
     );
     eprintln!("typed error: {e}");
@@ -270,8 +272,16 @@ fn every_bad_setting_is_a_typed_error() {
         ("EFA_DEBUG_FILE", "/tmp/x%q", "init", "unknown substitution %q"),
         ("EFA_DEBUG_FILE", "/nonexistent-efa-dir/x.log", "init", "cannot open /nonexistent-efa-dir/x.log"),
     ];
+    let long_host_id = "h".repeat(70_000);
+    let host_id_case = [(
+        "EFA_HOST_ID",
+        long_host_id.as_str(),
+        "init",
+        "EFA_HOST_ID is longer than the 65535 bytes a card carries: invalid input parameter; \
+         set EFA_HOST_ID to a string unique",
+    )];
     let mut failed = Vec::new();
-    for &(var, value, at, text) in cases {
+    for &(var, value, at, text) in cases.iter().chain(&host_id_case) {
         let mut env = vec![
             (var, value),
             ("EXPECT_VAR", var),
@@ -283,7 +293,8 @@ fn every_bad_setting_is_a_typed_error() {
         }
         let out = job(1, "child_bad_setting", &env);
         if !out.status.success() || !stderr(&out).contains("typed error: ") {
-            failed.push(format!("{var}={value}"));
+            let shown: String = value.chars().take(40).collect();
+            failed.push(format!("{var}={shown} ({} bytes)", value.len()));
         }
     }
     for (var, arg, value, text) in [

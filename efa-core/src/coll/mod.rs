@@ -707,7 +707,9 @@ fn allreduce_seq<T: Element>(
     ex.agree(&d, cfg)?;
     if bad {
         return Err(Error::Config(
-            "allreduce_into: send and recv lengths differ".into(),
+            "allreduce_into: the send and receive buffers differ in length; pass buffers of the \
+             same length"
+                .into(),
         ));
     }
     let me = comm.rank();
@@ -833,7 +835,8 @@ fn allgatherv_seq<T: Element>(
     ex.agree(&d, cfg)?;
     if bad {
         return Err(Error::Config(format!(
-            "{}: buffer lengths do not match the counts",
+            "{}: buffer lengths do not match the counts; pass size() counts, a send buffer of \
+             counts[rank()] elements and a receive buffer of their sum",
             kind.name()
         )));
     }
@@ -985,7 +988,7 @@ impl Communicator {
     ///
     /// # Errors
     /// [`Error::Protocol`] when ranks pass different lengths, types or operators;
-    /// [`Error::Timeout`] naming a failed rank; [`Error::Config`] for a bad `EFA_*` setting;
+    /// [`Error::Timeout`] naming a failed rank; [`Error::Setting`] for a bad `EFA_*` setting;
     /// fabric errors.
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let cfg = env_config()?;
