@@ -62,7 +62,7 @@ def parse(tag, path):
     skip_lines = []
     with open(path, errors="replace") as f:
         for raw in f:
-            line = raw.rstrip("\n")
+            line = raw.rstrip("\r\n")
             m = RUNNING.match(line)
             if m:
                 cur = Section((tag, binary_name(m.group(2))), m.group(1))
