@@ -324,7 +324,15 @@ mod tests {
         let server = match efa_core::store::TcpStoreServer::bind("127.0.0.1:0") {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("skipped: cannot listen on loopback: {e}");
+                {
+                    // Straight to stderr, past the test harness's capture: ci/test lists every skip.
+                    use std::io::Write;
+                    let test = std::thread::current().name().unwrap_or("?").to_string();
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "SKIPPED: {test}: cannot listen on loopback: {e}"
+                    );
+                }
                 return;
             }
         };

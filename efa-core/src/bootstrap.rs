@@ -1744,7 +1744,9 @@ mod tests {
         assert_eq!((b.rank(), b.world_size()), (5, 8));
         assert_eq!((b.local_rank(), b.local_size()), (Some(1), Some(2)));
         assert_eq!(b.job_id(), Some("777.0"));
-        let port = slurm_port("777", "0");
+        // FNV-1a of "777.0" is 0xc539_1862, folded into 10000..=29999 (worked out apart
+        // from slurm_port, which this checks).
+        let port = 23346;
         assert_eq!(
             b.rendezvous(),
             &tcp(&format!("gpu07:{port}"), StoreServer::Rank0)
@@ -1984,8 +1986,11 @@ mod tests {
 
     #[test]
     fn slurm_port_is_stable_and_in_range() {
-        assert_eq!(slurm_port("777", "0"), slurm_port("777", "0"));
-        assert_ne!(slurm_port("777", "0"), slurm_port("777", "1"));
+        // Literal values of FNV-1a("<job>.<step>") % 20000 + 10000, computed apart from
+        // slurm_port: a change of the formula changes the port every rank must agree on.
+        assert_eq!(slurm_port("777", "0"), 23346);
+        assert_eq!(slurm_port("777", "1"), 20965);
+        assert_eq!(slurm_port("0", "0"), 18185);
         for j in 0..2000 {
             let p = slurm_port(&j.to_string(), "0");
             assert!((10_000..30_000).contains(&p));
