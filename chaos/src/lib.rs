@@ -247,6 +247,11 @@ mod tests {
         assert!(mentions_rank("rank 12 and rank 1", 1));
         assert!(!mentions_rank("rank 3", 2));
         assert!(!mentions_rank("Input/output error (-5)", 2));
+        assert!(names_culprit("rank 2 (pid 7) exited", Culprit::Rank(2)));
+        assert!(!names_culprit(
+            "recv with rank 0: Input/output error (-5)",
+            Culprit::Rank(2)
+        ));
     }
 
     #[test]

@@ -625,7 +625,6 @@ struct Row {
     named: u64,
     hangs: u64,
     corruptions: u64,
-    early: u64,
     by_launcher: u64,
 }
 
@@ -704,9 +703,6 @@ fn main() -> ExitCode {
         }
         let row = rows.entry((sp.fault, sp.launch, sp.workload)).or_default();
         row.runs += 1;
-        if out.early {
-            row.early += 1;
-        }
         let run_hangs = out
             .survivors
             .iter()
