@@ -297,10 +297,10 @@ fn execute(env: &Env, spec: &Spec) -> (Outcome, PathBuf) {
                 port = free_port()?;
                 for r in 0..spec.ranks {
                     let mut c = base_command(env, &env.rank_bin, &dir, spec);
+                    // Only the four variables a Kubernetes PyTorchJob sets (torchrun
+                    // adds LOCAL_RANK and LOCAL_WORLD_SIZE).
                     c.env("RANK", r.to_string())
                         .env("WORLD_SIZE", spec.ranks.to_string())
-                        .env("LOCAL_RANK", r.to_string())
-                        .env("LOCAL_WORLD_SIZE", spec.ranks.to_string())
                         .env("MASTER_ADDR", "127.0.0.1")
                         .env("MASTER_PORT", port.to_string())
                         .stdout(out_file(&dir, &format!("rank-{r}.out"))?)
@@ -808,7 +808,7 @@ fn main() -> ExitCode {
     if leftovers > 0 {
         println!("chaos: {leftovers} processes were left over after their run");
     }
-    println!("chaos: the dead ranks left {shm_removed} files in /dev/shm; the driver removed them");
+    println!("chaos: {shm_removed} files left in /dev/shm by this suite's dead ranks were removed");
     println!("chaos: {runs} runs, {hangs} hangs, {corrupt} corruptions, {misnamed} misnamed");
     let _ = fs::remove_dir(&root);
     if hangs + corrupt + misnamed + failed_setup + leftovers as u64 > 0 {
