@@ -22,7 +22,7 @@ pub enum Event {
         /// Its process id.
         pid: u32,
     },
-    /// `Communicator::init` returned and the workload's setup (e.g. the RMA window) is done.
+    /// `Communicator::init` returned: every rank's card is known.
     Ready {
         /// The rank.
         rank: u32,
@@ -33,7 +33,7 @@ pub enum Event {
     Error {
         /// The rank.
         rank: u32,
-        /// `init`, `setup` or `workload`.
+        /// `init` or `workload` (which includes creating the RMA window).
         phase: String,
         /// The error's text, with its sources.
         msg: String,

@@ -168,31 +168,16 @@ fn main() -> ExitCode {
         Err(e) => return fail(&mut rep, "init", Stop::Error(error_text(&e)), 0, last_ok),
     };
     let corrupt_at = s.corrupt_at.filter(|&(r, _)| r == s.rank).map(|(_, i)| i);
+    rep.emit(&Event::Ready {
+        rank: s.rank,
+        init_ms: t0.elapsed().as_millis() as u64,
+    });
+    last_ok = Instant::now();
     let mut iters = 0u64;
     let result = match s.workload {
-        Workload::P2p => {
-            rep.emit(&Event::Ready {
-                rank: s.rank,
-                init_ms: t0.elapsed().as_millis() as u64,
-            });
-            p2p(&comm, s.iters, corrupt_at, &mut iters, &mut last_ok)
-        }
-        Workload::Allreduce => {
-            rep.emit(&Event::Ready {
-                rank: s.rank,
-                init_ms: t0.elapsed().as_millis() as u64,
-            });
-            allreduce(&comm, s.iters, corrupt_at, &mut iters, &mut last_ok)
-        }
-        Workload::Rma => rma(
-            &comm,
-            &s,
-            corrupt_at,
-            &mut iters,
-            &mut last_ok,
-            &mut rep,
-            t0,
-        ),
+        Workload::P2p => p2p(&comm, s.iters, corrupt_at, &mut iters, &mut last_ok),
+        Workload::Allreduce => allreduce(&comm, s.iters, corrupt_at, &mut iters, &mut last_ok),
+        Workload::Rma => rma(&comm, s.iters, corrupt_at, &mut iters, &mut last_ok),
     };
     match result {
         Ok(()) => {
@@ -318,12 +303,10 @@ fn allreduce(
 
 fn rma(
     comm: &Communicator,
-    s: &Settings,
+    iters: u64,
     corrupt_at: Option<u64>,
     done: &mut u64,
     last_ok: &mut Instant,
-    rep: &mut Report,
-    t0: Instant,
 ) -> Result<(), Stop> {
     let (me, n) = (comm.rank(), comm.size());
     if n < 2 {
@@ -332,14 +315,10 @@ fn rma(
     let win = comm
         .window::<u64>(RMA_SLOT * n as usize, WindowAccess::ReadWrite)
         .map_err(err)?;
-    rep.emit(&Event::Ready {
-        rank: me,
-        init_ms: t0.elapsed().as_millis() as u64,
-    });
     *last_ok = Instant::now();
     let mut data = vec![0u64; RMA_SLOT];
     let mut back = vec![0u64; RMA_SLOT];
-    for i in 0..s.iters {
+    for i in 0..iters {
         let (dst, src) = peers(me, n, i);
         let len = RMA_LENS[(i % 3) as usize];
         for (k, x) in data[..len].iter_mut().enumerate() {
