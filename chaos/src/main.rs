@@ -148,14 +148,14 @@ struct Outcome {
     shm_removed: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Exited in time, error names the culprit.
-    Ok,
-    /// Exited in time, error does not name the culprit (or no error at all).
-    Misnamed,
-    /// Exited after its limit, or still running at deadline + 5 s.
-    Hang,
+/// The verdict on one survivor: timing and naming are judged separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Verdict {
+    /// Exited after its limit, or still running at deadline + 5 s (and killed).
+    hang: bool,
+    /// Whether what it ended with names the culprit; None when it never ended by itself
+    /// (the driver killed it), which is already a hang.
+    named: Option<bool>,
 }
 
 struct Env {
@@ -475,7 +475,7 @@ fn execute(env: &Env, spec: &Spec) -> (Outcome, PathBuf) {
                 status,
                 limit: limit_of(r),
             },
-            Verdict::Ok,
+            Verdict::default(),
         ));
     }
     refresh(&mut pids);
@@ -509,11 +509,12 @@ fn execute(env: &Env, spec: &Spec) -> (Outcome, PathBuf) {
 
 /// The verdict on one survivor.
 fn judge(s: &Survivor, culprit: Culprit, launcher: Option<&str>) -> Verdict {
-    match s.time {
-        None => return Verdict::Hang,
-        Some(t) if t > s.limit => return Verdict::Hang,
-        _ => {}
-    }
+    let Some(t) = s.time else {
+        return Verdict {
+            hang: true,
+            named: None,
+        };
+    };
     let named = match &s.last {
         Some(Event::Error { msg, .. }) => names_culprit(msg, culprit),
         Some(Event::Corrupt { .. }) => false,
@@ -525,10 +526,9 @@ fn judge(s: &Survivor, culprit: Culprit, launcher: Option<&str>) -> Verdict {
             by_signal && launcher.is_some_and(|l| names_culprit(l, culprit))
         }
     };
-    if named {
-        Verdict::Ok
-    } else {
-        Verdict::Misnamed
+    Verdict {
+        hang: t > s.limit,
+        named: Some(named),
     }
 }
 
@@ -610,9 +610,15 @@ fn describe_survivor(s: &Survivor, v: Verdict) -> String {
         },
     };
     format!(
-        "    rank {}: {time} (limit {}), {v:?}: {what}",
+        "    rank {}: {time} (limit {}){}{}: {what}",
         s.rank,
-        fmt_secs(s.limit)
+        fmt_secs(s.limit),
+        if v.hang { ", HANG" } else { "" },
+        match v.named {
+            Some(true) => ", named",
+            Some(false) => ", MISNAMED",
+            None => "",
+        }
     )
 }
 
@@ -703,22 +709,18 @@ fn main() -> ExitCode {
         }
         let row = rows.entry((sp.fault, sp.launch, sp.workload)).or_default();
         row.runs += 1;
-        let run_hangs = out
-            .survivors
-            .iter()
-            .filter(|(_, v)| *v == Verdict::Hang)
-            .count() as u64;
+        let run_hangs = out.survivors.iter().filter(|(_, v)| v.hang).count() as u64;
         let run_misnamed = out
             .survivors
             .iter()
-            .filter(|(_, v)| *v == Verdict::Misnamed)
+            .filter(|(_, v)| v.named == Some(false))
             .count() as u64;
         for (s, v) in &out.survivors {
             row.survivors += 1;
-            if *v == Verdict::Ok {
+            if v.named == Some(true) {
                 row.named += 1;
             }
-            if *v == Verdict::Ok && !matches!(&s.last, Some(Event::Error { .. })) {
+            if v.named == Some(true) && !matches!(&s.last, Some(Event::Error { .. })) {
                 row.by_launcher += 1;
             }
             let t = s.time.unwrap_or(env.deadline + FAST_LIMIT);
@@ -978,45 +980,41 @@ mod tests {
         })
     }
 
+    fn v(hang: bool, named: Option<bool>) -> Verdict {
+        Verdict { hang, named }
+    }
+
     #[test]
     fn verdicts() {
         let c = Culprit::Rank(2);
         let named = error("recv with rank 2: rank 2 (pid 9) exited");
         let other = error("recv with rank 0 did not complete within 10s");
-        assert_eq!(
-            judge(&survivor(Some(900), named.clone(), None), c, None),
-            Verdict::Ok
-        );
-        assert_eq!(
-            judge(&survivor(Some(5001), named, None), c, None),
-            Verdict::Hang
-        );
-        assert_eq!(judge(&survivor(None, None, None), c, None), Verdict::Hang);
-        assert_eq!(
-            judge(&survivor(Some(10), other, None), c, None),
-            Verdict::Misnamed
-        );
+        let judged = |time, last: &Option<Event>, status, line| {
+            judge(&survivor(time, last.clone(), status), c, line)
+        };
+        assert_eq!(judged(Some(900), &named, None, None), v(false, Some(true)));
+        // Late but named: a hang, and not misnamed.
+        assert_eq!(judged(Some(5001), &named, None, None), v(true, Some(true)));
+        assert_eq!(judged(None, &None, None, None), v(true, None));
+        assert_eq!(judged(Some(10), &other, None, None), v(false, Some(false)));
+        assert_eq!(judged(Some(6000), &other, None, None), v(true, Some(false)));
         let done = Some(Event::Done { rank: 1, iters: 4 });
-        assert_eq!(
-            judge(&survivor(Some(10), done, None), c, None),
-            Verdict::Misnamed
-        );
+        assert_eq!(judged(Some(10), &done, None, None), v(false, Some(false)));
         // Killed by efarun's SIGTERM (raw wait status 15) after efarun named the culprit.
         let line = "efarun: rank 2 was killed by signal 9 (SIGKILL); terminating the other 2 rank(s): 0, 1";
         assert_eq!(
-            judge(&survivor(Some(10), None, Some(15)), c, Some(line)),
-            Verdict::Ok
+            judged(Some(10), &None, Some(15), Some(line)),
+            v(false, Some(true))
         );
-        let line = "efarun: rank 1 exited with code 3; terminating the other 2 rank(s): 0, 2";
+        let line2 = "efarun: rank 1 exited with code 3; terminating the other 2 rank(s): 0, 2";
         assert_eq!(
-            judge(&survivor(Some(10), None, Some(15)), c, Some(line)),
-            Verdict::Misnamed
+            judged(Some(10), &None, Some(15), Some(line2)),
+            v(false, Some(false))
         );
         // An exit code (raw status 3 << 8) with no report is not a signal: not named.
-        let line = "efarun: rank 2 was killed by signal 9 (SIGKILL)";
         assert_eq!(
-            judge(&survivor(Some(10), None, Some(3 << 8)), c, Some(line)),
-            Verdict::Misnamed
+            judged(Some(10), &None, Some(3 << 8), Some(line)),
+            v(false, Some(false))
         );
     }
 
