@@ -239,6 +239,11 @@ impl fmt::Debug for Error {
                 .field("what", what)
                 .finish(),
             Error::InvalidArgument(s) => f.debug_tuple("InvalidArgument").field(s).finish(),
+            Error::ShmRegion { path, problem } => f
+                .debug_struct("ShmRegion")
+                .field("path", path)
+                .field("problem", problem)
+                .finish(),
         }
     }
 }
