@@ -191,8 +191,9 @@ impl CommunicatorBuilder {
         crate::debug::init(self.bootstrap.as_ref())?;
         if self.env {
             if let Some(v) = crate::error::env_var("EFA_TIMEOUT", TIMEOUT_FORMS)? {
-                self.config.timeout = parse_timeout(&v)
-                    .map_err(|problem| SettingError::env("EFA_TIMEOUT", v, problem, TIMEOUT_FORMS))?;
+                self.config.timeout = parse_timeout(&v).map_err(|problem| {
+                    SettingError::env("EFA_TIMEOUT", v, problem, TIMEOUT_FORMS)
+                })?;
             }
         }
         check_timeout(self.config.timeout).map_err(|problem| {
@@ -253,7 +254,9 @@ fn parse_timeout(v: &str) -> std::result::Result<Duration, String> {
 /// meant (a hung job would never be reported).
 fn check_timeout(d: Duration) -> std::result::Result<(), String> {
     if d < Duration::from_millis(1) {
-        return Err("is shorter than 1 ms: every call, joining included, would fail at once".into());
+        return Err(
+            "is shorter than 1 ms: every call, joining included, would fail at once".into(),
+        );
     }
     if d > Duration::from_secs(365 * 24 * 3600) {
         return Err("is longer than a year: a hung job would never be reported".into());

@@ -172,7 +172,10 @@ impl<T: Pod> Window<T> {
                     "Communicator::window",
                     len.to_string(),
                     format!("elements of {esz} bytes do not fit in this address space"),
-                    format!("at most {} elements of this type", isize::MAX as usize / esz.max(1)),
+                    format!(
+                        "at most {} elements of this type",
+                        isize::MAX as usize / esz.max(1)
+                    ),
                 )
             })?;
         let id = comm.next_object_id();
