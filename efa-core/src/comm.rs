@@ -1990,7 +1990,7 @@ impl Engine {
     fn progress(&mut self) -> Result<()> {
         if self.failure.is_none() {
             self.polls = self.polls.wrapping_add(1);
-            if self.polls % 64 == 0 && self.last_check.elapsed() >= LIVENESS_INTERVAL {
+            if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {
                 self.last_check = Instant::now();
                 self.check_peers();
             }
