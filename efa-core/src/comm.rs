@@ -402,6 +402,9 @@ struct Engine {
     /// because the provider may still use their buffers (dropping them would wait to cancel).
     abandoned_sends: Vec<Pending<SharedSlice>>,
     abandoned_recvs: Vec<Pending<BufPrefix<Vec<u8>>>>,
+    /// An operation passed its deadline: the job is not healthy, so finalize waits for its
+    /// peers only briefly instead of a whole deadline more.
+    broken: bool,
 }
 
 /// How often blocked ranks look at same-host peers' processes.
@@ -570,7 +573,14 @@ impl Inner {
     fn finalize_handshake(&self) -> Result<()> {
         let start = Instant::now();
         let mut backoff = efa_fabric::Backoff::new();
-        let mut clock = efa_fabric::PollClock::new(self.config.timeout);
+        // After an operation timed out, peers may be stopped or stuck: waiting a whole
+        // deadline more for them would only delay the exit that reports it.
+        let limit = if lock_engine(&self.engine).broken {
+            self.config.timeout.min(Duration::from_secs(1))
+        } else {
+            self.config.timeout
+        };
+        let mut clock = efa_fabric::PollClock::new(limit);
         let mut sent_fin = false;
         loop {
             let waiting = {
@@ -887,6 +897,7 @@ impl Communicator {
             last_check: Instant::now(),
             abandoned_sends: Vec::new(),
             abandoned_recvs: Vec::new(),
+            broken: false,
         };
         engine.post_all_slots()?;
         let comm = Communicator {
@@ -1121,8 +1132,9 @@ impl Communicator {
     /// Sends `buf` to `dest` and waits until the send has completed locally.
     ///
     /// # Errors
-    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer, and
-    /// [`Error::Truncated`] when the receiver's buffer was too small.
+    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer and
+    /// [`Error::PeerFailed`]. A receiver whose buffer is too small gets
+    /// [`Error::Truncated`]; the sender is not told (as in MPI).
     pub fn send<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
         self.isend(buf, dest, tag)?.wait()
     }
@@ -1147,7 +1159,7 @@ impl Communicator {
     /// As [`Communicator::send`].
     pub async fn send_async<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
         let mut req = self.isend(buf, dest, tag)?;
-        poll_until(self.timeout(), "send", Some(dest), || req.test()).await?;
+        poll_until(self, "send", Some(dest), || req.test()).await?;
         req.wait()
     }
 
@@ -1167,7 +1179,7 @@ impl Communicator {
             Source::Rank(r) => Some(r),
             Source::Any => None,
         };
-        poll_until(self.timeout(), "recv", peer, || req.test()).await?;
+        poll_until(self, "recv", peer, || req.test()).await?;
         req.wait()
     }
 
@@ -1210,11 +1222,12 @@ impl Communicator {
 /// Polls `test` from an async context: yields to the runtime between polls and sleeps with a
 /// growing interval when idle, until done or the deadline.
 async fn poll_until(
-    timeout: Duration,
+    comm: &Communicator,
     op: &'static str,
     peer: Option<u32>,
     mut test: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
+    let timeout = comm.timeout();
     let start = Instant::now();
     let mut idle = 0u32;
     loop {
@@ -1222,11 +1235,7 @@ async fn poll_until(
             return Ok(());
         }
         if start.elapsed() >= timeout {
-            return Err(Error::Timeout {
-                op,
-                peer,
-                waited: start.elapsed(),
-            });
+            return Err(comm.engine().deadline_passed(op, peer, start.elapsed()));
         }
         idle += 1;
         if idle < 64 {
@@ -1282,8 +1291,8 @@ impl SendRequest {
     /// Waits for the send to complete, up to the communicator's timeout.
     ///
     /// # Errors
-    /// [`Error::Timeout`] naming the peer; [`Error::Truncated`] if the receiver's buffer was
-    /// too small; fabric errors.
+    /// [`Error::Timeout`] naming the peer; [`Error::PeerFailed`]; fabric errors. (A
+    /// truncation is reported to the receiver only.)
     pub fn wait(mut self) -> Result<()> {
         let comm = self.comm.clone();
         let id = self.id;
@@ -1803,6 +1812,18 @@ impl Engine {
         }
     }
 
+    /// After a deadline passed: the job is broken; a stopped same-host peer, if any, is the
+    /// culprit, every rank is told, and its error is returned.
+    fn stopped_culprit(&mut self, waited: Duration) -> Option<Error> {
+        self.broken = true;
+        if let Some(e) = self.failure_error() {
+            return Some(e);
+        }
+        let (rank, pid) = self.stopped_peer()?;
+        self.mark_failed(rank, PeerFailure::Stopped { pid, waited }, true);
+        self.failure_error()
+    }
+
     /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
     fn stopped_peer(&self) -> Option<(u32, u32)> {
         self.procs
@@ -1819,9 +1840,8 @@ impl Engine {
     /// the culprit; otherwise the peer waited for is. Either way every other rank is told, so
     /// that theirs fail at once instead of at their own deadlines.
     fn deadline_passed(&mut self, op: &'static str, peer: Option<u32>, waited: Duration) -> Error {
-        if let Some((rank, pid)) = self.stopped_peer() {
-            self.mark_failed(rank, PeerFailure::Stopped { pid, waited }, true);
-            return self.failure_error().expect("just set");
+        if let Some(e) = self.stopped_culprit(waited) {
+            return e;
         }
         if let Some(p) = peer.filter(|&p| p != self.rank) {
             self.mark_failed(p, PeerFailure::TimedOut { waited }, true);
@@ -2166,12 +2186,22 @@ impl Engine {
         };
         let data = data.clone();
         if h.flags & wire::CTS_TRUNCATED != 0 {
-            op.state = SendState::Failed(Error::Truncated {
-                expected: h.len as usize,
-                got: data.len(),
-                peer: h.src,
-                tag: op.tag,
-            });
+            // The receiver reports the truncation; as in MPI, the send itself completes
+            // (for every size class alike), and no data moves.
+            tracing::debug!(
+                peer = h.src,
+                tag = op.tag,
+                len = data.len(),
+                capacity = h.len,
+                "rendezvous refused: the receive buffer is too small"
+            );
+            op.state = SendState::Done;
+            if let Ok(v) = Arc::try_unwrap(data) {
+                self.pool.put(v);
+            }
+            if op.tag == u32::MAX {
+                self.sends.remove(&id);
+            }
             return Ok(());
         }
         let dest = op.dest;
@@ -2324,6 +2354,14 @@ impl Communicator {
             comm: self.clone(),
             id,
         })
+    }
+
+    /// For a collective whose wait passed its deadline: the error naming a failed or
+    /// stopped rank when one is known (every rank is then told), else `None` (the collective
+    /// blames the end of its own wait chain). Either way the communicator counts as broken,
+    /// so finalize will not wait a whole deadline more.
+    pub(crate) fn deadline_culprit(&self, waited: Duration) -> Option<Error> {
+        self.engine().stopped_culprit(waited)
     }
 
     /// This rank's number of collective calls so far on this communicator (then counts this
