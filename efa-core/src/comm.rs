@@ -637,8 +637,16 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if lock_engine(&self.engine).finalized {
-            return;
+        {
+            let e = lock_engine(&self.engine);
+            // Ranks that failed or stopped may never leave the store: a serving rank does
+            // not wait for them.
+            if e.failure.is_some() || e.broken {
+                self._store.job_failed();
+            }
+            if e.finalized {
+                return;
+            }
         }
         if std::thread::panicking() {
             tracing::warn!(
@@ -652,6 +660,7 @@ impl Drop for Inner {
             return;
         }
         if let Err(e) = self.finalize() {
+            self._store.job_failed();
             tracing::error!(rank = self.rank, "finalize at drop failed: {e}");
             eprintln!(
                 "efa: rank {}: finalize when the communicator was dropped failed: {e}",
