@@ -398,6 +398,10 @@ struct Engine {
     /// Progress calls since the last liveness check of same-host peers, and its time.
     polls: u32,
     last_check: Instant,
+    /// When peers on other hosts were last probed ([`Kind::Ping`]).
+    last_ping: Instant,
+    /// Per peer: since when probes find no room to be sent (see [`PROBE_REFUSED_LIMIT`]).
+    refused_since: Vec<Option<Instant>>,
     /// Transfers of operations failed by a peer failure: kept until the endpoints close,
     /// because the provider may still use their buffers (dropping them would wait to cancel).
     abandoned_sends: Vec<Pending<SharedSlice>>,
@@ -409,6 +413,12 @@ struct Engine {
 
 /// How often blocked ranks look at same-host peers' processes.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
+/// How often ranks with pending operations probe the peers on other hosts they involve.
+const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// A peer whose probes find no room in the provider's queue for this long is unreachable.
+/// (A full queue that stays full while this rank progresses: `tcp;ofi_rxm` keeps it so while
+/// it tries to reconnect to a process that is gone.)
+const PROBE_REFUSED_LIMIT: Duration = Duration::from_secs(1);
 
 /// Where the finalize handshake with one peer stands.
 #[derive(Debug, Default, Clone, Copy)]
@@ -904,6 +914,8 @@ impl Communicator {
             failure: None,
             polls: 0,
             last_check: Instant::now(),
+            last_ping: Instant::now(),
+            refused_since: vec![None; size as usize],
             abandoned_sends: Vec::new(),
             abandoned_recvs: Vec::new(),
             broken: false,
@@ -1565,6 +1577,51 @@ impl Engine {
         Ok(())
     }
 
+    /// Sends a [`Kind::Ping`] to `dest` without waiting for room in a full queue. `Ok(false)`
+    /// when the provider had no room (`FI_EAGAIN`: a connection-oriented provider answers
+    /// so while it tries to reach a peer that is gone).
+    fn probe(&mut self, dest: u32) -> std::result::Result<bool, efa_fabric::Error> {
+        let (port, addr) = self.route(dest);
+        let hdr = Header {
+            kind: Kind::Ping,
+            flags: 0,
+            src: self.rank,
+            tag: 0,
+            seq: 0,
+            len: 0,
+            rndv: 0,
+            ctx: self.ctx,
+        };
+        let p = &mut self.ports[port];
+        let mut buf = match p.bounce.pop() {
+            Some(b) => b,
+            None => {
+                RegisteredBuf::new(p.ep.domain(), HDR_LEN + p.eager, Access::LOCAL, Some(&p.ep))?
+            }
+        };
+        hdr.encode(&mut buf[..HDR_LEN]);
+        match p.ep.tsend_within(
+            BufPrefix::new(buf, HDR_LEN),
+            addr,
+            CTRL_TAG,
+            Duration::from_millis(1),
+        ) {
+            Ok(op) => {
+                self.background.push(Background { port, dest, op });
+                Ok(true)
+            }
+            Err(e) => {
+                if let Some(b) = e.buf {
+                    p.bounce.push(b.into_inner());
+                }
+                match e.error {
+                    efa_fabric::Error::Timeout { .. } => Ok(false),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+
     fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
         self.check_open()?;
         if self.fin[dest as usize].got_fin {
@@ -1833,6 +1890,57 @@ impl Engine {
         self.failure_error()
     }
 
+    /// Probes the peers on other hosts that a pending operation waits for (every such peer
+    /// for a receive from any source): a send to a process that is gone fails, and the
+    /// failure is then reported like any other (see [`Engine::reap_background`]).
+    fn ping_remote_peers(&mut self) {
+        let mut want = vec![false; self.procs.len()];
+        let mut any = false;
+        for id in &self.posted {
+            match self.recvs.get(id).map(|op| op.src) {
+                Some(Source::Rank(r)) => want[r as usize] = true,
+                Some(Source::Any) => any = true,
+                None => {}
+            }
+        }
+        for op in self.sends.values() {
+            if matches!(op.state, SendState::WaitCts { .. }) {
+                want[op.dest as usize] = true;
+            }
+        }
+        for op in self.recvs.values() {
+            if let (RecvState::Receiving { .. }, Some(st)) = (&op.state, op.status) {
+                want[st.source as usize] = true;
+            }
+        }
+        for (p, wanted) in want.into_iter().enumerate() {
+            let remote = !self.procs[p].1;
+            if p as u32 == self.rank || !remote || self.fin[p].got_fin || !(any || wanted) {
+                continue;
+            }
+            let detail = match self.probe(p as u32) {
+                Ok(true) => {
+                    self.refused_since[p] = None;
+                    continue;
+                }
+                Ok(false) => {
+                    let since = *self.refused_since[p].get_or_insert_with(Instant::now);
+                    if since.elapsed() < PROBE_REFUSED_LIMIT {
+                        continue;
+                    }
+                    format!(
+                        "the transport has refused every message to it for {:?} (its process \
+                         or host is gone, or its network is cut)",
+                        since.elapsed()
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            self.mark_failed(p as u32, PeerFailure::Unreachable { detail }, true);
+            return;
+        }
+    }
+
     /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
     fn stopped_peer(&self) -> Option<(u32, u32)> {
         self.procs
@@ -2022,6 +2130,10 @@ impl Engine {
             if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {
                 self.last_check = Instant::now();
                 self.check_peers();
+                if self.failure.is_none() && self.last_ping.elapsed() >= PING_INTERVAL {
+                    self.last_ping = Instant::now();
+                    self.ping_remote_peers();
+                }
             }
         }
         let mut any = false;
@@ -2110,6 +2222,7 @@ impl Engine {
                 self.on_failed(&h, &payload);
                 Ok(())
             }
+            Kind::Ping => Ok(()),
             Kind::Eager | Kind::Rts | Kind::Fin => {
                 let msg = match h.kind {
                     Kind::Eager => Ordered::Msg(Unexpected::Eager {

@@ -57,6 +57,9 @@ fn fault_rank() {
         Error::PeerFailed { rank, cause } => {
             *rank == VICTIM
                 && match fault.as_str() {
+                    "kill" if std::env::var_os("EFA_HOST_ID").is_some() => {
+                        matches!(cause, PeerFailure::Unreachable { .. })
+                    }
                     "kill" => matches!(cause, PeerFailure::Exited { pid: Some(_), .. }),
                     "stop" => matches!(cause, PeerFailure::Stopped { .. }),
                     "abort" => {
@@ -99,6 +102,10 @@ fn start(fault: &str, n: u32, timeout: &str) -> Vec<Child> {
                 .env("EFA_FAULT", fault)
                 .env("EFA_IFACE", "lo")
                 .env("EFA_TIMEOUT", timeout)
+                .envs(
+                    std::env::var_os("EFA_FAULT_HOSTS")
+                        .map(|_| ("EFA_HOST_ID", format!("fault-host-{r}"))),
+                )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -202,4 +209,17 @@ fn a_panicking_rank_is_named() {
 #[test]
 fn stopped_rank_is_named_at_the_deadline() {
     check_within("stop", "shm,ip", Duration::from_secs(8));
+}
+
+/// Each rank on a host of its own (`EFA_HOST_ID`), talking over TCP: no pid to watch, so
+/// only the transport can tell that the killed rank is gone. Survivors probe the peers
+/// they wait for, and the failed send names the rank.
+#[test]
+fn killed_rank_on_another_host_is_named_within_2s() {
+    std::env::set_var("EFA_FAULT_HOSTS", "1");
+    let r = std::panic::catch_unwind(|| check("kill", "ip"));
+    std::env::remove_var("EFA_FAULT_HOSTS");
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
 }
