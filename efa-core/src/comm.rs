@@ -415,9 +415,9 @@ struct Engine {
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 /// How often ranks with pending operations probe the peers on other hosts they involve.
 const PING_INTERVAL: Duration = Duration::from_millis(250);
-/// A peer whose probes find no room in the provider's queue for this long is unreachable.
-/// (A full queue that stays full while this rank progresses: `tcp;ofi_rxm` keeps it so while
-/// it tries to reconnect to a process that is gone.)
+/// A peer whose probes find no room in the provider's queue for this long, while no
+/// rendezvous data moves between it and this rank, is unreachable. (`tcp;ofi_rxm` keeps its
+/// queue full so while it tries to reconnect to a process that is gone.)
 const PROBE_REFUSED_LIMIT: Duration = Duration::from_secs(1);
 
 /// Where the finalize handshake with one peer stands.
@@ -1908,15 +1908,27 @@ impl Engine {
                 want[op.dest as usize] = true;
             }
         }
+        let mut bulk = vec![false; want.len()];
         for op in self.recvs.values() {
             if let (RecvState::Receiving { .. }, Some(st)) = (&op.state, op.status) {
                 want[st.source as usize] = true;
+                bulk[st.source as usize] = true;
+            }
+        }
+        for op in self.sends.values() {
+            if matches!(op.state, SendState::Sending { .. }) {
+                bulk[op.dest as usize] = true;
             }
         }
         for (p, wanted) in want.into_iter().enumerate() {
             let remote = !self.procs[p].1;
             if p as u32 == self.rank || !remote || self.fin[p].got_fin || !(any || wanted) {
                 continue;
+            }
+            // While rendezvous data moves to or from the peer, a full queue is congestion (a
+            // large transfer fills it for seconds), not a dead peer: not judged then.
+            if bulk[p] {
+                self.refused_since[p] = None;
             }
             let detail = match self.probe(p as u32) {
                 Ok(true) => {

@@ -25,6 +25,25 @@ fn fault_rank() {
     };
     let comm = Communicator::init().expect("init");
     let me = comm.rank();
+    if fault == "none-bulk" {
+        // No fault: large transfers between ranks on different hosts, which keep the
+        // transport's queues full for seconds, must not be taken for a dead peer.
+        let n = comm.size();
+        let len = 256 << 20;
+        let data = vec![me as u8; len];
+        let mut got = vec![0u8; len];
+        for round in 0..3 {
+            let req = comm.isend(&data, (me + 1) % n, round).expect("isend");
+            let st = comm.recv(&mut got, (me + n - 1) % n, round);
+            if let Err(e) = st.and_then(|_| req.wait()) {
+                eprintln!("rank {me}: round {round}: {e}");
+                std::process::exit(3);
+            }
+            assert!(got.iter().all(|&b| b == ((me + n - 1) % n) as u8));
+        }
+        comm.finalize().expect("finalize");
+        std::process::exit(0);
+    }
     let mut v = vec![1.0f32; 4096];
     let mut i = 0u64;
     let err = loop {
@@ -221,5 +240,21 @@ fn killed_rank_on_another_host_is_named_within_2s() {
     std::env::remove_var("EFA_FAULT_HOSTS");
     if let Err(e) = r {
         std::panic::resume_unwind(e);
+    }
+}
+
+/// Ranks on hosts of their own moving 256 MiB messages over TCP for several seconds: the
+/// liveness probes must not take a busy peer for a dead one.
+#[test]
+fn bulk_transfers_between_hosts_are_not_failures() {
+    std::env::set_var("EFA_FAULT_HOSTS", "1");
+    std::env::set_var("EFA_TRANSPORTS", "ip");
+    let ranks = start("none-bulk", 3, "60");
+    std::env::remove_var("EFA_TRANSPORTS");
+    std::env::remove_var("EFA_FAULT_HOSTS");
+    for (r, child) in ranks.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        eprintln!("rank {r}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "rank {r}: {}", out.status);
     }
 }
