@@ -106,7 +106,10 @@ fn free_port() -> u16 {
     }
 }
 
-fn start(fault: &str, n: u32, timeout: &str) -> Vec<Child> {
+/// Starts `n` ranks. `separate_hosts` gives each its own host id (`EFA_HOST_ID`), so that
+/// none watches another's pid. (Settings are passed per child, never through this process's
+/// environment: the tests run in parallel.)
+fn start(fault: &str, n: u32, timeout: &str, transports: &str, separate_hosts: bool) -> Vec<Child> {
     let port = free_port().to_string();
     (0..n)
         .map(|r| {
@@ -121,10 +124,8 @@ fn start(fault: &str, n: u32, timeout: &str) -> Vec<Child> {
                 .env("EFA_FAULT", fault)
                 .env("EFA_IFACE", "lo")
                 .env("EFA_TIMEOUT", timeout)
-                .envs(
-                    std::env::var_os("EFA_FAULT_HOSTS")
-                        .map(|_| ("EFA_HOST_ID", format!("fault-host-{r}"))),
-                )
+                .env("EFA_TRANSPORTS", transports)
+                .envs(separate_hosts.then(|| ("EFA_HOST_ID", format!("fault-host-{r}"))))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -135,11 +136,10 @@ fn start(fault: &str, n: u32, timeout: &str) -> Vec<Child> {
 
 /// Runs the job; returns the survivors' exit codes and the time from the victim's end to
 /// the last survivor's.
-fn run(fault: &str, transports: &str) -> (Vec<i32>, Duration) {
-    std::env::set_var("EFA_TRANSPORTS", transports);
+fn run(fault: &str, transports: &str, separate_hosts: bool) -> (Vec<i32>, Duration) {
     let stop = fault == "stop";
-    let mut ranks = start(fault, 3, if stop { "3" } else { "30" });
-    std::env::remove_var("EFA_TRANSPORTS");
+    let timeout = if stop { "3" } else { "30" };
+    let mut ranks = start(fault, 3, timeout, transports, separate_hosts);
     let mut victim = ranks.remove(VICTIM as usize);
     let t0 = if stop {
         // A stopped victim never ends: time from the moment its state is "stopped".
@@ -186,11 +186,11 @@ fn run(fault: &str, transports: &str) -> (Vec<i32>, Duration) {
 }
 
 fn check(fault: &str, transports: &str) {
-    check_within(fault, transports, Duration::from_secs(2));
+    check_within(fault, transports, false, Duration::from_secs(2));
 }
 
-fn check_within(fault: &str, transports: &str, limit: Duration) {
-    let (codes, took) = run(fault, transports);
+fn check_within(fault: &str, transports: &str, separate_hosts: bool, limit: Duration) {
+    let (codes, took) = run(fault, transports, separate_hosts);
     assert_eq!(
         codes,
         vec![0, 0],
@@ -227,7 +227,7 @@ fn a_panicking_rank_is_named() {
 /// for, within the deadline + 5 s.
 #[test]
 fn stopped_rank_is_named_at_the_deadline() {
-    check_within("stop", "shm,ip", Duration::from_secs(8));
+    check_within("stop", "shm,ip", false, Duration::from_secs(8));
 }
 
 /// Each rank on a host of its own (`EFA_HOST_ID`), talking over TCP: no pid to watch, so
@@ -235,23 +235,14 @@ fn stopped_rank_is_named_at_the_deadline() {
 /// they wait for, and the failed send names the rank.
 #[test]
 fn killed_rank_on_another_host_is_named_within_2s() {
-    std::env::set_var("EFA_FAULT_HOSTS", "1");
-    let r = std::panic::catch_unwind(|| check("kill", "ip"));
-    std::env::remove_var("EFA_FAULT_HOSTS");
-    if let Err(e) = r {
-        std::panic::resume_unwind(e);
-    }
+    check_within("kill", "ip", true, Duration::from_secs(2));
 }
 
 /// Ranks on hosts of their own moving 256 MiB messages over TCP for several seconds: the
 /// liveness probes must not take a busy peer for a dead one.
 #[test]
 fn bulk_transfers_between_hosts_are_not_failures() {
-    std::env::set_var("EFA_FAULT_HOSTS", "1");
-    std::env::set_var("EFA_TRANSPORTS", "ip");
-    let ranks = start("none-bulk", 3, "60");
-    std::env::remove_var("EFA_TRANSPORTS");
-    std::env::remove_var("EFA_FAULT_HOSTS");
+    let ranks = start("none-bulk", 3, "60", "ip", true);
     for (r, child) in ranks.into_iter().enumerate() {
         let out = child.wait_with_output().unwrap();
         eprintln!("rank {r}: {}", String::from_utf8_lossy(&out.stderr));
