@@ -59,6 +59,8 @@ pub mod bootstrap;
 pub mod coll;
 pub mod comm;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod net;
 pub mod placement;
 pub mod store;

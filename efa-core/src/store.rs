@@ -525,9 +525,9 @@ const OP_SET: u8 = 2;
 const OP_GET: u8 = 3;
 const OP_LEAVE: u8 = 4;
 
-const ST_VALUE: u8 = 0;
-const ST_NOT_FOUND: u8 = 1;
-const ST_ERROR: u8 = 2;
+pub(crate) const ST_VALUE: u8 = 0;
+pub(crate) const ST_NOT_FOUND: u8 = 1;
+pub(crate) const ST_ERROR: u8 = 2;
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
@@ -536,7 +536,7 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
 
 /// A request as the server sees it.
 #[derive(Debug, PartialEq)]
-enum Request {
+pub(crate) enum Request {
     Hello { rank: u32 },
     Set { key: String, value: Vec<u8> },
     Get { key: String, wait: Duration },
@@ -544,7 +544,7 @@ enum Request {
 }
 
 impl Request {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
             Request::Hello { rank } => {
@@ -568,7 +568,7 @@ impl Request {
         b
     }
 
-    fn decode(frame: &[u8]) -> Result<Self, String> {
+    pub(crate) fn decode(frame: &[u8]) -> Result<Self, String> {
         let (&op, rest) = frame.split_first().ok_or("empty request")?;
         let take_u32 = |b: &[u8]| -> Result<(u32, usize), String> {
             let a: [u8; 4] = b
@@ -641,7 +641,7 @@ impl Presence {
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     map: Mutex<HashMap<String, Vec<u8>>>,
     version: watch::Sender<u64>,
     presence: Mutex<Presence>,
@@ -649,6 +649,15 @@ struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn new() -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            version: watch::channel(0).0,
+            presence: Mutex::new(Presence::default()),
+            presence_changed: Condvar::new(),
+        }
+    }
+
     fn presence(&self) -> MutexGuard<'_, Presence> {
         self.presence.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -695,6 +704,10 @@ impl TcpStoreServer {
     /// [`StoreError::BadAddress`] if `addr` does not resolve; [`StoreError::Bind`] if no
     /// resolved address can be bound; [`StoreError::Io`] if the server thread cannot start.
     pub fn bind(addr: &str) -> Result<Self, StoreError> {
+        Self::bind_with(addr, LIMITS)
+    }
+
+    fn bind_with(addr: &str, limits: Limits) -> Result<Self, StoreError> {
         let candidates = resolve(addr)?;
         let mut last = None;
         let listener = candidates
@@ -722,12 +735,7 @@ impl TcpStoreServer {
                 op: "making the listener non-blocking",
                 source,
             })?;
-        let shared = Arc::new(Shared {
-            map: Mutex::new(HashMap::new()),
-            version: watch::channel(0).0,
-            presence: Mutex::new(Presence::default()),
-            presence_changed: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new());
         let (tx, rx) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -740,7 +748,7 @@ impl TcpStoreServer {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("efa-store {local}"))
-            .spawn(move || runtime.block_on(serve(listener, thread_shared, rx)))
+            .spawn(move || runtime.block_on(serve(listener, thread_shared, limits, rx)))
             .map_err(|source| StoreError::Io {
                 location: local.to_string(),
                 op: "spawning the store thread",
@@ -814,7 +822,110 @@ impl Drop for TcpStoreServer {
     }
 }
 
-async fn serve(listener: StdTcpListener, shared: Arc<Shared>, mut shutdown: oneshot::Receiver<()>) {
+/// Limits that keep broken or hostile clients from tying up the server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Time a new connection has to complete its first request. Real clients send HELLO as
+    /// soon as they are connected.
+    first_request: Duration,
+    /// Time a frame that has started to arrive has to arrive completely, and time a reply
+    /// has to be written. Real clients write each request in one go and read every reply.
+    frame: Duration,
+    /// Connections that have not completed a request yet; when more pile up, the oldest
+    /// is closed, so that silent connections cannot use up the server's descriptors.
+    unidentified: usize,
+}
+
+pub(crate) const LIMITS: Limits = Limits {
+    first_request: Duration::from_secs(30),
+    frame: Duration::from_secs(30),
+    unidentified: 256,
+};
+
+/// Splits the bytes of one connection into frames (big-endian `u32` length, then the body)
+/// without trusting the length field: its buffer holds only bytes that actually arrived, so
+/// a client announcing [`MAX_FRAME`] bytes and sending three costs three bytes, and a length
+/// above [`MAX_FRAME`] is refused as soon as its four bytes are in.
+#[derive(Debug, Default)]
+pub(crate) struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Buffers bytes read from the connection.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Whether no byte of a next frame has arrived.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes held, including spare capacity.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The next complete frame's body, if it has arrived.
+    ///
+    /// # Errors
+    ///
+    /// The announced length, if it exceeds [`MAX_FRAME`].
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Vec<u8>>, usize> {
+        let Some(&[a, b, c, d]) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len > MAX_FRAME {
+            return Err(len);
+        }
+        let Some(body) = self.buf.get(4..4 + len) else {
+            return Ok(None);
+        };
+        let frame = body.to_vec();
+        if self.buf.len() == 4 + len {
+            // Give a large buffer back rather than keep it for the connection's lifetime.
+            if self.buf.capacity() > 64 << 10 {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+        } else {
+            self.buf.drain(..4 + len);
+        }
+        Ok(Some(frame))
+    }
+}
+
+/// Connections that have not completed a request yet, oldest first.
+#[derive(Debug, Default)]
+struct Unidentified {
+    next_id: u64,
+    conns: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Held by a connection until its first complete request; dropping it takes the connection
+/// off the [`Unidentified`] list.
+#[derive(Debug)]
+pub(crate) struct UnidentifiedGuard {
+    id: u64,
+    list: Arc<Mutex<Unidentified>>,
+}
+
+impl Drop for UnidentifiedGuard {
+    fn drop(&mut self) {
+        let mut l = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        l.conns.remove(&self.id);
+    }
+}
+
+async fn serve(
+    listener: StdTcpListener,
+    shared: Arc<Shared>,
+    limits: Limits,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -822,13 +933,36 @@ async fn serve(listener: StdTcpListener, shared: Arc<Shared>, mut shutdown: ones
             return;
         }
     };
+    let unidentified = Arc::new(Mutex::new(Unidentified::default()));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, peer, shared.clone()));
+                    let mut list = unidentified.lock().unwrap_or_else(|p| p.into_inner());
+                    let id = list.next_id;
+                    list.next_id += 1;
+                    let guard = UnidentifiedGuard { id, list: unidentified.clone() };
+                    // The runtime has one thread: the task cannot run (and drop its guard)
+                    // before it is on the list.
+                    let task = tokio::spawn(connection(
+                        stream,
+                        peer.to_string(),
+                        shared.clone(),
+                        limits,
+                        Some(guard),
+                    ));
+                    list.conns.insert(id, task.abort_handle());
+                    while list.conns.len() > limits.unidentified {
+                        if let Some((_, oldest)) = list.conns.pop_first() {
+                            oldest.abort();
+                        }
+                        tracing::warn!(
+                            limit = limits.unidentified,
+                            "store: too many connections without a request; closed the oldest"
+                        );
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "store accept failed");
@@ -840,25 +974,77 @@ async fn serve(listener: StdTcpListener, shared: Arc<Shared>, mut shutdown: ones
     // Dropping the runtime after this returns cancels every connection task.
 }
 
-async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+fn protocol_violation(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Serves one client connection until it closes, breaks the protocol or times out.
+/// Generic over the stream so that the fuzz targets can run it on bytes in memory.
+pub(crate) async fn connection<S>(
+    mut stream: S,
+    peer: String,
+    shared: Arc<Shared>,
+    limits: Limits,
+    mut unidentified: Option<UnidentifiedGuard>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut rank = None;
     let result = async {
+        let connected = tokio::time::Instant::now();
+        let mut frame_started = connected;
+        let mut decoder = FrameDecoder::default();
+        let mut chunk = vec![0u8; 8 << 10];
         loop {
-            let mut len = [0u8; 4];
-            match stream.read_exact(&mut len).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let len = u32::from_be_bytes(len) as usize;
-            if len > MAX_FRAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("frame of {len} bytes exceeds the limit"),
-                ));
-            }
-            let mut frame = vec![0u8; len];
-            stream.read_exact(&mut frame).await?;
+            let frame = loop {
+                match decoder.next_frame() {
+                    Ok(Some(f)) => break f,
+                    Ok(None) => {}
+                    Err(len) => {
+                        return Err(protocol_violation(format!(
+                            "frame of {len} bytes exceeds the limit of {MAX_FRAME}"
+                        )))
+                    }
+                }
+                let limit = if unidentified.is_some() {
+                    Some((connected + limits.first_request, "no complete request"))
+                } else if !decoder.is_empty() {
+                    Some((frame_started + limits.frame, "frame not completed"))
+                } else {
+                    // Between requests a rank may be quiet for as long as its job runs.
+                    None
+                };
+                let n = match limit {
+                    Some((at, what)) => {
+                        match tokio::time::timeout_at(at, stream.read(&mut chunk)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    format!("{what} in time"),
+                                ))
+                            }
+                        }
+                    }
+                    None => stream.read(&mut chunk).await?,
+                };
+                if n == 0 {
+                    return if decoder.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a frame",
+                        ))
+                    };
+                }
+                if decoder.is_empty() {
+                    frame_started = tokio::time::Instant::now();
+                }
+                decoder.push(&chunk[..n]);
+            };
+            // A complete request: the connection is a client, not a silent squatter.
+            unidentified = None;
             let (status, body): (u8, Vec<u8>) = match Request::decode(&frame) {
                 Err(msg) => (ST_ERROR, msg.into_bytes()),
                 Ok(Request::Hello { rank: r }) => {
@@ -873,10 +1059,35 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
                     shared.version.send_modify(|v| *v += 1);
                     (ST_VALUE, Vec::new())
                 }
-                Ok(Request::Get { key, wait }) => match wait_for(&shared, &key, wait).await {
-                    Some(v) => (ST_VALUE, v),
-                    None => (ST_NOT_FOUND, Vec::new()),
-                },
+                Ok(Request::Get { key, wait }) => {
+                    // While the GET waits, watch the connection: a client that closes it
+                    // has gone (and departs now, not when the wait ends); one that sends
+                    // more breaks the one-request-in-flight rule.
+                    let present = shared.map().get(&key).cloned();
+                    match present {
+                        Some(v) => (ST_VALUE, v),
+                        None if !decoder.is_empty() => {
+                            return Err(protocol_violation(
+                                "request sent while a GET was waiting".into(),
+                            ))
+                        }
+                        None => tokio::select! {
+                            biased;
+                            v = wait_for(&shared, &key, wait) => match v {
+                                Some(v) => (ST_VALUE, v),
+                                None => (ST_NOT_FOUND, Vec::new()),
+                            },
+                            r = stream.read(&mut chunk) => {
+                                return match r? {
+                                    0 => Ok(()),
+                                    _ => Err(protocol_violation(
+                                        "request sent while a GET was waiting".into(),
+                                    )),
+                                };
+                            }
+                        },
+                    }
+                }
                 Ok(Request::Leave) => {
                     if let Some(r) = rank.take() {
                         shared.depart(r);
@@ -888,7 +1099,19 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
             reply.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
             reply.push(status);
             reply.extend_from_slice(&body);
-            stream.write_all(&reply).await?;
+            let written = async {
+                stream.write_all(&reply).await?;
+                stream.flush().await
+            };
+            match tokio::time::timeout(limits.frame, written).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client did not read its reply in time",
+                    ))
+                }
+            }
         }
     }
     .await;
@@ -1158,21 +1381,9 @@ impl TcpStore {
         let mut frame = Vec::with_capacity(4 + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         frame.extend_from_slice(&payload);
-        let result = (|| {
-            stream.write_all(&frame)?;
-            let mut len = [0u8; 4];
-            stream.read_exact(&mut len)?;
-            let len = u32::from_be_bytes(len) as usize;
-            if len == 0 || len > MAX_FRAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("reply frame of {len} bytes"),
-                ));
-            }
-            let mut body = vec![0u8; len];
-            stream.read_exact(&mut body)?;
-            Ok(body)
-        })();
+        let result = stream
+            .write_all(&frame)
+            .and_then(|()| read_reply(&mut *stream));
         let body = match result {
             Ok(b) => b,
             Err(e) => {
@@ -1188,19 +1399,62 @@ impl TcpStore {
                 });
             }
         };
-        let status = body[0];
-        let rest = body[1..].to_vec();
-        match status {
-            ST_VALUE | ST_NOT_FOUND => Ok((status, rest)),
-            ST_ERROR => Err(StoreError::Server {
-                addr: self.addr.clone(),
-                message: String::from_utf8_lossy(&rest).into_owned(),
-            }),
-            other => Err(StoreError::Protocol {
-                addr: self.addr.clone(),
-                detail: format!("unknown reply status {other}"),
-            }),
-        }
+        parse_reply(&self.addr, body)
+    }
+}
+
+/// Reads one reply frame from the server and returns its body (status byte first). The
+/// body's buffer grows with the bytes that arrive, not with the announced length.
+///
+/// # Errors
+///
+/// `InvalidData` for an empty frame or one longer than [`MAX_FRAME`]; `UnexpectedEof` if
+/// the stream ends inside the frame; the stream's own errors (timeouts included).
+pub(crate) fn read_reply(stream: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("reply frame of {len} bytes (the limit is {MAX_FRAME})"),
+        ));
+    }
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    stream.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("reply frame ends after {} of {len} bytes", body.len()),
+        ));
+    }
+    Ok(body)
+}
+
+/// Splits a reply body into its status ([`ST_VALUE`] or [`ST_NOT_FOUND`]) and value.
+///
+/// # Errors
+///
+/// [`StoreError::Server`] for an error reply, [`StoreError::Protocol`] for an empty body or
+/// an unknown status.
+pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>), StoreError> {
+    if body.is_empty() {
+        return Err(StoreError::Protocol {
+            addr: addr.to_owned(),
+            detail: "empty reply".into(),
+        });
+    }
+    let status = body.remove(0);
+    match status {
+        ST_VALUE | ST_NOT_FOUND => Ok((status, body)),
+        ST_ERROR => Err(StoreError::Server {
+            addr: addr.to_owned(),
+            message: String::from_utf8_lossy(&body).into_owned(),
+        }),
+        other => Err(StoreError::Protocol {
+            addr: addr.to_owned(),
+            detail: format!("unknown reply status {other}"),
+        }),
     }
 }
 
@@ -1305,6 +1559,139 @@ mod tests {
         assert!(Request::decode(&[OP_GET, 0, 0, 0, 1, b'k', 0]).is_err());
         assert!(Request::decode(&[OP_SET, 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(Request::decode(&[OP_LEAVE, 1]).is_err());
+    }
+
+    fn quick_limits() -> Limits {
+        Limits {
+            first_request: Duration::from_millis(300),
+            frame: Duration::from_millis(300),
+            unidentified: 4,
+        }
+    }
+
+    /// Reads until the server closes the connection; how long that took.
+    fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut sink = [0u8; 64];
+        loop {
+            match s.read(&mut sink) {
+                Ok(0) => return t0.elapsed(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return t0.elapsed(),
+                Err(e) => panic!("connection still open after {:?}: {e}", t0.elapsed()),
+            }
+        }
+    }
+
+    #[test]
+    fn silent_and_half_sent_connections_are_closed_after_their_limit() {
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", quick_limits()).unwrap();
+        let addr = server.local_addr();
+        // Never sends anything.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        // Says hello, then starts a frame and never finishes it.
+        let mut half = TcpStream::connect(addr).unwrap();
+        let hello = Request::Hello { rank: 0 }.encode();
+        half.write_all(&(hello.len() as u32).to_be_bytes()).unwrap();
+        half.write_all(&hello).unwrap();
+        read_reply(&mut half).unwrap();
+        half.write_all(&[0, 0]).unwrap();
+        // Says hello and stays idle between requests: a rank, kept.
+        let idle = TcpStore::connect(
+            &addr.to_string(),
+            1,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(closed_within(&mut silent, Duration::from_secs(5)) < Duration::from_secs(3));
+        assert!(closed_within(&mut half, Duration::from_secs(5)) < Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(400));
+        idle.set("still", b"here").unwrap();
+        // The half-sent connection's rank has departed; the idle one has not.
+        assert_eq!(server.shared.presence().not_departed(2), vec![1]);
+    }
+
+    #[test]
+    fn too_many_silent_connections_close_the_oldest() {
+        let mut limits = quick_limits();
+        limits.first_request = Duration::from_secs(60);
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", limits).unwrap();
+        let addr = server.local_addr();
+        let mut silent: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // A real client still gets in, and its first request takes it off the list.
+        let store = TcpStore::connect(
+            &addr.to_string(),
+            0,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        store.set("k", b"v").unwrap();
+        // The 10 + 1 connections left room for 4: the 7 oldest silent ones were closed.
+        for s in &mut silent[..7] {
+            assert!(closed_within(s, Duration::from_secs(5)) < Duration::from_secs(3));
+        }
+        for s in &mut silent[7..] {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 8]).unwrap_err();
+            assert!(matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ));
+        }
+        assert_eq!(store.get("k", Instant::now()).unwrap(), b"v");
+    }
+
+    #[test]
+    fn frame_decoder_refuses_huge_lengths_before_allocating() {
+        let mut d = FrameDecoder::default();
+        d.push(&[0x7f, 0xff]);
+        assert_eq!(d.next_frame(), Ok(None));
+        d.push(&[0xff, 0xff, 1, 2, 3]);
+        assert_eq!(d.next_frame(), Err(0x7fff_ffff));
+        assert!(d.capacity() < 1024);
+        let mut d = FrameDecoder::default();
+        d.push(&(MAX_FRAME as u32).to_be_bytes());
+        d.push(&[7; 100]);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(d.capacity() < 1024, "{}", d.capacity());
+        let mut d = FrameDecoder::default();
+        d.push(&[0, 0, 0, 2, 9, 9, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Ok(Some(vec![9, 9])));
+        assert_eq!(d.next_frame(), Ok(Some(vec![])));
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(!d.is_empty());
+    }
+
+    #[test]
+    fn reply_reader_does_not_trust_the_length() {
+        let mut r: &[u8] = &[0x04, 0, 0, 0, 0, 1, 2];
+        let e = read_reply(&mut r).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0];
+        assert_eq!(
+            read_reply(&mut r).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let mut r: &[u8] = &[0, 0, 0, 0];
+        assert_eq!(
+            read_reply(&mut r).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let mut r: &[u8] = &[0, 0, 0, 3, ST_VALUE, 5, 6];
+        assert_eq!(
+            parse_reply("a", read_reply(&mut r).unwrap()).unwrap(),
+            (ST_VALUE, vec![5, 6])
+        );
+        assert!(matches!(
+            parse_reply("a", vec![9]),
+            Err(StoreError::Protocol { .. })
+        ));
+        assert!(matches!(
+            parse_reply("a", vec![]),
+            Err(StoreError::Protocol { .. })
+        ));
     }
 
     #[test]
