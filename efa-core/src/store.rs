@@ -37,6 +37,13 @@
 //! `len:u32` + UTF-8 bytes and a value is the rest of the frame. A reply starts with a status
 //! byte: `0` value follows, `1` not found (the wait expired), `2` error text follows.
 //! One request is in flight per connection; a [`TcpStore`] serialises its callers.
+//!
+//! The server trusts no client. It buffers a frame's bytes as they arrive (an announced
+//! length costs nothing), and closes a connection that announces a frame over
+//! [`MAX_FRAME`] bytes, that has not said HELLO within 30 s of connecting (and the oldest
+//! one when more than 256 have not), that takes over 30 s to finish a frame it started or
+//! to read a reply, or that sends a request while its GET waits. A connection that closes
+//! while its GET waits departs at once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -825,19 +832,20 @@ impl Drop for TcpStoreServer {
 /// Limits that keep broken or hostile clients from tying up the server.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    /// Time a new connection has to complete its first request. Real clients send HELLO as
-    /// soon as they are connected.
-    first_request: Duration,
+    /// Time a new connection has to say HELLO (requests before it are served, but do not
+    /// lift the limit). Real clients say HELLO as soon as they are connected.
+    hello: Duration,
     /// Time a frame that has started to arrive has to arrive completely, and time a reply
     /// has to be written. Real clients write each request in one go and read every reply.
     frame: Duration,
-    /// Connections that have not completed a request yet; when more pile up, the oldest
-    /// is closed, so that silent connections cannot use up the server's descriptors.
+    /// Connections that have not said HELLO yet; when more pile up, the oldest is closed,
+    /// so that silent or garbage-sending connections cannot use up the server's
+    /// descriptors.
     unidentified: usize,
 }
 
 pub(crate) const LIMITS: Limits = Limits {
-    first_request: Duration::from_secs(30),
+    hello: Duration::from_secs(30),
     frame: Duration::from_secs(30),
     unidentified: 256,
 };
@@ -898,15 +906,15 @@ impl FrameDecoder {
     }
 }
 
-/// Connections that have not completed a request yet, oldest first.
+/// Connections that have not said HELLO yet, oldest first.
 #[derive(Debug, Default)]
 struct Unidentified {
     next_id: u64,
     conns: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
 }
 
-/// Held by a connection until its first complete request; dropping it takes the connection
-/// off the [`Unidentified`] list.
+/// Held by a connection until it says HELLO; dropping it takes the connection off the
+/// [`Unidentified`] list.
 #[derive(Debug)]
 pub(crate) struct UnidentifiedGuard {
     id: u64,
@@ -960,7 +968,7 @@ async fn serve(
                         }
                         tracing::warn!(
                             limit = limits.unidentified,
-                            "store: too many connections without a request; closed the oldest"
+                            "store: too many connections without HELLO; closed the oldest"
                         );
                     }
                 }
@@ -1007,7 +1015,7 @@ pub(crate) async fn connection<S>(
                     }
                 }
                 let limit = if unidentified.is_some() {
-                    Some((connected + limits.first_request, "no complete request"))
+                    Some((connected + limits.hello, "no HELLO"))
                 } else if !decoder.is_empty() {
                     Some((frame_started + limits.frame, "frame not completed"))
                 } else {
@@ -1043,11 +1051,11 @@ pub(crate) async fn connection<S>(
                 }
                 decoder.push(&chunk[..n]);
             };
-            // A complete request: the connection is a client, not a silent squatter.
-            unidentified = None;
             let (status, body): (u8, Vec<u8>) = match Request::decode(&frame) {
                 Err(msg) => (ST_ERROR, msg.into_bytes()),
                 Ok(Request::Hello { rank: r }) => {
+                    // The connection is a client, not a squatter: off the list, no limit.
+                    unidentified = None;
                     if rank.is_none() {
                         rank = Some(r);
                         shared.arrive(r);
@@ -1563,7 +1571,7 @@ mod tests {
 
     fn quick_limits() -> Limits {
         Limits {
-            first_request: Duration::from_millis(300),
+            hello: Duration::from_millis(300),
             frame: Duration::from_millis(300),
             unidentified: 4,
         }
@@ -1590,6 +1598,11 @@ mod tests {
         let addr = server.local_addr();
         // Never sends anything.
         let mut silent = TcpStream::connect(addr).unwrap();
+        // Sends one garbage request (answered with an error), then nothing: still no client.
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0, 0, 0, 2, 99, 99]).unwrap();
+        let refused = read_reply(&mut garbage).unwrap();
+        assert_eq!(refused[0], ST_ERROR);
         // Says hello, then starts a frame and never finishes it.
         let mut half = TcpStream::connect(addr).unwrap();
         let hello = Request::Hello { rank: 0 }.encode();
@@ -1605,6 +1618,7 @@ mod tests {
         )
         .unwrap();
         assert!(closed_within(&mut silent, Duration::from_secs(5)) < Duration::from_secs(3));
+        assert!(closed_within(&mut garbage, Duration::from_secs(5)) < Duration::from_secs(3));
         assert!(closed_within(&mut half, Duration::from_secs(5)) < Duration::from_secs(3));
         std::thread::sleep(Duration::from_millis(400));
         idle.set("still", b"here").unwrap();
@@ -1615,11 +1629,11 @@ mod tests {
     #[test]
     fn too_many_silent_connections_close_the_oldest() {
         let mut limits = quick_limits();
-        limits.first_request = Duration::from_secs(60);
+        limits.hello = Duration::from_secs(60);
         let server = TcpStoreServer::bind_with("127.0.0.1:0", limits).unwrap();
         let addr = server.local_addr();
         let mut silent: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        // A real client still gets in, and its first request takes it off the list.
+        // A real client still gets in, and its HELLO takes it off the list.
         let store = TcpStore::connect(
             &addr.to_string(),
             0,
