@@ -18,7 +18,14 @@
 #   LF2_TARGET_DIR   CARGO_TARGET_DIR for the check (default: <repo>/target/libfabric2)
 #   LF2_REFRESH=1    fetch again even if a prefix is already unpacked
 #   DEBIAN_MIRROR    Debian archive URI (default: the first non-security URI in the host's apt sources)
-set -euo pipefail
+#
+# Result: the last line on stderr/stdout is "check-libfabric2: RESULT: PASS|FAIL|NOT RUN ...".
+# Exit status: 0 = PASS; 2 = NOT RUN, only when the check could not be attempted here (not a
+# Debian-based host, no apt source, the archive unreachable), always with the "RESULT: NOT
+# RUN" line; 1 = FAIL, including any unexpected error of a command of this script (an ERR
+# trap maps every such error to 1, so that e.g. `ls` or `dpkg-deb` exiting 2 under `set -e`
+# can never pass for NOT RUN).
+set -eEuo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SUITE=${LF2_SUITE:-trixie}
@@ -29,10 +36,13 @@ PREFIX=$WORK/prefix
 STAMP=$PREFIX/.libfabric-dev-version
 
 say() { echo "check-libfabric2: $*"; }
-die() { say "ERROR: $*" >&2; say "RESULT: NOT RUN" >&2; exit 2; }
+# The only way to exit 2: the check cannot be attempted on this host.
+not_run() { say "RESULT: NOT RUN: $*" >&2; exit 2; }
+fail() { say "ERROR: $*" >&2; say "RESULT: FAIL" >&2; exit 1; }
+trap 'rc=$?; say "ERROR: line $LINENO: \`$BASH_COMMAND\` exited $rc" >&2; say "RESULT: FAIL" >&2; exit 1' ERR
 
 for tool in apt-get apt-cache dpkg-deb cargo; do
-    command -v "$tool" >/dev/null || die "'$tool' not found (this check needs a Debian-based host)"
+    command -v "$tool" >/dev/null || not_run "'$tool' not found (this check needs a Debian-based host)"
 done
 
 debian_mirror() {
@@ -55,12 +65,12 @@ debian_mirror() {
 fetch() {
     local mirror apt_dir keyring pkg deb
     mirror=$(debian_mirror)
-    [ -n "$mirror" ] || die "no Debian archive URI found in the apt sources; set DEBIAN_MIRROR"
+    [ -n "$mirror" ] || not_run "no Debian archive URI found in the apt sources; set DEBIAN_MIRROR"
     apt_dir=$WORK/apt
     rm -rf "$apt_dir" "$PREFIX"
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs" "$PREFIX"
     keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    [ -f "$keyring" ] || die "$keyring missing (apt-get install debian-archive-keyring)"
+    [ -f "$keyring" ] || not_run "$keyring missing (apt-get install debian-archive-keyring)"
     echo "deb [signed-by=$keyring] $mirror $SUITE main" >"$apt_dir/sources.list"
     local opts=(
         -o "Dir::Etc::SourceList=$apt_dir/sources.list"
@@ -70,13 +80,14 @@ fetch() {
         -o "APT::Sandbox::User=$(id -un)"
     )
     say "fetching the $SUITE package index (private apt state in $apt_dir)"
-    apt-get "${opts[@]}" -qq update || die "apt-get update for $SUITE failed"
+    apt-get "${opts[@]}" -qq update || not_run "apt-get update for $SUITE failed (is $mirror reachable?)"
     pkg=libfabric-dev
     [ -z "$WANT_VERSION" ] || pkg="libfabric-dev=$WANT_VERSION"
     say "downloading $pkg from $SUITE"
     (cd "$apt_dir/debs" && apt-get "${opts[@]}" -qq download "$pkg") ||
-        die "apt-get download $pkg from $SUITE failed"
-    deb=$(ls "$apt_dir"/debs/libfabric-dev_*.deb | head -n1)
+        not_run "apt-get download $pkg from $SUITE failed (is $mirror reachable?)"
+    deb=$(find "$apt_dir/debs" -maxdepth 1 -name 'libfabric-dev_*.deb' -print -quit)
+    [ -n "$deb" ] || fail "apt-get download $pkg succeeded but left no libfabric-dev_*.deb in $apt_dir/debs"
     dpkg-deb -x "$deb" "$PREFIX"
     dpkg-deb -f "$deb" Version >"$STAMP"
 }
@@ -95,7 +106,7 @@ MAJOR=$(define FI_MAJOR_VERSION)
 MINOR=$(define FI_MINOR_VERSION)
 REV=$(define FI_REVISION_VERSION)
 [ -n "$MAJOR" ] && [ "$MAJOR" -ge 2 ] ||
-    die "libfabric-dev $DEB_VERSION from $SUITE has headers $MAJOR.$MINOR, not 2.x"
+    fail "libfabric-dev $DEB_VERSION from $SUITE has headers ${MAJOR:-?}.${MINOR:-?}, not 2.x"
 say "libfabric-dev $DEB_VERSION: headers $MAJOR.$MINOR.$REV in $PREFIX/usr/include"
 
 cd "$ROOT"

@@ -3,8 +3,12 @@
 
 use efa_fabric::{AddrFormat, Caps, Endpoint, Hints, Info};
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `warn`).
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`). With `EFA_DEBUG` set (and
+/// `RUST_LOG` unset), installs nothing: the communicator's own `EFA_DEBUG` log then shows.
 pub fn init_logging() {
+    if std::env::var_os("EFA_DEBUG").is_some() && std::env::var_os("RUST_LOG").is_none() {
+        return;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

@@ -12,16 +12,16 @@
 //!
 //! Checking (`-c 1`): every rank's input is a deterministic function of (rank, index) with
 //! small integer values, so every sum, product, min and max is exact in every type (below
-//! 64 ranks for bf16 sums) and the expected result, computed locally with efa-core's own
-//! kernels in the reference order, must match bit for bit. `#wrong` is the number of
+//! 64 ranks for bf16 sums) and the expected result, computed locally by efa-core's serial
+//! reference (`coll::kernel::reference`, which does not use the reduction kernels), must
+//! match bit for bit. `#wrong` is the number of
 //! elements of the last iteration's result that differ, summed over ranks.
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytemuck::Zeroable;
-use efa_core::coll::{Accum, Order};
+use efa_core::coll::kernel::reference;
 use efa_core::{Communicator, Element, ReduceOp};
 use half::{bf16, f16};
 
@@ -140,27 +140,17 @@ fn input(op: Op, r: usize, i: usize) -> u32 {
 }
 
 /// Expected reduction of all `n` ranks' inputs at global indices `start..start + out.len()`,
-/// computed with efa-core's kernels in the reference order (rank 0 first).
+/// from efa-core's serial reference (rank 0 first), which shares no code with the reduction
+/// kernels that the collective itself uses.
 fn reduced<T: BenchElem>(op: Op, n: usize, start: usize, out: &mut [T]) {
-    let len = out.len();
-    let mut acc = vec![T::Acc::zeroed(); len];
-    let mut tmp = vec![T::Acc::zeroed(); len];
-    let mut t = vec![T::zeroed(); len];
-    for r in 0..n {
-        for (k, x) in t.iter_mut().enumerate() {
-            *x = T::small(input(op, r, start + k));
-        }
-        if r == 0 {
-            T::to_acc(&t, &mut acc);
-        } else {
-            T::to_acc(&t, &mut tmp);
-            T::Acc::reduce(&mut acc, &tmp, op.reduce_op(), Order::DstFirst);
-        }
-    }
-    if op == Op::Avg {
-        T::Acc::divide(&mut acc, n as u32);
-    }
-    T::from_acc(&acc, out);
+    let inputs: Vec<Vec<T>> = (0..n)
+        .map(|r| {
+            (0..out.len())
+                .map(|k| T::small(input(op, r, start + k)))
+                .collect()
+        })
+        .collect();
+    out.copy_from_slice(&reference(&inputs, op.reduce_op()));
 }
 
 fn same<T: BenchElem>(a: &T, b: &T) -> bool {
@@ -628,12 +618,24 @@ mod tests {
         let mut out = vec![0f32; 8];
         reduced(Op::Sum, 2, 0, &mut out);
         assert_eq!(out, [5.0, 3.0, 5.0, 7.0, 5.0, 3.0, 5.0, 7.0]);
+        // Three ranks, max: rank r has 1+((i+3r)%4), i.e. [1,2,3,4], [4,1,2,3], [3,4,1,2].
         let mut out = vec![bf16::ZERO; 4];
         reduced(Op::Max, 3, 0, &mut out);
-        assert!(out.iter().all(|x| x.to_f32() >= 3.0));
+        assert_eq!(out, [4.0f32, 4.0, 3.0, 4.0].map(bf16::from_f32));
+        reduced(Op::Min, 3, 0, &mut out);
+        assert_eq!(out, [1.0f32, 1.0, 1.0, 2.0].map(bf16::from_f32));
+        // Products: 1+((i+r)%2): [1,2,1,2] and [2,1,2,1].
         let mut m = vec![0u8; 4];
         reduced(Op::Prod, 2, 0, &mut m);
         assert_eq!(m, [2, 2, 2, 2]);
+        // Integer averages round toward zero: (1+4+3)/3, (2+1+4)/3, (3+2+1)/3, (4+3+2)/3.
+        let mut a = vec![0i32; 4];
+        reduced(Op::Avg, 3, 0, &mut a);
+        assert_eq!(a, [2, 2, 2, 3]);
+        // An offset window: 2 ranks at index 3 have 4 and 3.
+        let mut w = vec![0u8; 1];
+        reduced(Op::Sum, 2, 3, &mut w);
+        assert_eq!(w, [7]);
         let mut recv = vec![0f32; 8];
         reduced(Op::Sum, 2, 0, &mut recv);
         recv[3] += 1.0;

@@ -30,6 +30,10 @@
 #   TMPDIR=/tmp (a writable overlay inside the guest)
 #   SOFTROCE_OUT=<host dir shared read-write into the guest; logs go here>
 #
+# A command passes only if it exits 0 and ci/vm/check-ran.sh finds that it
+# tested something: a test binary that ran 0 tests fails, and so does a
+# command whose --exact NAME did not run or printed "SKIPPED: NAME: ...".
+#
 # Output: one "softroce: PASS <cmd>" / "softroce: FAIL (rc=N) <cmd>" per
 # command, then exactly one summary line
 #   softroce: N passed, N failed
@@ -186,6 +190,7 @@ GUEST="$OUT/guest.sh"
     printf 'CMD_TIMEOUT=%q\n' "${SOFTROCE_CMD_TIMEOUT:-0}"
     printf 'UNIV=%q\n' "${FI_UNIVERSE_SIZE:-64}"
     printf 'HOST_PATH=%q\n' "$PATH"
+    printf 'CHECK_RAN=%q\n' "$(cd "$(dirname "$0")" && pwd -P)/check-ran.sh"
     cat <<'GUEST_EOF'
 # ---- runs inside the VM as root ----
 set -u
@@ -243,7 +248,9 @@ while IFS= read -r cmd; do
     fi
     rc=${PIPESTATUS[0]}
     secs=$(( $(date +%s) - start ))
-    if [ "$rc" = 0 ]; then
+    if [ "$rc" = 0 ] && ! why=$(bash "$CHECK_RAN" "$cmd" "$OUT/cmd-$i.log"); then
+        fail=$((fail + 1)); echo "softroce: FAIL [$i] (exit 0 but ${why:-check-ran.sh failed}, ${secs}s) $cmd"
+    elif [ "$rc" = 0 ]; then
         pass=$((pass + 1)); echo "softroce: PASS [$i] (${secs}s) $cmd"
     else
         fail=$((fail + 1)); echo "softroce: FAIL [$i] (rc=$rc, ${secs}s) $cmd"

@@ -20,6 +20,21 @@ bin_of() {
   [ -n "$bin" ] || { echo "testlist: no test binary for $1" >&2; exit 1; }
   echo "$bin"
 }
+# `bin_of T` followed by filter names: each name must be a test of that binary (a renamed
+# test fails here, before the VM boots; inside it, ci/vm/check-ran.sh also fails a command
+# whose named test did not run).
+exact() {
+  local bin name list
+  bin=$(bin_of "$1") || exit 1
+  shift
+  for name in "$@"; do
+    list=$("$bin" --list --exact "$name" 2>/dev/null) ||
+      { echo "testlist: $bin --list failed" >&2; exit 1; }
+    grep -qx "$name: test" <<<"$list" ||
+      { echo "testlist: $name is not a test of $bin (renamed?)" >&2; exit 1; }
+  done
+  echo "$bin --test-threads=1 --nocapture --exact $*"
+}
 # efa-ffi and efa-fabric: everything, on the one provider of the VM.
 for t in smoke datapath comm cli rma coll; do bin_of "$t" > /dev/null || exit 1; done
 for t in smoke datapath; do
@@ -28,11 +43,11 @@ done
 # efa-core: the communicator over the verbs fabric (2 and 4 ranks), and placement on two
 # subnets of the rxe device (same subnet -> fabric, across -> IP). The host-only tests of
 # that binary (which expect shm) are not selected.
-echo "$(bin_of comm) --test-threads=1 --nocapture --exact all_pairs_on_the_fabric two_subnets_route_by_subnet"
+exact comm all_pairs_on_the_fabric two_subnets_route_by_subnet || exit 1
 # RMA windows over the verbs fabric.
-echo "$(bin_of rma) --test-threads=1 --nocapture --exact put_get_on_the_fabric"
-# Collectives (every op and type against a serial reference) over the verbs fabric.
-echo "$(bin_of coll) --test-threads=1 --nocapture --exact collectives_on_the_fabric"
+exact rma put_get_on_the_fabric || exit 1
+# Collectives (every op and type against the serial reference) over the verbs fabric.
+exact coll collectives_on_the_fabric || exit 1
 # efa-cli: its integration tests, then `efa info` must choose verbs for the fabric role and
 # `efa doctor` must pass (rxe active, memlock unlimited inside the VM).
 echo "$(bin_of cli) --test-threads=1"

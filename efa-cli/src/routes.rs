@@ -40,6 +40,7 @@ pub fn local_card(f: &LocalFacts) -> Card {
             .collect(),
         fabric_subnet: f.fabric_subnet,
         ip_subnet: f.ip_subnet,
+        process: Default::default(),
     }
 }
 
@@ -155,7 +156,8 @@ pub struct StoreCards {
 pub const OBSERVER_RANK: u32 = u32::MAX;
 
 /// Reads `<tag>/<rank>` for every rank of a running job from its store (`host:port`,
-/// `tcp://host:port` or `file:///dir`), without waiting long for absent keys.
+/// `tcp://host:port` or `file:///dir`), without waiting long for absent keys. A TCP store is
+/// joined with `EFA_STORE_TOKEN` when that is set.
 ///
 /// # Errors
 /// The store could not be opened.
@@ -169,7 +171,17 @@ pub fn read_cards(
         Box::new(FileStore::open(dir)?)
     } else {
         let a = addr.strip_prefix("tcp://").unwrap_or(addr);
-        Box::new(TcpStore::connect(a, OBSERVER_RANK, Instant::now() + wait)?)
+        // A store with a token (efarun's, or EFA_STORE_TOKEN's) admits only its holders.
+        let token = match std::env::var("EFA_STORE_TOKEN") {
+            Ok(v) if !v.is_empty() => Some(efa_core::store::StoreToken::new(&v)?),
+            _ => None,
+        };
+        Box::new(TcpStore::connect_with_token(
+            a,
+            OBSERVER_RANK,
+            token.as_ref(),
+            Instant::now() + wait,
+        )?)
     };
     let deadline = Instant::now() + wait;
     let mut out = StoreCards::default();
@@ -312,7 +324,15 @@ mod tests {
         let server = match efa_core::store::TcpStoreServer::bind("127.0.0.1:0") {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("skipped: cannot listen on loopback: {e}");
+                {
+                    // Straight to stderr, past the test harness's capture: ci/test lists every skip.
+                    use std::io::Write;
+                    let test = std::thread::current().name().unwrap_or("?").to_string();
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "SKIPPED: {test}: cannot listen on loopback: {e}"
+                    );
+                }
                 return;
             }
         };

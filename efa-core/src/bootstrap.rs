@@ -56,6 +56,31 @@
 //!    `SLURM_HOSTFILE`, set `EFA_STORE`.
 //! 7. Anything else (mpirun across nodes, for example) is an error,
 //!    [`BootstrapError::NoRendezvous`], asking for `EFA_STORE`.
+//!
+//! A file store's directory is created with mode 0700, but never its parents: with
+//! `EFA_STORE=file:///fsx/jobs/42`, `/fsx/jobs` must exist, or [`Bootstrap::connect_store`]
+//! fails at once with [`BootstrapError::InvalidVar`] naming `EFA_STORE` (a missing parent is
+//! usually a typo or a filesystem not mounted on this node; creating it would leave this rank
+//! waiting alone). The launcher-keyed directories of rule 5 live in `/tmp`, which exists.
+//! `EFA_STORE_SERVED=1` without `EFA_STORE` is an error; with a file store it is ignored.
+//!
+//! # Who may join
+//!
+//! `EFA_STORE_TOKEN` is the job's secret for a TCP store (16 to 256 printable ASCII
+//! characters, e.g. `openssl rand -hex 32`; empty means unset). A store served with a token
+//! admits only clients presenting the same one; a store served without one admits only
+//! clients without one. So:
+//!
+//! * under `efarun` nothing is needed: it generates a token per job and passes it on;
+//! * under other launchers, set the same `EFA_STORE_TOKEN` on every rank, rank 0 (the server)
+//!   included, and make the launcher pass it on: `mpirun -x EFA_STORE_TOKEN ...` (Open MPI),
+//!   `mpiexec -genvlist EFA_STORE_TOKEN ...` (Hydra), `srun --export=ALL,EFA_STORE_TOKEN ...`
+//!   (Hydra and srun pass the whole environment by default; lists of exported variables must
+//!   name it);
+//! * with no token anywhere the store admits anyone who can reach its port, as before
+//!   tokens existed (rank 0 logs a warning when it serves on a non-loopback address);
+//! * a rank whose token differs from the server's gets [`StoreError::Refused`] at once, and
+//!   the server logs a warning naming the refused address and goes on serving the others.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -64,7 +89,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::store::{FileStore, MemoryStore, Store, StoreError, TcpStore};
+use crate::store::{FileStore, MemoryStore, Store, StoreError, StoreToken, TcpStore};
 
 /// The program that started this process, as far as the environment tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -169,6 +194,16 @@ impl Rendezvous {
             return Ok(Rendezvous::File { dir: path.into() });
         }
         let hp = v.strip_prefix("tcp://").unwrap_or(v);
+        if let Some((scheme, _)) = hp.split_once("://") {
+            return Err(bad(&format!(
+                "unknown scheme `{scheme}://`; use host:port, tcp://host:port or file:///shared/dir"
+            )));
+        }
+        if v.starts_with("file:") {
+            return Err(bad(
+                "write a file store as file:// followed by an absolute path: file:///shared/dir",
+            ));
+        }
         let (host, port) = hp
             .rsplit_once(':')
             .ok_or_else(|| bad("expected host:port or file:///path"))?;
@@ -178,8 +213,23 @@ impl Rendezvous {
         if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
             return Err(bad("write IPv6 addresses in brackets: [fd00::1]:29500"));
         }
-        port.parse::<u16>()
-            .map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+        if let Some(c) = host
+            .chars()
+            .find(|c| c.is_whitespace() || matches!(c, '/' | '@' | '?' | '#'))
+        {
+            return Err(bad(&format!(
+                "the host contains {c:?}; give a host name or address and a port: node1:29500"
+            )));
+        }
+        match port.parse::<u16>() {
+            Ok(0) => {
+                return Err(bad(
+                    "port 0 means \"any free port\", which the other ranks cannot know; choose a port from 1 to 65535",
+                ))
+            }
+            Ok(_) => {}
+            Err(_) => return Err(bad("the port is not a number from 1 to 65535")),
+        }
         Ok(Rendezvous::Tcp {
             addr: hp.to_owned(),
             server: if launcher_serves {
@@ -256,17 +306,30 @@ pub enum BootstrapError {
         reason: String,
     },
     /// These ranks did not publish their data before the deadline: they were not started,
-    /// crashed, are still starting, or use a different `EFA_STORE`.
-    #[error("{} never joined within {waited:?}", fmt_ranks(.ranks))]
+    /// crashed, are still starting, or use a different `EFA_STORE`. The message names the
+    /// store: "rank 1 never joined the TCP store at 127.0.0.1:4242 (served by efarun) within
+    /// 30.0 s ...".
+    #[error("{} never joined {store} within {}: not started, crashed, still starting, or using another EFA_STORE or EFA_STORE_TOKEN (raise EFA_TIMEOUT for slow starts)", fmt_ranks(.ranks), fmt_secs(*.waited))]
     RankNeverJoined {
         /// Every rank that was missing, ascending.
         ranks: Vec<u32>,
         /// How long this rank waited.
         waited: Duration,
+        /// The store, in words ([`Store::describe`]).
+        store: String,
     },
     /// The store failed.
-    #[error("rendezvous store failed")]
+    #[error("rendezvous store failed: {0}")]
     Store(#[from] StoreError),
+}
+
+/// `0.3 s`, `30.0 s`, `2.5 ms`: a wait, readable.
+fn fmt_secs(d: Duration) -> String {
+    if d >= Duration::from_millis(100) {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    }
 }
 
 fn fmt_ranks(ranks: &[u32]) -> String {
@@ -294,6 +357,7 @@ pub struct Bootstrap {
     launcher: Launcher,
     job_id: Option<String>,
     rendezvous_source: String,
+    store_token: Option<StoreToken>,
 }
 
 impl Bootstrap {
@@ -330,14 +394,23 @@ impl Bootstrap {
     pub fn rendezvous_source(&self) -> &str {
         &self.rendezvous_source
     }
+    /// The job's secret for a TCP store (`EFA_STORE_TOKEN`), if it has one.
+    pub fn store_token(&self) -> Option<&StoreToken> {
+        self.store_token.as_ref()
+    }
 
     /// Opens the store: serves it if this is rank 0 of a rank-0-served TCP store, connects
-    /// otherwise, retrying until `deadline`.
+    /// otherwise, retrying until `deadline`. A TCP store is served and joined with the job's
+    /// [`store_token`](Bootstrap::store_token).
     ///
     /// # Errors
     ///
     /// [`BootstrapError::Store`] wrapping [`StoreError::Bind`] (rank 0 could not listen),
-    /// [`StoreError::Unreachable`] (no server before the deadline) or an I/O error.
+    /// [`StoreError::Unreachable`] (no server before the deadline), [`StoreError::Refused`]
+    /// (the token does not match the server's) or an I/O error.
+    /// [`BootstrapError::InvalidVar`] naming `EFA_STORE` (or [`BootstrapError::Store`] with
+    /// [`StoreError::Directory`] for a store not chosen by `EFA_STORE`) when a file store's
+    /// directory cannot be used: its parent does not exist, for example.
     pub fn connect_store(&self, deadline: Instant) -> Result<Arc<dyn Store>, BootstrapError> {
         tracing::info!(
             rank = self.rank,
@@ -345,15 +418,45 @@ impl Bootstrap {
             launcher = %self.launcher,
             rendezvous = %self.rendezvous,
             source = %self.rendezvous_source,
+            token = self.store_token.is_some(),
             "bootstrap"
         );
+        let token = self.store_token.as_ref();
         Ok(match &self.rendezvous {
             Rendezvous::Tcp {
                 addr,
                 server: StoreServer::Rank0,
-            } if self.rank == 0 => Arc::new(TcpStore::serve(addr, 0, self.world_size, deadline)?),
-            Rendezvous::Tcp { addr, .. } => Arc::new(TcpStore::connect(addr, self.rank, deadline)?),
-            Rendezvous::File { dir } => Arc::new(FileStore::open(dir)?),
+            } if self.rank == 0 => {
+                let store =
+                    TcpStore::serve_with_token(addr, 0, self.world_size, token.cloned(), deadline)?;
+                if token.is_none() && store.server_addr().is_some_and(|a| !a.ip().is_loopback()) {
+                    tracing::warn!(
+                        addr,
+                        "the rendezvous store accepts any client that reaches its port; set the same EFA_STORE_TOKEN on every rank to admit only this job's ranks"
+                    );
+                }
+                Arc::new(store)
+            }
+            Rendezvous::Tcp { addr, server } => {
+                let mut store = TcpStore::connect_with_token(addr, self.rank, token, deadline)?;
+                store.set_served_by(match (server, self.launcher) {
+                    (StoreServer::Rank0, _) => "rank 0",
+                    (StoreServer::Launcher, Launcher::Efarun) => "efarun",
+                    (StoreServer::Launcher, _) => "the launcher",
+                });
+                Arc::new(store)
+            }
+            Rendezvous::File { dir } => match FileStore::open(dir) {
+                Ok(store) => Arc::new(store),
+                Err(e @ StoreError::Directory { .. }) if self.rendezvous_source == "EFA_STORE" => {
+                    return Err(BootstrapError::InvalidVar {
+                        var: "EFA_STORE".into(),
+                        value: format!("file://{}", dir.display()),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            },
             Rendezvous::InProcess => Arc::new(MemoryStore::new()),
         })
     }
@@ -367,6 +470,7 @@ pub struct BootstrapBuilder {
     world_size: u32,
     rendezvous: Rendezvous,
     local: Option<(u32, u32)>,
+    store_token: Option<StoreToken>,
 }
 
 impl BootstrapBuilder {
@@ -377,7 +481,15 @@ impl BootstrapBuilder {
             world_size,
             rendezvous,
             local: None,
+            store_token: None,
         }
+    }
+
+    /// The job's secret for a TCP store; every rank must give the same one. Default: none
+    /// (the store then admits only clients without a token).
+    pub fn store_token(mut self, token: StoreToken) -> Self {
+        self.store_token = Some(token);
+        self
     }
 
     /// Rank and size among the ranks on this node. Default: unknown.
@@ -419,6 +531,7 @@ impl BootstrapBuilder {
             launcher: Launcher::Explicit,
             job_id: None,
             rendezvous_source: "given explicitly".into(),
+            store_token: self.store_token,
         })
     }
 }
@@ -533,100 +646,87 @@ fn detect_with(
         && has("SLURM_PROCID")
         && get("PMI_RANK") == get("SLURM_PROCID");
 
-    let (launcher, ids) = if has("EFA_RANK") {
+    let slurm_size = if has("SLURM_NTASKS") {
+        "SLURM_NTASKS"
+    } else {
+        "SLURM_NPROCS"
+    };
+    let (launcher, vars): (Launcher, [&'static str; 4]) = if has("EFA_RANK") {
         (
             Launcher::Efarun,
-            read_ids(
-                &get,
-                Launcher::Efarun,
-                [
-                    "EFA_RANK",
-                    "EFA_WORLD_SIZE",
-                    "EFA_LOCAL_RANK",
-                    "EFA_LOCAL_SIZE",
-                ],
-            )?,
+            [
+                "EFA_RANK",
+                "EFA_WORLD_SIZE",
+                "EFA_LOCAL_RANK",
+                "EFA_LOCAL_SIZE",
+            ],
         )
     } else if has("TORCHELASTIC_RUN_ID") && has("RANK") {
         (
             Launcher::Torchrun,
-            read_ids(
-                &get,
-                Launcher::Torchrun,
-                ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
-            )?,
+            ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
         )
     } else if has("OMPI_COMM_WORLD_RANK") {
         (
             Launcher::OpenMpi,
-            read_ids(
-                &get,
-                Launcher::OpenMpi,
-                [
-                    "OMPI_COMM_WORLD_RANK",
-                    "OMPI_COMM_WORLD_SIZE",
-                    "OMPI_COMM_WORLD_LOCAL_RANK",
-                    "OMPI_COMM_WORLD_LOCAL_SIZE",
-                ],
-            )?,
+            [
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE",
+            ],
         )
     } else if has("PMI_RANK") && !pmi_is_slurm {
         (
             Launcher::Hydra,
-            read_ids(
-                &get,
-                Launcher::Hydra,
-                ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"],
-            )?,
+            ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"],
         )
     } else if has("SLURM_PROCID") {
-        let size_var = if has("SLURM_NTASKS") {
-            "SLURM_NTASKS"
-        } else {
-            "SLURM_NPROCS"
-        };
-        let mut ids = read_ids(
-            &get,
+        (
             Launcher::Slurm,
-            ["SLURM_PROCID", size_var, "SLURM_LOCALID", "-"],
-        )?;
-        ids.local_size = slurm_local_size(&get)?;
-        (Launcher::Slurm, ids)
+            ["SLURM_PROCID", slurm_size, "SLURM_LOCALID", "-"],
+        )
     } else if has("RANK") {
         (
             Launcher::Torchrun,
-            read_ids(
-                &get,
-                Launcher::Torchrun,
-                ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
-            )?,
+            ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
         )
     } else {
-        (
-            Launcher::Singleton,
-            Ids {
-                rank: 0,
-                size: 1,
-                local_rank: Some(0),
-                local_size: Some(1),
-            },
-        )
+        (Launcher::Singleton, ["-"; 4])
     };
-    let size_var = match launcher {
-        Launcher::Efarun => "EFA_WORLD_SIZE",
-        Launcher::OpenMpi => "OMPI_COMM_WORLD_SIZE",
-        Launcher::Hydra => "PMI_SIZE",
-        Launcher::Slurm => "SLURM_NTASKS",
-        Launcher::Torchrun => "WORLD_SIZE",
-        _ => "world_size",
+    let ids = if launcher == Launcher::Singleton {
+        Ids {
+            rank: 0,
+            size: 1,
+            local_rank: Some(0),
+            local_size: Some(1),
+        }
+    } else {
+        let mut ids = read_ids(&get, launcher, vars)?;
+        if launcher == Launcher::Slurm {
+            ids.local_size = slurm_local_size(&get)?;
+        }
+        ids
     };
-    validate(&ids, size_var)?;
+    validate_env(&ids, vars)?;
 
     let job_id = job_id(&get, launcher).or(match launcher {
         Launcher::Hydra => hydra_proxy,
         _ => None,
     });
     let (rendezvous, source) = choose_rendezvous(&get, launcher, &ids, job_id.as_deref())?;
+    let store_token = get("EFA_STORE_TOKEN")
+        .map(|v| {
+            StoreToken::new(&v).map_err(|e| BootstrapError::InvalidVar {
+                var: "EFA_STORE_TOKEN".into(),
+                value: format!("<{} characters, hidden>", v.len()),
+                reason: match e {
+                    StoreError::InvalidToken { reason } => reason,
+                    other => other.to_string(),
+                },
+            })
+        })
+        .transpose()?;
     Ok(Bootstrap {
         rank: ids.rank,
         world_size: ids.size,
@@ -636,6 +736,7 @@ fn detect_with(
         launcher,
         job_id,
         rendezvous_source: source,
+        store_token,
     })
 }
 
@@ -646,7 +747,7 @@ fn parse_u32(var: &str, value: &str) -> Result<u32, BootstrapError> {
         .map_err(|_| BootstrapError::InvalidVar {
             var: var.into(),
             value: value.into(),
-            reason: "expected a non-negative integer".into(),
+            reason: "expected a whole number from 0 to 4294967295".into(),
         })
 }
 
@@ -695,6 +796,40 @@ fn validate(ids: &Ids, size_var: &'static str) -> Result<(), BootstrapError> {
         }
     }
     Ok(())
+}
+
+/// [`validate`] for values read from the launcher's variables `vars` (rank, size, local
+/// rank, local size; `"-"` for one the launcher does not offer): the error names the
+/// variables and their values.
+fn validate_env(ids: &Ids, vars: [&'static str; 4]) -> Result<(), BootstrapError> {
+    let [rank_var, size_var, local_rank_var, local_size_var] = vars;
+    let local_size_var = if local_size_var == "-" {
+        "SLURM_STEP_TASKS_PER_NODE"
+    } else {
+        local_size_var
+    };
+    match validate(ids, size_var) {
+        Err(BootstrapError::InvalidRank { rank, size }) => Err(BootstrapError::InvalidVar {
+            var: rank_var.into(),
+            value: rank.to_string(),
+            reason: format!(
+                "a rank must be below the world size, {size_var}={size} (ranks run from 0 to {}); the launcher's variables disagree: is one left over from another job or exported by hand?",
+                size - 1
+            ),
+        }),
+        Err(BootstrapError::InvalidLocal {
+            local_rank,
+            local_size,
+            size,
+        }) => Err(BootstrapError::InvalidVar {
+            var: local_rank_var.into(),
+            value: local_rank.to_string(),
+            reason: format!(
+                "the local rank must be below the local size, {local_size_var}={local_size}, which must not exceed {size_var}={size}; the launcher's variables disagree: is one left over from another job or exported by hand?"
+            ),
+        }),
+        other => other,
+    }
 }
 
 /// This node's task count under Slurm, from `SLURM_STEP_TASKS_PER_NODE` (or
@@ -796,43 +931,81 @@ fn choose_rendezvous(
     ids: &Ids,
     job: Option<&str>,
 ) -> Result<(Rendezvous, String), BootstrapError> {
+    let served = match get("EFA_STORE_SERVED").as_deref().map(str::trim) {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(other) => {
+            return Err(BootstrapError::InvalidVar {
+                var: "EFA_STORE_SERVED".into(),
+                value: other.into(),
+                reason: "expected 1 (the launcher serves the store) or 0".into(),
+            })
+        }
+    };
     if let Some(v) = get("EFA_STORE") {
-        let served = match get("EFA_STORE_SERVED").as_deref().map(str::trim) {
-            None | Some("0") => false,
-            Some("1") => true,
-            Some(other) => {
-                return Err(BootstrapError::InvalidVar {
-                    var: "EFA_STORE_SERVED".into(),
-                    value: other.into(),
-                    reason: "expected 1 (the launcher serves the store) or 0".into(),
-                })
-            }
-        };
         return Ok((Rendezvous::parse(&v, served)?, "EFA_STORE".into()));
+    }
+    if served {
+        return Err(BootstrapError::InvalidVar {
+            var: "EFA_STORE_SERVED".into(),
+            value: "1".into(),
+            reason: "it says a launcher serves the store, but EFA_STORE (its address) is not set; set both, or neither".into(),
+        });
     }
     match (get("MASTER_ADDR"), get("MASTER_PORT")) {
         (Some(host), Some(port)) => {
-            let mut p: u16 = port
-                .trim()
-                .parse()
-                .map_err(|_| BootstrapError::InvalidVar {
-                    var: "MASTER_PORT".into(),
-                    value: port.clone(),
-                    reason: "expected a port number from 1 to 65535".into(),
-                })?;
+            let bad_port = |reason: &str| BootstrapError::InvalidVar {
+                var: "MASTER_PORT".into(),
+                value: port.clone(),
+                reason: reason.into(),
+            };
+            let mut p: u16 = match port.trim().parse() {
+                Ok(0) => return Err(bad_port("port 0 cannot be reached by the other ranks; expected a port number from 1 to 65535")),
+                Ok(p) => p,
+                Err(_) => return Err(bad_port("expected a port number from 1 to 65535")),
+            };
             let mut source = "MASTER_ADDR/MASTER_PORT".to_owned();
-            if launcher == Launcher::Torchrun
-                && get("TORCHELASTIC_USE_AGENT_STORE")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-            {
-                p = p.checked_add(1).ok_or_else(|| BootstrapError::InvalidVar {
-                    var: "MASTER_PORT".into(),
-                    value: port.clone(),
-                    reason:
-                        "torchrun's agent store holds this port and the next one does not exist"
-                            .into(),
+            let agent_store = match get("TORCHELASTIC_USE_AGENT_STORE") {
+                None => false,
+                Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(BootstrapError::InvalidVar {
+                            var: "TORCHELASTIC_USE_AGENT_STORE".into(),
+                            value: v.clone(),
+                            reason: "expected True or False (as torchrun sets it)".into(),
+                        })
+                    }
+                },
+            };
+            if launcher == Launcher::Torchrun && agent_store {
+                p = p.checked_add(1).ok_or_else(|| {
+                    bad_port(
+                        "torchrun's agent store holds this port and the next one does not exist",
+                    )
                 })?;
                 source.push_str(" + 1 (torchrun's agent store holds MASTER_PORT)");
+            }
+            let host = host.trim();
+            let bad_host = |reason: &str| BootstrapError::InvalidVar {
+                var: "MASTER_ADDR".into(),
+                value: host.into(),
+                reason: reason.into(),
+            };
+            if let Some(c) = host
+                .chars()
+                .find(|c| c.is_whitespace() || matches!(c, '/' | '@' | '?' | '#'))
+            {
+                return Err(bad_host(&format!(
+                    "it contains {c:?}; expected the host name or address of rank 0's node"
+                )));
+            }
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if host.contains(':') && bare.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad_host(
+                    "expected a host name or address without a port (the port goes in MASTER_PORT)",
+                ));
             }
             let host = host.trim();
             let addr = if host.contains(':') && !host.starts_with('[') {
@@ -1158,10 +1331,7 @@ mod tests {
             ("EFA_STORE", "h:1"),
         ])
         .unwrap_err();
-        assert!(matches!(
-            e,
-            BootstrapError::InvalidRank { rank: 4, size: 4 }
-        ));
+        assert_invalid(&e, "EFA_RANK", "4", "EFA_WORLD_SIZE=4");
         let e = det(&[("EFA_RANK", "0"), ("EFA_WORLD_SIZE", "0")]).unwrap_err();
         assert!(matches!(
             e,
@@ -1176,7 +1346,7 @@ mod tests {
             ("EFA_LOCAL_SIZE", "2"),
         ])
         .unwrap_err();
-        assert!(matches!(e, BootstrapError::InvalidLocal { .. }));
+        assert_invalid(&e, "EFA_LOCAL_RANK", "2", "EFA_LOCAL_SIZE=2");
         let e = det(&[
             ("EFA_RANK", "0"),
             ("EFA_WORLD_SIZE", "2"),
@@ -1184,7 +1354,207 @@ mod tests {
             ("EFA_LOCAL_SIZE", "3"),
         ])
         .unwrap_err();
-        assert!(matches!(e, BootstrapError::InvalidLocal { .. }));
+        assert_invalid(&e, "EFA_LOCAL_RANK", "0", "EFA_WORLD_SIZE=2");
+        let e = det(&[
+            ("RANK", "2"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+        ])
+        .unwrap_err();
+        assert_invalid(&e, "RANK", "2", "WORLD_SIZE=2");
+        // The builder has no variables to name.
+        assert!(matches!(
+            BootstrapBuilder::new(4, 4, Rendezvous::InProcess).build(),
+            Err(BootstrapError::InvalidRank { rank: 4, size: 4 })
+        ));
+    }
+
+    /// `e` is an `InvalidVar` for `var` with `value`, and its message has `var="value"` and
+    /// `hint`.
+    #[track_caller]
+    fn assert_invalid(e: &BootstrapError, var: &str, value: &str, hint: &str) {
+        match e {
+            BootstrapError::InvalidVar {
+                var: v, value: x, ..
+            } => {
+                assert_eq!((v.as_str(), x.as_str()), (var, value), "{e}");
+            }
+            other => panic!("expected InvalidVar for {var}, got {other:?}"),
+        }
+        let s = e.to_string();
+        assert!(s.contains(&format!("{var}={value:?}")), "{s}");
+        assert!(s.contains(hint), "{hint:?} not in {s}");
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable_the_value_and_the_range() {
+        for (vars, var, value) in [
+            (
+                &[("EFA_RANK", "-1"), ("EFA_WORLD_SIZE", "2")][..],
+                "EFA_RANK",
+                "-1",
+            ),
+            (
+                &[("EFA_RANK", "0"), ("EFA_WORLD_SIZE", "two")][..],
+                "EFA_WORLD_SIZE",
+                "two",
+            ),
+            (
+                &[("EFA_RANK", "99999999999"), ("EFA_WORLD_SIZE", "2")][..],
+                "EFA_RANK",
+                "99999999999",
+            ),
+            (
+                &[("EFA_RANK", "1.5"), ("EFA_WORLD_SIZE", "2")][..],
+                "EFA_RANK",
+                "1.5",
+            ),
+            (
+                &[
+                    ("EFA_RANK", "0"),
+                    ("EFA_WORLD_SIZE", "2"),
+                    ("EFA_LOCAL_RANK", "x"),
+                ][..],
+                "EFA_LOCAL_RANK",
+                "x",
+            ),
+            (
+                &[("RANK", "0"), ("WORLD_SIZE", "-2")][..],
+                "WORLD_SIZE",
+                "-2",
+            ),
+            (&[("RANK", "a"), ("WORLD_SIZE", "2")][..], "RANK", "a"),
+        ] {
+            let e = det(vars).unwrap_err();
+            assert_invalid(
+                &e,
+                var,
+                value,
+                "expected a whole number from 0 to 4294967295",
+            );
+        }
+        let e = det(&[("RANK", "0")]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootstrapError::MissingVar {
+                    var: "WORLD_SIZE",
+                    launcher: Launcher::Torchrun
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rendezvous_variables_are_validated() {
+        let base = [("RANK", "1"), ("WORLD_SIZE", "2")];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            det(&v)
+        };
+        let e = with(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "0")]).unwrap_err();
+        assert_invalid(&e, "MASTER_PORT", "0", "from 1 to 65535");
+        let e = with(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "-1")]).unwrap_err();
+        assert_invalid(&e, "MASTER_PORT", "-1", "from 1 to 65535");
+        let e = with(&[("MASTER_ADDR", "head:29500"), ("MASTER_PORT", "29500")]).unwrap_err();
+        assert_invalid(&e, "MASTER_ADDR", "head:29500", "without a port");
+        let e = with(&[("MASTER_ADDR", "head node"), ("MASTER_PORT", "29500")]).unwrap_err();
+        assert_invalid(&e, "MASTER_ADDR", "head node", "host name or address");
+        let e = with(&[("MASTER_ADDR", "tcp://head"), ("MASTER_PORT", "29500")]).unwrap_err();
+        assert_invalid(&e, "MASTER_ADDR", "tcp://head", "host name or address");
+        // IPv6 with or without brackets is fine.
+        for a in ["fd00::1", "[fd00::1]"] {
+            let mut v = base.to_vec();
+            v.extend_from_slice(&[("MASTER_ADDR", a), ("MASTER_PORT", "29500")]);
+            assert_eq!(
+                det(&v).unwrap().rendezvous(),
+                &tcp("[fd00::1]:29500", StoreServer::Rank0)
+            );
+        }
+        let e = det(&[
+            ("TORCHELASTIC_RUN_ID", "x"),
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "maybe"),
+        ])
+        .unwrap_err();
+        assert_invalid(&e, "TORCHELASTIC_USE_AGENT_STORE", "maybe", "True or False");
+        // A launcher-served store without its address.
+        let e = with(&[("EFA_STORE_SERVED", "1")]).unwrap_err();
+        assert_invalid(
+            &e,
+            "EFA_STORE_SERVED",
+            "1",
+            "EFA_STORE (its address) is not set",
+        );
+        // Every malformed EFA_STORE names the variable, the value and the fix.
+        for (bad, hint) in [
+            ("file://rel/path", "file:///shared/dir"),
+            ("file:/abs/path", "file:///shared/dir"),
+            ("http://h:80", "unknown scheme `http://`"),
+            ("nohost", "expected host:port"),
+            (":80", "the host is empty"),
+            ("h:port", "from 1 to 65535"),
+            ("h:70000", "from 1 to 65535"),
+            ("h:0", "choose a port from 1 to 65535"),
+            ("::1:80", "brackets"),
+            ("head node:80", "node1:29500"),
+            ("user@head:80", "node1:29500"),
+        ] {
+            let e = with(&[("EFA_STORE", bad)]).unwrap_err();
+            assert_invalid(&e, "EFA_STORE", bad, hint);
+        }
+    }
+
+    #[test]
+    fn store_token_is_read_validated_and_hidden() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let b = det(&[
+            ("EFA_RANK", "0"),
+            ("EFA_WORLD_SIZE", "2"),
+            ("EFA_STORE", "h:1"),
+            ("EFA_STORE_TOKEN", secret),
+        ])
+        .unwrap();
+        assert_eq!(b.store_token().map(|t| t.as_str()), Some(secret));
+        assert!(!format!("{b:?}").contains(secret), "{b:?}");
+        // Unset and empty mean no token.
+        for v in [None, Some("")] {
+            let mut vars = vec![
+                ("EFA_RANK", "0"),
+                ("EFA_WORLD_SIZE", "2"),
+                ("EFA_STORE", "h:1"),
+            ];
+            vars.extend(v.map(|v| ("EFA_STORE_TOKEN", v)));
+            assert_eq!(det(&vars).unwrap().store_token(), None);
+        }
+        for (bad, hint) in [
+            ("short", "at least 16"),
+            ("0123456789abcdef 0123456789", "not printable ASCII"),
+        ] {
+            let e = det(&[
+                ("EFA_RANK", "0"),
+                ("EFA_WORLD_SIZE", "2"),
+                ("EFA_STORE", "h:1"),
+                ("EFA_STORE_TOKEN", bad),
+            ])
+            .unwrap_err();
+            let s = e.to_string();
+            assert!(
+                matches!(&e, BootstrapError::InvalidVar { var, .. } if var == "EFA_STORE_TOKEN"),
+                "{e:?}"
+            );
+            assert!(s.contains(hint) && s.contains("openssl rand"), "{s}");
+            assert!(!s.contains(bad), "the secret is repeated: {s}");
+        }
+        let long = "x".repeat(StoreToken::MAX_LEN + 1);
+        assert!(StoreToken::new(&long).is_err());
+        assert!(StoreToken::new(&"x".repeat(StoreToken::MAX_LEN)).is_ok());
     }
 
     #[test]
@@ -1374,7 +1744,9 @@ mod tests {
         assert_eq!((b.rank(), b.world_size()), (5, 8));
         assert_eq!((b.local_rank(), b.local_size()), (Some(1), Some(2)));
         assert_eq!(b.job_id(), Some("777.0"));
-        let port = slurm_port("777", "0");
+        // FNV-1a of "777.0" is 0xc539_1862, folded into 10000..=29999 (worked out apart
+        // from slurm_port, which this checks).
+        let port = 23346;
         assert_eq!(
             b.rendezvous(),
             &tcp(&format!("gpu07:{port}"), StoreServer::Rank0)
@@ -1614,8 +1986,11 @@ mod tests {
 
     #[test]
     fn slurm_port_is_stable_and_in_range() {
-        assert_eq!(slurm_port("777", "0"), slurm_port("777", "0"));
-        assert_ne!(slurm_port("777", "0"), slurm_port("777", "1"));
+        // Literal values of FNV-1a("<job>.<step>") % 20000 + 10000, computed apart from
+        // slurm_port: a change of the formula changes the port every rank must agree on.
+        assert_eq!(slurm_port("777", "0"), 23346);
+        assert_eq!(slurm_port("777", "1"), 20965);
+        assert_eq!(slurm_port("0", "0"), 18185);
         for j in 0..2000 {
             let p = slurm_port(&j.to_string(), "0");
             assert!((10_000..30_000).contains(&p));
@@ -1623,16 +1998,28 @@ mod tests {
     }
 
     #[test]
-    fn never_joined_message_lists_ranks() {
+    fn never_joined_message_lists_ranks_and_names_the_store() {
         let e = BootstrapError::RankNeverJoined {
             ranks: vec![3],
             waited: Duration::from_millis(300),
+            store: "the TCP store at 127.0.0.1:4242 (served by efarun)".into(),
         };
-        assert_eq!(e.to_string(), "rank 3 never joined within 300ms");
+        assert!(
+            e.to_string().starts_with(
+                "rank 3 never joined the TCP store at 127.0.0.1:4242 (served by efarun) within 0.3 s: "
+            ),
+            "{e}"
+        );
         let e = BootstrapError::RankNeverJoined {
             ranks: vec![1, 4],
-            waited: Duration::from_millis(300),
+            waited: Duration::from_secs(30),
+            store: "the file store in /fsx/j".into(),
         };
-        assert_eq!(e.to_string(), "ranks 1, 4 never joined within 300ms");
+        assert!(
+            e.to_string()
+                .starts_with("ranks 1, 4 never joined the file store in /fsx/j within 30.0 s: "),
+            "{e}"
+        );
+        assert_eq!(fmt_secs(Duration::from_micros(2500)), "2.5 ms");
     }
 }

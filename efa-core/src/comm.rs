@@ -28,11 +28,11 @@ use efa_fabric::{
 };
 
 use crate::bootstrap::{self, Bootstrap};
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerFailure, Result, SettingError};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::store::{self, Store};
-use crate::wire::{self, Header, Kind, CTRL_TAG, HDR_LEN};
+use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
 /// Largest user tag; tags above are reserved for collectives and internal messages.
 pub const MAX_USER_TAG: u32 = 0x7FFF_FFFF;
@@ -169,8 +169,10 @@ impl CommunicatorBuilder {
         self.config.fabric_addr = Some(addr.into());
         self
     }
-    /// Largest eager payload. Default 8 KiB. Larger means fewer round trips for mid-size
-    /// messages but more memory per posted receive buffer.
+    /// Largest eager payload over the fabric and IP, in bytes, from 0 to
+    /// [`MAX_EAGER_LIMIT`] (1 MiB; [`CommunicatorBuilder::build`] fails above). Default 8 KiB.
+    /// Larger means fewer round trips for mid-size messages but more memory per posted
+    /// receive buffer.
     pub fn eager_limit(mut self, bytes: usize) -> Self {
         self.config.eager_limit = bytes;
         self
@@ -186,31 +188,80 @@ impl CommunicatorBuilder {
     /// [`Error::Bootstrap`] (bad environment, a rank that never joins within the timeout),
     /// [`Error::NoTransport`], [`Error::NoRoute`], [`Error::Transports`].
     pub fn build(mut self) -> Result<Communicator> {
+        crate::debug::init(self.bootstrap.as_ref())?;
         if self.env {
-            if let Ok(v) = std::env::var("EFA_TIMEOUT") {
-                let secs: f64 = v.parse().map_err(|_| {
-                    Error::Config(format!("EFA_TIMEOUT={v:?} is not a number of seconds"))
+            if let Some(v) = crate::error::env_var("EFA_TIMEOUT", TIMEOUT_FORMS)? {
+                self.config.timeout = parse_timeout(&v).map_err(|problem| {
+                    SettingError::env("EFA_TIMEOUT", v, problem, TIMEOUT_FORMS)
                 })?;
-                self.config.timeout = Duration::from_secs_f64(secs);
             }
+        }
+        check_timeout(self.config.timeout).map_err(|problem| {
+            SettingError::argument(
+                "CommunicatorBuilder::timeout",
+                format!("{:?}", self.config.timeout),
+                problem,
+                TIMEOUT_FORMS,
+            )
+        })?;
+        if self.config.eager_limit > MAX_EAGER_LIMIT {
+            return Err(SettingError::argument(
+                "CommunicatorBuilder::eager_limit",
+                self.config.eager_limit.to_string(),
+                "is larger than the largest eager limit: every endpoint keeps rx_depth receive \
+                 buffers of this size registered",
+                format!("0 to {MAX_EAGER_LIMIT} bytes (default 8192)"),
+            )
+            .into());
         }
         if std::env::var_os("EFA_TRANSPORTS").is_some()
             && self.config.transports == TransportSet::all()
         {
             self.config.transports = TransportSet::from_env()?;
         }
-        if self.config.ip_iface.is_none() {
-            self.config.ip_iface = std::env::var("EFA_IFACE").ok();
-        }
-        if self.config.fabric_addr.is_none() {
-            self.config.fabric_addr = std::env::var("EFA_FABRIC_ADDR").ok();
-        }
+        net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;
         let boot = match self.bootstrap {
             Some(b) => b,
             None => bootstrap::from_env()?,
         };
         Communicator::start(boot, self.config)
     }
+}
+
+/// Largest eager limit accepted ([`CommunicatorBuilder::eager_limit`]), in bytes.
+pub const MAX_EAGER_LIMIT: usize = 1 << 20;
+
+const TIMEOUT_FORMS: &str = "a number of seconds from 0.001 to 31536000 (one year), e.g. 60 or 2.5";
+
+/// Seconds, as `EFA_TIMEOUT` gives them.
+fn parse_timeout(v: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| "is not a number of seconds".to_string())?;
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| {
+        if secs.is_sign_negative() {
+            "is negative: a deadline must lie in the future".to_string()
+        } else {
+            "is not a finite number of seconds".to_string()
+        }
+    })?;
+    check_timeout(d)?;
+    Ok(d)
+}
+
+/// A deadline too short to join a job (0 would fail every call at once) or too long to be
+/// meant (a hung job would never be reported).
+fn check_timeout(d: Duration) -> std::result::Result<(), String> {
+    if d < Duration::from_millis(1) {
+        return Err(
+            "is shorter than 1 ms: every call, joining included, would fail at once".into(),
+        );
+    }
+    if d > Duration::from_secs(365 * 24 * 3600) {
+        return Err("is longer than a year: a hung job would never be reported".into());
+    }
+    Ok(())
 }
 
 /// An open endpoint serving one transport.
@@ -252,6 +303,14 @@ enum Unexpected {
         len: usize,
         rndv: u32,
     },
+}
+
+/// A sequence-numbered message, processed in the sender's order.
+enum Ordered {
+    /// An eager message or RTS, matched against receives.
+    Msg(Unexpected),
+    /// The sender's last message: it is finalizing.
+    Fin,
 }
 
 enum RecvState {
@@ -307,7 +366,7 @@ struct Engine {
     next_seq: Vec<u32>,
     expected_seq: Vec<u32>,
     /// Messages that arrived ahead of their sequence number, per source.
-    reorder: Vec<BTreeMap<u32, Unexpected>>,
+    reorder: Vec<BTreeMap<u32, Ordered>>,
     posted: VecDeque<u64>,
     unexpected: VecDeque<Unexpected>,
     recvs: HashMap<u64, RecvOp, IdHash>,
@@ -327,6 +386,36 @@ struct Engine {
     notifications: VecDeque<u64>,
     /// Large rendezvous buffers kept for reuse.
     pool: BufPool,
+    /// Finalize progress, per peer.
+    fin: Vec<FinState>,
+    /// `finalize` has completed: no new operations.
+    finalized: bool,
+    /// Every rank's process (pid, start time, host), and whether it shares this host.
+    procs: Vec<(placement::ProcessId, bool)>,
+    /// The first rank known to have failed, and how. Once set, every pending and later
+    /// operation fails with [`Error::PeerFailed`] naming it.
+    failure: Option<(u32, PeerFailure)>,
+    /// Progress calls since the last liveness check of same-host peers, and its time.
+    polls: u32,
+    last_check: Instant,
+    /// Transfers of operations failed by a peer failure: kept until the endpoints close,
+    /// because the provider may still use their buffers (dropping them would wait to cancel).
+    abandoned_sends: Vec<Pending<SharedSlice>>,
+    abandoned_recvs: Vec<Pending<BufPrefix<Vec<u8>>>>,
+}
+
+/// How often blocked ranks look at same-host peers' processes.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Where the finalize handshake with one peer stands.
+#[derive(Debug, Default, Clone, Copy)]
+struct FinState {
+    /// The peer's `Fin` was processed (so were all its messages before it).
+    got_fin: bool,
+    /// This rank acknowledged the peer's `Fin`.
+    sent_ack: bool,
+    /// The peer acknowledged this rank's `Fin`.
+    got_ack: bool,
 }
 
 /// Request ids are sequential integers: hashing them with SipHash (the std default) costs
@@ -445,6 +534,123 @@ struct Inner {
     coll_seq: std::sync::atomic::AtomicU32,
 }
 
+fn lock_engine(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// The finalize protocol (see [`crate::wire`]): waits until every send has completed
+    /// locally, sends `Fin` to every peer, acknowledges every peer's `Fin` once all its data
+    /// is here, and returns when every peer has acknowledged this rank's `Fin`. Afterwards
+    /// no operation may start. Runs at most once.
+    fn finalize(&self) -> Result<()> {
+        if lock_engine(&self.engine).finalized {
+            return Ok(());
+        }
+        let result = self.finalize_handshake();
+        lock_engine(&self.engine).finalized = true;
+        result
+    }
+
+    /// Tells every peer that this rank failed with `cause`, and gives those messages up to
+    /// a second to leave.
+    fn tell_and_flush(&self, cause: PeerFailure) {
+        let mut e = lock_engine(&self.engine);
+        e.mark_failed(self.rank, cause, true);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !e.background.is_empty() && Instant::now() < deadline {
+            if e.progress().is_err() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        e.finalized = true;
+    }
+
+    fn finalize_handshake(&self) -> Result<()> {
+        let start = Instant::now();
+        let mut backoff = efa_fabric::Backoff::new();
+        let mut clock = efa_fabric::PollClock::new(self.config.timeout);
+        let mut sent_fin = false;
+        loop {
+            let waiting = {
+                let mut e = lock_engine(&self.engine);
+                let before = e.events;
+                e.progress()?;
+                if let Some(err) = e.failure_error() {
+                    // Messages to or from a failed rank cannot be delivered any more, and
+                    // every other rank hears of the failure and gives up the same way.
+                    return Err(err);
+                }
+                if e.events != before {
+                    backoff.reset();
+                }
+                if !sent_fin {
+                    match e.unfinished_send() {
+                        Some(p) => Some(("finalize: waiting for a send to complete", p)),
+                        None => {
+                            for p in (0..self.size).filter(|&p| p != self.rank) {
+                                let h = e.fin_header(Kind::Fin, p);
+                                e.send_ctrl_with(p, &h, &[], false)?;
+                            }
+                            sent_fin = true;
+                            e.finalize_step()?
+                                .map(|p| ("finalize: waiting for the peer to finalize", p))
+                        }
+                    }
+                } else {
+                    e.finalize_step()?
+                        .map(|p| ("finalize: waiting for the peer to finalize", p))
+                }
+            };
+            let Some((op, peer)) = waiting else {
+                let e = lock_engine(&self.engine);
+                let unread = e.unexpected.len();
+                if unread > 0 {
+                    tracing::warn!(
+                        rank = self.rank,
+                        unread,
+                        "finalize: messages that arrived were never received"
+                    );
+                }
+                tracing::debug!(rank = self.rank, took = ?start.elapsed(), "finalized");
+                return Ok(());
+            };
+            if clock.expired() {
+                let mut e = lock_engine(&self.engine);
+                return Err(e.deadline_passed(op, Some(peer), start.elapsed()));
+            }
+            backoff.snooze();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if lock_engine(&self.engine).finalized {
+            return;
+        }
+        if std::thread::panicking() {
+            tracing::warn!(
+                rank = self.rank,
+                "communicator dropped during a panic: telling the other ranks, no finalize"
+            );
+            self.tell_and_flush(PeerFailure::Aborted {
+                code: 101,
+                reason: "the rank panicked".into(),
+            });
+            return;
+        }
+        if let Err(e) = self.finalize() {
+            tracing::error!(rank = self.rank, "finalize at drop failed: {e}");
+            eprintln!(
+                "efa: rank {}: finalize when the communicator was dropped failed: {e}",
+                self.rank
+            );
+        }
+    }
+}
+
 /// A communicator: every rank of a job, reachable by rank number.
 ///
 /// Cheap to clone (an `Arc`); `Send + Sync`. Calls from several threads are serialized by an
@@ -537,6 +743,7 @@ impl Communicator {
             endpoints: Vec::new(),
             fabric_subnet: None,
             ip_subnet: None,
+            process: placement::ProcessId::this(),
         };
         let mut tried = Vec::new();
         if allowed.contains(Transport::Shm) {
@@ -641,6 +848,11 @@ impl Communicator {
             .iter()
             .map(|p| (p.transport, p.provider.clone()))
             .collect();
+        let scratch_len = ports
+            .iter()
+            .map(|p| p.inject.max(HDR_LEN + p.eager))
+            .max()
+            .unwrap_or(HDR_LEN);
         let mut engine = Engine {
             rank,
             ports,
@@ -657,11 +869,24 @@ impl Communicator {
             next_id: 1,
             next_rndv: 1,
             peer_errors: HashMap::new(),
-            scratch: vec![0u8; HDR_LEN + config.eager_limit],
+            // Control messages are assembled here when they are injected: as large as the
+            // largest inject size or eager message of any endpoint.
+            scratch: vec![0u8; scratch_len],
             ctx: 0,
             events: 0,
             notifications: VecDeque::new(),
             pool: BufPool::default(),
+            fin: vec![FinState::default(); size as usize],
+            finalized: false,
+            procs: cards
+                .iter()
+                .map(|c| (c.process.clone(), c.host_id == card.host_id))
+                .collect(),
+            failure: None,
+            polls: 0,
+            last_check: Instant::now(),
+            abandoned_sends: Vec::new(),
+            abandoned_recvs: Vec::new(),
         };
         engine.post_all_slots()?;
         let comm = Communicator {
@@ -693,6 +918,40 @@ impl Communicator {
         }
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
         Ok(comm)
+    }
+
+    /// Ends this rank's part in the job, like `MPI_Finalize`: returns once every message
+    /// that this rank's API calls reported as sent (inject, eager, rendezvous, detached
+    /// sends and collective traffic) has reached its peer, and every peer has finalized its
+    /// side with this rank. It is collective: every rank must call it (or drop its last
+    /// clone of the communicator, which does the same, best effort, logging what it could
+    /// not finish). Afterwards every operation on a remaining clone fails with
+    /// [`Error::Finalized`].
+    ///
+    /// Messages that arrived but were never received are dropped (logged at warn level).
+    /// A process that ends without dropping the communicator (`std::process::exit`, a
+    /// clone leaked or held by a thread still running) skips finalize, and its last
+    /// messages may be lost.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] naming a peer when, within the communicator's deadline, a send
+    /// did not complete (a rendezvous whose receive was never posted) or a peer did not
+    /// finalize; fabric errors.
+    pub fn finalize(self) -> Result<()> {
+        self.inner.finalize()
+    }
+
+    /// Ends the job on purpose, like `MPI_Abort`: tells every rank it can reach that this
+    /// rank aborted with `code` and `reason` (their pending and later operations fail at
+    /// once with [`Error::PeerFailed`] naming this rank, [`PeerFailure::Aborted`]), gives
+    /// those messages up to a second to leave, and exits the process with `code`.
+    pub fn abort(&self, code: i32, reason: &str) -> ! {
+        tracing::error!(rank = self.inner.rank, code, "abort: {reason}");
+        self.inner.tell_and_flush(PeerFailure::Aborted {
+            code,
+            reason: reason.to_owned(),
+        });
+        std::process::exit(code)
     }
 
     /// This process's rank.
@@ -776,7 +1035,7 @@ impl Communicator {
     }
 
     fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.inner.engine.lock().unwrap_or_else(|p| p.into_inner())
+        lock_engine(&self.inner.engine)
     }
 
     /// Starts sending `buf` to `dest` with `tag`. The data is copied (eager) or handed to
@@ -1025,11 +1284,15 @@ impl SendRequest {
     /// # Errors
     /// [`Error::Timeout`] naming the peer; [`Error::Truncated`] if the receiver's buffer was
     /// too small; fabric errors.
-    pub fn wait(self) -> Result<()> {
+    pub fn wait(mut self) -> Result<()> {
         let comm = self.comm.clone();
-        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(self.id))?;
-        let state = comm.engine().sends.remove(&self.id);
-        std::mem::forget(self);
+        let id = self.id;
+        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(id))?;
+        let state = comm.engine().sends.remove(&id);
+        // Consumed: the drop below has nothing left to detach. (Not `mem::forget`, which
+        // would leak this request's clone of the communicator, so the communicator would
+        // never be dropped and never finalize.)
+        self.id = 0;
         match state.map(|s| s.state) {
             Some(SendState::Failed(e)) => Err(e),
             _ => Ok(()),
@@ -1039,6 +1302,9 @@ impl SendRequest {
 
 impl Drop for SendRequest {
     fn drop(&mut self) {
+        if self.id == 0 {
+            return;
+        }
         // Forget the outcome; in-flight data stays owned by the engine until done.
         let mut e = self.comm.engine();
         if e.send_finished(self.id) {
@@ -1145,11 +1411,7 @@ fn wait_loop(
             }
         }
         if clock.expired() {
-            return Err(Error::Timeout {
-                op,
-                peer,
-                waited: start.elapsed(),
-            });
+            return Err(comm.engine().deadline_passed(op, peer, start.elapsed()));
         }
         backoff.snooze();
     }
@@ -1243,10 +1505,23 @@ impl Engine {
     /// Sends a control message (header + payload) to `dest`: inject when it fits, else
     /// through a bounce buffer tracked in the background.
     fn send_ctrl(&mut self, dest: u32, hdr: &Header, payload: &[u8]) -> Result<()> {
+        self.send_ctrl_with(dest, hdr, payload, true)
+    }
+
+    /// [`Engine::send_ctrl`], injecting only when `inject` allows it. An inject has no
+    /// completion, so a provider may still hold it when the endpoint closes: the finalize
+    /// handshake's messages are tracked sends instead.
+    fn send_ctrl_with(
+        &mut self,
+        dest: u32,
+        hdr: &Header,
+        payload: &[u8],
+        inject: bool,
+    ) -> Result<()> {
         let (port, addr) = self.route(dest);
         let total = HDR_LEN + payload.len();
         let p = &mut self.ports[port];
-        if total <= p.inject {
+        if inject && total <= p.inject {
             let s = &mut self.scratch[..total];
             hdr.encode(s);
             s[HDR_LEN..].copy_from_slice(payload);
@@ -1273,6 +1548,10 @@ impl Engine {
     }
 
     fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
+        self.check_open()?;
+        if self.fin[dest as usize].got_fin {
+            return Err(Error::PeerFinalized { rank: dest });
+        }
         if let Some(e) = self.peer_errors.get(&dest) {
             return Err(Error::Protocol {
                 peer: dest,
@@ -1326,6 +1605,7 @@ impl Engine {
     }
 
     fn start_recv(&mut self, src: Source, tag: Tag, capacity: usize) -> Result<u64> {
+        self.check_open()?;
         let id = self.next_id;
         self.next_id += 1;
         self.recvs.insert(
@@ -1355,9 +1635,260 @@ impl Engine {
                 let u = self.unexpected.remove(i).expect("index from position");
                 self.deliver(id, u)?;
             }
-            None => self.posted.push_back(id),
+            None => match src {
+                // Everything that rank sent has been processed: nothing can match any more.
+                Source::Rank(r) if self.fin[r as usize].got_fin => {
+                    self.recvs.get_mut(&id).expect("inserted above").state =
+                        RecvState::Failed(Error::PeerFinalized { rank: r });
+                }
+                _ => self.posted.push_back(id),
+            },
         }
         Ok(id)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.finalized {
+            return Err(Error::Finalized);
+        }
+        match self.failure_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The error every operation gets once a peer has failed.
+    fn failure_error(&self) -> Option<Error> {
+        self.failure
+            .as_ref()
+            .map(|(rank, cause)| Error::PeerFailed {
+                rank: *rank,
+                cause: cause.clone(),
+            })
+    }
+
+    /// Records that `rank` failed (the first failure wins), fails every pending operation,
+    /// and, when this rank learned it first hand (`tell`), tells every other rank it can
+    /// still reach.
+    fn mark_failed(&mut self, rank: u32, cause: PeerFailure, tell: bool) {
+        if self.failure.is_some() {
+            return;
+        }
+        tracing::error!(rank = self.rank, failed = rank, "{}", cause.describe(rank));
+        self.failure = Some((rank, cause.clone()));
+        let err = || Error::PeerFailed {
+            rank,
+            cause: cause.clone(),
+        };
+        self.posted.clear();
+        self.rndv_sends.clear();
+        for op in self.recvs.values_mut() {
+            if matches!(op.state, RecvState::Done | RecvState::Failed(_)) {
+                continue;
+            }
+            if let RecvState::Receiving { chunks } = &mut op.state {
+                self.abandoned_recvs.append(chunks);
+            }
+            op.state = RecvState::Failed(err());
+        }
+        for op in self.sends.values_mut() {
+            if matches!(op.state, SendState::Done | SendState::Failed(_)) {
+                continue;
+            }
+            if let SendState::Sending { chunks, .. } = &mut op.state {
+                self.abandoned_sends.append(chunks);
+            }
+            op.state = SendState::Failed(err());
+        }
+        // Detached sends that failed are forgotten.
+        self.sends.retain(|_, op| op.tag != u32::MAX);
+        if tell {
+            let (code, num, text) = match &cause {
+                PeerFailure::Exited { pid, host } => (
+                    FailCode::Exited,
+                    u64::from(pid.unwrap_or(0)),
+                    host.clone().unwrap_or_default(),
+                ),
+                PeerFailure::Unreachable { detail } => (FailCode::Unreachable, 0, detail.clone()),
+                PeerFailure::Aborted { code, reason } => {
+                    (FailCode::Aborted, *code as i64 as u64, reason.clone())
+                }
+                PeerFailure::Stopped { pid, waited } => (
+                    FailCode::Stopped,
+                    u64::from(*pid) | ((waited.as_millis() as u64) << 32),
+                    String::new(),
+                ),
+                PeerFailure::TimedOut { waited } => {
+                    (FailCode::TimedOut, waited.as_millis() as u64, String::new())
+                }
+            };
+            let mut end = text.len().min(1024);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let h = Header {
+                kind: Kind::Failed,
+                flags: code as u8,
+                src: self.rank,
+                tag: rank,
+                seq: 0,
+                len: num,
+                rndv: 0,
+                ctx: self.ctx,
+            };
+            for p in 0..self.peers.len() as u32 {
+                if p == self.rank || p == rank || self.fin[p as usize].got_ack {
+                    continue;
+                }
+                if let Err(e) = self.send_ctrl(p, &h, &text.as_bytes()[..end]) {
+                    tracing::debug!(peer = p, "could not tell the rank about the failure: {e}");
+                }
+            }
+        }
+    }
+
+    /// A failure notice from `from` about rank `h.tag`.
+    fn on_failed(&mut self, h: &Header, text: &[u8]) {
+        let text = String::from_utf8_lossy(text).into_owned();
+        let cause = match FailCode::from_flags(h.flags) {
+            Some(FailCode::Exited) => PeerFailure::Exited {
+                pid: (h.len != 0).then_some(h.len as u32),
+                host: (!text.is_empty()).then_some(text),
+            },
+            Some(FailCode::Aborted) => PeerFailure::Aborted {
+                code: h.len as i64 as i32,
+                reason: text,
+            },
+            Some(FailCode::Stopped) => PeerFailure::Stopped {
+                pid: h.len as u32,
+                waited: Duration::from_millis(h.len >> 32),
+            },
+            Some(FailCode::TimedOut) => PeerFailure::TimedOut {
+                waited: Duration::from_millis(h.len),
+            },
+            _ => PeerFailure::Unreachable {
+                detail: format!("{text} (reported by rank {})", h.src),
+            },
+        };
+        let rank = if (h.tag as usize) < self.peers.len() {
+            h.tag
+        } else {
+            h.src
+        };
+        self.mark_failed(rank, cause, false);
+    }
+
+    /// Looks at the processes of same-host peers that have not finalized: one that is gone
+    /// (or whose pid now belongs to another process) has failed.
+    fn check_peers(&mut self) {
+        for p in 0..self.procs.len() {
+            let (proc_, same_host) = &self.procs[p];
+            if p as u32 == self.rank || !same_host || proc_.pid == 0 || self.fin[p].got_fin {
+                continue;
+            }
+            let alive = match placement::proc_stat(proc_.pid) {
+                None => false,
+                Some((state, start)) => {
+                    !matches!(state, 'Z' | 'X') && (proc_.start == 0 || start == proc_.start)
+                }
+            };
+            if !alive {
+                let cause = PeerFailure::Exited {
+                    pid: Some(proc_.pid),
+                    host: (!proc_.host.is_empty()).then(|| proc_.host.clone()),
+                };
+                self.mark_failed(p as u32, cause, true);
+                return;
+            }
+        }
+    }
+
+    /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
+    fn stopped_peer(&self) -> Option<(u32, u32)> {
+        self.procs
+            .iter()
+            .enumerate()
+            .filter(|(p, (id, same))| *p as u32 != self.rank && *same && id.pid != 0)
+            .find(|(_, (id, _))| {
+                placement::proc_stat(id.pid).is_some_and(|(st, _)| matches!(st, 'T' | 't'))
+            })
+            .map(|(p, (id, _))| (p as u32, id.pid))
+    }
+
+    /// What a wait that passed its deadline reports: a stopped same-host peer is named as
+    /// the culprit; otherwise the peer waited for is. Either way every other rank is told, so
+    /// that theirs fail at once instead of at their own deadlines.
+    fn deadline_passed(&mut self, op: &'static str, peer: Option<u32>, waited: Duration) -> Error {
+        if let Some((rank, pid)) = self.stopped_peer() {
+            self.mark_failed(rank, PeerFailure::Stopped { pid, waited }, true);
+            return self.failure_error().expect("just set");
+        }
+        if let Some(p) = peer.filter(|&p| p != self.rank) {
+            self.mark_failed(p, PeerFailure::TimedOut { waited }, true);
+        }
+        Error::Timeout { op, peer, waited }
+    }
+
+    /// A send to some peer that has not completed locally (its request or a background
+    /// bounce-buffer send), if any.
+    fn unfinished_send(&self) -> Option<u32> {
+        self.sends
+            .values()
+            .find(|op| !matches!(op.state, SendState::Done | SendState::Failed(_)))
+            .map(|op| op.dest)
+            .or_else(|| self.background.first().map(|b| b.dest))
+    }
+
+    /// Whether rendezvous data from `peer` is still being received.
+    fn receiving_from(&self, peer: u32) -> bool {
+        self.recvs.values().any(|op| {
+            matches!(op.state, RecvState::Receiving { .. })
+                && op.status.is_some_and(|s| s.source == peer)
+        })
+    }
+
+    fn fin_header(&mut self, kind: Kind, peer: u32) -> Header {
+        let seq = if kind == Kind::Fin {
+            let s = self.next_seq[peer as usize];
+            self.next_seq[peer as usize] = s.wrapping_add(1);
+            s
+        } else {
+            0
+        };
+        Header {
+            kind,
+            flags: 0,
+            src: self.rank,
+            tag: 0,
+            seq,
+            len: 0,
+            rndv: 0,
+            ctx: self.ctx,
+        }
+    }
+
+    /// One step of the finalize handshake: acknowledges every peer whose `Fin` has been
+    /// processed and whose rendezvous data has all arrived. Returns the first peer the
+    /// handshake still waits for, or `None` when it is complete and every handshake message
+    /// has completed locally.
+    fn finalize_step(&mut self) -> Result<Option<u32>> {
+        let mut waiting = None;
+        for p in 0..self.fin.len() as u32 {
+            if p == self.rank {
+                continue;
+            }
+            let f = self.fin[p as usize];
+            if f.got_fin && !f.sent_ack && !self.receiving_from(p) {
+                let h = self.fin_header(Kind::FinAck, p);
+                self.send_ctrl_with(p, &h, &[], false)?;
+                self.fin[p as usize].sent_ack = true;
+            }
+            let f = self.fin[p as usize];
+            if waiting.is_none() && !(f.sent_ack && f.got_ack) {
+                waiting = Some(p);
+            }
+        }
+        Ok(waiting.or_else(|| self.background.first().map(|b| b.dest)))
     }
 
     fn cancel_recv(&mut self, id: u64) {
@@ -1457,6 +1988,13 @@ impl Engine {
 
     /// One round of progress: read every CQ, then handle whatever completed.
     fn progress(&mut self) -> Result<()> {
+        if self.failure.is_none() {
+            self.polls = self.polls.wrapping_add(1);
+            if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {
+                self.last_check = Instant::now();
+                self.check_peers();
+            }
+        }
         let mut any = false;
         for p in 0..self.ports.len() {
             // An endpoint that no peer is routed to never has traffic: polling it would
@@ -1535,20 +2073,28 @@ impl Engine {
         }
         match h.kind {
             Kind::Cts => self.on_cts(h),
-            Kind::Eager | Kind::Rts => {
-                let msg = if h.kind == Kind::Eager {
-                    Unexpected::Eager {
+            Kind::FinAck => {
+                self.fin[h.src as usize].got_ack = true;
+                Ok(())
+            }
+            Kind::Failed => {
+                self.on_failed(&h, &payload);
+                Ok(())
+            }
+            Kind::Eager | Kind::Rts | Kind::Fin => {
+                let msg = match h.kind {
+                    Kind::Eager => Ordered::Msg(Unexpected::Eager {
                         src: h.src,
                         tag: h.tag,
                         data: payload,
-                    }
-                } else {
-                    Unexpected::Rts {
+                    }),
+                    Kind::Rts => Ordered::Msg(Unexpected::Rts {
                         src: h.src,
                         tag: h.tag,
                         len: h.len as usize,
                         rndv: h.rndv,
-                    }
+                    }),
+                    _ => Ordered::Fin,
                 };
                 let src = h.src as usize;
                 if h.seq != self.expected_seq[src] {
@@ -1569,8 +2115,24 @@ impl Engine {
     }
 
     /// A message whose turn it is: match it against posted receives or queue it.
-    fn matched_in_order(&mut self, src: u32, msg: Unexpected) -> Result<()> {
+    fn matched_in_order(&mut self, src: u32, msg: Ordered) -> Result<()> {
         self.expected_seq[src as usize] = self.expected_seq[src as usize].wrapping_add(1);
+        let msg = match msg {
+            Ordered::Msg(m) => m,
+            Ordered::Fin => {
+                self.fin[src as usize].got_fin = true;
+                // Receives waiting for this rank alone can never match now.
+                let recvs = &mut self.recvs;
+                self.posted.retain(|id| match recvs.get_mut(id) {
+                    Some(op) if op.src == Source::Rank(src) => {
+                        op.state = RecvState::Failed(Error::PeerFinalized { rank: src });
+                        false
+                    }
+                    _ => true,
+                });
+                return Ok(());
+            }
+        };
         let tag = match &msg {
             Unexpected::Eager { tag, .. } | Unexpected::Rts { tag, .. } => *tag,
         };
@@ -1644,6 +2206,10 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!(peer = bg.dest, "send failed: {}", e.error);
                     self.peer_errors.insert(bg.dest, e.error.to_string());
+                    if !self.fin[bg.dest as usize].got_fin {
+                        let detail = e.error.to_string();
+                        self.mark_failed(bg.dest, PeerFailure::Unreachable { detail }, true);
+                    }
                     if let Some(b) = e.buf {
                         self.ports[bg.port].bounce.push(b.into_inner());
                     }

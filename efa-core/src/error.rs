@@ -1,6 +1,24 @@
-//! The communicator's errors: each speaks of the situation and keeps the fabric error as its
-//! source.
+//! The communicator's errors: each says what happened and what to do, and keeps the fabric
+//! error as its source.
+//!
+//! # What a user sees
+//! `Display` (`{}`) is one line: the situation and the fix. `Debug` (`{:?}`), which is what
+//! `fn main() -> Result<(), efa_core::Error>` prints, is that line followed by any cause it
+//! does not already include and, where the line cannot say it all, a hint:
+//!
+//! ```text
+//! Error: rank 1 (pid 4242 on host a) exited
+//!
+//! Hint: the job cannot go on without that rank: look at its own output (efarun prefixes it
+//! with its rank) for why it failed
+//! ```
+//!
+//! The alternate form (`{:#?}`) is the structured, derive-like form
+//! (`Bootstrap(RankNeverJoined { ranks: [1], waited: 60s })`), for programs that log errors
+//! as data.
 
+use std::error::Error as StdError;
+use std::fmt;
 use std::time::Duration;
 
 use crate::bootstrap::BootstrapError;
@@ -10,7 +28,10 @@ use crate::placement::{CardError, UnknownTransport};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every error the communicator returns.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the readable report (see the [module docs](self)); `{:#?}` prints the
+/// structured form.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// Finding rank, size or rendezvous, or exchanging cards, failed. The message names
@@ -20,8 +41,11 @@ pub enum Error {
     /// `EFA_TRANSPORTS` names an unknown transport.
     #[error(transparent)]
     Transports(#[from] UnknownTransport),
+    /// A setting (an `EFA_*` variable or a builder argument) has a value that cannot be used.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
     /// A peer's card could not be read (different efa-rs versions?).
-    #[error("card of rank {rank}: {source}")]
+    #[error("the card (endpoint addresses) of rank {rank} could not be read: {source}; every rank must run the same efa-rs version")]
     Card {
         /// The peer.
         rank: u32,
@@ -29,10 +53,10 @@ pub enum Error {
         source: CardError,
     },
     /// No endpoint could be opened for any allowed transport.
-    #[error("no transport could be opened: {0}")]
+    #[error("no transport could be opened: {0}; `efa info` and `efa doctor` show what this host offers, EFA_TRANSPORTS chooses among shm, fabric and ip")]
     NoTransport(String),
     /// This rank and `peer` share no usable transport; the message says what each offers.
-    #[error("no route to rank {peer}: {reason}")]
+    #[error("no route to rank {peer}: {reason}; allow a transport that both ranks offer (EFA_TRANSPORTS)")]
     NoRoute {
         /// The peer.
         peer: u32,
@@ -40,7 +64,7 @@ pub enum Error {
         reason: String,
     },
     /// A rank outside `0..size`.
-    #[error("rank {rank} is out of range for a communicator of size {size}")]
+    #[error("rank {rank} is out of range for a communicator of size {size}; ranks are 0 to {}", size.saturating_sub(1))]
     InvalidRank {
         /// The rank given.
         rank: u32,
@@ -48,11 +72,11 @@ pub enum Error {
         size: u32,
     },
     /// A tag in the range reserved for the library's own messages.
-    #[error("tag {0:#x} is reserved (user tags are below {max:#x})", max = crate::comm::MAX_USER_TAG + 1)]
+    #[error("tag {0:#x} is reserved for the library's own messages; use a tag below {max:#x}", max = crate::comm::MAX_USER_TAG + 1)]
     ReservedTag(u32),
     /// The message was larger than the receive buffer. Nothing was written to the buffer;
     /// the sender gets the same error. Other messages are unaffected.
-    #[error("message of {got} bytes from rank {peer} (tag {tag}) does not fit the {expected}-byte receive buffer")]
+    #[error("message of {got} bytes from rank {peer} (tag {tag}) does not fit the {expected}-byte receive buffer; post a buffer of at least {got} bytes, or send the size first")]
     Truncated {
         /// Capacity of the receive buffer, in bytes.
         expected: usize,
@@ -64,7 +88,7 @@ pub enum Error {
         tag: u32,
     },
     /// A buffer whose byte length is not a multiple of the element size.
-    #[error("received {bytes} bytes, not a whole number of {elem}-byte elements")]
+    #[error("received {bytes} bytes, not a whole number of {elem}-byte elements; sender and receiver must use the same element type")]
     ElementSize {
         /// Bytes received.
         bytes: usize,
@@ -73,7 +97,7 @@ pub enum Error {
     },
     /// A blocking operation passed its deadline. The peer may be slow, stuck or dead; the
     /// deadline is set with `CommunicatorBuilder::timeout` or `EFA_TIMEOUT` (seconds).
-    #[error("{op}{} did not complete within {waited:?}", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
+    #[error("{op}{} did not complete within {waited:?}; the peer may be slow, stopped or dead (raise EFA_TIMEOUT, in seconds, if it is only slow)", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
     Timeout {
         /// The operation.
         op: &'static str,
@@ -83,7 +107,7 @@ pub enum Error {
         waited: Duration,
     },
     /// The fabric failed an operation with `peer`.
-    #[error("{op}{}: {source}", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
+    #[error("{op}{} failed: {source}; EFA_DEBUG=debug shows the routes and providers, FI_LOG_LEVEL=warn libfabric's own messages", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
     Fabric {
         /// The operation.
         op: &'static str,
@@ -93,7 +117,7 @@ pub enum Error {
         source: efa_fabric::Error,
     },
     /// A malformed message arrived (another program on the port, or mismatched versions).
-    #[error("protocol error from rank {peer}: {what}")]
+    #[error("protocol error from rank {peer}: {what}; every rank must run the same efa-rs version, and no other program may send to this job's endpoints")]
     Protocol {
         /// The sender.
         peer: u32,
@@ -101,7 +125,7 @@ pub enum Error {
         what: String,
     },
     /// An RMA access outside the peer's window. Nothing was transferred.
-    #[error("{op} of {count} elements at offset {offset} is outside rank {peer}'s window of {window_len} elements")]
+    #[error("{op} of {count} elements at offset {offset} is outside rank {peer}'s window of {window_len} elements; keep offset + count within {window_len}")]
     RmaOutOfBounds {
         /// put or get.
         op: crate::window::RmaOp,
@@ -115,7 +139,7 @@ pub enum Error {
         window_len: usize,
     },
     /// The peer's window does not allow this operation. Nothing was transferred.
-    #[error("{op} denied: rank {peer}'s window is {access:?}")]
+    #[error("{op} denied: rank {peer}'s window is {access:?}; create it with an access that allows {op} (WindowAccess::ReadWrite allows both)")]
     RmaAccess {
         /// put or get.
         op: crate::window::RmaOp,
@@ -124,23 +148,472 @@ pub enum Error {
         /// The window's access.
         access: crate::window::WindowAccess,
     },
-    /// The provider lacks a capability this call needs; the message says which.
+    /// The provider lacks a capability this call needs; the message says which and what to
+    /// do.
     #[error("unsupported: {what}")]
     Unsupported {
         /// The missing capability and what to do.
         what: String,
     },
-    /// A bad configuration value (the message names it).
-    #[error("invalid configuration: {0}")]
+    /// A peer failed: it exited, became unreachable, aborted the job, or stopped answering.
+    /// Pending and later operations that need it fail with this error. The job cannot go on
+    /// as it was: finish what does not need the peer, report, and exit.
+    #[error("{}", cause.describe(*rank))]
+    PeerFailed {
+        /// The failed rank.
+        rank: u32,
+        /// How it failed.
+        cause: PeerFailure,
+    },
+    /// A bad value or call that has no variant of its own; the message names the variable or
+    /// argument and what to do.
+    #[error("{0}")]
     Config(String),
+    /// The communicator was finalized ([`crate::Communicator::finalize`]); no operation may
+    /// follow.
+    #[error("the communicator has been finalized: no operation may follow finalize")]
+    Finalized,
+    /// `rank` has finalized: every message it sent has been processed, and it will send and
+    /// receive no more. A receive that only that rank could match, or a send to it, fails
+    /// with this error at once instead of waiting for the deadline.
+    #[error("rank {rank} has finalized: it sends and receives no more messages; every operation with a rank must come before that rank's finalize")]
+    PeerFinalized {
+        /// The rank that finalized.
+        rank: u32,
+    },
 }
 
 impl Error {
     pub(crate) fn fabric(op: &'static str, peer: Option<u32>, source: efa_fabric::Error) -> Self {
+        // Every failed fabric operation passes here: `EFA_DEBUG=debug` shows it even when
+        // the application swallows the error.
+        tracing::debug!(op, ?peer, error = %source, "fabric operation failed");
         match source {
             // A post that could not be queued within the deadline is a timeout with that peer.
             efa_fabric::Error::Timeout { waited, .. } => Error::Timeout { op, peer, waited },
             source => Error::Fabric { op, peer, source },
         }
+    }
+
+    /// What to do, where the message itself cannot say it all. (Bootstrap and store errors
+    /// carry their own fix in their text.)
+    fn hint(&self) -> Option<String> {
+        match self {
+            Error::PeerFailed { .. } => Some(
+                "the job cannot go on without that rank: look at its own output (efarun \
+                 prefixes it with its rank) for why it failed"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The structured, derive-like form (`{:#?}`).
+    fn fmt_structured(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Bootstrap(e) => f.debug_tuple("Bootstrap").field(e).finish(),
+            Error::Transports(e) => f.debug_tuple("Transports").field(e).finish(),
+            Error::Setting(e) => f.debug_tuple("Setting").field(e).finish(),
+            Error::Card { rank, source } => f
+                .debug_struct("Card")
+                .field("rank", rank)
+                .field("source", source)
+                .finish(),
+            Error::NoTransport(s) => f.debug_tuple("NoTransport").field(s).finish(),
+            Error::NoRoute { peer, reason } => f
+                .debug_struct("NoRoute")
+                .field("peer", peer)
+                .field("reason", reason)
+                .finish(),
+            Error::InvalidRank { rank, size } => f
+                .debug_struct("InvalidRank")
+                .field("rank", rank)
+                .field("size", size)
+                .finish(),
+            Error::ReservedTag(t) => f.debug_tuple("ReservedTag").field(t).finish(),
+            Error::Truncated {
+                expected,
+                got,
+                peer,
+                tag,
+            } => f
+                .debug_struct("Truncated")
+                .field("expected", expected)
+                .field("got", got)
+                .field("peer", peer)
+                .field("tag", tag)
+                .finish(),
+            Error::ElementSize { bytes, elem } => f
+                .debug_struct("ElementSize")
+                .field("bytes", bytes)
+                .field("elem", elem)
+                .finish(),
+            Error::Timeout { op, peer, waited } => f
+                .debug_struct("Timeout")
+                .field("op", op)
+                .field("peer", peer)
+                .field("waited", waited)
+                .finish(),
+            Error::Fabric { op, peer, source } => f
+                .debug_struct("Fabric")
+                .field("op", op)
+                .field("peer", peer)
+                .field("source", source)
+                .finish(),
+            Error::Protocol { peer, what } => f
+                .debug_struct("Protocol")
+                .field("peer", peer)
+                .field("what", what)
+                .finish(),
+            Error::RmaOutOfBounds {
+                op,
+                peer,
+                offset,
+                count,
+                window_len,
+            } => f
+                .debug_struct("RmaOutOfBounds")
+                .field("op", op)
+                .field("peer", peer)
+                .field("offset", offset)
+                .field("count", count)
+                .field("window_len", window_len)
+                .finish(),
+            Error::RmaAccess { op, peer, access } => f
+                .debug_struct("RmaAccess")
+                .field("op", op)
+                .field("peer", peer)
+                .field("access", access)
+                .finish(),
+            Error::Unsupported { what } => {
+                f.debug_struct("Unsupported").field("what", what).finish()
+            }
+            Error::PeerFailed { rank, cause } => f
+                .debug_struct("PeerFailed")
+                .field("rank", rank)
+                .field("cause", cause)
+                .finish(),
+            Error::Config(s) => f.debug_tuple("Config").field(s).finish(),
+            Error::Finalized => f.write_str("Finalized"),
+            Error::PeerFinalized { rank } => {
+                f.debug_struct("PeerFinalized").field("rank", rank).finish()
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    /// `{:?}`: the message, its causes and a hint (what `main` prints when it returns this
+    /// error). `{:#?}`: the structured form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            return self.fmt_structured(f);
+        }
+        write_report(f, self, self.hint().as_deref())
+    }
+}
+
+/// Writes `err`'s message, then every cause that the message does not already include, then
+/// `hint`.
+fn write_report(f: &mut fmt::Formatter<'_>, err: &dyn StdError, hint: Option<&str>) -> fmt::Result {
+    let mut shown = err.to_string();
+    f.write_str(&shown)?;
+    let mut causes = Vec::new();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // Most messages already carry their source's text; repeating it helps nobody.
+        if !shown.contains(&text) {
+            causes.push(text.clone());
+        }
+        shown.push_str(&text);
+        next = cause.source();
+    }
+    match causes.as_slice() {
+        [] => {}
+        [one] => write!(f, "\n\nCaused by:\n    {one}")?,
+        many => {
+            f.write_str("\n\nCaused by:")?;
+            for (i, c) in many.iter().enumerate() {
+                write!(f, "\n    {i}: {c}")?;
+            }
+        }
+    }
+    if let Some(h) = hint {
+        write!(f, "\n\nHint: {h}")?;
+    }
+    Ok(())
+}
+
+/// Where a bad setting came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingSource {
+    /// An environment variable, e.g. `EFA_IFACE`.
+    Env(&'static str),
+    /// A builder method, e.g. `CommunicatorBuilder::ip_iface`.
+    Argument(&'static str),
+}
+
+/// A setting whose value cannot be used: names the variable (or builder method), the value,
+/// what is wrong, and the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {problem}; accepted: {accepted}", match .source_of_value { SettingSource::Env(v) => format!("{v}={:?}", .value), SettingSource::Argument(m) => format!("{m}({:?})", .value) })]
+pub struct SettingError {
+    /// The variable or builder method.
+    pub source_of_value: SettingSource,
+    /// The value given.
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: String,
+    /// The accepted forms, or the values this host allows.
+    pub accepted: String,
+}
+
+impl SettingError {
+    /// A bad value of environment variable `var`.
+    pub fn env(
+        var: &'static str,
+        value: impl Into<String>,
+        problem: impl Into<String>,
+        accepted: impl Into<String>,
+    ) -> Self {
+        SettingError {
+            source_of_value: SettingSource::Env(var),
+            value: value.into(),
+            problem: problem.into(),
+            accepted: accepted.into(),
+        }
+    }
+
+    /// A bad argument of builder method `method`.
+    pub fn argument(
+        method: &'static str,
+        value: impl Into<String>,
+        problem: impl Into<String>,
+        accepted: impl Into<String>,
+    ) -> Self {
+        SettingError {
+            source_of_value: SettingSource::Argument(method),
+            value: value.into(),
+            problem: problem.into(),
+            accepted: accepted.into(),
+        }
+    }
+
+    /// The variable's name, if the value came from the environment.
+    pub fn var(&self) -> Option<&'static str> {
+        match self.source_of_value {
+            SettingSource::Env(v) => Some(v),
+            SettingSource::Argument(_) => None,
+        }
+    }
+}
+
+/// The value of environment variable `var`; `None` when unset or blank.
+///
+/// # Errors
+/// [`SettingError`] naming `var` when the value is not UTF-8 (`accepted` says what is).
+pub(crate) fn env_var(
+    var: &'static str,
+    accepted: &str,
+) -> std::result::Result<Option<String>, SettingError> {
+    match std::env::var(var) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(SettingError::env(
+            var,
+            raw.to_string_lossy(),
+            "is not valid UTF-8",
+            accepted,
+        )),
+    }
+}
+
+/// How a peer failed; carried by [`Error::PeerFailed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerFailure {
+    /// The peer's process is gone (seen as a dead pid on the same host, or a closed
+    /// connection).
+    Exited {
+        /// Its process id, when known.
+        pid: Option<u32>,
+        /// Its host, when known.
+        host: Option<String>,
+    },
+    /// The transport reports that the peer cannot be reached; `detail` is the transport's text.
+    Unreachable {
+        /// The transport's error text, e.g. "connection reset".
+        detail: String,
+    },
+    /// The peer called `abort(code, reason)`.
+    Aborted {
+        /// The code it gave.
+        code: i32,
+        /// The reason it gave.
+        reason: String,
+    },
+    /// The peer's process is stopped (SIGSTOP, a debugger) and did not answer within the
+    /// communicator's deadline.
+    Stopped {
+        /// Its process id.
+        pid: u32,
+        /// Time waited.
+        waited: Duration,
+    },
+    /// The peer did not answer within the communicator's deadline.
+    TimedOut {
+        /// Time waited.
+        waited: Duration,
+    },
+}
+
+impl PeerFailure {
+    /// The sentence for rank `rank` failing this way, e.g. "rank 1 (pid 4242 on host a) exited".
+    pub fn describe(&self, rank: u32) -> String {
+        match self {
+            PeerFailure::Exited { pid, host } => {
+                let at = match (pid, host) {
+                    (Some(pid), Some(host)) => format!(" (pid {pid} on host {host})"),
+                    (Some(pid), None) => format!(" (pid {pid})"),
+                    (None, Some(host)) => format!(" (on host {host})"),
+                    (None, None) => String::new(),
+                };
+                format!("rank {rank}{at} exited")
+            }
+            PeerFailure::Unreachable { detail } => format!("rank {rank} unreachable: {detail}"),
+            PeerFailure::Aborted { code, reason } => {
+                format!("rank {rank} aborted the job (code {code}): {reason}")
+            }
+            PeerFailure::Stopped { pid, waited } => {
+                format!("rank {rank} (pid {pid}) is stopped and did not answer within {waited:?}")
+            }
+            PeerFailure::TimedOut { waited } => {
+                format!("rank {rank} did not answer within {waited:?}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_the_report_and_alternate_the_structure() {
+        // The source's text is already in the message: no "Caused by" repeating it.
+        let e = Error::Fabric {
+            op: "send",
+            peer: Some(2),
+            source: efa_fabric::Error::InvalidArgument("bad".into()),
+        };
+        let report = format!("{e:?}");
+        assert_eq!(report, e.to_string());
+        assert!(
+            report.starts_with("send with rank 2 failed: invalid argument: bad; EFA_DEBUG=debug"),
+            "{report}"
+        );
+        assert!(format!("{e:#?}").starts_with("Fabric {\n    op: \"send\","));
+
+        // Bootstrap and store errors carry their fix in their text: Debug adds nothing.
+        let e = Error::Bootstrap(BootstrapError::Store(
+            crate::store::StoreError::Unreachable {
+                addr: "h:1".into(),
+                waited: Duration::from_secs(1),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+            },
+        ));
+        assert_eq!(format!("{e:?}"), e.to_string());
+
+        // A cause the message does not include is listed, then the hint.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer failed")]
+        struct Outer(#[source] std::io::Error);
+        struct Report<'a>(&'a dyn StdError, Option<&'a str>);
+        impl fmt::Display for Report<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_report(f, self.0, self.1)
+            }
+        }
+        let outer = Outer(std::io::Error::other("inner cause"));
+        assert_eq!(
+            Report(&outer, Some("do this")).to_string(),
+            "outer failed\n\nCaused by:\n    inner cause\n\nHint: do this"
+        );
+        assert_eq!(
+            Report(&outer, None).to_string(),
+            "outer failed\n\nCaused by:\n    inner cause"
+        );
+
+        let e = Error::PeerFailed {
+            rank: 3,
+            cause: PeerFailure::Unreachable {
+                detail: "connection reset".into(),
+            },
+        };
+        assert!(format!("{e:?}").starts_with("rank 3 unreachable: connection reset\n\nHint: "));
+    }
+
+    #[test]
+    fn setting_errors_name_the_source_value_and_forms() {
+        let e = SettingError::env("EFA_IFACE", "eth9", "no such interface", "lo, eth0");
+        assert_eq!(
+            e.to_string(),
+            "EFA_IFACE=\"eth9\": no such interface; accepted: lo, eth0"
+        );
+        let e = SettingError::argument(
+            "CommunicatorBuilder::ip_iface",
+            "eth9",
+            "no such interface",
+            "lo",
+        );
+        assert_eq!(
+            e.to_string(),
+            "CommunicatorBuilder::ip_iface(\"eth9\"): no such interface; accepted: lo"
+        );
+        assert_eq!(e.var(), None);
+    }
+
+    #[test]
+    fn peer_failed_names_rank_and_cause() {
+        let e = Error::PeerFailed {
+            rank: 1,
+            cause: PeerFailure::Exited {
+                pid: Some(4242),
+                host: Some("a".into()),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 1 (pid 4242 on host a) exited");
+        let e = Error::PeerFailed {
+            rank: 1,
+            cause: PeerFailure::Unreachable {
+                detail: "connection reset".into(),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 1 unreachable: connection reset");
+        let e = Error::PeerFailed {
+            rank: 1,
+            cause: PeerFailure::Aborted {
+                code: 3,
+                reason: "bad input".into(),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 1 aborted the job (code 3): bad input");
+        let e = Error::PeerFailed {
+            rank: 2,
+            cause: PeerFailure::TimedOut {
+                waited: Duration::from_secs(5),
+            },
+        };
+        assert_eq!(e.to_string(), "rank 2 did not answer within 5s");
+        let e = Error::PeerFailed {
+            rank: 0,
+            cause: PeerFailure::Exited {
+                pid: None,
+                host: None,
+            },
+        };
+        assert_eq!(e.to_string(), "rank 0 exited");
     }
 }

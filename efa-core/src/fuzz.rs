@@ -20,7 +20,10 @@
 //!   yields the same frames as a plain reference parser, refuses the same oversized length,
 //!   and never holds more than twice the bytes it was given.
 //! * [`store_server`]: a whole server connection, fed the input as its client's bytes,
-//!   answers only with well-formed replies, at most one per complete frame.
+//!   answers only with well-formed replies, at most one per complete frame, and a refusal
+//!   only as its last reply. Run twice: on a server without a token (a `HELLO_AUTH` is
+//!   refused) and on one with [`FUZZ_TOKEN`] (nothing is served before a first request that
+//!   is a `HELLO_AUTH` with that token).
 //! * [`store_reply`]: the client's reply reader and parser accept only well-formed replies.
 
 use std::cell::RefCell;
@@ -28,11 +31,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::placement::{Card, EndpointCard, Subnet, Transport};
+use crate::placement::{Card, EndpointCard, ProcessId, Subnet, Transport};
 use crate::store::{
-    self, FrameDecoder, Request, Shared, MAX_FRAME, ST_ERROR, ST_NOT_FOUND, ST_VALUE,
+    self, FrameDecoder, Request, Shared, StoreToken, MAX_FRAME, ST_ERROR, ST_NOT_FOUND, ST_REFUSED,
+    ST_VALUE,
 };
-use crate::wire::{Header, Kind, CTS_TRUNCATED, HDR_LEN};
+use crate::wire::{FailCode, Header, Kind, CTS_TRUNCATED, HDR_LEN};
+
+/// The token of the token-holding server that [`store_server`] also runs (its seeds present
+/// it, so that fuzzing starts past the handshake).
+pub const FUZZ_TOKEN: &str = "fuzz-token-0123456789abcdef";
 
 /// A fuzz target: takes arbitrary bytes, panics only when an oracle fails.
 pub type Target = fn(&[u8]);
@@ -187,6 +195,31 @@ thread_local! {
 /// server's replies must each be a well-formed reply frame, at most one per complete
 /// request frame.
 pub fn store_server(data: &[u8]) {
+    let (frames, _) = reference_frames(data);
+    let plain = serve_bytes(data, None);
+    check_replies(&plain, frames.len());
+    let token = StoreToken::new(FUZZ_TOKEN).expect("the fuzz token is valid");
+    let guarded = serve_bytes(data, Some(token.clone()));
+    let statuses = check_replies(&guarded, frames.len());
+    if let Some(&first) = statuses.first() {
+        let opened = matches!(
+            frames.first().map(|f| Request::decode(f)),
+            Some(Ok(Request::HelloAuth { token: ref t, .. })) if token.matches(t)
+        );
+        if opened {
+            assert_eq!(first, ST_VALUE, "the right HELLO_AUTH was not accepted");
+        } else {
+            assert_eq!(
+                statuses,
+                [ST_REFUSED],
+                "a server with a token answered a connection that did not present it first"
+            );
+        }
+    }
+}
+
+/// The server's replies to `data` (a client's bytes, then its side closed).
+fn serve_bytes(data: &[u8], token: Option<StoreToken>) -> Vec<u8> {
     let mut out = Vec::new();
     RUNTIME.with(|rt| {
         let mut rt = rt.borrow_mut();
@@ -200,29 +233,39 @@ pub fn store_server(data: &[u8]) {
         rt.block_on(store::connection(
             stream,
             "fuzz".into(),
-            Arc::new(Shared::new()),
+            Arc::new(Shared::new(token)),
             store::LIMITS,
             None,
         ));
     });
-    let (frames, _) = reference_frames(data);
-    let mut replies = 0;
-    let mut r = out.as_slice();
+    out
+}
+
+/// Checks that `out` is a sequence of well-formed reply frames, at most `frames` of them,
+/// with a refusal only as the last; returns their statuses.
+fn check_replies(out: &[u8], frames: usize) -> Vec<u8> {
+    let mut statuses = Vec::new();
+    let mut r = out;
     while !r.is_empty() {
         let body = store::read_reply(&mut r)
             .unwrap_or_else(|e| panic!("server wrote a malformed reply frame: {e}"));
         assert!(
-            matches!(body[0], ST_VALUE | ST_NOT_FOUND | ST_ERROR),
+            matches!(body[0], ST_VALUE | ST_NOT_FOUND | ST_ERROR | ST_REFUSED),
             "server wrote reply status {}",
             body[0]
         );
-        replies += 1;
+        assert!(
+            statuses.last() != Some(&ST_REFUSED),
+            "server replied after refusing the connection"
+        );
+        statuses.push(body[0]);
     }
     assert!(
-        replies <= frames.len(),
-        "{replies} replies to {} request frames",
-        frames.len()
+        statuses.len() <= frames,
+        "{} replies to {frames} request frames",
+        statuses.len()
     );
+    statuses
 }
 
 /// The client's reading of the server's replies: frames until the input ends or one is
@@ -269,6 +312,7 @@ fn sample_cards() -> Vec<Card> {
             ],
             fabric_subnet: v4,
             ip_subnet: v6,
+            process: ProcessId::this(),
         },
         Card {
             rank: 7,
@@ -276,6 +320,11 @@ fn sample_cards() -> Vec<Card> {
             endpoints: vec![ep(Transport::Ip, "tcp;ofi_rxm", 28)],
             fabric_subnet: None,
             ip_subnet: v4,
+            process: ProcessId {
+                pid: 4_194_303,
+                start: u64::MAX,
+                host: "h".repeat(255),
+            },
         },
         Card {
             rank: u32::MAX,
@@ -283,12 +332,21 @@ fn sample_cards() -> Vec<Card> {
             endpoints: Vec::new(),
             fabric_subnet: None,
             ip_subnet: None,
+            process: ProcessId::default(),
         },
     ]
 }
 
+fn hello_auth(rank: u32) -> Request {
+    Request::HelloAuth {
+        rank,
+        token: FUZZ_TOKEN.as_bytes().to_vec(),
+    }
+}
+
 fn sample_requests() -> Vec<Request> {
     vec![
+        hello_auth(3),
         Request::Hello { rank: 3 },
         Request::Set {
             key: "efa/card/1".into(),
@@ -327,6 +385,10 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 (h(Kind::Eager, 0, 0), 0),
                 (h(Kind::Rts, 0, 1 << 30), 0),
                 (h(Kind::Cts, CTS_TRUNCATED, 4096), 0),
+                (h(Kind::Fin, 0, 0), 0),
+                (h(Kind::FinAck, 0, 0), 0),
+                (h(Kind::Failed, FailCode::Exited as u8, 4242), 6),
+                (h(Kind::Failed, FailCode::TimedOut as u8, 60_000), 0),
             ] {
                 let mut b = vec![0xA5u8; HDR_LEN + payload];
                 hdr.encode(&mut b);
@@ -373,6 +435,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             frame(&[ST_VALUE]),
             frame(&[ST_NOT_FOUND]),
             [frame(b"\x00card bytes"), frame(b"\x02unknown opcode 9")].concat(),
+            frame(b"\x03wrong EFA_STORE_TOKEN"),
         ],
         _ => Vec::new(),
     }

@@ -25,8 +25,22 @@
 //! `EFA_TRANSPORTS` (`shm,fabric,ip`, or e.g. `^shm`) restricts the transports; `EFA_IFACE`
 //! pins the IP route's interface; `EFA_FABRIC_ADDR` pins the fabric endpoint to one local
 //! address (hosts whose fabric interface has several); `EFA_TIMEOUT` (seconds, default 60)
-//! is the deadline of every blocking call. `RUST_LOG=efa_core=debug` logs the route and
-//! provider chosen for every peer, and why.
+//! is the deadline of every blocking call; the collectives read `EFA_ALLREDUCE_ALGO`,
+//! `EFA_COLL_RING_MIN`, `EFA_COLL_CHUNK` and `EFA_COLL_CHECK` (see
+//! [`CollConfig::from_env`]). A bad value is an [`Error::Setting`] naming the variable, the
+//! value and the accepted forms.
+//!
+//! # Logging
+//! `EFA_DEBUG=info|debug|trace` prints bootstrap, the provider and route chosen for every
+//! peer and why, and failures, to stderr (or `EFA_DEBUG_FILE`), each line prefixed with
+//! `[efa rank R host:pid]`, with no code in the application. It installs a `tracing`
+//! subscriber only if the application has none when the communicator is built; see
+//! [`debug`] for the rule and `EFA_DEBUG_SUBSYS`. An application with its own subscriber
+//! enables the `efa_core` and `efa_fabric` targets in it instead.
+//!
+//! # Errors
+//! Every [`Error`] says what happened and what to do; its `Debug` form, which `main`
+//! prints when it returns the error, adds the causes and a hint (see [`error`]).
 //!
 //! # Thread safety
 //! [`Communicator`] is `Send + Sync` and cheap to clone; calls from several threads are
@@ -37,6 +51,9 @@
 //! Dropping the last clone closes the endpoints (through `efa-fabric`'s ownership rules).
 //! Requests that are dropped are cancelled (receives) or detached (sends); the NIC never
 //! writes into user memory, so nothing can be written after a buffer is freed.
+//! Each shm endpoint's region in `/dev/shm` is unlinked when its endpoint closes, or at
+//! process exit if it never closes. Regions that killed processes left are reclaimed when
+//! the next shm endpoint on the host opens (see `efa_fabric::shm`).
 //!
 //! Bootstrap under common launchers, per-peer placement (shm on the same host, the fabric on
 //! the same subnet, IP across subnets), tagged point-to-point messaging, RMA windows and
@@ -58,6 +75,7 @@
 pub mod bootstrap;
 pub mod coll;
 pub mod comm;
+pub mod debug;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
@@ -72,6 +90,6 @@ pub use comm::{
     Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
     Tag,
 };
-pub use error::{Error, Result};
+pub use error::{Error, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};

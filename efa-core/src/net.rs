@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use crate::error::{env_var, SettingError, SettingSource};
 use crate::placement::Subnet;
 
 /// One IPv4/IPv6 address of an interface.
@@ -80,6 +81,133 @@ pub fn choose_ip_iface(ifs: &[IfAddr], wanted: Option<&str>, all_local: bool) ->
         .map(|a| a.iface.clone())
 }
 
+/// `iface (addr/prefix, ...)` for every interface in `ifs`, for error messages.
+fn list_interfaces(ifs: &[IfAddr], only_up: bool) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for a in ifs.iter().filter(|a| a.up || !only_up) {
+        if !names.contains(&a.iface.as_str()) {
+            names.push(&a.iface);
+        }
+    }
+    if names.is_empty() {
+        return "none found on this host (getifaddrs listed no interface with an address)".into();
+    }
+    let described: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let addrs: Vec<String> = ifs
+                .iter()
+                .filter(|a| a.iface == *n)
+                .map(|a| a.subnet.to_string())
+                .collect();
+            format!("{n} ({})", addrs.join(", "))
+        })
+        .collect();
+    described.join(", ")
+}
+
+/// Checks an IP-route interface name (from `EFA_IFACE` or `CommunicatorBuilder::ip_iface`):
+/// it must be an interface of this host that is up and has an IP address.
+///
+/// # Errors
+/// [`SettingError`] naming the source and the value, and listing the usable interfaces.
+pub fn check_ip_iface(ifs: &[IfAddr], name: &str, from: SettingSource) -> Result<(), SettingError> {
+    let bad = |problem: String| SettingError {
+        source_of_value: from,
+        value: name.into(),
+        problem,
+        accepted: format!(
+            "the name of an interface of this host that is up and has an IP address: {}",
+            list_interfaces(ifs, true)
+        ),
+    };
+    let mine: Vec<&IfAddr> = ifs.iter().filter(|a| a.iface == name).collect();
+    if mine.is_empty() {
+        return Err(bad(format!(
+            "this host has no interface {name} with an IP address"
+        )));
+    }
+    if !mine.iter().any(|a| a.up) {
+        return Err(bad(format!("interface {name} is down")));
+    }
+    Ok(())
+}
+
+/// Checks a fabric source address (from `EFA_FABRIC_ADDR` or
+/// `CommunicatorBuilder::fabric_addr`): it must be an IP address of one of this host's
+/// interfaces.
+///
+/// # Errors
+/// [`SettingError`] naming the source and the value, and listing this host's addresses.
+pub fn check_fabric_addr(
+    ifs: &[IfAddr],
+    value: &str,
+    from: SettingSource,
+) -> Result<IpAddr, SettingError> {
+    let bad = |problem: String| SettingError {
+        source_of_value: from,
+        value: value.into(),
+        problem,
+        accepted: format!(
+            "an IP address (no prefix, no port) of an interface of this host: {}",
+            list_interfaces(ifs, false)
+        ),
+    };
+    let ip: IpAddr = value
+        .trim()
+        .parse()
+        .map_err(|_| bad("not an IP address".into()))?;
+    if iface_of_addr(ifs, ip).is_none() {
+        return Err(bad(format!("{ip} is not an address of this host")));
+    }
+    Ok(ip)
+}
+
+/// Completes and checks the IP route's interface and the fabric source address of a
+/// communicator: values given to the builder are checked as they are; unset ones are read
+/// from `EFA_IFACE` and `EFA_FABRIC_ADDR` (blank counts as unset) and checked.
+///
+/// # Errors
+/// [`crate::Error::Setting`] for an interface or address that this host does not have.
+pub(crate) fn settle_addresses(
+    ip_iface: &mut Option<String>,
+    fabric_addr: &mut Option<String>,
+) -> crate::Result<()> {
+    let mut ifs: Option<Vec<IfAddr>> = None;
+    let mut ifs = || ifs.get_or_insert_with(interfaces).clone();
+    match ip_iface.as_deref() {
+        Some(name) => check_ip_iface(
+            &ifs(),
+            name,
+            SettingSource::Argument("CommunicatorBuilder::ip_iface"),
+        )?,
+        None => {
+            if let Some(v) = env_var("EFA_IFACE", "an interface name, e.g. eth0")? {
+                let v = v.trim().to_string();
+                check_ip_iface(&ifs(), &v, SettingSource::Env("EFA_IFACE"))?;
+                *ip_iface = Some(v);
+            }
+        }
+    }
+    match fabric_addr.as_deref() {
+        Some(a) => {
+            check_fabric_addr(
+                &ifs(),
+                a,
+                SettingSource::Argument("CommunicatorBuilder::fabric_addr"),
+            )?;
+        }
+        None => {
+            if let Some(v) = env_var("EFA_FABRIC_ADDR", "an IP address of this host")? {
+                let v = v.trim().to_string();
+                check_fabric_addr(&ifs(), &v, SettingSource::Env("EFA_FABRIC_ADDR"))?;
+                *fabric_addr = Some(v);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The network interface behind an RDMA device (`rxe0`, `efa_0`, `mlx5_0`), from sysfs.
 pub fn netdev_of_rdma_device(sys: &Path, device: &str) -> Option<String> {
     let dev = sys.join("class/infiniband").join(device);
@@ -124,6 +252,72 @@ mod tests {
         assert_eq!(choose_ip_iface(&ifs, None, false).as_deref(), Some("eth0"));
         assert_eq!(choose_ip_iface(&ifs[..1], None, false), None);
         assert_eq!(subnet_of(&ifs, "eth0").unwrap().to_string(), "10.0.0.5/24");
+    }
+
+    #[test]
+    fn ip_iface_must_exist_and_be_up() {
+        let mut ifs = vec![
+            ifa("lo", "127.0.0.1/8", true),
+            ifa("eth0", "10.0.0.5/24", false),
+            ifa("eth0", "fd00::5/64", false),
+            ifa("eth1", "10.1.0.5/24", false),
+        ];
+        ifs[3].up = false;
+        let env = SettingSource::Env("EFA_IFACE");
+        assert!(check_ip_iface(&ifs, "eth0", env).is_ok());
+        assert!(check_ip_iface(&ifs, "lo", env).is_ok());
+        let e = check_ip_iface(&ifs, "eth9", env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "EFA_IFACE=\"eth9\": this host has no interface eth9 with an IP address; accepted: \
+             the name of an interface of this host that is up and has an IP address: \
+             lo (127.0.0.1/8), eth0 (10.0.0.5/24, fd00::5/64)"
+        );
+        let e = check_ip_iface(&ifs, "eth1", env).unwrap_err();
+        assert!(e.to_string().contains("interface eth1 is down"), "{e}");
+        let e = check_ip_iface(
+            &ifs,
+            "eth9",
+            SettingSource::Argument("CommunicatorBuilder::ip_iface"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("CommunicatorBuilder::ip_iface(\"eth9\")"),
+            "{e}"
+        );
+        let e = check_ip_iface(&[], "lo", env).unwrap_err();
+        assert!(e.to_string().contains("none found on this host"), "{e}");
+    }
+
+    #[test]
+    fn fabric_addr_must_be_a_local_ip() {
+        let ifs = vec![
+            ifa("lo", "127.0.0.1/8", true),
+            ifa("rxe", "10.10.1.1/24", false),
+        ];
+        let env = SettingSource::Env("EFA_FABRIC_ADDR");
+        assert_eq!(
+            check_fabric_addr(&ifs, " 10.10.1.1 ", env)
+                .unwrap()
+                .to_string(),
+            "10.10.1.1"
+        );
+        for (bad, problem) in [
+            ("10.10.1.1/24", "not an IP address"),
+            ("10.10.1.1:99", "not an IP address"),
+            ("fabric0", "not an IP address"),
+            ("10.10.1.2", "10.10.1.2 is not an address of this host"),
+        ] {
+            let e = check_fabric_addr(&ifs, bad, env).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "EFA_FABRIC_ADDR={bad:?}: {problem}; accepted: an IP address (no prefix, \
+                     no port) of an interface of this host: lo (127.0.0.1/8), rxe (10.10.1.1/24)"
+                )
+            );
+        }
     }
 
     #[test]

@@ -190,13 +190,30 @@ impl TransportSet {
         Ok(set)
     }
 
-    /// Reads `EFA_TRANSPORTS` from the process environment.
+    /// Reads `EFA_TRANSPORTS` from the process environment; unset or blank means all.
     ///
     /// # Errors
     ///
-    /// As [`TransportSet::parse`].
-    pub fn from_env() -> Result<Self, UnknownTransport> {
-        std::env::var("EFA_TRANSPORTS").map_or(Ok(Self::all()), |v| Self::parse(&v))
+    /// [`crate::Error::Transports`] for an unknown name; [`crate::Error::Setting`] for a
+    /// list that allows no transport (`^all`, `,`, `^shm,fabric,ip`) or a value that is not
+    /// UTF-8.
+    pub fn from_env() -> crate::Result<Self> {
+        const FORMS: &str = "a comma-separated list of shm, fabric (also efa, verbs), ip (also \
+                             tcp), or all; a leading ^ excludes the listed ones (e.g. ^shm)";
+        let Some(v) = crate::error::env_var("EFA_TRANSPORTS", FORMS)? else {
+            return Ok(Self::all());
+        };
+        let set = Self::parse(&v)?;
+        if set.is_empty() {
+            return Err(crate::error::SettingError::env(
+                "EFA_TRANSPORTS",
+                v,
+                "allows no transport",
+                FORMS,
+            )
+            .into());
+        }
+        Ok(set)
     }
 }
 
@@ -336,6 +353,52 @@ pub struct Card {
     pub fabric_subnet: Option<Subnet>,
     /// Subnet of the IP interface, if known.
     pub ip_subnet: Option<Subnet>,
+    /// The rank's process: its pid, the start time the kernel gives it
+    /// (`/proc/PID/stat` field 22, so a reused pid is not mistaken for it) and its host name
+    /// (for error messages). Ranks on the same host watch each other's pid to learn at once
+    /// that a peer died.
+    pub process: ProcessId,
+}
+
+/// Which process a rank is, for liveness checks on the same host and for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// Process id (0: unknown).
+    pub pid: u32,
+    /// Start time in clock ticks after boot (0: unknown).
+    pub start: u64,
+    /// Host name; at most 255 bytes.
+    pub host: String,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn this() -> ProcessId {
+        let pid = std::process::id();
+        ProcessId {
+            pid,
+            start: proc_start_time(pid).unwrap_or(0),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().chars().take(255).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Field 22 (start time) of `/proc/PID/stat`, and the state letter (field 3); `None` when
+/// the process does not exist.
+pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let start = f.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, t)| t)
 }
 
 /// A card that cannot be encoded or decoded.
@@ -377,7 +440,7 @@ pub enum CardError {
 }
 
 /// Card wire format version written by [`Card::encode`].
-pub const CARD_VERSION: u8 = 1;
+pub const CARD_VERSION: u8 = 2;
 const CARD_MAGIC: &[u8; 3] = b"EFC";
 
 impl Card {
@@ -403,6 +466,7 @@ impl Card {
     /// "EFC" version:u8 rank:u32le host_len:u16le host
     /// fabric_subnet ip_subnet            each: 0 | 4 addr[4] prefix:u8 | 6 addr[16] prefix:u8
     /// n_endpoints:u16le { transport:u8 provider_len:u8 provider addr_len:u16le addr }*
+    /// pid:u32le start:u64le hostname_len:u8 hostname
     /// ```
     ///
     /// # Errors
@@ -431,6 +495,15 @@ impl Card {
             put_len16(&mut b, "endpoint addr", e.addr.len())?;
             b.extend_from_slice(&e.addr);
         }
+        b.extend_from_slice(&self.process.pid.to_le_bytes());
+        b.extend_from_slice(&self.process.start.to_le_bytes());
+        let hl = u8::try_from(self.process.host.len()).map_err(|_| CardError::FieldTooLong {
+            field: "hostname",
+            len: self.process.host.len(),
+            max: 255,
+        })?;
+        b.push(hl);
+        b.extend_from_slice(self.process.host.as_bytes());
         Ok(b)
     }
 
@@ -473,6 +546,12 @@ impl Card {
                 addr,
             });
         }
+        let pid = u32::from_le_bytes(r.array("pid")?);
+        let start = u64::from_le_bytes(r.array("start time")?);
+        let hl = r.u8("hostname length")? as usize;
+        let host = std::str::from_utf8(r.take("hostname", hl)?)
+            .map_err(|_| CardError::Corrupt("hostname is not UTF-8"))?
+            .to_owned();
         if !r.b.is_empty() {
             return Err(CardError::TrailingBytes(r.b.len()));
         }
@@ -482,6 +561,7 @@ impl Card {
             endpoints,
             fabric_subnet,
             ip_subnet,
+            process: ProcessId { pid, start, host },
         })
     }
 }
@@ -588,11 +668,27 @@ pub struct HostIdError {
 ///
 /// # Errors
 ///
-/// [`HostIdError`] if `/proc` cannot be read and `EFA_HOST_ID` is unset.
+/// [`HostIdError`] if `/proc` cannot be read and `EFA_HOST_ID` is unset, or if
+/// `EFA_HOST_ID` is not UTF-8 or longer than the 65535 bytes a card carries.
 pub fn host_id() -> Result<String, HostIdError> {
-    let ovr = std::env::var("EFA_HOST_ID").ok();
-    if let Some(id) = ovr.as_deref().filter(|s| !s.trim().is_empty()) {
-        return Ok(id.trim().to_owned());
+    let bad_override = |what| HostIdError {
+        what,
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    };
+    let ovr = match std::env::var("EFA_HOST_ID") {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(bad_override("EFA_HOST_ID is not valid UTF-8"))
+        }
+    };
+    if let Some(id) = ovr.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        if id.len() > usize::from(u16::MAX) {
+            return Err(bad_override(
+                "EFA_HOST_ID is longer than the 65535 bytes a card carries",
+            ));
+        }
+        return Ok(id.to_owned());
     }
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map_err(|source| {
         HostIdError {
@@ -911,6 +1007,7 @@ mod tests {
             ],
             fabric_subnet: net(subnet),
             ip_subnet: net(subnet),
+            process: Default::default(),
         }
     }
 
@@ -1161,6 +1258,7 @@ mod tests {
             endpoints: vec![ep(Transport::Fabric, "efa")],
             fabric_subnet: net("10.0.1.1/24"),
             ip_subnet: None,
+            process: Default::default(),
         };
         let b = Card {
             rank: 1,
@@ -1168,6 +1266,7 @@ mod tests {
             endpoints: vec![ep(Transport::Ip, "tcp")],
             fabric_subnet: None,
             ip_subnet: net("10.0.1.2/24"),
+            process: Default::default(),
         };
         let e = route(&a, &b, "all").unwrap_err();
         assert_eq!(e.note, "");
@@ -1271,6 +1370,7 @@ mod tests {
             endpoints,
             fabric_subnet: subnets[rng.below(subnets.len() as u64) as usize],
             ip_subnet: subnets[rng.below(subnets.len() as u64) as usize],
+            process: Default::default(),
         }
     }
 
@@ -1325,7 +1425,7 @@ mod tests {
         }
         let c = full(7, "boot/netns:4026531840", "fd00::1/64");
         let b = c.encode().unwrap();
-        assert_eq!(&b[..4], b"EFC\x01");
+        assert_eq!(&b[..4], b"EFC\x02");
         assert_eq!(Card::decode(&b).unwrap(), c);
     }
 

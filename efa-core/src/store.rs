@@ -33,9 +33,11 @@
 //!
 //! Frames are a big-endian `u32` length followed by that many bytes, at most
 //! [`MAX_FRAME`] bytes. A request starts with an opcode byte:
-//! `1 HELLO rank:u32`, `2 SET key value`, `3 GET key wait_ms:u64`, `4 LEAVE`, where a key is
-//! `len:u32` + UTF-8 bytes and a value is the rest of the frame. A reply starts with a status
-//! byte: `0` value follows, `1` not found (the wait expired), `2` error text follows.
+//! `1 HELLO rank:u32`, `2 SET key value`, `3 GET key wait_ms:u64`, `4 LEAVE`,
+//! `5 HELLO_AUTH rank:u32 token`, where a key is `len:u32` + UTF-8 bytes and a value or a
+//! token is the rest of the frame. A reply starts with a status byte: `0` value follows, `1`
+//! not found (the wait expired), `2` error text follows, `3` refused (text follows, then the
+//! server closes the connection).
 //! One request is in flight per connection; a [`TcpStore`] serialises its callers.
 //!
 //! The server trusts no client. It buffers a frame's bytes as they arrive (an announced
@@ -44,6 +46,19 @@
 //! one when more than 256 have not), that takes over 30 s to finish a frame it started or
 //! to read a reply, or that sends a request while its GET waits. A connection that closes
 //! while its GET waits departs at once.
+//!
+//! # Who may join
+//!
+//! A TCP store is reachable by anyone who can reach its port, so a job can carry a shared
+//! secret, a [`StoreToken`] (`EFA_STORE_TOKEN`; `efarun` generates one per job). A server
+//! with a token answers a connection only after its first request, a `HELLO_AUTH`, carried
+//! the same token (compared in constant time). A server without a token accepts only clients
+//! without one (plain `HELLO`), so a job whose ranks disagree about the token fails at once
+//! on both sides instead of half-working. A refused client gets [`StoreError::Refused`] at
+//! once, not a timeout; the server logs a warning naming the peer's address, closes that
+//! connection and goes on serving the others. Before a connection of a server with a token
+//! has presented it, its first frame may be no longer than a `HELLO_AUTH` can be; a longer
+//! one is refused as soon as its length arrives, without buffering it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -89,7 +104,7 @@ pub enum StoreError {
     },
     /// No connection to the store server could be made before the deadline. Check that the
     /// serving process (rank 0 or the launcher) runs and that the address is reachable.
-    #[error("could not reach the store at {addr} within {waited:?}: {source}")]
+    #[error("could not reach the store at {addr} within {waited:?}: {source} (is the process that serves it, rank 0 or the launcher, running, and is EFA_STORE the same on every rank?)")]
     Unreachable {
         /// The address tried.
         addr: String,
@@ -171,6 +186,31 @@ pub enum StoreError {
         /// How long the server waited for them.
         waited: Duration,
     },
+    /// The server refused this client because its [`StoreToken`] (`EFA_STORE_TOKEN`) was
+    /// wrong, missing, or given to a server that has none. Returned at once by
+    /// [`TcpStore::connect_with_token`]; retrying cannot help.
+    #[error("the store at {addr} refused this rank: {reason}. Every rank of a job needs the same EFA_STORE_TOKEN, or none has one: efarun sets it for its ranks; with mpirun pass it on with `-x EFA_STORE_TOKEN`, with srun with `--export=ALL,EFA_STORE_TOKEN`")]
+    Refused {
+        /// The server address.
+        addr: String,
+        /// The server's reason (`wrong EFA_STORE_TOKEN`, ...).
+        reason: String,
+    },
+    /// A [`StoreToken`] that cannot be used (too short, too long, or not printable ASCII).
+    #[error("unusable store token: {reason}")]
+    InvalidToken {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file store's directory cannot be used: its parent does not exist, it is not a
+    /// directory, or another user owns it. Returned at once by [`FileStore::open`].
+    #[error("file store directory {dir}: {reason}")]
+    Directory {
+        /// The directory.
+        dir: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -193,6 +233,114 @@ impl StoreError {
 /// `rank_of_key("card/7") == Some(7)`.
 pub fn rank_of_key(key: &str) -> Option<u32> {
     key.rsplit('/').next()?.parse().ok()
+}
+
+/// A job's shared secret for the TCP store (`EFA_STORE_TOKEN`): only clients that present it
+/// may use a store served with it. See the [module docs](self#who-may-join).
+///
+/// The `Debug` form does not show the secret; comparison is in constant time.
+#[derive(Clone, Eq)]
+pub struct StoreToken(Vec<u8>);
+
+impl StoreToken {
+    /// Shortest token accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
+    /// Longest token accepted, in bytes.
+    pub const MAX_LEN: usize = 256;
+
+    /// A token from its text (for example the value of `EFA_STORE_TOKEN`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidToken`] if it is shorter than [`StoreToken::MIN_LEN`] or longer
+    /// than [`StoreToken::MAX_LEN`] bytes, or holds anything but printable ASCII without
+    /// spaces. The message does not repeat the secret.
+    pub fn new(text: &str) -> Result<Self, StoreError> {
+        let bad = |reason: String| StoreError::InvalidToken {
+            reason: format!(
+                "{reason}; generate one with `openssl rand -hex 32` (efarun makes its own)"
+            ),
+        };
+        let n = text.len();
+        if n < Self::MIN_LEN {
+            return Err(bad(format!(
+                "it has {n} characters, at least {} are needed",
+                Self::MIN_LEN
+            )));
+        }
+        if n > Self::MAX_LEN {
+            return Err(bad(format!(
+                "it has {n} characters, at most {} are allowed",
+                Self::MAX_LEN
+            )));
+        }
+        if let Some(pos) = text.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(bad(format!(
+                "character {} is not printable ASCII (spaces and control characters are not allowed)",
+                pos + 1
+            )));
+        }
+        Ok(Self(text.as_bytes().to_vec()))
+    }
+
+    /// A fresh random token: 32 bytes from the operating system's random source
+    /// (`/dev/urandom`), written as 64 hexadecimal digits.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Io`] if `/dev/urandom` cannot be read.
+    pub fn generate() -> Result<Self, StoreError> {
+        let mut raw = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut raw))
+            .map_err(|source| StoreError::Io {
+                location: "/dev/urandom".into(),
+                op: "generating a store token",
+                source,
+            })?;
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self(hex.into_bytes()))
+    }
+
+    /// The token's text.
+    pub fn as_str(&self) -> &str {
+        // Only built from printable ASCII (checked in `new`) or hex digits.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// Whether `other` is this token. Takes the same time whatever the position of the first
+    /// differing byte, so timing does not reveal the secret byte by byte (the length is not
+    /// secret: efarun's tokens are always 64 characters).
+    pub fn matches(&self, other: &[u8]) -> bool {
+        if self.0.len() != other.len() {
+            return false;
+        }
+        let diff = self
+            .0
+            .iter()
+            .zip(other)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl PartialEq for StoreToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(&other.0)
+    }
+}
+
+impl std::hash::Hash for StoreToken {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Equal tokens have equal lengths; hashing the secret itself is not needed.
+        self.0.len().hash(state);
+    }
+}
+
+impl fmt::Debug for StoreToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreToken(<{} characters, hidden>)", self.0.len())
+    }
 }
 
 /// A rendezvous key-value store shared by all ranks of a job.
@@ -240,6 +388,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         let _ = key;
         Ok(())
+    }
+
+    /// The store in words, for messages: `the TCP store at 127.0.0.1:4242 (served by
+    /// efarun)`, `the file store in /fsx/job`. [`exchange_all`] names it when ranks never
+    /// join.
+    fn describe(&self) -> String {
+        "the rendezvous store".into()
     }
 }
 
@@ -298,6 +453,7 @@ pub fn exchange_all(
         Err(BootstrapError::RankNeverJoined {
             ranks: missing,
             waited,
+            store: store.describe(),
         })
     }
 }
@@ -365,6 +521,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn describe(&self) -> String {
+        "the in-process store".into()
+    }
+
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         check_key(key)?;
         self.lock().insert(key.to_owned(), value.to_vec());
@@ -417,18 +577,56 @@ pub struct FileStore {
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl FileStore {
-    /// Opens (creating if needed) the store directory `dir`.
+    /// Opens the store directory `dir`, creating it (mode 0700: only this user can read the
+    /// cards or add to them) if it does not exist. Only `dir` itself is created, never its
+    /// parents: a missing parent usually means a mistyped path or a filesystem that is not
+    /// mounted on this host, and creating it would make this rank wait alone for ranks that
+    /// look elsewhere.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Io`] if the directory cannot be created.
+    /// [`StoreError::Directory`] at once if the parent of `dir` does not exist, `dir` is not a
+    /// directory, it cannot be created, or it already exists and every user may write to it
+    /// (the "other" write permission). The message names the path and the fix.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-            location: dir.display().to_string(),
-            op: "creating the store directory",
-            source,
-        })?;
+        let bad = |reason: String| StoreError::Directory {
+            dir: dir.display().to_string(),
+            reason,
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(Self { dir }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let parent = dir.parent().unwrap_or(Path::new("/")).display().to_string();
+                return Err(bad(format!(
+                    "its parent directory {parent} does not exist; create it on a filesystem \
+                     every rank shares (mkdir -p {parent}) or set EFA_STORE=file:///<an existing \
+                     shared directory>/<job>"
+                )));
+            }
+            Err(e) => {
+                return Err(bad(format!(
+                    "cannot be created: {e}; choose a directory this user may write to"
+                )))
+            }
+        }
+        let meta = std::fs::metadata(&dir).map_err(|e| bad(format!("cannot be read: {e}")))?;
+        if !meta.is_dir() {
+            return Err(bad(
+                "exists and is not a directory; remove it or choose another path".into(),
+            ));
+        }
+        // Group write is allowed: with user private groups (the default on Debian and Ubuntu,
+        // umask 002) every directory a user makes is group-writable.
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(bad(format!(
+                "every user may write to it (mode {mode:04o}), so anyone could add cards to \
+                 this job; run chmod o-w on it, or let the store create a fresh directory"
+            )));
+        }
         Ok(Self { dir })
     }
 
@@ -467,6 +665,10 @@ impl FileStore {
 }
 
 impl Store for FileStore {
+    fn describe(&self) -> String {
+        format!("the file store in {}", self.dir.display())
+    }
+
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
         let tmp = self.dir.join(format!(
@@ -531,10 +733,15 @@ const OP_HELLO: u8 = 1;
 const OP_SET: u8 = 2;
 const OP_GET: u8 = 3;
 const OP_LEAVE: u8 = 4;
+const OP_HELLO_AUTH: u8 = 5;
+
+/// Longest HELLO_AUTH request body: opcode, rank, token.
+const HELLO_AUTH_MAX: usize = 1 + 4 + StoreToken::MAX_LEN;
 
 pub(crate) const ST_VALUE: u8 = 0;
 pub(crate) const ST_NOT_FOUND: u8 = 1;
 pub(crate) const ST_ERROR: u8 = 2;
+pub(crate) const ST_REFUSED: u8 = 3;
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
@@ -544,10 +751,23 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
 /// A request as the server sees it.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Request {
-    Hello { rank: u32 },
-    Set { key: String, value: Vec<u8> },
-    Get { key: String, wait: Duration },
+    Hello {
+        rank: u32,
+    },
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    Get {
+        key: String,
+        wait: Duration,
+    },
     Leave,
+    /// HELLO with the job's token, for a server that has one.
+    HelloAuth {
+        rank: u32,
+        token: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -571,6 +791,11 @@ impl Request {
                 b.extend_from_slice(&ms.to_be_bytes());
             }
             Request::Leave => b.push(OP_LEAVE),
+            Request::HelloAuth { rank, token } => {
+                b.push(OP_HELLO_AUTH);
+                b.extend_from_slice(&rank.to_be_bytes());
+                b.extend_from_slice(token);
+            }
         }
         b
     }
@@ -621,6 +846,21 @@ impl Request {
                 })
             }
             OP_LEAVE if rest.is_empty() => Ok(Request::Leave),
+            OP_HELLO_AUTH => {
+                let (rank, n) = take_u32(rest)?;
+                let token = &rest[n..];
+                if token.len() > StoreToken::MAX_LEN {
+                    return Err(format!(
+                        "token of {} bytes is longer than {}",
+                        token.len(),
+                        StoreToken::MAX_LEN
+                    ));
+                }
+                Ok(Request::HelloAuth {
+                    rank,
+                    token: token.to_vec(),
+                })
+            }
             other => Err(format!("unknown opcode {other}")),
         }
     }
@@ -653,15 +893,19 @@ pub(crate) struct Shared {
     version: watch::Sender<u64>,
     presence: Mutex<Presence>,
     presence_changed: Condvar,
+    /// The job's secret; `None` admits only clients without one.
+    token: Option<StoreToken>,
 }
 
 impl Shared {
-    pub(crate) fn new() -> Self {
+    /// A server's state; with `token`, connections are served only after presenting it.
+    pub(crate) fn new(token: Option<StoreToken>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
             presence: Mutex::new(Presence::default()),
             presence_changed: Condvar::new(),
+            token,
         }
     }
 
@@ -704,17 +948,35 @@ pub struct TcpStoreServer {
 }
 
 impl TcpStoreServer {
-    /// Binds `addr` (`host:port`; port 0 picks a free port) and starts serving.
+    /// Binds `addr` (`host:port`; port 0 picks a free port) and starts serving, without a
+    /// token: only clients without one are admitted. Same as
+    /// [`TcpStoreServer::bind_with_token`]`(addr, None)`.
     ///
     /// # Errors
     ///
     /// [`StoreError::BadAddress`] if `addr` does not resolve; [`StoreError::Bind`] if no
     /// resolved address can be bound; [`StoreError::Io`] if the server thread cannot start.
     pub fn bind(addr: &str) -> Result<Self, StoreError> {
-        Self::bind_with(addr, LIMITS)
+        Self::bind_with_token(addr, None)
     }
 
-    fn bind_with(addr: &str, limits: Limits) -> Result<Self, StoreError> {
+    /// Binds `addr` and starts serving. With a `token`, a connection is served only after
+    /// its first request presented that token; any other client is refused (a warning
+    /// naming its address is logged and its connection closed) and the server goes on
+    /// serving the others. Without one, clients that present a token are refused.
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpStoreServer::bind`].
+    pub fn bind_with_token(addr: &str, token: Option<StoreToken>) -> Result<Self, StoreError> {
+        Self::bind_with(addr, token, LIMITS)
+    }
+
+    fn bind_with(
+        addr: &str,
+        token: Option<StoreToken>,
+        limits: Limits,
+    ) -> Result<Self, StoreError> {
         let candidates = resolve(addr)?;
         let mut last = None;
         let listener = candidates
@@ -742,7 +1004,7 @@ impl TcpStoreServer {
                 op: "making the listener non-blocking",
                 source,
             })?;
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(token));
         let (tx, rx) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -761,7 +1023,7 @@ impl TcpStoreServer {
                 op: "spawning the store thread",
                 source,
             })?;
-        tracing::info!(%local, "rendezvous store serving");
+        tracing::info!(%local, token = shared.token.is_some(), "rendezvous store serving");
         Ok(Self {
             addr: local,
             shared,
@@ -881,11 +1143,21 @@ impl FrameDecoder {
     ///
     /// The announced length, if it exceeds [`MAX_FRAME`].
     pub(crate) fn next_frame(&mut self) -> Result<Option<Vec<u8>>, usize> {
+        self.next_frame_within(MAX_FRAME)
+    }
+
+    /// As [`FrameDecoder::next_frame`], with a frame limit of `max` bytes (at most
+    /// [`MAX_FRAME`]).
+    ///
+    /// # Errors
+    ///
+    /// The announced length, if it exceeds `max`.
+    pub(crate) fn next_frame_within(&mut self, max: usize) -> Result<Option<Vec<u8>>, usize> {
         let Some(&[a, b, c, d]) = self.buf.get(..4) else {
             return Ok(None);
         };
         let len = u32::from_be_bytes([a, b, c, d]) as usize;
-        if len > MAX_FRAME {
+        if len > max.min(MAX_FRAME) {
             return Err(len);
         }
         let Some(body) = self.buf.get(4..4 + len) else {
@@ -982,6 +1254,78 @@ async fn serve(
     // Dropping the runtime after this returns cancels every connection task.
 }
 
+/// Why a server refuses a connection's request, if it does: the token rule of the
+/// [module docs](self#who-may-join). `authed` says whether this connection already presented
+/// the right token.
+fn refusal(
+    token: Option<&StoreToken>,
+    authed: bool,
+    req: &Result<Request, String>,
+) -> Option<&'static str> {
+    match (token, req) {
+        (Some(t), Ok(Request::HelloAuth { token: given, .. })) => {
+            (!t.matches(given)).then_some("wrong EFA_STORE_TOKEN")
+        }
+        (Some(_), _) if !authed => Some(
+            "this store requires EFA_STORE_TOKEN and the client presented none (or spoke before presenting it)",
+        ),
+        (None, Ok(Request::HelloAuth { .. })) => {
+            Some("this store has no EFA_STORE_TOKEN but the client presented one")
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn hello_auth_roundtrip_and_limits() {
+        let r = Request::HelloAuth {
+            rank: 3,
+            token: b"0123456789abcdef".to_vec(),
+        };
+        assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        // An empty token decodes (and is then refused as wrong); a huge one does not.
+        assert!(Request::decode(&[OP_HELLO_AUTH, 0, 0, 0, 1]).is_ok());
+        let mut big = vec![OP_HELLO_AUTH, 0, 0, 0, 1];
+        big.resize(5 + StoreToken::MAX_LEN + 1, b'x');
+        assert!(Request::decode(&big).is_err());
+        assert!(Request::decode(&[OP_HELLO_AUTH, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn refusal_rules() {
+        let t = StoreToken::new("0123456789abcdef").unwrap();
+        let auth = |tok: &[u8]| {
+            Ok(Request::HelloAuth {
+                rank: 0,
+                token: tok.to_vec(),
+            })
+        };
+        let hello = Ok(Request::Hello { rank: 0 });
+        let get = Ok(Request::Get {
+            key: "k".into(),
+            wait: Duration::ZERO,
+        });
+        // With a token: only the right HELLO_AUTH opens the connection.
+        assert_eq!(refusal(Some(&t), false, &auth(b"0123456789abcdef")), None);
+        assert!(refusal(Some(&t), false, &auth(b"0123456789abcdeF")).is_some());
+        assert!(refusal(Some(&t), false, &auth(b"")).is_some());
+        assert!(refusal(Some(&t), false, &hello).is_some());
+        assert!(refusal(Some(&t), false, &get).is_some());
+        assert!(refusal(Some(&t), false, &Err("garbage".into())).is_some());
+        // Once in, requests are served; a wrong token later still ends the connection.
+        assert_eq!(refusal(Some(&t), true, &get), None);
+        assert!(refusal(Some(&t), true, &auth(b"wrong-wrong-wrong")).is_some());
+        // Without a token: everything but a token is served, as before tokens existed.
+        assert_eq!(refusal(None, true, &hello), None);
+        assert_eq!(refusal(None, true, &get), None);
+        assert!(refusal(None, true, &auth(b"0123456789abcdef")).is_some());
+    }
+}
+
 fn protocol_violation(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -998,16 +1342,24 @@ pub(crate) async fn connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut rank = None;
+    let mut authed = shared.token.is_none();
     let result = async {
         let connected = tokio::time::Instant::now();
         let mut frame_started = connected;
         let mut decoder = FrameDecoder::default();
         let mut chunk = vec![0u8; 8 << 10];
         loop {
+            // Before the token, only a HELLO_AUTH is acceptable: a longer first frame is
+            // refused as soon as its length is in, and no more than one such frame is read.
+            let max = if authed { MAX_FRAME } else { HELLO_AUTH_MAX };
             let frame = loop {
-                match decoder.next_frame() {
+                match decoder.next_frame_within(max) {
                     Ok(Some(f)) => break f,
                     Ok(None) => {}
+                    Err(len) if !authed => {
+                        tracing::warn!("refused a store client from {peer}: a first frame of {len} bytes, too long for a token; its connection is closed");
+                        return Ok(());
+                    }
                     Err(len) => {
                         return Err(protocol_violation(format!(
                             "frame of {len} bytes exceeds the limit of {MAX_FRAME}"
@@ -1022,9 +1374,11 @@ pub(crate) async fn connection<S>(
                     // Between requests a rank may be quiet for as long as its job runs.
                     None
                 };
+                let room = if authed { chunk.len() } else { 4 + HELLO_AUTH_MAX };
+                let buf = &mut chunk[..room];
                 let n = match limit {
                     Some((at, what)) => {
-                        match tokio::time::timeout_at(at, stream.read(&mut chunk)).await {
+                        match tokio::time::timeout_at(at, stream.read(buf)).await {
                             Ok(r) => r?,
                             Err(_) => {
                                 return Err(io::Error::new(
@@ -1034,7 +1388,7 @@ pub(crate) async fn connection<S>(
                             }
                         }
                     }
-                    None => stream.read(&mut chunk).await?,
+                    None => stream.read(buf).await?,
                 };
                 if n == 0 {
                     return if decoder.is_empty() {
@@ -1051,11 +1405,28 @@ pub(crate) async fn connection<S>(
                 }
                 decoder.push(&chunk[..n]);
             };
-            let (status, body): (u8, Vec<u8>) = match Request::decode(&frame) {
+            let req = Request::decode(&frame);
+            if let Some(reason) = refusal(shared.token.as_ref(), authed, &req) {
+                tracing::warn!("refused a store client from {peer}: {reason}; its connection is closed");
+                let mut reply = Vec::with_capacity(5 + reason.len());
+                reply.extend_from_slice(&((reason.len() + 1) as u32).to_be_bytes());
+                reply.push(ST_REFUSED);
+                reply.extend_from_slice(reason.as_bytes());
+                // Best effort and bounded: the client may be gone or not reading; either way
+                // the connection ends here.
+                let _ = tokio::time::timeout(limits.frame, async {
+                    stream.write_all(&reply).await?;
+                    stream.shutdown().await
+                })
+                .await;
+                return Ok(());
+            }
+            let (status, body): (u8, Vec<u8>) = match req {
                 Err(msg) => (ST_ERROR, msg.into_bytes()),
-                Ok(Request::Hello { rank: r }) => {
+                Ok(Request::Hello { rank: r } | Request::HelloAuth { rank: r, .. }) => {
                     // The connection is a client, not a squatter: off the list, no limit.
                     unidentified = None;
+                    authed = true;
                     if rank.is_none() {
                         rank = Some(r);
                         shared.arrive(r);
@@ -1179,6 +1550,8 @@ pub struct TcpStore {
     conn: Mutex<Option<TcpStream>>,
     io_timeout: Duration,
     server: Option<ServedBy>,
+    /// Who serves the store, for messages (`efarun`, `rank 0`).
+    served_by: Option<String>,
 }
 
 /// The server a serving rank owns, and the world it waits for.
@@ -1199,14 +1572,32 @@ impl fmt::Debug for TcpStore {
 }
 
 impl TcpStore {
-    /// Connects to the store at `addr` (`host:port`) as `rank`, retrying (rank 0 or the
-    /// launcher may start later) until `deadline`.
+    /// Connects to the store at `addr` (`host:port`) as `rank`, without a token; see
+    /// [`TcpStore::connect_with_token`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpStore::connect_with_token`].
+    pub fn connect(addr: &str, rank: u32, deadline: Instant) -> Result<Self, StoreError> {
+        Self::connect_with_token(addr, rank, None, deadline)
+    }
+
+    /// Connects to the store at `addr` (`host:port`) as `rank`, presenting `token` (the
+    /// job's `EFA_STORE_TOKEN`, if it has one), retrying (rank 0 or the launcher may start
+    /// later) until `deadline`.
     ///
     /// # Errors
     ///
     /// [`StoreError::Unreachable`] with the last connection error if no connection could be
-    /// made before `deadline`; [`StoreError::BadAddress`] for a malformed address.
-    pub fn connect(addr: &str, rank: u32, deadline: Instant) -> Result<Self, StoreError> {
+    /// made before `deadline`; [`StoreError::BadAddress`] for a malformed address;
+    /// [`StoreError::Refused`] at once if the server does not accept the token (or its
+    /// absence).
+    pub fn connect_with_token(
+        addr: &str,
+        rank: u32,
+        token: Option<&StoreToken>,
+        deadline: Instant,
+    ) -> Result<Self, StoreError> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
         let stream = loop {
@@ -1258,17 +1649,22 @@ impl TcpStore {
             conn: Mutex::new(Some(stream)),
             io_timeout: DEFAULT_IO_TIMEOUT,
             server: None,
+            served_by: None,
         };
-        store.request(&Request::Hello { rank }, Some(deadline))?;
+        let hello = match token {
+            Some(t) => Request::HelloAuth {
+                rank,
+                token: t.0.clone(),
+            },
+            None => Request::Hello { rank },
+        };
+        store.request(&hello, Some(deadline))?;
         tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
         Ok(store)
     }
 
-    /// Starts a [`TcpStoreServer`] on `addr` and connects to it as `rank`; the returned store
-    /// owns the server. This is what rank 0 does when no launcher serves the store.
-    ///
-    /// The server stays up until every rank in `0..world_size` has connected and left again:
-    /// see [`TcpStore::close`] and [`TcpStore::set_linger`].
+    /// Starts a [`TcpStoreServer`] on `addr` without a token and connects to it as `rank`;
+    /// see [`TcpStore::serve_with_token`].
     ///
     /// # Errors
     ///
@@ -1279,15 +1675,50 @@ impl TcpStore {
         world_size: u32,
         deadline: Instant,
     ) -> Result<Self, StoreError> {
-        let server = TcpStoreServer::bind(addr)?;
-        let mut store = Self::connect(&server.local_addr().to_string(), rank, deadline)?;
-        store.addr = addr.to_owned();
+        Self::serve_with_token(addr, rank, world_size, None, deadline)
+    }
+
+    /// Starts a [`TcpStoreServer`] on `addr` with `token` and connects to it as `rank`; the
+    /// returned store owns the server. This is what rank 0 does when no launcher serves the
+    /// store.
+    ///
+    /// The server stays up until every rank in `0..world_size` has connected and left again:
+    /// see [`TcpStore::close`] and [`TcpStore::set_linger`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpStoreServer::bind`] and [`TcpStore::connect_with_token`].
+    pub fn serve_with_token(
+        addr: &str,
+        rank: u32,
+        world_size: u32,
+        token: Option<StoreToken>,
+        deadline: Instant,
+    ) -> Result<Self, StoreError> {
+        let server = TcpStoreServer::bind_with_token(addr, token.clone())?;
+        let mut store = Self::connect_with_token(
+            &server.local_addr().to_string(),
+            rank,
+            token.as_ref(),
+            deadline,
+        )?;
+        // Messages name the address as given (a host name), or the real port for port 0.
+        if !addr.ends_with(":0") {
+            store.addr = addr.to_owned();
+        }
+        store.served_by = Some(format!("rank {rank}"));
         store.server = Some(ServedBy {
             server,
             world_size,
             linger: DEFAULT_LINGER,
         });
         Ok(store)
+    }
+
+    /// Says who serves the store (`"efarun"`, `"rank 0"`), for messages such as "rank 1
+    /// never joined the TCP store at 127.0.0.1:4242 (served by efarun)".
+    pub fn set_served_by(&mut self, who: impl Into<String>) {
+        self.served_by = Some(who.into());
     }
 
     /// For a serving store, the address the server listens on.
@@ -1407,7 +1838,12 @@ impl TcpStore {
                 });
             }
         };
-        parse_reply(&self.addr, body)
+        let parsed = parse_reply(&self.addr, body);
+        if let Err(StoreError::Refused { .. }) = parsed {
+            // The server closes the connection after a refusal.
+            *guard = None;
+        }
+        parsed
     }
 }
 
@@ -1443,8 +1879,9 @@ pub(crate) fn read_reply(stream: &mut impl Read) -> io::Result<Vec<u8>> {
 ///
 /// # Errors
 ///
-/// [`StoreError::Server`] for an error reply, [`StoreError::Protocol`] for an empty body or
-/// an unknown status.
+/// [`StoreError::Server`] for an error reply, [`StoreError::Refused`] for a refusal (the
+/// server closes the connection after it), [`StoreError::Protocol`] for an empty body or an
+/// unknown status.
 pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>), StoreError> {
     if body.is_empty() {
         return Err(StoreError::Protocol {
@@ -1459,6 +1896,10 @@ pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>)
             addr: addr.to_owned(),
             message: String::from_utf8_lossy(&body).into_owned(),
         }),
+        ST_REFUSED => Err(StoreError::Refused {
+            addr: addr.to_owned(),
+            reason: String::from_utf8_lossy(&body).into_owned(),
+        }),
         other => Err(StoreError::Protocol {
             addr: addr.to_owned(),
             detail: format!("unknown reply status {other}"),
@@ -1467,6 +1908,13 @@ pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>)
 }
 
 impl Store for TcpStore {
+    fn describe(&self) -> String {
+        match &self.served_by {
+            Some(who) => format!("the TCP store at {} (served by {who})", self.addr),
+            None => format!("the TCP store at {}", self.addr),
+        }
+    }
+
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         check_key(key)?;
         if value.len() + key.len() + 16 > MAX_FRAME {
@@ -1594,7 +2042,7 @@ mod tests {
 
     #[test]
     fn silent_and_half_sent_connections_are_closed_after_their_limit() {
-        let server = TcpStoreServer::bind_with("127.0.0.1:0", quick_limits()).unwrap();
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", None, quick_limits()).unwrap();
         let addr = server.local_addr();
         // Never sends anything.
         let mut silent = TcpStream::connect(addr).unwrap();
@@ -1630,7 +2078,7 @@ mod tests {
     fn too_many_silent_connections_close_the_oldest() {
         let mut limits = quick_limits();
         limits.hello = Duration::from_secs(60);
-        let server = TcpStoreServer::bind_with("127.0.0.1:0", limits).unwrap();
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", None, limits).unwrap();
         let addr = server.local_addr();
         let mut silent: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
         // A real client still gets in, and its HELLO takes it off the list.
@@ -1655,6 +2103,60 @@ mod tests {
             ));
         }
         assert_eq!(store.get("k", Instant::now()).unwrap(), b"v");
+    }
+
+    #[test]
+    fn token_server_refuses_before_buffering_and_lifts_the_limit_only_for_the_token() {
+        let token = StoreToken::new("limits-token-0123456789").unwrap();
+        let server =
+            TcpStoreServer::bind_with("127.0.0.1:0", Some(token.clone()), quick_limits()).unwrap();
+        let addr = server.local_addr();
+        // A first frame one byte longer than a HELLO_AUTH can be: closed without a reply
+        // as soon as its length is in, although its body never comes.
+        let mut long = TcpStream::connect(addr).unwrap();
+        long.write_all(&((HELLO_AUTH_MAX + 1) as u32).to_be_bytes())
+            .unwrap();
+        let mut sink = Vec::new();
+        long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = Instant::now();
+        let _ = long.read_to_end(&mut sink);
+        assert!(sink.is_empty(), "a reply to an oversized first frame");
+        assert!(
+            t0.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        // A plain HELLO: refused with the reason, then closed.
+        let mut plain = TcpStream::connect(addr).unwrap();
+        let hello = Request::Hello { rank: 0 }.encode();
+        plain
+            .write_all(&(hello.len() as u32).to_be_bytes())
+            .unwrap();
+        plain.write_all(&hello).unwrap();
+        let body = read_reply(&mut plain).unwrap();
+        assert_eq!(body[0], ST_REFUSED);
+        assert!(closed_within(&mut plain, Duration::from_secs(5)) < Duration::from_secs(1));
+        // The right token: served, and kept past the HELLO limit while idle.
+        let store = TcpStore::connect_with_token(
+            &addr.to_string(),
+            0,
+            Some(&token),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        store.set("k", b"v").unwrap();
+        assert_eq!(store.get("k", Instant::now()).unwrap(), b"v");
+        // The client refused by a token-less server closes its side (no stale connection).
+        let plain_server = TcpStoreServer::bind_with("127.0.0.1:0", None, quick_limits()).unwrap();
+        let e = TcpStore::connect_with_token(
+            &plain_server.local_addr().to_string(),
+            0,
+            Some(&token),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(e, StoreError::Refused { .. }), "{e:?}");
     }
 
     #[test]

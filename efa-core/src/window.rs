@@ -151,6 +151,8 @@ impl Communicator {
     /// it, in the same order relative to other windows).
     ///
     /// # Errors
+    /// [`Error::Setting`] when `len` elements of `T` do not fit in the address space (checked
+    /// before anything is allocated or sent);
     /// [`Error::Fabric`] when registration fails ([`efa_fabric::Error::MemlockLimit`] names a
     /// too-low `ulimit -l`); [`Error::Unsupported`] when a route's provider lacks RMA;
     /// [`Error::Timeout`] when a peer does not create its window in time.
@@ -161,8 +163,22 @@ impl Communicator {
 
 impl<T: Pod> Window<T> {
     fn create(comm: &Communicator, len: usize, access: WindowAccess) -> Result<Window<T>> {
+        let esz = std::mem::size_of::<T>();
+        let bytes = len
+            .checked_mul(esz)
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| {
+                crate::error::SettingError::argument(
+                    "Communicator::window",
+                    len.to_string(),
+                    format!("elements of {esz} bytes do not fit in this address space"),
+                    format!(
+                        "at most {} elements of this type",
+                        isize::MAX as usize / esz.max(1)
+                    ),
+                )
+            })?;
         let id = comm.next_object_id();
-        let bytes = len * std::mem::size_of::<T>();
         let ports = comm.port_endpoints();
         // Register the memory in every domain some peer is routed through.
         let mut mem: Option<RegisteredBuf> = None;

@@ -9,6 +9,13 @@
 //! Every eager and RTS message carries a per-(sender, receiver) sequence number, so that
 //! the receiver processes each sender's messages in the order they were sent (MPI's
 //! non-overtaking rule) whatever order completions arrive in, and across transports.
+//!
+//! Finalize: a rank that finalizes sends `Fin` to every peer once all its sends have
+//! completed locally. `Fin` takes the next sequence number, so a peer processes it only after
+//! every message sent before it; the peer answers `FinAck` once it also holds all rendezvous
+//! data from that sender. A rank closes its endpoints only when every peer has acknowledged
+//! its `Fin` and it has acknowledged every peer's `Fin` (with sends that complete, never
+//! injects, so the last acknowledgement is not left in a provider's queue at close).
 
 /// Header size in bytes.
 pub const HDR_LEN: usize = 32;
@@ -30,6 +37,46 @@ pub enum Kind {
     Rts,
     /// Clear to send (or refusal, see [`Header::flags`]).
     Cts,
+    /// The sender is finalizing: it has sent its last message to this receiver. Carries a
+    /// sequence number, so it is processed after every eager and RTS message sent before it.
+    Fin,
+    /// The receiver has processed the sender's `Fin` and holds every byte the sender sent
+    /// it (rendezvous data included).
+    FinAck,
+    /// A rank failed: `tag` names it, `flags` says how ([`FailCode`]), `len` carries a
+    /// number (pid, abort code, milliseconds waited) and the payload a text (host, reason,
+    /// transport error). Sent by the rank that noticed to every rank it can still reach.
+    Failed,
+}
+
+/// How a failed rank failed, in a [`Kind::Failed`] message's `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FailCode {
+    /// The process is gone; `len` is its pid (0: unknown), the payload its host.
+    Exited = 1,
+    /// Unreachable; the payload is the transport's error text.
+    Unreachable = 2,
+    /// It called `abort`; `len` is the code (as i64), the payload the reason.
+    Aborted = 3,
+    /// Stopped; `len` is the pid.
+    Stopped = 4,
+    /// No answer within the deadline; `len` is the milliseconds waited.
+    TimedOut = 5,
+}
+
+impl FailCode {
+    /// The code for `flags`, if known.
+    pub fn from_flags(f: u8) -> Option<FailCode> {
+        Some(match f {
+            1 => FailCode::Exited,
+            2 => FailCode::Unreachable,
+            3 => FailCode::Aborted,
+            4 => FailCode::Stopped,
+            5 => FailCode::TimedOut,
+            _ => return None,
+        })
+    }
 }
 
 impl Kind {
@@ -38,6 +85,9 @@ impl Kind {
             Kind::Eager => 1,
             Kind::Rts => 2,
             Kind::Cts => 3,
+            Kind::Fin => 4,
+            Kind::FinAck => 5,
+            Kind::Failed => 6,
         }
     }
     fn from_code(c: u8) -> Option<Kind> {
@@ -45,6 +95,9 @@ impl Kind {
             1 => Some(Kind::Eager),
             2 => Some(Kind::Rts),
             3 => Some(Kind::Cts),
+            4 => Some(Kind::Fin),
+            5 => Some(Kind::FinAck),
+            6 => Some(Kind::Failed),
             _ => None,
         }
     }
@@ -64,7 +117,7 @@ pub struct Header {
     pub src: u32,
     /// User tag (eager, RTS).
     pub tag: u32,
-    /// Per-(sender, receiver) sequence number (eager, RTS).
+    /// Per-(sender, receiver) sequence number (eager, RTS, FIN).
     pub seq: u32,
     /// Payload length in bytes (eager, RTS); for a CTS, the receive buffer's capacity.
     pub len: u64,
@@ -194,6 +247,9 @@ mod tests {
             (Kind::Eager, 5, HDR_LEN + 5),
             (Kind::Rts, 1 << 40, HDR_LEN),
             (Kind::Cts, 0, HDR_LEN),
+            (Kind::Fin, 0, HDR_LEN),
+            (Kind::FinAck, 0, HDR_LEN),
+            (Kind::Failed, 4242, HDR_LEN + 3),
         ] {
             let h = sample(kind, len);
             let mut b = vec![0u8; msg];

@@ -152,6 +152,16 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
             .concat()
         }),
         Just(vec![4u8]),
+        // HELLO_AUTH: the token the fuzz server holds, or another one (up to a little over
+        // the longest the server takes).
+        (
+            any::<u32>(),
+            prop_oneof![
+                Just(fuzz::FUZZ_TOKEN.as_bytes().to_vec()),
+                vec(any::<u8>(), 0..270),
+            ]
+        )
+            .prop_map(|(r, t)| [&[5u8][..], &r.to_be_bytes(), &t].concat()),
     ]
 }
 
@@ -181,7 +191,7 @@ fn inputs(name: &'static str) -> BoxedStrategy<Vec<u8>> {
         "store_frames" | "store_server" | "store_reply" => {
             let s3 = seeds.clone();
             let frames: BoxedStrategy<Vec<u8>> = if name == "store_reply" {
-                vec((0u8..4, vec(any::<u8>(), 0..40)), 0..6)
+                vec((0u8..5, vec(any::<u8>(), 0..40)), 0..6)
                     .prop_map(|rs| {
                         rs.iter()
                             .flat_map(|(st, body)| be_frame(&[&[*st][..], body].concat()))

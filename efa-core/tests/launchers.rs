@@ -74,7 +74,8 @@ fn skip(test: &str, why: &str) {
         std::env::var("EFA_REQUIRE_LAUNCHERS").as_deref() != Ok("1"),
         "{test}: EFA_REQUIRE_LAUNCHERS=1 but {why}"
     );
-    println!("SKIPPED {test}: {why}");
+    let _ = test;
+    common::skip_test(why);
 }
 
 /// Variables through which an outer job (or a test harness) would leak into the job's

@@ -236,7 +236,7 @@ fn netns_three_hosts_two_subnets() {
             std::env::var("EFA_REQUIRE_NETNS").as_deref() != Ok("1"),
             "EFA_REQUIRE_NETNS=1 but network namespaces cannot be created: {why}"
         );
-        println!("SKIPPED netns_three_hosts_two_subnets: network namespaces cannot be created here: {why}");
+        common::skip_test(&format!("network namespaces cannot be created here: {why}"));
         return;
     }
 

@@ -4,7 +4,7 @@
 use efa_core::{Communicator, Error, RmaOp, WindowAccess};
 
 mod common;
-use common::{fabric_present, in_job};
+use common::{assert_routes, fabric_present, in_job, skip_test};
 
 /// Runs child `name` as `n` ranks; returns success and stdout.
 fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> (bool, String) {
@@ -33,6 +33,11 @@ fn child_put_get() {
     }
     let comm = Communicator::init().unwrap();
     let (me, n) = (comm.rank(), comm.size());
+    for peer in (0..n).filter(|&p| p != me) {
+        let r = comm.route(peer).unwrap();
+        let provider = comm.provider(r.transport).unwrap_or("?");
+        println!("route {me}->{peer}: {} via {provider} ({r})", r.transport);
+    }
     let len = 1 << 16;
     let mut win = comm.window::<u64>(len, WindowAccess::ReadWrite).unwrap();
     win.local_mut()
@@ -107,6 +112,7 @@ fn put_get_on_shm_four_ranks() {
     let (ok, text) = efarun(4, "child_put_get", &[]);
     assert!(ok);
     assert_eq!(text.matches("rma verified").count(), 4);
+    assert_routes(&text, 4, "shm");
 }
 
 #[test]
@@ -114,18 +120,27 @@ fn put_get_on_ip() {
     let (ok, text) = efarun(3, "child_put_get", &[("EFA_TRANSPORTS", "ip")]);
     assert!(ok);
     assert_eq!(text.matches("rma verified").count(), 3);
+    assert_routes(&text, 3, "ip");
 }
 
 /// The fabric route (verbs in the soft-RoCE VM, efa on EC2); skipped with a reason elsewhere.
 #[test]
 fn put_get_on_the_fabric() {
-    if let Err(why) = fabric_present() {
-        println!("SKIPPED put_get_on_the_fabric: {why}");
-        return;
-    }
+    let provider = match fabric_present() {
+        Ok(p) => p,
+        Err(why) => {
+            skip_test(&why);
+            return;
+        }
+    };
     let (ok, text) = efarun(2, "child_put_get", &[("EFA_TRANSPORTS", "fabric")]);
     assert!(ok);
     assert_eq!(text.matches("rma verified").count(), 2);
+    assert_routes(&text, 2, "fabric");
+    assert!(
+        text.contains(&format!("fabric via {provider} (")),
+        "the fabric route must use {provider}:\n{text}"
+    );
 }
 
 /// Bounds and access errors: errors, not corruption.

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use efa_core::bootstrap::{BootstrapBuilder, BootstrapError, Rendezvous, StoreServer};
+use efa_core::bootstrap::{detect, BootstrapBuilder, BootstrapError, Rendezvous, StoreServer};
 use efa_core::store::{
-    barrier, exchange_all, FileStore, MemoryStore, Store, StoreError, TcpStore, TcpStoreServer,
+    barrier, exchange_all, FileStore, MemoryStore, Store, StoreError, StoreToken, TcpStore,
+    TcpStoreServer,
 };
 
 fn soon(ms: u64) -> Instant {
@@ -130,11 +131,21 @@ fn bootstrap_connect_store_over_tcp() {
     }
 }
 
-fn assert_never_joined(r: Result<Vec<Vec<u8>>, BootstrapError>, want: &[u32], started: Instant) {
+fn assert_never_joined(
+    r: Result<Vec<Vec<u8>>, BootstrapError>,
+    want: &[u32],
+    want_store: &str,
+    started: Instant,
+) {
     let took = started.elapsed();
     match r {
-        Err(BootstrapError::RankNeverJoined { ranks, waited }) => {
+        Err(BootstrapError::RankNeverJoined {
+            ranks,
+            waited,
+            store,
+        }) => {
             assert_eq!(ranks, want);
+            assert_eq!(store, want_store);
             assert!(waited >= Duration::from_millis(300), "{waited:?}");
         }
         other => panic!("expected RankNeverJoined {want:?}, got {other:?}"),
@@ -169,15 +180,23 @@ fn missing_rank_is_named_tcp() {
                     &blob(rank),
                     t + Duration::from_millis(300),
                 );
-                (r, t)
+                (rank, r, t)
             })
         })
         .collect();
     for h in handles {
-        let (r, t) = h.join().unwrap();
+        let (rank, r, t) = h.join().unwrap();
         let e = r.as_ref().map(|_| ()).unwrap_err().to_string();
-        assert!(e.starts_with("rank 2 never joined within"), "{e}");
-        assert_never_joined(r, &[2], t);
+        let store = if rank == 0 {
+            format!("the TCP store at {addr} (served by rank 0)")
+        } else {
+            format!("the TCP store at {addr}")
+        };
+        assert!(
+            e.starts_with(&format!("rank 2 never joined {store} within 0.")),
+            "{e}"
+        );
+        assert_never_joined(r, &[2], &store, t);
     }
     // The serving rank reports who never came; it must not wait out its linger.
     let server = Arc::try_unwrap(server).unwrap();
@@ -202,7 +221,16 @@ fn missing_ranks_are_all_named_file() {
         &blob(1),
         t + Duration::from_millis(300),
     );
-    assert_never_joined(r, &[0, 2, 3, 4], t);
+    let want = format!("the file store in {}", dir.0.display());
+    assert!(
+        r.as_ref()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+            .starts_with(&format!("ranks 0, 2, 3, 4 never joined {want} within 0.")),
+        "{r:?}"
+    );
+    assert_never_joined(r, &[0, 2, 3, 4], &want, t);
 }
 
 #[test]
@@ -362,4 +390,240 @@ fn file_store_writes_are_atomic() {
         .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty());
+}
+
+fn token(s: &str) -> StoreToken {
+    StoreToken::new(s).unwrap()
+}
+
+/// Sends one raw frame and reads the reply's status byte and text; `None` if the server
+/// closed the connection without answering.
+fn raw_request(addr: &str, frame: &[u8]) -> Option<(u8, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut msg = (frame.len() as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(frame);
+    // The server may close before reading a huge frame's body: ignore write errors.
+    let _ = s.write_all(&msg);
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    // After a refusal the server closes the connection.
+    if body[0] == 3 {
+        let mut rest = Vec::new();
+        assert_eq!(
+            s.read_to_end(&mut rest).unwrap_or(0),
+            0,
+            "data after a refusal"
+        );
+    }
+    Some((body[0], String::from_utf8_lossy(&body[1..]).into_owned()))
+}
+
+#[test]
+fn token_store_refuses_strangers_at_once_and_keeps_serving_the_ranks() {
+    let size = 3;
+    let job = token("job-secret-0123456789abcdef");
+    let server = TcpStoreServer::bind_with_token("127.0.0.1:0", Some(job.clone())).unwrap();
+    let addr = server.local_addr().to_string();
+    // The real ranks connect first and wait for each other while strangers knock.
+    let ranks: Vec<_> = (0..size)
+        .map(|rank| {
+            let (addr, job) = (addr.clone(), job.clone());
+            thread::spawn(move || {
+                let store =
+                    TcpStore::connect_with_token(&addr, rank, Some(&job), soon(5_000)).unwrap();
+                thread::sleep(Duration::from_millis(300 * u64::from(rank)));
+                let all =
+                    exchange_all(&store, "card", rank, size, &blob(rank), soon(10_000)).unwrap();
+                barrier(&store, "done", rank, size, soon(10_000)).unwrap();
+                all
+            })
+        })
+        .collect();
+
+    // No token, and a wrong one: refused at once with the fix, not after the deadline.
+    for (given, reason) in [
+        (None, "requires EFA_STORE_TOKEN"),
+        (
+            Some(token("not-the-job-secret-0123456789")),
+            "wrong EFA_STORE_TOKEN",
+        ),
+        // Same length, last byte differs.
+        (
+            Some(token("job-secret-0123456789abcdeF")),
+            "wrong EFA_STORE_TOKEN",
+        ),
+    ] {
+        let t = Instant::now();
+        let e = TcpStore::connect_with_token(&addr, 1, given.as_ref(), soon(20_000)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        match &e {
+            StoreError::Refused { addr: a, reason: r } => {
+                assert_eq!(a, &addr);
+                assert!(r.contains(reason), "{r}");
+            }
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        let s = e.to_string();
+        assert!(
+            s.contains("-x EFA_STORE_TOKEN") && s.contains("--export=ALL,EFA_STORE_TOKEN"),
+            "{s}"
+        );
+    }
+    // Strangers speaking the protocol without authenticating first.
+    let set = [&[2u8, 0, 0, 0, 6][..], b"card/1", b"evil"].concat();
+    let (st, text) = raw_request(&addr, &set).expect("a refusal");
+    assert_eq!(st, 3, "{text}");
+    assert!(text.contains("requires EFA_STORE_TOKEN"), "{text}");
+    let (st, _) = raw_request(&addr, &[1, 0, 0, 0, 1]).expect("a refusal");
+    assert_eq!(st, 3);
+    // Garbage, and a huge first frame: the connection is closed.
+    for frame in [vec![0xffu8; 3], vec![0u8; 100_000]] {
+        if let Some((st, _)) = raw_request(&addr, &frame) {
+            assert_eq!(st, 3);
+        }
+    }
+
+    for h in ranks {
+        assert_eq!(h.join().unwrap(), (0..size).map(blob).collect::<Vec<_>>());
+    }
+    // The stranger's SET never reached the store, and no stranger counts as a rank.
+    let reader = TcpStore::connect_with_token(&addr, u32::MAX, Some(&job), soon(5_000)).unwrap();
+    assert_eq!(reader.get("card/1", soon(1_000)).unwrap(), blob(1));
+    drop(reader);
+    server.wait_departed(size, soon(2_000)).unwrap();
+}
+
+#[test]
+fn tokens_must_agree_on_both_sides() {
+    // A rank-0-served store without a token admits only clients without one.
+    let server = TcpStore::serve("127.0.0.1:0", 0, 2, soon(5_000)).unwrap();
+    let addr = server.server_addr().unwrap().to_string();
+    let e =
+        TcpStore::connect_with_token(&addr, 1, Some(&token("0123456789abcdef0123")), soon(5_000))
+            .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Refused { reason, .. } if reason.contains("has no EFA_STORE_TOKEN")),
+        "{e:?}"
+    );
+    let plain = TcpStore::connect(&addr, 1, soon(5_000)).unwrap();
+    plain.set("k", b"v").unwrap();
+    assert_eq!(server.get("k", soon(1_000)).unwrap(), b"v");
+    drop(plain);
+    server.close(soon(2_000)).unwrap();
+
+    // Through the bootstrap path: rank 0 serves with the token, rank 1 joins with it, and
+    // rank 2 with another one is refused.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rdv = Rendezvous::Tcp {
+        addr: format!("127.0.0.1:{port}"),
+        server: StoreServer::Rank0,
+    };
+    let boot = |rank: u32, t: &str| {
+        BootstrapBuilder::new(rank, 3, rdv.clone())
+            .store_token(token(t))
+            .build()
+            .unwrap()
+    };
+    let b0 = boot(0, "right-token-0123456789");
+    let s0 = b0.connect_store(soon(5_000)).unwrap();
+    let s1 = boot(1, "right-token-0123456789")
+        .connect_store(soon(5_000))
+        .unwrap();
+    s1.set("x", b"1").unwrap();
+    assert_eq!(s0.get("x", soon(1_000)).unwrap(), b"1");
+    let e = boot(2, "wrong-token-0123456789")
+        .connect_store(soon(5_000))
+        .unwrap_err();
+    assert!(
+        matches!(&e, BootstrapError::Store(StoreError::Refused { .. })),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("wrong EFA_STORE_TOKEN"), "{e}");
+}
+
+#[test]
+fn file_store_directory_is_private_and_its_parent_must_exist() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = TempDir::new("file-dir");
+    // Created with mode 0700.
+    let dir = parent.0.join("job");
+    FileStore::open(&dir).unwrap();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+    // Opening it again is fine (every rank opens it).
+    FileStore::open(&dir).unwrap();
+
+    // A missing parent is an error at once, naming the path and the fix; nothing is created.
+    let missing = parent.0.join("no/such/dir");
+    let t = Instant::now();
+    let e = FileStore::open(&missing).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let s = e.to_string();
+    assert!(matches!(e, StoreError::Directory { .. }), "{e:?}");
+    assert!(
+        s.contains(&missing.display().to_string())
+            && s.contains(&format!("mkdir -p {}", parent.0.join("no/such").display())),
+        "{s}"
+    );
+    assert!(!parent.0.join("no").exists());
+
+    // Not a directory; writable by others.
+    let file = parent.0.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = FileStore::open(&file).unwrap_err();
+    assert!(e.to_string().contains("not a directory"), "{e}");
+    let open = parent.0.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = FileStore::open(&open).unwrap_err();
+    assert!(e.to_string().contains("chmod o-w"), "{e}");
+    // Group-writable is fine (user private groups make every directory so).
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+    FileStore::open(&open).unwrap();
+
+    // Through EFA_STORE: the error names the variable and its value, before any waiting.
+    let value = format!("file://{}", missing.display());
+    let env = |k: &str| match k {
+        "EFA_RANK" => Some("0".to_owned()),
+        "EFA_WORLD_SIZE" => Some("2".to_owned()),
+        "EFA_STORE" => Some(value.clone()),
+        _ => None,
+    };
+    let b = detect(&env).unwrap();
+    let t = Instant::now();
+    let e = b.connect_store(soon(30_000)).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    match &e {
+        BootstrapError::InvalidVar { var, value: v, .. } => {
+            assert_eq!((var.as_str(), v.as_str()), ("EFA_STORE", value.as_str()))
+        }
+        other => panic!("expected InvalidVar for EFA_STORE, got {other:?}"),
+    }
+    assert!(e.to_string().contains("does not exist"), "{e}");
+}
+
+#[test]
+fn store_tokens_are_random_hidden_and_compared_whole() {
+    let a = StoreToken::generate().unwrap();
+    let b = StoreToken::generate().unwrap();
+    assert_ne!(a, b);
+    for t in [&a, &b] {
+        assert_eq!(t.as_str().len(), 64);
+        assert!(t.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert!(!format!("{t:?}").contains(t.as_str()));
+    }
+    assert!(a.matches(a.as_str().as_bytes()));
+    assert!(!a.matches(&a.as_str().as_bytes()[..63]));
+    let mut flipped = a.as_str().as_bytes().to_vec();
+    flipped[0] ^= 1;
+    assert!(!a.matches(&flipped));
+    assert!(!a.matches(b""));
 }

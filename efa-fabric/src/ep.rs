@@ -66,6 +66,11 @@ impl EndpointBuilder {
     /// the configuration.
     pub fn build(self) -> Result<Endpoint> {
         let info = self.info.unwrap_or_else(|| self.domain.info().clone());
+        let is_shm = info.provider() == "shm";
+        if is_shm {
+            // Regions left by killed processes of this user (see `crate::shm`).
+            crate::shm::reclaim_on_open();
+        }
         // Endpoint creation is serialised process-wide: libfabric 1.17's shm provider names
         // each endpoint from an unsynchronised counter, so two threads opening endpoints at
         // once can pick the same name and fail with FI_EBUSY. This is the control path only.
@@ -78,27 +83,20 @@ impl EndpointBuilder {
         };
         check_int("fi_endpoint", ret)
             .map_err(|e| crate::error::open_error("opening the endpoint", e))?;
-        if info.provider() == "shm" {
-            // shm names its shared-memory region after the pid (`fi_shm://<pid>:<uid>:<n>`).
-            // A process that exits without closing its endpoint leaves the region file
-            // behind, and a later process that gets the same pid then fails to enable with
-            // FI_EBUSY. A name that is unique over time avoids the collision.
-            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let name = format!(
-                "efa-{}-{nanos:x}-{}\0",
-                std::process::id(),
-                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            );
+        let shm_name = if is_shm {
+            // shm names its region after the pid (`<pid>:<uid>:<n>`), so a region left by a
+            // killed process collides with a later process that gets the same pid (FI_EBUSY
+            // at enable), and nothing tells whose a region is. Our names are unique over
+            // time and identify the creating process exactly (`crate::shm`).
+            let name = crate::shm::new_region_name();
+            let cname = format!("{name}\0");
             // SAFETY: fid is the endpoint just opened (not yet enabled); the name is a
             // NUL-terminated string that the provider copies.
             let ret = unsafe {
                 ffi::fi_setname(
                     ptr::addr_of_mut!((*fid).fid),
-                    name.as_ptr() as *mut c_void,
-                    name.len(),
+                    cname.as_ptr() as *mut c_void,
+                    cname.len(),
                 )
             };
             if let Err(e) = check_int("fi_setname", ret) {
@@ -109,7 +107,10 @@ impl EndpointBuilder {
                 );
                 return Err(e.into());
             }
-        }
+            Some(name)
+        } else {
+            None
+        };
         let rx_cq = self.rx_cq.unwrap_or_else(|| self.tx_cq.clone());
         let inner = EpInner {
             fid,
@@ -126,6 +127,7 @@ impl EndpointBuilder {
             tx_cq: self.tx_cq,
             rx_cq,
             counters: self.counters.iter().map(|(c, _)| c.clone()).collect(),
+            shm_name: None,
         };
         // From here on EpInner's Drop closes the endpoint on every error path.
         //
@@ -163,6 +165,15 @@ impl EndpointBuilder {
             }
             check_int("fi_enable", ffi::fi_enable(fid))
                 .map_err(|e| crate::error::open_error("enabling the endpoint", e))?;
+        }
+        let mut inner = inner;
+        if let Some(name) = shm_name {
+            // The region exists from fi_enable on; the provider unlinks it when the
+            // endpoint closes, the atexit handler if it never does.
+            crate::shm::opened(&name);
+            let private = crate::shm::check_private(&name);
+            inner.shm_name = Some(name);
+            private?; // on error, EpInner's Drop closes the endpoint (which unlinks it)
         }
         tracing::debug!(provider = %inner.info.provider(), domain = %inner.info.domain(), "endpoint enabled");
         Ok(Endpoint {
@@ -205,6 +216,8 @@ struct EpInner {
     tx_cq: CompletionQueue,
     rx_cq: CompletionQueue,
     counters: Vec<Counter>,
+    /// The shm provider's region name (`crate::shm`), for shm endpoints once enabled.
+    shm_name: Option<String>,
 }
 
 // SAFETY: opened on a FI_THREAD_SAFE domain; libfabric serializes access internally. Our own
@@ -223,6 +236,10 @@ impl EpInner {
 impl Drop for EpInner {
     fn drop(&mut self) {
         close_fid(self.raw_fid_ptr(), "endpoint");
+        if let Some(name) = &self.shm_name {
+            // fi_close unlinked the region.
+            crate::shm::closed(name);
+        }
         // The endpoint is closed: the provider no longer touches orphaned buffers.
         let n = self.orphans.get_mut().map(|v| v.len()).unwrap_or(0);
         if n > 0 {
@@ -295,6 +312,12 @@ impl Endpoint {
         check_int("fi_getname", ret)?;
         buf.truncate(len);
         Ok(buf)
+    }
+
+    /// The shared-memory region of an `shm` endpoint (`/dev/shm/efa-<pid>-...`, mode 0600,
+    /// removed when the endpoint closes; see [`crate::shm`]); `None` for other providers.
+    pub fn shm_region(&self) -> Option<std::path::PathBuf> {
+        self.inner.shm_name.as_deref().map(crate::shm::region_path)
     }
 
     /// The info this endpoint was opened from.

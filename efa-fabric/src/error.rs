@@ -62,7 +62,10 @@ impl fmt::Display for CompletionError {
 impl std::error::Error for CompletionError {}
 
 /// Every error that `efa-fabric` returns.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` (`{:?}`, what `fn main() -> efa_fabric::Result<()>` prints) is the message
+/// followed by any cause it does not already include; `{:#?}` is the structured form.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A libfabric call returned an error code. Check the call and code; `fi_strerror` text is
@@ -137,6 +140,17 @@ pub enum Error {
     /// An argument is invalid; the message says which and why.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The shared-memory region of a new `shm` endpoint is not private to this user: not a
+    /// regular file, owned by another uid (someone created a file with the endpoint's name
+    /// first), or its mode could not be narrowed to 0600. The endpoint was closed. See
+    /// [`crate::shm`].
+    #[error("shm region {}: {problem}", path.display())]
+    ShmRegion {
+        /// The region's file, e.g. `/dev/shm/efa-4242-...`.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 impl Error {
@@ -154,6 +168,83 @@ impl Error {
     /// True for `FI_EAGAIN`: retry after progressing the completion queues.
     pub fn is_again(&self) -> bool {
         self.code() == Some(ffi::FI_EAGAIN as i32)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !f.alternate() {
+            let shown = self.to_string();
+            f.write_str(&shown)?;
+            let mut next = std::error::Error::source(self);
+            let mut first = true;
+            while let Some(cause) = next {
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    if first {
+                        f.write_str("\n\nCaused by:")?;
+                        first = false;
+                    }
+                    write!(f, "\n    {text}")?;
+                }
+                next = cause.source();
+            }
+            return Ok(());
+        }
+        match self {
+            Error::Call(e) => f.debug_tuple("Call").field(e).finish(),
+            Error::Completion(e) => f.debug_tuple("Completion").field(e).finish(),
+            Error::Truncated {
+                buffer_len,
+                message_len,
+            } => f
+                .debug_struct("Truncated")
+                .field("buffer_len", buffer_len)
+                .field("message_len", message_len)
+                .finish(),
+            Error::MemlockLimit {
+                op,
+                requested,
+                limit,
+                limit_kib,
+                source,
+            } => f
+                .debug_struct("MemlockLimit")
+                .field("op", op)
+                .field("requested", requested)
+                .field("limit", limit)
+                .field("limit_kib", limit_kib)
+                .field("source", source)
+                .finish(),
+            Error::Timeout { op, waited } => f
+                .debug_struct("Timeout")
+                .field("op", op)
+                .field("waited", waited)
+                .finish(),
+            Error::OutOfBounds {
+                op,
+                offset,
+                len,
+                region_len,
+            } => f
+                .debug_struct("OutOfBounds")
+                .field("op", op)
+                .field("offset", offset)
+                .field("len", len)
+                .field("region_len", region_len)
+                .finish(),
+            Error::Unsupported { provider, what } => f
+                .debug_struct("Unsupported")
+                .field("provider", provider)
+                .field("what", what)
+                .finish(),
+            Error::InvalidArgument(s) => f.debug_tuple("InvalidArgument").field(s).finish(),
+            Error::ShmRegion { path, problem } => f
+                .debug_struct("ShmRegion")
+                .field("path", path)
+                .field("problem", problem)
+                .finish(),
+        }
     }
 }
 
@@ -256,6 +347,30 @@ pub(crate) fn open_error(op: &'static str, err: CallError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_is_readable_and_alternate_structured() {
+        let e = Error::Call(CallError {
+            call: "fi_endpoint",
+            code: 12,
+            text: "Cannot allocate memory".into(),
+        });
+        assert_eq!(
+            format!("{e:?}"),
+            "fi_endpoint failed: Cannot allocate memory (-12)"
+        );
+        assert_eq!(
+            format!("{e:#?}"),
+            "Call(\n    CallError {\n        call: \"fi_endpoint\",\n        code: 12,\n        \
+             text: \"Cannot allocate memory\",\n    },\n)"
+        );
+        let e = Error::Timeout {
+            op: "send",
+            waited: Duration::from_secs(1),
+        };
+        assert_eq!(format!("{e:?}"), "send did not complete within 1s");
+        assert!(format!("{e:#?}").starts_with("Timeout {\n    op: \"send\","));
+    }
 
     fn call_err(code: i32) -> CallError {
         CallError {

@@ -33,6 +33,11 @@
 //! counters, MRs, AV, domain, fabric) without anyone managing it. `fi_close` is called once
 //! per object, in `Drop`, and a failure is logged with `tracing::error!`, never a panic.
 //!
+//! `shm` endpoints also own a region in `/dev/shm`. It is created mode 0600 and checked. It
+//! is unlinked when the endpoint closes, or by an `atexit` handler if the endpoint is never
+//! closed. Regions left by killed processes are reclaimed when the next `shm` endpoint on
+//! the host opens. See [`shm`].
+//!
 //! # Thread safety
 //! Domains are always opened with `FI_THREAD_SAFE` (set by [`Hints::new`]; the provider
 //! serializes access to every object internally). That is why every handle is `Send + Sync`
@@ -71,6 +76,7 @@ pub mod info;
 pub mod mr;
 pub mod op;
 pub mod progress;
+pub mod shm;
 
 pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};

@@ -5,12 +5,20 @@
 //! ```
 //!
 //! * Each rank gets `EFA_RANK`, `EFA_WORLD_SIZE`, `EFA_LOCAL_RANK`, `EFA_LOCAL_SIZE`,
-//!   `EFA_STORE` and `EFA_STORE_SERVED=1`, then the `-x` variables (which may override them).
+//!   `EFA_STORE`, `EFA_STORE_SERVED=1` and `EFA_STORE_TOKEN`, then the `-x` variables
+//!   (which may override them).
 //! * efarun itself serves the TCP rendezvous store for the whole job, on a free
 //!   `127.0.0.1` port (or `--host-store ADDR`). Holding the listening socket from before the
 //!   first rank starts means there is no race for the port, and since efarun outlives every
 //!   rank nobody can tear the store down early. `EFA_STORE_SERVED=1` tells the ranks, rank 0
 //!   included, to connect as clients.
+//! * The store admits only this job's ranks: efarun generates a secret per job (32 random
+//!   bytes from `/dev/urandom`, as 64 hex digits), serves the store with it and passes it to
+//!   the ranks as `EFA_STORE_TOKEN` (`-x EFA_STORE_TOKEN=...` chooses it instead). Any other
+//!   client is refused and efarun prints a warning naming its address; the job goes on. An
+//!   unusable `-x EFA_STORE_TOKEN` (fewer than 16 or more than 256 characters, or not
+//!   printable ASCII) makes efarun exit with 2 before any rank starts.
+//!   `RUST_LOG` (default `efa_core=warn`) sets what efarun's own log shows.
 //! * Each rank runs in its own process group with stdin from `/dev/null`. Every line it
 //!   writes to stdout or stderr is written to efarun's stdout or stderr prefixed with
 //!   `[rank] `, one whole line at a time (lines longer than 64 KiB are split).
@@ -21,12 +29,18 @@
 //! * When all ranks have exited, whatever is left in their process groups is sent SIGKILL:
 //!   no process of the job outlives efarun, unless it moved to a group or session of its own.
 //! * When `--timeout` expires, efarun kills all ranks the same way and exits with 124.
-//! * SIGINT, SIGTERM and SIGHUP sent to efarun are forwarded to every rank's process group
-//!   (ranks are not in the terminal's foreground group, so Ctrl-C reaches only efarun);
-//!   SIGKILL follows after the grace period, or at once on a second signal.
+//! * SIGINT, SIGTERM and SIGHUP sent to efarun stop the job: efarun says so (`efarun: got
+//!   SIGINT, stopping 4 ranks`), forwards the signal to every rank's process group (ranks are
+//!   not in the terminal's foreground group, so Ctrl-C reaches only efarun), sends SIGKILL
+//!   after the grace period, or at once on a second signal, and exits with 128 + the signal's
+//!   number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as shells expect.
 //! * If a rank cannot be started, efarun stops the others and exits with 127.
+//! * Whenever the job did not succeed, efarun ends with a summary on stderr: what stopped the
+//!   job (which rank failed first and how, the timeout, or a signal), then one line per rank
+//!   that did not exit with 0: its exit code, or the signal that killed it by name (SIGKILL,
+//!   SIGSEGV, ..., with "core dumped" when it did), and whether efarun sent that signal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -35,7 +49,7 @@ use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use efa_core::store::TcpStoreServer;
+use efa_core::store::{StoreToken, TcpStoreServer};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -109,7 +123,8 @@ enum Out {
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     Exited(i32),
-    Signaled(i32),
+    /// Killed by this signal number; whether it dumped core.
+    Signaled(i32, bool),
     /// Waiting for it failed; treated as exit code 1.
     Unknown,
 }
@@ -119,7 +134,7 @@ impl Outcome {
         match st {
             Ok(st) => match (st.code(), st.signal()) {
                 (Some(c), _) => Outcome::Exited(c),
-                (None, Some(s)) => Outcome::Signaled(s),
+                (None, Some(s)) => Outcome::Signaled(s, st.core_dumped()),
                 (None, None) => Outcome::Unknown,
             },
             Err(_) => Outcome::Unknown,
@@ -133,7 +148,7 @@ impl Outcome {
     fn exit_code(self) -> u8 {
         match self {
             Outcome::Exited(c) => (c & 0xff) as u8,
-            Outcome::Signaled(s) => (128 + s).min(255) as u8,
+            Outcome::Signaled(s, _) => (128 + s).min(255) as u8,
             Outcome::Unknown => 1,
         }
     }
@@ -141,17 +156,58 @@ impl Outcome {
     fn describe(self) -> String {
         match self {
             Outcome::Exited(c) => format!("exited with code {c}"),
-            Outcome::Signaled(s) => {
-                let name = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown");
-                format!("was killed by signal {s} ({name})")
-            }
+            Outcome::Signaled(s, core) => format!(
+                "was killed by signal {s} ({}){}",
+                signal_name(s),
+                if core { ", core dumped" } else { "" }
+            ),
             Outcome::Unknown => "ended in a way efarun could not observe".into(),
         }
     }
 }
 
+/// `SIGSEGV` for 11; `SIGRTMIN+2` for real-time signals.
+fn signal_name(s: i32) -> String {
+    match Signal::try_from(s) {
+        Ok(sig) => sig.as_str().to_owned(),
+        Err(_) if (34..=64).contains(&s) => format!("SIGRTMIN+{}", s - 34),
+        Err(_) => "unknown signal".into(),
+    }
+}
+
+/// What ended the job early. The first one wins: it decides efarun's exit status.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// This rank failed first.
+    RankFailed(u32, Outcome),
+    /// `--timeout` expired.
+    Timeout,
+    /// efarun got this signal.
+    Signal(Signal),
+}
+
+/// "1 rank", "4 ranks".
+fn ranks_word(n: usize) -> String {
+    if n == 1 {
+        "1 rank".into()
+    } else {
+        format!("{n} ranks")
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The store server's warnings (a refused client) go to efarun's stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("efa_core=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .without_time()
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -280,7 +336,19 @@ async fn run(args: Args) -> u8 {
 
 async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
     let store_addr = args.host_store.as_deref().unwrap_or("127.0.0.1:0");
-    let server = match TcpStoreServer::bind(store_addr) {
+    // The job's secret: the user's, if they chose one with -x, else a fresh one.
+    let token = match args.env.iter().rev().find(|(k, _)| k == "EFA_STORE_TOKEN") {
+        Some((_, v)) => StoreToken::new(v),
+        None => StoreToken::generate(),
+    };
+    let token = match token {
+        Ok(t) => t,
+        Err(e) => {
+            say(tx, format!("cannot set up the store's token: {e}"));
+            return 2;
+        }
+    };
+    let server = match TcpStoreServer::bind_with_token(store_addr, Some(token.clone())) {
         Ok(s) => s,
         Err(e) => {
             say(tx, format!("cannot serve the rendezvous store: {e}"));
@@ -331,6 +399,7 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
             .env("EFA_LOCAL_SIZE", args.n.to_string())
             .env("EFA_STORE", &store)
             .env("EFA_STORE_SERVED", "1")
+            .env("EFA_STORE_TOKEN", token.as_str())
             .envs(args.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -379,18 +448,22 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
 
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let timeout_at = args.timeout.map(|t| Instant::now() + t);
-    let mut timed_out = false;
-    let mut first_failure: Option<(u32, Outcome)> = None;
+    let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
     let mut signals_seen = 0u32;
+    // Signals efarun sent to the ranks' groups, and how each rank ended (with whether efarun
+    // had started stopping the job by then).
+    let mut sent: Vec<Signal> = Vec::new();
+    let mut ended: BTreeMap<u32, (Outcome, bool)> = BTreeMap::new();
 
     while !running.is_empty() {
         tokio::select! {
             Some((rank, outcome)) = exit_rx.recv() => {
                 running.remove(&rank);
-                if !outcome.success() && first_failure.is_none() && !timed_out {
-                    first_failure = Some((rank, outcome));
-                    if running.is_empty() || signals_seen > 0 {
+                ended.insert(rank, (outcome, !sent.is_empty()));
+                if !outcome.success() && stop.is_none() {
+                    stop = Some(Stop::RankFailed(rank, outcome));
+                    if running.is_empty() {
                         say(tx, format!("rank {rank} {}", outcome.describe()));
                     } else {
                         say(tx, format!(
@@ -398,17 +471,19 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
                             outcome.describe(), running.len(), fmt_ranks(&running)
                         ));
                         signal_groups(&pgids, Signal::SIGTERM);
+                        sent.push(Signal::SIGTERM);
                         kill_at.get_or_insert(Instant::now() + args.grace);
                     }
                 }
             }
-            _ = tokio::time::sleep_until(timeout_at.unwrap_or(far)), if timeout_at.is_some() && !timed_out => {
-                timed_out = true;
+            _ = tokio::time::sleep_until(timeout_at.unwrap_or(far)), if timeout_at.is_some() && stop.is_none() => {
+                stop = Some(Stop::Timeout);
                 say(tx, format!(
                     "timeout: {:?} elapsed with rank(s) {} still running; killing them",
                     args.timeout.unwrap_or_default(), fmt_ranks(&running)
                 ));
                 signal_groups(&pgids, Signal::SIGTERM);
+                sent.push(Signal::SIGTERM);
                 kill_at = Some(kill_at.map_or(Instant::now() + args.grace, |k| k.min(Instant::now() + args.grace)));
             }
             _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
@@ -417,17 +492,24 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
                     fmt_ranks(&running), args.grace
                 ));
                 signal_groups(&pgids, Signal::SIGKILL);
+                sent.push(Signal::SIGKILL);
                 kill_at = None;
             }
             Some(sig) = sig_rx.recv() => {
                 signals_seen += 1;
+                stop.get_or_insert(Stop::Signal(sig));
                 if signals_seen == 1 {
-                    say(tx, format!("received {sig}; forwarding it to rank(s) {}", fmt_ranks(&running)));
+                    say(tx, format!(
+                        "got {sig}, stopping {} ({}: forwarding {sig}, SIGKILL after {:?})",
+                        ranks_word(running.len()), fmt_ranks(&running), args.grace
+                    ));
                     signal_groups(&pgids, sig);
+                    sent.push(sig);
                     kill_at.get_or_insert(Instant::now() + args.grace);
                 } else {
-                    say(tx, format!("received {sig} again; killing rank(s) {}", fmt_ranks(&running)));
+                    say(tx, format!("got {sig} again; killing rank(s) {} now", fmt_ranks(&running)));
                     signal_groups(&pgids, Signal::SIGKILL);
+                    sent.push(Signal::SIGKILL);
                     kill_at = None;
                 }
             }
@@ -454,11 +536,47 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
     }
     drop(server);
 
-    if timed_out {
-        124
-    } else if let Some((_, outcome)) = first_failure {
-        outcome.exit_code()
+    if let Some(stop) = stop {
+        summarize(tx, stop, &ended, &sent, args.n);
+    }
+    match stop {
+        None => 0,
+        Some(Stop::RankFailed(_, outcome)) => outcome.exit_code(),
+        Some(Stop::Timeout) => 124,
+        Some(Stop::Signal(sig)) => (128 + sig as i32).min(255) as u8,
+    }
+}
+
+/// The job's end on stderr: what stopped it, then one line per rank that did not exit 0.
+fn summarize(
+    tx: &mpsc::Sender<Out>,
+    stop: Stop,
+    ended: &BTreeMap<u32, (Outcome, bool)>,
+    sent: &[Signal],
+    n: u32,
+) {
+    let failed: Vec<_> = ended.iter().filter(|(_, (o, _))| !o.success()).collect();
+    let why = match stop {
+        Stop::RankFailed(rank, outcome) => {
+            format!("rank {rank} failed first and {}", outcome.describe())
+        }
+        Stop::Timeout => "stopped by efarun's --timeout".into(),
+        Stop::Signal(sig) => format!("stopped by {sig} sent to efarun"),
+    };
+    let count = if failed.is_empty() {
+        "every rank exited with 0".to_owned()
     } else {
-        0
+        format!("{} of {n} ranks did not exit with 0:", failed.len())
+    };
+    say(tx, format!("job summary: {why}; {count}"));
+    for (rank, (outcome, after_stop)) in failed {
+        let note = match outcome {
+            Outcome::Signaled(s, _) if sent.iter().any(|&x| x as i32 == *s) && *after_stop => {
+                ", sent by efarun"
+            }
+            _ if *after_stop => ", after efarun began stopping the job",
+            _ => "",
+        };
+        say(tx, format!("  rank {rank} {}{note}", outcome.describe()));
     }
 }

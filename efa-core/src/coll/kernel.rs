@@ -8,7 +8,7 @@
 //! once, every partial sum of the whole schedule is an `f32` (and travels as `f32` on the
 //! wire, so these types move twice the bytes), and the final result is rounded once.
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Pod;
 use half::{bf16, f16};
 
 /// A reduction operator.
@@ -232,22 +232,108 @@ pub(crate) fn reduce_bytes<A: Accum>(dst: &mut [u8], src: &[u8], op: ReduceOp, o
 
 /// The serial reference: `inputs[0] ⊕ inputs[1] ⊕ ...` left to right, then the average's
 /// division; for tests.
+///
+/// It shares no code with the reduction kernels ([`Accum::reduce`], [`Accum::divide`]): each
+/// element is reduced one at a time by the plain scalar rules of [`ReduceOp`], so that a test
+/// comparing a collective's result with this one checks the kernels against an independent
+/// implementation. The rules: integers wrap (sum, product), and an integer average is the
+/// wrapped sum divided by the number of inputs, rounded toward zero; `f32` and `f64` are
+/// reduced in their own type, `f16` and `bf16` in `f32` and rounded once at the end; a float
+/// min or max ignores NaN unless every input is NaN.
+///
+/// # Panics
+/// If the inputs differ in length (a test's own mistake).
 pub fn reference<T: Element>(inputs: &[Vec<T>], op: ReduceOp) -> Vec<T> {
     let Some(first) = inputs.first() else {
         return Vec::new();
     };
-    let mut acc = vec![T::Acc::zeroed(); first.len()];
-    T::to_acc(first, &mut acc);
-    let mut tmp = acc.clone();
-    for x in &inputs[1..] {
-        T::to_acc(x, &mut tmp);
-        T::Acc::reduce(&mut acc, &tmp, op, Order::DstFirst);
-    }
-    if op == ReduceOp::Avg {
-        T::Acc::divide(&mut acc, inputs.len() as u32);
-    }
+    assert!(
+        inputs.iter().all(|x| x.len() == first.len()),
+        "reference: inputs of different lengths"
+    );
+    let n = inputs.len();
     let mut out = first.clone();
-    T::from_acc(&acc, &mut out);
+    macro_rules! ints {
+        ($t:ty) => {{
+            let ins: Vec<&[$t]> = inputs.iter().map(|x| bytemuck::cast_slice(x)).collect();
+            let dst: &mut [$t] = bytemuck::cast_slice_mut(&mut out);
+            for (i, d) in dst.iter_mut().enumerate() {
+                let mut acc: $t = ins[0][i];
+                for x in &ins[1..] {
+                    let v: $t = x[i];
+                    acc = match op {
+                        ReduceOp::Sum | ReduceOp::Avg => acc.wrapping_add(v),
+                        ReduceOp::Prod => acc.wrapping_mul(v),
+                        ReduceOp::Min => {
+                            if v < acc {
+                                v
+                            } else {
+                                acc
+                            }
+                        }
+                        ReduceOp::Max => {
+                            if v > acc {
+                                v
+                            } else {
+                                acc
+                            }
+                        }
+                    };
+                }
+                if op == ReduceOp::Avg {
+                    // Rounded toward zero, in a type wide enough for every rank count.
+                    acc = (i128::from(acc) / n as i128) as $t;
+                }
+                *d = acc;
+            }
+        }};
+    }
+    macro_rules! floats {
+        ($t:ty, $acc:ty, $widen:expr, $narrow:expr) => {{
+            let ins: Vec<&[$t]> = inputs.iter().map(|x| bytemuck::cast_slice(x)).collect();
+            let dst: &mut [$t] = bytemuck::cast_slice_mut(&mut out);
+            for (i, d) in dst.iter_mut().enumerate() {
+                let mut acc: $acc = $widen(ins[0][i]);
+                for x in &ins[1..] {
+                    let v: $acc = $widen(x[i]);
+                    acc = match op {
+                        ReduceOp::Sum | ReduceOp::Avg => acc + v,
+                        ReduceOp::Prod => acc * v,
+                        ReduceOp::Min => {
+                            if acc.is_nan() || v < acc {
+                                v
+                            } else {
+                                acc
+                            }
+                        }
+                        ReduceOp::Max => {
+                            if acc.is_nan() || v > acc {
+                                v
+                            } else {
+                                acc
+                            }
+                        }
+                    };
+                }
+                if op == ReduceOp::Avg {
+                    acc /= n as $acc;
+                }
+                *d = $narrow(acc);
+            }
+        }};
+    }
+    match T::DTYPE {
+        DType::I8 => ints!(i8),
+        DType::U8 => ints!(u8),
+        DType::I32 => ints!(i32),
+        DType::U32 => ints!(u32),
+        DType::I64 => ints!(i64),
+        DType::U64 => ints!(u64),
+        DType::F32 => floats!(f32, f32, |x: f32| x, |x: f32| x),
+        DType::F64 => floats!(f64, f64, |x: f64| x, |x: f64| x),
+        DType::F16 => floats!(f16, f32, |x: f16| x.to_f32(), f16::from_f32),
+        DType::Bf16 => floats!(bf16, f32, |x: bf16| x.to_f32(), bf16::from_f32),
+    }
     out
 }
 

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use bytemuck::Zeroable;
 
 use crate::comm::{Communicator, OwnedRecv, SendRequest, Source};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SettingError};
 pub use kernel::{Accum, DType, Element, Order, ReduceOp};
 use schedule::{Action, Step};
 
@@ -108,38 +108,74 @@ impl Default for CollConfig {
 }
 
 impl CollConfig {
-    /// Defaults overridden by `EFA_ALLREDUCE_ALGO`, `EFA_COLL_RING_MIN`, `EFA_COLL_CHUNK`
-    /// and `EFA_COLL_CHECK`.
+    /// Defaults overridden by `EFA_ALLREDUCE_ALGO` (`auto`, `rd` or `recursive_doubling`,
+    /// `ring`; any case), `EFA_COLL_RING_MIN` (bytes), `EFA_COLL_CHUNK` (bytes, at least 64)
+    /// and `EFA_COLL_CHECK` (`1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`). Unset or blank
+    /// variables keep the defaults.
     ///
     /// # Errors
-    /// [`Error::Config`] naming a variable with a bad value.
+    /// [`Error::Setting`] naming the variable, its value and the accepted forms.
     pub fn from_env() -> Result<CollConfig> {
+        Self::from_lookup(&|k| crate::error::env_var(k, "see CollConfig::from_env"))
+            .map_err(Error::Setting)
+    }
+
+    /// [`CollConfig::from_env`] over a lookup (`Ok(None)`: unset).
+    fn from_lookup(
+        var: &dyn Fn(&'static str) -> std::result::Result<Option<String>, SettingError>,
+    ) -> std::result::Result<CollConfig, SettingError> {
+        const ALGOS: &str = "auto, rd (or recursive_doubling), ring";
+        const BYTES: &str = "a whole number of bytes, e.g. 65536";
+        const CHUNK: &str = "a whole number of bytes, at least 64, e.g. 262144";
+        const SWITCH: &str = "1, true, yes, on, or 0, false, no, off";
         let mut c = CollConfig::default();
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let Some(v) = var("EFA_ALLREDUCE_ALGO") {
-            c.algorithm = match v.as_str() {
+        if let Some(v) = var("EFA_ALLREDUCE_ALGO")? {
+            c.algorithm = match v.trim().to_ascii_lowercase().as_str() {
                 "auto" => Algorithm::Auto,
                 "rd" | "recursive_doubling" => Algorithm::RecursiveDoubling,
                 "ring" => Algorithm::Ring,
                 _ => {
-                    return Err(Error::Config(format!(
-                        "EFA_ALLREDUCE_ALGO={v:?} (expected auto, rd or ring)"
-                    )))
+                    return Err(SettingError::env(
+                        "EFA_ALLREDUCE_ALGO",
+                        v,
+                        "not an allreduce algorithm",
+                        ALGOS,
+                    ))
                 }
             };
         }
-        let bytes = |k: &str, v: String| {
-            v.parse::<usize>()
-                .map_err(|_| Error::Config(format!("{k}={v:?} is not a number of bytes")))
+        let bytes = |k: &'static str, v: String, forms: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| SettingError::env(k, v.clone(), "not a whole number of bytes", forms))
         };
-        if let Some(v) = var("EFA_COLL_RING_MIN") {
-            c.ring_threshold = bytes("EFA_COLL_RING_MIN", v)?;
+        if let Some(v) = var("EFA_COLL_RING_MIN")? {
+            c.ring_threshold = bytes("EFA_COLL_RING_MIN", v, BYTES)?;
         }
-        if let Some(v) = var("EFA_COLL_CHUNK") {
-            c.chunk_bytes = bytes("EFA_COLL_CHUNK", v)?.max(64);
+        if let Some(v) = var("EFA_COLL_CHUNK")? {
+            c.chunk_bytes = bytes("EFA_COLL_CHUNK", v.clone(), CHUNK)?;
+            if c.chunk_bytes < 64 {
+                return Err(SettingError::env(
+                    "EFA_COLL_CHUNK",
+                    v,
+                    "below the smallest chunk of 64 bytes",
+                    CHUNK,
+                ));
+            }
         }
-        if let Some(v) = var("EFA_COLL_CHECK") {
-            c.check = !matches!(v.as_str(), "0" | "false" | "no" | "off");
+        if let Some(v) = var("EFA_COLL_CHECK")? {
+            c.check = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(SettingError::env(
+                        "EFA_COLL_CHECK",
+                        v,
+                        "not a switch",
+                        SWITCH,
+                    ))
+                }
+            };
         }
         Ok(c)
     }
@@ -154,10 +190,12 @@ impl CollConfig {
 }
 
 fn env_config() -> Result<&'static CollConfig> {
-    static CFG: OnceLock<std::result::Result<CollConfig, String>> = OnceLock::new();
-    CFG.get_or_init(|| CollConfig::from_env().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| Error::Config(e.clone()))
+    static CFG: OnceLock<std::result::Result<CollConfig, SettingError>> = OnceLock::new();
+    CFG.get_or_init(|| {
+        CollConfig::from_lookup(&|k| crate::error::env_var(k, "see CollConfig::from_env"))
+    })
+    .as_ref()
+    .map_err(|e| Error::Setting(e.clone()))
 }
 
 /// Which collective (part of the argument check).
@@ -669,7 +707,9 @@ fn allreduce_seq<T: Element>(
     ex.agree(&d, cfg)?;
     if bad {
         return Err(Error::Config(
-            "allreduce_into: send and recv lengths differ".into(),
+            "allreduce_into: the send and receive buffers differ in length; pass buffers of the \
+             same length"
+                .into(),
         ));
     }
     let me = comm.rank();
@@ -795,7 +835,8 @@ fn allgatherv_seq<T: Element>(
     ex.agree(&d, cfg)?;
     if bad {
         return Err(Error::Config(format!(
-            "{}: buffer lengths do not match the counts",
+            "{}: buffer lengths do not match the counts; pass size() counts, a send buffer of \
+             counts[rank()] elements and a receive buffer of their sum",
             kind.name()
         )));
     }
@@ -947,7 +988,7 @@ impl Communicator {
     ///
     /// # Errors
     /// [`Error::Protocol`] when ranks pass different lengths, types or operators;
-    /// [`Error::Timeout`] naming a failed rank; [`Error::Config`] for a bad `EFA_*` setting;
+    /// [`Error::Timeout`] naming a failed rank; [`Error::Setting`] for a bad `EFA_*` setting;
     /// fabric errors.
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let cfg = env_config()?;
@@ -1478,4 +1519,87 @@ fn barrier_seq(comm: &Communicator, seq: u32) -> Result<()> {
         ..CollConfig::default()
     };
     ex.agree(&Desc::new(Kind::Barrier, 0), &cfg)
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&'static str, &str)]) -> std::result::Result<CollConfig, SettingError> {
+        let pairs: Vec<(&'static str, String)> =
+            pairs.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        CollConfig::from_lookup(&|k| {
+            Ok(pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.trim().is_empty()))
+        })
+    }
+
+    #[test]
+    fn good_values() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.algorithm, Algorithm::Auto);
+        assert!(c.check);
+        let c = cfg(&[
+            ("EFA_ALLREDUCE_ALGO", "Ring"),
+            ("EFA_COLL_RING_MIN", " 1024 "),
+            ("EFA_COLL_CHUNK", "64"),
+            ("EFA_COLL_CHECK", "off"),
+        ])
+        .unwrap();
+        assert_eq!(c.algorithm, Algorithm::Ring);
+        assert_eq!(
+            (c.ring_threshold, c.chunk_bytes, c.check),
+            (1024, 64, false)
+        );
+        let c = cfg(&[
+            ("EFA_ALLREDUCE_ALGO", "recursive_doubling"),
+            ("EFA_COLL_CHECK", "YES"),
+        ])
+        .unwrap();
+        assert_eq!(c.algorithm, Algorithm::RecursiveDoubling);
+        assert!(c.check);
+    }
+
+    #[test]
+    fn bad_values_name_variable_value_and_forms() {
+        for (var, value, text) in [
+            (
+                "EFA_ALLREDUCE_ALGO",
+                "tree",
+                "EFA_ALLREDUCE_ALGO=\"tree\": not an allreduce algorithm; accepted: auto, rd \
+                 (or recursive_doubling), ring",
+            ),
+            (
+                "EFA_COLL_RING_MIN",
+                "-1",
+                "EFA_COLL_RING_MIN=\"-1\": not a whole number of bytes; accepted: a whole \
+                 number of bytes, e.g. 65536",
+            ),
+            (
+                "EFA_COLL_CHUNK",
+                "63",
+                "EFA_COLL_CHUNK=\"63\": below the smallest chunk of 64 bytes; accepted: a \
+                 whole number of bytes, at least 64, e.g. 262144",
+            ),
+            (
+                "EFA_COLL_CHUNK",
+                "1M",
+                "EFA_COLL_CHUNK=\"1M\": not a whole number of bytes; accepted: a whole number \
+                 of bytes, at least 64, e.g. 262144",
+            ),
+            (
+                "EFA_COLL_CHECK",
+                "flase",
+                "EFA_COLL_CHECK=\"flase\": not a switch; accepted: 1, true, yes, on, or 0, \
+                 false, no, off",
+            ),
+        ] {
+            let e = cfg(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var(), Some(var));
+            assert_eq!(e.to_string(), text);
+        }
+    }
 }

@@ -28,6 +28,34 @@ pub fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> Output {
     out
 }
 
+/// Prints that the running test is skipped, and why: `SKIPPED: <test>: <why>`, straight to
+/// this process's stderr, past the test harness's output capture, so that the reason reaches
+/// the CI log (ci/test lists every such line and counts the test as skipped, not passed).
+pub fn skip_test(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
+}
+
+/// Asserts that every rank of a job's output (lines `route A->B: <transport> ...`, printed by
+/// the child tests) reached every other rank over `transport`.
+pub fn assert_routes(text: &str, n: u32, transport: &str) {
+    for a in 0..n {
+        for b in (0..n).filter(|&b| b != a) {
+            let line = text
+                .lines()
+                .find(|l| l.contains(&format!("route {a}->{b}: ")))
+                .unwrap_or_else(|| panic!("rank {a} printed no route to {b}:\n{text}"));
+            let got = line
+                .split(&format!("route {a}->{b}: "))
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("");
+            assert_eq!(got, transport, "route {a}->{b}: {line}");
+        }
+    }
+}
+
 /// True inside a rank of a job (the child tests do nothing when run on their own).
 pub fn in_job() -> bool {
     std::env::var_os("EFA_RANK").is_some()

@@ -4,7 +4,9 @@
 //! VM) selects one; otherwise every provider in [`CANDIDATES`] that `fi_getinfo` reports is
 //! tested. IP providers are pinned to `EFA_TEST_DOMAIN` (default `lo`) so that test traffic
 //! never leaves the machine. `EFA_TEST_MIN_PROVIDERS` makes a test fail when fewer providers
-//! than that were exercised, so a CI run can never pass by testing nothing.
+//! than that were exercised, so a CI run can never pass by testing nothing: a provider on
+//! which a test's body skipped its checks ([`Outcome::Skipped`]) is not counted. Every skip
+//! prints `SKIPPED: ...` and its reason to stderr, where the CI log shows it.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,16 +56,107 @@ pub fn info_for(provider: &str, caps: Caps) -> Result<Info, String> {
         .ok_or_else(|| format!("{provider}: fi_getinfo returned only other providers"))
 }
 
+/// What a provider loop's body did on one provider: ran its checks, or skipped them (why).
+/// Every body says which, so that a loop can never count a skip as a test.
+#[must_use]
+#[derive(Debug)]
+pub enum Outcome {
+    /// The checks ran (and passed: a failure panics).
+    Ran,
+    /// Nothing was checked on this provider, for this reason.
+    Skipped(String),
+}
+
+/// Prints `SKIPPED: <what>: <why>` straight to this process's stderr, past the test
+/// harness's output capture, so that every skip's reason reaches the CI log (ci/test lists
+/// them and counts the whole-test ones). `what` is the test's name (as the harness names
+/// it) for a whole test, or `<test> [<part>]` for a part of one.
+pub fn print_skip(what: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {what}: {why}");
+}
+
+/// The running test's name as the harness reports it (its thread's name).
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_string()
+}
+
+/// Prints that the whole running test is skipped, and why (see [`print_skip`]).
+pub fn skip_test(why: &str) {
+    print_skip(&test_name(), why);
+}
+
+/// Providers named in the run: `EFA_TEST_PROVIDER`, else every candidate.
+fn wanted_providers() -> (Vec<String>, bool) {
+    match std::env::var("EFA_TEST_PROVIDER") {
+        Ok(p) => (vec![p], true),
+        Err(_) => (CANDIDATES.iter().map(|s| s.to_string()).collect(), false),
+    }
+}
+
+/// A provider that is not present is reported once per test process (the reason is the
+/// same for every test), naming the binary.
+fn note_absent(provider: &str, why: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.iter().any(|p| p == provider) {
+        return;
+    }
+    seen.push(provider.to_string());
+    let exe = std::env::current_exe().ok();
+    let bin = exe
+        .as_deref()
+        .and_then(|e| e.file_name())
+        .and_then(|n| n.to_str())
+        .map(|n| n.rsplit_once('-').map_or(n, |(b, _)| b).to_string())
+        .unwrap_or_else(|| "tests".into());
+    print_skip(&format!("{bin} [provider {provider}]"), why);
+}
+
 /// Runs `f` once per provider present with `caps`, printing what ran and what was skipped
-/// (and why). Returns how many providers ran. Fails if fewer than `EFA_TEST_MIN_PROVIDERS`
-/// ran, and always if none did.
-pub fn for_each_provider(test: &str, caps: Caps, mut f: impl FnMut(&Info)) -> usize {
-    let wanted: Vec<String> = match std::env::var("EFA_TEST_PROVIDER") {
-        Ok(p) => vec![p],
-        Err(_) => CANDIDATES.iter().map(|s| s.to_string()).collect(),
-    };
+/// (and why). Returns how many providers ran the checks. Fails if fewer than
+/// `EFA_TEST_MIN_PROVIDERS` did, and always if none did: a provider whose body returned
+/// [`Outcome::Skipped`] does not count.
+pub fn for_each_provider(test: &str, caps: Caps, f: impl FnMut(&Info) -> Outcome) -> usize {
+    let (wanted, _) = wanted_providers();
+    let min: usize = std::env::var("EFA_TEST_MIN_PROVIDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    run_providers(test, caps, &wanted, min.max(1), f)
+}
+
+/// Like [`for_each_provider`], on the providers for which `applies` holds. When none of the
+/// providers present here (or none named by `EFA_TEST_PROVIDER`) applies, the whole test is
+/// skipped, printing `why_not`; otherwise at least one of them must run the checks.
+pub fn for_each_provider_where(
+    test: &str,
+    caps: Caps,
+    applies: fn(&str) -> bool,
+    why_not: &str,
+    f: impl FnMut(&Info) -> Outcome,
+) -> usize {
+    let (wanted, named) = wanted_providers();
+    let present = |p: &String| named || info_for(p, caps).is_ok();
+    let all: Vec<String> = wanted.into_iter().filter(present).collect();
+    let matching: Vec<String> = all.iter().filter(|p| applies(p)).cloned().collect();
+    if matching.is_empty() {
+        skip_test(&format!("{why_not} (providers here: {})", all.join(", ")));
+        return 0;
+    }
+    run_providers(test, caps, &matching, 1, f)
+}
+
+fn run_providers(
+    test: &str,
+    caps: Caps,
+    providers: &[String],
+    min: usize,
+    mut f: impl FnMut(&Info) -> Outcome,
+) -> usize {
     let mut ran = Vec::new();
-    for p in &wanted {
+    let mut skipped = Vec::new();
+    for p in providers {
         match info_for(p, caps) {
             Ok(info) => {
                 let t = Instant::now();
@@ -72,22 +165,25 @@ pub fn for_each_provider(test: &str, caps: Caps, mut f: impl FnMut(&Info)) -> us
                     info.fabric(),
                     info.domain()
                 );
-                f(&info);
-                println!("{test}: {p} ok in {:?}", t.elapsed());
-                ran.push(p.clone());
+                match f(&info) {
+                    Outcome::Ran => {
+                        println!("{test}: {p} ok in {:?}", t.elapsed());
+                        ran.push(p.clone());
+                    }
+                    Outcome::Skipped(why) => {
+                        print_skip(&format!("{} [{p}]", test_name()), &why);
+                        skipped.push(p.clone());
+                    }
+                }
             }
-            Err(why) => println!("{test}: SKIPPED {why}"),
+            Err(why) => note_absent(p, &why),
         }
     }
-    let min: usize = std::env::var("EFA_TEST_MIN_PROVIDERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
     assert!(
-        ran.len() >= min.max(1),
-        "{test}: ran on {} provider(s) {ran:?}, fewer than the required {}",
+        ran.len() >= min,
+        "{test}: the checks ran on {} provider(s) {ran:?} (skipped on {skipped:?}), fewer than \
+         the required {min}",
         ran.len(),
-        min.max(1)
     );
     ran.len()
 }

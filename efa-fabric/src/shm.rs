@@ -1,0 +1,381 @@
+//! The `shm` provider's shared-memory regions: their names, their permissions, and cleanup.
+//!
+//! Every `shm` endpoint owns one region, a file of about 16 MiB in `/dev/shm` that peers on
+//! the same host map to deliver messages. This module makes sure that none is left behind
+//! and that none is readable by another user:
+//!
+//! - **Names.** [`EndpointBuilder::build`](crate::EndpointBuilder::build) names each region
+//!   `efa-<pid>-<start>-<pidns>-<nanos>-<seq>`: the creating process's pid, its start time
+//!   (clock ticks since boot, field 22 of `/proc/<pid>/stat`), its pid namespace (the inode of
+//!   `/proc/<pid>/ns/pid`), the creation time (nanoseconds since the epoch, hex) and a
+//!   per-process counter. The name is unique over time, and it says exactly which process
+//!   owns the region, even after the pid has been reused. (`efa-<pid>-<nanos>-<seq>` names
+//!   are from earlier versions; libfabric's own `<pid>:<uid>:<n>` names are never used by
+//!   efa-rs endpoints.)
+//! - **Permissions.** libfabric (1.17 and 2.x) creates the region with `shm_open(..., O_CREAT |
+//!   O_EXCL, 0600)`, which the umask can only narrow. After `fi_enable` the region is checked:
+//!   it must be a regular file owned by this process's effective uid; group or other access
+//!   bits are removed (mode 0600). A region owned by someone else fails the open with
+//!   [`crate::Error::ShmRegion`].
+//! - **Clean exit.** Closing the endpoint (dropping the last handle) makes the provider
+//!   unlink the region. Endpoints that are never dropped (a handle in a `static`, a leaked
+//!   handle, `std::process::exit`) are unlinked by an `atexit` handler. `SIGINT`, `SIGTERM`,
+//!   `SIGSEGV` and `SIGBUS` are covered by the provider's own signal handlers.
+//! - **Killed processes.** `SIGKILL` (or a power cut of the process) leaves the region. Each
+//!   time an `shm` endpoint is opened, [`reclaim_stale_regions`] removes the regions that
+//!   efa-rs named, that belong to this effective uid and whose owner is gone. So the next job
+//!   on the host cleans up after a killed one, and a host cannot fill up.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// The directory in which glibc's `shm_open` creates its files.
+pub const SHM_DIR: &str = "/dev/shm";
+
+const PREFIX: &str = "efa-";
+
+/// Who created a region, as its name records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionOwner {
+    /// Process id of the creator.
+    pub pid: u32,
+    /// The creator's start time in clock ticks since boot (`/proc/<pid>/stat` field 22);
+    /// `None` for names of earlier efa-rs versions, `Some(0)` where `/proc` was unreadable.
+    pub start: Option<u64>,
+    /// Inode of the creator's pid namespace (`/proc/<pid>/ns/pid`); same convention.
+    pub pid_ns: Option<u64>,
+}
+
+/// Parses a region name that efa-rs gave (see the [module docs](self)); `None` for any other
+/// file name, e.g. libfabric's own `<pid>:<uid>:<n>`.
+pub fn parse_region_name(name: &str) -> Option<RegionOwner> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let f: Vec<&str> = rest.split('-').collect();
+    let dec = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let pid = u32::try_from(dec(f.first()?)?).ok()?;
+    match f.len() {
+        // efa-<pid>-<start>-<pidns>-<nanos hex>-<seq>
+        5 if hex(f[3]) && dec(f[4]).is_some() => Some(RegionOwner {
+            pid,
+            start: Some(dec(f[1])?),
+            pid_ns: Some(dec(f[2])?),
+        }),
+        // Earlier versions: efa-<pid>-<nanos hex>-<seq>
+        3 if hex(f[1]) && dec(f[2]).is_some() => Some(RegionOwner {
+            pid,
+            start: None,
+            pid_ns: None,
+        }),
+        _ => None,
+    }
+}
+
+/// Start time (clock ticks since boot) of process `pid`, from `/proc/<pid>/stat`.
+fn proc_start(pid: &str) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_start(&stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))
+}
+
+/// Field 22 (starttime) of a `/proc/<pid>/stat` line.
+fn stat_start(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may contain spaces and ')'; field 3
+    // (state) is the first after the last ')', so starttime is the 20th.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Inode of the pid namespace of process `pid` (`pid:[4026531836]`).
+fn proc_pid_ns(pid: &str) -> io::Result<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/pid"))?;
+    link.to_str()
+        .and_then(|s| s.strip_prefix("pid:["))
+        .and_then(|s| s.strip_suffix(']'))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected ns/pid link"))
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// A new region name for this process (see the [module docs](self)).
+pub(crate) fn new_region_name() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // 0 where /proc cannot tell: such regions are never reclaimed by other processes.
+    let start = proc_start("self").unwrap_or(0);
+    let ns = proc_pid_ns("self").unwrap_or(0);
+    format!(
+        "{PREFIX}{}-{start}-{ns}-{nanos:x}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Regions of this process whose endpoints are open, for the `atexit` handler.
+static OPEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records an enabled endpoint's region (and installs the `atexit` handler once).
+pub(crate) fn opened(name: &str) {
+    static AT_EXIT: Once = Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: unlink_at_exit is an `extern "C" fn()` taking nothing, as atexit needs. It
+        // does not panic (no unwrap; parse_region_name indexes only within checked lengths),
+        // and a panic could not unwind out of an `extern "C"` fn anyway (it aborts).
+        if unsafe { libc::atexit(unlink_at_exit) } != 0 {
+            tracing::warn!("atexit failed: shm regions of endpoints never closed may be left in /dev/shm until the next job reclaims them");
+        }
+    });
+    OPEN.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(name.to_owned());
+}
+
+/// Forgets a region whose endpoint has been closed (the provider unlinked it).
+pub(crate) fn closed(name: &str) {
+    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = open.iter().position(|n| n == name) {
+        open.swap_remove(i);
+    }
+}
+
+/// Unlinks the regions of endpoints that are still open when the process exits (handles in
+/// statics or leaked, `std::process::exit`). Peers that have mapped a region keep their
+/// mapping; the name only keeps the file on tmpfs. Only regions that this very process
+/// created are unlinked: a child forked after an endpoint was opened inherits the list and
+/// this handler, and must not remove its parent's live regions.
+extern "C" fn unlink_at_exit() {
+    // Never block at exit: a thread that held the lock may have been stopped mid-way.
+    let open = match OPEN.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
+    let me = std::process::id();
+    for name in open.iter() {
+        if parse_region_name(name).is_some_and(|o| o.pid == me) {
+            let _ = std::fs::remove_file(Path::new(SHM_DIR).join(name));
+        }
+    }
+}
+
+/// Checks that an enabled endpoint's region is private: a regular file owned by this
+/// process's effective uid, mode 0600 (group and other bits are removed if a provider
+/// version set them).
+///
+/// # Errors
+/// [`Error::ShmRegion`] when the file is not a regular file, is owned by another uid, or its
+/// mode cannot be narrowed.
+pub(crate) fn check_private(name: &str) -> Result<()> {
+    let path = Path::new(SHM_DIR).join(name);
+    let fail = |problem: String| Error::ShmRegion {
+        path: path.clone(),
+        problem,
+    };
+    let md = match std::fs::symlink_metadata(&path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Not where glibc puts it: nothing to check or clean up here.
+            tracing::warn!(path = %path.display(), "shm region not found in {SHM_DIR}; its mode and cleanup are not checked");
+            return Ok(());
+        }
+        Err(e) => return Err(fail(format!("cannot stat it: {e}"))),
+    };
+    if !md.file_type().is_file() {
+        return Err(fail(format!("not a regular file ({:?})", md.file_type())));
+    }
+    let me = euid();
+    if md.uid() != me {
+        return Err(fail(format!(
+            "owned by uid {}, not by this process's uid {me}: another user created a file \
+             with this endpoint's name",
+            md.uid()
+        )));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "shm region created with mode {mode:o}; narrowing it to 0600");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail(format!("mode {mode:o} and chmod 0600 failed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// What [`reclaim_stale_regions`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The files removed.
+    pub files: Vec<PathBuf>,
+    /// Their total size in bytes.
+    pub bytes: u64,
+}
+
+/// Why a region is stale, or `None` if it must be kept.
+fn stale_because(owner: &RegionOwner, my_ns: u64) -> Option<&'static str> {
+    let pid = owner.pid.to_string();
+    match (owner.start, owner.pid_ns) {
+        (Some(start), Some(ns)) => {
+            if start == 0 || ns == 0 || ns != my_ns {
+                // The creator could not be identified, or lives in another pid namespace
+                // (a container sharing /dev/shm) whose pids we cannot see: keep.
+                return None;
+            }
+            match proc_start(&pid) {
+                Ok(s) if s == start => None, // the owner is alive (or an unreaped zombie)
+                Ok(_) => Some("its pid now belongs to another process"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Some("its process is gone"),
+                Err(_) => None, // racing the process's exit, or /proc hides it: next time
+            }
+        }
+        // Earlier versions' names record the pid only.
+        _ => match std::fs::symlink_metadata(format!("/proc/{pid}")) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Some("its process is gone"),
+            _ => None,
+        },
+    }
+}
+
+/// Removes the shared-memory regions in `/dev/shm` that efa-rs named, that belong to this
+/// process's effective uid, and whose creating process is gone (killed with `SIGKILL`, or
+/// crashed where no handler ran). Called each time an `shm` endpoint is opened; exposed for
+/// tools and tests.
+///
+/// What is never removed: files of other uids; names that efa-rs did not give (e.g.
+/// libfabric's `<pid>:<uid>:<n>`, which other libfabric programs use); regions whose creator
+/// is alive, recognised by pid *and* start time, so a reused pid does not protect a dead
+/// owner's region and a live owner's region is never taken; regions created in another pid
+/// namespace; regions whose creator could not be identified. Two jobs reclaiming at once
+/// only remove dead owners' files, so each may find a file already gone, which is fine.
+///
+/// # Errors
+/// Reading `/dev/shm` or `/proc/self` failed (then nothing was removed). Files that vanish
+/// or cannot be removed while scanning are skipped.
+pub fn reclaim_stale_regions() -> io::Result<Reclaimed> {
+    let my_ns = proc_pid_ns("self")?;
+    let me = euid();
+    let mut out = Reclaimed::default();
+    for entry in std::fs::read_dir(SHM_DIR)? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(parse_region_name) else {
+            continue;
+        };
+        let path = entry.path();
+        let Ok(md) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !md.file_type().is_file() || md.uid() != me {
+            continue;
+        }
+        let Some(why) = stale_because(&owner, my_ns) else {
+            continue;
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::debug!(path = %path.display(), bytes = md.len(), "removed stale shm region: {why}");
+                out.bytes += md.len();
+                out.files.push(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // another job got it first
+            Err(e) => {
+                tracing::debug!(path = %path.display(), "cannot remove stale shm region: {e}");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// [`reclaim_stale_regions`] as run when an `shm` endpoint is opened: failures are logged,
+/// never returned (a full or odd `/dev/shm` then shows up as the provider's own error).
+pub(crate) fn reclaim_on_open() {
+    match reclaim_stale_regions() {
+        Ok(r) if !r.files.is_empty() => tracing::info!(
+            files = r.files.len(),
+            bytes = r.bytes,
+            "removed shm regions left in {SHM_DIR} by processes that were killed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!("not reclaiming shm regions in {SHM_DIR}: {e}"),
+    }
+}
+
+/// The path of a region name, for [`Endpoint::shm_region`](crate::Endpoint::shm_region).
+pub(crate) fn region_path(name: &str) -> PathBuf {
+    Path::new(SHM_DIR).join(OsStr::new(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let n = new_region_name();
+        let o = parse_region_name(&n).expect("our own name parses");
+        assert_eq!(o.pid, std::process::id());
+        assert_eq!(o.start, Some(proc_start("self").unwrap()));
+        assert_eq!(o.pid_ns, Some(proc_pid_ns("self").unwrap()));
+        assert_ne!(n, new_region_name(), "names are unique");
+        assert!(n.len() < 255, "fits the provider's SMR_NAME_MAX");
+    }
+
+    #[test]
+    fn foreign_and_legacy_names() {
+        assert_eq!(
+            parse_region_name("efa-12652-18ecf9cc78115da3-0"),
+            Some(RegionOwner {
+                pid: 12652,
+                start: None,
+                pid_ns: None
+            })
+        );
+        assert_eq!(
+            parse_region_name("efa-7-123-4026531836-18ecf9cc78115da3-12"),
+            Some(RegionOwner {
+                pid: 7,
+                start: Some(123),
+                pid_ns: Some(4026531836)
+            })
+        );
+        for other in [
+            "12652:0:0",
+            "efa-",
+            "efa-x-1-2",
+            "efa-1-zz-2",
+            "efa-1-2-3-4",
+            "efa-1-2-3-ab-cd",
+            "efa-99999999999-1-2",
+            "sem.efa-1-2-3",
+            "efa-1--3",
+        ] {
+            assert_eq!(parse_region_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn stat_start_time_with_odd_command_name() {
+        // The command name may contain ") " and digits: starttime is counted from the last ')'.
+        let line = "4242 (a) b 1 2) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 \
+                    987654 12345678 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        assert_eq!(stat_start(line), Some(987654));
+        assert_eq!(stat_start("4242 (no close paren S 1 2"), None);
+        assert_eq!(stat_start("4242 (short) S 1 2 3"), None);
+        assert!(proc_start("self").unwrap() > 0);
+    }
+}
