@@ -42,10 +42,12 @@
 //!
 //! The server trusts no client. It buffers a frame's bytes as they arrive (an announced
 //! length costs nothing), and closes a connection that announces a frame over
-//! [`MAX_FRAME`] bytes, that has not said HELLO within 30 s of connecting (and the oldest
-//! one when more than 256 have not), that takes over 30 s to finish a frame it started or
-//! to read a reply, or that sends a request while its GET waits. A connection that closes
-//! while its GET waits departs at once.
+//! [`MAX_FRAME`] bytes, that has not said HELLO within 30 s of connecting (and, when more
+//! than 256 have not, the oldest of them that has been waiting for at least 2 s), that
+//! takes over 30 s to finish a frame it started or to read a reply, or that sends a request
+//! while its GET waits. A connection that closes while its GET waits departs at once. A
+//! client whose connection is dropped before HELLO is answered reconnects until its
+//! deadline.
 //!
 //! # Who may join
 //!
@@ -1102,14 +1104,18 @@ pub(crate) struct Limits {
     frame: Duration,
     /// Connections that have not said HELLO yet; when more pile up, the oldest is closed,
     /// so that silent or garbage-sending connections cannot use up the server's
-    /// descriptors.
+    /// descriptors...
     unidentified: usize,
+    /// ...but only once it has had this long to say HELLO, so that a storm of new
+    /// connections cannot push out a real client whose HELLO is on its way.
+    evict_after: Duration,
 }
 
 pub(crate) const LIMITS: Limits = Limits {
     hello: Duration::from_secs(30),
     frame: Duration::from_secs(30),
     unidentified: 256,
+    evict_after: Duration::from_secs(2),
 };
 
 /// Splits the bytes of one connection into frames (big-endian `u32` length, then the body)
@@ -1182,7 +1188,8 @@ impl FrameDecoder {
 #[derive(Debug, Default)]
 struct Unidentified {
     next_id: u64,
-    conns: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+    /// By id (so in order of arrival): the task and when it was accepted.
+    conns: std::collections::BTreeMap<u64, (tokio::task::AbortHandle, tokio::time::Instant)>,
 }
 
 /// Held by a connection until it says HELLO; dropping it takes the connection off the
@@ -1233,11 +1240,15 @@ async fn serve(
                         limits,
                         Some(guard),
                     ));
-                    list.conns.insert(id, task.abort_handle());
+                    let now = tokio::time::Instant::now();
+                    list.conns.insert(id, (task.abort_handle(), now));
                     while list.conns.len() > limits.unidentified {
-                        if let Some((_, oldest)) = list.conns.pop_first() {
-                            oldest.abort();
+                        let Some(entry) = list.conns.first_entry() else { break };
+                        if now.duration_since(entry.get().1) < limits.evict_after {
+                            // Everyone waiting is new: let the list grow for now.
+                            break;
                         }
+                        entry.remove().0.abort();
                         tracing::warn!(
                             limit = limits.unidentified,
                             "store: too many connections without HELLO; closed the oldest"
@@ -1600,6 +1611,28 @@ impl TcpStore {
     ) -> Result<Self, StoreError> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
+        // A connection the server drops before answering HELLO (it was busy shedding
+        // connections that never said HELLO, or restarting) is retried like a refused
+        // connect, until the deadline.
+        loop {
+            if let Some(store) =
+                Self::connect_once(addr, rank, token, deadline, start, &mut backoff)?
+            {
+                return Ok(store);
+            }
+        }
+    }
+
+    /// One attempt of [`TcpStore::connect_with_token`]: `None` if the server dropped the
+    /// connection before answering HELLO and the deadline has not passed.
+    fn connect_once(
+        addr: &str,
+        rank: u32,
+        token: Option<&StoreToken>,
+        deadline: Instant,
+        start: Instant,
+        backoff: &mut Duration,
+    ) -> Result<Option<Self>, StoreError> {
         let stream = loop {
             let err = match addr.to_socket_addrs() {
                 Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -1639,8 +1672,8 @@ impl TcpStore {
                 });
             }
             tracing::trace!(addr, error = %err, "store not reachable yet, retrying");
-            std::thread::sleep(backoff.min(left));
-            backoff = (backoff * 2).min(Duration::from_millis(250));
+            std::thread::sleep((*backoff).min(left));
+            *backoff = (*backoff * 2).min(Duration::from_millis(250));
         };
         let _ = stream.set_nodelay(true);
         let store = Self {
@@ -1658,9 +1691,28 @@ impl TcpStore {
             },
             None => Request::Hello { rank },
         };
-        store.request(&hello, Some(deadline))?;
-        tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
-        Ok(store)
+        match store.request(&hello, Some(deadline)) {
+            Ok(_) => {
+                tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
+                Ok(Some(store))
+            }
+            Err(StoreError::Io { ref source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                ) && !remaining(deadline).is_zero() =>
+            {
+                // `request` has dropped the connection: the caller tries again.
+                tracing::debug!(addr, rank, error = %source, "the store dropped the connection before HELLO was answered; reconnecting");
+                std::thread::sleep((*backoff).min(remaining(deadline)));
+                *backoff = (*backoff * 2).min(Duration::from_millis(250));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Starts a [`TcpStoreServer`] on `addr` without a token and connects to it as `rank`;
@@ -2022,6 +2074,7 @@ mod tests {
             hello: Duration::from_millis(300),
             frame: Duration::from_millis(300),
             unidentified: 4,
+            evict_after: Duration::ZERO,
         }
     }
 
@@ -2103,6 +2156,77 @@ mod tests {
             ));
         }
         assert_eq!(store.get("k", Instant::now()).unwrap(), b"v");
+    }
+
+    /// A server that drops a connection before answering HELLO (as when it sheds
+    /// connections) does not fail the client: it reconnects until the deadline.
+    #[test]
+    fn connect_retries_when_the_server_drops_the_connection_before_hello() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = std::thread::spawn(move || {
+            // First connection: read the HELLO, close without answering.
+            let (mut s, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            drop(s);
+            // Second: answer HELLO like a server.
+            let (mut s, _) = listener.accept().unwrap();
+            s.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+            assert_eq!(body[0], OP_HELLO);
+            s.write_all(&[0, 0, 0, 1, ST_VALUE]).unwrap();
+            s
+        });
+        let store = TcpStore::connect(
+            &addr.to_string(),
+            2,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .expect("connect retries after the dropped connection");
+        drop(fake.join().unwrap());
+        drop(store);
+    }
+
+    /// A burst of new connections does not push out connections that have not yet had
+    /// `evict_after` to say HELLO (a real client's HELLO may be on its way); once they
+    /// have, the oldest go.
+    #[test]
+    fn eviction_spares_connections_that_just_arrived() {
+        let mut limits = quick_limits();
+        limits.hello = Duration::from_secs(60);
+        limits.evict_after = Duration::from_millis(800);
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", None, limits).unwrap();
+        let addr = server.local_addr();
+        let mut burst: Vec<_> = (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for s in &mut burst {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 8]).unwrap_err();
+            assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "a connection younger than evict_after was closed: {e}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(900));
+        // One more arrival: 13 wait, 4 may; the 9 oldest have had their time.
+        let _late = TcpStream::connect(addr).unwrap();
+        for s in &mut burst[..9] {
+            assert!(closed_within(s, Duration::from_secs(5)) < Duration::from_secs(3));
+        }
+        for s in &mut burst[9..] {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 8]).unwrap_err();
+            assert!(matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ));
+        }
     }
 
     #[test]
