@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use efa_core::store::{barrier, exchange_all, Store, TcpStore, TcpStoreServer, MAX_FRAME};
+use efa_core::store::{
+    barrier, exchange_all, Store, StoreToken, TcpStore, TcpStoreServer, MAX_FRAME,
+};
 
 /// A `/proc/self/status` field in KiB: `VmSize` (virtual size: a `vec![0; n]` of a huge
 /// announced length shows here even before its pages are touched) or `VmRSS`.
@@ -88,11 +90,27 @@ fn garbage(seed: u64, n: usize) -> Vec<u8> {
 
 #[test]
 fn real_ranks_are_served_among_hostile_clients() {
+    ranks_among_hostile_clients(None);
+}
+
+/// The same with a server that holds a job token: the hostile clients do not have it.
+#[test]
+fn real_ranks_with_the_token_are_served_among_hostile_clients() {
+    ranks_among_hostile_clients(Some(
+        StoreToken::new("hostile-test-token-0123456789abcdef").unwrap(),
+    ));
+}
+
+/// The two hostile runs take turns: each measures this process's memory.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn ranks_among_hostile_clients(token: Option<StoreToken>) {
+    let _turn = MEASURING.lock().unwrap_or_else(|p| p.into_inner());
     const RANKS: u32 = 4;
     const ROUNDS: u32 = 15;
     const HUGE: usize = 150;
     const HALF_OPEN: usize = 150;
-    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let server = TcpStoreServer::bind_with_token("127.0.0.1:0", token.clone()).unwrap();
     let addr = server.local_addr();
     let vm_before = status_kib("VmSize");
     let rss_before = status_kib("VmRSS");
@@ -162,9 +180,11 @@ fn real_ranks_are_served_among_hostile_clients() {
     let deadline = started + Duration::from_secs(20);
     let ranks: Vec<_> = (0..RANKS)
         .map(|rank| {
+            let token = token.clone();
             thread::spawn(move || {
-                let store = TcpStore::connect(&addr.to_string(), rank, deadline)
-                    .unwrap_or_else(|e| panic!("rank {rank} could not connect: {e}"));
+                let store =
+                    TcpStore::connect_with_token(&addr.to_string(), rank, token.as_ref(), deadline)
+                        .unwrap_or_else(|e| panic!("rank {rank} could not connect: {e}"));
                 for round in 0..ROUNDS {
                     let blob = format!("rank {rank} round {round}").into_bytes();
                     let all =
@@ -212,9 +232,10 @@ fn real_ranks_are_served_among_hostile_clients() {
     assert!(rss_mib < 256, "resident memory grew {rss_mib} MiB");
 
     // Still serving, with every hostile connection still open.
-    let store = TcpStore::connect(
+    let store = TcpStore::connect_with_token(
         &addr.to_string(),
         0,
+        token.as_ref(),
         Instant::now() + Duration::from_secs(5),
     )
     .expect("server still accepts clients");
