@@ -198,6 +198,28 @@ pub enum StoreError {
         /// The server's reason (`wrong EFA_STORE_TOKEN`, ...).
         reason: String,
     },
+    /// The process that serves the store (named: `rank 0`, `efarun`) failed as far as this
+    /// rank can tell, and the message names it: "rank 0, which serves the store at
+    /// 127.0.0.1:29501, closed the connection ...". Returned by a [`TcpStore`] that knows its
+    /// server ([`TcpStore::connect_served`], and every store [`Bootstrap`] connects):
+    ///
+    /// * at once when a server that listens before any rank starts (efarun) refuses the
+    ///   connection, or any server refuses it after having accepted one: it has exited;
+    /// * at once when a connected server closes or resets the connection;
+    /// * by the caller's deadline (plus at most 2 s) when the server cannot be reached at
+    ///   all (it may not have started) or does not answer (stopped, for example by SIGSTOP
+    ///   or a debugger, or overloaded).
+    ///
+    /// [`Bootstrap`]: crate::bootstrap::Bootstrap
+    #[error("{server}, which serves the store at {addr}, {what}")]
+    ServerFailed {
+        /// Who serves the store: `rank 0`, `efarun`, `the launcher`.
+        server: String,
+        /// The store's address.
+        addr: String,
+        /// What happened, and what it means.
+        what: String,
+    },
     /// A [`StoreToken`] that cannot be used (too short, too long, or not printable ASCII).
     #[error("unusable store token: {reason}")]
     InvalidToken {
@@ -359,6 +381,18 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// error talking to the store.
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
 
+    /// As [`Store::set`], ending by `deadline`: a store whose server does not take the value
+    /// by then returns an error. The default calls [`Store::set`] (for stores whose writes
+    /// are local); the TCP store bounds its request by `deadline` (at least 1 s from now).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::set`].
+    fn set_by(&self, key: &str, value: &[u8], deadline: Instant) -> Result<(), StoreError> {
+        let _ = deadline;
+        self.set(key, value)
+    }
+
     /// Returns the value of `key`, waiting until it is set or `deadline` passes. Looks at
     /// least once even when `deadline` has already passed.
     ///
@@ -427,7 +461,7 @@ pub fn exchange_all(
         });
     }
     let start = Instant::now();
-    store.set(&format!("{tag}/{my_rank}"), my_blob)?;
+    store.set_by(&format!("{tag}/{my_rank}"), my_blob, deadline)?;
     let mut blobs = Vec::with_capacity(size as usize);
     let mut missing = Vec::new();
     for rank in 0..size {
@@ -1550,6 +1584,19 @@ fn resolve(addr: &str) -> Result<Vec<SocketAddr>, StoreError> {
 // TCP store: client
 // ---------------------------------------------------------------------------------------
 
+/// Who serves a TCP store, as its clients know it: named in every error about the server
+/// ([`StoreError::ServerFailed`]), and telling a server that is gone from one that has not
+/// started yet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StoreServerInfo {
+    /// Who it is, for messages: `efarun`, `rank 0`, `the launcher`.
+    pub name: String,
+    /// Whether it listens before any client starts, as efarun does (it binds the store before
+    /// it starts any rank). Then a refused connection means that it has exited, and
+    /// connecting fails at once instead of retrying until the deadline.
+    pub listens_first: bool,
+}
+
 /// A client of a [`TcpStoreServer`]; on rank 0 without a launcher-served store it also owns
 /// the server ([`TcpStore::serve`]).
 ///
@@ -1561,8 +1608,8 @@ pub struct TcpStore {
     conn: Mutex<Option<TcpStream>>,
     io_timeout: Duration,
     server: Option<ServedBy>,
-    /// Who serves the store, for messages (`efarun`, `rank 0`).
-    served_by: Option<String>,
+    /// Who serves the store, if known, for messages (`efarun`, `rank 0`).
+    served_by: Option<StoreServerInfo>,
 }
 
 /// The server a serving rank owns, and the world it waits for.
@@ -1595,123 +1642,168 @@ impl TcpStore {
 
     /// Connects to the store at `addr` (`host:port`) as `rank`, presenting `token` (the
     /// job's `EFA_STORE_TOKEN`, if it has one), retrying (rank 0 or the launcher may start
-    /// later) until `deadline`.
+    /// later) until `deadline`. Errors do not name the server; see
+    /// [`TcpStore::connect_served`].
     ///
     /// # Errors
     ///
     /// [`StoreError::Unreachable`] with the last connection error if no connection could be
     /// made before `deadline`; [`StoreError::BadAddress`] for a malformed address;
     /// [`StoreError::Refused`] at once if the server does not accept the token (or its
-    /// absence).
+    /// absence); [`StoreError::Io`] if the server closes the connection or does not answer.
     pub fn connect_with_token(
         addr: &str,
         rank: u32,
         token: Option<&StoreToken>,
         deadline: Instant,
     ) -> Result<Self, StoreError> {
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(10);
-        // A connection the server drops before answering HELLO (it was busy shedding
-        // connections that never said HELLO, or restarting) is retried like a refused
-        // connect, until the deadline.
-        loop {
-            if let Some(store) =
-                Self::connect_once(addr, rank, token, deadline, start, &mut backoff)?
-            {
-                return Ok(store);
-            }
-        }
+        Self::connect_inner(addr, rank, token, None, deadline)
     }
 
-    /// One attempt of [`TcpStore::connect_with_token`]: `None` if the server dropped the
-    /// connection before answering HELLO and the deadline has not passed.
-    fn connect_once(
+    /// As [`TcpStore::connect_with_token`], knowing who serves the store (`server`): every
+    /// error about the server names it ([`StoreError::ServerFailed`]), and a refused
+    /// connection fails at once when the server listens before any rank starts
+    /// ([`StoreServerInfo::listens_first`]) or has accepted a connection of this rank
+    /// before. [`Bootstrap::connect_store`](crate::bootstrap::Bootstrap::connect_store)
+    /// connects this way.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ServerFailed`] naming the server: at once if it refused the connection
+    /// and must have exited, or closed the connection; at `deadline` (plus at most 2 s) if it
+    /// could not be reached or did not answer. [`StoreError::BadAddress`] and
+    /// [`StoreError::Refused`] as [`TcpStore::connect_with_token`].
+    pub fn connect_served(
         addr: &str,
         rank: u32,
         token: Option<&StoreToken>,
+        server: StoreServerInfo,
         deadline: Instant,
-        start: Instant,
-        backoff: &mut Duration,
-    ) -> Result<Option<Self>, StoreError> {
-        let stream = loop {
-            let err = match addr.to_socket_addrs() {
-                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                    return Err(StoreError::BadAddress {
-                        addr: addr.to_owned(),
-                        reason: e.to_string(),
-                    })
-                }
-                // Name resolution may fail transiently while the job starts; retry.
+    ) -> Result<Self, StoreError> {
+        Self::connect_inner(addr, rank, token, Some(server), deadline)
+    }
+
+    fn connect_inner(
+        addr: &str,
+        rank: u32,
+        token: Option<&StoreToken>,
+        server: Option<StoreServerInfo>,
+        deadline: Instant,
+    ) -> Result<Self, StoreError> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        // Once the server has accepted a connection, a refused one means it is gone.
+        let mut listening = server.as_ref().is_some_and(|s| s.listens_first);
+        let failed = |server: &StoreServerInfo, what: String| StoreError::ServerFailed {
+            server: server.name.clone(),
+            addr: addr.to_owned(),
+            what,
+        };
+        loop {
+            let err = match Self::dial(addr, deadline)? {
                 Err(e) => e,
-                Ok(candidates) => {
-                    let mut last = io::Error::other("resolves to no address");
-                    let mut got = None;
-                    for a in candidates {
-                        let t = remaining(deadline)
-                            .clamp(Duration::from_millis(1), Duration::from_secs(2));
-                        match TcpStream::connect_timeout(&a, t) {
-                            Ok(s) => {
-                                got = Some(s);
-                                break;
-                            }
-                            Err(e) => last = e,
+                Ok(stream) => {
+                    listening = true;
+                    let _ = stream.set_nodelay(true);
+                    let store = Self {
+                        addr: addr.to_owned(),
+                        rank,
+                        conn: Mutex::new(Some(stream)),
+                        io_timeout: DEFAULT_IO_TIMEOUT,
+                        server: None,
+                        served_by: server.clone(),
+                    };
+                    let hello = match token {
+                        Some(t) => Request::HelloAuth {
+                            rank,
+                            token: t.0.clone(),
+                        },
+                        None => Request::Hello { rank },
+                    };
+                    match store.exchange(&hello, Some(deadline))? {
+                        Ok(body) => {
+                            store.parse(body)?;
+                            tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
+                            return Ok(store);
                         }
-                    }
-                    match got {
-                        Some(s) => break s,
-                        None => last,
+                        // Closed before answering HELLO: a server that has too many
+                        // connections without HELLO closes the oldest. Connect again; if the
+                        // server is gone, that attempt is refused.
+                        Err((e, _)) if closed(&e) && !remaining(deadline).is_zero() => {
+                            tracing::debug!(addr, error = %e, "the store closed the connection before answering HELLO; connecting again");
+                            e
+                        }
+                        Err((e, waited)) => return Err(store.lost(e, waited)),
                     }
                 }
             };
+            if let Some(s) = server.as_ref() {
+                if listening && err.kind() == io::ErrorKind::ConnectionRefused {
+                    let why = if s.listens_first {
+                        "it listens before any rank starts"
+                    } else {
+                        "it had accepted a connection of this rank"
+                    };
+                    return Err(failed(
+                        s,
+                        format!(
+                            "refused the connection ({err}): {} has exited ({why}, so a refused connection means it is gone)",
+                            s.name
+                        ),
+                    ));
+                }
+            }
             let left = remaining(deadline);
             if left.is_zero() {
-                return Err(StoreError::Unreachable {
-                    addr: addr.to_owned(),
-                    waited: start.elapsed(),
-                    source: err,
+                let waited = start.elapsed();
+                return Err(match server.as_ref() {
+                    Some(s) => failed(
+                        s,
+                        format!(
+                            "could not be reached within {:.1} s: {err} (has {} exited, or not started yet? is EFA_STORE the same on every rank?)",
+                            waited.as_secs_f64(),
+                            s.name
+                        ),
+                    ),
+                    None => StoreError::Unreachable {
+                        addr: addr.to_owned(),
+                        waited,
+                        source: err,
+                    },
                 });
             }
             tracing::trace!(addr, error = %err, "store not reachable yet, retrying");
-            std::thread::sleep((*backoff).min(left));
-            *backoff = (*backoff * 2).min(Duration::from_millis(250));
-        };
-        let _ = stream.set_nodelay(true);
-        let store = Self {
-            addr: addr.to_owned(),
-            rank,
-            conn: Mutex::new(Some(stream)),
-            io_timeout: DEFAULT_IO_TIMEOUT,
-            server: None,
-            served_by: None,
-        };
-        let hello = match token {
-            Some(t) => Request::HelloAuth {
-                rank,
-                token: t.0.clone(),
-            },
-            None => Request::Hello { rank },
-        };
-        match store.request(&hello, Some(deadline)) {
-            Ok(_) => {
-                tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
-                Ok(Some(store))
+            std::thread::sleep(backoff.min(left));
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// One attempt to open a TCP connection to `addr`: the stream, or the error to retry
+    /// after.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BadAddress`] for an address that can never resolve.
+    fn dial(addr: &str, deadline: Instant) -> Result<Result<TcpStream, io::Error>, StoreError> {
+        match addr.to_socket_addrs() {
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(StoreError::BadAddress {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            }),
+            // Name resolution may fail transiently while the job starts; retry.
+            Err(e) => Ok(Err(e)),
+            Ok(candidates) => {
+                let mut last = io::Error::other("resolves to no address");
+                for a in candidates {
+                    let t =
+                        remaining(deadline).clamp(Duration::from_millis(1), Duration::from_secs(2));
+                    match TcpStream::connect_timeout(&a, t) {
+                        Ok(s) => return Ok(Ok(s)),
+                        Err(e) => last = e,
+                    }
+                }
+                Ok(Err(last))
             }
-            Err(StoreError::Io { ref source, .. })
-                if matches!(
-                    source.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::ConnectionAborted
-                        | io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::UnexpectedEof
-                ) && !remaining(deadline).is_zero() =>
-            {
-                // `request` has dropped the connection: the caller tries again.
-                tracing::debug!(addr, rank, error = %source, "the store dropped the connection before HELLO was answered; reconnecting");
-                std::thread::sleep((*backoff).min(remaining(deadline)));
-                *backoff = (*backoff * 2).min(Duration::from_millis(250));
-                Ok(None)
-            }
-            Err(e) => Err(e),
         }
     }
 
@@ -1758,7 +1850,10 @@ impl TcpStore {
         if !addr.ends_with(":0") {
             store.addr = addr.to_owned();
         }
-        store.served_by = Some(format!("rank {rank}"));
+        store.served_by = Some(StoreServerInfo {
+            name: format!("rank {rank}"),
+            listens_first: true,
+        });
         store.server = Some(ServedBy {
             server,
             world_size,
@@ -1769,8 +1864,18 @@ impl TcpStore {
 
     /// Says who serves the store (`"efarun"`, `"rank 0"`), for messages such as "rank 1
     /// never joined the TCP store at 127.0.0.1:4242 (served by efarun)".
+    /// Errors about the server name it from now on ([`StoreError::ServerFailed`]).
     pub fn set_served_by(&mut self, who: impl Into<String>) {
-        self.served_by = Some(who.into());
+        let name = who.into();
+        match &mut self.served_by {
+            Some(s) => s.name = name,
+            None => {
+                self.served_by = Some(StoreServerInfo {
+                    name,
+                    listens_first: false,
+                })
+            }
+        }
     }
 
     /// For a serving store, the address the server listens on.
@@ -1832,13 +1937,62 @@ impl TcpStore {
         }
     }
 
-    /// Sends one request and reads its reply. `deadline` bounds the socket I/O (a GET adds
-    /// its own wait on top); `None` means the I/O timeout.
+    /// Sends one request and reads its reply. `deadline` bounds the whole exchange (a GET
+    /// adds its own wait on top); `None` means the I/O timeout.
     fn request(
         &self,
         req: &Request,
         deadline: Option<Instant>,
     ) -> Result<(u8, Vec<u8>), StoreError> {
+        match self.exchange(req, deadline)? {
+            Ok(body) => self.parse(body),
+            Err((e, waited)) => Err(self.lost(e, waited)),
+        }
+    }
+
+    fn set_within(
+        &self,
+        key: &str,
+        value: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
+        if value.len() + key.len() + 16 > MAX_FRAME {
+            return Err(StoreError::ValueTooLarge {
+                key: key.to_owned(),
+                len: value.len(),
+                max: MAX_FRAME - key.len() - 16,
+            });
+        }
+        self.request(
+            &Request::Set {
+                key: key.to_owned(),
+                value: value.to_vec(),
+            },
+            deadline,
+        )
+        .map(|_| ())
+    }
+
+    /// A reply body's status and value; drops the connection after a refusal (the server
+    /// closes it).
+    fn parse(&self, body: Vec<u8>) -> Result<(u8, Vec<u8>), StoreError> {
+        let parsed = parse_reply(&self.addr, body);
+        if let Err(StoreError::Refused { .. }) = parsed {
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        parsed
+    }
+
+    /// Sends one request and reads its reply body. The outer error is this side's (no
+    /// connection, value too large); the inner one the connection's, with the time spent
+    /// (the connection is dropped then: it is out of step).
+    #[allow(clippy::type_complexity)]
+    fn exchange(
+        &self,
+        req: &Request,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Vec<u8>, (io::Error, Duration)>, StoreError> {
         let payload = req.encode();
         if payload.len() > MAX_FRAME {
             return Err(StoreError::ValueTooLarge {
@@ -1856,46 +2010,122 @@ impl TcpStore {
             op: "sending a request",
             source: io::Error::new(io::ErrorKind::NotConnected, "store already closed"),
         })?;
-        // The server answers a GET when its wait ends, so allow that plus a margin.
+        // The server answers a GET when its wait ends, so allow that plus a margin. The
+        // margin (at least 1 s, for the network and a busy server) is all a stopped server
+        // gets beyond the caller's deadline.
         let extra = match req {
             Request::Get { wait, .. } => *wait,
             _ => Duration::ZERO,
         };
+        let started = Instant::now();
         let base = deadline.map_or(self.io_timeout, |d| {
             remaining(d).max(Duration::from_secs(1))
         });
-        let timeout = base + extra + Duration::from_secs(1);
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|_| stream.set_write_timeout(Some(timeout)))
-            .map_err(self.io_err("setting socket timeouts"))?;
+        let until = started + base + extra + Duration::from_secs(1);
         let mut frame = Vec::with_capacity(4 + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         frame.extend_from_slice(&payload);
-        let result = stream
-            .write_all(&frame)
-            .and_then(|()| read_reply(&mut *stream));
-        let body = match result {
-            Ok(b) => b,
-            Err(e) => {
-                // The stream is out of step now; drop it so no later request reads a stale reply.
-                *guard = None;
-                return Err(if e.kind() == io::ErrorKind::InvalidData {
-                    StoreError::Protocol {
-                        addr: self.addr.clone(),
-                        detail: e.to_string(),
-                    }
-                } else {
-                    self.io_err("exchanging a request")(e)
-                });
-            }
+        let mut bounded = Bounded {
+            stream: &mut *stream,
+            until,
         };
-        let parsed = parse_reply(&self.addr, body);
-        if let Err(StoreError::Refused { .. }) = parsed {
-            // The server closes the connection after a refusal.
+        let result = bounded
+            .write_all(&frame)
+            .and_then(|()| read_reply(&mut bounded));
+        Ok(result.map_err(|e| {
+            // The stream is out of step now; drop it so no later request reads a stale reply.
             *guard = None;
+            (e, started.elapsed())
+        }))
+    }
+
+    /// The error for a connection that failed after `waited`: it names the server when this
+    /// store knows it.
+    fn lost(&self, e: io::Error, waited: Duration) -> StoreError {
+        if e.kind() == io::ErrorKind::InvalidData {
+            return StoreError::Protocol {
+                addr: self.addr.clone(),
+                detail: e.to_string(),
+            };
         }
-        parsed
+        let Some(server) = &self.served_by else {
+            return self.io_err("exchanging a request")(e);
+        };
+        let name = &server.name;
+        let what = if e.kind() == io::ErrorKind::UnexpectedEof {
+            format!("closed the connection: {name} has exited, or dropped this rank")
+        } else if closed(&e) {
+            format!("closed the connection ({e}): {name} has exited, or dropped this rank")
+        } else if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            format!(
+                "did not answer within {:.1} s: {name} is stopped (SIGSTOP, a debugger) or overloaded",
+                waited.as_secs_f64()
+            )
+        } else {
+            format!("failed while exchanging a request: {e}")
+        };
+        StoreError::ServerFailed {
+            server: name.clone(),
+            addr: self.addr.clone(),
+            what,
+        }
+    }
+}
+
+/// Whether an I/O error means that the other side closed or reset the connection.
+fn closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    )
+}
+
+/// A stream whose every read and write ends by `until`: each call's socket timeout is the
+/// time left, so a server that takes (or gives) a few bytes at a time cannot stretch an
+/// exchange past its deadline.
+struct Bounded<'a> {
+    stream: &'a mut TcpStream,
+    until: Instant,
+}
+
+impl Bounded<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = remaining(self.until);
+        if left.is_zero() {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer before the deadline",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 
@@ -1962,28 +2192,17 @@ pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>)
 impl Store for TcpStore {
     fn describe(&self) -> String {
         match &self.served_by {
-            Some(who) => format!("the TCP store at {} (served by {who})", self.addr),
+            Some(who) => format!("the TCP store at {} (served by {})", self.addr, who.name),
             None => format!("the TCP store at {}", self.addr),
         }
     }
 
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        check_key(key)?;
-        if value.len() + key.len() + 16 > MAX_FRAME {
-            return Err(StoreError::ValueTooLarge {
-                key: key.to_owned(),
-                len: value.len(),
-                max: MAX_FRAME - key.len() - 16,
-            });
-        }
-        self.request(
-            &Request::Set {
-                key: key.to_owned(),
-                value: value.to_vec(),
-            },
-            None,
-        )
-        .map(|_| ())
+        self.set_within(key, value, None)
+    }
+
+    fn set_by(&self, key: &str, value: &[u8], deadline: Instant) -> Result<(), StoreError> {
+        self.set_within(key, value, Some(deadline))
     }
 
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
