@@ -398,14 +398,27 @@ struct Engine {
     /// Progress calls since the last liveness check of same-host peers, and its time.
     polls: u32,
     last_check: Instant,
+    /// When peers on other hosts were last probed ([`Kind::Ping`]).
+    last_ping: Instant,
+    /// Per peer: since when probes find no room to be sent (see [`PROBE_REFUSED_LIMIT`]).
+    refused_since: Vec<Option<Instant>>,
     /// Transfers of operations failed by a peer failure: kept until the endpoints close,
     /// because the provider may still use their buffers (dropping them would wait to cancel).
     abandoned_sends: Vec<Pending<SharedSlice>>,
     abandoned_recvs: Vec<Pending<BufPrefix<Vec<u8>>>>,
+    /// An operation passed its deadline: the job is not healthy, so finalize waits for its
+    /// peers only briefly instead of a whole deadline more.
+    broken: bool,
 }
 
 /// How often blocked ranks look at same-host peers' processes.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
+/// How often ranks with pending operations probe the peers on other hosts they involve.
+const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// A peer whose probes find no room in the provider's queue for this long is unreachable.
+/// (A full queue that stays full while this rank progresses: `tcp;ofi_rxm` keeps it so while
+/// it tries to reconnect to a process that is gone.)
+const PROBE_REFUSED_LIMIT: Duration = Duration::from_secs(1);
 
 /// Where the finalize handshake with one peer stands.
 #[derive(Debug, Default, Clone, Copy)]
@@ -570,7 +583,14 @@ impl Inner {
     fn finalize_handshake(&self) -> Result<()> {
         let start = Instant::now();
         let mut backoff = efa_fabric::Backoff::new();
-        let mut clock = efa_fabric::PollClock::new(self.config.timeout);
+        // After an operation timed out, peers may be stopped or stuck: waiting a whole
+        // deadline more for them would only delay the exit that reports it.
+        let limit = if lock_engine(&self.engine).broken {
+            self.config.timeout.min(Duration::from_secs(1))
+        } else {
+            self.config.timeout
+        };
+        let mut clock = efa_fabric::PollClock::new(limit);
         let mut sent_fin = false;
         loop {
             let waiting = {
@@ -627,8 +647,16 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if lock_engine(&self.engine).finalized {
-            return;
+        {
+            let e = lock_engine(&self.engine);
+            // Ranks that failed or stopped may never leave the store: a serving rank does
+            // not wait for them.
+            if e.failure.is_some() || e.broken {
+                self._store.job_failed();
+            }
+            if e.finalized {
+                return;
+            }
         }
         if std::thread::panicking() {
             tracing::warn!(
@@ -642,6 +670,7 @@ impl Drop for Inner {
             return;
         }
         if let Err(e) = self.finalize() {
+            self._store.job_failed();
             tracing::error!(rank = self.rank, "finalize at drop failed: {e}");
             eprintln!(
                 "efa: rank {}: finalize when the communicator was dropped failed: {e}",
@@ -885,8 +914,11 @@ impl Communicator {
             failure: None,
             polls: 0,
             last_check: Instant::now(),
+            last_ping: Instant::now(),
+            refused_since: vec![None; size as usize],
             abandoned_sends: Vec::new(),
             abandoned_recvs: Vec::new(),
+            broken: false,
         };
         engine.post_all_slots()?;
         let comm = Communicator {
@@ -1121,8 +1153,9 @@ impl Communicator {
     /// Sends `buf` to `dest` and waits until the send has completed locally.
     ///
     /// # Errors
-    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer, and
-    /// [`Error::Truncated`] when the receiver's buffer was too small.
+    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer and
+    /// [`Error::PeerFailed`]. A receiver whose buffer is too small gets
+    /// [`Error::Truncated`]; the sender is not told (as in MPI).
     pub fn send<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
         self.isend(buf, dest, tag)?.wait()
     }
@@ -1147,7 +1180,7 @@ impl Communicator {
     /// As [`Communicator::send`].
     pub async fn send_async<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
         let mut req = self.isend(buf, dest, tag)?;
-        poll_until(self.timeout(), "send", Some(dest), || req.test()).await?;
+        poll_until(self, "send", Some(dest), || req.test()).await?;
         req.wait()
     }
 
@@ -1167,7 +1200,7 @@ impl Communicator {
             Source::Rank(r) => Some(r),
             Source::Any => None,
         };
-        poll_until(self.timeout(), "recv", peer, || req.test()).await?;
+        poll_until(self, "recv", peer, || req.test()).await?;
         req.wait()
     }
 
@@ -1210,11 +1243,12 @@ impl Communicator {
 /// Polls `test` from an async context: yields to the runtime between polls and sleeps with a
 /// growing interval when idle, until done or the deadline.
 async fn poll_until(
-    timeout: Duration,
+    comm: &Communicator,
     op: &'static str,
     peer: Option<u32>,
     mut test: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
+    let timeout = comm.timeout();
     let start = Instant::now();
     let mut idle = 0u32;
     loop {
@@ -1222,11 +1256,7 @@ async fn poll_until(
             return Ok(());
         }
         if start.elapsed() >= timeout {
-            return Err(Error::Timeout {
-                op,
-                peer,
-                waited: start.elapsed(),
-            });
+            return Err(comm.engine().deadline_passed(op, peer, start.elapsed()));
         }
         idle += 1;
         if idle < 64 {
@@ -1282,8 +1312,8 @@ impl SendRequest {
     /// Waits for the send to complete, up to the communicator's timeout.
     ///
     /// # Errors
-    /// [`Error::Timeout`] naming the peer; [`Error::Truncated`] if the receiver's buffer was
-    /// too small; fabric errors.
+    /// [`Error::Timeout`] naming the peer; [`Error::PeerFailed`]; fabric errors. (A
+    /// truncation is reported to the receiver only.)
     pub fn wait(mut self) -> Result<()> {
         let comm = self.comm.clone();
         let id = self.id;
@@ -1547,6 +1577,51 @@ impl Engine {
         Ok(())
     }
 
+    /// Sends a [`Kind::Ping`] to `dest` without waiting for room in a full queue. `Ok(false)`
+    /// when the provider had no room (`FI_EAGAIN`: a connection-oriented provider answers
+    /// so while it tries to reach a peer that is gone).
+    fn probe(&mut self, dest: u32) -> std::result::Result<bool, efa_fabric::Error> {
+        let (port, addr) = self.route(dest);
+        let hdr = Header {
+            kind: Kind::Ping,
+            flags: 0,
+            src: self.rank,
+            tag: 0,
+            seq: 0,
+            len: 0,
+            rndv: 0,
+            ctx: self.ctx,
+        };
+        let p = &mut self.ports[port];
+        let mut buf = match p.bounce.pop() {
+            Some(b) => b,
+            None => {
+                RegisteredBuf::new(p.ep.domain(), HDR_LEN + p.eager, Access::LOCAL, Some(&p.ep))?
+            }
+        };
+        hdr.encode(&mut buf[..HDR_LEN]);
+        match p.ep.tsend_within(
+            BufPrefix::new(buf, HDR_LEN),
+            addr,
+            CTRL_TAG,
+            Duration::from_millis(1),
+        ) {
+            Ok(op) => {
+                self.background.push(Background { port, dest, op });
+                Ok(true)
+            }
+            Err(e) => {
+                if let Some(b) = e.buf {
+                    p.bounce.push(b.into_inner());
+                }
+                match e.error {
+                    efa_fabric::Error::Timeout { .. } => Ok(false),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+
     fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
         self.check_open()?;
         if self.fin[dest as usize].got_fin {
@@ -1803,6 +1878,69 @@ impl Engine {
         }
     }
 
+    /// After a deadline passed: the job is broken; a stopped same-host peer, if any, is the
+    /// culprit, every rank is told, and its error is returned.
+    fn stopped_culprit(&mut self, waited: Duration) -> Option<Error> {
+        self.broken = true;
+        if let Some(e) = self.failure_error() {
+            return Some(e);
+        }
+        let (rank, pid) = self.stopped_peer()?;
+        self.mark_failed(rank, PeerFailure::Stopped { pid, waited }, true);
+        self.failure_error()
+    }
+
+    /// Probes the peers on other hosts that a pending operation waits for (every such peer
+    /// for a receive from any source): a send to a process that is gone fails, and the
+    /// failure is then reported like any other (see [`Engine::reap_background`]).
+    fn ping_remote_peers(&mut self) {
+        let mut want = vec![false; self.procs.len()];
+        let mut any = false;
+        for id in &self.posted {
+            match self.recvs.get(id).map(|op| op.src) {
+                Some(Source::Rank(r)) => want[r as usize] = true,
+                Some(Source::Any) => any = true,
+                None => {}
+            }
+        }
+        for op in self.sends.values() {
+            if matches!(op.state, SendState::WaitCts { .. }) {
+                want[op.dest as usize] = true;
+            }
+        }
+        for op in self.recvs.values() {
+            if let (RecvState::Receiving { .. }, Some(st)) = (&op.state, op.status) {
+                want[st.source as usize] = true;
+            }
+        }
+        for (p, wanted) in want.into_iter().enumerate() {
+            let remote = !self.procs[p].1;
+            if p as u32 == self.rank || !remote || self.fin[p].got_fin || !(any || wanted) {
+                continue;
+            }
+            let detail = match self.probe(p as u32) {
+                Ok(true) => {
+                    self.refused_since[p] = None;
+                    continue;
+                }
+                Ok(false) => {
+                    let since = *self.refused_since[p].get_or_insert_with(Instant::now);
+                    if since.elapsed() < PROBE_REFUSED_LIMIT {
+                        continue;
+                    }
+                    format!(
+                        "the transport has refused every message to it for {:?} (its process \
+                         or host is gone, or its network is cut)",
+                        since.elapsed()
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            self.mark_failed(p as u32, PeerFailure::Unreachable { detail }, true);
+            return;
+        }
+    }
+
     /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
     fn stopped_peer(&self) -> Option<(u32, u32)> {
         self.procs
@@ -1819,9 +1957,8 @@ impl Engine {
     /// the culprit; otherwise the peer waited for is. Either way every other rank is told, so
     /// that theirs fail at once instead of at their own deadlines.
     fn deadline_passed(&mut self, op: &'static str, peer: Option<u32>, waited: Duration) -> Error {
-        if let Some((rank, pid)) = self.stopped_peer() {
-            self.mark_failed(rank, PeerFailure::Stopped { pid, waited }, true);
-            return self.failure_error().expect("just set");
+        if let Some(e) = self.stopped_culprit(waited) {
+            return e;
         }
         if let Some(p) = peer.filter(|&p| p != self.rank) {
             self.mark_failed(p, PeerFailure::TimedOut { waited }, true);
@@ -1993,6 +2130,10 @@ impl Engine {
             if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {
                 self.last_check = Instant::now();
                 self.check_peers();
+                if self.failure.is_none() && self.last_ping.elapsed() >= PING_INTERVAL {
+                    self.last_ping = Instant::now();
+                    self.ping_remote_peers();
+                }
             }
         }
         let mut any = false;
@@ -2081,6 +2222,7 @@ impl Engine {
                 self.on_failed(&h, &payload);
                 Ok(())
             }
+            Kind::Ping => Ok(()),
             Kind::Eager | Kind::Rts | Kind::Fin => {
                 let msg = match h.kind {
                     Kind::Eager => Ordered::Msg(Unexpected::Eager {
@@ -2166,12 +2308,22 @@ impl Engine {
         };
         let data = data.clone();
         if h.flags & wire::CTS_TRUNCATED != 0 {
-            op.state = SendState::Failed(Error::Truncated {
-                expected: h.len as usize,
-                got: data.len(),
-                peer: h.src,
-                tag: op.tag,
-            });
+            // The receiver reports the truncation; as in MPI, the send itself completes
+            // (for every size class alike), and no data moves.
+            tracing::debug!(
+                peer = h.src,
+                tag = op.tag,
+                len = data.len(),
+                capacity = h.len,
+                "rendezvous refused: the receive buffer is too small"
+            );
+            op.state = SendState::Done;
+            if let Ok(v) = Arc::try_unwrap(data) {
+                self.pool.put(v);
+            }
+            if op.tag == u32::MAX {
+                self.sends.remove(&id);
+            }
             return Ok(());
         }
         let dest = op.dest;
@@ -2324,6 +2476,14 @@ impl Communicator {
             comm: self.clone(),
             id,
         })
+    }
+
+    /// For a collective whose wait passed its deadline: the error naming a failed or
+    /// stopped rank when one is known (every rank is then told), else `None` (the collective
+    /// blames the end of its own wait chain). Either way the communicator counts as broken,
+    /// so finalize will not wait a whole deadline more.
+    pub(crate) fn deadline_culprit(&self, waited: Duration) -> Option<Error> {
+        self.engine().stopped_culprit(waited)
     }
 
     /// This rank's number of collective calls so far on this communicator (then counts this

@@ -74,8 +74,10 @@ pub enum Error {
     /// A tag in the range reserved for the library's own messages.
     #[error("tag {0:#x} is reserved for the library's own messages; use a tag below {max:#x}", max = crate::comm::MAX_USER_TAG + 1)]
     ReservedTag(u32),
-    /// The message was larger than the receive buffer. Nothing was written to the buffer;
-    /// the sender gets the same error. Other messages are unaffected.
+    /// The message was larger than the receive buffer. Nothing was written to the buffer.
+    /// Only the receiver gets this error: as in MPI (MPI-4.0 section 3.2.5), the sender's
+    /// send completes normally whatever the size (a rendezvous then moves no data). Other
+    /// messages are unaffected.
     #[error("message of {got} bytes from rank {peer} (tag {tag}) does not fit the {expected}-byte receive buffer; post a buffer of at least {got} bytes, or send the size first")]
     Truncated {
         /// Capacity of the receive buffer, in bytes.

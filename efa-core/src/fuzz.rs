@@ -389,6 +389,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 (h(Kind::FinAck, 0, 0), 0),
                 (h(Kind::Failed, FailCode::Exited as u8, 4242), 6),
                 (h(Kind::Failed, FailCode::TimedOut as u8, 60_000), 0),
+                (h(Kind::Ping, 0, 0), 0),
             ] {
                 let mut b = vec![0xA5u8; HDR_LEN + payload];
                 hdr.encode(&mut b);

@@ -48,7 +48,16 @@
 //! together).
 //!
 //! # Resource cleanup
-//! Dropping the last clone closes the endpoints (through `efa-fabric`'s ownership rules).
+//! [`Communicator::finalize`] (or dropping the last clone, which does the same, best
+//! effort) first makes sure that every message the API reported as sent has reached its
+//! peer, then closes the endpoints (through `efa-fabric`'s ownership rules).
+//!
+//! # Failures
+//! A rank that learns that a peer is gone (its pid vanished on this host, the transport
+//! refuses every message to it, it called [`Communicator::abort`] or panicked, or a deadline
+//! passed) tells every rank it can still reach; their pending and later operations fail
+//! with [`Error::PeerFailed`] naming it and the cause.
+//!
 //! Requests that are dropped are cancelled (receives) or detached (sends); the NIC never
 //! writes into user memory, so nothing can be written after a buffer is freed.
 //! Each shm endpoint's region in `/dev/shm` is unlinked when its endpoint closes, or at

@@ -432,6 +432,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn describe(&self) -> String {
         "the rendezvous store".into()
     }
+
+    /// The job has failed (a rank died, aborted or stopped answering): a serving store
+    /// stops, when dropped, without waiting for ranks that may never leave. No effect on
+    /// other stores.
+    fn job_failed(&self) {}
 }
 
 /// Publishes `my_blob` under `<tag>/<my_rank>` and collects the blobs of all `size` ranks,
@@ -1610,6 +1615,8 @@ pub struct TcpStore {
     server: Option<ServedBy>,
     /// Who serves the store, if known, for messages (`efarun`, `rank 0`).
     served_by: Option<StoreServerInfo>,
+    /// Set by [`Store::job_failed`]: `Drop` does not linger.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// The server a serving rank owns, and the world it waits for.
@@ -1712,6 +1719,7 @@ impl TcpStore {
                         io_timeout: DEFAULT_IO_TIMEOUT,
                         server: None,
                         served_by: server.clone(),
+                        failed: std::sync::atomic::AtomicBool::new(false),
                     };
                     let hello = match token {
                         Some(t) => Request::HelloAuth {
@@ -2190,6 +2198,11 @@ pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>)
 }
 
 impl Store for TcpStore {
+    fn job_failed(&self) {
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn describe(&self) -> String {
         match &self.served_by {
             Some(who) => format!("the TCP store at {} (served by {})", self.addr, who.name),
@@ -2242,7 +2255,12 @@ impl Drop for TcpStore {
             self.leave();
         }
         if let Some(s) = self.server.take() {
-            let deadline = Instant::now() + s.linger;
+            let linger = if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                s.linger
+            };
+            let deadline = Instant::now() + linger;
             if let Err(e) = s.server.wait_departed(s.world_size, deadline) {
                 tracing::warn!(error = %e, "stopping the rendezvous store while ranks may still need it");
             }

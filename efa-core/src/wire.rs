@@ -47,6 +47,10 @@ pub enum Kind {
     /// number (pid, abort code, milliseconds waited) and the payload a text (host, reason,
     /// transport error). Sent by the rank that noticed to every rank it can still reach.
     Failed,
+    /// A liveness probe, ignored by the receiver: a rank blocked on a peer on another host
+    /// sends one every 250 ms, because only a send tells a transport (TCP, RDMA) that
+    /// the peer's process is gone.
+    Ping,
 }
 
 /// How a failed rank failed, in a [`Kind::Failed`] message's `flags`.
@@ -88,6 +92,7 @@ impl Kind {
             Kind::Fin => 4,
             Kind::FinAck => 5,
             Kind::Failed => 6,
+            Kind::Ping => 7,
         }
     }
     fn from_code(c: u8) -> Option<Kind> {
@@ -98,6 +103,7 @@ impl Kind {
             4 => Some(Kind::Fin),
             5 => Some(Kind::FinAck),
             6 => Some(Kind::Failed),
+            7 => Some(Kind::Ping),
             _ => None,
         }
     }

@@ -37,6 +37,12 @@ fn fault_rank() {
                     std::thread::sleep(Duration::from_secs(60));
                 }
                 "abort" => comm.abort(7, "input file is corrupt"),
+                "stop" => {
+                    let _ = Command::new("kill")
+                        .args(["-STOP", &std::process::id().to_string()])
+                        .status();
+                    std::thread::sleep(Duration::from_secs(60));
+                }
                 "panic" => panic!("the victim panics on purpose"),
                 other => panic!("unknown fault {other}"),
             }
@@ -51,7 +57,11 @@ fn fault_rank() {
         Error::PeerFailed { rank, cause } => {
             *rank == VICTIM
                 && match fault.as_str() {
+                    "kill" if std::env::var_os("EFA_HOST_ID").is_some() => {
+                        matches!(cause, PeerFailure::Unreachable { .. })
+                    }
                     "kill" => matches!(cause, PeerFailure::Exited { pid: Some(_), .. }),
+                    "stop" => matches!(cause, PeerFailure::Stopped { .. }),
                     "abort" => {
                         matches!(cause, PeerFailure::Aborted { code: 7, reason } if reason == "input file is corrupt")
                     }
@@ -77,7 +87,7 @@ fn free_port() -> u16 {
     }
 }
 
-fn start(fault: &str, n: u32) -> Vec<Child> {
+fn start(fault: &str, n: u32, timeout: &str) -> Vec<Child> {
     let port = free_port().to_string();
     (0..n)
         .map(|r| {
@@ -91,7 +101,11 @@ fn start(fault: &str, n: u32) -> Vec<Child> {
                 .env("MASTER_PORT", &port)
                 .env("EFA_FAULT", fault)
                 .env("EFA_IFACE", "lo")
-                .env("EFA_TIMEOUT", "30")
+                .env("EFA_TIMEOUT", timeout)
+                .envs(
+                    std::env::var_os("EFA_FAULT_HOSTS")
+                        .map(|_| ("EFA_HOST_ID", format!("fault-host-{r}"))),
+                )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -104,16 +118,28 @@ fn start(fault: &str, n: u32) -> Vec<Child> {
 /// the last survivor's.
 fn run(fault: &str, transports: &str) -> (Vec<i32>, Duration) {
     std::env::set_var("EFA_TRANSPORTS", transports);
-    let mut ranks = start(fault, 3);
+    let stop = fault == "stop";
+    let mut ranks = start(fault, 3, if stop { "3" } else { "30" });
     std::env::remove_var("EFA_TRANSPORTS");
-    let victim = ranks.remove(VICTIM as usize);
-    let out = victim.wait_with_output().unwrap();
-    let t0 = Instant::now();
-    eprintln!(
-        "victim ({fault}) ended: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut victim = ranks.remove(VICTIM as usize);
+    let t0 = if stop {
+        // A stopped victim never ends: time from the moment its state is "stopped".
+        let stat = format!("/proc/{}/stat", victim.id());
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        }) {
+            assert!(Instant::now() < give_up, "the victim never stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Instant::now()
+    } else {
+        let status = victim.wait().unwrap();
+        eprintln!("victim ({fault}) ended: {status}");
+        Instant::now()
+    };
     let mut codes = Vec::new();
     for r in ranks {
         let mut r = r;
@@ -133,11 +159,18 @@ fn run(fault: &str, transports: &str) -> (Vec<i32>, Duration) {
         codes.push(status.code().unwrap_or(-1));
     }
     let took = t0.elapsed();
+    let _ = victim.kill();
+    let out = victim.wait_with_output().unwrap();
+    eprintln!("victim ({fault}): {}", String::from_utf8_lossy(&out.stderr));
     println!("{fault} over {transports}: survivors exited {codes:?}, {took:?} after the victim");
     (codes, took)
 }
 
 fn check(fault: &str, transports: &str) {
+    check_within(fault, transports, Duration::from_secs(2));
+}
+
+fn check_within(fault: &str, transports: &str, limit: Duration) {
     let (codes, took) = run(fault, transports);
     assert_eq!(
         codes,
@@ -145,7 +178,7 @@ fn check(fault: &str, transports: &str) {
         "every survivor must fail naming rank {VICTIM} ({fault}, {transports})"
     );
     assert!(
-        took < Duration::from_secs(2),
+        took < limit,
         "survivors took {took:?} to report the {fault} of rank {VICTIM} ({transports})"
     );
 }
@@ -168,4 +201,25 @@ fn abort_reaches_every_rank_with_its_reason() {
 #[test]
 fn a_panicking_rank_is_named() {
     check("panic", "shm,ip");
+}
+
+/// A stopped rank (SIGSTOP) gives no transport error and no dead pid: the survivors learn
+/// of it at their deadline (3 s here), and must then name it, not the neighbour they waited
+/// for, within the deadline + 5 s.
+#[test]
+fn stopped_rank_is_named_at_the_deadline() {
+    check_within("stop", "shm,ip", Duration::from_secs(8));
+}
+
+/// Each rank on a host of its own (`EFA_HOST_ID`), talking over TCP: no pid to watch, so
+/// only the transport can tell that the killed rank is gone. Survivors probe the peers
+/// they wait for, and the failed send names the rank.
+#[test]
+fn killed_rank_on_another_host_is_named_within_2s() {
+    std::env::set_var("EFA_FAULT_HOSTS", "1");
+    let r = std::panic::catch_unwind(|| check("kill", "ip"));
+    std::env::remove_var("EFA_FAULT_HOSTS");
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
 }

@@ -398,13 +398,23 @@ impl Endpoint {
     pub(crate) fn retry_post(
         &self,
         op: &'static str,
+        post: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        self.retry_post_within(op, self.inner.post_timeout, post)
+    }
+
+    /// [`Endpoint::retry_post`] for at most `budget`.
+    pub(crate) fn retry_post_within(
+        &self,
+        op: &'static str,
+        budget: Duration,
         mut post: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
         // The common case posts at once: no clock read, no backoff state.
         if post()? {
             return Ok(());
         }
-        let deadline = Deadline::after(self.inner.post_timeout);
+        let deadline = Deadline::after(budget);
         let mut backoff = Backoff::new();
         loop {
             if post()? {

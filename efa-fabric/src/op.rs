@@ -331,6 +331,7 @@ impl Endpoint {
         &self,
         buf: B,
         kind: Kind,
+        budget: Option<Duration>,
         op: &'static str,
         peer: FiAddr,
         post: impl Fn(
@@ -354,7 +355,8 @@ impl Endpoint {
         };
         let ctx = OpContext::new_boxed();
         let raw_ctx = ctx.as_raw();
-        let posted = self.retry_post(op, || post(self, &buf, desc, raw_ctx));
+        let budget = budget.unwrap_or_else(|| self.post_timeout());
+        let posted = self.retry_post_within(op, budget, || post(self, &buf, desc, raw_ctx));
         match posted {
             Ok(()) => Ok(Pending {
                 ctx: Some(ctx),
@@ -383,7 +385,7 @@ impl Endpoint {
         buf: B,
         dest: FiAddr,
     ) -> std::result::Result<Pending<B>, OpError<B>> {
-        self.start(buf, Kind::Send, "send", dest, |ep, b, desc, ctx| {
+        self.start(buf, Kind::Send, None, "send", dest, |ep, b, desc, ctx| {
             // SAFETY: the Pending owns the buffer (fixed heap memory), the registration and
             // the context until the completion is read or the endpoint closes.
             unsafe { ep.post_send(b.io_ptr(), b.io_len(), desc, dest, ctx) }
@@ -400,10 +402,17 @@ impl Endpoint {
         data: u64,
         dest: FiAddr,
     ) -> std::result::Result<Pending<B>, OpError<B>> {
-        self.start(buf, Kind::Send, "senddata", dest, |ep, b, desc, ctx| {
-            // SAFETY: as in `send`.
-            unsafe { ep.post_senddata(b.io_ptr(), b.io_len(), desc, data, dest, ctx) }
-        })
+        self.start(
+            buf,
+            Kind::Send,
+            None,
+            "senddata",
+            dest,
+            |ep, b, desc, ctx| {
+                // SAFETY: as in `send`.
+                unsafe { ep.post_senddata(b.io_ptr(), b.io_len(), desc, data, dest, ctx) }
+            },
+        )
     }
 
     /// Sends `buf` to `dest` with `tag` (`fi_tsend`).
@@ -416,10 +425,37 @@ impl Endpoint {
         dest: FiAddr,
         tag: u64,
     ) -> std::result::Result<Pending<B>, OpError<B>> {
-        self.start(buf, Kind::Send, "tsend", dest, |ep, b, desc, ctx| {
+        self.start(buf, Kind::Send, None, "tsend", dest, |ep, b, desc, ctx| {
             // SAFETY: as in `send`.
             unsafe { ep.post_tsend(b.io_ptr(), b.io_len(), desc, dest, tag, ctx) }
         })
+    }
+
+    /// [`Endpoint::tsend`] that retries a full queue (`FI_EAGAIN`) for at most `budget`
+    /// instead of the endpoint's post timeout: for probes and other optional messages that
+    /// must not hold the caller (a connection-oriented provider answers `FI_EAGAIN` while it
+    /// tries to reach a peer that is gone).
+    ///
+    /// # Errors
+    /// As [`Endpoint::send`]; [`Error::Timeout`] when the post did not go through in time.
+    pub fn tsend_within<B: IoBuf>(
+        &self,
+        buf: B,
+        dest: FiAddr,
+        tag: u64,
+        budget: Duration,
+    ) -> std::result::Result<Pending<B>, OpError<B>> {
+        self.start(
+            buf,
+            Kind::Send,
+            Some(budget),
+            "tsend",
+            dest,
+            |ep, b, desc, ctx| {
+                // SAFETY: as in `send`.
+                unsafe { ep.post_tsend(b.io_ptr(), b.io_len(), desc, dest, tag, ctx) }
+            },
+        )
     }
 
     /// Tagged send with remote CQ data (`fi_tsenddata`).
@@ -433,10 +469,17 @@ impl Endpoint {
         dest: FiAddr,
         tag: u64,
     ) -> std::result::Result<Pending<B>, OpError<B>> {
-        self.start(buf, Kind::Send, "tsenddata", dest, |ep, b, desc, ctx| {
-            // SAFETY: as in `send`.
-            unsafe { ep.post_tsenddata(b.io_ptr(), b.io_len(), desc, data, dest, tag, ctx) }
-        })
+        self.start(
+            buf,
+            Kind::Send,
+            None,
+            "tsenddata",
+            dest,
+            |ep, b, desc, ctx| {
+                // SAFETY: as in `send`.
+                unsafe { ep.post_tsenddata(b.io_ptr(), b.io_len(), desc, data, dest, tag, ctx) }
+            },
+        )
     }
 
     /// Receives a message from `src` ([`FiAddr::UNSPEC`]: anyone) into `buf` (`fi_recv`).
@@ -449,7 +492,7 @@ impl Endpoint {
         buf: B,
         src: FiAddr,
     ) -> std::result::Result<Pending<B>, OpError<B>> {
-        self.start(buf, Kind::Recv, "recv", src, |ep, b, desc, ctx| {
+        self.start(buf, Kind::Recv, None, "recv", src, |ep, b, desc, ctx| {
             // SAFETY: the Pending owns the buffer exclusively until completion; the pointer
             // is derived from the owned value, which nobody else can access meanwhile.
             unsafe { ep.post_recv(b.io_ptr() as *mut u8, b.io_len(), desc, src, ctx) }
@@ -468,7 +511,7 @@ impl Endpoint {
         tag: u64,
         ignore: u64,
     ) -> std::result::Result<Pending<B>, OpError<B>> {
-        self.start(buf, Kind::Recv, "trecv", src, |ep, b, desc, ctx| {
+        self.start(buf, Kind::Recv, None, "trecv", src, |ep, b, desc, ctx| {
             // SAFETY: as in `recv`.
             unsafe {
                 ep.post_trecv(
@@ -501,7 +544,7 @@ impl Endpoint {
             Err(e) => return Err(OpError::new(e, Some(buf))),
         };
         let key = remote.key;
-        self.start(buf, Kind::Write, "write", dest, |ep, b, desc, ctx| {
+        self.start(buf, Kind::Write, None, "write", dest, |ep, b, desc, ctx| {
             // SAFETY: as in `send`.
             unsafe { ep.post_write(b.io_ptr(), b.io_len(), desc, dest, addr, key, ctx) }
         })
@@ -524,10 +567,19 @@ impl Endpoint {
             Err(e) => return Err(OpError::new(e, Some(buf))),
         };
         let key = remote.key;
-        self.start(buf, Kind::Write, "writedata", dest, |ep, b, desc, ctx| {
-            // SAFETY: as in `send`.
-            unsafe { ep.post_writedata(b.io_ptr(), b.io_len(), desc, data, dest, addr, key, ctx) }
-        })
+        self.start(
+            buf,
+            Kind::Write,
+            None,
+            "writedata",
+            dest,
+            |ep, b, desc, ctx| {
+                // SAFETY: as in `send`.
+                unsafe {
+                    ep.post_writedata(b.io_ptr(), b.io_len(), desc, data, dest, addr, key, ctx)
+                }
+            },
+        )
     }
 
     /// Reads `buf.len()` bytes from the peer's `remote` region at `offset` into `buf`
@@ -547,7 +599,7 @@ impl Endpoint {
             Err(e) => return Err(OpError::new(e, Some(buf))),
         };
         let key = remote.key;
-        self.start(buf, Kind::Read, "read", src, |ep, b, desc, ctx| {
+        self.start(buf, Kind::Read, None, "read", src, |ep, b, desc, ctx| {
             // SAFETY: as in `recv`.
             unsafe { ep.post_read(b.io_ptr() as *mut u8, b.io_len(), desc, src, addr, key, ctx) }
         })

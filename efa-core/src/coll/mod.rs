@@ -436,6 +436,9 @@ impl<'c> Exec<'c> {
             if self.collect_aborts().is_some() {
                 // Another rank gave up: report whom we wait for, hear the other reports,
                 // then blame the end of the chain that starts at our peer.
+                if let Some(e) = self.comm.deadline_culprit(self.start.elapsed()) {
+                    return Err(e);
+                }
                 self.send_abort(peer);
                 self.grace();
                 let blame = self.blame(peer);
@@ -501,6 +504,11 @@ impl<'c> Exec<'c> {
     /// The deadline passed while waiting for `peer`: tell everyone, listen for their
     /// reports for a moment, and blame the end of the chain.
     fn timed_out(&mut self, peer: u32) -> Error {
+        // A rank known to have failed, or stopped on this host, is the culprit: every rank
+        // is told at once, and the wait chain below is not needed.
+        if let Some(e) = self.comm.deadline_culprit(self.start.elapsed()) {
+            return e;
+        }
         self.send_abort(peer);
         self.grace();
         Error::Timeout {
