@@ -451,6 +451,10 @@ pub trait Store: Send + Sync + fmt::Debug {
 ///   before `deadline`, with the time waited.
 /// * [`BootstrapError::InvalidRank`] if `my_rank >= size`.
 /// * [`BootstrapError::Store`] for any other store failure.
+///
+/// The job cannot go on after any of these but `InvalidRank`, so they also mark it failed
+/// ([`Store::job_failed`]): a serving rank's store then stops at once when dropped, instead
+/// of waiting for ranks that may never leave.
 pub fn exchange_all(
     store: &dyn Store,
     tag: &str,
@@ -466,7 +470,10 @@ pub fn exchange_all(
         });
     }
     let start = Instant::now();
-    store.set_by(&format!("{tag}/{my_rank}"), my_blob, deadline)?;
+    if let Err(e) = store.set_by(&format!("{tag}/{my_rank}"), my_blob, deadline) {
+        store.job_failed();
+        return Err(e.into());
+    }
     let mut blobs = Vec::with_capacity(size as usize);
     let mut missing = Vec::new();
     for rank in 0..size {
@@ -482,7 +489,10 @@ pub fn exchange_all(
                 missing.push(rank);
                 blobs.push(Vec::new());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                store.job_failed();
+                return Err(e.into());
+            }
         }
     }
     if missing.is_empty() {
@@ -491,6 +501,9 @@ pub fn exchange_all(
     } else {
         let waited = start.elapsed();
         tracing::warn!(tag, my_rank, ?missing, ?waited, "ranks never joined");
+        // The job cannot go on: a serving store need not wait for ranks that may never
+        // leave (a stopped one keeps its connection) before it stops.
+        store.job_failed();
         Err(BootstrapError::RankNeverJoined {
             ranks: missing,
             waited,

@@ -248,3 +248,34 @@ fn stopped_rank0_bounds_the_exchange_by_the_deadline_and_is_named() {
 fn stopped_efarun_bounds_the_exchange_by_the_deadline_and_is_named() {
     stopped_server(efarun_rank, "efarun");
 }
+
+/// Rank 0 serves the store; rank 1 joined the store and then stopped answering (its
+/// connection stays open), rank 2 never came. Rank 0's exchange fails at its deadline, and
+/// its store must then stop at once, not linger for ranks of a failed job (which made rank
+/// 0 report its error 10 s after the others in the chaos runs).
+#[test]
+fn serving_rank_whose_exchange_failed_does_not_linger() {
+    use efa_core::store::TcpStore;
+    let store =
+        TcpStore::serve("127.0.0.1:0", 0, 3, Instant::now() + Duration::from_secs(5)).unwrap();
+    let addr = store.server_addr().unwrap().to_string();
+    let stopped = TcpStore::connect(&addr, 1, Instant::now() + Duration::from_secs(5)).unwrap();
+    let t0 = Instant::now();
+    let e = exchange_all(
+        &store,
+        "card",
+        0,
+        3,
+        b"rank 0",
+        Instant::now() + Duration::from_millis(500),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("never joined"), "{e}");
+    drop(store);
+    let took = t0.elapsed();
+    drop(stopped);
+    assert!(
+        took < Duration::from_secs(3),
+        "rank 0 needed {took:?} to fail and stop its store"
+    );
+}
