@@ -437,6 +437,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// stops, when dropped, without waiting for ranks that may never leave. No effect on
     /// other stores.
     fn job_failed(&self) {}
+
+    /// These ranks failed or never joined: a serving store stops, when dropped, without
+    /// waiting for them to leave (a stopped rank keeps its connection open), but still
+    /// waits, as usual, for the other ranks, which may still be reading. No effect on other
+    /// stores.
+    fn ranks_failed(&self, ranks: &[u32]) {
+        let _ = ranks;
+    }
 }
 
 /// Publishes `my_blob` under `<tag>/<my_rank>` and collects the blobs of all `size` ranks,
@@ -452,9 +460,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 /// * [`BootstrapError::InvalidRank`] if `my_rank >= size`.
 /// * [`BootstrapError::Store`] for any other store failure.
 ///
-/// The job cannot go on after any of these but `InvalidRank`, so they also mark it failed
-/// ([`Store::job_failed`]): a serving rank's store then stops at once when dropped, instead
-/// of waiting for ranks that may never leave.
+/// A serving rank's store then stops, when dropped, without waiting for ranks that may
+/// never leave: not for the ranks that never joined ([`Store::ranks_failed`]), and not at
+/// all after a store failure ([`Store::job_failed`]).
 pub fn exchange_all(
     store: &dyn Store,
     tag: &str,
@@ -501,9 +509,10 @@ pub fn exchange_all(
     } else {
         let waited = start.elapsed();
         tracing::warn!(tag, my_rank, ?missing, ?waited, "ranks never joined");
-        // The job cannot go on: a serving store need not wait for ranks that may never
-        // leave (a stopped one keeps its connection) before it stops.
-        store.job_failed();
+        // A serving store need not wait for these ranks (a stopped one keeps its connection
+        // open), but the others are about to find the same and must not lose the store
+        // while they look.
+        store.ranks_failed(&missing);
         Err(BootstrapError::RankNeverJoined {
             ranks: missing,
             waited,
@@ -934,8 +943,15 @@ struct Presence {
 
 impl Presence {
     /// Ranks of `0..world` that have not yet come and gone.
+    #[cfg(test)]
     fn not_departed(&self, world: u32) -> Vec<u32> {
+        self.not_departed_except(world, &[])
+    }
+
+    /// As `not_departed`, not counting the ranks in `except`.
+    fn not_departed_except(&self, world: u32, except: &[u32]) -> Vec<u32> {
         (0..world)
+            .filter(|r| !except.contains(r))
             .filter(|r| !self.seen.contains(r) || self.live.get(r).copied().unwrap_or(0) > 0)
             .collect()
     }
@@ -1098,10 +1114,20 @@ impl TcpStoreServer {
     ///
     /// [`StoreError::StillInUse`] listing the ranks that are still connected or never came.
     pub fn wait_departed(&self, world_size: u32, deadline: Instant) -> Result<(), StoreError> {
+        self.wait_departed_except(world_size, &[], deadline)
+    }
+
+    /// As [`TcpStoreServer::wait_departed`], not waiting for the ranks in `except`.
+    fn wait_departed_except(
+        &self,
+        world_size: u32,
+        except: &[u32],
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
         let start = Instant::now();
         let mut p = self.shared.presence();
         loop {
-            let left_over = p.not_departed(world_size);
+            let left_over = p.not_departed_except(world_size, except);
             if left_over.is_empty() {
                 return Ok(());
             }
@@ -1630,6 +1656,8 @@ pub struct TcpStore {
     served_by: Option<StoreServerInfo>,
     /// Set by [`Store::job_failed`]: `Drop` does not linger.
     failed: std::sync::atomic::AtomicBool,
+    /// Set by [`Store::ranks_failed`]: `Drop` does not wait for these ranks.
+    failed_ranks: Mutex<Vec<u32>>,
 }
 
 /// The server a serving rank owns, and the world it waits for.
@@ -1733,6 +1761,7 @@ impl TcpStore {
                         server: None,
                         served_by: server.clone(),
                         failed: std::sync::atomic::AtomicBool::new(false),
+                        failed_ranks: Mutex::new(Vec::new()),
                     };
                     let hello = match token {
                         Some(t) => Request::HelloAuth {
@@ -2216,6 +2245,13 @@ impl Store for TcpStore {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn ranks_failed(&self, ranks: &[u32]) {
+        let mut failed = self.failed_ranks.lock().unwrap_or_else(|p| p.into_inner());
+        failed.extend_from_slice(ranks);
+        failed.sort_unstable();
+        failed.dedup();
+    }
+
     fn describe(&self) -> String {
         match &self.served_by {
             Some(who) => format!("the TCP store at {} (served by {})", self.addr, who.name),
@@ -2274,7 +2310,15 @@ impl Drop for TcpStore {
                 s.linger
             };
             let deadline = Instant::now() + linger;
-            if let Err(e) = s.server.wait_departed(s.world_size, deadline) {
+            let except = self
+                .failed_ranks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Err(e) = s
+                .server
+                .wait_departed_except(s.world_size, &except, deadline)
+            {
                 tracing::warn!(error = %e, "stopping the rendezvous store while ranks may still need it");
             }
             s.server.shutdown();

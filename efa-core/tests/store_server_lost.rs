@@ -250,32 +250,42 @@ fn stopped_efarun_bounds_the_exchange_by_the_deadline_and_is_named() {
 }
 
 /// Rank 0 serves the store; rank 1 joined the store and then stopped answering (its
-/// connection stays open), rank 2 never came. Rank 0's exchange fails at its deadline, and
-/// its store must then stop at once, not linger for ranks of a failed job (which made rank
-/// 0 report its error 10 s after the others in the chaos runs).
+/// connection stays open); rank 2 published its card and waits for rank 1 a little longer
+/// than rank 0 does. Rank 0's exchange fails at its deadline; its store must then stop
+/// without waiting for rank 1 (which made rank 0 report its error 10 s after the others in
+/// the chaos runs), but only after rank 2 has left, so that rank 2 too reports that rank 1
+/// never joined (not that rank 0 closed the store).
 #[test]
-fn serving_rank_whose_exchange_failed_does_not_linger() {
+fn serving_rank_whose_exchange_failed_waits_only_for_the_live_ranks() {
     use efa_core::store::TcpStore;
-    let store =
-        TcpStore::serve("127.0.0.1:0", 0, 3, Instant::now() + Duration::from_secs(5)).unwrap();
+    let soon = |ms| Instant::now() + Duration::from_millis(ms);
+    let store = TcpStore::serve("127.0.0.1:0", 0, 3, soon(5_000)).unwrap();
     let addr = store.server_addr().unwrap().to_string();
-    let stopped = TcpStore::connect(&addr, 1, Instant::now() + Duration::from_secs(5)).unwrap();
+    let stopped = TcpStore::connect(&addr, 1, soon(5_000)).unwrap();
+    let rank2 = {
+        let addr = addr.clone();
+        thread::spawn(move || {
+            let c = TcpStore::connect(&addr, 2, soon(5_000)).unwrap();
+            let r = exchange_all(&c, "card", 2, 3, b"rank 2", soon(1_500));
+            drop(c);
+            (r.unwrap_err().to_string(), Instant::now())
+        })
+    };
     let t0 = Instant::now();
-    let e = exchange_all(
-        &store,
-        "card",
-        0,
-        3,
-        b"rank 0",
-        Instant::now() + Duration::from_millis(500),
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("never joined"), "{e}");
+    let e = exchange_all(&store, "card", 0, 3, b"rank 0", soon(500)).unwrap_err();
+    assert!(e.to_string().contains("rank 1 never joined"), "{e}");
     drop(store);
+    let stopped_at = Instant::now();
     let took = t0.elapsed();
+    let (e2, rank2_left) = rank2.join().unwrap();
     drop(stopped);
+    assert!(e2.contains("rank 1 never joined"), "rank 2 saw: {e2}");
     assert!(
         took < Duration::from_secs(3),
         "rank 0 needed {took:?} to fail and stop its store"
+    );
+    assert!(
+        rank2_left <= stopped_at,
+        "rank 0 stopped its store before rank 2 left"
     );
 }
