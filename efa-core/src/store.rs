@@ -28,6 +28,21 @@
 //! rank's [`TcpStore::close`] and `Drop` wait until every rank of the world has come and gone,
 //! bounded by a deadline ([`TcpStore::set_linger`] for `Drop`, default 10 s), and only then
 //! shut the server down. When the launcher serves the store, none of this is needed.
+//! `Drop` does not wait for ranks that failed or never joined ([`Store::ranks_failed`],
+//! which [`exchange_all`] reports), nor at all once the job has failed
+//! ([`Store::job_failed`]).
+//!
+//! # When the server fails
+//!
+//! A client that knows who serves its store ([`TcpStore::connect_served`]; every rank that
+//! [`Bootstrap`](crate::bootstrap::Bootstrap) connects does) names it in
+//! [`StoreError::ServerFailed`]: "rank 0, which serves the store at 127.0.0.1:29501, closed
+//! the connection ...". It fails at once when it can tell that the server is gone: the
+//! server closed or reset the connection, or refused a new one although it listens before
+//! any rank starts (efarun) or had accepted one of this rank's before. A server that cannot
+//! be reached at all (rank 0 may not have started yet) or does not answer (stopped, for
+//! example with SIGSTOP) is reported at the caller's deadline, plus at most 2 s: every read
+//! and write of a request ends by then.
 //!
 //! # Protocol
 //!
