@@ -89,7 +89,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::store::{FileStore, MemoryStore, Store, StoreError, StoreToken, TcpStore};
+use crate::store::{
+    FileStore, MemoryStore, Store, StoreError, StoreServerInfo, StoreToken, TcpStore,
+};
 
 /// The program that started this process, as far as the environment tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -406,8 +408,10 @@ impl Bootstrap {
     /// # Errors
     ///
     /// [`BootstrapError::Store`] wrapping [`StoreError::Bind`] (rank 0 could not listen),
-    /// [`StoreError::Unreachable`] (no server before the deadline), [`StoreError::Refused`]
-    /// (the token does not match the server's) or an I/O error.
+    /// [`StoreError::ServerFailed`] naming the server (`rank 0`, `efarun`): at once when
+    /// efarun's store refuses the connection (efarun listens before any rank starts, so it
+    /// has exited) or a server closes it, by the deadline when the server cannot be reached
+    /// or does not answer; [`StoreError::Refused`] (the token does not match the server's).
     /// [`BootstrapError::InvalidVar`] naming `EFA_STORE` (or [`BootstrapError::Store`] with
     /// [`StoreError::Directory`] for a store not chosen by `EFA_STORE`) when a file store's
     /// directory cannot be used: its parent does not exist, for example.
@@ -438,13 +442,19 @@ impl Bootstrap {
                 Arc::new(store)
             }
             Rendezvous::Tcp { addr, server } => {
-                let mut store = TcpStore::connect_with_token(addr, self.rank, token, deadline)?;
-                store.set_served_by(match (server, self.launcher) {
-                    (StoreServer::Rank0, _) => "rank 0",
-                    (StoreServer::Launcher, Launcher::Efarun) => "efarun",
-                    (StoreServer::Launcher, _) => "the launcher",
-                });
-                Arc::new(store)
+                // efarun binds the store before it starts any rank: refused means gone.
+                let (name, listens_first) = match (server, self.launcher) {
+                    (StoreServer::Rank0, _) => ("rank 0", false),
+                    (StoreServer::Launcher, Launcher::Efarun) => ("efarun", true),
+                    (StoreServer::Launcher, _) => ("the launcher", false),
+                };
+                let info = StoreServerInfo {
+                    name: name.into(),
+                    listens_first,
+                };
+                Arc::new(TcpStore::connect_served(
+                    addr, self.rank, token, info, deadline,
+                )?)
             }
             Rendezvous::File { dir } => match FileStore::open(dir) {
                 Ok(store) => Arc::new(store),

@@ -86,6 +86,8 @@ pub mod coll;
 pub mod comm;
 pub mod debug;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod net;
 pub mod placement;
 pub mod store;

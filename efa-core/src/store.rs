@@ -28,6 +28,21 @@
 //! rank's [`TcpStore::close`] and `Drop` wait until every rank of the world has come and gone,
 //! bounded by a deadline ([`TcpStore::set_linger`] for `Drop`, default 10 s), and only then
 //! shut the server down. When the launcher serves the store, none of this is needed.
+//! `Drop` does not wait for ranks that failed or never joined ([`Store::ranks_failed`],
+//! which [`exchange_all`] reports), nor at all once the job has failed
+//! ([`Store::job_failed`]).
+//!
+//! # When the server fails
+//!
+//! A client that knows who serves its store ([`TcpStore::connect_served`]; every rank that
+//! [`Bootstrap`](crate::bootstrap::Bootstrap) connects does) names it in
+//! [`StoreError::ServerFailed`]: "rank 0, which serves the store at 127.0.0.1:29501, closed
+//! the connection ...". It fails at once when it can tell that the server is gone: the
+//! server closed or reset the connection, or refused a new one although it listens before
+//! any rank starts (efarun) or had accepted one of this rank's before. A server that cannot
+//! be reached at all (rank 0 may not have started yet) or does not answer (stopped, for
+//! example with SIGSTOP) is reported at the caller's deadline, plus at most 2 s: every read
+//! and write of a request ends by then.
 //!
 //! # Protocol
 //!
@@ -40,6 +55,15 @@
 //! server closes the connection).
 //! One request is in flight per connection; a [`TcpStore`] serialises its callers.
 //!
+//! The server trusts no client. It buffers a frame's bytes as they arrive (an announced
+//! length costs nothing), and closes a connection that announces a frame over
+//! [`MAX_FRAME`] bytes, that has not said HELLO within 30 s of connecting (and, when more
+//! than 256 have not, the oldest of them that has been waiting for at least 2 s), that
+//! takes over 30 s to finish a frame it started or to read a reply, or that sends a request
+//! while its GET waits. A connection that closes while its GET waits departs at once. A
+//! client whose connection is dropped before HELLO is answered reconnects until its
+//! deadline.
+//!
 //! # Who may join
 //!
 //! A TCP store is reachable by anyone who can reach its port, so a job can carry a shared
@@ -49,7 +73,9 @@
 //! without one (plain `HELLO`), so a job whose ranks disagree about the token fails at once
 //! on both sides instead of half-working. A refused client gets [`StoreError::Refused`] at
 //! once, not a timeout; the server logs a warning naming the peer's address, closes that
-//! connection and goes on serving the others.
+//! connection and goes on serving the others. Before a connection of a server with a token
+//! has presented it, its first frame may be no longer than a `HELLO_AUTH` can be; a longer
+//! one is refused as soon as its length arrives, without buffering it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -186,6 +212,28 @@ pub enum StoreError {
         addr: String,
         /// The server's reason (`wrong EFA_STORE_TOKEN`, ...).
         reason: String,
+    },
+    /// The process that serves the store (named: `rank 0`, `efarun`) failed as far as this
+    /// rank can tell, and the message names it: "rank 0, which serves the store at
+    /// 127.0.0.1:29501, closed the connection ...". Returned by a [`TcpStore`] that knows its
+    /// server ([`TcpStore::connect_served`], and every store [`Bootstrap`] connects):
+    ///
+    /// * at once when a server that listens before any rank starts (efarun) refuses the
+    ///   connection, or any server refuses it after having accepted one: it has exited;
+    /// * at once when a connected server closes or resets the connection;
+    /// * by the caller's deadline (plus at most 2 s) when the server cannot be reached at
+    ///   all (it may not have started) or does not answer (stopped, for example by SIGSTOP
+    ///   or a debugger, or overloaded).
+    ///
+    /// [`Bootstrap`]: crate::bootstrap::Bootstrap
+    #[error("{server}, which serves the store at {addr}, {what}")]
+    ServerFailed {
+        /// Who serves the store: `rank 0`, `efarun`, `the launcher`.
+        server: String,
+        /// The store's address.
+        addr: String,
+        /// What happened, and what it means.
+        what: String,
     },
     /// A [`StoreToken`] that cannot be used (too short, too long, or not printable ASCII).
     #[error("unusable store token: {reason}")]
@@ -348,6 +396,18 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// error talking to the store.
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
 
+    /// As [`Store::set`], ending by `deadline`: a store whose server does not take the value
+    /// by then returns an error. The default calls [`Store::set`] (for stores whose writes
+    /// are local); the TCP store bounds its request by `deadline` (at least 1 s from now).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::set`].
+    fn set_by(&self, key: &str, value: &[u8], deadline: Instant) -> Result<(), StoreError> {
+        let _ = deadline;
+        self.set(key, value)
+    }
+
     /// Returns the value of `key`, waiting until it is set or `deadline` passes. Looks at
     /// least once even when `deadline` has already passed.
     ///
@@ -392,6 +452,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// stops, when dropped, without waiting for ranks that may never leave. No effect on
     /// other stores.
     fn job_failed(&self) {}
+
+    /// These ranks failed or never joined: a serving store stops, when dropped, without
+    /// waiting for them to leave (a stopped rank keeps its connection open), but still
+    /// waits, as usual, for the other ranks, which may still be reading. No effect on other
+    /// stores.
+    fn ranks_failed(&self, ranks: &[u32]) {
+        let _ = ranks;
+    }
 }
 
 /// Publishes `my_blob` under `<tag>/<my_rank>` and collects the blobs of all `size` ranks,
@@ -406,6 +474,10 @@ pub trait Store: Send + Sync + fmt::Debug {
 ///   before `deadline`, with the time waited.
 /// * [`BootstrapError::InvalidRank`] if `my_rank >= size`.
 /// * [`BootstrapError::Store`] for any other store failure.
+///
+/// A serving rank's store then stops, when dropped, without waiting for ranks that may
+/// never leave: not for the ranks that never joined ([`Store::ranks_failed`]), and not at
+/// all after a store failure ([`Store::job_failed`]).
 pub fn exchange_all(
     store: &dyn Store,
     tag: &str,
@@ -421,7 +493,10 @@ pub fn exchange_all(
         });
     }
     let start = Instant::now();
-    store.set(&format!("{tag}/{my_rank}"), my_blob)?;
+    if let Err(e) = store.set_by(&format!("{tag}/{my_rank}"), my_blob, deadline) {
+        store.job_failed();
+        return Err(e.into());
+    }
     let mut blobs = Vec::with_capacity(size as usize);
     let mut missing = Vec::new();
     for rank in 0..size {
@@ -437,7 +512,10 @@ pub fn exchange_all(
                 missing.push(rank);
                 blobs.push(Vec::new());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                store.job_failed();
+                return Err(e.into());
+            }
         }
     }
     if missing.is_empty() {
@@ -446,6 +524,10 @@ pub fn exchange_all(
     } else {
         let waited = start.elapsed();
         tracing::warn!(tag, my_rank, ?missing, ?waited, "ranks never joined");
+        // A serving store need not wait for these ranks (a stopped one keeps its connection
+        // open), but the others are about to find the same and must not lose the store
+        // while they look.
+        store.ranks_failed(&missing);
         Err(BootstrapError::RankNeverJoined {
             ranks: missing,
             waited,
@@ -731,10 +813,13 @@ const OP_GET: u8 = 3;
 const OP_LEAVE: u8 = 4;
 const OP_HELLO_AUTH: u8 = 5;
 
-const ST_VALUE: u8 = 0;
-const ST_NOT_FOUND: u8 = 1;
-const ST_ERROR: u8 = 2;
-const ST_REFUSED: u8 = 3;
+/// Longest HELLO_AUTH request body: opcode, rank, token.
+const HELLO_AUTH_MAX: usize = 1 + 4 + StoreToken::MAX_LEN;
+
+pub(crate) const ST_VALUE: u8 = 0;
+pub(crate) const ST_NOT_FOUND: u8 = 1;
+pub(crate) const ST_ERROR: u8 = 2;
+pub(crate) const ST_REFUSED: u8 = 3;
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
@@ -743,7 +828,7 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
 
 /// A request as the server sees it.
 #[derive(Debug, PartialEq)]
-enum Request {
+pub(crate) enum Request {
     Hello {
         rank: u32,
     },
@@ -764,7 +849,7 @@ enum Request {
 }
 
 impl Request {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
             Request::Hello { rank } => {
@@ -793,7 +878,7 @@ impl Request {
         b
     }
 
-    fn decode(frame: &[u8]) -> Result<Self, String> {
+    pub(crate) fn decode(frame: &[u8]) -> Result<Self, String> {
         let (&op, rest) = frame.split_first().ok_or("empty request")?;
         let take_u32 = |b: &[u8]| -> Result<(u32, usize), String> {
             let a: [u8; 4] = b
@@ -873,15 +958,22 @@ struct Presence {
 
 impl Presence {
     /// Ranks of `0..world` that have not yet come and gone.
+    #[cfg(test)]
     fn not_departed(&self, world: u32) -> Vec<u32> {
+        self.not_departed_except(world, &[])
+    }
+
+    /// As `not_departed`, not counting the ranks in `except`.
+    fn not_departed_except(&self, world: u32, except: &[u32]) -> Vec<u32> {
         (0..world)
+            .filter(|r| !except.contains(r))
             .filter(|r| !self.seen.contains(r) || self.live.get(r).copied().unwrap_or(0) > 0)
             .collect()
     }
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     map: Mutex<HashMap<String, Vec<u8>>>,
     version: watch::Sender<u64>,
     presence: Mutex<Presence>,
@@ -891,6 +983,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// A server's state; with `token`, connections are served only after presenting it.
+    pub(crate) fn new(token: Option<StoreToken>) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            version: watch::channel(0).0,
+            presence: Mutex::new(Presence::default()),
+            presence_changed: Condvar::new(),
+            token,
+        }
+    }
+
     fn presence(&self) -> MutexGuard<'_, Presence> {
         self.presence.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -951,6 +1054,14 @@ impl TcpStoreServer {
     ///
     /// As [`TcpStoreServer::bind`].
     pub fn bind_with_token(addr: &str, token: Option<StoreToken>) -> Result<Self, StoreError> {
+        Self::bind_with(addr, token, LIMITS)
+    }
+
+    fn bind_with(
+        addr: &str,
+        token: Option<StoreToken>,
+        limits: Limits,
+    ) -> Result<Self, StoreError> {
         let candidates = resolve(addr)?;
         let mut last = None;
         let listener = candidates
@@ -978,13 +1089,7 @@ impl TcpStoreServer {
                 op: "making the listener non-blocking",
                 source,
             })?;
-        let shared = Arc::new(Shared {
-            map: Mutex::new(HashMap::new()),
-            version: watch::channel(0).0,
-            presence: Mutex::new(Presence::default()),
-            presence_changed: Condvar::new(),
-            token,
-        });
+        let shared = Arc::new(Shared::new(token));
         let (tx, rx) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -997,7 +1102,7 @@ impl TcpStoreServer {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("efa-store {local}"))
-            .spawn(move || runtime.block_on(serve(listener, thread_shared, rx)))
+            .spawn(move || runtime.block_on(serve(listener, thread_shared, limits, rx)))
             .map_err(|source| StoreError::Io {
                 location: local.to_string(),
                 op: "spawning the store thread",
@@ -1024,10 +1129,20 @@ impl TcpStoreServer {
     ///
     /// [`StoreError::StillInUse`] listing the ranks that are still connected or never came.
     pub fn wait_departed(&self, world_size: u32, deadline: Instant) -> Result<(), StoreError> {
+        self.wait_departed_except(world_size, &[], deadline)
+    }
+
+    /// As [`TcpStoreServer::wait_departed`], not waiting for the ranks in `except`.
+    fn wait_departed_except(
+        &self,
+        world_size: u32,
+        except: &[u32],
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
         let start = Instant::now();
         let mut p = self.shared.presence();
         loop {
-            let left_over = p.not_departed(world_size);
+            let left_over = p.not_departed_except(world_size, except);
             if left_over.is_empty() {
                 return Ok(());
             }
@@ -1071,7 +1186,126 @@ impl Drop for TcpStoreServer {
     }
 }
 
-async fn serve(listener: StdTcpListener, shared: Arc<Shared>, mut shutdown: oneshot::Receiver<()>) {
+/// Limits that keep broken or hostile clients from tying up the server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Time a new connection has to say HELLO (requests before it are served, but do not
+    /// lift the limit). Real clients say HELLO as soon as they are connected.
+    hello: Duration,
+    /// Time a frame that has started to arrive has to arrive completely, and time a reply
+    /// has to be written. Real clients write each request in one go and read every reply.
+    frame: Duration,
+    /// Connections that have not said HELLO yet; when more pile up, the oldest is closed,
+    /// so that silent or garbage-sending connections cannot use up the server's
+    /// descriptors...
+    unidentified: usize,
+    /// ...but only once it has had this long to say HELLO, so that a storm of new
+    /// connections cannot push out a real client whose HELLO is on its way.
+    evict_after: Duration,
+}
+
+pub(crate) const LIMITS: Limits = Limits {
+    hello: Duration::from_secs(30),
+    frame: Duration::from_secs(30),
+    unidentified: 256,
+    evict_after: Duration::from_secs(2),
+};
+
+/// Splits the bytes of one connection into frames (big-endian `u32` length, then the body)
+/// without trusting the length field: its buffer holds only bytes that actually arrived, so
+/// a client announcing [`MAX_FRAME`] bytes and sending three costs three bytes, and a length
+/// above [`MAX_FRAME`] is refused as soon as its four bytes are in.
+#[derive(Debug, Default)]
+pub(crate) struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Buffers bytes read from the connection.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Whether no byte of a next frame has arrived.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes held, including spare capacity.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The next complete frame's body, if it has arrived.
+    ///
+    /// # Errors
+    ///
+    /// The announced length, if it exceeds [`MAX_FRAME`].
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Vec<u8>>, usize> {
+        self.next_frame_within(MAX_FRAME)
+    }
+
+    /// As [`FrameDecoder::next_frame`], with a frame limit of `max` bytes (at most
+    /// [`MAX_FRAME`]).
+    ///
+    /// # Errors
+    ///
+    /// The announced length, if it exceeds `max`.
+    pub(crate) fn next_frame_within(&mut self, max: usize) -> Result<Option<Vec<u8>>, usize> {
+        let Some(&[a, b, c, d]) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len > max.min(MAX_FRAME) {
+            return Err(len);
+        }
+        let Some(body) = self.buf.get(4..4 + len) else {
+            return Ok(None);
+        };
+        let frame = body.to_vec();
+        if self.buf.len() == 4 + len {
+            // Give a large buffer back rather than keep it for the connection's lifetime.
+            if self.buf.capacity() > 64 << 10 {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+        } else {
+            self.buf.drain(..4 + len);
+        }
+        Ok(Some(frame))
+    }
+}
+
+/// Connections that have not said HELLO yet, oldest first.
+#[derive(Debug, Default)]
+struct Unidentified {
+    next_id: u64,
+    /// By id (so in order of arrival): the task and when it was accepted.
+    conns: std::collections::BTreeMap<u64, (tokio::task::AbortHandle, tokio::time::Instant)>,
+}
+
+/// Held by a connection until it says HELLO; dropping it takes the connection off the
+/// [`Unidentified`] list.
+#[derive(Debug)]
+pub(crate) struct UnidentifiedGuard {
+    id: u64,
+    list: Arc<Mutex<Unidentified>>,
+}
+
+impl Drop for UnidentifiedGuard {
+    fn drop(&mut self) {
+        let mut l = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        l.conns.remove(&self.id);
+    }
+}
+
+async fn serve(
+    listener: StdTcpListener,
+    shared: Arc<Shared>,
+    limits: Limits,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -1079,13 +1313,40 @@ async fn serve(listener: StdTcpListener, shared: Arc<Shared>, mut shutdown: ones
             return;
         }
     };
+    let unidentified = Arc::new(Mutex::new(Unidentified::default()));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, peer, shared.clone()));
+                    let mut list = unidentified.lock().unwrap_or_else(|p| p.into_inner());
+                    let id = list.next_id;
+                    list.next_id += 1;
+                    let guard = UnidentifiedGuard { id, list: unidentified.clone() };
+                    // The runtime has one thread: the task cannot run (and drop its guard)
+                    // before it is on the list.
+                    let task = tokio::spawn(connection(
+                        stream,
+                        peer.to_string(),
+                        shared.clone(),
+                        limits,
+                        Some(guard),
+                    ));
+                    let now = tokio::time::Instant::now();
+                    list.conns.insert(id, (task.abort_handle(), now));
+                    while list.conns.len() > limits.unidentified {
+                        let Some(entry) = list.conns.first_entry() else { break };
+                        if now.duration_since(entry.get().1) < limits.evict_after {
+                            // Everyone waiting is new: let the list grow for now.
+                            break;
+                        }
+                        entry.remove().0.abort();
+                        tracing::warn!(
+                            limit = limits.unidentified,
+                            "store: too many connections without HELLO; closed the oldest"
+                        );
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "store accept failed");
@@ -1169,37 +1430,85 @@ mod token_tests {
     }
 }
 
-async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+fn protocol_violation(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Serves one client connection until it closes, breaks the protocol or times out.
+/// Generic over the stream so that the fuzz targets can run it on bytes in memory.
+pub(crate) async fn connection<S>(
+    mut stream: S,
+    peer: String,
+    shared: Arc<Shared>,
+    limits: Limits,
+    mut unidentified: Option<UnidentifiedGuard>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut rank = None;
     let mut authed = shared.token.is_none();
     let result = async {
+        let connected = tokio::time::Instant::now();
+        let mut frame_started = connected;
+        let mut decoder = FrameDecoder::default();
+        let mut chunk = vec![0u8; 8 << 10];
         loop {
-            let mut len = [0u8; 4];
-            match stream.read_exact(&mut len).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let len = u32::from_be_bytes(len) as usize;
-            let limit = if authed {
-                MAX_FRAME
-            } else {
-                // Before the token, only a HELLO_AUTH is acceptable: do not read (or allocate)
-                // a stranger's big frame.
-                9 + StoreToken::MAX_LEN
-            };
-            if len > limit {
-                if !authed {
-                    tracing::warn!("refused a store client from {peer}: a first frame of {len} bytes, too long for a token; its connection is closed");
-                    return Ok(());
+            // Before the token, only a HELLO_AUTH is acceptable: a longer first frame is
+            // refused as soon as its length is in, and no more than one such frame is read.
+            let max = if authed { MAX_FRAME } else { HELLO_AUTH_MAX };
+            let frame = loop {
+                match decoder.next_frame_within(max) {
+                    Ok(Some(f)) => break f,
+                    Ok(None) => {}
+                    Err(len) if !authed => {
+                        tracing::warn!("refused a store client from {peer}: a first frame of {len} bytes, too long for a token; its connection is closed");
+                        return Ok(());
+                    }
+                    Err(len) => {
+                        return Err(protocol_violation(format!(
+                            "frame of {len} bytes exceeds the limit of {MAX_FRAME}"
+                        )))
+                    }
                 }
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("frame of {len} bytes exceeds the limit"),
-                ));
-            }
-            let mut frame = vec![0u8; len];
-            stream.read_exact(&mut frame).await?;
+                let limit = if unidentified.is_some() {
+                    Some((connected + limits.hello, "no HELLO"))
+                } else if !decoder.is_empty() {
+                    Some((frame_started + limits.frame, "frame not completed"))
+                } else {
+                    // Between requests a rank may be quiet for as long as its job runs.
+                    None
+                };
+                let room = if authed { chunk.len() } else { 4 + HELLO_AUTH_MAX };
+                let buf = &mut chunk[..room];
+                let n = match limit {
+                    Some((at, what)) => {
+                        match tokio::time::timeout_at(at, stream.read(buf)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    format!("{what} in time"),
+                                ))
+                            }
+                        }
+                    }
+                    None => stream.read(buf).await?,
+                };
+                if n == 0 {
+                    return if decoder.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a frame",
+                        ))
+                    };
+                }
+                if decoder.is_empty() {
+                    frame_started = tokio::time::Instant::now();
+                }
+                decoder.push(&chunk[..n]);
+            };
             let req = Request::decode(&frame);
             if let Some(reason) = refusal(shared.token.as_ref(), authed, &req) {
                 tracing::warn!("refused a store client from {peer}: {reason}; its connection is closed");
@@ -1207,14 +1516,20 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
                 reply.extend_from_slice(&((reason.len() + 1) as u32).to_be_bytes());
                 reply.push(ST_REFUSED);
                 reply.extend_from_slice(reason.as_bytes());
-                // Best effort: the client may be gone; either way the connection ends here.
-                let _ = stream.write_all(&reply).await;
-                let _ = stream.shutdown().await;
+                // Best effort and bounded: the client may be gone or not reading; either way
+                // the connection ends here.
+                let _ = tokio::time::timeout(limits.frame, async {
+                    stream.write_all(&reply).await?;
+                    stream.shutdown().await
+                })
+                .await;
                 return Ok(());
             }
             let (status, body): (u8, Vec<u8>) = match req {
                 Err(msg) => (ST_ERROR, msg.into_bytes()),
                 Ok(Request::Hello { rank: r } | Request::HelloAuth { rank: r, .. }) => {
+                    // The connection is a client, not a squatter: off the list, no limit.
+                    unidentified = None;
                     authed = true;
                     if rank.is_none() {
                         rank = Some(r);
@@ -1227,10 +1542,35 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
                     shared.version.send_modify(|v| *v += 1);
                     (ST_VALUE, Vec::new())
                 }
-                Ok(Request::Get { key, wait }) => match wait_for(&shared, &key, wait).await {
-                    Some(v) => (ST_VALUE, v),
-                    None => (ST_NOT_FOUND, Vec::new()),
-                },
+                Ok(Request::Get { key, wait }) => {
+                    // While the GET waits, watch the connection: a client that closes it
+                    // has gone (and departs now, not when the wait ends); one that sends
+                    // more breaks the one-request-in-flight rule.
+                    let present = shared.map().get(&key).cloned();
+                    match present {
+                        Some(v) => (ST_VALUE, v),
+                        None if !decoder.is_empty() => {
+                            return Err(protocol_violation(
+                                "request sent while a GET was waiting".into(),
+                            ))
+                        }
+                        None => tokio::select! {
+                            biased;
+                            v = wait_for(&shared, &key, wait) => match v {
+                                Some(v) => (ST_VALUE, v),
+                                None => (ST_NOT_FOUND, Vec::new()),
+                            },
+                            r = stream.read(&mut chunk) => {
+                                return match r? {
+                                    0 => Ok(()),
+                                    _ => Err(protocol_violation(
+                                        "request sent while a GET was waiting".into(),
+                                    )),
+                                };
+                            }
+                        },
+                    }
+                }
                 Ok(Request::Leave) => {
                     if let Some(r) = rank.take() {
                         shared.depart(r);
@@ -1242,7 +1582,19 @@ async fn connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, shared:
             reply.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
             reply.push(status);
             reply.extend_from_slice(&body);
-            stream.write_all(&reply).await?;
+            let written = async {
+                stream.write_all(&reply).await?;
+                stream.flush().await
+            };
+            match tokio::time::timeout(limits.frame, written).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client did not read its reply in time",
+                    ))
+                }
+            }
         }
     }
     .await;
@@ -1291,6 +1643,19 @@ fn resolve(addr: &str) -> Result<Vec<SocketAddr>, StoreError> {
 // TCP store: client
 // ---------------------------------------------------------------------------------------
 
+/// Who serves a TCP store, as its clients know it: named in every error about the server
+/// ([`StoreError::ServerFailed`]), and telling a server that is gone from one that has not
+/// started yet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StoreServerInfo {
+    /// Who it is, for messages: `efarun`, `rank 0`, `the launcher`.
+    pub name: String,
+    /// Whether it listens before any client starts, as efarun does (it binds the store before
+    /// it starts any rank). Then a refused connection means that it has exited, and
+    /// connecting fails at once instead of retrying until the deadline.
+    pub listens_first: bool,
+}
+
 /// A client of a [`TcpStoreServer`]; on rank 0 without a launcher-served store it also owns
 /// the server ([`TcpStore::serve`]).
 ///
@@ -1302,10 +1667,12 @@ pub struct TcpStore {
     conn: Mutex<Option<TcpStream>>,
     io_timeout: Duration,
     server: Option<ServedBy>,
-    /// Who serves the store, for messages (`efarun`, `rank 0`).
-    served_by: Option<String>,
+    /// Who serves the store, if known, for messages (`efarun`, `rank 0`).
+    served_by: Option<StoreServerInfo>,
     /// Set by [`Store::job_failed`]: `Drop` does not linger.
     failed: std::sync::atomic::AtomicBool,
+    /// Set by [`Store::ranks_failed`]: `Drop` does not wait for these ranks.
+    failed_ranks: Mutex<Vec<u32>>,
 }
 
 /// The server a serving rank owns, and the world it waits for.
@@ -1338,84 +1705,171 @@ impl TcpStore {
 
     /// Connects to the store at `addr` (`host:port`) as `rank`, presenting `token` (the
     /// job's `EFA_STORE_TOKEN`, if it has one), retrying (rank 0 or the launcher may start
-    /// later) until `deadline`.
+    /// later) until `deadline`. Errors do not name the server; see
+    /// [`TcpStore::connect_served`].
     ///
     /// # Errors
     ///
     /// [`StoreError::Unreachable`] with the last connection error if no connection could be
     /// made before `deadline`; [`StoreError::BadAddress`] for a malformed address;
     /// [`StoreError::Refused`] at once if the server does not accept the token (or its
-    /// absence).
+    /// absence); [`StoreError::Io`] if the server closes the connection or does not answer.
     pub fn connect_with_token(
         addr: &str,
         rank: u32,
         token: Option<&StoreToken>,
         deadline: Instant,
     ) -> Result<Self, StoreError> {
+        Self::connect_inner(addr, rank, token, None, deadline)
+    }
+
+    /// As [`TcpStore::connect_with_token`], knowing who serves the store (`server`): every
+    /// error about the server names it ([`StoreError::ServerFailed`]), and a refused
+    /// connection fails at once when the server listens before any rank starts
+    /// ([`StoreServerInfo::listens_first`]) or has accepted a connection of this rank
+    /// before. [`Bootstrap::connect_store`](crate::bootstrap::Bootstrap::connect_store)
+    /// connects this way.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ServerFailed`] naming the server: at once if it refused the connection
+    /// and must have exited, or closed the connection; at `deadline` (plus at most 2 s) if it
+    /// could not be reached or did not answer. [`StoreError::BadAddress`] and
+    /// [`StoreError::Refused`] as [`TcpStore::connect_with_token`].
+    pub fn connect_served(
+        addr: &str,
+        rank: u32,
+        token: Option<&StoreToken>,
+        server: StoreServerInfo,
+        deadline: Instant,
+    ) -> Result<Self, StoreError> {
+        Self::connect_inner(addr, rank, token, Some(server), deadline)
+    }
+
+    fn connect_inner(
+        addr: &str,
+        rank: u32,
+        token: Option<&StoreToken>,
+        server: Option<StoreServerInfo>,
+        deadline: Instant,
+    ) -> Result<Self, StoreError> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
-        let stream = loop {
-            let err = match addr.to_socket_addrs() {
-                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                    return Err(StoreError::BadAddress {
-                        addr: addr.to_owned(),
-                        reason: e.to_string(),
-                    })
-                }
-                // Name resolution may fail transiently while the job starts; retry.
+        // Once the server has accepted a connection, a refused one means it is gone.
+        let mut listening = server.as_ref().is_some_and(|s| s.listens_first);
+        let failed = |server: &StoreServerInfo, what: String| StoreError::ServerFailed {
+            server: server.name.clone(),
+            addr: addr.to_owned(),
+            what,
+        };
+        loop {
+            let err = match Self::dial(addr, deadline)? {
                 Err(e) => e,
-                Ok(candidates) => {
-                    let mut last = io::Error::other("resolves to no address");
-                    let mut got = None;
-                    for a in candidates {
-                        let t = remaining(deadline)
-                            .clamp(Duration::from_millis(1), Duration::from_secs(2));
-                        match TcpStream::connect_timeout(&a, t) {
-                            Ok(s) => {
-                                got = Some(s);
-                                break;
-                            }
-                            Err(e) => last = e,
+                Ok(stream) => {
+                    listening = true;
+                    let _ = stream.set_nodelay(true);
+                    let store = Self {
+                        addr: addr.to_owned(),
+                        rank,
+                        conn: Mutex::new(Some(stream)),
+                        io_timeout: DEFAULT_IO_TIMEOUT,
+                        server: None,
+                        served_by: server.clone(),
+                        failed: std::sync::atomic::AtomicBool::new(false),
+                        failed_ranks: Mutex::new(Vec::new()),
+                    };
+                    let hello = match token {
+                        Some(t) => Request::HelloAuth {
+                            rank,
+                            token: t.0.clone(),
+                        },
+                        None => Request::Hello { rank },
+                    };
+                    match store.exchange(&hello, Some(deadline))? {
+                        Ok(body) => {
+                            store.parse(body)?;
+                            tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
+                            return Ok(store);
                         }
-                    }
-                    match got {
-                        Some(s) => break s,
-                        None => last,
+                        // Closed before answering HELLO: a server that has too many
+                        // connections without HELLO closes the oldest. Connect again; if the
+                        // server is gone, that attempt is refused.
+                        Err((e, _)) if closed(&e) && !remaining(deadline).is_zero() => {
+                            tracing::debug!(addr, error = %e, "the store closed the connection before answering HELLO; connecting again");
+                            e
+                        }
+                        Err((e, waited)) => return Err(store.lost(e, waited)),
                     }
                 }
             };
+            if let Some(s) = server.as_ref() {
+                if listening && err.kind() == io::ErrorKind::ConnectionRefused {
+                    let why = if s.listens_first {
+                        "it listens before any rank starts"
+                    } else {
+                        "it had accepted a connection of this rank"
+                    };
+                    return Err(failed(
+                        s,
+                        format!(
+                            "refused the connection ({err}): {} has exited ({why}, so a refused connection means it is gone)",
+                            s.name
+                        ),
+                    ));
+                }
+            }
             let left = remaining(deadline);
             if left.is_zero() {
-                return Err(StoreError::Unreachable {
-                    addr: addr.to_owned(),
-                    waited: start.elapsed(),
-                    source: err,
+                let waited = start.elapsed();
+                return Err(match server.as_ref() {
+                    Some(s) => failed(
+                        s,
+                        format!(
+                            "could not be reached within {:.1} s: {err} (has {} exited, or not started yet? is EFA_STORE the same on every rank?)",
+                            waited.as_secs_f64(),
+                            s.name
+                        ),
+                    ),
+                    None => StoreError::Unreachable {
+                        addr: addr.to_owned(),
+                        waited,
+                        source: err,
+                    },
                 });
             }
             tracing::trace!(addr, error = %err, "store not reachable yet, retrying");
             std::thread::sleep(backoff.min(left));
             backoff = (backoff * 2).min(Duration::from_millis(250));
-        };
-        let _ = stream.set_nodelay(true);
-        let store = Self {
-            addr: addr.to_owned(),
-            rank,
-            conn: Mutex::new(Some(stream)),
-            io_timeout: DEFAULT_IO_TIMEOUT,
-            server: None,
-            served_by: None,
-            failed: std::sync::atomic::AtomicBool::new(false),
-        };
-        let hello = match token {
-            Some(t) => Request::HelloAuth {
-                rank,
-                token: t.0.clone(),
-            },
-            None => Request::Hello { rank },
-        };
-        store.request(&hello, Some(deadline))?;
-        tracing::debug!(addr, rank, waited = ?start.elapsed(), "connected to the rendezvous store");
-        Ok(store)
+        }
+    }
+
+    /// One attempt to open a TCP connection to `addr`: the stream, or the error to retry
+    /// after.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BadAddress`] for an address that can never resolve.
+    fn dial(addr: &str, deadline: Instant) -> Result<Result<TcpStream, io::Error>, StoreError> {
+        match addr.to_socket_addrs() {
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(StoreError::BadAddress {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            }),
+            // Name resolution may fail transiently while the job starts; retry.
+            Err(e) => Ok(Err(e)),
+            Ok(candidates) => {
+                let mut last = io::Error::other("resolves to no address");
+                for a in candidates {
+                    let t =
+                        remaining(deadline).clamp(Duration::from_millis(1), Duration::from_secs(2));
+                    match TcpStream::connect_timeout(&a, t) {
+                        Ok(s) => return Ok(Ok(s)),
+                        Err(e) => last = e,
+                    }
+                }
+                Ok(Err(last))
+            }
+        }
     }
 
     /// Starts a [`TcpStoreServer`] on `addr` without a token and connects to it as `rank`;
@@ -1461,7 +1915,10 @@ impl TcpStore {
         if !addr.ends_with(":0") {
             store.addr = addr.to_owned();
         }
-        store.served_by = Some(format!("rank {rank}"));
+        store.served_by = Some(StoreServerInfo {
+            name: format!("rank {rank}"),
+            listens_first: true,
+        });
         store.server = Some(ServedBy {
             server,
             world_size,
@@ -1472,8 +1929,18 @@ impl TcpStore {
 
     /// Says who serves the store (`"efarun"`, `"rank 0"`), for messages such as "rank 1
     /// never joined the TCP store at 127.0.0.1:4242 (served by efarun)".
+    /// Errors about the server name it from now on ([`StoreError::ServerFailed`]).
     pub fn set_served_by(&mut self, who: impl Into<String>) {
-        self.served_by = Some(who.into());
+        let name = who.into();
+        match &mut self.served_by {
+            Some(s) => s.name = name,
+            None => {
+                self.served_by = Some(StoreServerInfo {
+                    name,
+                    listens_first: false,
+                })
+            }
+        }
     }
 
     /// For a serving store, the address the server listens on.
@@ -1535,13 +2002,62 @@ impl TcpStore {
         }
     }
 
-    /// Sends one request and reads its reply. `deadline` bounds the socket I/O (a GET adds
-    /// its own wait on top); `None` means the I/O timeout.
+    /// Sends one request and reads its reply. `deadline` bounds the whole exchange (a GET
+    /// adds its own wait on top); `None` means the I/O timeout.
     fn request(
         &self,
         req: &Request,
         deadline: Option<Instant>,
     ) -> Result<(u8, Vec<u8>), StoreError> {
+        match self.exchange(req, deadline)? {
+            Ok(body) => self.parse(body),
+            Err((e, waited)) => Err(self.lost(e, waited)),
+        }
+    }
+
+    fn set_within(
+        &self,
+        key: &str,
+        value: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
+        if value.len() + key.len() + 16 > MAX_FRAME {
+            return Err(StoreError::ValueTooLarge {
+                key: key.to_owned(),
+                len: value.len(),
+                max: MAX_FRAME - key.len() - 16,
+            });
+        }
+        self.request(
+            &Request::Set {
+                key: key.to_owned(),
+                value: value.to_vec(),
+            },
+            deadline,
+        )
+        .map(|_| ())
+    }
+
+    /// A reply body's status and value; drops the connection after a refusal (the server
+    /// closes it).
+    fn parse(&self, body: Vec<u8>) -> Result<(u8, Vec<u8>), StoreError> {
+        let parsed = parse_reply(&self.addr, body);
+        if let Err(StoreError::Refused { .. }) = parsed {
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        parsed
+    }
+
+    /// Sends one request and reads its reply body. The outer error is this side's (no
+    /// connection, value too large); the inner one the connection's, with the time spent
+    /// (the connection is dropped then: it is out of step).
+    #[allow(clippy::type_complexity)]
+    fn exchange(
+        &self,
+        req: &Request,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Vec<u8>, (io::Error, Duration)>, StoreError> {
         let payload = req.encode();
         if payload.len() > MAX_FRAME {
             return Err(StoreError::ValueTooLarge {
@@ -1559,73 +2075,182 @@ impl TcpStore {
             op: "sending a request",
             source: io::Error::new(io::ErrorKind::NotConnected, "store already closed"),
         })?;
-        // The server answers a GET when its wait ends, so allow that plus a margin.
+        // The server answers a GET when its wait ends, so allow that plus a margin. The
+        // margin (at least 1 s, for the network and a busy server) is all a stopped server
+        // gets beyond the caller's deadline.
         let extra = match req {
             Request::Get { wait, .. } => *wait,
             _ => Duration::ZERO,
         };
+        let started = Instant::now();
         let base = deadline.map_or(self.io_timeout, |d| {
             remaining(d).max(Duration::from_secs(1))
         });
-        let timeout = base + extra + Duration::from_secs(1);
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|_| stream.set_write_timeout(Some(timeout)))
-            .map_err(self.io_err("setting socket timeouts"))?;
+        let until = started + base + extra + Duration::from_secs(1);
         let mut frame = Vec::with_capacity(4 + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         frame.extend_from_slice(&payload);
-        let result = (|| {
-            stream.write_all(&frame)?;
-            let mut len = [0u8; 4];
-            stream.read_exact(&mut len)?;
-            let len = u32::from_be_bytes(len) as usize;
-            if len == 0 || len > MAX_FRAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("reply frame of {len} bytes"),
-                ));
-            }
-            let mut body = vec![0u8; len];
-            stream.read_exact(&mut body)?;
-            Ok(body)
-        })();
-        let body = match result {
-            Ok(b) => b,
-            Err(e) => {
-                // The stream is out of step now; drop it so no later request reads a stale reply.
-                *guard = None;
-                return Err(if e.kind() == io::ErrorKind::InvalidData {
-                    StoreError::Protocol {
-                        addr: self.addr.clone(),
-                        detail: e.to_string(),
-                    }
-                } else {
-                    self.io_err("exchanging a request")(e)
-                });
-            }
+        let mut bounded = Bounded {
+            stream: &mut *stream,
+            until,
         };
-        let status = body[0];
-        let rest = body[1..].to_vec();
-        match status {
-            ST_VALUE | ST_NOT_FOUND => Ok((status, rest)),
-            ST_ERROR => Err(StoreError::Server {
+        let result = bounded
+            .write_all(&frame)
+            .and_then(|()| read_reply(&mut bounded));
+        Ok(result.map_err(|e| {
+            // The stream is out of step now; drop it so no later request reads a stale reply.
+            *guard = None;
+            (e, started.elapsed())
+        }))
+    }
+
+    /// The error for a connection that failed after `waited`: it names the server when this
+    /// store knows it.
+    fn lost(&self, e: io::Error, waited: Duration) -> StoreError {
+        if e.kind() == io::ErrorKind::InvalidData {
+            return StoreError::Protocol {
                 addr: self.addr.clone(),
-                message: String::from_utf8_lossy(&rest).into_owned(),
-            }),
-            ST_REFUSED => {
-                // The server closes the connection after a refusal.
-                *guard = None;
-                Err(StoreError::Refused {
-                    addr: self.addr.clone(),
-                    reason: String::from_utf8_lossy(&rest).into_owned(),
-                })
-            }
-            other => Err(StoreError::Protocol {
-                addr: self.addr.clone(),
-                detail: format!("unknown reply status {other}"),
-            }),
+                detail: e.to_string(),
+            };
         }
+        let Some(server) = &self.served_by else {
+            return self.io_err("exchanging a request")(e);
+        };
+        let name = &server.name;
+        let what = if e.kind() == io::ErrorKind::UnexpectedEof {
+            format!("closed the connection: {name} has exited, or dropped this rank")
+        } else if closed(&e) {
+            format!("closed the connection ({e}): {name} has exited, or dropped this rank")
+        } else if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            format!(
+                "did not answer within {:.1} s: {name} is stopped (SIGSTOP, a debugger) or overloaded",
+                waited.as_secs_f64()
+            )
+        } else {
+            format!("failed while exchanging a request: {e}")
+        };
+        StoreError::ServerFailed {
+            server: name.clone(),
+            addr: self.addr.clone(),
+            what,
+        }
+    }
+}
+
+/// Whether an I/O error means that the other side closed or reset the connection.
+fn closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    )
+}
+
+/// A stream whose every read and write ends by `until`: each call's socket timeout is the
+/// time left, so a server that takes (or gives) a few bytes at a time cannot stretch an
+/// exchange past its deadline.
+struct Bounded<'a> {
+    stream: &'a mut TcpStream,
+    until: Instant,
+}
+
+impl Bounded<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = remaining(self.until);
+        if left.is_zero() {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer before the deadline",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Reads one reply frame from the server and returns its body (status byte first). The
+/// body's buffer grows with the bytes that arrive, not with the announced length.
+///
+/// # Errors
+///
+/// `InvalidData` for an empty frame or one longer than [`MAX_FRAME`]; `UnexpectedEof` if
+/// the stream ends inside the frame; the stream's own errors (timeouts included).
+pub(crate) fn read_reply(stream: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("reply frame of {len} bytes (the limit is {MAX_FRAME})"),
+        ));
+    }
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    stream.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("reply frame ends after {} of {len} bytes", body.len()),
+        ));
+    }
+    Ok(body)
+}
+
+/// Splits a reply body into its status ([`ST_VALUE`] or [`ST_NOT_FOUND`]) and value.
+///
+/// # Errors
+///
+/// [`StoreError::Server`] for an error reply, [`StoreError::Refused`] for a refusal (the
+/// server closes the connection after it), [`StoreError::Protocol`] for an empty body or an
+/// unknown status.
+pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>), StoreError> {
+    if body.is_empty() {
+        return Err(StoreError::Protocol {
+            addr: addr.to_owned(),
+            detail: "empty reply".into(),
+        });
+    }
+    let status = body.remove(0);
+    match status {
+        ST_VALUE | ST_NOT_FOUND => Ok((status, body)),
+        ST_ERROR => Err(StoreError::Server {
+            addr: addr.to_owned(),
+            message: String::from_utf8_lossy(&body).into_owned(),
+        }),
+        ST_REFUSED => Err(StoreError::Refused {
+            addr: addr.to_owned(),
+            reason: String::from_utf8_lossy(&body).into_owned(),
+        }),
+        other => Err(StoreError::Protocol {
+            addr: addr.to_owned(),
+            detail: format!("unknown reply status {other}"),
+        }),
     }
 }
 
@@ -1635,30 +2260,26 @@ impl Store for TcpStore {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn ranks_failed(&self, ranks: &[u32]) {
+        let mut failed = self.failed_ranks.lock().unwrap_or_else(|p| p.into_inner());
+        failed.extend_from_slice(ranks);
+        failed.sort_unstable();
+        failed.dedup();
+    }
+
     fn describe(&self) -> String {
         match &self.served_by {
-            Some(who) => format!("the TCP store at {} (served by {who})", self.addr),
+            Some(who) => format!("the TCP store at {} (served by {})", self.addr, who.name),
             None => format!("the TCP store at {}", self.addr),
         }
     }
 
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        check_key(key)?;
-        if value.len() + key.len() + 16 > MAX_FRAME {
-            return Err(StoreError::ValueTooLarge {
-                key: key.to_owned(),
-                len: value.len(),
-                max: MAX_FRAME - key.len() - 16,
-            });
-        }
-        self.request(
-            &Request::Set {
-                key: key.to_owned(),
-                value: value.to_vec(),
-            },
-            None,
-        )
-        .map(|_| ())
+        self.set_within(key, value, None)
+    }
+
+    fn set_by(&self, key: &str, value: &[u8], deadline: Instant) -> Result<(), StoreError> {
+        self.set_within(key, value, Some(deadline))
     }
 
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
@@ -1704,7 +2325,15 @@ impl Drop for TcpStore {
                 s.linger
             };
             let deadline = Instant::now() + linger;
-            if let Err(e) = s.server.wait_departed(s.world_size, deadline) {
+            let except = self
+                .failed_ranks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Err(e) = s
+                .server
+                .wait_departed_except(s.world_size, &except, deadline)
+            {
                 tracing::warn!(error = %e, "stopping the rendezvous store while ranks may still need it");
             }
             s.server.shutdown();
@@ -1747,6 +2376,271 @@ mod tests {
         assert!(Request::decode(&[OP_GET, 0, 0, 0, 1, b'k', 0]).is_err());
         assert!(Request::decode(&[OP_SET, 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(Request::decode(&[OP_LEAVE, 1]).is_err());
+    }
+
+    fn quick_limits() -> Limits {
+        Limits {
+            hello: Duration::from_millis(300),
+            frame: Duration::from_millis(300),
+            unidentified: 4,
+            evict_after: Duration::ZERO,
+        }
+    }
+
+    /// Reads until the server closes the connection; how long that took.
+    fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut sink = [0u8; 64];
+        loop {
+            match s.read(&mut sink) {
+                Ok(0) => return t0.elapsed(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return t0.elapsed(),
+                Err(e) => panic!("connection still open after {:?}: {e}", t0.elapsed()),
+            }
+        }
+    }
+
+    #[test]
+    fn silent_and_half_sent_connections_are_closed_after_their_limit() {
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", None, quick_limits()).unwrap();
+        let addr = server.local_addr();
+        // Never sends anything.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        // Sends one garbage request (answered with an error), then nothing: still no client.
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0, 0, 0, 2, 99, 99]).unwrap();
+        let refused = read_reply(&mut garbage).unwrap();
+        assert_eq!(refused[0], ST_ERROR);
+        // Says hello, then starts a frame and never finishes it.
+        let mut half = TcpStream::connect(addr).unwrap();
+        let hello = Request::Hello { rank: 0 }.encode();
+        half.write_all(&(hello.len() as u32).to_be_bytes()).unwrap();
+        half.write_all(&hello).unwrap();
+        read_reply(&mut half).unwrap();
+        half.write_all(&[0, 0]).unwrap();
+        // Says hello and stays idle between requests: a rank, kept.
+        let idle = TcpStore::connect(
+            &addr.to_string(),
+            1,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(closed_within(&mut silent, Duration::from_secs(5)) < Duration::from_secs(3));
+        assert!(closed_within(&mut garbage, Duration::from_secs(5)) < Duration::from_secs(3));
+        assert!(closed_within(&mut half, Duration::from_secs(5)) < Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(400));
+        idle.set("still", b"here").unwrap();
+        // The half-sent connection's rank has departed; the idle one has not.
+        assert_eq!(server.shared.presence().not_departed(2), vec![1]);
+    }
+
+    #[test]
+    fn too_many_silent_connections_close_the_oldest() {
+        let mut limits = quick_limits();
+        limits.hello = Duration::from_secs(60);
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", None, limits).unwrap();
+        let addr = server.local_addr();
+        let mut silent: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // A real client still gets in, and its HELLO takes it off the list.
+        let store = TcpStore::connect(
+            &addr.to_string(),
+            0,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        store.set("k", b"v").unwrap();
+        // The 10 + 1 connections left room for 4: the 7 oldest silent ones were closed.
+        for s in &mut silent[..7] {
+            assert!(closed_within(s, Duration::from_secs(5)) < Duration::from_secs(3));
+        }
+        for s in &mut silent[7..] {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 8]).unwrap_err();
+            assert!(matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ));
+        }
+        assert_eq!(store.get("k", Instant::now()).unwrap(), b"v");
+    }
+
+    /// A server that drops a connection before answering HELLO (as when it sheds
+    /// connections) does not fail the client: it reconnects until the deadline.
+    #[test]
+    fn connect_retries_when_the_server_drops_the_connection_before_hello() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = std::thread::spawn(move || {
+            // First connection: read the HELLO, close without answering.
+            let (mut s, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            drop(s);
+            // Second: answer HELLO like a server.
+            let (mut s, _) = listener.accept().unwrap();
+            s.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+            assert_eq!(body[0], OP_HELLO);
+            s.write_all(&[0, 0, 0, 1, ST_VALUE]).unwrap();
+            s
+        });
+        let store = TcpStore::connect(
+            &addr.to_string(),
+            2,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .expect("connect retries after the dropped connection");
+        drop(fake.join().unwrap());
+        drop(store);
+    }
+
+    /// A burst of new connections does not push out connections that have not yet had
+    /// `evict_after` to say HELLO (a real client's HELLO may be on its way); once they
+    /// have, the oldest go.
+    #[test]
+    fn eviction_spares_connections_that_just_arrived() {
+        let mut limits = quick_limits();
+        limits.hello = Duration::from_secs(60);
+        limits.evict_after = Duration::from_millis(800);
+        let server = TcpStoreServer::bind_with("127.0.0.1:0", None, limits).unwrap();
+        let addr = server.local_addr();
+        let mut burst: Vec<_> = (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for s in &mut burst {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 8]).unwrap_err();
+            assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "a connection younger than evict_after was closed: {e}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(900));
+        // One more arrival: 13 wait, 4 may; the 9 oldest have had their time.
+        let _late = TcpStream::connect(addr).unwrap();
+        for s in &mut burst[..9] {
+            assert!(closed_within(s, Duration::from_secs(5)) < Duration::from_secs(3));
+        }
+        for s in &mut burst[9..] {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 8]).unwrap_err();
+            assert!(matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ));
+        }
+    }
+
+    #[test]
+    fn token_server_refuses_before_buffering_and_lifts_the_limit_only_for_the_token() {
+        let token = StoreToken::new("limits-token-0123456789").unwrap();
+        let server =
+            TcpStoreServer::bind_with("127.0.0.1:0", Some(token.clone()), quick_limits()).unwrap();
+        let addr = server.local_addr();
+        // A first frame one byte longer than a HELLO_AUTH can be: closed without a reply
+        // as soon as its length is in, although its body never comes.
+        let mut long = TcpStream::connect(addr).unwrap();
+        long.write_all(&((HELLO_AUTH_MAX + 1) as u32).to_be_bytes())
+            .unwrap();
+        let mut sink = Vec::new();
+        long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = Instant::now();
+        let _ = long.read_to_end(&mut sink);
+        assert!(sink.is_empty(), "a reply to an oversized first frame");
+        assert!(
+            t0.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        // A plain HELLO: refused with the reason, then closed.
+        let mut plain = TcpStream::connect(addr).unwrap();
+        let hello = Request::Hello { rank: 0 }.encode();
+        plain
+            .write_all(&(hello.len() as u32).to_be_bytes())
+            .unwrap();
+        plain.write_all(&hello).unwrap();
+        let body = read_reply(&mut plain).unwrap();
+        assert_eq!(body[0], ST_REFUSED);
+        assert!(closed_within(&mut plain, Duration::from_secs(5)) < Duration::from_secs(1));
+        // The right token: served, and kept past the HELLO limit while idle.
+        let store = TcpStore::connect_with_token(
+            &addr.to_string(),
+            0,
+            Some(&token),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        store.set("k", b"v").unwrap();
+        assert_eq!(store.get("k", Instant::now()).unwrap(), b"v");
+        // The client refused by a token-less server closes its side (no stale connection).
+        let plain_server = TcpStoreServer::bind_with("127.0.0.1:0", None, quick_limits()).unwrap();
+        let e = TcpStore::connect_with_token(
+            &plain_server.local_addr().to_string(),
+            0,
+            Some(&token),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(e, StoreError::Refused { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn frame_decoder_refuses_huge_lengths_before_allocating() {
+        let mut d = FrameDecoder::default();
+        d.push(&[0x7f, 0xff]);
+        assert_eq!(d.next_frame(), Ok(None));
+        d.push(&[0xff, 0xff, 1, 2, 3]);
+        assert_eq!(d.next_frame(), Err(0x7fff_ffff));
+        assert!(d.capacity() < 1024);
+        let mut d = FrameDecoder::default();
+        d.push(&(MAX_FRAME as u32).to_be_bytes());
+        d.push(&[7; 100]);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(d.capacity() < 1024, "{}", d.capacity());
+        let mut d = FrameDecoder::default();
+        d.push(&[0, 0, 0, 2, 9, 9, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Ok(Some(vec![9, 9])));
+        assert_eq!(d.next_frame(), Ok(Some(vec![])));
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(!d.is_empty());
+    }
+
+    #[test]
+    fn reply_reader_does_not_trust_the_length() {
+        let mut r: &[u8] = &[0x04, 0, 0, 0, 0, 1, 2];
+        let e = read_reply(&mut r).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0];
+        assert_eq!(
+            read_reply(&mut r).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let mut r: &[u8] = &[0, 0, 0, 0];
+        assert_eq!(
+            read_reply(&mut r).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let mut r: &[u8] = &[0, 0, 0, 3, ST_VALUE, 5, 6];
+        assert_eq!(
+            parse_reply("a", read_reply(&mut r).unwrap()).unwrap(),
+            (ST_VALUE, vec![5, 6])
+        );
+        assert!(matches!(
+            parse_reply("a", vec![9]),
+            Err(StoreError::Protocol { .. })
+        ));
+        assert!(matches!(
+            parse_reply("a", vec![]),
+            Err(StoreError::Protocol { .. })
+        ));
     }
 
     #[test]

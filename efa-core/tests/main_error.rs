@@ -60,11 +60,13 @@ fn main() -> Result<(), efa_core::Error> {
                 ("EFA_STORE_SERVED", "1"),
                 ("EFA_TIMEOUT", "1"),
             ],
+            // Under efarun the store listens before any rank starts: refused means efarun
+            // has exited, and the rank says so at once.
             &[
-                "Error: rendezvous store failed: could not reach the store at 127.0.0.1:1 within ",
-                "is EFA_STORE the same on every rank?",
+                "Error: rendezvous store failed: efarun, which serves the store at 127.0.0.1:1, refused the connection",
+                "efarun has exited",
             ],
-            &["Unreachable {", "Store("],
+            &["ServerFailed {", "Store("],
         ),
     ];
     let mut failed = 0;

@@ -258,8 +258,9 @@ fn server_wakes_waiting_get_promptly() {
     let addr = server.local_addr().to_string();
     let reader = TcpStore::connect(&addr, 0, soon(5_000)).unwrap();
     let writer = TcpStore::connect(&addr, 1, soon(5_000)).unwrap();
+    // Timed from before the spawn: on a loaded machine the thread may start late.
+    let t = Instant::now();
     let h = thread::spawn(move || {
-        let t = Instant::now();
         let v = reader.get("late", soon(10_000)).unwrap();
         (v, t.elapsed())
     });
