@@ -128,9 +128,12 @@ macro_rules! int_accum {
                 }
             }
             fn divide(buf: &mut [$t], n: u32) {
-                let d = n as $t;
-                if d > 1 {
-                    buf.iter_mut().for_each(|a| *a /= d);
+                // In i128, where every integer type and every rank count fit: `n as $t` is
+                // wrong once n exceeds the type (an i8 average over 200 ranks divided by -56,
+                // a u8 one over 256 ranks by 0, so not at all).
+                if n > 1 {
+                    let d = i128::from(n);
+                    buf.iter_mut().for_each(|a| *a = (i128::from(*a) / d) as $t);
                 }
             }
         }
@@ -340,6 +343,30 @@ pub fn reference<T: Element>(inputs: &[Vec<T>], op: ReduceOp) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_average_over_more_ranks_than_the_type_holds() {
+        // 200 ranks averaging i8 values of 1 each: the sum wraps to -56, and -56 / 200 = 0.
+        let mut v = [-56i8, 100, -128];
+        i8::divide(&mut v, 200);
+        assert_eq!(v, [0, 0, 0]);
+        let mut v = [127i8, -127];
+        i8::divide(&mut v, 100);
+        assert_eq!(v, [1, -1]);
+        // 256 and 300 ranks over u8: `256 as u8` is 0, which used to skip the division.
+        let mut v = [255u8, 10];
+        u8::divide(&mut v, 256);
+        assert_eq!(v, [0, 0]);
+        let mut v = [200u8];
+        u8::divide(&mut v, 100);
+        assert_eq!(v, [2]);
+        let mut v = [u64::MAX, i64::MAX as u64];
+        u64::divide(&mut v, 3);
+        assert_eq!(v, [u64::MAX / 3, i64::MAX as u64 / 3]);
+        let mut v = [i64::MIN, -7];
+        i64::divide(&mut v, 2);
+        assert_eq!(v, [i64::MIN / 2, -3]);
+    }
     use std::time::Instant;
 
     #[test]
