@@ -1001,12 +1001,12 @@ mod tests {
         let done = Some(Event::Done { rank: 1, iters: 4 });
         assert_eq!(judged(Some(10), &done, None, None), v(false, Some(false)));
         // Killed by efarun's SIGTERM (raw wait status 15) after efarun named the culprit.
-        let line = "efarun: rank 2 was killed by signal 9 (SIGKILL); terminating the other 2 rank(s): 0, 1";
+        let line = "efarun: rank 2 was killed by signal 9 (SIGKILL); terminating the other 2 rank(s) in 1s unless they end first: 0, 1";
         assert_eq!(
             judged(Some(10), &None, Some(15), Some(line)),
             v(false, Some(true))
         );
-        let line2 = "efarun: rank 1 exited with code 3; terminating the other 2 rank(s): 0, 2";
+        let line2 = "efarun: rank 1 exited with code 3; terminating the other 2 rank(s) in 1s unless they end first: 0, 2";
         assert_eq!(
             judged(Some(10), &None, Some(15), Some(line2)),
             v(false, Some(false))

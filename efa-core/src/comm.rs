@@ -402,10 +402,6 @@ struct Engine {
     last_ping: Instant,
     /// Per peer: since when probes find no room to be sent (see [`PROBE_REFUSED_LIMIT`]).
     refused_since: Vec<Option<Instant>>,
-    /// Transfers of operations failed by a peer failure: kept until the endpoints close,
-    /// because the provider may still use their buffers (dropping them would wait to cancel).
-    abandoned_sends: Vec<Pending<SharedSlice>>,
-    abandoned_recvs: Vec<Pending<BufPrefix<Vec<u8>>>>,
     /// An operation passed its deadline: the job is not healthy, so finalize waits for its
     /// peers only briefly instead of a whole deadline more.
     broken: bool,
@@ -916,8 +912,6 @@ impl Communicator {
             last_check: Instant::now(),
             last_ping: Instant::now(),
             refused_since: vec![None; size as usize],
-            abandoned_sends: Vec::new(),
-            abandoned_recvs: Vec::new(),
             broken: false,
         };
         engine.post_all_slots()?;
@@ -1757,12 +1751,14 @@ impl Engine {
         };
         self.posted.clear();
         self.rndv_sends.clear();
+        // Their transfers are given up without waiting (`Pending::abandon`): a dead peer's
+        // may never complete, and dropping them would wait for each in turn.
         for op in self.recvs.values_mut() {
             if matches!(op.state, RecvState::Done | RecvState::Failed(_)) {
                 continue;
             }
             if let RecvState::Receiving { chunks } = &mut op.state {
-                self.abandoned_recvs.append(chunks);
+                chunks.drain(..).for_each(Pending::abandon);
             }
             op.state = RecvState::Failed(err());
         }
@@ -1771,10 +1767,15 @@ impl Engine {
                 continue;
             }
             if let SendState::Sending { chunks, .. } = &mut op.state {
-                self.abandoned_sends.append(chunks);
+                chunks.drain(..).for_each(Pending::abandon);
             }
             op.state = SendState::Failed(err());
         }
+        let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.background)
+            .into_iter()
+            .partition(|b| b.dest == rank);
+        self.background = kept;
+        lost.into_iter().for_each(|b| b.op.abandon());
         // Detached sends that failed are forgotten.
         self.sends.retain(|_, op| op.tag != u32::MAX);
         if tell {
@@ -2370,10 +2371,7 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!(peer = bg.dest, "send failed: {}", e.error);
                     self.peer_errors.insert(bg.dest, e.error.to_string());
-                    if !self.fin[bg.dest as usize].got_fin {
-                        let detail = e.error.to_string();
-                        self.mark_failed(bg.dest, PeerFailure::Unreachable { detail }, true);
-                    }
+                    self.transport_failure(bg.dest, e.error.to_string());
                     if let Some(b) = e.buf {
                         self.ports[bg.port].bounce.push(b.into_inner());
                     }
@@ -2384,6 +2382,7 @@ impl Engine {
 
     fn reap_sends(&mut self) -> Result<()> {
         let mut finished = Vec::new();
+        let mut lost = Vec::new();
         for (&id, op) in self.sends.iter_mut() {
             let SendState::Sending { chunks, data } = &mut op.state else {
                 continue;
@@ -2394,6 +2393,9 @@ impl Engine {
             let mut err = None;
             for c in chunks.drain(..) {
                 if let Err(e) = c.wait(Duration::ZERO) {
+                    if err.is_none() {
+                        lost.push((id, op.dest, e.error.to_string()));
+                    }
                     err.get_or_insert(Error::fabric("send", Some(op.dest), e.error));
                 }
             }
@@ -2413,11 +2415,42 @@ impl Engine {
         for id in finished {
             self.sends.remove(&id);
         }
+        for (id, peer, detail) in lost {
+            let err = self.transport_failure(peer, detail);
+            if let (Some(op), Some(e)) = (self.sends.get_mut(&id), err) {
+                op.state = SendState::Failed(e);
+            }
+        }
         Ok(())
     }
 
+    /// A transfer with `peer` failed in the transport (`detail`): unless `peer` finalized,
+    /// it has failed (exited, if its pid is gone on this host; else unreachable), and every
+    /// rank is told. Returns the error for the operation that saw it.
+    fn transport_failure(&mut self, peer: u32, detail: String) -> Option<Error> {
+        if peer == self.rank || self.fin[peer as usize].got_fin {
+            return None;
+        }
+        let (proc_, same_host) = &self.procs[peer as usize];
+        let gone = *same_host
+            && proc_.pid != 0
+            && placement::proc_stat(proc_.pid)
+                .is_none_or(|(st, start)| matches!(st, 'Z' | 'X') || start != proc_.start);
+        let cause = if gone {
+            PeerFailure::Exited {
+                pid: Some(proc_.pid),
+                host: (!proc_.host.is_empty()).then(|| proc_.host.clone()),
+            }
+        } else {
+            PeerFailure::Unreachable { detail }
+        };
+        self.mark_failed(peer, cause, true);
+        self.failure_error()
+    }
+
     fn reap_recvs(&mut self) {
-        for op in self.recvs.values_mut() {
+        let mut lost = Vec::new();
+        for (&id, op) in self.recvs.iter_mut() {
             let RecvState::Receiving { chunks } = &mut op.state else {
                 continue;
             };
@@ -2441,6 +2474,9 @@ impl Engine {
                         self.pool.put(v);
                     }
                     Err(e) => {
+                        if let (None, Some(peer)) = (&err, src) {
+                            lost.push((id, peer, e.error.to_string()));
+                        }
                         err.get_or_insert(Error::fabric("recv", src, e.error));
                     }
                 }
@@ -2451,6 +2487,12 @@ impl Engine {
                     op.data = data;
                     op.state = RecvState::Done;
                 }
+            }
+        }
+        for (id, peer, detail) in lost {
+            let err = self.transport_failure(peer, detail);
+            if let (Some(op), Some(e)) = (self.recvs.get_mut(&id), err) {
+                op.state = RecvState::Failed(e);
             }
         }
     }

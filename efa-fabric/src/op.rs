@@ -189,6 +189,30 @@ impl<B: IoBuf> Pending<B> {
         }
     }
 
+    /// Gives the operation up without waiting: requests cancellation (`fi_cancel`) and, if
+    /// it has not completed, parks its buffer (and registration) on the endpoint until the
+    /// endpoint closes, as a drop does after its grace period. For operations with a peer
+    /// that is known to be gone, whose completions may never come: dropping them would wait
+    /// [`CANCEL_GRACE`] each.
+    pub fn abandon(mut self) {
+        let done = match self.ctx.as_ref() {
+            None => true,
+            Some(ctx) if ctx.is_done() => true,
+            Some(ctx) => {
+                if let Err(e) = self.ep.cancel(ctx) {
+                    tracing::debug!(op = self.op, "fi_cancel: {e}");
+                }
+                // A provider that cancels at once reports it at the next progress.
+                let _ = self.ep.progress();
+                self.is_done()
+            }
+        };
+        if !done {
+            self.orphan();
+        }
+        // Done (or orphaned): the drop below has nothing left to wait for.
+    }
+
     /// Requests cancellation and progresses until done or the grace period ends.
     fn cancel_and_drain(&mut self) -> bool {
         let Some(ctx) = self.ctx.as_ref() else {

@@ -23,7 +23,9 @@
 //!   writes to stdout or stderr is written to efarun's stdout or stderr prefixed with
 //!   `[rank] `, one whole line at a time (lines longer than 64 KiB are split).
 //! * When a rank fails (non-zero exit or death by a signal), efarun says which rank and how
-//!   on stderr, sends SIGTERM to the process groups of all ranks (the failed rank's group
+//!   on stderr, lets the others end on their own for `--report-grace` seconds (default 1;
+//!   with efa-rs they learn of the failure and report it, naming the failed rank), then sends
+//!   SIGTERM to the process groups of all ranks (the failed rank's group
 //!   too, for processes it left behind) and SIGKILL after `--grace` seconds (default 3), and
 //!   exits with the failing rank's code, or 128 + signal number for a signal death.
 //! * When all ranks have exited, whatever is left in their process groups is sent SIGKILL:
@@ -75,6 +77,11 @@ struct Args {
     /// Seconds between SIGTERM and SIGKILL when stopping ranks.
     #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_secs)]
     grace: Duration,
+
+    /// After a rank fails, seconds to let the others end on their own before SIGTERM: they
+    /// learn of the failure within about a second and report it, naming the failed rank.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    report_grace: Duration,
 
     /// Address for efarun's rendezvous store (default: 127.0.0.1 with a free port).
     #[arg(long, value_name = "ADDR")]
@@ -450,6 +457,8 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
     let timeout_at = args.timeout.map(|t| Instant::now() + t);
     let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
+    // When the other ranks get SIGTERM after a rank failed (see `--report-grace`).
+    let mut term_at: Option<Instant> = None;
     let mut signals_seen = 0u32;
     // Signals efarun sent to the ranks' groups, and how each rank ended (with whether efarun
     // had started stopping the job by then).
@@ -467,13 +476,19 @@ async fn run_job(args: &Args, tx: &mpsc::Sender<Out>) -> u8 {
                         say(tx, format!("rank {rank} {}", outcome.describe()));
                     } else {
                         say(tx, format!(
-                            "rank {rank} {}; terminating the other {} rank(s): {}",
-                            outcome.describe(), running.len(), fmt_ranks(&running)
+                            "rank {rank} {}; terminating the other {} rank(s) in {:?} unless they end first: {}",
+                            outcome.describe(), running.len(), args.report_grace, fmt_ranks(&running)
                         ));
-                        signal_groups(&pgids, Signal::SIGTERM);
-                        sent.push(Signal::SIGTERM);
-                        kill_at.get_or_insert(Instant::now() + args.grace);
+                        term_at = Some(Instant::now() + args.report_grace);
                     }
+                }
+            }
+            _ = tokio::time::sleep_until(term_at.unwrap_or(far)), if term_at.is_some() => {
+                term_at = None;
+                if sent.is_empty() {
+                    signal_groups(&pgids, Signal::SIGTERM);
+                    sent.push(Signal::SIGTERM);
+                    kill_at.get_or_insert(Instant::now() + args.grace);
                 }
             }
             _ = tokio::time::sleep_until(timeout_at.unwrap_or(far)), if timeout_at.is_some() && stop.is_none() => {
