@@ -17,13 +17,6 @@ pub fn init_logging() {
         .try_init();
 }
 
-fn is_ip(provider: &str) -> bool {
-    matches!(
-        provider.split(';').next(),
-        Some("tcp" | "udp" | "sockets" | "net")
-    )
-}
-
 /// The info for `provider`; IP providers are pinned to `lo` (or `EFA_IFACE`).
 ///
 /// # Errors
@@ -32,7 +25,7 @@ pub fn info_for(provider: &str) -> efa_fabric::Result<Info> {
     let mut hints = Hints::new()
         .provider(provider)
         .caps(Caps::MSG | Caps::TAGGED);
-    if is_ip(provider) {
+    if efa_fabric::is_ip_provider(provider) {
         let iface = std::env::var("EFA_IFACE").unwrap_or_else(|_| "lo".into());
         hints = hints.domain(iface).addr_format(AddrFormat::SockaddrIn);
     }

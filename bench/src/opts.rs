@@ -493,11 +493,7 @@ pub fn parse_provider(s: &str) -> Result<String, String> {
     }
 }
 
-/// True for providers that run over IP and therefore must be pinned to an interface.
-pub fn is_ip_provider(provider: &str) -> bool {
-    let core = provider.split(';').next().unwrap_or(provider);
-    matches!(core, "tcp" | "udp" | "sockets" | "net")
-}
+pub use efa_fabric::is_ip_provider;
 
 #[cfg(test)]
 mod tests {

@@ -695,10 +695,6 @@ impl std::fmt::Debug for Communicator {
     }
 }
 
-fn is_ip_provider(p: &str) -> bool {
-    matches!(p.split(';').next(), Some("tcp" | "udp" | "sockets" | "net"))
-}
-
 fn caps() -> Caps {
     Caps::MSG | Caps::TAGGED
 }
@@ -725,7 +721,7 @@ fn find_info_caps(
     if let Some(s) = source {
         hints = hints.source_node(s);
     }
-    if is_ip_provider(provider) {
+    if efa_fabric::is_ip_provider(provider) {
         hints = hints.addr_format(AddrFormat::SockaddrIn);
     }
     match hints.get() {

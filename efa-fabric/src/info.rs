@@ -564,6 +564,14 @@ fn opt_str(p: *const std::os::raw::c_char) -> String {
     }
 }
 
+/// True for providers that run over IP (`tcp`, `udp`, `sockets`, `net`, alone or under a
+/// utility provider such as `ofi_rxm`): they need an interface or address to be pinned to,
+/// and their addresses are `sockaddr`s. The one place this question is answered.
+pub fn is_ip_provider(provider: &str) -> bool {
+    let core = provider.split(';').next().unwrap_or(provider);
+    matches!(core, "tcp" | "udp" | "sockets" | "net")
+}
+
 impl Info {
     /// Raw pointer for the libfabric calls that take an info (valid while `self` lives).
     pub(crate) fn as_ptr(&self) -> *mut ffi::fi_info {
@@ -743,4 +751,27 @@ fn set_data_progress(a: &mut ffi::fi_domain_attr, p: ffi::fi_progress) {
 #[cfg(not(fi_v2))]
 fn set_data_progress(a: &mut ffi::fi_domain_attr, p: ffi::fi_progress) {
     a.data_progress = p;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_providers_alone_and_under_utility_providers() {
+        for p in ["tcp", "tcp;ofi_rxm", "udp;ofi_rxd", "sockets", "net", "udp"] {
+            assert!(is_ip_provider(p), "{p}");
+        }
+        for p in [
+            "shm",
+            "efa",
+            "verbs;ofi_rxm",
+            "psm3",
+            "",
+            "tcpx",
+            "ofi_rxm;tcp",
+        ] {
+            assert!(!is_ip_provider(p), "{p}");
+        }
+    }
 }

@@ -85,7 +85,8 @@ pub use ep::{Endpoint, EndpointBuilder};
 pub use error::{CallError, CompletionError, Error, Result};
 pub use fabric::{Domain, Fabric};
 pub use info::{
-    AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder, Progress, Threading,
+    is_ip_provider, AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder, Progress,
+    Threading,
 };
 pub use mr::{
     Access, AlignedBuf, BufPrefix, IoBuf, IoBufMut, MemoryRegion, RegisteredBuf, RemoteRegion,

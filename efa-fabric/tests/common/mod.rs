@@ -31,15 +31,10 @@ pub const CANDIDATES: &[&str] = &[
 /// enough that a hang fails the test.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn is_ip(provider: &str) -> bool {
-    let core = provider.split(';').next().unwrap_or(provider);
-    matches!(core, "tcp" | "udp" | "sockets" | "net")
-}
-
 /// The info to test `provider` with, or why it is skipped.
 pub fn info_for(provider: &str, caps: Caps) -> Result<Info, String> {
     let mut hints = Hints::new().provider(provider).caps(caps);
-    if is_ip(provider) {
+    if efa_fabric::is_ip_provider(provider) {
         let dom = std::env::var("EFA_TEST_DOMAIN").unwrap_or_else(|_| "lo".into());
         hints = hints.domain(dom).addr_format(AddrFormat::SockaddrIn);
     } else if let Ok(dom) = std::env::var("EFA_TEST_FABRIC_DOMAIN") {
