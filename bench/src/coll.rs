@@ -29,18 +29,12 @@ use crate::opts::{CollArgs, Collective, DataType, Op};
 use crate::output::{nccl_header, nccl_row, percentiles, CollRecord};
 use crate::{err, Result};
 
-/// Variables that mean "a launcher started this process as one rank of a job".
-const LAUNCHER_VARS: &[&str] = &[
-    "EFA_RANK",
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "SLURM_PROCID",
-    "TORCHELASTIC_RUN_ID",
-];
-
-/// True when this process is one rank of a launched job.
+/// True when this process is one rank of a launched job: asks the communicator's own
+/// launcher detection ([`efa_core::bootstrap::detected_launcher`]), so that the benchmark
+/// and the communicator never disagree (a bare `RANK`/`WORLD_SIZE`/`MASTER_ADDR`
+/// environment, as Kubernetes training operators set it, is a job too).
 pub fn under_launcher() -> bool {
-    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+    efa_core::bootstrap::detected_launcher() != efa_core::bootstrap::Launcher::Singleton
 }
 
 impl Collective {

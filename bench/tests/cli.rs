@@ -316,3 +316,64 @@ fn bad_collective_flags_are_rejected_clearly() {
         "is not a rank",
     );
 }
+
+/// Under a bare launcher environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, as
+/// Kubernetes training operators set it), each process is one rank of the job: the benchmark
+/// asks the communicator's launcher detection, so it joins instead of starting ranks of its
+/// own (which made three processes run three 2-rank jobs).
+#[test]
+fn bare_launcher_environment_is_one_job() {
+    let port = loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // The store listens on MASTER_PORT + 1.
+        if p < 65_000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let ranks: Vec<_> = (0..3)
+        .map(|r| {
+            Command::new(env!("CARGO_BIN_EXE_efa-bench"))
+                .args(["allreduce", "-b", "64", "-e", "64", "-n", "2", "-w", "1"])
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "3")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("EFA_IFACE", "lo")
+                .env("EFA_TIMEOUT", "60")
+                .output_async()
+        })
+        .collect();
+    let outs: Vec<Output> = ranks
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let out = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(
+        out.lines().any(|l| l.starts_with("# nRanks 3 ")),
+        "rank 0 must report one job of 3 ranks:\n{out}"
+    );
+}
+
+trait SpawnPiped {
+    fn output_async(&mut self) -> std::process::Child;
+}
+
+impl SpawnPiped for Command {
+    fn output_async(&mut self) -> std::process::Child {
+        self.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start efa-bench")
+    }
+}

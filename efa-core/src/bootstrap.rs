@@ -643,11 +643,21 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Result<Bootstrap, Bootstr
     detect_with(env, None)
 }
 
-/// [`detect`], with the Hydra job key to use when Hydra's environment names none.
-fn detect_with(
-    env: &dyn Fn(&str) -> Option<String>,
-    hydra_proxy: Option<String>,
-) -> Result<Bootstrap, BootstrapError> {
+/// Which launcher started this process, from its environment `env`: the one rule that the
+/// communicator's bootstrap ([`detect`]) and every tool that must know whether it runs as one
+/// rank of a job (the benchmarks) apply. [`Launcher::Singleton`] when none did.
+pub fn launcher_of(env: &dyn Fn(&str) -> Option<String>) -> Launcher {
+    launcher_and_vars(env).0
+}
+
+/// The launcher that started this process ([`launcher_of`] of the process environment).
+pub fn detected_launcher() -> Launcher {
+    launcher_of(&|k| std::env::var(k).ok())
+}
+
+/// [`launcher_of`], with the variables that launcher sets: rank, size, local rank, local
+/// size (`-` where it has none).
+fn launcher_and_vars(env: &dyn Fn(&str) -> Option<String>) -> (Launcher, [&'static str; 4]) {
     let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let has = |k: &str| get(k).is_some();
 
@@ -661,7 +671,7 @@ fn detect_with(
     } else {
         "SLURM_NPROCS"
     };
-    let (launcher, vars): (Launcher, [&'static str; 4]) = if has("EFA_RANK") {
+    if has("EFA_RANK") {
         (
             Launcher::Efarun,
             [
@@ -703,7 +713,16 @@ fn detect_with(
         )
     } else {
         (Launcher::Singleton, ["-"; 4])
-    };
+    }
+}
+
+/// [`detect`], with the Hydra job key to use when Hydra's environment names none.
+fn detect_with(
+    env: &dyn Fn(&str) -> Option<String>,
+    hydra_proxy: Option<String>,
+) -> Result<Bootstrap, BootstrapError> {
+    let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let (launcher, vars) = launcher_and_vars(env);
     let ids = if launcher == Launcher::Singleton {
         Ids {
             rank: 0,
@@ -1261,6 +1280,69 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    /// `launcher_of` (which the benchmarks ask) and `detect` (which the communicator uses)
+    /// answer alike for every launcher's environment.
+    #[test]
+    fn launcher_of_agrees_with_detect() {
+        let cases: &[(&[(&str, &str)], Launcher)] = &[
+            (&[], Launcher::Singleton),
+            (
+                &[
+                    ("EFA_RANK", "1"),
+                    ("EFA_WORLD_SIZE", "2"),
+                    ("EFA_STORE", "127.0.0.1:9"),
+                ],
+                Launcher::Efarun,
+            ),
+            (
+                &[
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("MASTER_ADDR", "10.0.0.1"),
+                    ("MASTER_PORT", "29500"),
+                ],
+                Launcher::Torchrun,
+            ),
+            (
+                &[
+                    ("OMPI_COMM_WORLD_RANK", "0"),
+                    ("OMPI_COMM_WORLD_SIZE", "2"),
+                    ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+                    ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+                    ("EFA_STORE", "127.0.0.1:9"),
+                ],
+                Launcher::OpenMpi,
+            ),
+            (
+                &[
+                    ("PMI_RANK", "0"),
+                    ("PMI_SIZE", "2"),
+                    ("EFA_STORE", "127.0.0.1:9"),
+                ],
+                Launcher::Hydra,
+            ),
+            (
+                &[
+                    ("SLURM_PROCID", "0"),
+                    ("SLURM_NTASKS", "2"),
+                    ("SLURM_LOCALID", "0"),
+                    ("SLURM_STEP_TASKS_PER_NODE", "2"),
+                    ("SLURM_NODEID", "0"),
+                    ("EFA_STORE", "127.0.0.1:9"),
+                ],
+                Launcher::Slurm,
+            ),
+        ];
+        for (pairs, want) in cases {
+            let e = env(pairs);
+            assert_eq!(launcher_of(&e), *want, "{pairs:?}");
+            match detect(&e) {
+                Ok(b) => assert_eq!(b.launcher(), *want, "{pairs:?}"),
+                Err(err) => panic!("{pairs:?}: {err}"),
+            }
+        }
     }
 
     fn det(pairs: &[(&str, &str)]) -> Result<Bootstrap, BootstrapError> {
