@@ -266,6 +266,9 @@ fn check_timeout(d: Duration) -> std::result::Result<(), String> {
 
 /// An open endpoint serving one transport.
 struct Port {
+    /// Which rank each address of this endpoint's address vector is, and whether those
+    /// ranks are alive: asked by posts that retry on a full queue (set once routes are known).
+    liveness: Arc<std::sync::OnceLock<PortLiveness>>,
     transport: Transport,
     provider: String,
     ep: Endpoint,
@@ -390,8 +393,9 @@ struct Engine {
     fin: Vec<FinState>,
     /// `finalize` has completed: no new operations.
     finalized: bool,
-    /// Every rank's process (pid, start time, host), and whether it shares this host.
-    procs: Vec<(placement::ProcessId, bool)>,
+    /// Every rank's process, whether it shares this host, and which ranks failed; shared
+    /// with the endpoints' post paths ([`Liveness`]).
+    live: Arc<Liveness>,
     /// The first rank known to have failed, and how. Once set, every pending and later
     /// operation fails with [`Error::PeerFailed`] naming it.
     failure: Option<(u32, PeerFailure)>,
@@ -869,6 +873,27 @@ impl Communicator {
             .iter()
             .map(|p| (p.transport, p.provider.clone()))
             .collect();
+        let live = Arc::new(Liveness {
+            dead: (0..size)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            procs: cards
+                .iter()
+                .map(|c| (c.process.clone(), c.host_id == card.host_id))
+                .collect(),
+        });
+        for (i, port) in ports.iter().enumerate() {
+            let rank_of = peers
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.port == i)
+                .map(|(rank, r)| (r.addr, rank as u32))
+                .collect();
+            let _ = port.liveness.set(PortLiveness {
+                rank_of,
+                liveness: live.clone(),
+            });
+        }
         let scratch_len = ports
             .iter()
             .map(|p| p.inject.max(HDR_LEN + p.eager))
@@ -899,10 +924,7 @@ impl Communicator {
             pool: BufPool::default(),
             fin: vec![FinState::default(); size as usize],
             finalized: false,
-            procs: cards
-                .iter()
-                .map(|c| (c.process.clone(), c.host_id == card.host_id))
-                .collect(),
+            live: live.clone(),
             failure: None,
             polls: 0,
             last_check: Instant::now(),
@@ -1437,8 +1459,50 @@ fn wait_loop(
     }
 }
 
+/// The ranks behind one endpoint's addresses, and the communicator's liveness flags.
+struct PortLiveness {
+    rank_of: HashMap<FiAddr, u32>,
+    liveness: Arc<Liveness>,
+}
+
+/// What posts retrying on a full queue ask: whether the rank they post to is still alive.
+/// Shared by the engine (which marks failed ranks) and every endpoint's post path.
+struct Liveness {
+    /// Ranks known to have failed.
+    dead: Vec<std::sync::atomic::AtomicBool>,
+    /// Each rank's process, and whether it shares this host (so its pid can be checked).
+    procs: Vec<(placement::ProcessId, bool)>,
+}
+
+impl Liveness {
+    /// False once `rank` is known to have failed, or its process on this host is gone.
+    fn alive(&self, rank: u32) -> bool {
+        let r = rank as usize;
+        if self.dead[r].load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        match &self.procs[r] {
+            (p, true) if p.pid != 0 => placement::proc_stat(p.pid).is_some_and(|(st, start)| {
+                !matches!(st, 'Z' | 'X') && (p.start == 0 || start == p.start)
+            }),
+            _ => true,
+        }
+    }
+}
+
 fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port> {
     let provider = info.provider();
+    let liveness: Arc<std::sync::OnceLock<PortLiveness>> = Arc::default();
+    let check = {
+        let l = liveness.clone();
+        Arc::new(move |addr: FiAddr| {
+            l.get().is_none_or(|pl| {
+                pl.rank_of
+                    .get(&addr)
+                    .is_none_or(|&rank| pl.liveness.alive(rank))
+            })
+        })
+    };
     // Posts that find the provider's queue full retry (progressing) for at most the
     // communicator's deadline: a peer that died with our messages queued must not hold a
     // caller past the deadline it was promised.
@@ -1448,6 +1512,8 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
         let cq = efa_fabric::CompletionQueue::open(&domain, 0)?;
         Endpoint::builder(&domain, &av, &cq)
             .post_timeout(config.timeout)
+            // A post to a rank that died stops retrying at once (its queue never drains).
+            .peer_check(check)
             .build()
     })()
     .map_err(|e| Error::fabric("opening endpoint", None, e))?;
@@ -1473,6 +1539,7 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
     }
     tracing::debug!(%transport, %provider, fabric = %info.fabric(), domain = %info.domain(), "endpoint open");
     Ok(Port {
+        liveness,
         transport,
         provider,
         inject: info.inject_size(),
@@ -1613,6 +1680,11 @@ impl Engine {
     }
 
     fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
+        self.start_send_inner(data, dest, tag)
+            .map_err(|e| self.upgrade(e))
+    }
+
+    fn start_send_inner(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
         self.check_open()?;
         if self.fin[dest as usize].got_fin {
             return Err(Error::PeerFinalized { rank: dest });
@@ -1741,6 +1813,9 @@ impl Engine {
         }
         tracing::error!(rank = self.rank, failed = rank, "{}", cause.describe(rank));
         self.failure = Some((rank, cause.clone()));
+        if let Some(d) = self.live.dead.get(rank as usize) {
+            d.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let err = || Error::PeerFailed {
             rank,
             cause: cause.clone(),
@@ -1853,8 +1928,8 @@ impl Engine {
     /// Looks at the processes of same-host peers that have not finalized: one that is gone
     /// (or whose pid now belongs to another process) has failed.
     fn check_peers(&mut self) {
-        for p in 0..self.procs.len() {
-            let (proc_, same_host) = &self.procs[p];
+        for p in 0..self.live.procs.len() {
+            let (proc_, same_host) = &self.live.procs[p];
             if p as u32 == self.rank || !same_host || proc_.pid == 0 || self.fin[p].got_fin {
                 continue;
             }
@@ -1891,7 +1966,7 @@ impl Engine {
     /// for a receive from any source): a send to a process that is gone fails, and the
     /// failure is then reported like any other (see [`Engine::reap_background`]).
     fn ping_remote_peers(&mut self) {
-        let mut want = vec![false; self.procs.len()];
+        let mut want = vec![false; self.live.procs.len()];
         let mut any = false;
         for id in &self.posted {
             match self.recvs.get(id).map(|op| op.src) {
@@ -1918,7 +1993,7 @@ impl Engine {
             }
         }
         for (p, wanted) in want.into_iter().enumerate() {
-            let remote = !self.procs[p].1;
+            let remote = !self.live.procs[p].1;
             if p as u32 == self.rank || !remote || self.fin[p].got_fin || !(any || wanted) {
                 continue;
             }
@@ -1952,7 +2027,8 @@ impl Engine {
 
     /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
     fn stopped_peer(&self) -> Option<(u32, u32)> {
-        self.procs
+        self.live
+            .procs
             .iter()
             .enumerate()
             .filter(|(p, (id, same))| *p as u32 != self.rank && *same && id.pid != 0)
@@ -2134,6 +2210,32 @@ impl Engine {
 
     /// One round of progress: read every CQ, then handle whatever completed.
     fn progress(&mut self) -> Result<()> {
+        self.progress_round().map_err(|e| self.upgrade(e))
+    }
+
+    /// A post that stopped because its peer is gone ([`efa_fabric::Error::PeerGone`]) is
+    /// that peer's failure: reported as [`Error::PeerFailed`], to every rank.
+    fn upgrade(&mut self, e: Error) -> Error {
+        let Error::Fabric {
+            peer,
+            source: efa_fabric::Error::PeerGone { .. },
+            ..
+        } = &e
+        else {
+            return e;
+        };
+        let peer = *peer;
+        self.check_peers();
+        if self.failure.is_none() {
+            if let Some(p) = peer {
+                let detail = "its queue stopped draining".to_string();
+                self.mark_failed(p, PeerFailure::Unreachable { detail }, true);
+            }
+        }
+        self.failure_error().unwrap_or(e)
+    }
+
+    fn progress_round(&mut self) -> Result<()> {
         if self.failure.is_none() {
             self.polls = self.polls.wrapping_add(1);
             if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {
@@ -2427,7 +2529,7 @@ impl Engine {
         if peer == self.rank || self.fin[peer as usize].got_fin {
             return None;
         }
-        let (proc_, same_host) = &self.procs[peer as usize];
+        let (proc_, same_host) = &self.live.procs[peer as usize];
         let gone = *same_host
             && proc_.pid != 0
             && placement::proc_stat(proc_.pid)

@@ -34,7 +34,25 @@ pub struct EndpointBuilder {
     rx_cq: Option<CompletionQueue>,
     counters: Vec<(Counter, CounterEvents)>,
     post_timeout: Duration,
+    peer_check: Option<CheckFn>,
 }
+
+/// A [`PeerCheck`], printable for `Debug`.
+#[derive(Clone)]
+struct CheckFn(PeerCheck);
+
+impl std::fmt::Debug for CheckFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerCheck")
+    }
+}
+
+/// Asked, while a post to a peer retries on a full queue, whether that peer is still worth
+/// waiting for ([`EndpointBuilder::peer_check`]).
+pub type PeerCheck = std::sync::Arc<dyn Fn(FiAddr) -> bool + Send + Sync>;
+
+/// How often a retrying post asks its [`PeerCheck`].
+const PEER_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl EndpointBuilder {
     /// The info to open the endpoint from. Default: the domain's info.
@@ -56,6 +74,14 @@ impl EndpointBuilder {
     /// before giving up with [`Error::Timeout`]. Default 60 s.
     pub fn post_timeout(mut self, t: Duration) -> Self {
         self.post_timeout = t;
+        self
+    }
+    /// A check that a retrying post asks every 50 ms whether its peer is still alive. A post
+    /// to a peer it answers `false` for stops retrying at once with [`Error::PeerGone`]
+    /// instead of waiting out the post timeout: a dead peer's queue never drains. Default:
+    /// none (posts retry for the whole post timeout).
+    pub fn peer_check(mut self, check: PeerCheck) -> Self {
+        self.peer_check = Some(CheckFn(check));
         self
     }
 
@@ -120,6 +146,7 @@ impl EndpointBuilder {
             max_msg_size: info.max_msg_size(),
             caps: info.caps(),
             post_timeout: self.post_timeout,
+            peer_check: self.peer_check,
             orphans: Mutex::new(Vec::new()),
             info,
             domain: self.domain,
@@ -207,6 +234,7 @@ struct EpInner {
     max_msg_size: usize,
     caps: Caps,
     post_timeout: Duration,
+    peer_check: Option<CheckFn>,
     /// Buffers of operations that could not be cancelled: the provider may still use them,
     /// so they are freed only after the endpoint is closed.
     orphans: Mutex<Vec<Box<dyn Send>>>,
@@ -280,6 +308,7 @@ impl Endpoint {
             rx_cq: None,
             counters: Vec::new(),
             post_timeout: Duration::from_secs(60),
+            peer_check: None,
         }
     }
 
@@ -398,15 +427,17 @@ impl Endpoint {
     pub(crate) fn retry_post(
         &self,
         op: &'static str,
+        peer: FiAddr,
         post: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
-        self.retry_post_within(op, self.inner.post_timeout, post)
+        self.retry_post_within(op, peer, self.inner.post_timeout, post)
     }
 
     /// [`Endpoint::retry_post`] for at most `budget`.
     pub(crate) fn retry_post_within(
         &self,
         op: &'static str,
+        peer: FiAddr,
         budget: Duration,
         mut post: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
@@ -416,9 +447,18 @@ impl Endpoint {
         }
         let deadline = Deadline::after(budget);
         let mut backoff = Backoff::new();
+        let mut next_check = std::time::Instant::now() + PEER_CHECK_INTERVAL;
         loop {
             if post()? {
                 return Ok(());
+            }
+            if let Some(CheckFn(check)) = &self.inner.peer_check {
+                if peer != FiAddr::UNSPEC && std::time::Instant::now() >= next_check {
+                    if !check(peer) {
+                        return Err(Error::PeerGone { op });
+                    }
+                    next_check = std::time::Instant::now() + PEER_CHECK_INTERVAL;
+                }
             }
             if self.progress()? > 0 {
                 backoff.reset();
@@ -668,7 +708,9 @@ impl Endpoint {
             )));
         }
         self.check_peer(op, dest, false)?;
-        self.retry_post(op, || posted(call, post(buf.as_ptr().cast(), buf.len())))
+        self.retry_post(op, dest, || {
+            posted(call, post(buf.as_ptr().cast(), buf.len()))
+        })
     }
 
     /// Sends a small message, copied before return, with no completion (`fi_inject`).

@@ -115,6 +115,13 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+    /// A post to a peer that the endpoint's [`crate::PeerCheck`] reports gone: it stopped
+    /// retrying on the full queue at once. Nothing was posted.
+    #[error("{op} not posted: the peer is gone (its queue will never drain)")]
+    PeerGone {
+        /// What was posted, e.g. `send`, `inject`.
+        op: &'static str,
+    },
     /// An RMA access outside the remote region. Nothing was transferred.
     #[error(
         "RMA {op} of {len} bytes at offset {offset} is outside the remote region of {region_len} bytes"
@@ -221,6 +228,7 @@ impl fmt::Debug for Error {
                 .field("op", op)
                 .field("waited", waited)
                 .finish(),
+            Error::PeerGone { op } => f.debug_struct("PeerGone").field("op", op).finish(),
             Error::OutOfBounds {
                 op,
                 offset,

@@ -81,7 +81,7 @@ pub mod shm;
 pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};
 pub use cq::{Completion, CompletionQueue, OpContext};
-pub use ep::{Endpoint, EndpointBuilder};
+pub use ep::{Endpoint, EndpointBuilder, PeerCheck};
 pub use error::{CallError, CompletionError, Error, Result};
 pub use fabric::{Domain, Fabric};
 pub use info::{

@@ -380,7 +380,7 @@ impl Endpoint {
         let ctx = OpContext::new_boxed();
         let raw_ctx = ctx.as_raw();
         let budget = budget.unwrap_or_else(|| self.post_timeout());
-        let posted = self.retry_post_within(op, budget, || post(self, &buf, desc, raw_ctx));
+        let posted = self.retry_post_within(op, peer, budget, || post(self, &buf, desc, raw_ctx));
         match posted {
             Ok(()) => Ok(Pending {
                 ctx: Some(ctx),
