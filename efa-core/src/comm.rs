@@ -947,13 +947,19 @@ impl Communicator {
             }),
         };
         // Everyone has posted its receive buffers before anyone sends.
-        store::barrier(
+        if let Err(e) = store::barrier(
             &*store,
             "efa/ready",
             rank,
             size,
             Instant::now() + comm.inner.config.timeout,
-        )?;
+        ) {
+            // The job never started: there is nothing to finalize, and a rank that never
+            // became ready would hold this one's drop for a whole deadline more.
+            lock_engine(&comm.inner.engine).finalized = true;
+            store.job_failed();
+            return Err(e.into());
+        }
         // Every rank has read every card (a rank sets its ready key only after that), so the
         // cards can go: a persistent store reused by a later job with the same id must not
         // hand it this job's addresses.
