@@ -128,6 +128,8 @@ pub struct CommunicatorBuilder {
     bootstrap: Option<Bootstrap>,
     config: Config,
     env: bool,
+    /// `transports` was called: `EFA_TRANSPORTS` is then not read.
+    transports_explicit: bool,
 }
 
 impl CommunicatorBuilder {
@@ -138,6 +140,7 @@ impl CommunicatorBuilder {
             bootstrap: None,
             config: Config::default(),
             env: true,
+            transports_explicit: false,
         }
     }
     /// Explicit rank, size and rendezvous. Default: detected from the environment.
@@ -152,9 +155,11 @@ impl CommunicatorBuilder {
         self.env_timeout_overridden();
         self
     }
-    /// Transports allowed. Default: all (`EFA_TRANSPORTS`).
+    /// Transports allowed. Default: `EFA_TRANSPORTS`, else all. An explicit set wins over
+    /// `EFA_TRANSPORTS`, whatever it is (`TransportSet::all()` included).
     pub fn transports(mut self, t: TransportSet) -> Self {
         self.config.transports = t;
+        self.transports_explicit = true;
         self
     }
     /// Interface of the IP route. Default: `EFA_IFACE`, else `lo` when all ranks are on
@@ -214,9 +219,7 @@ impl CommunicatorBuilder {
             )
             .into());
         }
-        if std::env::var_os("EFA_TRANSPORTS").is_some()
-            && self.config.transports == TransportSet::all()
-        {
+        if !self.transports_explicit {
             self.config.transports = TransportSet::from_env()?;
         }
         net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;

@@ -102,3 +102,10 @@ pub use comm::{
 pub use error::{Error, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
+
+/// The element bound of every buffer argument (`&[T]` with `T: Pod`), re-exported so that
+/// users need not depend on a matching `bytemuck`.
+pub use bytemuck::Pod;
+/// The half-precision element types of the collectives ([`Element`]), re-exported so that
+/// users need not depend on a matching `half`.
+pub use half::{bf16, f16};

@@ -506,3 +506,42 @@ fn two_subnets_route_by_subnet() {
         );
     }
 }
+
+#[test]
+#[ignore = "rank program for explicit_transports_win_over_the_environment"]
+fn child_explicit_transports() {
+    if !in_job() {
+        return;
+    }
+    // EFA_TRANSPORTS=ip is set for the job; the program explicitly allows every transport,
+    // and that must win: the two ranks on this host talk over shm.
+    let comm = Communicator::builder()
+        .transports(efa_core::placement::TransportSet::all())
+        .build()
+        .unwrap();
+    let peer = 1 - comm.rank();
+    let route = comm.route(peer).unwrap();
+    assert_eq!(route.transport, Transport::Shm, "{}", route.reason);
+    let mut b = [0u32; 4];
+    if comm.rank() == 0 {
+        comm.send(&[7u32; 4], 1, 1).unwrap();
+    } else {
+        comm.recv(&mut b, 0, 1).unwrap();
+        assert_eq!(b, [7; 4]);
+    }
+    println!("explicit transports used");
+}
+
+/// An explicit `CommunicatorBuilder::transports` wins over `EFA_TRANSPORTS`, even when it
+/// is the default set (which the environment used to override).
+#[test]
+fn explicit_transports_win_over_the_environment() {
+    let out = efarun(2, "child_explicit_transports", &[("EFA_TRANSPORTS", "ip")]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("explicit transports used")
+            .count(),
+        2
+    );
+}
