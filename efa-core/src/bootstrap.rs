@@ -595,7 +595,8 @@ fn hydra_proxy_key(proc: &std::path::Path, ppid: u32) -> Option<String> {
 mod incarnation_tests {
     #[test]
     fn incarnation_reads_the_start_time() {
-        let root = std::env::temp_dir().join(format!("efa-proc-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("efa-proc-incarnation-{}", std::process::id()));
         std::fs::create_dir_all(root.join("77")).unwrap();
         // comm with spaces and parentheses, then fields 3.. ; field 22 is 123456.
         let fields: Vec<String> = (3..=25)
@@ -1772,7 +1773,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, BootstrapError::NoRendezvous { .. }), "{e}");
 
-        let proc = std::env::temp_dir().join(format!("efa-proc-{}", std::process::id()));
+        let proc = std::env::temp_dir().join(format!("efa-proc-hydra-{}", std::process::id()));
         for (pid, comm) in [(10, "hydra_pmi_proxy\n"), (11, "bash\n")] {
             std::fs::create_dir_all(proc.join(pid.to_string())).unwrap();
             std::fs::write(proc.join(pid.to_string()).join("comm"), comm).unwrap();

@@ -382,8 +382,6 @@ struct Engine {
     background: Vec<Background>,
     next_id: u64,
     next_rndv: u32,
-    /// Errors from background sends, reported by the next operation with that peer.
-    peer_errors: HashMap<u32, String>,
     scratch: Vec<u8>,
     ctx: u32,
     /// Completions seen so far (for backoff decisions).
@@ -917,7 +915,6 @@ impl Communicator {
             background: Vec::new(),
             next_id: 1,
             next_rndv: 1,
-            peer_errors: HashMap::new(),
             // Control messages are assembled here when they are injected: as large as the
             // largest inject size or eager message of any endpoint.
             scratch: vec![0u8; scratch_len],
@@ -1490,12 +1487,8 @@ impl Liveness {
         if self.dead[r].load(std::sync::atomic::Ordering::Relaxed) {
             return false;
         }
-        match &self.procs[r] {
-            (p, true) if p.pid != 0 => placement::proc_stat(p.pid).is_some_and(|(st, start)| {
-                !matches!(st, 'Z' | 'X') && (p.start == 0 || start == p.start)
-            }),
-            _ => true,
-        }
+        let (p, same_host) = &self.procs[r];
+        !(*same_host && p.is_gone())
     }
 }
 
@@ -1697,12 +1690,6 @@ impl Engine {
         self.check_open()?;
         if self.fin[dest as usize].got_fin {
             return Err(Error::PeerFinalized { rank: dest });
-        }
-        if let Some(e) = self.peer_errors.get(&dest) {
-            return Err(Error::Protocol {
-                peer: dest,
-                what: format!("an earlier send to this rank failed: {e}"),
-            });
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -1942,17 +1929,8 @@ impl Engine {
             if p as u32 == self.rank || !same_host || proc_.pid == 0 || self.fin[p].got_fin {
                 continue;
             }
-            let alive = match placement::proc_stat(proc_.pid) {
-                None => false,
-                Some((state, start)) => {
-                    !matches!(state, 'Z' | 'X') && (proc_.start == 0 || start == proc_.start)
-                }
-            };
-            if !alive {
-                let cause = PeerFailure::Exited {
-                    pid: Some(proc_.pid),
-                    host: (!proc_.host.is_empty()).then(|| proc_.host.clone()),
-                };
+            if proc_.is_gone() {
+                let cause = exited(proc_);
                 self.mark_failed(p as u32, cause, true);
                 return;
             }
@@ -2040,10 +2018,8 @@ impl Engine {
             .procs
             .iter()
             .enumerate()
-            .filter(|(p, (id, same))| *p as u32 != self.rank && *same && id.pid != 0)
-            .find(|(_, (id, _))| {
-                placement::proc_stat(id.pid).is_some_and(|(st, _)| matches!(st, 'T' | 't'))
-            })
+            .filter(|(p, (_, same))| *p as u32 != self.rank && *same)
+            .find(|(_, (id, _))| id.is_stopped())
             .map(|(p, (id, _))| (p as u32, id.pid))
     }
 
@@ -2477,7 +2453,6 @@ impl Engine {
                 Ok(done) => self.ports[bg.port].bounce.push(done.buf.into_inner()),
                 Err(e) => {
                     tracing::warn!(peer = bg.dest, "send failed: {}", e.error);
-                    self.peer_errors.insert(bg.dest, e.error.to_string());
                     self.transport_failure(bg.dest, e.error.to_string());
                     if let Some(b) = e.buf {
                         self.ports[bg.port].bounce.push(b.into_inner());
@@ -2539,15 +2514,8 @@ impl Engine {
             return None;
         }
         let (proc_, same_host) = &self.live.procs[peer as usize];
-        let gone = *same_host
-            && proc_.pid != 0
-            && placement::proc_stat(proc_.pid)
-                .is_none_or(|(st, start)| matches!(st, 'Z' | 'X') || start != proc_.start);
-        let cause = if gone {
-            PeerFailure::Exited {
-                pid: Some(proc_.pid),
-                host: (!proc_.host.is_empty()).then(|| proc_.host.clone()),
-            }
+        let cause = if *same_host && proc_.is_gone() {
+            exited(proc_)
         } else {
             PeerFailure::Unreachable { detail }
         };
@@ -2602,6 +2570,14 @@ impl Engine {
                 op.state = RecvState::Failed(e);
             }
         }
+    }
+}
+
+/// How a same-host peer whose process is gone failed.
+fn exited(p: &placement::ProcessId) -> PeerFailure {
+    PeerFailure::Exited {
+        pid: Some(p.pid),
+        host: (!p.host.is_empty()).then(|| p.host.clone()),
     }
 }
 

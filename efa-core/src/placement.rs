@@ -372,6 +372,21 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
+    /// Whether this process (on this host) has ended: no such pid, a zombie, or a pid that
+    /// now belongs to a process started at another time. False when the pid is unknown (0).
+    /// The one liveness rule of the communicator's same-host checks.
+    pub fn is_gone(&self) -> bool {
+        self.pid != 0
+            && proc_stat(self.pid).is_none_or(|(state, start)| {
+                matches!(state, 'Z' | 'X') || (self.start != 0 && start != self.start)
+            })
+    }
+
+    /// Whether this process (on this host) is stopped (SIGSTOP, a debugger).
+    pub fn is_stopped(&self) -> bool {
+        self.pid != 0 && proc_stat(self.pid).is_some_and(|(st, _)| matches!(st, 'T' | 't'))
+    }
+
     /// This process.
     pub fn this() -> ProcessId {
         let pid = std::process::id();

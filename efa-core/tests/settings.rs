@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::in_job;
 use efa_core::{Communicator, Error, SettingSource, Source, Tag};
@@ -17,19 +17,8 @@ use efa_core::{Communicator, Error, SettingSource, Source, Tag};
 /// Runs child test `name` as `n` ranks under `efarun` with exactly the `EFA_DEBUG*` variables
 /// given (the test's own environment's are removed).
 fn job(n: u32, name: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
-    cmd.args(["-n", &n.to_string(), "--timeout", "120", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("EFA_IFACE", "lo")
-        .env("EFA_TIMEOUT", "30")
-        .env_remove("RUST_LOG");
+    let mut cmd = common::efarun_command(n, name);
+    cmd.env_remove("RUST_LOG");
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
         if k.starts_with("EFA_DEBUG")

@@ -7,18 +7,7 @@ use std::process::{Command, Output};
 /// Runs child test `name` of the current test binary as `n` ranks under `efarun` (IP route
 /// pinned to `lo`, `EFA_TIMEOUT` 30 s), with extra environment; prints the job's output.
 pub fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
-    cmd.args(["-n", &n.to_string(), "--timeout", "180", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("EFA_IFACE", "lo")
-        .env("EFA_TIMEOUT", "30");
+    let mut cmd = efarun_command(n, name);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -54,6 +43,24 @@ pub fn assert_routes(text: &str, n: u32, transport: &str) {
             assert_eq!(got, transport, "route {a}->{b}: {line}");
         }
     }
+}
+
+/// The command that runs child test `name` of the current test binary as `n` ranks under
+/// `efarun` (IP route pinned to `lo`, `EFA_TIMEOUT` 30 s, the job killed after 180 s).
+pub fn efarun_command(n: u32, name: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
+    cmd.args(["-n", &n.to_string(), "--timeout", "180", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("EFA_IFACE", "lo")
+        .env("EFA_TIMEOUT", "30");
+    cmd
 }
 
 /// True inside a rank of a job (the child tests do nothing when run on their own).
