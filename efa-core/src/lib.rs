@@ -90,6 +90,7 @@ pub mod error;
 pub mod fuzz;
 pub mod net;
 pub mod placement;
+pub mod roles;
 pub mod store;
 pub mod window;
 pub mod wire;

@@ -208,21 +208,39 @@ pub(crate) fn settle_addresses(
     Ok(())
 }
 
-/// The network interface behind an RDMA device (`rxe0`, `efa_0`, `mlx5_0`), from sysfs.
-pub fn netdev_of_rdma_device(sys: &Path, device: &str) -> Option<String> {
-    let dev = sys.join("class/infiniband").join(device);
-    // Soft-RoCE and RoCE: the GID table names the netdev of each GID.
-    if let Ok(s) = std::fs::read_to_string(dev.join("ports/1/gid_attrs/ndevs/0")) {
-        let s = s.trim();
-        if !s.is_empty() {
-            return Some(s.to_string());
-        }
-    }
-    // PCI devices (EFA, mlx5): the net directory next to the device.
-    let net = std::fs::read_dir(dev.join("device/net")).ok()?;
-    net.flatten()
-        .next()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+/// The network interface behind an RDMA device or one of its libfabric domains (`rxe0`,
+/// `mlx5_0`, `rdmap0s6` and efa's `rdmap0s6-rdm`, verbs' `mlx5_0-xrc`), from sysfs
+/// (`sys` is normally `/sys`), asked in this order:
+///
+/// 1. `ports/1/gid_attrs/ndevs/0`, the netdev of GID 0 (RoCE and soft-RoCE);
+/// 2. `device/net/*`, the net device next to a PCI device (EFA, mlx5);
+/// 3. `parent`, the netdev a soft-RoCE device was created on (`rdma link add rxe0 type rxe
+///    netdev eth0`); it is there even before the GID table is filled, e.g. while the
+///    netdev is down.
+pub fn netdev_of_rdma_device(sys: &Path, domain: &str) -> Option<String> {
+    let ib = sys.join("class/infiniband");
+    // The domain itself, else the device it is a suffixed view of (`rdmap0s6-rdm`).
+    let device = std::iter::once(domain)
+        .chain(domain.rsplit_once('-').map(|(d, _)| d))
+        .find(|d| !d.is_empty() && ib.join(d).is_dir())?;
+    let dev = ib.join(device);
+    let read = |p: &str| {
+        std::fs::read_to_string(dev.join(p))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    read("ports/1/gid_attrs/ndevs/0")
+        .or_else(|| {
+            let mut names: Vec<String> = std::fs::read_dir(dev.join("device/net"))
+                .ok()?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names.into_iter().next()
+        })
+        .or_else(|| read("parent"))
 }
 
 #[cfg(test)]
@@ -323,20 +341,27 @@ mod tests {
     #[test]
     fn netdev_from_fake_sysfs() {
         let root = std::env::temp_dir().join(format!("efa-sys-{}", std::process::id()));
-        let gid = root.join("class/infiniband/rxe0/ports/1/gid_attrs/ndevs");
+        let ib = root.join("class/infiniband");
+        let gid = ib.join("rxe0/ports/1/gid_attrs/ndevs");
         std::fs::create_dir_all(&gid).unwrap();
         std::fs::write(gid.join("0"), "dummy0\n").unwrap();
-        let net = root.join("class/infiniband/efa_0/device/net/eth1");
-        std::fs::create_dir_all(&net).unwrap();
-        assert_eq!(
-            netdev_of_rdma_device(&root, "rxe0").as_deref(),
-            Some("dummy0")
-        );
-        assert_eq!(
-            netdev_of_rdma_device(&root, "efa_0").as_deref(),
-            Some("eth1")
-        );
-        assert_eq!(netdev_of_rdma_device(&root, "none"), None);
+        // rxe's parent names the same netdev; GID 0 wins when both are there.
+        std::fs::write(ib.join("rxe0/parent"), "other0\n").unwrap();
+        std::fs::create_dir_all(ib.join("efa_0/device/net/eth1")).unwrap();
+        // A soft-RoCE device whose GID table is still empty (its netdev is down): only
+        // `parent` names the netdev.
+        std::fs::create_dir_all(ib.join("rxe1/ports/1/gid_attrs/ndevs")).unwrap();
+        std::fs::write(ib.join("rxe1/parent"), "veth1\n").unwrap();
+        let at = |d: &str| netdev_of_rdma_device(&root, d);
+        assert_eq!(at("rxe0").as_deref(), Some("dummy0"));
+        assert_eq!(at("efa_0").as_deref(), Some("eth1"));
+        assert_eq!(at("rxe1").as_deref(), Some("veth1"));
+        // efa's libfabric domain is the device with a suffix.
+        assert_eq!(at("efa_0-rdm").as_deref(), Some("eth1"));
+        assert_eq!(at("rxe0-xrc").as_deref(), Some("dummy0"));
+        assert_eq!(at("none"), None);
+        assert_eq!(at("none-rdm"), None);
+        assert_eq!(at("-rdm"), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
