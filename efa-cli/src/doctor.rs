@@ -5,8 +5,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::net::IpIfaceChoice;
 use crate::system::{Memlock, Rdma, RdmaDevice, System};
+use efa_core::roles::IpIfaceChoice;
 
 /// Memory the communicator registers for its own bounce buffers, so the least `ulimit -l`
 /// that can work: 64 MiB.
@@ -697,7 +697,7 @@ mod tests {
         IpIfaceChoice {
             name: Some(name.into()),
             why: "test".into(),
-            primary: None,
+            subnet: None,
         }
     }
 

@@ -2,12 +2,13 @@
 
 use std::net::IpAddr;
 
-use efa_core::placement::{Subnet, TransportSet};
+use efa_core::placement::Transport;
+use efa_core::roles::{self, ep_name, IpIfaceChoice, Offer, Selection, Settings, Verdict};
 use efa_fabric::Caps;
 use serde::Serialize;
 
-use crate::net::{choose_ip_iface, group, ipv4_of, Iface, IpIfaceChoice};
-use crate::roles::{ep_name, select, Knobs, ProviderDesc, Role, Selection, Verdict};
+use crate::net::{group, Iface};
+use crate::roles::{no_fabric_reason, role_key};
 use crate::routes::{LocalFacts, RouteLine};
 use crate::system::{scan_rdma, Rdma, RdmaDevice, System};
 
@@ -18,8 +19,8 @@ pub struct Gathered {
     pub libfabric: (u32, u32),
     /// Host identity for placement.
     pub host_id: String,
-    /// Settings.
-    pub knobs: Knobs,
+    /// Settings, read as the communicator reads them.
+    pub settings: Settings,
     /// Interfaces.
     pub ifaces: Vec<Iface>,
     /// RDMA devices.
@@ -27,10 +28,10 @@ pub struct Gathered {
     /// The IP role's interface.
     pub ip_iface: IpIfaceChoice,
     /// libfabric's entries.
-    pub descs: Vec<ProviderDesc>,
-    /// `fi_getinfo` failure, if any (then `descs` is empty).
+    pub offers: Vec<Offer>,
+    /// `fi_getinfo` failure, if any.
     pub discovery_error: Option<String>,
-    /// Role choice.
+    /// Role choice (`efa_core::roles::select`, as the communicator makes it).
     pub selection: Selection,
     /// The settings that matter, as read (for `--json`).
     pub env: std::collections::BTreeMap<&'static str, Option<String>>,
@@ -46,41 +47,31 @@ pub const REPORTED_ENV: [&str; 6] = [
     "FI_LOG_LEVEL",
 ];
 
-/// Reads the settings from the environment.
+/// Gathers the live host: `efa_core::roles::discover` and `select`, exactly as
+/// `Communicator::build` does, plus the RDMA devices for explanations.
 ///
 /// # Errors
-/// `EFA_TRANSPORTS` does not parse.
-pub fn knobs(sys: &System) -> Result<Knobs, String> {
-    let raw = sys.env("EFA_TRANSPORTS");
-    let transports = match &raw {
-        Some(r) => TransportSet::parse(r).map_err(|e| e.to_string())?,
-        None => TransportSet::all(),
-    };
-    Ok(Knobs {
-        fi_provider: sys.env("FI_PROVIDER"),
-        fi_tcp_iface: sys.env("FI_TCP_IFACE"),
-        efa_iface: sys.env("EFA_IFACE"),
-        fabric_addr: sys.env("EFA_FABRIC_ADDR"),
-        transports,
-        transports_raw: raw,
-    })
-}
-
-/// Gathers the live host.
-///
-/// # Errors
-/// Bad settings (`EFA_TRANSPORTS`).
+/// Bad settings (`EFA_TRANSPORTS`), worded as the communicator words them.
 pub fn gather(sys: &System, all_local: bool) -> Result<Gathered, String> {
-    let knobs = knobs(sys)?;
-    let addrs = efa_core::net::interfaces();
-    let ifaces = group(&addrs);
+    let settings = Settings::from_env(all_local).map_err(|e| e.to_string())?;
+    let discovery = roles::discover(&settings);
+    let ifaces = group(&discovery.interfaces);
     let rdma = scan_rdma(sys);
-    let ip_iface = choose_ip_iface(&addrs, knobs.efa_iface.as_deref(), all_local);
-    let (descs, discovery_error) = match crate::discover::providers(&ifaces, &rdma) {
-        Ok(d) => (d, None),
-        Err(e) => (Vec::new(), Some(e.to_string())),
-    };
-    let selection = select(&descs, &knobs, &rdma, &ip_iface);
+    let mut selection = roles::select(&discovery.offers, &discovery.interfaces, &settings);
+    // No fabric provider listed: say what the host's RDMA devices explain.
+    let ip_name = selection.ip_iface.name_or_placeholder().to_string();
+    let fabric = selection
+        .roles
+        .iter_mut()
+        .find(|r| r.role == Transport::Fabric);
+    if let Some(f) = fabric {
+        let unlisted = !discovery.offers.iter().any(|o| {
+            roles::role_of_provider(&o.provider).map(|(r, _)| r) == Some(Transport::Fabric)
+        });
+        if f.chosen.is_none() && unlisted && settings.transports.contains(Transport::Fabric) {
+            f.why = format!("{}; {}", f.why, no_fabric_reason(&rdma, &ip_name));
+        }
+    }
     let host_id = efa_core::placement::host_id().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no host id");
         "unknown-host".into()
@@ -88,12 +79,12 @@ pub fn gather(sys: &System, all_local: bool) -> Result<Gathered, String> {
     Ok(Gathered {
         libfabric: efa_fabric::libfabric_version(),
         host_id,
-        knobs,
+        ip_iface: selection.ip_iface.clone(),
+        settings,
         ifaces,
         rdma,
-        ip_iface,
-        descs,
-        discovery_error,
+        offers: discovery.offers,
+        discovery_error: discovery.error,
         selection,
         env: REPORTED_ENV.iter().map(|k| (*k, sys.env(k))).collect(),
     })
@@ -101,28 +92,22 @@ pub fn gather(sys: &System, all_local: bool) -> Result<Gathered, String> {
 
 impl Gathered {
     /// The chosen entry for a role.
-    pub fn chosen(&self, r: Role) -> Option<&ProviderDesc> {
-        self.selection.role(r).chosen.map(|i| &self.descs[i])
+    pub fn chosen(&self, r: Transport) -> Option<&Offer> {
+        self.selection.role(r).chosen.map(|i| &self.offers[i])
     }
 
-    /// This host's card facts.
+    /// This host's card facts, as the communicator's card would have them.
     pub fn local_facts(&self) -> LocalFacts {
-        let providers = Role::ALL
+        let providers = Transport::ALL
             .iter()
-            .filter_map(|r| self.chosen(*r).map(|d| (r.transport(), d.provider.clone())))
+            .filter_map(|r| self.chosen(*r).map(|d| (*r, d.provider.clone())))
             .collect();
-        // As the communicator's card: the interface's first address.
-        let ip_subnet = self.chosen(Role::Ip).and_then(|d| {
-            self.ip_iface
-                .primary
-                .or_else(|| ipv4_of(&self.ifaces, &d.domain))
-                .or_else(|| d.fabric.parse::<Subnet>().ok())
-        });
+        let subnet = |r: Transport| self.chosen(r).and_then(|_| self.selection.role(r).subnet);
         LocalFacts {
             host_id: self.host_id.clone(),
             providers,
-            fabric_subnet: self.chosen(Role::Fabric).and_then(|d| d.ipv4),
-            ip_subnet,
+            fabric_subnet: subnet(Transport::Fabric),
+            ip_subnet: subnet(Transport::Ip),
             local_addrs: self
                 .ifaces
                 .iter()
@@ -201,22 +186,34 @@ pub struct ProviderJson {
     iface: Option<String>,
     ipv4_subnet: Option<String>,
     accepted_by_communicator_hints: bool,
-    chosen_for: Option<Role>,
+    chosen_for: Option<&'static str>,
     rejected_because: Option<String>,
 }
 
 /// One role of the JSON document.
 #[derive(Debug, Serialize)]
 pub struct RoleJson {
-    role: Role,
+    role: &'static str,
     transport: String,
     provider: Option<String>,
     fabric: Option<String>,
     domain: Option<String>,
     iface: Option<String>,
     ipv4_subnet: Option<String>,
+    /// The source address the endpoint binds to (`EFA_FABRIC_ADDR`).
+    source: Option<String>,
+    /// The subnet the communicator's card advertises for this role.
+    card_subnet: Option<String>,
     why: String,
     notes: Vec<String>,
+}
+
+/// The IP route's interface in the JSON document.
+#[derive(Debug, Serialize)]
+pub struct IpIfaceJson {
+    name: Option<String>,
+    why: String,
+    subnet: Option<String>,
 }
 
 /// The JSON document of `efa info --json`.
@@ -228,7 +225,7 @@ pub struct InfoJson {
     interfaces: Vec<Iface>,
     rdma_devices: Vec<RdmaDevice>,
     rdma_state: &'static str,
-    ip_interface: IpIfaceChoice,
+    ip_interface: IpIfaceJson,
     roles: Vec<RoleJson>,
     providers: Vec<ProviderJson>,
     discovery_error: Option<String>,
@@ -244,13 +241,13 @@ fn flag_names<T: bitflags::Flags>(f: T) -> Vec<String> {
 /// Notes that explain what libfabric hides before we ever see it.
 pub fn hidden_notes(g: &Gathered) -> Vec<String> {
     let mut v = Vec::new();
-    if let Some(p) = &g.knobs.fi_provider {
+    if let Some(p) = &g.settings.fi_provider {
         v.push(format!(
             "FI_PROVIDER={p}: libfabric lists only the providers it allows; the others are \
              not shown"
         ));
     }
-    if let Some(i) = &g.knobs.fi_tcp_iface {
+    if let Some(i) = &g.settings.fi_tcp_iface {
         v.push(format!(
             "FI_TCP_IFACE={i}: libfabric's tcp provider lists only interface {i}"
         ));
@@ -274,28 +271,34 @@ pub fn to_json(g: &Gathered, routes: Vec<RouteLine>, route_problems: Vec<String>
             Rdma::Empty => "empty",
             Rdma::Devices(_) => "devices",
         },
-        ip_interface: g.ip_iface.clone(),
+        ip_interface: IpIfaceJson {
+            name: g.ip_iface.name.clone(),
+            why: g.ip_iface.why.clone(),
+            subnet: g.ip_iface.subnet.map(|s| s.to_string()),
+        },
         roles: g
             .selection
             .roles
             .iter()
             .map(|rc| {
-                let d = rc.chosen.map(|i| &g.descs[i]);
+                let d = rc.chosen.map(|i| &g.offers[i]);
                 RoleJson {
-                    role: rc.role,
-                    transport: rc.role.transport().to_string(),
+                    role: role_key(rc.role),
+                    transport: rc.role.to_string(),
                     provider: d.map(|d| d.provider.clone()),
                     fabric: d.map(|d| d.fabric.clone()),
                     domain: d.map(|d| d.domain.clone()),
                     iface: d.and_then(|d| d.iface.clone()),
                     ipv4_subnet: d.and_then(|d| d.ipv4.map(|s| s.to_string())),
+                    source: rc.source.clone(),
+                    card_subnet: rc.subnet.map(|s| s.to_string()),
                     why: rc.why.clone(),
                     notes: rc.notes.clone(),
                 }
             })
             .collect(),
         providers: g
-            .descs
+            .offers
             .iter()
             .zip(&g.selection.verdicts)
             .map(|(d, v)| ProviderJson {
@@ -313,7 +316,7 @@ pub fn to_json(g: &Gathered, routes: Vec<RouteLine>, route_problems: Vec<String>
                 ipv4_subnet: d.ipv4.map(|s| s.to_string()),
                 accepted_by_communicator_hints: d.accepted,
                 chosen_for: match v {
-                    Verdict::Chosen(r) => Some(*r),
+                    Verdict::Chosen(r) => Some(role_key(*r)),
                     Verdict::Rejected(_) => None,
                 },
                 rejected_because: match v {
@@ -372,12 +375,12 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
     o.push_str(&format!(
         "settings: FI_PROVIDER={} FI_TCP_IFACE={} EFA_IFACE={} EFA_FABRIC_ADDR={} \
          EFA_TRANSPORTS={} (allows {})\n",
-        opt(&g.knobs.fi_provider),
-        opt(&g.knobs.fi_tcp_iface),
-        opt(&g.knobs.efa_iface),
-        opt(&g.knobs.fabric_addr),
-        opt(&g.knobs.transports_raw),
-        g.knobs.transports
+        opt(&g.settings.fi_provider),
+        opt(&g.settings.fi_tcp_iface),
+        opt(&g.settings.ip_iface),
+        opt(&g.settings.fabric_addr),
+        opt(&g.env.get("EFA_TRANSPORTS").cloned().flatten()),
+        g.settings.transports
     ));
     for n in hidden_notes(g) {
         o.push_str(&format!("note: {n}\n"));
@@ -388,9 +391,9 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
         .selection
         .roles
         .iter()
-        .map(|rc| match rc.chosen.map(|i| &g.descs[i]) {
+        .map(|rc| match rc.chosen.map(|i| &g.offers[i]) {
             Some(d) => vec![
-                format!("  {}", rc.role.name()),
+                format!("  {}", roles::role_name(rc.role)),
                 d.provider.clone(),
                 d.fabric.clone(),
                 d.domain.clone(),
@@ -402,7 +405,7 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
                     .join("; "),
             ],
             None => vec![
-                format!("  {}", rc.role.name()),
+                format!("  {}", roles::role_name(rc.role)),
                 "none".into(),
                 "-".into(),
                 "-".into(),
@@ -422,10 +425,10 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
 
     o.push_str(&format!(
         "\nEverything libfabric lists ({} provider/fabric/domain entries):\n",
-        g.descs.len()
+        g.offers.len()
     ));
     let rows: Vec<Vec<String>> = g
-        .descs
+        .offers
         .iter()
         .zip(&g.selection.verdicts)
         .map(|(d, v)| {
@@ -446,7 +449,7 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
                 d.iface.clone().unwrap_or_else(|| "-".into()),
                 d.ipv4.map_or("-".into(), |s| s.network().to_string()),
                 match v {
-                    Verdict::Chosen(r) => format!("CHOSEN for {}", r.name()),
+                    Verdict::Chosen(r) => format!("CHOSEN for {}", roles::role_name(*r)),
                     Verdict::Rejected(r) => r.clone(),
                 },
             ]
@@ -493,9 +496,9 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
 
 /// One paragraph: which providers carry traffic.
 pub fn summary(g: &Gathered) -> String {
-    let shm = g.chosen(Role::IntraHost);
-    let fab = g.chosen(Role::Fabric);
-    let ip = g.chosen(Role::Ip);
+    let shm = g.chosen(Transport::Shm);
+    let fab = g.chosen(Transport::Fabric);
+    let ip = g.chosen(Transport::Ip);
     let mut s = String::from("\nRoutes: ");
     let mut parts = Vec::new();
     match shm {

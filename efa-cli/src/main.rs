@@ -8,7 +8,6 @@
 //!   it exits 1 if any check fails.
 #![forbid(unsafe_code)]
 
-mod discover;
 mod doctor;
 mod info;
 mod net;
@@ -25,17 +24,17 @@ use efa_core::placement::{Subnet, Transport};
 
 use crate::doctor::{Check, SgProbe, Status};
 use crate::info::Gathered;
-use crate::roles::Role;
 use crate::system::System;
 
 const ROLE_RULES: &str = "\
-Roles and how they are chosen (the same rules as efa_core::Communicator):
+Roles and how they are chosen (efa_core::roles, which the communicator itself calls):
   intra-host  shm
   fabric      efa, else verbs;ofi_rxm
   IP          tcp;ofi_rxm, else net, else sockets
 An entry qualifies if it has an FI_EP_RDM endpoint with MSG and TAGGED (RMA is wanted and
 its absence noted) and fi_getinfo returns it for the communicator's hints (FI_THREAD_SAFE,
-the MR modes efa-rs implements: LOCAL, VIRT_ADDR, ALLOCATED, PROV_KEY, ENDPOINT).
+the MR modes efa-rs implements: LOCAL, VIRT_ADDR, ALLOCATED, PROV_KEY, ENDPOINT; for the IP
+role FI_SOCKADDR_IN; for the fabric role EFA_FABRIC_ADDR as the source address).
 The IP route's interface is EFA_IFACE if set; else lo when every rank runs on this host
 (--local); else the first up, non-loopback interface with an IPv4 address. The IP role takes
 the first IPv4 fabric libfabric lists on that interface.
@@ -163,12 +162,12 @@ fn run_info(g: &Gathered, a: InfoArgs) -> ExitCode {
             }
         }
     }
-    let mut lines = routes::peer_routes(&facts, &peers, &g.knobs.transports);
+    let mut lines = routes::peer_routes(&facts, &peers, &g.settings.transports);
     let mut problems = Vec::new();
     match read_store(&a.store) {
         None => {}
         Some(Ok(sc)) => {
-            lines.extend(routes::pair_routes(&sc.cards, &g.knobs.transports));
+            lines.extend(routes::pair_routes(&sc.cards, &g.settings.transports));
             problems.extend(sc.problems);
         }
         Some(Err(e)) => problems.push(format!("store: {e}")),
@@ -192,7 +191,7 @@ fn sg_probe(g: &Gathered, a: &DoctorArgs) -> Result<SgProbe, String> {
     let Some(store) = read_store(&a.store) else {
         return Ok(SgProbe::NoPeers);
     };
-    let Some(fab) = g.chosen(Role::Fabric) else {
+    let Some(fab) = g.chosen(Transport::Fabric) else {
         return Ok(SgProbe::NoFabric);
     };
     let sc = store?;
@@ -233,23 +232,23 @@ fn sg_probe(g: &Gathered, a: &DoctorArgs) -> Result<SgProbe, String> {
 }
 
 fn routes_check(g: &Gathered) -> Check {
-    let names: Vec<String> = Role::ALL
+    let names: Vec<String> = Transport::ALL
         .iter()
         .map(|r| {
             format!(
                 "{}: {}",
-                r.name(),
+                efa_core::roles::role_name(*r),
                 g.chosen(*r).map_or("none", |d| d.provider.as_str())
             )
         })
         .collect();
     let value = names.join(", ");
-    let fab_why = g.selection.role(Role::Fabric).why.clone();
-    let ip_why = g.selection.role(Role::Ip).why.clone();
+    let fab_why = g.selection.role(Transport::Fabric).why.clone();
+    let ip_why = g.selection.role(Transport::Ip).why.clone();
     let (status, detail, fix) = match (
         g.discovery_error.as_ref(),
-        g.chosen(Role::Fabric),
-        g.chosen(Role::Ip),
+        g.chosen(Transport::Fabric),
+        g.chosen(Transport::Ip),
     ) {
         (Some(e), _, _) => (
             Status::Fail,
@@ -287,7 +286,7 @@ fn routes_check(g: &Gathered) -> Check {
 
 fn run_doctor(sys: &System, g: &Gathered, a: DoctorArgs) -> ExitCode {
     let efa_present = g.rdma.devices().iter().any(|d| d.is_efa());
-    let efa_listed = g.descs.iter().any(|d| d.provider == "efa");
+    let efa_listed = g.offers.iter().any(|d| d.provider == "efa");
     let mut checks = vec![
         doctor::check_memlock(&sys.memlock()),
         doctor::check_ptrace(sys),
@@ -362,17 +361,6 @@ fn render_checks(checks: &[Check], verbose: bool) -> String {
         count(Status::Skip)
     ));
     o
-}
-
-/// Serializes an optional `Display` value as a string or null.
-pub(crate) fn ser_display_opt<T: std::fmt::Display, S: serde::Serializer>(
-    v: &Option<T>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(x) => s.collect_str(x),
-        None => s.serialize_none(),
-    }
 }
 
 /// Serializes a list of `Display` values as strings.

@@ -201,16 +201,8 @@ pub fn scan_rdma(sys: &System) -> Rdma {
                     (p, st)
                 })
                 .collect();
-            // The order of efa_core::net::netdev_of_rdma_device, then rxe's `parent`.
-            let netdev = sys
-                .read(&format!("{d}/ports/1/gid_attrs/ndevs/0"))
-                .filter(|s| !s.is_empty())
-                .or_else(|| {
-                    sys.list(&format!("{d}/device/net"))
-                        .and_then(|v| v.into_iter().next())
-                })
-                .or_else(|| sys.read(&format!("{d}/parent")))
-                .filter(|s| !s.is_empty());
+            // The communicator's rule (GID 0's netdev, the PCI device's net, rxe's parent).
+            let netdev = efa_core::net::netdev_of_rdma_device(&sys.path("/sys"), &name);
             let mut gids: Vec<(u32, String)> = sys
                 .list(&format!("{d}/ports/1/gids"))
                 .unwrap_or_default()

@@ -22,15 +22,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
-use efa_fabric::{
-    Access, AddrFormat, BufPrefix, Caps, Endpoint, FiAddr, Hints, Info, Pending, RegisteredBuf,
-    SharedSlice,
-};
+use efa_fabric::{Access, BufPrefix, Endpoint, FiAddr, Info, Pending, RegisteredBuf, SharedSlice};
 
 use crate::bootstrap::{self, Bootstrap};
 use crate::error::{Error, PeerFailure, Result, SettingError};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
+use crate::roles;
 use crate::store::{self, Store};
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
@@ -700,44 +698,6 @@ impl std::fmt::Debug for Communicator {
     }
 }
 
-fn caps() -> Caps {
-    Caps::MSG | Caps::TAGGED
-}
-
-/// The info for `provider`, with RMA capabilities when the provider has them (RMA windows
-/// need them), else with messaging only.
-fn find_info(provider: &str, domain: Option<&str>, source: Option<&str>) -> Option<Info> {
-    let rma =
-        caps() | Caps::RMA | Caps::READ | Caps::WRITE | Caps::REMOTE_READ | Caps::REMOTE_WRITE;
-    find_info_caps(provider, domain, source, rma)
-        .or_else(|| find_info_caps(provider, domain, source, caps()))
-}
-
-fn find_info_caps(
-    provider: &str,
-    domain: Option<&str>,
-    source: Option<&str>,
-    caps: Caps,
-) -> Option<Info> {
-    let mut hints = Hints::new().provider(provider).caps(caps);
-    if let Some(d) = domain {
-        hints = hints.domain(d);
-    }
-    if let Some(s) = source {
-        hints = hints.source_node(s);
-    }
-    if efa_fabric::is_ip_provider(provider) {
-        hints = hints.addr_format(AddrFormat::SockaddrIn);
-    }
-    match hints.get() {
-        Ok(v) => v.into_iter().find(|i| i.provider() == provider),
-        Err(e) => {
-            tracing::debug!(provider, ?domain, "not available: {e}");
-            None
-        }
-    }
-}
-
 impl Communicator {
     /// Joins the job described by the environment (efarun, mpirun, srun, torchrun), like
     /// `MPI_Init`.
@@ -753,219 +713,31 @@ impl Communicator {
         CommunicatorBuilder::new()
     }
 
+    /// Joins the job: chooses and opens an endpoint per role, publishes this rank's card
+    /// and reads everyone's, chooses a route to every peer and connects it, builds the
+    /// engine, and waits until every rank is ready.
     fn start(boot: Bootstrap, config: Config) -> Result<Communicator> {
         let (rank, size) = (boot.rank(), boot.world_size());
         let deadline = Instant::now() + config.timeout;
         let store = boot.connect_store(deadline)?;
         let all_local = boot.local_size() == Some(size) || size == 1;
-        let ifs = net::interfaces();
-        let allowed = config.transports;
-
-        // Open one endpoint per allowed transport that is present.
-        let mut ports: Vec<Port> = Vec::new();
-        let mut card = Card {
-            rank,
-            host_id: placement::host_id().map_err(|e| Error::Config(e.to_string()))?,
-            endpoints: Vec::new(),
-            fabric_subnet: None,
-            ip_subnet: None,
-            process: placement::ProcessId::this(),
-        };
-        let mut tried = Vec::new();
-        if allowed.contains(Transport::Shm) {
-            match find_info("shm", None, None) {
-                Some(info) => ports.push(open_port(Transport::Shm, &info, &config)?),
-                None => tried.push("shm: provider not present".to_string()),
-            }
-        }
-        if allowed.contains(Transport::Fabric) {
-            let found = ["efa", "verbs;ofi_rxm"]
-                .iter()
-                .find_map(|p| find_info(p, None, config.fabric_addr.as_deref()));
-            match found {
-                Some(info) => {
-                    let netdev =
-                        net::netdev_of_rdma_device(std::path::Path::new("/sys"), &info.domain());
-                    card.fabric_subnet = match (&config.fabric_addr, &netdev) {
-                        (Some(a), _) => a
-                            .parse()
-                            .ok()
-                            .and_then(|ip| net::iface_of_addr(&ifs, ip))
-                            .map(|i| i.subnet),
-                        (None, Some(nd)) => net::subnet_of(&ifs, nd),
-                        _ => None,
-                    };
-                    tracing::debug!(provider = %info.provider(), device = %info.domain(), ?netdev, subnet = ?card.fabric_subnet, "fabric device");
-                    ports.push(open_port(Transport::Fabric, &info, &config)?);
-                }
-                None => tried.push("fabric: no efa or verbs;ofi_rxm provider".to_string()),
-            }
-        }
-        if allowed.contains(Transport::Ip) {
-            let iface = net::choose_ip_iface(&ifs, config.ip_iface.as_deref(), all_local);
-            let found = iface.as_deref().and_then(|i| {
-                ["tcp;ofi_rxm", "net", "sockets"]
-                    .iter()
-                    .find_map(|p| find_info(p, Some(i), None))
-            });
-            match found {
-                Some(info) => {
-                    card.ip_subnet = iface.as_deref().and_then(|i| net::subnet_of(&ifs, i));
-                    ports.push(open_port(Transport::Ip, &info, &config)?);
-                }
-                None => tried.push(format!("ip: no tcp provider on interface {iface:?}")),
-            }
-        }
-        if ports.is_empty() {
-            return Err(Error::NoTransport(format!(
-                "allowed {allowed}; {}",
-                tried.join("; ")
-            )));
-        }
-        for p in &ports {
-            card.endpoints.push(EndpointCard {
-                transport: p.transport,
-                provider: p.provider.clone(),
-                addr: p
-                    .ep
-                    .name()
-                    .map_err(|e| Error::fabric("fi_getname", None, e))?,
-            });
-        }
-        let encoded = card
-            .encode()
-            .map_err(|source| Error::Card { rank, source })?;
-        let blobs = store::exchange_all(&*store, "efa/card", rank, size, &encoded, deadline)?;
-        let cards: Vec<Card> = blobs
-            .iter()
-            .enumerate()
-            .map(|(r, b)| {
-                Card::decode(b).map_err(|source| Error::Card {
-                    rank: r as u32,
-                    source,
-                })
-            })
-            .collect::<Result<_>>()?;
-
-        let mut peers = Vec::with_capacity(size as usize);
-        let mut routes = Vec::with_capacity(size as usize);
-        for (r, peer_card) in cards.iter().enumerate() {
-            let route = placement::choose_route(&card, peer_card, &allowed).map_err(|e| {
-                Error::NoRoute {
-                    peer: r as u32,
-                    reason: e.to_string(),
-                }
-            })?;
-            let port = ports
-                .iter()
-                .position(|p| p.transport == route.transport)
-                .expect("routes use opened transports");
-            let addr = ports[port]
-                .ep
-                .av()
-                .insert(&peer_card.endpoints[route.peer_endpoint].addr)
-                .map_err(|e| Error::fabric("fi_av_insert", Some(r as u32), e))?;
-            tracing::debug!(rank, peer = r, transport = %route.transport, provider = %ports[port].provider, reason = %route.reason, "route");
-            ports[port].used = true;
-            peers.push(PeerRoute { port, addr });
-            routes.push(route);
-        }
-        let providers = ports
-            .iter()
-            .map(|p| (p.transport, p.provider.clone()))
-            .collect();
-        let live = Arc::new(Liveness {
-            dead: (0..size)
-                .map(|_| std::sync::atomic::AtomicBool::new(false))
-                .collect(),
-            procs: cards
-                .iter()
-                .map(|c| (c.process.clone(), c.host_id == card.host_id))
-                .collect(),
-        });
-        for (i, port) in ports.iter().enumerate() {
-            let rank_of = peers
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.port == i)
-                .map(|(rank, r)| (r.addr, rank as u32))
-                .collect();
-            let _ = port.liveness.set(PortLiveness {
-                rank_of,
-                liveness: live.clone(),
-            });
-        }
-        let scratch_len = ports
-            .iter()
-            .map(|p| p.inject.max(HDR_LEN + p.eager))
-            .max()
-            .unwrap_or(HDR_LEN);
-        let mut engine = Engine {
-            rank,
-            ports,
-            peers,
-            next_seq: vec![0; size as usize],
-            expected_seq: vec![0; size as usize],
-            reorder: (0..size).map(|_| BTreeMap::new()).collect(),
-            posted: VecDeque::new(),
-            unexpected: VecDeque::new(),
-            recvs: HashMap::default(),
-            sends: HashMap::default(),
-            rndv_sends: HashMap::new(),
-            background: Vec::new(),
-            next_id: 1,
-            next_rndv: 1,
-            // Control messages are assembled here when they are injected: as large as the
-            // largest inject size or eager message of any endpoint.
-            scratch: vec![0u8; scratch_len],
-            ctx: 0,
-            events: 0,
-            notifications: VecDeque::new(),
-            pool: BufPool::default(),
-            fin: vec![FinState::default(); size as usize],
-            finalized: false,
-            live: live.clone(),
-            failure: None,
-            polls: 0,
-            last_check: Instant::now(),
-            last_ping: Instant::now(),
-            refused_since: vec![None; size as usize],
-            broken: false,
-        };
-        engine.post_all_slots()?;
-        let comm = Communicator {
-            inner: Arc::new(Inner {
-                rank,
-                size,
-                routes,
-                providers,
-                _store: store.clone(),
-                engine: Mutex::new(engine),
-                config,
-                objects: std::sync::atomic::AtomicU32::new(0),
-                coll_seq: std::sync::atomic::AtomicU32::new(0),
-            }),
-        };
-        // Everyone has posted its receive buffers before anyone sends.
-        if let Err(e) = store::barrier(
-            &*store,
-            "efa/ready",
+        let (discovery, selection) = select_roles(&config, all_local);
+        let (mut ports, card) = open_ports(rank, &discovery, &selection, &config)?;
+        let cards = exchange_cards(&*store, &card, rank, size, deadline)?;
+        let routes = choose_routes(&card, &cards, &config.transports)?;
+        let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
+        let live = liveness(&card, &cards, &ports, &peers);
+        let comm = assemble(
             rank,
             size,
-            Instant::now() + comm.inner.config.timeout,
-        ) {
-            // The job never started: there is nothing to finalize, and a rank that never
-            // became ready would hold this one's drop for a whole deadline more.
-            lock_engine(&comm.inner.engine).finalized = true;
-            store.job_failed();
-            return Err(e.into());
-        }
-        // Every rank has read every card (a rank sets its ready key only after that), so the
-        // cards can go: a persistent store reused by a later job with the same id must not
-        // hand it this job's addresses.
-        if let Err(e) = store.delete(&format!("efa/card/{rank}")) {
-            tracing::warn!("could not remove this rank's card from the store: {e}");
-        }
+            config,
+            store.clone(),
+            ports,
+            peers,
+            routes,
+            live,
+        )?;
+        ready_barrier(&comm, &*store)?;
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
         Ok(comm)
     }
@@ -1463,6 +1235,303 @@ fn wait_loop(
         }
         backoff.snooze();
     }
+}
+
+/// The role settings of a communicator: its transports, interface and fabric address as
+/// settled by [`CommunicatorBuilder::build`], and libfabric's own filters (for reasons).
+fn role_settings(config: &Config, all_local: bool) -> roles::Settings {
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    roles::Settings {
+        transports: config.transports,
+        transports_from: format!("the allowed transports ({})", config.transports),
+        ip_iface: config.ip_iface.clone(),
+        fabric_addr: config.fabric_addr.clone(),
+        all_local,
+        fi_provider: env("FI_PROVIDER"),
+        fi_tcp_iface: env("FI_TCP_IFACE"),
+    }
+}
+
+/// Asks libfabric and the host what they offer and chooses the endpoint of each role
+/// ([`roles::discover`], [`roles::select`]: the same choice `efa info` shows).
+fn select_roles(config: &Config, all_local: bool) -> (roles::Discovery, roles::Selection) {
+    let settings = role_settings(config, all_local);
+    let discovery = roles::discover(&settings);
+    if let Some(e) = &discovery.error {
+        tracing::debug!("fi_getinfo: {e}");
+    }
+    let selection = roles::select(&discovery.offers, &discovery.interfaces, &settings);
+    for rc in &selection.roles {
+        match rc.chosen.map(|i| &discovery.offers[i]) {
+            Some(o) => {
+                tracing::debug!(transport = %rc.role, provider = %o.provider, fabric = %o.fabric, domain = %o.domain, iface = ?o.iface, subnet = ?rc.subnet, why = %rc.why, "role")
+            }
+            None => tracing::debug!(transport = %rc.role, why = %rc.why, "role has no endpoint"),
+        }
+    }
+    (discovery, selection)
+}
+
+/// Opens the endpoint of every role that has one, and starts this rank's card with their
+/// addresses and subnets.
+///
+/// # Errors
+/// [`Error::NoTransport`] when no role has an endpoint; fabric errors opening one.
+fn open_ports(
+    rank: u32,
+    discovery: &roles::Discovery,
+    selection: &roles::Selection,
+    config: &Config,
+) -> Result<(Vec<Port>, Card)> {
+    let mut ports: Vec<Port> = Vec::new();
+    let mut card = Card {
+        rank,
+        host_id: placement::host_id().map_err(|e| Error::Config(e.to_string()))?,
+        endpoints: Vec::new(),
+        fabric_subnet: None,
+        ip_subnet: None,
+        process: placement::ProcessId::this(),
+    };
+    let mut missing = Vec::new();
+    for rc in &selection.roles {
+        let Some(info) = rc.chosen.and_then(|i| discovery.info(i)) else {
+            if config.transports.contains(rc.role) {
+                missing.push(format!("{}: {}", rc.role, rc.why));
+            }
+            continue;
+        };
+        ports.push(open_port(rc.role, info, config)?);
+        match rc.role {
+            Transport::Shm => {}
+            Transport::Fabric => card.fabric_subnet = rc.subnet,
+            Transport::Ip => card.ip_subnet = rc.subnet,
+        }
+    }
+    if ports.is_empty() {
+        return Err(Error::NoTransport(format!(
+            "allowed {}; {}",
+            config.transports,
+            missing.join("; ")
+        )));
+    }
+    for p in &ports {
+        card.endpoints.push(EndpointCard {
+            transport: p.transport,
+            provider: p.provider.clone(),
+            addr: p
+                .ep
+                .name()
+                .map_err(|e| Error::fabric("fi_getname", None, e))?,
+        });
+    }
+    Ok((ports, card))
+}
+
+/// Publishes this rank's card and reads every rank's, indexed by rank.
+///
+/// # Errors
+/// [`Error::Card`] for a card that does not encode or decode; store errors and timeouts.
+fn exchange_cards(
+    store: &dyn Store,
+    card: &Card,
+    rank: u32,
+    size: u32,
+    deadline: Instant,
+) -> Result<Vec<Card>> {
+    let encoded = card
+        .encode()
+        .map_err(|source| Error::Card { rank, source })?;
+    let blobs = store::exchange_all(store, "efa/card", rank, size, &encoded, deadline)?;
+    blobs
+        .iter()
+        .enumerate()
+        .map(|(r, b)| {
+            Card::decode(b).map_err(|source| Error::Card {
+                rank: r as u32,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The route to every rank ([`placement::choose_route`]), indexed by rank.
+///
+/// # Errors
+/// [`Error::NoRoute`] for the first peer that no allowed transport reaches.
+fn choose_routes(card: &Card, cards: &[Card], allowed: &TransportSet) -> Result<Vec<Route>> {
+    cards
+        .iter()
+        .enumerate()
+        .map(|(r, peer_card)| {
+            placement::choose_route(card, peer_card, allowed).map_err(|e| Error::NoRoute {
+                peer: r as u32,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Inserts every peer's address into the address vector of the endpoint its route uses,
+/// and marks those endpoints used.
+///
+/// # Errors
+/// Fabric errors of `fi_av_insert`.
+fn connect_peers(
+    rank: u32,
+    ports: &mut [Port],
+    cards: &[Card],
+    routes: &[Route],
+) -> Result<Vec<PeerRoute>> {
+    let mut peers = Vec::with_capacity(routes.len());
+    for (r, (route, peer_card)) in routes.iter().zip(cards).enumerate() {
+        let port = ports
+            .iter()
+            .position(|p| p.transport == route.transport)
+            .expect("routes use opened transports");
+        let addr = ports[port]
+            .ep
+            .av()
+            .insert(&peer_card.endpoints[route.peer_endpoint].addr)
+            .map_err(|e| Error::fabric("fi_av_insert", Some(r as u32), e))?;
+        tracing::debug!(rank, peer = r, transport = %route.transport, provider = %ports[port].provider, reason = %route.reason, "route");
+        ports[port].used = true;
+        peers.push(PeerRoute { port, addr });
+    }
+    Ok(peers)
+}
+
+/// The liveness flags shared by the engine and every endpoint's post path, and which rank
+/// each endpoint's addresses are.
+fn liveness(card: &Card, cards: &[Card], ports: &[Port], peers: &[PeerRoute]) -> Arc<Liveness> {
+    let live = Arc::new(Liveness {
+        dead: (0..cards.len())
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect(),
+        procs: cards
+            .iter()
+            .map(|c| (c.process.clone(), c.host_id == card.host_id))
+            .collect(),
+    });
+    for (i, port) in ports.iter().enumerate() {
+        let rank_of = peers
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.port == i)
+            .map(|(rank, r)| (r.addr, rank as u32))
+            .collect();
+        let _ = port.liveness.set(PortLiveness {
+            rank_of,
+            liveness: live.clone(),
+        });
+    }
+    live
+}
+
+/// Builds the engine over the open endpoints, posts its receive buffers, and wraps it in
+/// a communicator.
+///
+/// # Errors
+/// Fabric errors posting the receive buffers.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    rank: u32,
+    size: u32,
+    config: Config,
+    store: Arc<dyn Store>,
+    ports: Vec<Port>,
+    peers: Vec<PeerRoute>,
+    routes: Vec<Route>,
+    live: Arc<Liveness>,
+) -> Result<Communicator> {
+    let providers = ports
+        .iter()
+        .map(|p| (p.transport, p.provider.clone()))
+        .collect();
+    let scratch_len = ports
+        .iter()
+        .map(|p| p.inject.max(HDR_LEN + p.eager))
+        .max()
+        .unwrap_or(HDR_LEN);
+    let mut engine = Engine {
+        rank,
+        ports,
+        peers,
+        next_seq: vec![0; size as usize],
+        expected_seq: vec![0; size as usize],
+        reorder: (0..size).map(|_| BTreeMap::new()).collect(),
+        posted: VecDeque::new(),
+        unexpected: VecDeque::new(),
+        recvs: HashMap::default(),
+        sends: HashMap::default(),
+        rndv_sends: HashMap::new(),
+        background: Vec::new(),
+        next_id: 1,
+        next_rndv: 1,
+        // Control messages are assembled here when they are injected: as large as the
+        // largest inject size or eager message of any endpoint.
+        scratch: vec![0u8; scratch_len],
+        ctx: 0,
+        events: 0,
+        notifications: VecDeque::new(),
+        pool: BufPool::default(),
+        fin: vec![FinState::default(); size as usize],
+        finalized: false,
+        live,
+        failure: None,
+        polls: 0,
+        last_check: Instant::now(),
+        last_ping: Instant::now(),
+        refused_since: vec![None; size as usize],
+        broken: false,
+    };
+    engine.post_all_slots()?;
+    Ok(Communicator {
+        inner: Arc::new(Inner {
+            rank,
+            size,
+            routes,
+            providers,
+            _store: store,
+            engine: Mutex::new(engine),
+            config,
+            objects: std::sync::atomic::AtomicU32::new(0),
+            coll_seq: std::sync::atomic::AtomicU32::new(0),
+        }),
+    })
+}
+
+/// Waits until every rank has posted its receive buffers (so nobody sends before its peer
+/// can receive), then removes this rank's card from the store.
+///
+/// # Errors
+/// Store errors and timeouts: the job never started, and this rank will not finalize.
+fn ready_barrier(comm: &Communicator, store: &dyn Store) -> Result<()> {
+    let (rank, size) = (comm.inner.rank, comm.inner.size);
+    if let Err(e) = store::barrier(
+        store,
+        "efa/ready",
+        rank,
+        size,
+        Instant::now() + comm.inner.config.timeout,
+    ) {
+        // The job never started: there is nothing to finalize, and a rank that never
+        // became ready would hold this one's drop for a whole deadline more.
+        lock_engine(&comm.inner.engine).finalized = true;
+        store.job_failed();
+        return Err(e.into());
+    }
+    // Every rank has read every card (a rank sets its ready key only after that), so the
+    // cards can go: a persistent store reused by a later job with the same id must not
+    // hand it this job's addresses.
+    if let Err(e) = store.delete(&format!("efa/card/{rank}")) {
+        tracing::warn!("could not remove this rank's card from the store: {e}");
+    }
+    Ok(())
 }
 
 /// The ranks behind one endpoint's addresses, and the communicator's liveness flags.
