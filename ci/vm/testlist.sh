@@ -8,7 +8,7 @@ json=$(cargo test -p efa-ffi -p efa-fabric -p efa-core -p efa-cli --no-run --mes
   { echo "testlist: building the test binaries failed" >&2; exit 1; }
 bins=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
-want = {"smoke", "datapath", "comm", "cli", "rma", "coll"}
+want = {"smoke", "datapath", "comm", "cli", "agree", "rma", "coll"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
@@ -36,7 +36,7 @@ exact() {
   echo "$bin --test-threads=1 --nocapture --exact $*"
 }
 # efa-ffi and efa-fabric: everything, on the one provider of the VM.
-for t in smoke datapath comm cli rma coll; do bin_of "$t" > /dev/null || exit 1; done
+for t in smoke datapath comm cli agree rma coll; do bin_of "$t" > /dev/null || exit 1; done
 for t in smoke datapath; do
   echo "EFA_TEST_MIN_PROVIDERS=1 $(bin_of "$t") --test-threads=1"
 done
@@ -48,6 +48,9 @@ exact comm all_pairs_on_the_fabric two_subnets_route_by_subnet || exit 1
 exact rma put_get_on_the_fabric || exit 1
 # Collectives (every op and type against the serial reference) over the verbs fabric.
 exact coll collectives_on_the_fabric || exit 1
+# efa info names the providers and the route that a started 2-rank job reports, for every
+# provider set (with the verbs fabric, and bound to the device's second subnet).
+exact agree efa_info_agrees_with_the_communicator || exit 1
 # efa-cli: its integration tests, then `efa info` must choose verbs for the fabric role and
 # `efa doctor` must pass (rxe active, memlock unlimited inside the VM).
 echo "$(bin_of cli) --test-threads=1"

@@ -54,7 +54,7 @@ pub const REPORTED_ENV: [&str; 6] = [
 /// Bad settings (`EFA_TRANSPORTS`), worded as the communicator words them.
 pub fn gather(sys: &System, all_local: bool) -> Result<Gathered, String> {
     let settings = Settings::from_env(all_local).map_err(|e| e.to_string())?;
-    let discovery = roles::discover(&settings);
+    let discovery = roles::discover(&settings, roles::Listing::Everything);
     let ifaces = group(&discovery.interfaces);
     let rdma = scan_rdma(sys);
     let mut selection = roles::select(&discovery.offers, &discovery.interfaces, &settings);

@@ -212,7 +212,7 @@ fn agree(pairs: &[(String, String)]) -> String {
     for r in &ranks {
         assert!(
             r["error"].is_null(),
-            "{name}: efa info {chosen:?}, rank failed: {r}"
+            "{name}: efa info {chosen:?}, rank failed: {r}; both ranks' output:\n{log}"
         );
         let got: BTreeMap<String, Option<String>> =
             serde_json::from_value(r["providers"].clone()).unwrap();

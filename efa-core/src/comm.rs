@@ -1261,7 +1261,7 @@ fn role_settings(config: &Config, all_local: bool) -> roles::Settings {
 /// ([`roles::discover`], [`roles::select`]: the same choice `efa info` shows).
 fn select_roles(config: &Config, all_local: bool) -> (roles::Discovery, roles::Selection) {
     let settings = role_settings(config, all_local);
-    let discovery = roles::discover(&settings);
+    let discovery = roles::discover(&settings, roles::Listing::Roles);
     if let Some(e) = &discovery.error {
         tracing::debug!("fi_getinfo: {e}");
     }

@@ -75,6 +75,9 @@
 //! * [`store`]: the rendezvous key-value store (TCP, shared directory, in-process) and
 //!   [`store::exchange_all`], which collects one blob from every rank.
 //! * [`placement`]: [`placement::Card`]s and the pure per-peer route choice.
+//! * [`roles`]: which provider, domain and source address serve each role (shm, fabric,
+//!   IP), as one pure function over what one discovery call found; the communicator and
+//!   `efa info` both use it.
 //!
 //! The `efarun` binary starts N local ranks with the bootstrap variables set and serves their
 //! TCP store for the lifetime of the job.

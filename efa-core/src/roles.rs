@@ -2,9 +2,9 @@
 //! `fi_getinfo(3)` hints, and why every other entry was not chosen. Decided in one place,
 //! for both [`crate::Communicator`] and `efa info`:
 //!
-//! * [`discover`] asks libfabric and the host (the one call with side effects): every entry
-//!   `fi_getinfo` lists, which of them it returns for the communicator's hints
-//!   ([`hints`]), and the host's interfaces;
+//! * [`discover`] asks libfabric and the host (the one call with side effects): the entries
+//!   `fi_getinfo` returns for the communicator's hints ([`hints`]) of each role's providers
+//!   (for `efa info` also every other entry it lists), and the host's interfaces;
 //! * [`select`] chooses, as a pure function of those answers and the [`Settings`].
 //!
 //! # The rule
@@ -24,7 +24,6 @@
 //! in libfabric's order, on the IP route's interface ([`choose_ip_iface`]). Roles excluded by
 //! `EFA_TRANSPORTS` choose nothing.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -154,6 +153,8 @@ pub struct Offer {
     pub ipv4: Option<Subnet>,
     /// Whether `fi_getinfo` returns it for the communicator's hints of its role ([`hints`]).
     pub accepted: bool,
+    /// Whether it is returned for those hints with [`RMA_CAPS`] (RMA windows work on it).
+    pub rma: bool,
 }
 
 impl Offer {
@@ -553,7 +554,7 @@ fn select_role(
         why = "preferred provider".into();
     }
     let mut notes = Vec::new();
-    if !d.caps.contains(Caps::RMA) {
+    if !d.rma {
         notes.push("no RMA capability: one-sided RMA is unavailable on this route".into());
     }
     let (source, subnet) = match role {
@@ -647,7 +648,9 @@ fn verdict(
 /// communicator opens.
 #[derive(Debug, Clone)]
 pub struct Discovery {
-    /// Every provider / fabric / domain libfabric lists, in its order.
+    /// The entries `fi_getinfo` returns for the communicator's hints of each role, in its
+    /// order, role by role and provider by provider; with [`Listing::Everything`], then
+    /// every other entry it lists.
     pub offers: Vec<Offer>,
     /// Every address of every interface of this host.
     pub interfaces: Vec<IfAddr>,
@@ -665,6 +668,18 @@ impl Discovery {
     }
 }
 
+/// How much [`discover`] asks libfabric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// Only what the choice needs: each role's providers with the communicator's hints
+    /// (what `Communicator::build` asks).
+    Roles,
+    /// Also every entry libfabric lists, whatever its endpoint type, caps, MR mode or
+    /// threading, so that `efa info` can say why each was not chosen. The choice is the
+    /// same: entries only listed here are never returned for the hints.
+    Everything,
+}
+
 /// `FI_ENODATA`: libfabric's "No data available", the POSIX `ENODATA` (61 on Linux).
 const FI_ENODATA: i32 = 61;
 
@@ -676,83 +691,127 @@ fn get_or_empty(h: &Hints) -> efa_fabric::Result<Vec<Info>> {
     }
 }
 
-/// Asks libfabric and the host for the inputs of [`select`]: every entry `fi_getinfo(3)`
-/// lists (any endpoint type, caps, MR mode and threading), and, per role, the entries it
-/// returns for the communicator's [`hints`] (first with [`RMA_CAPS`], then [`MSG_CAPS`]);
-/// the interfaces (`getifaddrs(3)`) and the netdev behind each RDMA device (`/sys`).
-pub fn discover(settings: &Settings) -> Discovery {
-    discover_at(Path::new("/sys"), settings)
+/// Asks libfabric and the host for the inputs of [`select`]: for each role and each of its
+/// providers, the entries `fi_getinfo(3)` returns for the communicator's [`hints`] (with
+/// [`RMA_CAPS`], else with [`MSG_CAPS`]); with [`Listing::Everything`] also every entry it
+/// lists; the interfaces (`getifaddrs(3)`) and the netdev behind each RDMA device (`/sys`).
+pub fn discover(settings: &Settings, listing: Listing) -> Discovery {
+    discover_at(Path::new("/sys"), settings, listing)
 }
 
 /// [`discover`] with sysfs at `sys`.
-pub fn discover_at(sys: &Path, settings: &Settings) -> Discovery {
+pub fn discover_at(sys: &Path, settings: &Settings, listing: Listing) -> Discovery {
     let interfaces = net::interfaces();
     let mut error = None;
     let mut note = |e: efa_fabric::Error| {
         tracing::debug!("fi_getinfo: {e}");
         error.get_or_insert_with(|| e.to_string());
     };
-    let everything = Hints::new()
-        .caps(Caps::empty())
-        .ep_type(EpType::Other(0)) // FI_EP_UNSPEC
-        .mr_mode(MrMode::all())
-        .mode(Mode::all())
-        .threading(Threading::Unspec);
-    let listed = get_or_empty(&everything).unwrap_or_else(|e| {
-        note(e);
-        Vec::new()
-    });
-    // Per (provider, fabric, domain): the entry for the role's hints, RMA first.
-    let mut accepted: BTreeMap<(String, String, String), Info> = BTreeMap::new();
+    // Per role and provider, as the communicator asks: RMA first, messaging only if that
+    // returns nothing. Each entry once, with the answer it would open.
+    let mut answers: Vec<(Info, bool)> = Vec::new();
     for role in Transport::ALL {
-        for caps in [RMA_CAPS, MSG_CAPS] {
-            let got = get_or_empty(&hints(role, caps, settings)).unwrap_or_else(|e| {
-                note(e);
-                Vec::new()
-            });
-            for i in got {
-                if role_of_provider(&i.provider()).map(|(r, _)| r) != Some(role) {
+        for &p in providers_for(role) {
+            for caps in [RMA_CAPS, MSG_CAPS] {
+                let got =
+                    get_or_empty(&hints(role, caps, settings).provider(p)).unwrap_or_else(|e| {
+                        note(e);
+                        Vec::new()
+                    });
+                let got: Vec<Info> = got.into_iter().filter(|i| i.provider() == p).collect();
+                if got.is_empty() {
                     continue;
                 }
-                accepted
-                    .entry((i.provider(), i.fabric(), i.domain()))
-                    .or_insert(i);
+                for i in got {
+                    let key = (i.provider(), i.fabric(), i.domain());
+                    if !answers
+                        .iter()
+                        .any(|(a, _)| (a.provider(), a.fabric(), a.domain()) == key)
+                    {
+                        answers.push((i, caps == RMA_CAPS));
+                    }
+                }
+                break;
             }
         }
     }
+    let listed = match listing {
+        Listing::Roles => Vec::new(),
+        Listing::Everything => {
+            let everything = Hints::new()
+                .caps(Caps::empty())
+                .ep_type(EpType::Other(0)) // FI_EP_UNSPEC
+                .mr_mode(MrMode::all())
+                .mode(Mode::all())
+                .threading(Threading::Unspec);
+            get_or_empty(&everything).unwrap_or_else(|e| {
+                note(e);
+                Vec::new()
+            })
+        }
+    };
     tracing::debug!(
+        accepted = answers.len(),
         listed = listed.len(),
-        accepted = accepted.len(),
         "fi_getinfo"
     );
     let mut offers: Vec<Offer> = Vec::new();
     let mut infos: Vec<Option<Info>> = Vec::new();
-    let all = listed.iter().chain(accepted.values());
-    for i in all {
+    for (i, rma) in &answers {
+        let (provider, fabric, domain) = (i.provider(), i.fabric(), i.domain());
+        let iface = iface_of(&provider, &domain, &interfaces, sys);
+        let mut d = Offer {
+            ipv4: offer_ipv4(&fabric, iface.as_deref(), &interfaces),
+            iface,
+            provider,
+            fabric,
+            domain,
+            ep_types: vec![i.ep_type()],
+            caps: Caps::empty(),
+            mr_mode: MrMode::empty(),
+            mode: Mode::empty(),
+            max_msg_size: 0,
+            inject_size: 0,
+            progress: Progress::Unspec,
+            accepted: true,
+            rma: *rma,
+        };
+        fill(&mut d, i);
+        offers.push(d);
+        infos.push(Some(i.clone()));
+    }
+    // The listing adds the endpoint types and capabilities each entry offers beyond the
+    // hints, and the entries never returned for them.
+    let answered = offers.len();
+    for i in &listed {
         let key = (i.provider(), i.fabric(), i.domain());
         let t = i.ep_type();
-        if let Some(d) = offers
-            .iter_mut()
-            .find(|d| (&d.provider, &d.fabric, &d.domain) == (&key.0, &key.1, &key.2))
+        if let Some(pos) = offers
+            .iter()
+            .position(|d| (&d.provider, &d.fabric, &d.domain) == (&key.0, &key.1, &key.2))
         {
+            let d = &mut offers[pos];
             if !d.ep_types.contains(&t) {
                 d.ep_types.push(t);
             }
-            // Limits and caps describe the RDM endpoint when there is one.
-            if t == EpType::Rdm && d.ep_types.first() != Some(&EpType::Rdm) {
-                fill(d, i);
-                d.ep_types.retain(|x| *x != EpType::Rdm);
-                d.ep_types.insert(0, EpType::Rdm);
-            } else if t == EpType::Rdm {
-                d.caps |= i.caps();
+            if t == EpType::Rdm {
+                if pos < answered {
+                    d.caps |= i.caps();
+                } else if d.ep_types.first() != Some(&EpType::Rdm) {
+                    // Limits and caps describe the RDM endpoint when there is one.
+                    fill(d, i);
+                    d.ep_types.retain(|x| *x != EpType::Rdm);
+                    d.ep_types.insert(0, EpType::Rdm);
+                } else {
+                    d.caps |= i.caps();
+                }
             }
             continue;
         }
         let iface = iface_of(&key.0, &key.2, &interfaces, sys);
-        let ipv4 = offer_ipv4(&key.1, iface.as_deref(), &interfaces);
-        let info = accepted.get(&key).cloned();
         let mut d = Offer {
-            accepted: info.is_some(),
+            ipv4: offer_ipv4(&key.1, iface.as_deref(), &interfaces),
+            iface,
             provider: key.0,
             fabric: key.1,
             domain: key.2,
@@ -763,12 +822,12 @@ pub fn discover_at(sys: &Path, settings: &Settings) -> Discovery {
             max_msg_size: 0,
             inject_size: 0,
             progress: Progress::Unspec,
-            iface,
-            ipv4,
+            accepted: false,
+            rma: false,
         };
         fill(&mut d, i);
         offers.push(d);
-        infos.push(info);
+        infos.push(None);
     }
     Discovery {
         offers,

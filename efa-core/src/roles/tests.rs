@@ -17,6 +17,7 @@ fn desc(provider: &str, fabric: &str, domain: &str) -> Offer {
         iface: Some(domain.into()),
         ipv4: fabric.parse::<Subnet>().ok().filter(|s| s.addr.is_ipv4()),
         accepted: true,
+        rma: true,
     }
 }
 
@@ -311,6 +312,7 @@ fn rejection_reasons_for_caps_mr_mode_and_hints() {
 fn rma_missing_is_noted() {
     let mut d = ci_host();
     d[3].caps = Caps::MSG | Caps::TAGGED;
+    d[3].rma = false;
     let s = run(&d, &Settings::default());
     assert_eq!(s.role(Transport::Shm).chosen, Some(3));
     assert_eq!(s.role(Transport::Shm).notes.len(), 1);
