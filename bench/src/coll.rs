@@ -214,9 +214,9 @@ fn once<T: BenchElem>(
     match coll {
         Collective::Allreduce => comm.allreduce_into(send, recv, op),
         Collective::Broadcast => comm.broadcast(recv, root),
-        Collective::Allgather => comm.allgather(send, recv),
-        Collective::ReduceScatter => comm.reduce_scatter(send, recv, op),
-        Collective::Alltoall => comm.alltoall(send, recv),
+        Collective::Allgather => comm.allgather_into(send, recv),
+        Collective::ReduceScatter => comm.reduce_scatter_into(send, recv, op),
+        Collective::Alltoall => comm.alltoall_into(send, recv),
     }
 }
 
@@ -242,7 +242,7 @@ fn gather_info(comm: &Communicator) -> Result<Vec<RankInfo>> {
     let mut blob = s.into_bytes();
     blob.resize(len, 0);
     let mut all = vec![0u8; len * n];
-    comm.allgather(&blob, &mut all)?;
+    comm.allgather_into(&blob, &mut all)?;
     Ok(all
         .chunks(len)
         .map(|b| {

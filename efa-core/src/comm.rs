@@ -32,6 +32,9 @@ use crate::roles;
 use crate::store::{self, Store};
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
+mod coll_link;
+pub(crate) use coll_link::{CollLink, CollRecv, CollSend, CollTag};
+
 /// Largest user tag; tags above are reserved for collectives and internal messages.
 pub const MAX_USER_TAG: u32 = 0x7FFF_FFFF;
 
@@ -818,11 +821,6 @@ impl Communicator {
         e.ports.iter().map(|p| (p.ep.clone(), p.used)).collect()
     }
 
-    /// Returns a buffer obtained from the engine (an [`OwnedRecv`]'s data) to its pool.
-    pub(crate) fn recycle(&self, v: Vec<u8>) {
-        self.engine().pool.put(v);
-    }
-
     /// Takes the remote CQ data delivered by RMA writes with notification, oldest first.
     pub(crate) fn take_notifications(&self) -> Vec<u64> {
         let mut e = self.engine();
@@ -882,7 +880,6 @@ impl Communicator {
 
     /// [`Communicator::isend`] of raw bytes with any tag, including the reserved range above
     /// [`MAX_USER_TAG`] (for collectives and other library-internal traffic).
-    #[allow(dead_code)] // used by the collectives module
     pub(crate) fn isend_bytes(&self, data: &[u8], dest: u32, tag: u32) -> Result<SendRequest> {
         self.check_rank(dest)?;
         let id = self.engine().start_send(data, dest, tag)?;
@@ -2658,86 +2655,6 @@ fn matches(want_src: Source, want_tag: Tag, src: u32, tag: u32) -> bool {
         Tag::Any => tag <= MAX_USER_TAG,
         Tag::Is(t) => t == tag,
     })
-}
-
-// ---- Crate-internal support for `crate::coll` (owned receives, collective sequence). ----
-
-/// A receive whose data the engine hands over as an owned `Vec<u8>` (no copy-out), for the
-/// collectives. Dropping it cancels the receive.
-#[derive(Debug)]
-pub(crate) struct OwnedRecv {
-    comm: Communicator,
-    id: u64,
-}
-
-impl Communicator {
-    /// Starts a receive of at most `capacity` bytes with an exact (possibly reserved) tag;
-    /// the data is taken with [`OwnedRecv::take`].
-    pub(crate) fn irecv_owned(&self, src: Source, tag: u32, capacity: usize) -> Result<OwnedRecv> {
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
-        let id = self.engine().start_recv(src, Tag::Is(tag), capacity)?;
-        Ok(OwnedRecv {
-            comm: self.clone(),
-            id,
-        })
-    }
-
-    /// For a collective whose wait passed its deadline: the error naming a failed or
-    /// stopped rank when one is known (every rank is then told), else `None` (the collective
-    /// blames the end of its own wait chain). Either way the communicator counts as broken,
-    /// so finalize will not wait a whole deadline more.
-    pub(crate) fn deadline_culprit(&self, waited: Duration) -> Option<Error> {
-        self.engine().stopped_culprit(waited)
-    }
-
-    /// This rank's number of collective calls so far on this communicator (then counts this
-    /// one). All ranks call collectives in the same order, so equal numbers mean the same call.
-    pub(crate) fn next_coll_seq(&self) -> u32 {
-        self.inner
-            .coll_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl OwnedRecv {
-    /// The status and data of the finished receive, `None` while it is still in flight.
-    pub(crate) fn take(&mut self) -> Option<Result<(Status, Vec<u8>)>> {
-        let mut e = self.comm.engine();
-        if self.id == 0 || !e.recv_finished(self.id) {
-            return None;
-        }
-        let op = e.recvs.remove(&self.id);
-        self.id = 0;
-        Some(match op {
-            None => Err(Error::Config("receive vanished from the engine".into())),
-            Some(op) => match op.state {
-                RecvState::Failed(err) => Err(err),
-                _ => {
-                    let status = op.status.expect("completed receive has a status");
-                    let mut data = op.data;
-                    data.truncate(status.len);
-                    Ok((status, data))
-                }
-            },
-        })
-    }
-}
-
-impl Drop for OwnedRecv {
-    fn drop(&mut self) {
-        if self.id != 0 {
-            self.comm.engine().cancel_recv(self.id);
-        }
-    }
-}
-
-impl SendRequest {
-    /// Whether the send has completed (successfully or not), without progressing.
-    pub(crate) fn is_finished(&self) -> bool {
-        self.comm.engine().send_finished(self.id)
-    }
 }
 
 #[cfg(test)]

@@ -171,6 +171,10 @@ pub enum Error {
     /// argument and what to do.
     #[error("{0}")]
     Config(String),
+    /// A collective's buffers, counts or displacements do not fit the call, on this rank or
+    /// another (see [`crate::coll::CollError`]).
+    #[error(transparent)]
+    Collective(#[from] crate::coll::CollError),
     /// The communicator was finalized ([`crate::Communicator::finalize`]); no operation may
     /// follow.
     #[error("the communicator has been finalized: no operation may follow finalize")]
@@ -296,6 +300,7 @@ impl Error {
                 .field("cause", cause)
                 .finish(),
             Error::Config(s) => f.debug_tuple("Config").field(s).finish(),
+            Error::Collective(e) => f.debug_tuple("Collective").field(e).finish(),
             Error::Finalized => f.write_str("Finalized"),
             Error::PeerFinalized { rank } => {
                 f.debug_struct("PeerFinalized").field("rank", rank).finish()

@@ -64,7 +64,7 @@ fn fnv(b: &[u8]) -> u64 {
 fn same_everywhere(comm: &Communicator, bytes: &[u8]) {
     let h = [fnv(bytes)];
     let mut all = vec![0u64; comm.size() as usize];
-    comm.allgather(&h, &mut all).unwrap();
+    comm.allgather_into(&h, &mut all).unwrap();
     assert!(
         all.iter().all(|&x| x == h[0]),
         "results differ between ranks: {all:x?}"
@@ -137,7 +137,7 @@ fn check_type<T: TestElem>(comm: &Communicator, name: &str) -> usize {
             let inputs: Vec<Vec<T>> = (0..n).map(|r| input(r, c * n as usize, op, 5)).collect();
             let want = reference(&inputs, op);
             let mut out = vec![T::from_i(0); c];
-            comm.reduce_scatter(&inputs[me as usize], &mut out, op)
+            comm.reduce_scatter_into(&inputs[me as usize], &mut out, op)
                 .unwrap();
             let mine = &want[me as usize * c..(me as usize + 1) * c];
             assert!(
@@ -176,7 +176,7 @@ fn check_movement(comm: &Communicator) {
                 .flat_map(|r| (0..count).map(move |i| val(r, i)))
                 .collect();
             let mut g = vec![0u64; if me == root { count * nu } else { 0 }];
-            comm.gather(&mine, &mut g, root).unwrap();
+            comm.gather_into(&mine, &mut g, root).unwrap();
             if me == root {
                 assert_eq!(g, all, "gather");
             }
@@ -187,12 +187,12 @@ fn check_movement(comm: &Communicator) {
             } else {
                 mine.clone()
             };
-            comm.gather_in_place(&mut g, root).unwrap();
+            comm.gather(&mut g, root).unwrap();
             if me == root {
                 assert_eq!(g, all, "gather in place");
             }
             let mut s = vec![0u64; count];
-            comm.scatter(if me == root { &all } else { &[] }, &mut s, root)
+            comm.scatter_into(if me == root { &all } else { &[] }, &mut s, root)
                 .unwrap();
             assert_eq!(s, mine, "scatter");
             let mut s = if me == root {
@@ -200,7 +200,7 @@ fn check_movement(comm: &Communicator) {
             } else {
                 vec![0u64; count]
             };
-            comm.scatter_in_place(&mut s, root).unwrap();
+            comm.scatter(&mut s, root).unwrap();
             if me != root {
                 assert_eq!(s, mine, "scatter in place");
             }
@@ -211,11 +211,11 @@ fn check_movement(comm: &Communicator) {
             .flat_map(|r| (0..count).map(move |i| val(r, i)))
             .collect();
         let mut g = vec![0u64; count * nu];
-        comm.allgather(&mine, &mut g).unwrap();
+        comm.allgather_into(&mine, &mut g).unwrap();
         assert_eq!(g, all, "allgather");
         let mut g = vec![0u64; count * nu];
         g[me as usize * count..(me as usize + 1) * count].copy_from_slice(&mine);
-        comm.allgather_in_place(&mut g).unwrap();
+        comm.allgather(&mut g).unwrap();
         assert_eq!(g, all, "allgather in place");
         let counts: Vec<usize> = (0..nu).map(|r| (count + r * 5) % 11).collect();
         let mine: Vec<u64> = (0..counts[me as usize]).map(|i| val(me, i)).collect();
@@ -223,7 +223,7 @@ fn check_movement(comm: &Communicator) {
             .flat_map(|r| (0..counts[r as usize]).map(move |i| val(r, i)))
             .collect();
         let mut g = vec![0u64; all.len()];
-        comm.allgatherv(&mine, &mut g, &counts).unwrap();
+        comm.allgatherv_into(&mine, &mut g, &counts).unwrap();
         assert_eq!(g, all, "allgatherv");
         // Alltoall: block d of rank s is (s, d, i).
         let c = count % 13;
@@ -235,10 +235,10 @@ fn check_movement(comm: &Communicator) {
             .map(|k| a2a((k / c.max(1)) as u32, me as usize, k % c.max(1)))
             .collect();
         let mut got = vec![0u64; nu * c];
-        comm.alltoall(&send, &mut got).unwrap();
+        comm.alltoall_into(&send, &mut got).unwrap();
         assert_eq!(got, want, "alltoall");
         let mut b = send.clone();
-        comm.alltoall_in_place(&mut b).unwrap();
+        comm.alltoall(&mut b).unwrap();
         assert_eq!(b, want, "alltoall in place");
     }
     // Non-blocking forms, several in flight at once.
@@ -437,7 +437,7 @@ fn child_mismatch() {
         .unwrap_err();
     println!("rank {me}: into: {e}");
     let mut g = vec![0u32; 4 * comm.size() as usize + usize::from(odd)];
-    comm.allgather(&[1u32; 4], &mut g).unwrap_err();
+    comm.allgather_into(&[1u32; 4], &mut g).unwrap_err();
     let e = comm
         .broadcast(&mut [0u8; 4], if odd { 0 } else { 1 })
         .unwrap_err();

@@ -1,6 +1,16 @@
-//! Collectives: `barrier`, `broadcast`, `reduce`, `allreduce`, `allgather(v)`,
-//! `reduce_scatter`, `gather`, `scatter` and `alltoall` on a [`Communicator`], with in-place
-//! variants and non-blocking forms.
+//! Collectives on a [`Communicator`]: `barrier`, `broadcast`, `reduce`, `allreduce`,
+//! `reduce_scatter`, `scan`, `exscan`, `gather(v)`, `scatter(v)`, `allgather(v)` and
+//! `alltoall(v)`, blocking and non-blocking, with built-in ([`ReduceOp`]), user-defined
+//! ([`UserOp`]) and min/max-with-location ([`LocOp`]) reductions.
+//!
+//! # In place and out of place
+//! One convention for every collective: the plain name works **in place** on one buffer
+//! (`allreduce(&mut buf, op)`, `allgather(&mut buf)`, `gather(&mut buf, root)`, ...), the
+//! `_into` form is **out of place** (`allreduce_into(&send, &mut recv, op)`, ...), and `i*`
+//! is the non-blocking form of the in-place one, on an owned buffer that
+//! [`CollRequest::wait`] returns. Each method's docs give the shapes, in elements; `n` is
+//! `size()`, `me` is `rank()`. (MPI's `MPI_IN_PLACE` is the plain form; rsmpi's `_into` is
+//! the same as ours.)
 //!
 //! # Rules (as in MPI)
 //! Every rank calls the same collectives in the same order. Each call gets a sequence number
@@ -11,12 +21,16 @@
 //! # Argument check
 //! Unless disabled ([`CollConfig::check`]), every collective starts with a recursive-doubling
 //! exchange of a 32-byte descriptor (kind, element type, operator, root, element count,
-//! algorithm, chunk size, a hash of per-rank counts for the `v` variants, and a flag for
-//! locally invalid buffer sizes), reducing the lexicographic minimum and maximum of
+//! algorithm, element size and chunk size, a hash of per-rank counts for `allgatherv`, and a
+//! flag for locally invalid arguments), reducing the lexicographic minimum and maximum of
 //! (descriptor, rank). Every rank ends with the same pair, so when any two ranks disagree
 //! **every** rank returns [`Error::Protocol`] naming two ranks that differ and what each
-//! called, before any data moves. Cost: `ceil(log2 n)` small-message latencies (plus two
-//! for non-power-of-two sizes).
+//! called, before any data moves. When the only difference is that a rank's own buffers or
+//! counts do not fit the call, that rank returns the [`CollError`] that says why and every
+//! other rank [`CollError::PeerArguments`] naming it. The rooted `v` collectives then
+//! compare the root's `counts[r]` with rank `r`'s own length in a second such exchange
+//! ([`CollError::CountMismatch`] on every rank). Cost: `ceil(log2 n)` small-message
+//! latencies per exchange (plus two for non-power-of-two sizes).
 //!
 //! # Failures
 //! Each call has one deadline (the communicator's timeout, from the call's start). A rank
@@ -29,10 +43,13 @@
 //! Every rank gets a bitwise-identical allreduce result: the order of every reduction is
 //! fixed by the schedule ([`schedule`]), never by arrival timing. Different algorithms (and,
 //! for the ring, different world sizes) may associate floating-point sums differently.
+//! Non-commutative operators are applied in rank order (see [`ops`]).
 //!
 //! # Element types
 //! See [`Element`]: `f16`/`bf16` are reduced in `f32` and rounded once at the end; their
-//! partial results travel as `f32`.
+//! partial results travel as `f32`. User-defined operators work on any
+//! [`Pod`](bytemuck::Pod) type; [`LocOp`] on [`ValueIndex`] pairs of every [`Element`]
+//! type.
 //!
 //! # Non-blocking forms
 //! `i*` methods take owned buffers and return a [`CollRequest`]. The collective's sequence
@@ -40,20 +57,24 @@
 //! `test` calls); `wait` returns the buffer. Dropping a request detaches it: the collective
 //! still completes (its peers need it) and the buffer is then freed.
 
+pub mod error;
+mod exec;
 pub mod kernel;
+pub mod ops;
 pub mod schedule;
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
-use bytemuck::Zeroable;
+use bytemuck::Pod;
 
-use crate::comm::{Communicator, OwnedRecv, SendRequest, Source};
+use crate::comm::{CollLink, Communicator};
 use crate::error::{Error, Result, SettingError};
+pub use error::CollError;
+use exec::{copy_only, fnv, Call, Kind, SUB_DATA};
 pub use kernel::{Accum, DType, Element, Order, ReduceOp};
-use schedule::{Action, Step};
+pub use ops::{LocOp, LocValue, Reduction, UserOp, ValueIndex};
+use schedule::Step;
 
 /// Allreduce algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,754 +219,455 @@ fn env_config() -> Result<&'static CollConfig> {
     .map_err(|e| Error::Setting(e.clone()))
 }
 
-/// Which collective (part of the argument check).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Barrier = 1,
-    Broadcast,
-    Reduce,
-    Allreduce,
-    Allgather,
-    Allgatherv,
-    ReduceScatter,
-    Gather,
-    Scatter,
-    Alltoall,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Barrier => "barrier",
-            Kind::Broadcast => "broadcast",
-            Kind::Reduce => "reduce",
-            Kind::Allreduce => "allreduce",
-            Kind::Allgather => "allgather",
-            Kind::Allgatherv => "allgatherv",
-            Kind::ReduceScatter => "reduce_scatter",
-            Kind::Gather => "gather",
-            Kind::Scatter => "scatter",
-            Kind::Alltoall => "alltoall",
-        }
-    }
-    fn from_code(c: u8) -> &'static str {
-        [
-            Kind::Barrier,
-            Kind::Broadcast,
-            Kind::Reduce,
-            Kind::Allreduce,
-            Kind::Allgather,
-            Kind::Allgatherv,
-            Kind::ReduceScatter,
-            Kind::Gather,
-            Kind::Scatter,
-            Kind::Alltoall,
-        ]
-        .iter()
-        .find(|k| **k as u8 == c)
-        .map_or("?", |k| k.name())
-    }
-}
-
-/// What one rank called: compared across ranks before any data moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Desc {
-    kind: Kind,
-    dtype: u8,
-    op: u8,
-    algo: u8,
-    /// Buffer sizes that are invalid on this rank (so every rank reports it).
-    bad: bool,
-    root: u32,
-    count: u64,
-    extra: u64,
-}
-
-impl Desc {
-    fn new(kind: Kind, count: usize) -> Desc {
-        Desc {
-            kind,
-            dtype: 0,
-            op: 0,
-            algo: 0,
-            bad: false,
-            root: 0,
-            count: count as u64,
-            extra: 0,
-        }
-    }
-    fn dtype<T: Element>(mut self) -> Desc {
-        self.dtype = T::DTYPE.code();
-        self
-    }
-    fn words(&self) -> [u64; 3] {
-        let w0 = u64::from(self.kind as u8)
-            | u64::from(self.dtype) << 8
-            | u64::from(self.op) << 16
-            | u64::from(self.algo) << 24
-            | u64::from(self.bad) << 31
-            | u64::from(self.root) << 32;
-        [w0, self.count, self.extra]
-    }
-}
-
-fn describe(w: &[u64]) -> String {
-    let dtypes = [
-        "?", "i8", "u8", "i32", "u32", "i64", "u64", "f16", "bf16", "f32", "f64",
-    ];
-    let ops = ["-", "sum", "prod", "min", "max", "avg"];
-    let b = |s: u32| ((w[0] >> s) & 0xFF) as usize;
-    let mut s = format!(
-        "{} of {} x {}, op {}, root {}, algorithm {}, settings {:#x}",
-        Kind::from_code(b(0) as u8),
-        w[1],
-        dtypes.get(b(8)).unwrap_or(&"?"),
-        ops.get(b(16)).unwrap_or(&"?"),
-        w[0] >> 32,
-        b(24),
-        w[2]
-    );
-    if w[0] & (1 << 31) != 0 {
-        s.push_str(" with invalid buffer sizes");
-    }
-    s
-}
-
-fn fnv(words: impl IntoIterator<Item = u64>) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for w in words {
-        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// Combines received bytes into working-buffer bytes.
-type Reducer<'a> = dyn Fn(&mut [u8], &[u8], Order) + 'a;
-
-const TAG_BIT: u32 = 0x8000_0000;
-const SUB_ABORT: u32 = 0;
-const SUB_AGREE: u32 = 1;
-const SUB_DATA: u32 = 64;
-
-/// Runs one collective call's schedules over the network.
-struct Exec<'c> {
-    comm: &'c Communicator,
-    name: &'static str,
-    seq: u32,
-    me: u32,
-    n: u32,
-    start: Instant,
-    deadline: Instant,
-    abort: Option<OwnedRecv>,
-    /// reporter -> the rank it waited for.
-    reports: BTreeMap<u32, u32>,
-    aborted: bool,
-    sends: Vec<(SendRequest, u32)>,
-}
-
-struct Pending {
-    req: OwnedRecv,
-    peer: u32,
-    range: Range<usize>,
-    action: Action,
-    index: usize,
-}
-
-impl<'c> Exec<'c> {
-    fn new(comm: &'c Communicator, kind: Kind, seq: u32) -> Result<Exec<'c>> {
-        let start = Instant::now();
-        let mut ex = Exec {
-            comm,
-            name: kind.name(),
-            seq,
-            me: comm.rank(),
-            n: comm.size(),
-            start,
-            deadline: start + comm.timeout(),
-            abort: None,
-            reports: BTreeMap::new(),
-            aborted: false,
-            sends: Vec::new(),
-        };
-        if ex.n > 1 {
-            ex.abort = Some(comm.irecv_owned(Source::Any, ex.tag(SUB_ABORT), 8)?);
-        }
-        Ok(ex)
-    }
-
-    fn tag(&self, sub: u32) -> u32 {
-        TAG_BIT | (self.seq & 0x7_FFFF) << 12 | (sub & 0xFFF)
-    }
-
-    /// Compares `desc` across all ranks; every rank fails alike on a mismatch.
-    fn agree(&mut self, desc: &Desc, cfg: &CollConfig) -> Result<()> {
-        if self.n == 1 || !cfg.check {
-            return Ok(());
-        }
-        let w = desc.words();
-        let me = u64::from(self.me);
-        let mut rec = [w[0], w[1], w[2], me, w[0], w[1], w[2], me];
-        let steps = schedule::recursive_doubling(self.n, self.me, 1);
-        let combine = |dst: &mut [u8], src: &[u8], _: Order| {
-            let s: [u64; 8] = bytemuck::pod_read_unaligned(src);
-            let d: &mut [u64] = bytemuck::cast_slice_mut(dst);
-            if s[..4] < d[..4] {
-                d[..4].copy_from_slice(&s[..4]);
-            }
-            if s[4..] > d[4..] {
-                d[4..].copy_from_slice(&s[4..]);
-            }
-        };
-        self.run_steps(
-            bytemuck::bytes_of_mut(&mut rec),
-            &[],
-            64,
-            &steps,
-            1,
-            SUB_AGREE,
-            &combine,
-        )?;
-        if rec[..3] != rec[4..7] {
-            let (a, b) = (rec[3] as u32, rec[7] as u32);
-            return Err(Error::Protocol {
-                peer: if a == self.me { b } else { a },
-                what: format!(
-                    "{}: ranks called different collectives or with different arguments: \
-                     rank {a} called {}; rank {b} called {}",
-                    self.name,
-                    describe(&rec[..3]),
-                    describe(&rec[4..7])
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Polls `done` (progressing the engine) until it yields, the deadline passes, or another
-    /// rank reports a failure.
-    fn poll<R>(&mut self, peer: u32, mut done: impl FnMut() -> Option<R>) -> Result<R> {
-        let mut backoff = efa_fabric::Backoff::new();
-        loop {
-            if let Some(x) = done() {
-                return Ok(x);
-            }
-            self.comm.progress()?;
-            if let Some(x) = done() {
-                return Ok(x);
-            }
-            if self.collect_aborts().is_some() {
-                // Another rank gave up: report whom we wait for, hear the other reports,
-                // then blame the end of the chain that starts at our peer.
-                if let Some(e) = self.comm.deadline_culprit(self.start.elapsed()) {
-                    return Err(e);
-                }
-                self.send_abort(peer);
-                self.grace();
-                let blame = self.blame(peer);
-                return Err(Error::Timeout {
-                    op: self.name,
-                    peer: Some(blame),
-                    waited: self.start.elapsed(),
-                });
-            }
-            if Instant::now() >= self.deadline {
-                return Err(self.timed_out(peer));
-            }
-            backoff.snooze();
-        }
-    }
-
-    /// Reads abort reports; returns the rank to blame when one names another rank than us.
-    fn collect_aborts(&mut self) -> Option<u32> {
-        let mut blame = None;
-        while let Some(res) = self.abort.as_mut().and_then(|a| a.take()) {
-            self.abort = self
-                .comm
-                .irecv_owned(Source::Any, self.tag(SUB_ABORT), 8)
-                .ok();
-            if let Ok((st, d)) = res {
-                if let Ok(b) = <[u8; 4]>::try_from(&d[..]) {
-                    let suspect = u32::from_le_bytes(b);
-                    self.reports.insert(st.source, suspect);
-                    if suspect != self.me {
-                        blame = Some(suspect);
-                    }
-                }
-            }
-        }
-        blame.map(|b| self.blame(b))
-    }
-
-    /// Follows the chain of reports from `q` (a rank that reported is alive).
-    fn blame(&self, mut q: u32) -> u32 {
-        for _ in 0..self.n {
-            match self.reports.get(&q) {
-                Some(&next) if next != q && next != self.me => q = next,
-                _ => break,
-            }
-        }
-        q
-    }
-
-    fn send_abort(&mut self, suspect: u32) {
-        if self.aborted {
-            return;
-        }
-        self.aborted = true;
-        let tag = self.tag(SUB_ABORT);
-        // Not to the suspects: sends to a dead rank may stall in the provider.
-        let suspects: Vec<u32> = self.reports.values().copied().chain([suspect]).collect();
-        for r in (0..self.n).filter(|r| *r != self.me && !suspects.contains(r)) {
-            // Detached: the outcome does not matter.
-            drop(self.comm.isend_bytes(&suspect.to_le_bytes(), r, tag));
-        }
-    }
-
-    /// The deadline passed while waiting for `peer`: tell everyone, listen for their
-    /// reports for a moment, and blame the end of the chain.
-    fn timed_out(&mut self, peer: u32) -> Error {
-        // A rank known to have failed, or stopped on this host, is the culprit: every rank
-        // is told at once, and the wait chain below is not needed.
-        if let Some(e) = self.comm.deadline_culprit(self.start.elapsed()) {
-            return e;
-        }
-        self.send_abort(peer);
-        self.grace();
-        Error::Timeout {
-            op: self.name,
-            peer: Some(self.blame(peer)),
-            waited: self.start.elapsed(),
-        }
-    }
-
-    /// Collects abort reports for a moment.
-    fn grace(&mut self) {
-        let grace =
-            (self.comm.timeout() / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
-        let until = Instant::now() + grace;
-        while Instant::now() < until {
-            let _ = self.comm.progress();
-            let _ = self.collect_aborts();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn wait_recv(&mut self, mut p: Pending, elem: usize) -> Result<Vec<u8>> {
-        let peer = p.peer;
-        let (_, data) = self.poll(peer, || p.req.take())??;
-        let want = p.range.len() * elem;
-        if data.len() != want {
-            return Err(Error::Protocol {
-                peer,
-                what: format!("{}: expected {want} bytes, got {}", self.name, data.len()),
-            });
-        }
-        Ok(data)
-    }
-
-    fn isend(&mut self, bytes: &[u8], peer: u32, sub: u32) -> Result<()> {
-        let r = self.comm.isend_bytes(bytes, peer, self.tag(sub))?;
-        self.sends.push((r, peer));
-        Ok(())
-    }
-
-    /// Runs `steps` (see [`schedule`] for their meaning) over `work` (and `input` for sends
-    /// marked so), in chunks of at most `chunk` elements of `elem` bytes.
-    #[allow(clippy::too_many_arguments)]
-    fn run_steps(
-        &mut self,
-        work: &mut [u8],
-        input: &[u8],
-        elem: usize,
-        steps: &[Step],
-        chunk: usize,
-        sub_base: u32,
-        reduce: &Reducer<'_>,
-    ) -> Result<()> {
-        let chunks = |r: &Range<usize>| -> Vec<Range<usize>> {
-            (r.start..r.end)
-                .step_by(chunk.max(1))
-                .map(|s| s..(s + chunk).min(r.end))
-                .collect()
-        };
-        let bytes = |r: &Range<usize>| r.start * elem..r.end * elem;
-        // One tag per phase: the steps of different ranks do not line up (folded ranks have
-        // fewer), but each pair's messages are matched in the order both sides list them.
-        let sub = |_: usize| sub_base;
-        let post = |ex: &mut Exec<'_>, s: usize| -> Result<Vec<Pending>> {
-            let mut out = Vec::new();
-            for (index, rv) in steps[s].recvs.iter().enumerate() {
-                for c in chunks(&rv.range) {
-                    let req = ex.comm.irecv_owned(
-                        Source::Rank(rv.peer),
-                        ex.tag(sub(s)),
-                        c.len() * elem,
-                    )?;
-                    out.push(Pending {
-                        req,
-                        peer: rv.peer,
-                        range: c,
-                        action: rv.action,
-                        index,
-                    });
-                }
-            }
-            Ok(out)
-        };
-        if steps.is_empty() {
-            return Ok(());
-        }
-        let mut cur = post(self, 0)?;
-        let mut early = vec![false; steps[0].sends.len()];
-        for s in 0..steps.len() {
-            // Sends of this step not already issued chunk by chunk.
-            for (k, x) in steps[s].sends.iter().enumerate() {
-                if early[k] {
-                    continue;
-                }
-                for c in chunks(&x.range) {
-                    let src = if x.input { input } else { &*work };
-                    let r = self
-                        .comm
-                        .isend_bytes(&src[bytes(&c)], x.peer, self.tag(sub(s)))?;
-                    self.sends.push((r, x.peer));
-                }
-            }
-            let next_sends = steps.get(s + 1).map_or(&[][..], |n| &n.sends[..]);
-            let next = if s + 1 < steps.len() {
-                post(self, s + 1)?
-            } else {
-                Vec::new()
-            };
-            early = vec![false; next_sends.len()];
-            // For each receive of this step, the next step's sends of exactly its range.
-            let follow: Vec<Vec<usize>> = steps[s]
-                .recvs
-                .iter()
-                .map(|rv| {
-                    next_sends
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, x)| !x.input && x.range == rv.range)
-                        .map(|(k, _)| k)
-                        .collect()
-                })
-                .collect();
-            for f in &follow {
-                for &k in f {
-                    early[k] = true;
-                }
-            }
-            for p in cur.drain(..) {
-                let (range, action, index) = (p.range.clone(), p.action, p.index);
-                let data = self.wait_recv(p, elem)?;
-                let dst = &mut work[bytes(&range)];
-                match action {
-                    Action::Copy => dst.copy_from_slice(&data),
-                    Action::Reduce(o) => reduce(dst, &data, o),
-                }
-                // Back to the communicator's buffer pool: no fresh mapping next time.
-                self.comm.recycle(data);
-                for &k in &follow[index] {
-                    self.isend(&work[bytes(&range)], next_sends[k].peer, sub(s + 1))?;
-                }
-            }
-            cur = next;
-        }
-        self.wait_sends()
-    }
-
-    fn wait_sends(&mut self) -> Result<()> {
-        for (r, peer) in std::mem::take(&mut self.sends) {
-            self.poll(peer, || r.is_finished().then_some(()))?;
-            r.wait()?;
-        }
-        Ok(())
-    }
-}
-
-/// Runs `f` on the buffer in the accumulator type: directly when it is the element type,
-/// else widened into a scratch buffer and rounded back once at the end.
-fn with_acc<T: Element>(buf: &mut [T], f: impl FnOnce(&mut [T::Acc]) -> Result<()>) -> Result<()> {
-    if T::as_acc(buf).is_some() {
-        return f(T::as_acc(buf).expect("checked"));
-    }
-    let mut acc = vec![T::Acc::zeroed(); buf.len()];
-    T::to_acc(buf, &mut acc);
-    f(&mut acc)?;
-    T::from_acc(&acc, buf);
-    Ok(())
-}
-
 fn chunk_elems(cfg: &CollConfig, elem: usize) -> usize {
     (cfg.chunk_bytes / elem.max(1)).max(1)
 }
 
-fn reducer<A: Accum>(op: ReduceOp) -> impl Fn(&mut [u8], &[u8], Order) {
-    move |d: &mut [u8], s: &[u8], o: Order| kernel::reduce_bytes::<A>(d, s, op, o)
+/// The call of a reduction with operator `op`.
+fn op_call<T, O: Reduction<T>>(
+    kind: Kind,
+    count: usize,
+    op: &O,
+    algo: u8,
+    invalid: Option<CollError>,
+) -> Call {
+    let (dtype, opc) = op.codes();
+    let mut c = Call::new(kind, count);
+    c.dtype = dtype;
+    c.op = opc;
+    c.elem = std::mem::size_of::<T>();
+    c.algo = algo;
+    c.invalid = invalid.or_else(|| {
+        (std::mem::size_of::<T>() == 0).then_some(CollError::ZeroSized { op: kind.name() })
+    });
+    c
 }
 
-fn check_root(comm: &Communicator, root: u32) -> Result<()> {
-    if root >= comm.size() {
-        return Err(Error::InvalidRank {
-            rank: root,
-            size: comm.size(),
-        });
-    }
-    Ok(())
-}
-
-fn allreduce_seq<T: Element>(
-    comm: &Communicator,
+fn allreduce_seq<T, O: Reduction<T>>(
+    link: &CollLink,
     seq: u32,
     buf: &mut [T],
-    op: ReduceOp,
-    bad: bool,
+    op: &O,
+    invalid: Option<CollError>,
     cfg: &CollConfig,
 ) -> Result<()> {
-    let n = comm.size();
-    let elem = std::mem::size_of::<T::Acc>();
-    let algo = cfg.allreduce_algo(buf.len() * elem, n);
-    let mut d = Desc::new(Kind::Allreduce, buf.len()).dtype::<T>();
-    d.op = op.code();
-    d.algo = algo.code();
-    d.bad = bad;
-    d.extra = cfg.chunk_bytes as u64;
-    let mut ex = Exec::new(comm, Kind::Allreduce, seq)?;
-    ex.agree(&d, cfg)?;
-    if bad {
-        return Err(Error::Config(
-            "allreduce_into: the send and receive buffers differ in length; pass buffers of the \
-             same length"
-                .into(),
-        ));
-    }
-    let me = comm.rank();
-    with_acc(buf, |acc| {
-        let steps = match algo {
-            Algorithm::Ring => schedule::ring_allreduce(n, me, acc.len()),
-            _ => schedule::recursive_doubling(n, me, acc.len()),
-        };
-        ex.run_steps(
-            bytemuck::cast_slice_mut(acc),
-            &[],
-            elem,
-            &steps,
-            chunk_elems(cfg, elem),
-            SUB_DATA,
-            &reducer::<T::Acc>(op),
-        )?;
-        if op == ReduceOp::Avg {
-            T::Acc::divide(acc, n);
-        }
-        Ok(())
+    let (n, me) = (link.size(), link.rank());
+    let algo = if op.commutative() {
+        cfg.allreduce_algo(buf.len() * op.work_elem(), n)
+    } else {
+        Algorithm::RecursiveDoubling
+    };
+    let call = op_call::<T, O>(Kind::Allreduce, buf.len(), op, algo.code(), invalid);
+    exec::run(link, seq, cfg, call, |ex| {
+        op.with_work(buf, &mut |bytes, k| {
+            let e = k.elem();
+            let count = bytes.len() / e;
+            let steps = match algo {
+                Algorithm::Ring => schedule::ring_allreduce(n, me, count),
+                _ => schedule::recursive_doubling(n, me, count),
+            };
+            let red = |d: &mut [u8], s: &[u8], o: Order| k.combine(d, s, o);
+            ex.run_steps(bytes, &[], e, &steps, chunk_elems(cfg, e), SUB_DATA, &red)?;
+            k.average(bytes, n);
+            Ok(())
+        })
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reduce_seq<T, O: Reduction<T>>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    op: &O,
+    root: u32,
+    invalid: Option<CollError>,
+    cfg: &CollConfig,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    // 0: binomial tree, 1: ring, 2: rank-ordered tree (non-commutative operators).
+    let algo = if !op.commutative() {
+        2
+    } else {
+        u8::from(buf.len() * op.work_elem() >= cfg.ring_threshold && n > 1)
+    };
+    let mut call = op_call::<T, O>(Kind::Reduce, buf.len(), op, algo, invalid);
+    call.root = root;
+    exec::run(link, seq, cfg, call, |ex| {
+        op.with_work(buf, &mut |bytes, k| {
+            let e = k.elem();
+            let count = bytes.len() / e;
+            let steps = match algo {
+                1 => schedule::ring_reduce(n, me, root, count),
+                0 => schedule::binomial_reduce(n, me, root, count),
+                _ => schedule::ordered_reduce(n, me, root, count),
+            };
+            let red = |d: &mut [u8], s: &[u8], o: Order| k.combine(d, s, o);
+            ex.run_steps(bytes, &[], e, &steps, chunk_elems(cfg, e), SUB_DATA, &red)?;
+            if me == root {
+                k.average(bytes, n);
+            }
+            Ok(())
+        })
+    })
+}
+
+fn reduce_scatter_seq<T, O: Reduction<T>>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    op: &O,
+    invalid: Option<CollError>,
+    cfg: &CollConfig,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    // 0: ring; 1: recursive-doubling allreduce of the whole buffer (rank order).
+    let algo = u8::from(!op.commutative());
+    let call = op_call::<T, O>(Kind::ReduceScatter, buf.len(), op, algo, invalid);
+    exec::run(link, seq, cfg, call, |ex| {
+        op.with_work(buf, &mut |bytes, k| {
+            let e = k.elem();
+            let count = bytes.len() / e;
+            let blocks = schedule::even_blocks(count, n);
+            let steps = if algo == 0 {
+                schedule::ring_reduce_scatter(n, me, &blocks)
+            } else {
+                schedule::recursive_doubling(n, me, count)
+            };
+            let red = |d: &mut [u8], s: &[u8], o: Order| k.combine(d, s, o);
+            ex.run_steps(bytes, &[], e, &steps, chunk_elems(cfg, e), SUB_DATA, &red)?;
+            let own = &blocks[me as usize];
+            k.average(&mut bytes[own.start * e..own.end * e], n);
+            Ok(())
+        })
+    })
+}
+
+fn scan_seq<T, O: Reduction<T>>(
+    link: &CollLink,
+    seq: u32,
+    kind: Kind,
+    buf: &mut [T],
+    op: &O,
+    invalid: Option<CollError>,
+    cfg: &CollConfig,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    let call = op_call::<T, O>(kind, buf.len(), op, 0, invalid);
+    exec::run(link, seq, cfg, call, |ex| {
+        op.with_work(buf, &mut |bytes, k| {
+            let e = k.elem();
+            let count = bytes.len() / e;
+            let steps = if kind == Kind::Scan {
+                schedule::scan(n, me, count)
+            } else {
+                schedule::exscan(n, me, count)
+            };
+            let red = |d: &mut [u8], s: &[u8], o: Order| k.combine(d, s, o);
+            ex.run_steps(bytes, &[], e, &steps, chunk_elems(cfg, e), SUB_DATA, &red)?;
+            // Averages over the ranks combined: me + 1 (scan) or me (exscan; rank 0 keeps
+            // its buffer).
+            match kind {
+                Kind::Scan => k.average(bytes, me + 1),
+                _ if me > 0 => k.average(bytes, me),
+                _ => {}
+            }
+            Ok(())
+        })
     })
 }
 
 fn broadcast_seq<T: Element>(
-    comm: &Communicator,
+    link: &CollLink,
     seq: u32,
     buf: &mut [T],
     root: u32,
     cfg: &CollConfig,
 ) -> Result<()> {
-    let (n, me) = (comm.size(), comm.rank());
-    let elem = std::mem::size_of::<T>();
+    let (n, me) = (link.size(), link.rank());
     let chain = std::mem::size_of_val(buf) >= cfg.ring_threshold;
-    let mut d = Desc::new(Kind::Broadcast, buf.len()).dtype::<T>();
-    d.root = root;
-    d.algo = u8::from(chain);
-    d.extra = cfg.chunk_bytes as u64;
-    let mut ex = Exec::new(comm, Kind::Broadcast, seq)?;
-    ex.agree(&d, cfg)?;
-    check_root(comm, root)?;
-    let steps = if chain {
-        schedule::chain_bcast(n, me, root, buf.len())
-    } else {
-        schedule::binomial_bcast(n, me, root, buf.len())
-    };
-    ex.run_steps(
-        bytemuck::cast_slice_mut(buf),
-        &[],
-        elem,
-        &steps,
-        chunk_elems(cfg, elem),
-        SUB_DATA,
-        &|_: &mut [u8], _: &[u8], _: Order| {},
-    )
-}
-
-fn reduce_seq<T: Element>(
-    comm: &Communicator,
-    seq: u32,
-    buf: &mut [T],
-    op: ReduceOp,
-    root: u32,
-    bad: bool,
-    cfg: &CollConfig,
-) -> Result<()> {
-    let (n, me) = (comm.size(), comm.rank());
-    let elem = std::mem::size_of::<T::Acc>();
-    let ring = buf.len() * elem >= cfg.ring_threshold && n > 1;
-    let mut d = Desc::new(Kind::Reduce, buf.len()).dtype::<T>();
-    d.op = op.code();
-    d.root = root;
-    d.algo = u8::from(ring);
-    d.bad = bad;
-    d.extra = cfg.chunk_bytes as u64;
-    let mut ex = Exec::new(comm, Kind::Reduce, seq)?;
-    ex.agree(&d, cfg)?;
-    check_root(comm, root)?;
-    if bad {
-        return Err(Error::Config(
-            "reduce: the root's receive buffer must have the send buffer's length".into(),
-        ));
-    }
-    with_acc(buf, |acc| {
-        let steps = if ring {
-            schedule::ring_reduce(n, me, root, acc.len())
+    let mut call = Call::new(Kind::Broadcast, buf.len())
+        .dtype::<T>()
+        .root(root);
+    call.algo = u8::from(chain);
+    let count = buf.len();
+    move_seq(link, seq, cfg, call, buf, &[], || {
+        if chain {
+            schedule::chain_bcast(n, me, root, count)
         } else {
-            schedule::binomial_reduce(n, me, root, acc.len())
-        };
-        ex.run_steps(
-            bytemuck::cast_slice_mut(acc),
-            &[],
-            elem,
-            &steps,
-            chunk_elems(cfg, elem),
-            SUB_DATA,
-            &reducer::<T::Acc>(op),
-        )?;
-        if op == ReduceOp::Avg && me == root {
-            T::Acc::divide(acc, n);
+            schedule::binomial_bcast(n, me, root, count)
         }
-        Ok(())
     })
 }
 
-/// Allgather of `counts[r]` elements from each rank `r` into `buf` (rank `me`'s block
+fn barrier_seq(link: &CollLink, seq: u32) -> Result<()> {
+    // The argument check is the barrier (always on here).
+    let cfg = CollConfig {
+        check: true,
+        ..CollConfig::default()
+    };
+    exec::run(link, seq, &cfg, Call::new(Kind::Barrier, 0), |_| Ok(()))
+}
+
+/// A data movement: `steps` over `work` (receives, and sends not marked `input`) and
+/// `input`, no combining.
+fn move_seq<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    cfg: &CollConfig,
+    call: Call,
+    work: &mut [T],
+    input: &[T],
+    steps: impl FnOnce() -> Vec<Step>,
+) -> Result<()> {
+    let elem = std::mem::size_of::<T>();
+    exec::run(link, seq, cfg, call, |ex| {
+        ex.run_steps(
+            bytemuck::cast_slice_mut(work),
+            bytemuck::cast_slice(input),
+            elem,
+            &steps(),
+            chunk_elems(cfg, elem),
+            SUB_DATA,
+            &copy_only,
+        )
+    })
+}
+
+/// Allgather of `counts[r]` elements from each rank `r` into `buf` (this rank's block
 /// already in place).
 fn allgatherv_seq<T: Element>(
-    comm: &Communicator,
+    link: &CollLink,
     seq: u32,
     buf: &mut [T],
     counts: &[usize],
     kind: Kind,
-    bad: bool,
+    invalid: Option<CollError>,
     cfg: &CollConfig,
 ) -> Result<()> {
-    let (n, me) = (comm.size(), comm.rank());
-    let elem = std::mem::size_of::<T>();
-    let mut d = Desc::new(kind, buf.len()).dtype::<T>();
-    d.bad = bad;
-    d.extra = fnv(counts.iter().map(|&c| c as u64)) ^ cfg.chunk_bytes as u64;
-    let mut ex = Exec::new(comm, kind, seq)?;
-    ex.agree(&d, cfg)?;
-    if bad {
-        return Err(Error::Config(format!(
-            "{}: buffer lengths do not match the counts; pass size() counts, a send buffer of \
-             counts[rank()] elements and a receive buffer of their sum",
-            kind.name()
-        )));
-    }
-    let blocks = schedule::blocks_of(counts);
-    let steps = schedule::ring_allgather(n, me, &blocks);
-    ex.run_steps(
-        bytemuck::cast_slice_mut(buf),
-        &[],
-        elem,
-        &steps,
-        chunk_elems(cfg, elem),
-        SUB_DATA,
-        &|_: &mut [u8], _: &[u8], _: Order| {},
-    )
-}
-
-fn reduce_scatter_seq<T: Element>(
-    comm: &Communicator,
-    seq: u32,
-    buf: &mut [T],
-    op: ReduceOp,
-    bad: bool,
-    cfg: &CollConfig,
-) -> Result<()> {
-    let (n, me) = (comm.size(), comm.rank());
-    let elem = std::mem::size_of::<T::Acc>();
-    let mut d = Desc::new(Kind::ReduceScatter, buf.len()).dtype::<T>();
-    d.op = op.code();
-    d.bad = bad;
-    d.extra = cfg.chunk_bytes as u64;
-    let mut ex = Exec::new(comm, Kind::ReduceScatter, seq)?;
-    ex.agree(&d, cfg)?;
-    if bad {
-        return Err(Error::Config(
-            "reduce_scatter: the send buffer must hold size() blocks of the receive buffer's length"
-                .into(),
-        ));
-    }
-    let blocks = schedule::even_blocks(buf.len(), n);
-    with_acc(buf, |acc| {
-        let steps = schedule::ring_reduce_scatter(n, me, &blocks);
-        ex.run_steps(
-            bytemuck::cast_slice_mut(acc),
-            &[],
-            elem,
-            &steps,
-            chunk_elems(cfg, elem),
-            SUB_DATA,
-            &reducer::<T::Acc>(op),
-        )?;
-        if op == ReduceOp::Avg {
-            T::Acc::divide(&mut acc[blocks[me as usize].clone()], n);
-        }
-        Ok(())
+    let (n, me) = (link.size(), link.rank());
+    let mut call = Call::new(kind, buf.len()).dtype::<T>().invalid(invalid);
+    call.extra = fnv(counts.iter().map(|&c| c as u64));
+    move_seq(link, seq, cfg, call, buf, &[], || {
+        schedule::ring_allgather(n, me, &schedule::blocks_of(counts))
     })
 }
 
-/// Which buffers a rooted or all-to-all data movement uses.
-struct Movement<'a, T> {
-    work: &'a mut [T],
-    input: &'a [T],
+/// `len` must be a whole number of blocks for `n` ranks.
+fn divisible(op: &'static str, buffer: &'static str, len: usize, n: u32) -> Option<CollError> {
+    (!len.is_multiple_of(n as usize)).then_some(CollError::NotDivisible {
+        op,
+        buffer,
+        len,
+        size: n,
+    })
+}
+
+/// `len` must equal `expected`.
+fn length(
+    op: &'static str,
+    buffer: &'static str,
+    len: usize,
+    expected: usize,
+) -> Option<CollError> {
+    (len != expected).then_some(CollError::BufferLength {
+        op,
+        buffer,
+        len,
+        expected,
+    })
+}
+
+/// The blocks `displs[r]..displs[r] + counts[r]` of a buffer of `len` elements, checked:
+/// one count and one displacement per rank, every block inside the buffer, and (for a
+/// receive buffer, `disjoint`) no two blocks overlapping.
+#[allow(clippy::too_many_arguments)]
+fn v_blocks(
+    op: &'static str,
+    buffer: &'static str,
+    names: (&'static str, &'static str),
+    counts: &[usize],
+    displs: &[usize],
+    n: u32,
+    len: usize,
+    disjoint: bool,
+) -> std::result::Result<Vec<Range<usize>>, CollError> {
+    for (what, l) in [(names.0, counts.len()), (names.1, displs.len())] {
+        if l != n as usize {
+            return Err(CollError::CountsLength {
+                op,
+                what,
+                len: l,
+                size: n,
+            });
+        }
+    }
+    let mut blocks = Vec::with_capacity(n as usize);
+    for (r, (&c, &d)) in counts.iter().zip(displs).enumerate() {
+        let end = d.saturating_add(c);
+        if end > len {
+            return Err(CollError::BlockOutside {
+                op,
+                buffer,
+                rank: r as u32,
+                start: d,
+                end,
+                len,
+            });
+        }
+        blocks.push(d..end);
+    }
+    if disjoint {
+        let mut order: Vec<usize> = (0..blocks.len())
+            .filter(|&r| !blocks[r].is_empty())
+            .collect();
+        order.sort_by_key(|&r| blocks[r].start);
+        for w in order.windows(2) {
+            if blocks[w[0]].end > blocks[w[1]].start {
+                return Err(CollError::BlocksOverlap {
+                    op,
+                    a: w[0].min(w[1]) as u32,
+                    b: w[0].max(w[1]) as u32,
+                });
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// The plan of a rooted `v` collective (gatherv, scatterv) on this rank.
+struct RootedV {
+    /// At the root, every rank's block of its buffer; elsewhere only this rank's,
+    /// `0..own_len`.
+    blocks: Vec<Range<usize>>,
+    invalid: Option<CollError>,
+    /// Element counts this rank knows, for the count check.
+    views: Vec<Option<u64>>,
+}
+
+impl RootedV {
+    /// `root_len`: the root's full buffer; `own_len`: this rank's block (at the root, its
+    /// separate send or receive buffer, if any).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: Kind,
+        buffer: &'static str,
+        disjoint: bool,
+        link: &CollLink,
+        root: u32,
+        counts: &[usize],
+        displs: &[usize],
+        root_len: usize,
+        own_len: Option<usize>,
+    ) -> RootedV {
+        let (n, me) = (link.size(), link.rank());
+        let op = kind.name();
+        let mut blocks = vec![0..0; n as usize];
+        if me != root {
+            let own = own_len.unwrap_or(0);
+            blocks[me as usize] = 0..own;
+            let views = (0..n).map(|r| (r == me).then_some(own as u64)).collect();
+            return RootedV {
+                blocks,
+                invalid: None,
+                views,
+            };
+        }
+        let invalid = match v_blocks(
+            op,
+            buffer,
+            ("counts", "displs"),
+            counts,
+            displs,
+            n,
+            root_len,
+            disjoint,
+        ) {
+            Ok(b) => {
+                blocks = b;
+                own_len.and_then(|l| {
+                    length(
+                        op,
+                        if buffer == "send" { "receive" } else { "send" },
+                        l,
+                        counts[me as usize],
+                    )
+                })
+            }
+            Err(e) => Some(e),
+        };
+        let views = counts.iter().map(|&c| Some(c as u64)).collect();
+        RootedV {
+            blocks,
+            invalid,
+            views,
+        }
+    }
+
+    fn call<T: Element>(&mut self, kind: Kind, root: u32) -> Call {
+        let mut call = Call::new(kind, 0)
+            .dtype::<T>()
+            .root(root)
+            .invalid(self.invalid.clone());
+        call.per_rank = Some(std::mem::take(&mut self.views));
+        call
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn movement_seq<T: Element>(
-    comm: &Communicator,
+fn alltoallv_seq<T: Element>(
+    link: &CollLink,
     seq: u32,
-    kind: Kind,
-    m: Movement<'_, T>,
-    count: usize,
-    root: u32,
-    bad: bool,
-    steps: impl FnOnce() -> Vec<Step>,
-    cfg: &CollConfig,
+    send: &[T],
+    send_counts: &[usize],
+    send_displs: &[usize],
+    recv: &mut [T],
+    recv_counts: &[usize],
+    recv_displs: &[usize],
 ) -> Result<()> {
-    let elem = std::mem::size_of::<T>();
-    let mut d = Desc::new(kind, count).dtype::<T>();
-    d.root = root;
-    d.bad = bad;
-    d.extra = cfg.chunk_bytes as u64;
-    let mut ex = Exec::new(comm, kind, seq)?;
-    ex.agree(&d, cfg)?;
-    if kind != Kind::Alltoall {
-        check_root(comm, root)?;
+    let (n, me) = (link.size(), link.rank());
+    let op = Kind::Alltoallv.name();
+    let sb = v_blocks(
+        op,
+        "send",
+        ("send_counts", "send_displs"),
+        send_counts,
+        send_displs,
+        n,
+        send.len(),
+        false,
+    );
+    let rb = v_blocks(
+        op,
+        "receive",
+        ("recv_counts", "recv_displs"),
+        recv_counts,
+        recv_displs,
+        n,
+        recv.len(),
+        true,
+    );
+    let (sb, rb, invalid) = match (sb, rb) {
+        (Ok(s), Ok(r)) => {
+            let m = me as usize;
+            let bad = (s[m].len() != r[m].len()).then_some(CollError::CountMismatch {
+                op,
+                rank: me,
+                a: s[m].len() as u64,
+                b: r[m].len() as u64,
+            });
+            (s, r, bad)
+        }
+        (Err(e), _) | (_, Err(e)) => (Vec::new(), Vec::new(), Some(e)),
+    };
+    if invalid.is_none() {
+        let m = me as usize;
+        recv[rb[m].clone()].copy_from_slice(&send[sb[m].clone()]);
     }
-    if bad {
-        return Err(Error::Config(format!(
-            "{}: buffer lengths do not fit (every rank must pass the same count; the root's \
-             buffer holds size() blocks)",
-            kind.name()
-        )));
-    }
-    ex.run_steps(
-        bytemuck::cast_slice_mut(m.work),
-        bytemuck::cast_slice(m.input),
-        elem,
-        &steps(),
-        chunk_elems(cfg, elem),
-        SUB_DATA,
-        &|_: &mut [u8], _: &[u8], _: Order| {},
-    )
+    let call = Call::new(Kind::Alltoallv, 0).dtype::<T>().invalid(invalid);
+    move_seq(link, seq, env_config()?, call, recv, send, || {
+        schedule::pairwise_alltoall(n, me, &sb, &rb)
+    })
 }
 
 /// A non-blocking collective: runs on a helper thread; `wait` returns its buffer.
@@ -986,19 +708,47 @@ impl<R: Send + 'static> CollRequest<R> {
     }
 }
 
+impl Communicator {
+    /// Takes this call's sequence number, then runs `f` on a helper thread.
+    fn spawn_coll<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&CollLink, u32) -> Result<R> + Send + 'static,
+    ) -> CollRequest<R> {
+        let link = CollLink::new(self);
+        let seq = link.next_seq();
+        CollRequest::spawn(move || f(&link, seq))
+    }
+
+    fn coll(&self) -> (CollLink, u32) {
+        let link = CollLink::new(self);
+        let seq = link.next_seq();
+        (link, seq)
+    }
+}
+
 /// Collectives. Every rank must call the same collectives in the same order, with matching
 /// arguments (checked, see the [module docs](crate::coll)). Each call fails on every rank
-/// with [`Error::Protocol`] when arguments differ, and with [`Error::Timeout`] naming the
-/// unresponsive rank when a rank dies or hangs.
+/// with [`Error::Protocol`] when arguments differ, with a [`CollError`] when a rank's
+/// buffers or counts do not fit the call, and with [`Error::Timeout`] or
+/// [`Error::PeerFailed`] naming the unresponsive rank when a rank dies or hangs; every call
+/// may also fail with [`Error::Setting`] for a bad `EFA_*` collective setting
+/// ([`CollConfig::from_env`]) and with fabric errors.
+///
+/// Shapes are in elements; `n` is `size()`, `me` is `rank()`.
 impl Communicator {
-    /// Reduces `buf` across all ranks in place; every rank gets the bitwise-identical result
-    /// (`MPI_Allreduce` with `MPI_IN_PLACE`). Algorithm per [`CollConfig::from_env`].
+    // ---- Reductions -------------------------------------------------------------------
+
+    /// Reduces `buf` (`count` elements, the same on every rank) across all ranks in place;
+    /// every rank gets the bitwise-identical result (`MPI_Allreduce` with `MPI_IN_PLACE`,
+    /// MPI 4.0 section 6.9.6). `op` is a [`ReduceOp`], a [`UserOp`] or a [`LocOp`].
+    /// Algorithm per [`CollConfig::from_env`]; non-commutative operators always use
+    /// recursive doubling.
     ///
     /// # Errors
     /// [`Error::Protocol`] when ranks pass different lengths, types or operators;
-    /// [`Error::Timeout`] naming a failed rank; [`Error::Setting`] for a bad `EFA_*` setting;
-    /// fabric errors.
-    pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+    /// [`Error::Timeout`] naming a failed rank; [`CollError::ZeroSized`] for a zero-sized
+    /// user type.
+    pub fn allreduce<T, O: Reduction<T>>(&self, buf: &mut [T], op: O) -> Result<()> {
         let cfg = env_config()?;
         self.allreduce_with(buf, op, cfg)
     }
@@ -1008,62 +758,276 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::allreduce`].
-    pub fn allreduce_with<T: Element>(
+    pub fn allreduce_with<T, O: Reduction<T>>(
         &self,
         buf: &mut [T],
-        op: ReduceOp,
+        op: O,
         cfg: &CollConfig,
     ) -> Result<()> {
-        allreduce_seq(self, self.next_coll_seq(), buf, op, false, cfg)
+        let (link, seq) = self.coll();
+        allreduce_seq(&link, seq, buf, &op, None, cfg)
     }
 
-    /// Out-of-place [`Communicator::allreduce`]: `recv` (same length as `send`) gets the result.
+    /// Out-of-place [`Communicator::allreduce`]: `send` (`count`) is unchanged, `recv`
+    /// (`count`) gets the result.
     ///
     /// # Errors
-    /// As [`Communicator::allreduce`]; a `recv` of another length makes every rank fail.
-    pub fn allreduce_into<T: Element>(
+    /// As [`Communicator::allreduce`]; [`CollError::BufferLength`] when `recv` has another
+    /// length (and [`CollError::PeerArguments`] on the other ranks).
+    pub fn allreduce_into<T: Pod, O: Reduction<T>>(
         &self,
         send: &[T],
         recv: &mut [T],
-        op: ReduceOp,
+        op: O,
     ) -> Result<()> {
         let cfg = env_config()?;
-        if send.len() != recv.len() {
+        let (link, seq) = self.coll();
+        let bad = length("allreduce", "receive", recv.len(), send.len());
+        if bad.is_some() {
             // Still take part so that every rank reports the problem.
             let mut d = send.to_vec();
-            return allreduce_seq(self, self.next_coll_seq(), &mut d, op, true, cfg);
+            return allreduce_seq(&link, seq, &mut d, &op, bad, cfg);
         }
         recv.copy_from_slice(send);
-        self.allreduce_with(recv, op, cfg)
+        allreduce_seq(&link, seq, recv, &op, None, cfg)
     }
 
     /// Non-blocking [`Communicator::allreduce`] of an owned buffer, returned by
     /// [`CollRequest::wait`].
-    pub fn iallreduce<T: Element>(&self, mut buf: Vec<T>, op: ReduceOp) -> CollRequest<Vec<T>> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || {
-            allreduce_seq(&comm, seq, &mut buf, op, false, env_config()?)?;
+    pub fn iallreduce<T: Pod + Send, O: Reduction<T>>(
+        &self,
+        mut buf: Vec<T>,
+        op: O,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            allreduce_seq(link, seq, &mut buf, &op, None, env_config()?)?;
             Ok(buf)
         })
     }
 
-    /// Copies `buf` of rank `root` into `buf` of every rank (`MPI_Bcast`). Binomial tree for
-    /// small buffers, a chunked pipelined chain for large ones.
+    /// Reduces `buf` (`count` elements on every rank) of all ranks into `buf` of `root`, in
+    /// place (`MPI_Reduce` with `MPI_IN_PLACE`, MPI 4.0 section 6.9.1). On other ranks `buf`
+    /// is used as scratch and holds a partial result afterwards.
+    ///
+    /// # Errors
+    /// As [`Communicator::allreduce`], plus [`Error::InvalidRank`] for a `root` outside
+    /// `0..n` (on every rank).
+    pub fn reduce<T, O: Reduction<T>>(&self, buf: &mut [T], op: O, root: u32) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        reduce_seq(&link, seq, buf, &op, root, None, cfg)
+    }
+
+    /// Out-of-place [`Communicator::reduce`]: `send` (`count`) is unchanged; `recv`
+    /// (significant at the root only, where it must hold `count`) gets the result.
+    ///
+    /// # Errors
+    /// As [`Communicator::reduce`]; [`CollError::BufferLength`] at a root whose `recv` has
+    /// another length.
+    pub fn reduce_into<T: Pod, O: Reduction<T>>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: O,
+        root: u32,
+    ) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        let bad = if self.rank() == root {
+            length("reduce", "receive", recv.len(), send.len())
+        } else {
+            None
+        };
+        if self.rank() == root && bad.is_none() {
+            recv.copy_from_slice(send);
+            return reduce_seq(&link, seq, recv, &op, root, None, cfg);
+        }
+        let mut tmp = send.to_vec();
+        reduce_seq(&link, seq, &mut tmp, &op, root, bad, cfg)
+    }
+
+    /// Non-blocking in-place [`Communicator::reduce`].
+    pub fn ireduce<T: Pod + Send, O: Reduction<T>>(
+        &self,
+        mut buf: Vec<T>,
+        op: O,
+        root: u32,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            reduce_seq(link, seq, &mut buf, &op, root, None, env_config()?)?;
+            Ok(buf)
+        })
+    }
+
+    /// Reduce-scatter in place (`MPI_Reduce_scatter_block` with `MPI_IN_PLACE`, MPI 4.0
+    /// section 6.10.2): `buf` holds `n` equal blocks of `c` elements; afterwards block `me`
+    /// holds the reduction of every rank's block `me` (the other blocks hold partials).
+    /// Ring; recursive doubling over the whole buffer for non-commutative operators.
+    ///
+    /// # Errors
+    /// As [`Communicator::allreduce`]; [`CollError::NotDivisible`] when the length is not a
+    /// multiple of `n`.
+    pub fn reduce_scatter<T, O: Reduction<T>>(&self, buf: &mut [T], op: O) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        let bad = divisible("reduce_scatter", "in-place", buf.len(), self.size());
+        reduce_scatter_seq(&link, seq, buf, &op, bad, cfg)
+    }
+
+    /// Out-of-place [`Communicator::reduce_scatter`]: `send` holds `n` blocks of
+    /// `recv.len()` elements (`n * c`) and is unchanged; `recv` (`c`) gets block `me` of the
+    /// reduction.
+    ///
+    /// # Errors
+    /// As [`Communicator::reduce_scatter`]; [`CollError::BufferLength`] when `send` does not
+    /// hold `n * recv.len()`.
+    pub fn reduce_scatter_into<T: Pod, O: Reduction<T>>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: O,
+    ) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        let n = self.size() as usize;
+        let c = recv.len();
+        let bad = length("reduce_scatter", "send", send.len(), c * n);
+        let mut work = send.to_vec();
+        reduce_scatter_seq(&link, seq, &mut work, &op, bad, cfg)?;
+        let me = self.rank() as usize;
+        recv.copy_from_slice(&work[me * c..(me + 1) * c]);
+        Ok(())
+    }
+
+    /// Non-blocking in-place [`Communicator::reduce_scatter`].
+    pub fn ireduce_scatter<T: Pod + Send, O: Reduction<T>>(
+        &self,
+        mut buf: Vec<T>,
+        op: O,
+    ) -> CollRequest<Vec<T>> {
+        let n = self.size();
+        self.spawn_coll(move |link, seq| {
+            let bad = divisible("reduce_scatter", "in-place", buf.len(), n);
+            reduce_scatter_seq(link, seq, &mut buf, &op, bad, env_config()?)?;
+            Ok(buf)
+        })
+    }
+
+    /// Inclusive prefix reduction in place (`MPI_Scan` with `MPI_IN_PLACE`, MPI 4.0 section
+    /// 6.11.1): `buf` (`count` on every rank) becomes `x0 ∘ x1 ∘ ... ∘ x(me)`, in rank
+    /// order (so non-commutative operators are fine). [`ReduceOp::Avg`] divides by
+    /// `me + 1`. Recursive doubling, `ceil(log2 n)` steps.
+    ///
+    /// # Errors
+    /// As [`Communicator::allreduce`].
+    pub fn scan<T, O: Reduction<T>>(&self, buf: &mut [T], op: O) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        scan_seq(&link, seq, Kind::Scan, buf, &op, None, cfg)
+    }
+
+    /// Out-of-place [`Communicator::scan`]: `send` (`count`) is unchanged, `recv` (`count`)
+    /// gets the prefix.
+    ///
+    /// # Errors
+    /// As [`Communicator::scan`]; [`CollError::BufferLength`] when `recv` has another
+    /// length.
+    pub fn scan_into<T: Pod, O: Reduction<T>>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: O,
+    ) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        let bad = length("scan", "receive", recv.len(), send.len());
+        if bad.is_some() {
+            let mut d = send.to_vec();
+            return scan_seq(&link, seq, Kind::Scan, &mut d, &op, bad, cfg);
+        }
+        recv.copy_from_slice(send);
+        scan_seq(&link, seq, Kind::Scan, recv, &op, None, cfg)
+    }
+
+    /// Non-blocking in-place [`Communicator::scan`].
+    pub fn iscan<T: Pod + Send, O: Reduction<T>>(
+        &self,
+        mut buf: Vec<T>,
+        op: O,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            scan_seq(link, seq, Kind::Scan, &mut buf, &op, None, env_config()?)?;
+            Ok(buf)
+        })
+    }
+
+    /// Exclusive prefix reduction in place (`MPI_Exscan` with `MPI_IN_PLACE`, MPI 4.0
+    /// section 6.11.2): on rank `me > 0`, `buf` (`count` on every rank) becomes
+    /// `x0 ∘ ... ∘ x(me-1)`, in rank order. **Rank 0's buffer is left untouched** (MPI
+    /// leaves it undefined; here it keeps rank 0's input). [`ReduceOp::Avg`] divides by
+    /// `me`. A scan plus one shift, `ceil(log2 n) + 1` steps.
+    ///
+    /// # Errors
+    /// As [`Communicator::allreduce`].
+    pub fn exscan<T, O: Reduction<T>>(&self, buf: &mut [T], op: O) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        scan_seq(&link, seq, Kind::Exscan, buf, &op, None, cfg)
+    }
+
+    /// Out-of-place [`Communicator::exscan`]: `send` (`count`) is unchanged; `recv`
+    /// (`count`) gets the exclusive prefix, except on rank 0, where `recv` is not written.
+    ///
+    /// # Errors
+    /// As [`Communicator::exscan`]; [`CollError::BufferLength`] when `recv` has another
+    /// length.
+    pub fn exscan_into<T: Pod, O: Reduction<T>>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: O,
+    ) -> Result<()> {
+        let cfg = env_config()?;
+        let (link, seq) = self.coll();
+        let bad = length("exscan", "receive", recv.len(), send.len());
+        let mut work = send.to_vec();
+        scan_seq(&link, seq, Kind::Exscan, &mut work, &op, bad, cfg)?;
+        if self.rank() > 0 {
+            recv.copy_from_slice(&work);
+        }
+        Ok(())
+    }
+
+    /// Non-blocking in-place [`Communicator::exscan`].
+    pub fn iexscan<T: Pod + Send, O: Reduction<T>>(
+        &self,
+        mut buf: Vec<T>,
+        op: O,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            scan_seq(link, seq, Kind::Exscan, &mut buf, &op, None, env_config()?)?;
+            Ok(buf)
+        })
+    }
+
+    // ---- Data movement ----------------------------------------------------------------
+
+    /// Copies `buf` (`count`, the same on every rank) of rank `root` into `buf` of every
+    /// rank (`MPI_Bcast`, MPI 4.0 section 6.4). Binomial tree for small buffers, a chunked
+    /// pipelined chain for large ones.
     ///
     /// # Errors
     /// [`Error::Protocol`] on mismatched lengths, types or roots; [`Error::InvalidRank`];
     /// [`Error::Timeout`].
     pub fn broadcast<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
-        broadcast_seq(self, self.next_coll_seq(), buf, root, env_config()?)
+        let (link, seq) = self.coll();
+        broadcast_seq(&link, seq, buf, root, env_config()?)
     }
 
     /// Non-blocking [`Communicator::broadcast`].
     pub fn ibroadcast<T: Element>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || {
-            broadcast_seq(&comm, seq, &mut buf, root, env_config()?)?;
+        self.spawn_coll(move |link, seq| {
+            broadcast_seq(link, seq, &mut buf, root, env_config()?)?;
             Ok(buf)
         })
     }
@@ -1075,108 +1039,30 @@ impl Communicator {
     /// [`Error::Protocol`] when another rank is in a different collective;
     /// [`Error::Timeout`].
     pub fn barrier(&self) -> Result<()> {
-        barrier_seq(self, self.next_coll_seq())
+        let (link, seq) = self.coll();
+        barrier_seq(&link, seq)
     }
 
     /// Non-blocking [`Communicator::barrier`] (`MPI_Ibarrier`).
     pub fn ibarrier(&self) -> CollRequest<()> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || barrier_seq(&comm, seq))
+        self.spawn_coll(barrier_seq)
     }
 
-    /// Reduces `buf` of all ranks into `buf` of `root`, in place (`MPI_Reduce` with
-    /// `MPI_IN_PLACE`). On other ranks `buf` is used as scratch and holds a partial result
-    /// afterwards.
+    /// Allgather in place (`MPI_Allgather` with `MPI_IN_PLACE`, MPI 4.0 section 6.7): `buf`
+    /// holds `n` blocks of `c` elements (`n * c`), this rank's block `me` already filled;
+    /// afterwards block `r` holds rank `r`'s block. Ring.
     ///
     /// # Errors
-    /// As [`Communicator::allreduce`], plus [`Error::InvalidRank`].
-    pub fn reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: u32) -> Result<()> {
-        reduce_seq(
-            self,
-            self.next_coll_seq(),
-            buf,
-            op,
-            root,
-            false,
-            env_config()?,
-        )
-    }
-
-    /// Out-of-place [`Communicator::reduce`]: `send` is unchanged; `recv` (significant at the
-    /// root only, where it must have `send`'s length) gets the result.
-    ///
-    /// # Errors
-    /// As [`Communicator::reduce`].
-    pub fn reduce_into<T: Element>(
-        &self,
-        send: &[T],
-        recv: &mut [T],
-        op: ReduceOp,
-        root: u32,
-    ) -> Result<()> {
-        let seq = self.next_coll_seq();
-        let cfg = env_config()?;
-        if self.rank() == root && recv.len() == send.len() {
-            recv.copy_from_slice(send);
-            return reduce_seq(self, seq, recv, op, root, false, cfg);
-        }
-        let bad = self.rank() == root;
-        let mut tmp = send.to_vec();
-        reduce_seq(self, seq, &mut tmp, op, root, bad, cfg)
-    }
-
-    /// Non-blocking in-place [`Communicator::reduce`].
-    pub fn ireduce<T: Element>(
-        &self,
-        mut buf: Vec<T>,
-        op: ReduceOp,
-        root: u32,
-    ) -> CollRequest<Vec<T>> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || {
-            reduce_seq(&comm, seq, &mut buf, op, root, false, env_config()?)?;
-            Ok(buf)
-        })
-    }
-
-    /// Gathers `send` (the same length on every rank) from all ranks into `recv` of every
-    /// rank, in rank order (`MPI_Allgather`); `recv.len()` must be `size() * send.len()`.
-    /// Ring algorithm.
-    ///
-    /// # Errors
-    /// [`Error::Protocol`] (on every rank) for mismatched lengths; [`Error::Timeout`].
-    pub fn allgather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+    /// [`Error::Protocol`] on mismatched lengths; [`CollError::NotDivisible`] when the length
+    /// is not a multiple of `n`; [`Error::Timeout`].
+    pub fn allgather<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+        let (link, seq) = self.coll();
         let n = self.size() as usize;
-        let c = send.len();
-        let bad = recv.len() != c * n;
-        let me = self.rank() as usize;
-        if !bad {
-            recv[me * c..(me + 1) * c].copy_from_slice(send);
-        }
-        let seq = self.next_coll_seq();
-        let cfg = env_config()?;
-        let counts = vec![c; n];
-        if bad {
-            let mut tmp = vec![T::zeroed(); c * n];
-            return allgatherv_seq(self, seq, &mut tmp, &counts, Kind::Allgather, true, cfg);
-        }
-        allgatherv_seq(self, seq, recv, &counts, Kind::Allgather, false, cfg)
-    }
-
-    /// In-place [`Communicator::allgather`]: `buf` holds `size()` equal blocks, this rank's
-    /// block already filled.
-    ///
-    /// # Errors
-    /// As [`Communicator::allgather`]; a length not divisible by `size()` fails on every rank.
-    pub fn allgather_in_place<T: Element>(&self, buf: &mut [T]) -> Result<()> {
-        let n = self.size() as usize;
-        let bad = !buf.len().is_multiple_of(n);
+        let bad = divisible("allgather", "in-place", buf.len(), self.size());
         let counts = vec![buf.len() / n; n];
         allgatherv_seq(
-            self,
-            self.next_coll_seq(),
+            &link,
+            seq,
             buf,
             &counts,
             Kind::Allgather,
@@ -1185,16 +1071,36 @@ impl Communicator {
         )
     }
 
-    /// Non-blocking in-place [`Communicator::allgather_in_place`].
+    /// Out-of-place [`Communicator::allgather`]: `send` (`c`, the same on every rank) from
+    /// every rank lands in block `r` of `recv` (`n * c`).
+    ///
+    /// # Errors
+    /// As [`Communicator::allgather`]; [`CollError::BufferLength`] when `recv` does not hold
+    /// `n * send.len()`.
+    pub fn allgather_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let (link, seq) = self.coll();
+        let n = self.size() as usize;
+        let c = send.len();
+        let me = self.rank() as usize;
+        let bad = length("allgather", "receive", recv.len(), c * n);
+        let counts = vec![c; n];
+        let cfg = env_config()?;
+        if bad.is_some() {
+            let mut tmp = vec![T::zeroed(); c * n];
+            return allgatherv_seq(&link, seq, &mut tmp, &counts, Kind::Allgather, bad, cfg);
+        }
+        recv[me * c..(me + 1) * c].copy_from_slice(send);
+        allgatherv_seq(&link, seq, recv, &counts, Kind::Allgather, None, cfg)
+    }
+
+    /// Non-blocking in-place [`Communicator::allgather`].
     pub fn iallgather<T: Element>(&self, mut buf: Vec<T>) -> CollRequest<Vec<T>> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || {
-            let n = comm.size() as usize;
-            let counts = vec![buf.len() / n; n];
-            let bad = !buf.len().is_multiple_of(n);
+        let n = self.size();
+        self.spawn_coll(move |link, seq| {
+            let bad = divisible("allgather", "in-place", buf.len(), n);
+            let counts = vec![buf.len() / n as usize; n as usize];
             allgatherv_seq(
-                &comm,
+                link,
                 seq,
                 &mut buf,
                 &counts,
@@ -1206,46 +1112,20 @@ impl Communicator {
         })
     }
 
-    /// Allgather of variable sizes (`MPI_Allgatherv`): rank `r` contributes `counts[r]`
-    /// elements (`send.len()` on that rank); `recv` holds them all in rank order. Every rank
-    /// passes the same `counts`.
+    /// Allgather of variable sizes in place (`MPI_Allgatherv` with `MPI_IN_PLACE`, MPI 4.0
+    /// section 6.7): rank `r` contributes `counts[r]` elements; `buf` (`counts`' sum) holds
+    /// them in rank order, this rank's already at its offset. Every rank passes the same
+    /// `counts` (`n` entries; checked).
     ///
     /// # Errors
-    /// [`Error::Protocol`] (on every rank) when counts or lengths disagree;
-    /// [`Error::Timeout`].
-    pub fn allgatherv<T: Element>(
-        &self,
-        send: &[T],
-        recv: &mut [T],
-        counts: &[usize],
-    ) -> Result<()> {
-        let n = self.size() as usize;
-        let me = self.rank() as usize;
-        let total: usize = counts.iter().sum();
-        let bad = counts.len() != n
-            || send.len() != counts[me.min(counts.len().saturating_sub(1))]
-            || recv.len() != total;
-        let seq = self.next_coll_seq();
-        let cfg = env_config()?;
-        if bad {
-            let mut tmp = vec![T::zeroed(); total];
-            return allgatherv_seq(self, seq, &mut tmp, counts, Kind::Allgatherv, true, cfg);
-        }
-        let off: usize = counts[..me].iter().sum();
-        recv[off..off + send.len()].copy_from_slice(send);
-        allgatherv_seq(self, seq, recv, counts, Kind::Allgatherv, false, cfg)
-    }
-
-    /// In-place [`Communicator::allgatherv`]: `buf` (of `counts`' total length) already holds
-    /// this rank's block at its offset.
-    ///
-    /// # Errors
-    /// As [`Communicator::allgatherv`].
-    pub fn allgatherv_in_place<T: Element>(&self, buf: &mut [T], counts: &[usize]) -> Result<()> {
-        let bad = counts.len() != self.size() as usize || buf.len() != counts.iter().sum::<usize>();
+    /// [`Error::Protocol`] when counts or lengths differ between ranks;
+    /// [`CollError::CountsLength`], [`CollError::BufferLength`]; [`Error::Timeout`].
+    pub fn allgatherv<T: Element>(&self, buf: &mut [T], counts: &[usize]) -> Result<()> {
+        let (link, seq) = self.coll();
+        let bad = allgatherv_bad(self.size(), self.rank(), counts, buf.len(), None);
         allgatherv_seq(
-            self,
-            self.next_coll_seq(),
+            &link,
+            seq,
             buf,
             counts,
             Kind::Allgatherv,
@@ -1254,279 +1134,576 @@ impl Communicator {
         )
     }
 
-    /// Reduces `send` (`size()` blocks of `recv.len()` elements) across ranks and leaves
-    /// block `r` of the result in `recv` of rank `r` (`MPI_Reduce_scatter_block`). Ring.
+    /// Out-of-place [`Communicator::allgatherv`]: `send` (`counts[me]`) from every rank
+    /// lands in `recv` (`counts`' sum) in rank order.
     ///
     /// # Errors
-    /// As [`Communicator::allreduce`].
-    pub fn reduce_scatter<T: Element>(
+    /// As [`Communicator::allgatherv`].
+    pub fn allgatherv_into<T: Element>(
         &self,
         send: &[T],
         recv: &mut [T],
-        op: ReduceOp,
+        counts: &[usize],
     ) -> Result<()> {
-        let n = self.size() as usize;
-        let c = recv.len();
-        let bad = send.len() != c * n;
-        let mut work = send.to_vec();
-        reduce_scatter_seq(
-            self,
-            self.next_coll_seq(),
-            &mut work,
-            op,
-            bad,
-            env_config()?,
-        )?;
+        let (link, seq) = self.coll();
+        let cfg = env_config()?;
+        let total: usize = counts.iter().sum();
+        let bad = allgatherv_bad(
+            self.size(),
+            self.rank(),
+            counts,
+            recv.len(),
+            Some(send.len()),
+        );
+        if bad.is_some() {
+            let mut tmp = vec![T::zeroed(); total];
+            return allgatherv_seq(&link, seq, &mut tmp, counts, Kind::Allgatherv, bad, cfg);
+        }
         let me = self.rank() as usize;
-        recv.copy_from_slice(&work[me * c..(me + 1) * c]);
-        Ok(())
+        let off: usize = counts[..me].iter().sum();
+        recv[off..off + send.len()].copy_from_slice(send);
+        allgatherv_seq(&link, seq, recv, counts, Kind::Allgatherv, None, cfg)
     }
 
-    /// In-place [`Communicator::reduce_scatter`]: `buf` holds `size()` equal blocks; afterwards
-    /// block `rank()` holds this rank's reduced block (the other blocks hold partials).
-    ///
-    /// # Errors
-    /// As [`Communicator::reduce_scatter`]; a length not divisible by `size()` fails on every
-    /// rank.
-    pub fn reduce_scatter_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let bad = !buf.len().is_multiple_of(self.size() as usize);
-        reduce_scatter_seq(self, self.next_coll_seq(), buf, op, bad, env_config()?)
-    }
-
-    /// Non-blocking [`Communicator::reduce_scatter_in_place`].
-    pub fn ireduce_scatter<T: Element>(
+    /// Non-blocking in-place [`Communicator::allgatherv`].
+    pub fn iallgatherv<T: Element>(
         &self,
         mut buf: Vec<T>,
-        op: ReduceOp,
+        counts: Vec<usize>,
     ) -> CollRequest<Vec<T>> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || {
-            let bad = !buf.len().is_multiple_of(comm.size() as usize);
-            reduce_scatter_seq(&comm, seq, &mut buf, op, bad, env_config()?)?;
+        let (n, me) = (self.size(), self.rank());
+        self.spawn_coll(move |link, seq| {
+            let bad = allgatherv_bad(n, me, &counts, buf.len(), None);
+            allgatherv_seq(
+                link,
+                seq,
+                &mut buf,
+                &counts,
+                Kind::Allgatherv,
+                bad,
+                env_config()?,
+            )?;
             Ok(buf)
         })
     }
 
-    /// Gathers `send` (same length on every rank) into `recv` of `root` in rank order
-    /// (`MPI_Gather`); `recv` is significant at the root only, where its length must be
-    /// `size() * send.len()`.
+    /// Gather in place (`MPI_Gather` with `MPI_IN_PLACE`, MPI 4.0 section 6.5): at `root`,
+    /// `buf` holds `n` blocks of `c` (`n * c`) with the root's own block `root` already in
+    /// place, and receives block `r` from rank `r`; elsewhere `buf` is this rank's block
+    /// (`c`, the same on every rank) and is unchanged.
     ///
     /// # Errors
-    /// [`Error::Protocol`] on every rank for mismatched lengths or roots;
-    /// [`Error::InvalidRank`]; [`Error::Timeout`].
-    pub fn gather<T: Element>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
+    /// [`Error::Protocol`] on every rank for mismatched block lengths or roots;
+    /// [`CollError::NotDivisible`] at the root; [`Error::InvalidRank`]; [`Error::Timeout`].
+    pub fn gather<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
+        let (link, seq) = self.coll();
+        gather_seq(&link, seq, buf, root, env_config()?)
+    }
+
+    /// Out-of-place [`Communicator::gather`]: `send` (`c`, the same on every rank) of rank
+    /// `r` lands in block `r` of `recv` at the root (`n * c`; `recv` is significant at the
+    /// root only).
+    ///
+    /// # Errors
+    /// As [`Communicator::gather`]; [`CollError::BufferLength`] at a root whose `recv` does
+    /// not hold `n * send.len()`.
+    pub fn gather_into<T: Element>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
+        let (link, seq) = self.coll();
         let (n, me) = (self.size(), self.rank());
         let c = send.len();
         let is_root = me == root;
-        let bad = is_root && recv.len() != c * n as usize;
-        if is_root && !bad {
+        let bad = if is_root {
+            length("gather", "receive", recv.len(), c * n as usize)
+        } else {
+            None
+        };
+        if is_root && bad.is_none() {
             recv[me as usize * c..(me as usize + 1) * c].copy_from_slice(send);
         }
-        let blocks = schedule::even_blocks(c * n as usize, n);
-        let m = Movement {
-            work: if is_root { recv } else { &mut [] },
-            input: send,
-        };
-        movement_seq(
-            self,
-            self.next_coll_seq(),
-            Kind::Gather,
-            m,
-            c,
-            root,
-            bad,
-            || schedule::gather(n, me, root.min(n - 1), &blocks, true),
-            env_config()?,
-        )
+        let call = Call::new(Kind::Gather, c)
+            .dtype::<T>()
+            .root(root)
+            .invalid(bad);
+        let work = if is_root { recv } else { &mut [] };
+        move_seq(&link, seq, env_config()?, call, work, send, || {
+            schedule::gather(n, me, root, &schedule::even_blocks(c * n as usize, n), true)
+        })
     }
 
-    /// In-place [`Communicator::gather`]: at the root `buf` holds `size()` blocks with the
-    /// root's own already in place; elsewhere `buf` is the block to send.
+    /// Non-blocking in-place [`Communicator::gather`].
+    pub fn igather<T: Element>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            gather_seq(link, seq, &mut buf, root, env_config()?)?;
+            Ok(buf)
+        })
+    }
+
+    /// Scatter in place (`MPI_Scatter` with `MPI_IN_PLACE`, MPI 4.0 section 6.6): at `root`,
+    /// `buf` holds `n` blocks of `c` (`n * c`), block `r` goes to rank `r`, and the buffer
+    /// is unchanged; elsewhere `buf` (`c`, the same on every rank) receives this rank's
+    /// block.
     ///
     /// # Errors
     /// As [`Communicator::gather`].
-    pub fn gather_in_place<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
-        let (n, me) = (self.size(), self.rank());
-        let is_root = me == root;
-        let bad = is_root && !buf.len().is_multiple_of(n as usize);
-        let c = if is_root {
-            buf.len() / n as usize
-        } else {
-            buf.len()
-        };
-        let blocks = schedule::even_blocks(c * n as usize, n);
-        let (work, input): (&mut [T], Vec<T>) = if is_root {
-            (buf, Vec::new())
-        } else {
-            (&mut [], buf.to_vec())
-        };
-        let m = Movement {
-            work,
-            input: &input,
-        };
-        movement_seq(
-            self,
-            self.next_coll_seq(),
-            Kind::Gather,
-            m,
-            c,
-            root,
-            bad,
-            || schedule::gather(n, me, root.min(n - 1), &blocks, true),
-            env_config()?,
-        )
+    pub fn scatter<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
+        let (link, seq) = self.coll();
+        scatter_seq(&link, seq, buf, root, env_config()?)
     }
 
-    /// Sends block `r` of `send` on `root` (`size()` blocks of `recv.len()` elements,
-    /// significant at the root only) to `recv` of rank `r` (`MPI_Scatter`).
+    /// Out-of-place [`Communicator::scatter`]: block `r` of `send` at the root (`n * c`,
+    /// significant at the root only) lands in `recv` (`c`) of rank `r`.
     ///
     /// # Errors
-    /// As [`Communicator::gather`].
-    pub fn scatter<T: Element>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
+    /// As [`Communicator::scatter`]; [`CollError::BufferLength`] at a root whose `send` does
+    /// not hold `n * recv.len()`.
+    pub fn scatter_into<T: Element>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
+        let (link, seq) = self.coll();
         let (n, me) = (self.size(), self.rank());
         let c = recv.len();
         let is_root = me == root;
-        let bad = is_root && send.len() != c * n as usize;
-        if is_root && !bad {
+        let bad = if is_root {
+            length("scatter", "send", send.len(), c * n as usize)
+        } else {
+            None
+        };
+        if is_root && bad.is_none() {
             recv.copy_from_slice(&send[me as usize * c..(me as usize + 1) * c]);
         }
-        let blocks = schedule::even_blocks(c * n as usize, n);
-        let m = Movement {
-            work: if is_root { &mut [] } else { recv },
-            input: if is_root && !bad { send } else { &[] },
-        };
-        movement_seq(
-            self,
-            self.next_coll_seq(),
-            Kind::Scatter,
-            m,
-            c,
-            root,
-            bad,
-            || schedule::scatter(n, me, root.min(n - 1), &blocks),
-            env_config()?,
-        )
-    }
-
-    /// In-place [`Communicator::scatter`]: at the root `buf` holds all blocks (its own stays
-    /// in place); elsewhere `buf` receives this rank's block.
-    ///
-    /// # Errors
-    /// As [`Communicator::scatter`].
-    pub fn scatter_in_place<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
-        let (n, me) = (self.size(), self.rank());
-        let is_root = me == root;
-        let bad = is_root && !buf.len().is_multiple_of(n as usize);
-        let c = if is_root {
-            buf.len() / n as usize
+        let call = Call::new(Kind::Scatter, c)
+            .dtype::<T>()
+            .root(root)
+            .invalid(bad);
+        let (work, input): (&mut [T], &[T]) = if is_root {
+            (&mut [], send)
         } else {
-            buf.len()
+            (recv, &[])
         };
-        let blocks = schedule::even_blocks(c * n as usize, n);
-        let m = if is_root {
-            Movement {
-                work: &mut [],
-                input: &*buf,
-            }
-        } else {
-            Movement {
-                work: buf,
-                input: &[],
-            }
-        };
-        movement_seq(
-            self,
-            self.next_coll_seq(),
-            Kind::Scatter,
-            m,
-            c,
-            root,
-            bad,
-            || schedule::scatter(n, me, root.min(n - 1), &blocks),
-            env_config()?,
-        )
+        move_seq(&link, seq, env_config()?, call, work, input, || {
+            schedule::scatter(n, me, root, &schedule::even_blocks(c * n as usize, n))
+        })
     }
 
-    /// All-to-all (`MPI_Alltoall`): block `d` of `send` on rank `s` lands in block `s` of
-    /// `recv` on rank `d`; both hold `size()` equal blocks. Pairwise exchange.
-    ///
-    /// # Errors
-    /// [`Error::Protocol`] on every rank for mismatched lengths; [`Error::Timeout`].
-    pub fn alltoall<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        let (n, me) = (self.size(), self.rank());
-        let bad = send.len() != recv.len() || !send.len().is_multiple_of(n as usize);
-        let blocks = schedule::even_blocks(if bad { 0 } else { send.len() }, n);
-        if !bad {
-            let own = blocks[me as usize].clone();
-            recv[own.clone()].copy_from_slice(&send[own]);
-        }
-        let m = Movement {
-            work: recv,
-            input: send,
-        };
-        movement_seq(
-            self,
-            self.next_coll_seq(),
-            Kind::Alltoall,
-            m,
-            send.len() / n as usize,
-            0,
-            bad,
-            || schedule::pairwise_alltoall(n, me, &blocks, &blocks),
-            env_config()?,
-        )
+    /// Non-blocking in-place [`Communicator::scatter`].
+    pub fn iscatter<T: Element>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            scatter_seq(link, seq, &mut buf, root, env_config()?)?;
+            Ok(buf)
+        })
     }
 
-    /// In-place [`Communicator::alltoall`] (one copy of `buf` is made).
+    /// All-to-all in place (`MPI_Alltoall` with `MPI_IN_PLACE`, MPI 4.0 section 6.8): `buf`
+    /// holds `n` blocks of `c` (`n * c`, the same on every rank); block `d` goes to rank
+    /// `d`, and block `s` is replaced by what rank `s` sent to this rank. Pairwise exchange
+    /// (one copy of `buf` is made).
     ///
     /// # Errors
-    /// As [`Communicator::alltoall`].
-    pub fn alltoall_in_place<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+    /// [`Error::Protocol`] for mismatched lengths; [`CollError::NotDivisible`];
+    /// [`Error::Timeout`].
+    pub fn alltoall<T: Element>(&self, buf: &mut [T]) -> Result<()> {
         let input = buf.to_vec();
-        self.alltoall(&input, buf)
+        self.alltoall_into(&input, buf)
     }
 
-    /// Non-blocking [`Communicator::alltoall`]; returns the received buffer.
-    pub fn ialltoall<T: Element>(&self, send: Vec<T>) -> CollRequest<Vec<T>> {
-        let seq = self.next_coll_seq();
-        let comm = self.clone();
-        CollRequest::spawn(move || {
-            let (n, me) = (comm.size(), comm.rank());
-            let mut recv = send.clone();
-            let bad = !send.len().is_multiple_of(n as usize);
-            let blocks = schedule::even_blocks(if bad { 0 } else { send.len() }, n);
-            let m = Movement {
-                work: &mut recv,
-                input: &send,
-            };
-            movement_seq(
-                &comm,
-                seq,
-                Kind::Alltoall,
-                m,
-                send.len() / n as usize,
-                0,
-                bad,
-                || schedule::pairwise_alltoall(n, me, &blocks, &blocks),
-                env_config()?,
-            )?;
+    /// Out-of-place [`Communicator::alltoall`]: block `d` of `send` (`n * c`) on rank `s`
+    /// lands in block `s` of `recv` (`n * c`) on rank `d`.
+    ///
+    /// # Errors
+    /// As [`Communicator::alltoall`]; [`CollError::BufferLength`] when the lengths differ.
+    pub fn alltoall_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let (link, seq) = self.coll();
+        alltoall_seq(&link, seq, send, recv)
+    }
+
+    /// Non-blocking in-place [`Communicator::alltoall`].
+    pub fn ialltoall<T: Element>(&self, buf: Vec<T>) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            let mut recv = buf.clone();
+            alltoall_seq(link, seq, &buf, &mut recv)?;
             Ok(recv)
+        })
+    }
+
+    /// Gather of variable sizes in place (`MPI_Gatherv` with `MPI_IN_PLACE`, MPI 4.0 section
+    /// 6.5): at `root`, `buf` receives rank `r`'s block at elements
+    /// `displs[r]..displs[r] + counts[r]` (the root's own block already in place; other
+    /// elements untouched); elsewhere `buf` is this rank's block (`counts[me]` at the root)
+    /// and is unchanged. `counts` and `displs` (`n` entries each, in elements) are
+    /// significant at the root only (others may pass `&[]`).
+    ///
+    /// # Errors
+    /// At the root: [`CollError::CountsLength`], [`CollError::BlockOutside`],
+    /// [`CollError::BlocksOverlap`] (other ranks then get [`CollError::PeerArguments`]);
+    /// on every rank: [`CollError::CountMismatch`] when the root's `counts[r]` differs from
+    /// rank `r`'s length, [`Error::Protocol`] for mismatched types or roots,
+    /// [`Error::InvalidRank`], [`Error::Timeout`].
+    pub fn gatherv<T: Element>(
+        &self,
+        buf: &mut [T],
+        counts: &[usize],
+        displs: &[usize],
+        root: u32,
+    ) -> Result<()> {
+        let (link, seq) = self.coll();
+        gatherv_seq(&link, seq, buf, None, counts, displs, root)
+    }
+
+    /// Out-of-place [`Communicator::gatherv`]: `send` (rank `r`'s block, `counts[r]` at the
+    /// root) lands at `displs[r]` of `recv` at the root; `recv`, `counts` and `displs` are
+    /// significant at the root only.
+    ///
+    /// # Errors
+    /// As [`Communicator::gatherv`]; [`CollError::BufferLength`] at a root whose `send`
+    /// does not hold `counts[root]`.
+    pub fn gatherv_into<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        counts: &[usize],
+        displs: &[usize],
+        root: u32,
+    ) -> Result<()> {
+        let (link, seq) = self.coll();
+        if self.rank() == root {
+            gatherv_seq(&link, seq, recv, Some(send), counts, displs, root)
+        } else {
+            let mut own = send.to_vec();
+            gatherv_seq(&link, seq, &mut own, None, counts, displs, root)
+        }
+    }
+
+    /// Non-blocking in-place [`Communicator::gatherv`].
+    pub fn igatherv<T: Element>(
+        &self,
+        mut buf: Vec<T>,
+        counts: Vec<usize>,
+        displs: Vec<usize>,
+        root: u32,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            gatherv_seq(link, seq, &mut buf, None, &counts, &displs, root)?;
+            Ok(buf)
+        })
+    }
+
+    /// Scatter of variable sizes in place (`MPI_Scatterv` with `MPI_IN_PLACE`, MPI 4.0
+    /// section 6.6): at `root`, elements `displs[r]..displs[r] + counts[r]` of `buf` go to
+    /// rank `r` (blocks may overlap; `buf` is unchanged); elsewhere `buf` (`counts[me]` at
+    /// the root) receives this rank's block. `counts` and `displs` (`n` entries each, in
+    /// elements) are significant at the root only.
+    ///
+    /// # Errors
+    /// As [`Communicator::gatherv`] (without the overlap check).
+    pub fn scatterv<T: Element>(
+        &self,
+        buf: &mut [T],
+        counts: &[usize],
+        displs: &[usize],
+        root: u32,
+    ) -> Result<()> {
+        let (link, seq) = self.coll();
+        scatterv_seq(&link, seq, buf, None, counts, displs, root)
+    }
+
+    /// Out-of-place [`Communicator::scatterv`]: block `r` of `send` at the root lands in
+    /// `recv` (`counts[r]`) of rank `r`; `send`, `counts` and `displs` are significant at
+    /// the root only.
+    ///
+    /// # Errors
+    /// As [`Communicator::scatterv`]; [`CollError::BufferLength`] at a root whose `recv`
+    /// does not hold `counts[root]`.
+    pub fn scatterv_into<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        counts: &[usize],
+        displs: &[usize],
+        root: u32,
+    ) -> Result<()> {
+        let (link, seq) = self.coll();
+        if self.rank() == root {
+            let mut input = send.to_vec();
+            scatterv_seq(&link, seq, &mut input, Some(recv), counts, displs, root)
+        } else {
+            scatterv_seq(&link, seq, recv, None, counts, displs, root)
+        }
+    }
+
+    /// Non-blocking in-place [`Communicator::scatterv`].
+    pub fn iscatterv<T: Element>(
+        &self,
+        mut buf: Vec<T>,
+        counts: Vec<usize>,
+        displs: Vec<usize>,
+        root: u32,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            scatterv_seq(link, seq, &mut buf, None, &counts, &displs, root)?;
+            Ok(buf)
+        })
+    }
+
+    /// All-to-all of variable sizes in place (`MPI_Alltoallv` with `MPI_IN_PLACE`, MPI 4.0
+    /// section 6.8): elements `displs[d]..displs[d] + counts[d]` of `buf` go to rank `d`,
+    /// and are replaced by what rank `d` sent to this rank (so `counts[d]` here must equal
+    /// rank `d`'s `counts[me]`). `counts` and `displs` have `n` entries, in elements; blocks
+    /// may not overlap. One copy of `buf` is made.
+    ///
+    /// # Errors
+    /// As [`Communicator::alltoallv_into`].
+    pub fn alltoallv<T: Element>(
+        &self,
+        buf: &mut [T],
+        counts: &[usize],
+        displs: &[usize],
+    ) -> Result<()> {
+        let input = buf.to_vec();
+        self.alltoallv_into(&input, counts, displs, buf, counts, displs)
+    }
+
+    /// Out-of-place all-to-all of variable sizes (`MPI_Alltoallv`, MPI 4.0 section 6.8):
+    /// `send[send_displs[d]..][..send_counts[d]]` goes to rank `d` and lands in
+    /// `recv[recv_displs[s]..][..recv_counts[s]]` of rank `d`, where `s` is this rank. All
+    /// four slices have `n` entries, in elements; receive blocks may not overlap.
+    ///
+    /// # Errors
+    /// [`CollError::CountsLength`], [`CollError::BlockOutside`],
+    /// [`CollError::BlocksOverlap`], and [`CollError::CountMismatch`] when
+    /// `send_counts[me] != recv_counts[me]`, on the rank that passed them
+    /// ([`CollError::PeerArguments`] on the others); [`Error::Protocol`] for mismatched
+    /// types. The per-pair counts are not part of the argument check (that would cost `n²`
+    /// numbers): when rank `s`'s `send_counts[d]` differs from rank `d`'s `recv_counts[s]`,
+    /// rank `d` gets [`CollError::SizeMismatch`] or [`Error::Truncated`] and the other ranks
+    /// complete. [`Error::Timeout`].
+    pub fn alltoallv_into<T: Element>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+    ) -> Result<()> {
+        let (link, seq) = self.coll();
+        alltoallv_seq(
+            &link,
+            seq,
+            send,
+            send_counts,
+            send_displs,
+            recv,
+            recv_counts,
+            recv_displs,
+        )
+    }
+
+    /// Non-blocking in-place [`Communicator::alltoallv`].
+    pub fn ialltoallv<T: Element>(
+        &self,
+        mut buf: Vec<T>,
+        counts: Vec<usize>,
+        displs: Vec<usize>,
+    ) -> CollRequest<Vec<T>> {
+        self.spawn_coll(move |link, seq| {
+            let input = buf.clone();
+            alltoallv_seq(
+                link, seq, &input, &counts, &displs, &mut buf, &counts, &displs,
+            )?;
+            Ok(buf)
         })
     }
 }
 
-fn barrier_seq(comm: &Communicator, seq: u32) -> Result<()> {
-    let mut ex = Exec::new(comm, Kind::Barrier, seq)?;
-    if comm.size() == 1 {
-        return Ok(());
+/// The arguments of an allgatherv: `n` counts, a buffer of their sum and, out of place, a
+/// send buffer of `counts[me]`.
+fn allgatherv_bad(
+    n: u32,
+    me: u32,
+    counts: &[usize],
+    len: usize,
+    send: Option<usize>,
+) -> Option<CollError> {
+    let op = "allgatherv";
+    if counts.len() != n as usize {
+        return Some(CollError::CountsLength {
+            op,
+            what: "counts",
+            len: counts.len(),
+            size: n,
+        });
     }
-    // The argument check is the barrier (always on here).
-    let cfg = CollConfig {
-        check: true,
-        ..CollConfig::default()
+    let total = counts.iter().fold(0usize, |a, &c| a.saturating_add(c));
+    let buffer = if send.is_some() {
+        "receive"
+    } else {
+        "in-place"
     };
-    ex.agree(&Desc::new(Kind::Barrier, 0), &cfg)
+    length(op, buffer, len, total)
+        .or_else(|| send.and_then(|s| length(op, "send", s, counts[me as usize])))
+}
+
+fn gather_seq<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    root: u32,
+    cfg: &CollConfig,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    let is_root = me == root;
+    let (c, bad) = if is_root {
+        (
+            buf.len() / n as usize,
+            divisible("gather", "in-place", buf.len(), n),
+        )
+    } else {
+        (buf.len(), None)
+    };
+    let call = Call::new(Kind::Gather, c)
+        .dtype::<T>()
+        .root(root)
+        .invalid(bad);
+    let blocks = schedule::even_blocks(c * n as usize, n);
+    let steps = || schedule::gather(n, me, root, &blocks, true);
+    if is_root {
+        move_seq(link, seq, cfg, call, buf, &[], steps)
+    } else {
+        move_seq(link, seq, cfg, call, &mut [], buf, steps)
+    }
+}
+
+fn scatter_seq<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    root: u32,
+    cfg: &CollConfig,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    let is_root = me == root;
+    let (c, bad) = if is_root {
+        (
+            buf.len() / n as usize,
+            divisible("scatter", "in-place", buf.len(), n),
+        )
+    } else {
+        (buf.len(), None)
+    };
+    let call = Call::new(Kind::Scatter, c)
+        .dtype::<T>()
+        .root(root)
+        .invalid(bad);
+    let blocks = schedule::even_blocks(c * n as usize, n);
+    let steps = || schedule::scatter(n, me, root, &blocks);
+    if is_root {
+        move_seq(link, seq, cfg, call, &mut [], buf, steps)
+    } else {
+        move_seq(link, seq, cfg, call, buf, &[], steps)
+    }
+}
+
+fn alltoall_seq<T: Element>(link: &CollLink, seq: u32, send: &[T], recv: &mut [T]) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    let bad = length("alltoall", "receive", recv.len(), send.len())
+        .or_else(|| divisible("alltoall", "send", send.len(), n));
+    let blocks = schedule::even_blocks(if bad.is_some() { 0 } else { send.len() }, n);
+    if bad.is_none() {
+        let own = blocks[me as usize].clone();
+        recv[own.clone()].copy_from_slice(&send[own]);
+    }
+    let call = Call::new(Kind::Alltoall, send.len() / n as usize)
+        .dtype::<T>()
+        .invalid(bad);
+    move_seq(link, seq, env_config()?, call, recv, send, || {
+        schedule::pairwise_alltoall(n, me, &blocks, &blocks)
+    })
+}
+
+/// Gatherv: `buf` is the root's receive buffer (with `root_send`, its separate send block,
+/// else its own block already in place) or another rank's block.
+fn gatherv_seq<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    root_send: Option<&[T]>,
+    counts: &[usize],
+    displs: &[usize],
+    root: u32,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    let cfg = env_config()?;
+    let is_root = me == root;
+    let own_len = if is_root {
+        root_send.map(<[T]>::len)
+    } else {
+        Some(buf.len())
+    };
+    let mut plan = RootedV::new(
+        Kind::Gatherv,
+        "receive",
+        true,
+        link,
+        root,
+        counts,
+        displs,
+        buf.len(),
+        own_len,
+    );
+    if is_root && plan.invalid.is_none() {
+        if let Some(s) = root_send {
+            buf[plan.blocks[me as usize].clone()].copy_from_slice(s);
+        }
+    }
+    let call = plan.call::<T>(Kind::Gatherv, root);
+    let steps = || schedule::gather(n, me, root, &plan.blocks, true);
+    if is_root {
+        move_seq(link, seq, cfg, call, buf, &[], steps)
+    } else {
+        move_seq(link, seq, cfg, call, &mut [], buf, steps)
+    }
+}
+
+/// Scatterv: `buf` is the root's send buffer (with `root_recv`, its separate receive
+/// block, else its own block stays in place) or another rank's receive block.
+fn scatterv_seq<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    root_recv: Option<&mut [T]>,
+    counts: &[usize],
+    displs: &[usize],
+    root: u32,
+) -> Result<()> {
+    let (n, me) = (link.size(), link.rank());
+    let cfg = env_config()?;
+    let is_root = me == root;
+    let own_len = if is_root {
+        root_recv.as_ref().map(|r| r.len())
+    } else {
+        Some(buf.len())
+    };
+    let mut plan = RootedV::new(
+        Kind::Scatterv,
+        "send",
+        false,
+        link,
+        root,
+        counts,
+        displs,
+        buf.len(),
+        own_len,
+    );
+    if is_root && plan.invalid.is_none() {
+        if let Some(r) = root_recv {
+            r.copy_from_slice(&buf[plan.blocks[me as usize].clone()]);
+        }
+    }
+    let call = plan.call::<T>(Kind::Scatterv, root);
+    let steps = || schedule::scatter(n, me, root, &plan.blocks);
+    if is_root {
+        move_seq(link, seq, cfg, call, &mut [], buf, steps)
+    } else {
+        move_seq(link, seq, cfg, call, buf, &[], steps)
+    }
 }
 
 #[cfg(test)]

@@ -293,6 +293,70 @@ pub fn ring_reduce(n: u32, rank: u32, root: u32, count: usize) -> Vec<Step> {
     steps
 }
 
+/// Reduction of `0..count` to `root` in rank order, for non-commutative operators: a
+/// [`binomial_reduce`] to rank 0 (whose tree combines contiguous rank ranges, lower first),
+/// then rank 0 sends the result to `root`. Other ranks' working buffers hold partial
+/// results afterwards.
+pub fn ordered_reduce(n: u32, rank: u32, root: u32, count: usize) -> Vec<Step> {
+    let mut steps = binomial_reduce(n, rank, 0, count);
+    if root != 0 && n > 1 {
+        if rank == 0 {
+            steps.push(Step {
+                sends: vec![send(root, 0..count)],
+                recvs: vec![],
+            });
+        } else if rank == root {
+            steps.push(Step {
+                sends: vec![],
+                recvs: vec![recv(0, 0..count, Action::Copy)],
+            });
+        }
+    }
+    steps
+}
+
+/// Inclusive prefix reduction (`MPI_Scan`) of `0..count`, by recursive doubling
+/// (Hillis-Steele): in step `k` rank `r` sends its partial `x(r-2^k+1) ∘ ... ∘ x(r)` to
+/// `r + 2^k` and combines the partial of `r - 2^k` in front of its own. `ceil(log2 n)`
+/// steps; operands stay in rank order, so non-commutative operators are fine.
+pub fn scan(n: u32, rank: u32, count: usize) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut d = 1u32;
+    while d < n {
+        let mut st = Step::default();
+        if rank + d < n {
+            st.sends.push(send(rank + d, 0..count));
+        }
+        if rank >= d {
+            st.recvs
+                .push(recv(rank - d, 0..count, Action::Reduce(Order::SrcFirst)));
+        }
+        if !st.sends.is_empty() || !st.recvs.is_empty() {
+            steps.push(st);
+        }
+        d <<= 1;
+    }
+    steps
+}
+
+/// Exclusive prefix reduction (`MPI_Exscan`): [`scan`], then every rank sends its inclusive
+/// result to the next rank, which keeps it (`x0 ∘ ... ∘ x(r-1)`). Rank 0 receives nothing:
+/// its working buffer is left as it was.
+pub fn exscan(n: u32, rank: u32, count: usize) -> Vec<Step> {
+    let mut steps = scan(n, rank, count);
+    let mut st = Step::default();
+    if rank + 1 < n {
+        st.sends.push(send(rank + 1, 0..count));
+    }
+    if rank > 0 {
+        st.recvs.push(recv(rank - 1, 0..count, Action::Copy));
+    }
+    if !st.sends.is_empty() || !st.recvs.is_empty() {
+        steps.push(st);
+    }
+    steps
+}
+
 /// Linear gather of `blocks` to `root` (the root's own block stays in place). With
 /// `input`, senders read their block from the start of the input buffer.
 pub fn gather(n: u32, rank: u32, root: u32, blocks: &[Range<usize>], input: bool) -> Vec<Step> {
@@ -608,6 +672,143 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Non-commutative operators: every result lists the leaves in rank order.
+    #[test]
+    fn rank_order_schedules() {
+        let in_order = |e: &str, want: &[u32]| assert_eq!(leaves(e), want, "{e}");
+        for n in 1..=16u32 {
+            for count in [0usize, 1, 3] {
+                let steps: Vec<_> = (0..n).map(|r| recursive_doubling(n, r, count)).collect();
+                let out = run(&steps, inputs(n, count), &[], &sym);
+                let all: Vec<u32> = (0..n).collect();
+                for r in 0..n as usize {
+                    for e in &out[r] {
+                        in_order(e, &all);
+                    }
+                }
+                for root in [0, n / 2, n - 1] {
+                    let steps: Vec<_> = (0..n).map(|r| ordered_reduce(n, r, root, count)).collect();
+                    let out = run(&steps, inputs(n, count), &[], &sym);
+                    for e in &out[root as usize] {
+                        in_order(e, &all);
+                    }
+                }
+                let steps: Vec<_> = (0..n).map(|r| scan(n, r, count)).collect();
+                let out = run(&steps, inputs(n, count), &[], &sym);
+                for r in 0..n {
+                    for e in &out[r as usize] {
+                        in_order(e, &(0..=r).collect::<Vec<_>>());
+                    }
+                }
+                let steps: Vec<_> = (0..n).map(|r| exscan(n, r, count)).collect();
+                let out = run(&steps, inputs(n, count), &[], &sym);
+                for r in 0..n {
+                    for (i, e) in out[r as usize].iter().enumerate() {
+                        if r == 0 {
+                            assert_eq!(e, &format!("x0_{i}"), "rank 0 untouched");
+                        } else {
+                            in_order(e, &(0..r).collect::<Vec<_>>());
+                        }
+                    }
+                }
+            }
+        }
+        // The scan's rounds: log2 n.
+        assert_eq!(scan(16, 15, 1).len(), 4);
+        assert_eq!(scan(5, 4, 1).len(), 3);
+    }
+
+    #[test]
+    fn variable_blocks_gather_scatter_alltoall() {
+        for n in 1..=9u32 {
+            // Displaced, unordered, with gaps and empty blocks.
+            let counts: Vec<usize> = (0..n as usize).map(|r| (r * 5 + 2) % 4).collect();
+            let mut off = 3;
+            let mut blocks = vec![0..0; n as usize];
+            for r in (0..n as usize).rev() {
+                blocks[r] = off..off + counts[r];
+                off += counts[r] + 1;
+            }
+            let len = off;
+            let root = n - 1;
+            let input: Vec<Vec<String>> = (0..n as usize)
+                .map(|r| (0..counts[r]).map(|i| format!("{r}.{i}")).collect())
+                .collect();
+            let mut work = vec![vec!["?".to_string(); len]; n as usize];
+            work[root as usize][blocks[root as usize].clone()]
+                .clone_from_slice(&input[root as usize]);
+            // Non-roots know only their own block's length.
+            let own = |r: u32| {
+                let mut b = vec![0..0; n as usize];
+                b[r as usize] = 0..counts[r as usize];
+                b
+            };
+            let steps: Vec<_> = (0..n)
+                .map(|r| {
+                    gather(
+                        n,
+                        r,
+                        root,
+                        &if r == root { blocks.clone() } else { own(r) },
+                        true,
+                    )
+                })
+                .collect();
+            let out = run(&steps, work, &input, &sym);
+            for r in 0..n as usize {
+                assert_eq!(out[root as usize][blocks[r].clone()], input[r][..]);
+            }
+            let mut full = vec!["?".to_string(); len];
+            for r in 0..n as usize {
+                full[blocks[r].clone()].clone_from_slice(&input[r]);
+            }
+            let inp = vec![full; n as usize];
+            let work: Vec<Vec<String>> = (0..n as usize)
+                .map(|r| vec!["?".to_string(); counts[r]])
+                .collect();
+            let steps: Vec<_> = (0..n)
+                .map(|r| scatter(n, r, root, &if r == root { blocks.clone() } else { own(r) }))
+                .collect();
+            let out = run(&steps, work, &inp, &sym);
+            for r in (0..n as usize).filter(|&r| r != root as usize) {
+                assert_eq!(out[r], input[r]);
+            }
+            // All-to-all-v: rank s sends (s + d) % 3 elements to d.
+            let c = |s: usize, d: usize| (s + d) % 3;
+            let nu = n as usize;
+            let sb: Vec<Vec<Range<usize>>> = (0..nu)
+                .map(|s| blocks_of(&(0..nu).map(|d| c(s, d)).collect::<Vec<_>>()))
+                .collect();
+            let rb: Vec<Vec<Range<usize>>> = (0..nu)
+                .map(|d| blocks_of(&(0..nu).map(|s| c(s, d)).collect::<Vec<_>>()))
+                .collect();
+            let inp: Vec<Vec<String>> = (0..nu)
+                .map(|s| {
+                    (0..nu)
+                        .flat_map(|d| (0..c(s, d)).map(move |i| format!("{s}>{d}.{i}")))
+                        .collect()
+                })
+                .collect();
+            let mut work: Vec<Vec<String>> = (0..nu)
+                .map(|d| vec!["?".to_string(); rb[d].last().map_or(0, |b| b.end)])
+                .collect();
+            for r in 0..nu {
+                let v = inp[r][sb[r][r].clone()].to_vec();
+                work[r][rb[r][r].clone()].clone_from_slice(&v);
+            }
+            let steps: Vec<_> = (0..n)
+                .map(|r| pairwise_alltoall(n, r, &sb[r as usize], &rb[r as usize]))
+                .collect();
+            let out = run(&steps, work, &inp, &sym);
+            for d in 0..nu {
+                let want: Vec<String> = (0..nu)
+                    .flat_map(|s| (0..c(s, d)).map(move |i| format!("{s}>{d}.{i}")))
+                    .collect();
+                assert_eq!(out[d], want);
             }
         }
     }

@@ -1,0 +1,718 @@
+//! The common part of every collective call, driven by a table: one [`Spec`] per
+//! collective kind says its name and whether it has a root; a [`Call`] states what one call
+//! is (its descriptor for the argument check, this rank's argument problem if any, and the
+//! per-rank counts to compare for the rooted `v` collectives); [`run`] then does the steps
+//! every collective shares (open the abort listener, agree, check the root, report bad
+//! arguments, compare counts, run the body's schedule, wait for the sends). Each collective
+//! states only its schedule and kernel, in the body.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::error::CollError;
+use super::schedule::{self, Action, Step};
+use super::{CollConfig, Order};
+use crate::comm::{CollLink, CollRecv, CollSend, CollTag, Source};
+use crate::error::{Error, Result};
+
+/// Which collective (part of the argument check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Barrier = 1,
+    Broadcast,
+    Reduce,
+    Allreduce,
+    Allgather,
+    Allgatherv,
+    ReduceScatter,
+    Gather,
+    Scatter,
+    Alltoall,
+    Gatherv,
+    Scatterv,
+    Alltoallv,
+    Scan,
+    Exscan,
+}
+
+/// What the common setup needs to know about a kind.
+pub(super) struct Spec {
+    pub kind: Kind,
+    pub name: &'static str,
+    /// Takes a root (checked to be a rank, after the argument check).
+    pub rooted: bool,
+}
+
+/// One row per kind.
+pub(super) const SPECS: &[Spec] = &[
+    Spec {
+        kind: Kind::Barrier,
+        name: "barrier",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Broadcast,
+        name: "broadcast",
+        rooted: true,
+    },
+    Spec {
+        kind: Kind::Reduce,
+        name: "reduce",
+        rooted: true,
+    },
+    Spec {
+        kind: Kind::Allreduce,
+        name: "allreduce",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Allgather,
+        name: "allgather",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Allgatherv,
+        name: "allgatherv",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::ReduceScatter,
+        name: "reduce_scatter",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Gather,
+        name: "gather",
+        rooted: true,
+    },
+    Spec {
+        kind: Kind::Scatter,
+        name: "scatter",
+        rooted: true,
+    },
+    Spec {
+        kind: Kind::Alltoall,
+        name: "alltoall",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Gatherv,
+        name: "gatherv",
+        rooted: true,
+    },
+    Spec {
+        kind: Kind::Scatterv,
+        name: "scatterv",
+        rooted: true,
+    },
+    Spec {
+        kind: Kind::Alltoallv,
+        name: "alltoallv",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Scan,
+        name: "scan",
+        rooted: false,
+    },
+    Spec {
+        kind: Kind::Exscan,
+        name: "exscan",
+        rooted: false,
+    },
+];
+
+impl Kind {
+    pub(super) fn spec(self) -> &'static Spec {
+        SPECS
+            .iter()
+            .find(|s| s.kind == self)
+            .expect("every kind has a row")
+    }
+    pub(super) fn name(self) -> &'static str {
+        self.spec().name
+    }
+    fn from_code(c: u8) -> &'static str {
+        SPECS
+            .iter()
+            .find(|s| s.kind as u8 == c)
+            .map_or("?", |s| s.name)
+    }
+}
+
+/// What one rank called: compared across ranks before any data moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Desc {
+    kind: Kind,
+    dtype: u8,
+    op: u8,
+    algo: u8,
+    /// Arguments that are invalid on this rank (so every rank reports it).
+    bad: bool,
+    root: u32,
+    count: u64,
+    extra: u64,
+}
+
+impl Desc {
+    fn words(&self) -> [u64; 3] {
+        let w0 = u64::from(self.kind as u8)
+            | u64::from(self.dtype) << 8
+            | u64::from(self.op) << 16
+            | u64::from(self.algo) << 24
+            | u64::from(self.bad) << 31
+            | u64::from(self.root) << 32;
+        [w0, self.count, self.extra]
+    }
+}
+
+fn describe(w: &[u64]) -> String {
+    const DTYPES: [&str; 11] = [
+        "?", "i8", "u8", "i32", "u32", "i64", "u64", "f16", "bf16", "f32", "f64",
+    ];
+    let ops = [
+        "-",
+        "sum",
+        "prod",
+        "min",
+        "max",
+        "avg",
+        "user (commutative)",
+        "user (non-commutative)",
+        "minloc",
+        "maxloc",
+    ];
+    let b = |s: u32| ((w[0] >> s) & 0xFF) as usize;
+    let dtype = match b(8) {
+        c if c < DTYPES.len() => DTYPES[c].to_string(),
+        c if c == super::ops::DTYPE_USER as usize => "a user type".to_string(),
+        c if c > super::ops::DTYPE_LOC as usize => format!(
+            "({}, index)",
+            DTYPES
+                .get(c - super::ops::DTYPE_LOC as usize)
+                .unwrap_or(&"?")
+        ),
+        _ => "?".to_string(),
+    };
+    let mut s = format!(
+        "{} of {} x {}, op {}, root {}, algorithm {}, settings {:#x}",
+        Kind::from_code(b(0) as u8),
+        w[1],
+        dtype,
+        ops.get(b(16)).unwrap_or(&"?"),
+        w[0] >> 32,
+        b(24) & 0x7F,
+        w[2]
+    );
+    if w[0] & (1 << 31) != 0 {
+        s.push_str(" with invalid arguments");
+    }
+    s
+}
+
+pub(super) fn fnv(words: impl IntoIterator<Item = u64>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for w in words {
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Combines received bytes into working-buffer bytes.
+pub(super) type Reducer<'a> = dyn Fn(&mut [u8], &[u8], Order) + 'a;
+
+/// No combining (data movement only).
+pub(super) fn copy_only(_: &mut [u8], _: &[u8], _: Order) {}
+
+const SUB_ABORT: u32 = 0;
+const SUB_AGREE: u32 = 1;
+const SUB_COUNTS: u32 = 2;
+pub(super) const SUB_DATA: u32 = 64;
+
+/// What one collective call states; [`run`] does the rest.
+pub(super) struct Call {
+    pub kind: Kind,
+    /// Elements (compared across ranks; 0 where ranks legitimately differ).
+    pub count: usize,
+    /// Element type and operator codes (0: none).
+    pub dtype: u8,
+    pub op: u8,
+    /// Bytes per element.
+    pub elem: usize,
+    pub root: u32,
+    pub algo: u8,
+    /// Anything else every rank must agree on (a hash of counts), mixed with the settings.
+    pub extra: u64,
+    /// This rank's own argument problem.
+    pub invalid: Option<CollError>,
+    /// For the rooted `v` collectives: this rank's view of each rank's element count
+    /// (`None`: no view); every two views of one rank must agree.
+    pub per_rank: Option<Vec<Option<u64>>>,
+}
+
+impl Call {
+    pub(super) fn new(kind: Kind, count: usize) -> Call {
+        Call {
+            kind,
+            count,
+            dtype: 0,
+            op: 0,
+            elem: 0,
+            root: 0,
+            algo: 0,
+            extra: 0,
+            invalid: None,
+            per_rank: None,
+        }
+    }
+    pub(super) fn dtype<T: super::Element>(mut self) -> Call {
+        self.dtype = T::DTYPE.code();
+        self.elem = std::mem::size_of::<T>();
+        self
+    }
+    pub(super) fn root(mut self, root: u32) -> Call {
+        self.root = root;
+        self
+    }
+    pub(super) fn invalid(mut self, e: Option<CollError>) -> Call {
+        self.invalid = e;
+        self
+    }
+}
+
+/// Runs one collective call: the steps every collective shares, then `body` (which states
+/// the schedule and kernel), then waits for the sends.
+pub(super) fn run<R>(
+    link: &CollLink,
+    seq: u32,
+    cfg: &CollConfig,
+    call: Call,
+    body: impl FnOnce(&mut Exec<'_>) -> Result<R>,
+) -> Result<R> {
+    let spec = call.kind.spec();
+    let mut ex = Exec::new(link, call.kind, seq)?;
+    let desc = Desc {
+        kind: call.kind,
+        dtype: call.dtype,
+        op: call.op,
+        algo: call.algo,
+        bad: call.invalid.is_some(),
+        root: call.root,
+        count: call.count as u64,
+        extra: call.extra ^ cfg.chunk_bytes as u64 ^ (call.elem as u64) << 48,
+    };
+    ex.agree(&desc, cfg)?;
+    if spec.rooted && call.root >= ex.n {
+        return Err(Error::InvalidRank {
+            rank: call.root,
+            size: ex.n,
+        });
+    }
+    if let Some(e) = call.invalid {
+        return Err(e.into());
+    }
+    if let Some(views) = &call.per_rank {
+        ex.agree_counts(views, cfg)?;
+    }
+    let r = body(&mut ex)?;
+    ex.wait_sends()?;
+    Ok(r)
+}
+
+/// Runs one collective call's schedules over the network.
+pub(super) struct Exec<'c> {
+    link: &'c CollLink,
+    name: &'static str,
+    seq: u32,
+    pub(super) me: u32,
+    pub(super) n: u32,
+    start: Instant,
+    deadline: Instant,
+    abort: Option<CollRecv>,
+    /// reporter -> the rank it waited for.
+    reports: BTreeMap<u32, u32>,
+    aborted: bool,
+    sends: Vec<(CollSend, u32)>,
+}
+
+struct Pending {
+    req: CollRecv,
+    peer: u32,
+    range: Range<usize>,
+    action: Action,
+    index: usize,
+}
+
+impl<'c> Exec<'c> {
+    fn new(link: &'c CollLink, kind: Kind, seq: u32) -> Result<Exec<'c>> {
+        let start = Instant::now();
+        let mut ex = Exec {
+            link,
+            name: kind.name(),
+            seq,
+            me: link.rank(),
+            n: link.size(),
+            start,
+            deadline: start + link.timeout(),
+            abort: None,
+            reports: BTreeMap::new(),
+            aborted: false,
+            sends: Vec::new(),
+        };
+        if ex.n > 1 {
+            ex.abort = Some(link.post_recv(Source::Any, ex.tag(SUB_ABORT), 8)?);
+        }
+        Ok(ex)
+    }
+
+    fn tag(&self, sub: u32) -> CollTag {
+        CollTag::new(self.seq, sub)
+    }
+
+    /// Compares `desc` across all ranks; every rank fails alike on a mismatch. When the only
+    /// difference is that some rank's arguments are invalid, that rank returns its own error
+    /// (the caller's) and the others [`CollError::PeerArguments`].
+    fn agree(&mut self, desc: &Desc, cfg: &CollConfig) -> Result<()> {
+        if self.n == 1 || !cfg.check {
+            return Ok(());
+        }
+        let w = desc.words();
+        let me = u64::from(self.me);
+        let mut rec = [w[0], w[1], w[2], me, w[0], w[1], w[2], me];
+        let steps = schedule::recursive_doubling(self.n, self.me, 1);
+        let combine = |dst: &mut [u8], src: &[u8], _: Order| {
+            let s: [u64; 8] = bytemuck::pod_read_unaligned(src);
+            let d: &mut [u64] = bytemuck::cast_slice_mut(dst);
+            if s[..4] < d[..4] {
+                d[..4].copy_from_slice(&s[..4]);
+            }
+            if s[4..] > d[4..] {
+                d[4..].copy_from_slice(&s[4..]);
+            }
+        };
+        self.run_steps(
+            bytemuck::bytes_of_mut(&mut rec),
+            &[],
+            64,
+            &steps,
+            1,
+            SUB_AGREE,
+            &combine,
+        )?;
+        if rec[..3] == rec[4..7] {
+            return Ok(());
+        }
+        let (a, b) = (rec[3] as u32, rec[7] as u32);
+        if rec[0] ^ rec[4] == 1 << 31 && rec[1..3] == rec[5..7] {
+            // Only the invalid-arguments bit differs; the maximum (rank b) has it set.
+            if desc.bad {
+                return Ok(());
+            }
+            return Err(CollError::PeerArguments {
+                op: self.name,
+                rank: b,
+            }
+            .into());
+        }
+        Err(Error::Protocol {
+            peer: if a == self.me { b } else { a },
+            what: format!(
+                "{}: ranks called different collectives or with different arguments: \
+                 rank {a} called {}; rank {b} called {}",
+                self.name,
+                describe(&rec[..3]),
+                describe(&rec[4..7])
+            ),
+        })
+    }
+
+    /// Compares every rank's view of every rank's element count (a recursive-doubling
+    /// reduction of per-rank minimum and maximum); on a difference every rank fails with
+    /// [`CollError::CountMismatch`].
+    fn agree_counts(&mut self, views: &[Option<u64>], cfg: &CollConfig) -> Result<()> {
+        if self.n == 1 || !cfg.check {
+            return Ok(());
+        }
+        let mut rec: Vec<u64> = views
+            .iter()
+            .flat_map(|v| match v {
+                Some(c) => [*c, *c],
+                None => [u64::MAX, 0],
+            })
+            .collect();
+        let steps = schedule::recursive_doubling(self.n, self.me, 1);
+        let combine = |dst: &mut [u8], src: &[u8], _: Order| {
+            let d: &mut [u64] = bytemuck::cast_slice_mut(dst);
+            for (i, c) in src.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                d[i] = if i % 2 == 0 { d[i].min(v) } else { d[i].max(v) };
+            }
+        };
+        let bytes = rec.len() * 8;
+        self.run_steps(
+            bytemuck::cast_slice_mut(&mut rec),
+            &[],
+            bytes,
+            &steps,
+            1,
+            SUB_COUNTS,
+            &combine,
+        )?;
+        for (r, p) in rec.chunks_exact(2).enumerate() {
+            if p[0] != u64::MAX && p[0] != p[1] {
+                return Err(CollError::CountMismatch {
+                    op: self.name,
+                    rank: r as u32,
+                    a: p[0],
+                    b: p[1],
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls `done` (progressing the engine) until it yields, the deadline passes, or another
+    /// rank reports a failure.
+    fn poll<R>(&mut self, peer: u32, mut done: impl FnMut() -> Option<R>) -> Result<R> {
+        let mut backoff = efa_fabric::Backoff::new();
+        loop {
+            if let Some(x) = done() {
+                return Ok(x);
+            }
+            self.link.progress()?;
+            if let Some(x) = done() {
+                return Ok(x);
+            }
+            if self.collect_aborts().is_some() {
+                // Another rank gave up: report whom we wait for, hear the other reports,
+                // then blame the end of the chain that starts at our peer.
+                if let Some(e) = self.link.deadline_culprit(self.start.elapsed()) {
+                    return Err(e);
+                }
+                self.send_abort(peer);
+                self.grace();
+                let blame = self.blame(peer);
+                return Err(Error::Timeout {
+                    op: self.name,
+                    peer: Some(blame),
+                    waited: self.start.elapsed(),
+                });
+            }
+            if Instant::now() >= self.deadline {
+                return Err(self.timed_out(peer));
+            }
+            backoff.snooze();
+        }
+    }
+
+    /// Reads abort reports; returns the rank to blame when one names another rank than us.
+    fn collect_aborts(&mut self) -> Option<u32> {
+        let mut blame = None;
+        while let Some(res) = self.abort.as_mut().and_then(|a| a.take()) {
+            self.abort = self
+                .link
+                .post_recv(Source::Any, self.tag(SUB_ABORT), 8)
+                .ok();
+            if let Ok((st, d)) = res {
+                if let Ok(b) = <[u8; 4]>::try_from(&d[..]) {
+                    let suspect = u32::from_le_bytes(b);
+                    self.reports.insert(st.source, suspect);
+                    if suspect != self.me {
+                        blame = Some(suspect);
+                    }
+                }
+            }
+        }
+        blame.map(|b| self.blame(b))
+    }
+
+    /// Follows the chain of reports from `q` (a rank that reported is alive).
+    fn blame(&self, mut q: u32) -> u32 {
+        for _ in 0..self.n {
+            match self.reports.get(&q) {
+                Some(&next) if next != q && next != self.me => q = next,
+                _ => break,
+            }
+        }
+        q
+    }
+
+    fn send_abort(&mut self, suspect: u32) {
+        if self.aborted {
+            return;
+        }
+        self.aborted = true;
+        let tag = self.tag(SUB_ABORT);
+        // Not to the suspects: sends to a dead rank may stall in the provider.
+        let suspects: Vec<u32> = self.reports.values().copied().chain([suspect]).collect();
+        for r in (0..self.n).filter(|r| *r != self.me && !suspects.contains(r)) {
+            // Detached: the outcome does not matter.
+            drop(self.link.post_send(&suspect.to_le_bytes(), r, tag));
+        }
+    }
+
+    /// The deadline passed while waiting for `peer`: tell everyone, listen for their
+    /// reports for a moment, and blame the end of the chain.
+    fn timed_out(&mut self, peer: u32) -> Error {
+        // A rank known to have failed, or stopped on this host, is the culprit: every rank
+        // is told at once, and the wait chain below is not needed.
+        if let Some(e) = self.link.deadline_culprit(self.start.elapsed()) {
+            return e;
+        }
+        self.send_abort(peer);
+        self.grace();
+        Error::Timeout {
+            op: self.name,
+            peer: Some(self.blame(peer)),
+            waited: self.start.elapsed(),
+        }
+    }
+
+    /// Collects abort reports for a moment.
+    fn grace(&mut self) {
+        let grace =
+            (self.link.timeout() / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            let _ = self.link.progress();
+            let _ = self.collect_aborts();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn wait_recv(&mut self, mut p: Pending, elem: usize) -> Result<Vec<u8>> {
+        let peer = p.peer;
+        let (_, data) = self.poll(peer, || p.req.take())??;
+        let want = p.range.len() * elem;
+        if data.len() != want {
+            return Err(CollError::SizeMismatch {
+                op: self.name,
+                peer,
+                expected: want,
+                got: data.len(),
+            }
+            .into());
+        }
+        Ok(data)
+    }
+
+    fn isend(&mut self, bytes: &[u8], peer: u32, sub: u32) -> Result<()> {
+        let r = self.link.post_send(bytes, peer, self.tag(sub))?;
+        self.sends.push((r, peer));
+        Ok(())
+    }
+
+    /// Runs `steps` (see [`schedule`] for their meaning) over `work` (and `input` for sends
+    /// marked so), in chunks of at most `chunk` elements of `elem` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_steps(
+        &mut self,
+        work: &mut [u8],
+        input: &[u8],
+        elem: usize,
+        steps: &[Step],
+        chunk: usize,
+        sub_base: u32,
+        reduce: &Reducer<'_>,
+    ) -> Result<()> {
+        let chunks = |r: &Range<usize>| -> Vec<Range<usize>> {
+            (r.start..r.end)
+                .step_by(chunk.max(1))
+                .map(|s| s..(s + chunk).min(r.end))
+                .collect()
+        };
+        let bytes = |r: &Range<usize>| r.start * elem..r.end * elem;
+        // One tag per phase: the steps of different ranks do not line up (folded ranks have
+        // fewer), but each pair's messages are matched in the order both sides list them.
+        let sub = sub_base;
+        let post = |ex: &mut Exec<'_>, s: usize| -> Result<Vec<Pending>> {
+            let mut out = Vec::new();
+            for (index, rv) in steps[s].recvs.iter().enumerate() {
+                for c in chunks(&rv.range) {
+                    let req =
+                        ex.link
+                            .post_recv(Source::Rank(rv.peer), ex.tag(sub), c.len() * elem)?;
+                    out.push(Pending {
+                        req,
+                        peer: rv.peer,
+                        range: c,
+                        action: rv.action,
+                        index,
+                    });
+                }
+            }
+            Ok(out)
+        };
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let mut cur = post(self, 0)?;
+        let mut early = vec![false; steps[0].sends.len()];
+        for s in 0..steps.len() {
+            // Sends of this step not already issued chunk by chunk.
+            for (k, x) in steps[s].sends.iter().enumerate() {
+                if early[k] {
+                    continue;
+                }
+                for c in chunks(&x.range) {
+                    let src = if x.input { input } else { &*work };
+                    let r = self
+                        .link
+                        .post_send(&src[bytes(&c)], x.peer, self.tag(sub))?;
+                    self.sends.push((r, x.peer));
+                }
+            }
+            let next_sends = steps.get(s + 1).map_or(&[][..], |n| &n.sends[..]);
+            let next = if s + 1 < steps.len() {
+                post(self, s + 1)?
+            } else {
+                Vec::new()
+            };
+            early = vec![false; next_sends.len()];
+            // For each receive of this step, the next step's sends of exactly its range.
+            let follow: Vec<Vec<usize>> = steps[s]
+                .recvs
+                .iter()
+                .map(|rv| {
+                    next_sends
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| !x.input && x.range == rv.range)
+                        .map(|(k, _)| k)
+                        .collect()
+                })
+                .collect();
+            for f in &follow {
+                for &k in f {
+                    early[k] = true;
+                }
+            }
+            for p in cur.drain(..) {
+                let (range, action, index) = (p.range.clone(), p.action, p.index);
+                let data = self.wait_recv(p, elem)?;
+                let dst = &mut work[bytes(&range)];
+                match action {
+                    Action::Copy => dst.copy_from_slice(&data),
+                    Action::Reduce(o) => reduce(dst, &data, o),
+                }
+                // Back to the communicator's buffer pool: no fresh mapping next time.
+                self.link.recycle(data);
+                for &k in &follow[index] {
+                    self.isend(&work[bytes(&range)], next_sends[k].peer, sub)?;
+                }
+            }
+            cur = next;
+        }
+        self.wait_sends()
+    }
+
+    fn wait_sends(&mut self) -> Result<()> {
+        for (r, peer) in std::mem::take(&mut self.sends) {
+            self.poll(peer, || r.is_finished().then_some(()))?;
+            r.wait()?;
+        }
+        Ok(())
+    }
+}
