@@ -98,7 +98,10 @@ pub mod store;
 pub mod window;
 pub mod wire;
 
-pub use coll::{Algorithm, CollConfig, CollRequest, Element, ReduceOp};
+pub use coll::{
+    Algorithm, CollConfig, CollError, CollRequest, Element, LocOp, ReduceOp, Reduction, UserOp,
+    ValueIndex,
+};
 pub use comm::{
     Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
     Tag,

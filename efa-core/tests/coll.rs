@@ -6,6 +6,8 @@
 use std::time::{Duration, Instant};
 
 use efa_core::coll::kernel::reference;
+use efa_core::coll::ops::loc_reference;
+use efa_core::coll::{CollError, LocOp, LocValue, UserOp, ValueIndex};
 use efa_core::{Algorithm, CollConfig, Communicator, Element, Error, ReduceOp};
 use half::{bf16, f16};
 
@@ -524,6 +526,732 @@ fn dead_rank_is_named() {
                 .matches("dead rank named")
                 .count(),
             n as usize - 1
+        );
+    }
+}
+
+// ---- gatherv / scatterv / alltoallv, scan / exscan, user-defined and location ops ----
+
+/// A deterministic generator shared by every rank (same seed, same numbers).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> usize {
+        (self.next() % n.max(1)) as usize
+    }
+}
+
+/// Counts (some 0) and displacements in a shuffled order with gaps; returns the buffer
+/// length they need.
+fn random_layout(rng: &mut Rng, n: usize, max: u64) -> (Vec<usize>, Vec<usize>, usize) {
+    let counts: Vec<usize> = (0..n)
+        .map(|_| {
+            if rng.below(4) == 0 {
+                0
+            } else {
+                rng.below(max + 1)
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1));
+    }
+    let mut displs = vec![0; n];
+    let mut off = rng.below(3);
+    for &r in &order {
+        displs[r] = off;
+        off += counts[r] + rng.below(3);
+    }
+    (counts, displs, off)
+}
+
+fn v_value(src: u32, dst: usize, i: usize) -> u64 {
+    (src as u64) << 40 | (dst as u64) << 20 | i as u64
+}
+
+/// gatherv, scatterv, alltoallv and allgatherv (in place, out of place, non-blocking)
+/// against a serial reference, for random layouts including empty blocks.
+fn check_v(comm: &Communicator, rounds: u64) -> usize {
+    let (me, n) = (comm.rank(), comm.size());
+    let (m, nu) = (me as usize, n as usize);
+    let mut checks = 0;
+    for round in 0..rounds {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((round + 1) * 0x1234_5678) ^ n as u64);
+        let max = if round % 4 == 3 { 3000 } else { 9 };
+        let root = rng.below(n as u64) as u32;
+        let (counts, displs, len) = random_layout(&mut rng, nu, max);
+        let block =
+            |r: usize| -> Vec<u64> { (0..counts[r]).map(|i| v_value(r as u32, 0, i)).collect() };
+        // The root's full buffer: each rank's block at its displacement, 7 elsewhere.
+        let mut full = vec![7u64; len];
+        for r in 0..nu {
+            full[displs[r]..displs[r] + counts[r]].copy_from_slice(&block(r));
+        }
+        let mine = block(m);
+        // gatherv_into.
+        let mut recv = vec![7u64; if me == root { len } else { 0 }];
+        comm.gatherv_into(&mine, &mut recv, &counts, &displs, root)
+            .unwrap();
+        if me == root {
+            assert_eq!(recv, full, "gatherv_into round {round}");
+        }
+        // gatherv in place: the root's own block already there; non-roots pass no counts.
+        let mut buf = if me == root {
+            let mut b = vec![7u64; len];
+            b[displs[m]..displs[m] + counts[m]].copy_from_slice(&mine);
+            b
+        } else {
+            mine.clone()
+        };
+        let (c, d): (&[usize], &[usize]) = if me == root {
+            (&counts, &displs)
+        } else {
+            (&[], &[])
+        };
+        comm.gatherv(&mut buf, c, d, root).unwrap();
+        assert_eq!(
+            buf,
+            if me == root {
+                full.clone()
+            } else {
+                mine.clone()
+            },
+            "gatherv"
+        );
+        // scatterv_into and scatterv.
+        let mut got = vec![0u64; counts[m]];
+        comm.scatterv_into(if me == root { &full } else { &[] }, &mut got, c, d, root)
+            .unwrap();
+        assert_eq!(got, mine, "scatterv_into round {round}");
+        let mut buf = if me == root {
+            full.clone()
+        } else {
+            vec![0u64; counts[m]]
+        };
+        comm.scatterv(&mut buf, c, d, root).unwrap();
+        assert_eq!(
+            buf,
+            if me == root {
+                full.clone()
+            } else {
+                mine.clone()
+            },
+            "scatterv"
+        );
+        // Non-blocking forms, both in flight at once.
+        let g = comm.igatherv(
+            if me == root {
+                {
+                    let mut b = vec![7u64; len];
+                    b[displs[m]..displs[m] + counts[m]].copy_from_slice(&mine);
+                    b
+                }
+            } else {
+                mine.clone()
+            },
+            counts.clone(),
+            displs.clone(),
+            root,
+        );
+        let s = comm.iscatterv(
+            if me == root {
+                full.clone()
+            } else {
+                vec![0u64; counts[m]]
+            },
+            counts.clone(),
+            displs.clone(),
+            root,
+        );
+        assert_eq!(
+            g.wait().unwrap(),
+            if me == root {
+                full.clone()
+            } else {
+                mine.clone()
+            }
+        );
+        assert_eq!(
+            s.wait().unwrap(),
+            if me == root {
+                full.clone()
+            } else {
+                mine.clone()
+            }
+        );
+        // alltoallv: every rank's layout from the shared generator; rank s sends
+        // cnt[s][d] elements to d.
+        let layouts: Vec<(Vec<usize>, Vec<usize>, usize)> =
+            (0..nu).map(|_| random_layout(&mut rng, nu, max)).collect();
+        // 0 to 3 elements per pair, 0 to 1500 in the large rounds.
+        let scale = if max > 9 { 500 } else { 1 };
+        let cnt = |s: usize, d: usize| (s * 7 + d * 3 + round as usize) % 4 * scale;
+        let sc: Vec<usize> = (0..nu).map(|d| cnt(m, d)).collect();
+        let rc: Vec<usize> = (0..nu).map(|s| cnt(s, m)).collect();
+        let sd: Vec<usize> = schedule_offsets(&sc, layouts[m].2 % 3);
+        let rd: Vec<usize> = {
+            // Receive blocks in reverse rank order, with a gap of one.
+            let mut off = 1;
+            let mut v = vec![0; nu];
+            for s in (0..nu).rev() {
+                v[s] = off;
+                off += rc[s] + 1;
+            }
+            v
+        };
+        let slen = sd.iter().zip(&sc).map(|(a, b)| a + b).max().unwrap_or(0);
+        let rlen = rd.iter().zip(&rc).map(|(a, b)| a + b).max().unwrap_or(0) + 1;
+        let mut send = vec![9u64; slen];
+        for d in 0..nu {
+            for i in 0..sc[d] {
+                send[sd[d] + i] = v_value(me, d, i);
+            }
+        }
+        let mut want = vec![5u64; rlen];
+        for s in 0..nu {
+            for i in 0..rc[s] {
+                want[rd[s] + i] = v_value(s as u32, m, i);
+            }
+        }
+        let mut recv = vec![5u64; rlen];
+        comm.alltoallv_into(&send, &sc, &sd, &mut recv, &rc, &rd)
+            .unwrap();
+        assert_eq!(recv, want, "alltoallv_into round {round}");
+        // In place (counts symmetric: cnt(s, d) as counts for both directions needs
+        // cnt(me, d) == cnt(d, me); use the symmetric part).
+        let sym: Vec<usize> = (0..nu).map(|d| cnt(m.min(d), m.max(d))).collect();
+        let sdis = schedule_offsets(&sym, 0);
+        let total: usize = sym.iter().sum();
+        let mut buf = vec![0u64; total];
+        for d in 0..nu {
+            for i in 0..sym[d] {
+                buf[sdis[d] + i] = v_value(me, d, i);
+            }
+        }
+        let mut want = vec![0u64; total];
+        for s in 0..nu {
+            for i in 0..sym[s] {
+                want[sdis[s] + i] = v_value(s as u32, m, i);
+            }
+        }
+        let b2 = buf.clone();
+        comm.alltoallv(&mut buf, &sym, &sdis).unwrap();
+        assert_eq!(buf, want, "alltoallv in place round {round}");
+        let r = comm.ialltoallv(b2, sym.clone(), sdis.clone());
+        assert_eq!(r.wait().unwrap(), want, "ialltoallv");
+        // allgatherv in place and non-blocking.
+        let total: usize = counts.iter().sum();
+        let off: usize = counts[..m].iter().sum();
+        let mut buf = vec![0u64; total];
+        buf[off..off + counts[m]].copy_from_slice(&mine);
+        let all: Vec<u64> = (0..nu).flat_map(block).collect();
+        let r = comm.iallgatherv(buf.clone(), counts.clone());
+        comm.allgatherv(&mut buf, &counts).unwrap();
+        assert_eq!(buf, all, "allgatherv");
+        assert_eq!(r.wait().unwrap(), all, "iallgatherv");
+        checks += 12;
+    }
+    checks
+}
+
+/// Contiguous offsets after a lead of `start` elements.
+fn schedule_offsets(counts: &[usize], start: usize) -> Vec<usize> {
+    let mut off = start;
+    counts
+        .iter()
+        .map(|&c| {
+            off += c;
+            off - c
+        })
+        .collect()
+}
+
+/// Scan and exscan, every op, against the serial reference of the ranks before.
+fn check_scan<T: TestElem>(comm: &Communicator, name: &str) -> usize {
+    let (me, n) = (comm.rank(), comm.size());
+    let m = me as usize;
+    let mut checks = 0;
+    for op in OPS {
+        for count in [0usize, 1, 7, 1021, 40_000] {
+            let inputs: Vec<Vec<T>> = (0..n).map(|r| input(r, count, op, 11)).collect();
+            let incl = reference(&inputs[..=m], op);
+            let bytes = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
+            let mut b = inputs[m].clone();
+            comm.scan(&mut b, op).unwrap();
+            assert!(
+                bytes(&b) == bytes(&incl),
+                "{name} scan {op:?} count {count}"
+            );
+            let mut out = vec![T::from_i(0); count];
+            comm.scan_into(&inputs[m], &mut out, op).unwrap();
+            assert!(bytes(&out) == bytes(&incl), "{name} scan_into {op:?}");
+            // Exscan: rank 0 untouched, in place and out of place.
+            let excl = if me == 0 {
+                inputs[0].clone()
+            } else {
+                reference(&inputs[..m], op)
+            };
+            let mut b = inputs[m].clone();
+            comm.exscan(&mut b, op).unwrap();
+            assert!(
+                bytes(&b) == bytes(&excl),
+                "{name} exscan {op:?} count {count}"
+            );
+            let marker = vec![T::from_i(3); count];
+            let mut out = marker.clone();
+            comm.exscan_into(&inputs[m], &mut out, op).unwrap();
+            let want = if me == 0 { &marker } else { &excl };
+            assert!(bytes(&out) == bytes(want), "{name} exscan_into {op:?}");
+            let r1 = comm.iscan(inputs[m].clone(), op);
+            let r2 = comm.iexscan(inputs[m].clone(), op);
+            assert!(bytes(&r1.wait().unwrap()) == bytes(&incl));
+            assert!(bytes(&r2.wait().unwrap()) == bytes(&excl));
+            checks += 6;
+        }
+    }
+    checks
+}
+
+type Mat = [u64; 4];
+
+/// 2x2 matrix product (wrapping): associative, not commutative.
+fn matmul(a: &Mat, b: &Mat) -> Mat {
+    let m = |x: u64, y: u64| x.wrapping_mul(y);
+    [
+        m(a[0], b[0]).wrapping_add(m(a[1], b[2])),
+        m(a[0], b[1]).wrapping_add(m(a[1], b[3])),
+        m(a[2], b[0]).wrapping_add(m(a[3], b[2])),
+        m(a[2], b[1]).wrapping_add(m(a[3], b[3])),
+    ]
+}
+
+fn mat_op() -> UserOp<Mat> {
+    UserOp::non_commutative(|acc: &mut [Mat], x: &[Mat]| {
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a = matmul(a, b);
+        }
+    })
+}
+
+fn mat_input(r: u32, count: usize) -> Vec<Mat> {
+    (0..count)
+        .map(|i| {
+            let k = (r as u64 + 3) * 0x9E37_79B9 + i as u64 * 77;
+            [k % 5 + 1, k % 3, (k >> 3) % 4, k % 7 + 2]
+        })
+        .collect()
+}
+
+/// The left-to-right product of the inputs of ranks `ranks`.
+fn mat_ref(inputs: &[Vec<Mat>]) -> Vec<Mat> {
+    let mut out = inputs[0].clone();
+    for x in &inputs[1..] {
+        for (a, b) in out.iter_mut().zip(x) {
+            *a = matmul(a, b);
+        }
+    }
+    out
+}
+
+/// User-defined operators: a non-commutative one must be applied in rank order in every
+/// reduction (even when the ring is asked for), a commutative one may use any schedule.
+fn check_user_ops(comm: &Communicator) -> usize {
+    let (me, n) = (comm.rank(), comm.size());
+    let m = me as usize;
+    let mut checks = 0;
+    for algo in [
+        Algorithm::Auto,
+        Algorithm::Ring,
+        Algorithm::RecursiveDoubling,
+    ] {
+        let cfg = CollConfig {
+            algorithm: algo,
+            ring_threshold: 1024,
+            chunk_bytes: 1024,
+            ..CollConfig::default()
+        };
+        for count in [0usize, 1, 5, 3001] {
+            let inputs: Vec<Vec<Mat>> = (0..n).map(|r| mat_input(r, count)).collect();
+            let all = mat_ref(&inputs);
+            let mut b = inputs[m].clone();
+            comm.allreduce_with(&mut b, mat_op(), &cfg).unwrap();
+            assert_eq!(b, all, "matmul allreduce {algo:?} count {count}");
+            for root in 0..n {
+                let mut b = inputs[m].clone();
+                comm.reduce(&mut b, mat_op(), root).unwrap();
+                if me == root {
+                    assert_eq!(b, all, "matmul reduce root {root} count {count}");
+                }
+            }
+            let mut b = inputs[m].clone();
+            comm.scan(&mut b, mat_op()).unwrap();
+            assert_eq!(b, mat_ref(&inputs[..=m]), "matmul scan");
+            let mut b = inputs[m].clone();
+            comm.exscan(&mut b, mat_op()).unwrap();
+            let want = if me == 0 {
+                inputs[0].clone()
+            } else {
+                mat_ref(&inputs[..m])
+            };
+            assert_eq!(b, want, "matmul exscan");
+            // Reduce-scatter of n blocks of count / 3 + 1.
+            let c = count / 3 + 1;
+            let ins: Vec<Vec<Mat>> = (0..n).map(|r| mat_input(r + 10, c * n as usize)).collect();
+            let full = mat_ref(&ins);
+            let mut out = vec![[0u64; 4]; c];
+            comm.reduce_scatter_into(&ins[m], &mut out, mat_op())
+                .unwrap();
+            assert_eq!(out, full[m * c..(m + 1) * c], "matmul reduce_scatter");
+            let r = comm.iallreduce(inputs[m].clone(), mat_op());
+            assert_eq!(r.wait().unwrap(), all, "matmul iallreduce");
+            checks += 5 + n as usize;
+        }
+        // A commutative user op on a struct-like type: wrapping sums of three fields.
+        let add3 = UserOp::<[u32; 3]>::commutative(|acc, x| {
+            for (a, b) in acc.iter_mut().zip(x) {
+                for k in 0..3 {
+                    a[k] = a[k].wrapping_add(b[k]);
+                }
+            }
+        });
+        let count = 5000;
+        let v = |r: u32, i: usize| [r * 3 + i as u32, i as u32 ^ r, u32::MAX - r];
+        let mut b: Vec<[u32; 3]> = (0..count).map(|i| v(me, i)).collect();
+        comm.allreduce_with(&mut b, add3.clone(), &cfg).unwrap();
+        for (i, x) in b.iter().enumerate() {
+            let mut w = [0u32; 3];
+            for r in 0..n {
+                for (a, b) in w.iter_mut().zip(v(r, i)) {
+                    *a = a.wrapping_add(b);
+                }
+            }
+            assert_eq!(*x, w, "commutative user op element {i}");
+        }
+        checks += 1;
+    }
+    checks
+}
+
+/// MINLOC and MAXLOC over several value types, with many ties.
+fn check_loc<V: TestElem + LocValue>(comm: &Communicator, name: &str) -> usize {
+    let (me, n) = (comm.rank(), comm.size());
+    let m = me as usize;
+    let mut checks = 0;
+    for count in [0usize, 1, 9, 2000] {
+        // Values from a range of 3, so elements tie across ranks; the index is not the
+        // rank, and the lowest index belongs to the highest rank.
+        let inputs: Vec<Vec<ValueIndex<V>>> = (0..n)
+            .map(|r| {
+                (0..count)
+                    .map(|i| {
+                        // Even elements: the same value on every rank (a full tie);
+                        // odd ones: 3 values over the ranks.
+                        let k = (i * 7 + r as usize * (i % 2)) % 3;
+                        ValueIndex::new(V::from_i(k as i64), ((n - r) * 100 + (i % 4) as u32) % 301)
+                    })
+                    .collect()
+            })
+            .collect();
+        for op in [LocOp::MinLoc, LocOp::MaxLoc] {
+            let want = loc_reference(&inputs, op);
+            let mut b = inputs[m].clone();
+            comm.allreduce(&mut b, op).unwrap();
+            assert_eq!(b, want, "{name} {op:?} allreduce count {count}");
+            let mut b = inputs[m].clone();
+            comm.reduce(&mut b, op, n - 1).unwrap();
+            if me == n - 1 {
+                assert_eq!(b, want, "{name} {op:?} reduce");
+            }
+            let mut b = inputs[m].clone();
+            comm.scan(&mut b, op).unwrap();
+            assert_eq!(b, loc_reference(&inputs[..=m], op), "{name} {op:?} scan");
+            checks += 3;
+        }
+    }
+    checks
+}
+
+#[test]
+#[ignore = "rank program for new_collectives_match_reference"]
+fn child_new_collectives() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    let n = comm.size();
+    for peer in (0..n).filter(|&p| p != comm.rank()) {
+        let r = comm.route(peer).unwrap();
+        println!("route {}->{peer}: {} ({r})", comm.rank(), r.transport);
+    }
+    let mut checks = check_v(&comm, 12);
+    checks += check_scan::<i64>(&comm, "i64");
+    checks += check_scan::<f32>(&comm, "f32");
+    checks += check_scan::<f16>(&comm, "f16");
+    checks += check_scan::<u8>(&comm, "u8");
+    checks += check_user_ops(&comm);
+    checks += check_loc::<f32>(&comm, "f32");
+    checks += check_loc::<i32>(&comm, "i32");
+    checks += check_loc::<u8>(&comm, "u8");
+    checks += check_loc::<f64>(&comm, "f64");
+    checks += check_loc::<bf16>(&comm, "bf16");
+    checks += check_loc::<u64>(&comm, "u64");
+    comm.barrier().unwrap();
+    println!(
+        "rank {}: new collectives verified ({checks} checks, n={n})",
+        comm.rank()
+    );
+}
+
+fn run_new(n: u32, env: &[(&str, &str)]) -> String {
+    let t = Instant::now();
+    let out = efarun(n, "child_new_collectives", env);
+    assert!(out.status.success(), "efarun -n {n} failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        text.matches("new collectives verified").count(),
+        n as usize,
+        "n={n}"
+    );
+    println!("n={n}: {:?}", t.elapsed());
+    text
+}
+
+#[test]
+fn new_collectives_match_reference_shm() {
+    for n in 2..=4 {
+        let text = run_new(n, &[]);
+        assert_routes(&text, n, "shm");
+    }
+}
+
+#[test]
+fn new_collectives_match_reference_ip() {
+    for n in [2, 4] {
+        let text = run_new(n, &[("EFA_TRANSPORTS", "ip")]);
+        assert_routes(&text, n, "ip");
+    }
+}
+
+/// Bad counts and displacements: the rank that passed them gets the error saying which,
+/// the others an error naming it, at once; no rank hangs, and the communicator still works.
+#[test]
+#[ignore = "rank program for bad_counts_fail_on_every_rank"]
+fn child_bad_counts() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    let (me, n) = (comm.rank(), comm.size());
+    let nu = n as usize;
+    let t = Instant::now();
+    let coll = |e: Error| match e {
+        Error::Collective(c) => c,
+        e => panic!("rank {me}: expected a collective argument error, got {e:?}"),
+    };
+    let peer_named = |e: CollError, rank: u32| {
+        assert!(
+            matches!(e, CollError::PeerArguments { rank: r, .. } if r == rank),
+            "rank {me}: {e:?}"
+        );
+    };
+    let root = n - 1;
+    let is_root = me == root;
+    // gatherv: the root passes one count too few.
+    let counts = vec![2usize; if is_root { nu - 1 } else { nu }];
+    let displs: Vec<usize> = (0..nu).map(|r| 2 * r).collect();
+    let mut recv = vec![0u32; 2 * nu];
+    let e = coll(
+        comm.gatherv_into(&[1u32; 2], &mut recv, &counts, &displs, root)
+            .unwrap_err(),
+    );
+    println!("rank {me}: gatherv counts: {e}");
+    if is_root {
+        assert!(
+            matches!(e, CollError::CountsLength { what: "counts", .. }),
+            "{e:?}"
+        );
+    } else {
+        peer_named(e, root);
+    }
+    // scatterv: a block past the end of the root's buffer.
+    let counts = vec![2usize; nu];
+    let mut displs: Vec<usize> = (0..nu).map(|r| 2 * r).collect();
+    if is_root {
+        displs[0] = 2 * nu - 1;
+    }
+    let mut got = [0u32; 2];
+    let e = coll(
+        comm.scatterv_into(&vec![1u32; 2 * nu], &mut got, &counts, &displs, root)
+            .unwrap_err(),
+    );
+    println!("rank {me}: scatterv displs: {e}");
+    if is_root {
+        assert!(
+            matches!(e, CollError::BlockOutside { rank: 0, .. }),
+            "{e:?}"
+        );
+    } else {
+        peer_named(e, root);
+    }
+    // gatherv: overlapping receive blocks at the root.
+    let displs: Vec<usize> = (0..nu).map(|r| if r == 1 { 1 } else { 2 * r }).collect();
+    let e = coll(
+        comm.gatherv_into(&[1u32; 2], &mut recv, &counts, &displs, root)
+            .unwrap_err(),
+    );
+    println!("rank {me}: gatherv overlap: {e}");
+    if is_root {
+        assert!(
+            matches!(e, CollError::BlocksOverlap { a: 0, b: 1, .. }),
+            "{e:?}"
+        );
+    } else {
+        peer_named(e, root);
+    }
+    // gatherv: rank 0 sends 3 elements where the root expects 2: every rank is told.
+    let displs: Vec<usize> = (0..nu).map(|r| 3 * r).collect();
+    let mut recv = vec![0u32; 3 * nu];
+    let mine = vec![1u32; if me == 0 { 3 } else { 2 }];
+    let e = coll(
+        comm.gatherv_into(&mine, &mut recv, &counts, &displs, root)
+            .unwrap_err(),
+    );
+    println!("rank {me}: gatherv count mismatch: {e}");
+    assert!(
+        matches!(
+            e,
+            CollError::CountMismatch {
+                rank: 0,
+                a: 2,
+                b: 3,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // alltoallv: rank 1 passes a short displacement list.
+    let c = vec![1usize; nu];
+    let d: Vec<usize> = (0..nu).collect();
+    let short: Vec<usize> = (0..nu - 1).collect();
+    let mut r = vec![0u32; nu];
+    let e = coll(
+        comm.alltoallv_into(
+            &vec![1u32; nu],
+            &c,
+            if me == 1 { &short } else { &d },
+            &mut r,
+            &c,
+            &d,
+        )
+        .unwrap_err(),
+    );
+    println!("rank {me}: alltoallv displs: {e}");
+    if me == 1 {
+        assert!(
+            matches!(
+                e,
+                CollError::CountsLength {
+                    what: "send_displs",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    } else {
+        peer_named(e, 1);
+    }
+    // alltoallv: rank 0 sends 1 element to rank 1, which expects 2. Only rank 1 can tell;
+    // it finishes its own sends first, so nobody waits.
+    let rc: Vec<usize> = (0..nu)
+        .map(|s| if me == 1 && s == 0 { 2 } else { 1 })
+        .collect();
+    let rd = schedule_offsets(&rc, 0);
+    let mut r = vec![0u32; rc.iter().sum()];
+    let res = comm.alltoallv_into(&vec![1u32; nu], &c, &d, &mut r, &rc, &rd);
+    println!("rank {me}: alltoallv pair mismatch: {res:?}");
+    if me == 1 {
+        let e = coll(res.unwrap_err());
+        assert!(
+            matches!(
+                e,
+                CollError::SizeMismatch {
+                    peer: 0,
+                    expected: 8,
+                    got: 4,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    } else {
+        res.unwrap();
+    }
+    // Mismatched calls among the new collectives: scan against exscan, a non-commutative
+    // user op against a commutative one, MINLOC against MAXLOC.
+    let mut b = [1i64; 4];
+    let e = if me == 1 {
+        comm.scan(&mut b, ReduceOp::Sum).unwrap_err()
+    } else {
+        comm.exscan(&mut b, ReduceOp::Sum).unwrap_err()
+    };
+    println!("rank {me}: scan vs exscan: {e}");
+    assert!(
+        matches!(e, Error::Protocol { .. }) && e.to_string().contains("exscan"),
+        "{e:?}"
+    );
+    let e = if me == 0 {
+        comm.allreduce(&mut [[1u64; 4]; 3], mat_op()).unwrap_err()
+    } else {
+        let op = UserOp::<Mat>::commutative(|_, _| {});
+        comm.allreduce(&mut [[1u64; 4]; 3], op).unwrap_err()
+    };
+    println!("rank {me}: user ops: {e}");
+    assert!(e.to_string().contains("non-commutative"), "{e}");
+    let op = if me == 0 {
+        LocOp::MaxLoc
+    } else {
+        LocOp::MinLoc
+    };
+    let e = comm
+        .allreduce(&mut [ValueIndex::new(1.0f32, me)], op)
+        .unwrap_err();
+    println!("rank {me}: loc ops: {e}");
+    assert!(
+        e.to_string().contains("maxloc") && e.to_string().contains("minloc"),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Still usable.
+    let mut v = [ValueIndex::new(me as f64, me)];
+    comm.allreduce(&mut v, LocOp::MaxLoc).unwrap();
+    assert_eq!(v[0].index(), n - 1);
+    println!("rank {me}: bad counts reported");
+}
+
+#[test]
+fn bad_counts_fail_on_every_rank() {
+    for (n, env) in [
+        (2, &[][..]),
+        (3, &[][..]),
+        (4, &[("EFA_TRANSPORTS", "ip")][..]),
+    ] {
+        let out = efarun(n, "child_bad_counts", env);
+        assert!(out.status.success(), "n={n}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout)
+                .matches("bad counts reported")
+                .count(),
+            n as usize
         );
     }
 }

@@ -334,6 +334,9 @@ pub(super) struct Exec<'c> {
     reports: BTreeMap<u32, u32>,
     aborted: bool,
     sends: Vec<(CollSend, u32)>,
+    /// The first receive of the wrong size (only possible when ranks' counts disagree and
+    /// the argument check could not see it: `alltoallv`, or the check turned off).
+    mismatch: Option<Error>,
 }
 
 struct Pending {
@@ -359,6 +362,7 @@ impl<'c> Exec<'c> {
             reports: BTreeMap::new(),
             aborted: false,
             sends: Vec::new(),
+            mismatch: None,
         };
         if ex.n > 1 {
             ex.abort = Some(link.post_recv(Source::Any, ex.tag(SUB_ABORT), 8)?);
@@ -582,20 +586,34 @@ impl<'c> Exec<'c> {
         }
     }
 
-    fn wait_recv(&mut self, mut p: Pending, elem: usize) -> Result<Vec<u8>> {
+    /// The data of a receive, or `None` when it arrived with the wrong size (kept in
+    /// `mismatch` and reported once this rank's part of the schedule is done, so that its
+    /// peers are not left waiting for its sends).
+    fn wait_recv(&mut self, mut p: Pending, elem: usize) -> Result<Option<Vec<u8>>> {
         let peer = p.peer;
-        let (_, data) = self.poll(peer, || p.req.take())??;
         let want = p.range.len() * elem;
-        if data.len() != want {
-            return Err(CollError::SizeMismatch {
-                op: self.name,
-                peer,
-                expected: want,
-                got: data.len(),
+        let data = match self.poll(peer, || p.req.take())? {
+            Ok((_, data)) => data,
+            Err(e @ Error::Truncated { .. }) => {
+                self.mismatch.get_or_insert(e);
+                return Ok(None);
             }
-            .into());
+            Err(e) => return Err(e),
+        };
+        if data.len() != want {
+            self.mismatch.get_or_insert(
+                CollError::SizeMismatch {
+                    op: self.name,
+                    peer,
+                    expected: want,
+                    got: data.len(),
+                }
+                .into(),
+            );
+            self.link.recycle(data);
+            return Ok(None);
         }
-        Ok(data)
+        Ok(Some(data))
     }
 
     fn isend(&mut self, bytes: &[u8], peer: u32, sub: u32) -> Result<()> {
@@ -691,14 +709,17 @@ impl<'c> Exec<'c> {
             }
             for p in cur.drain(..) {
                 let (range, action, index) = (p.range.clone(), p.action, p.index);
-                let data = self.wait_recv(p, elem)?;
-                let dst = &mut work[bytes(&range)];
-                match action {
-                    Action::Copy => dst.copy_from_slice(&data),
-                    Action::Reduce(o) => reduce(dst, &data, o),
+                // A receive of the wrong size is not applied, but the sends that follow it
+                // still go out: the peers wait for them.
+                if let Some(data) = self.wait_recv(p, elem)? {
+                    let dst = &mut work[bytes(&range)];
+                    match action {
+                        Action::Copy => dst.copy_from_slice(&data),
+                        Action::Reduce(o) => reduce(dst, &data, o),
+                    }
+                    // Back to the communicator's buffer pool: no fresh mapping next time.
+                    self.link.recycle(data);
                 }
-                // Back to the communicator's buffer pool: no fresh mapping next time.
-                self.link.recycle(data);
                 for &k in &follow[index] {
                     self.isend(&work[bytes(&range)], next_sends[k].peer, sub)?;
                 }
@@ -713,6 +734,9 @@ impl<'c> Exec<'c> {
             self.poll(peer, || r.is_finished().then_some(()))?;
             r.wait()?;
         }
-        Ok(())
+        match self.mismatch.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }

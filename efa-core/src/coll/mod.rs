@@ -48,7 +48,7 @@
 //! # Element types
 //! See [`Element`]: `f16`/`bf16` are reduced in `f32` and rounded once at the end; their
 //! partial results travel as `f32`. User-defined operators work on any
-//! [`Pod`](bytemuck::Pod) type; [`LocOp`] on [`ValueIndex`] pairs of every [`Element`]
+//! [`Pod`] type; [`LocOp`] on [`ValueIndex`] pairs of every [`Element`]
 //! type.
 //!
 //! # Non-blocking forms

@@ -248,6 +248,8 @@ pub enum LocOp {
 
 /// A value and its index, the element of [`LocOp`] reductions (MPI's `MPI_FLOAT_INT`,
 /// `MPI_2INT`, ...). Packed (no padding, alignment 1): `size_of` is the value's size + 4.
+/// Fields cannot be borrowed (`&p.index` does not compile); read them by value
+/// (`let i = p.index;`) or with [`ValueIndex::value`] and [`ValueIndex::index`].
 #[repr(C, packed)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct ValueIndex<V> {
@@ -261,6 +263,14 @@ impl<V: LocValue> ValueIndex<V> {
     /// A pair.
     pub fn new(value: V, index: u32) -> Self {
         ValueIndex { value, index }
+    }
+    /// The value (a copy: the struct is packed, so its fields cannot be borrowed).
+    pub fn value(&self) -> V {
+        self.value
+    }
+    /// The index.
+    pub fn index(&self) -> u32 {
+        self.index
     }
 }
 
