@@ -1788,3 +1788,112 @@ mod env_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod arg_tests {
+    use super::*;
+
+    fn blocks(
+        counts: &[usize],
+        displs: &[usize],
+        len: usize,
+        disjoint: bool,
+    ) -> std::result::Result<Vec<Range<usize>>, CollError> {
+        v_blocks(
+            "t",
+            "receive",
+            ("counts", "displs"),
+            counts,
+            displs,
+            3,
+            len,
+            disjoint,
+        )
+    }
+
+    #[test]
+    fn counts_and_displacements_are_checked() {
+        // Shuffled, with gaps and an empty block that sits inside another.
+        assert_eq!(
+            blocks(&[2, 0, 3], &[5, 1, 0], 7, true),
+            Ok(vec![5..7, 1..1, 0..3])
+        );
+        assert!(matches!(
+            blocks(&[1, 1], &[0, 1, 2], 3, true),
+            Err(CollError::CountsLength {
+                what: "counts",
+                len: 2,
+                size: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            blocks(&[1, 1, 1], &[0, 1], 3, true),
+            Err(CollError::CountsLength {
+                what: "displs",
+                len: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            blocks(&[1, 2, 1], &[0, 1, 3], 3, true),
+            Err(CollError::BlockOutside {
+                rank: 2,
+                start: 3,
+                end: 4,
+                len: 3,
+                ..
+            })
+        ));
+        // An overflowing displacement is outside, not a panic.
+        assert!(matches!(
+            blocks(&[1, 2, 1], &[0, usize::MAX, 3], 4, true),
+            Err(CollError::BlockOutside {
+                rank: 1,
+                end: usize::MAX,
+                ..
+            })
+        ));
+        assert!(matches!(
+            blocks(&[2, 2, 1], &[3, 0, 1], 5, true),
+            Err(CollError::BlocksOverlap { a: 1, b: 2, .. })
+        ));
+        // Send blocks may overlap.
+        assert_eq!(
+            blocks(&[2, 2, 1], &[3, 0, 1], 5, false),
+            Ok(vec![3..5, 0..2, 1..2])
+        );
+    }
+
+    #[test]
+    fn buffer_shapes() {
+        assert_eq!(divisible("a", "b", 6, 3), None);
+        assert!(matches!(
+            divisible("a", "b", 7, 3),
+            Some(CollError::NotDivisible {
+                len: 7,
+                size: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            allgatherv_bad(3, 1, &[1, 2, 3], 6, Some(1)),
+            Some(CollError::BufferLength {
+                buffer: "send",
+                len: 1,
+                expected: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            allgatherv_bad(3, 1, &[1, 2, 3], 5, None),
+            Some(CollError::BufferLength {
+                buffer: "in-place",
+                len: 5,
+                expected: 6,
+                ..
+            })
+        ));
+        assert_eq!(allgatherv_bad(3, 1, &[1, 2, 3], 6, Some(2)), None);
+    }
+}
