@@ -470,7 +470,8 @@ fn mismatches_fail_on_every_rank() {
     }
 }
 
-/// Rank 2 exits before joining the second allreduce: the others fail within their
+/// Rank 2 exits before joining the second collective (an allreduce, or as `COLL_KIND`
+/// says a gatherv, a scan with a user op, or an alltoallv): the others fail within their
 /// deadline, naming rank 2.
 #[test]
 #[ignore = "rank program for dead_rank_is_named"]
@@ -488,7 +489,23 @@ fn child_dead_rank() {
         std::process::exit(0);
     }
     let t = Instant::now();
-    let e = comm.allreduce(&mut b, ReduceOp::Sum).unwrap_err();
+    let nu = comm.size() as usize;
+    // COLL_KIND picks the collective the survivors are in when rank 2 is gone.
+    let e = match std::env::var("COLL_KIND").as_deref() {
+        Ok("scan") => comm.scan(&mut b, mat_op_f32()).unwrap_err(),
+        Ok("gatherv") => {
+            let counts = vec![len; nu];
+            let displs: Vec<usize> = (0..nu).map(|r| r * len).collect();
+            let mut all = vec![0f32; if me == 0 { len * nu } else { len }];
+            comm.gatherv(&mut all, &counts, &displs, 0).unwrap_err()
+        }
+        Ok("alltoallv") => {
+            let c = vec![1usize; nu];
+            let d: Vec<usize> = (0..nu).collect();
+            comm.alltoallv(&mut vec![1f32; nu], &c, &d).unwrap_err()
+        }
+        _ => comm.allreduce(&mut b, ReduceOp::Sum).unwrap_err(),
+    };
     println!("rank {me}: {e} after {:?}", t.elapsed());
     // Rank 2 exited without finalizing: the survivors see its pid gone (same host) and
     // name it long before the 3 s deadline.
@@ -514,8 +531,15 @@ fn child_dead_rank() {
 
 #[test]
 fn dead_rank_is_named() {
-    for (n, big) in [(3, false), (4, true), (5, false)] {
-        let mut env = vec![("EFA_TIMEOUT", "3")];
+    for (n, big, kind) in [
+        (3, false, "allreduce"),
+        (4, true, "allreduce"),
+        (5, false, "allreduce"),
+        (3, false, "gatherv"),
+        (4, true, "scan"),
+        (4, false, "alltoallv"),
+    ] {
+        let mut env = vec![("EFA_TIMEOUT", "3"), ("COLL_KIND", kind)];
         if big {
             env.push(("COLL_BIG", "1"));
         }
@@ -857,6 +881,16 @@ fn mat_ref(inputs: &[Vec<Mat>]) -> Vec<Mat> {
         }
     }
     out
+}
+
+/// A non-commutative user op on `f32` (x ∘ y = x - y, not associative, but enough to
+/// exercise the rank-ordered schedules' failure handling).
+fn mat_op_f32() -> UserOp<f32> {
+    UserOp::non_commutative(|acc: &mut [f32], x: &[f32]| {
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a -= *b;
+        }
+    })
 }
 
 /// User-defined operators: a non-commutative one must be applied in rank order in every
