@@ -45,82 +45,23 @@ pub(super) struct Spec {
 }
 
 /// One row per kind.
+#[rustfmt::skip]
 pub(super) const SPECS: &[Spec] = &[
-    Spec {
-        kind: Kind::Barrier,
-        name: "barrier",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Broadcast,
-        name: "broadcast",
-        rooted: true,
-    },
-    Spec {
-        kind: Kind::Reduce,
-        name: "reduce",
-        rooted: true,
-    },
-    Spec {
-        kind: Kind::Allreduce,
-        name: "allreduce",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Allgather,
-        name: "allgather",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Allgatherv,
-        name: "allgatherv",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::ReduceScatter,
-        name: "reduce_scatter",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Gather,
-        name: "gather",
-        rooted: true,
-    },
-    Spec {
-        kind: Kind::Scatter,
-        name: "scatter",
-        rooted: true,
-    },
-    Spec {
-        kind: Kind::Alltoall,
-        name: "alltoall",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Gatherv,
-        name: "gatherv",
-        rooted: true,
-    },
-    Spec {
-        kind: Kind::Scatterv,
-        name: "scatterv",
-        rooted: true,
-    },
-    Spec {
-        kind: Kind::Alltoallv,
-        name: "alltoallv",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Scan,
-        name: "scan",
-        rooted: false,
-    },
-    Spec {
-        kind: Kind::Exscan,
-        name: "exscan",
-        rooted: false,
-    },
+    Spec { kind: Kind::Barrier,       name: "barrier",        rooted: false },
+    Spec { kind: Kind::Broadcast,     name: "broadcast",      rooted: true },
+    Spec { kind: Kind::Reduce,        name: "reduce",         rooted: true },
+    Spec { kind: Kind::Allreduce,     name: "allreduce",      rooted: false },
+    Spec { kind: Kind::Allgather,     name: "allgather",      rooted: false },
+    Spec { kind: Kind::Allgatherv,    name: "allgatherv",     rooted: false },
+    Spec { kind: Kind::ReduceScatter, name: "reduce_scatter", rooted: false },
+    Spec { kind: Kind::Gather,        name: "gather",         rooted: true },
+    Spec { kind: Kind::Scatter,       name: "scatter",        rooted: true },
+    Spec { kind: Kind::Alltoall,      name: "alltoall",       rooted: false },
+    Spec { kind: Kind::Gatherv,       name: "gatherv",        rooted: true },
+    Spec { kind: Kind::Scatterv,      name: "scatterv",       rooted: true },
+    Spec { kind: Kind::Alltoallv,     name: "alltoallv",      rooted: false },
+    Spec { kind: Kind::Scan,          name: "scan",           rooted: false },
+    Spec { kind: Kind::Exscan,        name: "exscan",         rooted: false },
 ];
 
 impl Kind {
@@ -738,5 +679,41 @@ impl<'c> Exec<'c> {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_one_row_and_a_distinct_name() {
+        let codes: Vec<u8> = SPECS.iter().map(|s| s.kind as u8).collect();
+        assert_eq!(codes, (1..=SPECS.len() as u8).collect::<Vec<_>>());
+        let mut names: Vec<&str> = SPECS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SPECS.len());
+        assert_eq!(Kind::Exscan.name(), "exscan");
+        assert!(Kind::Gatherv.spec().rooted && !Kind::Alltoallv.spec().rooted);
+    }
+
+    #[test]
+    fn descriptions_name_new_types_and_operators() {
+        let d = Desc {
+            kind: Kind::Scan,
+            dtype: super::super::ops::DTYPE_LOC + 9,
+            op: super::super::ops::OP_MINLOC,
+            algo: 0,
+            bad: true,
+            root: 0,
+            count: 3,
+            extra: 0,
+        };
+        assert_eq!(
+            describe(&d.words()),
+            "scan of 3 x (f32, index), op minloc, root 0, algorithm 0, settings 0x0 with invalid \
+             arguments"
+        );
     }
 }
