@@ -1344,7 +1344,7 @@ impl Communicator {
         root: u32,
     ) -> Result<()> {
         let (link, seq) = self.coll();
-        gatherv_seq(&link, seq, buf, None, counts, displs, root)
+        gatherv_in_place(&link, seq, buf, counts, displs, root)
     }
 
     /// Out-of-place [`Communicator::gatherv`]: `send` (rank `r`'s block, `counts[r]` at the
@@ -1363,12 +1363,8 @@ impl Communicator {
         root: u32,
     ) -> Result<()> {
         let (link, seq) = self.coll();
-        if self.rank() == root {
-            gatherv_seq(&link, seq, recv, Some(send), counts, displs, root)
-        } else {
-            let mut own = send.to_vec();
-            gatherv_seq(&link, seq, &mut own, None, counts, displs, root)
-        }
+        let work = if self.rank() == root { recv } else { &mut [] };
+        gatherv_seq(&link, seq, work, send, false, counts, displs, root)
     }
 
     /// Non-blocking in-place [`Communicator::gatherv`].
@@ -1380,7 +1376,7 @@ impl Communicator {
         root: u32,
     ) -> CollRequest<Vec<T>> {
         self.spawn_coll(move |link, seq| {
-            gatherv_seq(link, seq, &mut buf, None, &counts, &displs, root)?;
+            gatherv_in_place(link, seq, &mut buf, &counts, &displs, root)?;
             Ok(buf)
         })
     }
@@ -1401,7 +1397,7 @@ impl Communicator {
         root: u32,
     ) -> Result<()> {
         let (link, seq) = self.coll();
-        scatterv_seq(&link, seq, buf, None, counts, displs, root)
+        scatterv_in_place(&link, seq, buf, counts, displs, root)
     }
 
     /// Out-of-place [`Communicator::scatterv`]: block `r` of `send` at the root lands in
@@ -1420,12 +1416,8 @@ impl Communicator {
         root: u32,
     ) -> Result<()> {
         let (link, seq) = self.coll();
-        if self.rank() == root {
-            let mut input = send.to_vec();
-            scatterv_seq(&link, seq, &mut input, Some(recv), counts, displs, root)
-        } else {
-            scatterv_seq(&link, seq, recv, None, counts, displs, root)
-        }
+        let input = if self.rank() == root { send } else { &[] };
+        scatterv_seq(&link, seq, input, recv, false, counts, displs, root)
     }
 
     /// Non-blocking in-place [`Communicator::scatterv`].
@@ -1437,7 +1429,7 @@ impl Communicator {
         root: u32,
     ) -> CollRequest<Vec<T>> {
         self.spawn_coll(move |link, seq| {
-            scatterv_seq(link, seq, &mut buf, None, &counts, &displs, root)?;
+            scatterv_in_place(link, seq, &mut buf, &counts, &displs, root)?;
             Ok(buf)
         })
     }
@@ -1618,13 +1610,16 @@ fn alltoall_seq<T: Element>(link: &CollLink, seq: u32, send: &[T], recv: &mut [T
     })
 }
 
-/// Gatherv: `buf` is the root's receive buffer (with `root_send`, its separate send block,
-/// else its own block already in place) or another rank's block.
+/// Gatherv. At the root `work` is the receive buffer and `input` its own block (empty when
+/// `root_in_place`: the block is already in `work`); elsewhere `work` is empty and `input`
+/// this rank's block.
+#[allow(clippy::too_many_arguments)]
 fn gatherv_seq<T: Element>(
     link: &CollLink,
     seq: u32,
-    buf: &mut [T],
-    root_send: Option<&[T]>,
+    work: &mut [T],
+    input: &[T],
+    root_in_place: bool,
     counts: &[usize],
     displs: &[usize],
     root: u32,
@@ -1632,11 +1627,7 @@ fn gatherv_seq<T: Element>(
     let (n, me) = (link.size(), link.rank());
     let cfg = env_config()?;
     let is_root = me == root;
-    let own_len = if is_root {
-        root_send.map(<[T]>::len)
-    } else {
-        Some(buf.len())
-    };
+    let own_len = (!(is_root && root_in_place)).then_some(input.len());
     let mut plan = RootedV::new(
         Kind::Gatherv,
         "receive",
@@ -1645,30 +1636,31 @@ fn gatherv_seq<T: Element>(
         root,
         counts,
         displs,
-        buf.len(),
+        work.len(),
         own_len,
     );
-    if is_root && plan.invalid.is_none() {
-        if let Some(s) = root_send {
-            buf[plan.blocks[me as usize].clone()].copy_from_slice(s);
-        }
+    if is_root && !root_in_place && plan.invalid.is_none() {
+        work[plan.blocks[me as usize].clone()].copy_from_slice(input);
     }
     let call = plan.call::<T>(Kind::Gatherv, root);
     let steps = || schedule::gather(n, me, root, &plan.blocks, true);
     if is_root {
-        move_seq(link, seq, cfg, call, buf, &[], steps)
+        move_seq(link, seq, cfg, call, work, &[], steps)
     } else {
-        move_seq(link, seq, cfg, call, &mut [], buf, steps)
+        move_seq(link, seq, cfg, call, &mut [], input, steps)
     }
 }
 
-/// Scatterv: `buf` is the root's send buffer (with `root_recv`, its separate receive
-/// block, else its own block stays in place) or another rank's receive block.
+/// Scatterv. At the root `input` is the send buffer and `work` its own receive block (empty
+/// when `root_in_place`: the block stays in `input`); elsewhere `input` is empty and `work`
+/// this rank's receive block.
+#[allow(clippy::too_many_arguments)]
 fn scatterv_seq<T: Element>(
     link: &CollLink,
     seq: u32,
-    buf: &mut [T],
-    root_recv: Option<&mut [T]>,
+    input: &[T],
+    work: &mut [T],
+    root_in_place: bool,
     counts: &[usize],
     displs: &[usize],
     root: u32,
@@ -1676,11 +1668,7 @@ fn scatterv_seq<T: Element>(
     let (n, me) = (link.size(), link.rank());
     let cfg = env_config()?;
     let is_root = me == root;
-    let own_len = if is_root {
-        root_recv.as_ref().map(|r| r.len())
-    } else {
-        Some(buf.len())
-    };
+    let own_len = (!(is_root && root_in_place)).then_some(work.len());
     let mut plan = RootedV::new(
         Kind::Scatterv,
         "send",
@@ -1689,20 +1677,50 @@ fn scatterv_seq<T: Element>(
         root,
         counts,
         displs,
-        buf.len(),
+        input.len(),
         own_len,
     );
-    if is_root && plan.invalid.is_none() {
-        if let Some(r) = root_recv {
-            r.copy_from_slice(&buf[plan.blocks[me as usize].clone()]);
-        }
+    if is_root && !root_in_place && plan.invalid.is_none() {
+        work.copy_from_slice(&input[plan.blocks[me as usize].clone()]);
     }
     let call = plan.call::<T>(Kind::Scatterv, root);
     let steps = || schedule::scatter(n, me, root, &plan.blocks);
     if is_root {
-        move_seq(link, seq, cfg, call, &mut [], buf, steps)
+        move_seq(link, seq, cfg, call, &mut [], input, steps)
     } else {
-        move_seq(link, seq, cfg, call, buf, &[], steps)
+        move_seq(link, seq, cfg, call, work, &[], steps)
+    }
+}
+
+/// In-place gatherv: `buf` is the root's receive buffer, another rank's block.
+fn gatherv_in_place<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    counts: &[usize],
+    displs: &[usize],
+    root: u32,
+) -> Result<()> {
+    if link.rank() == root {
+        gatherv_seq(link, seq, buf, &[], true, counts, displs, root)
+    } else {
+        gatherv_seq(link, seq, &mut [], buf, false, counts, displs, root)
+    }
+}
+
+/// In-place scatterv: `buf` is the root's send buffer, another rank's receive block.
+fn scatterv_in_place<T: Element>(
+    link: &CollLink,
+    seq: u32,
+    buf: &mut [T],
+    counts: &[usize],
+    displs: &[usize],
+    root: u32,
+) -> Result<()> {
+    if link.rank() == root {
+        scatterv_seq(link, seq, buf, &mut [], true, counts, displs, root)
+    } else {
+        scatterv_seq(link, seq, &[], buf, false, counts, displs, root)
     }
 }
 
