@@ -8,7 +8,7 @@
 //! ```
 //! Exits non-zero (naming the peer) if any message is wrong or any call fails.
 
-use efa_core::{Communicator, Request, Source, Tag};
+use efa_core::{Communicator, P2pRequest, Source, Tag};
 
 fn pattern(from: u32, to: u32, kind: u64, len: usize) -> Vec<u32> {
     (0..len as u32)
@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Non-blocking: receives from anyone, sends to everyone, then wait for all.
     let len = 10_000;
     let mut bufs: Vec<Vec<u32>> = (0..n).map(|_| vec![0u32; len]).collect();
-    let mut reqs: Vec<Request<'_>> = Vec::new();
+    let mut reqs: Vec<P2pRequest<'_>> = Vec::new();
     for b in bufs.iter_mut().take(n as usize - 1) {
         reqs.push(comm.irecv(b, Source::Any, Tag::Is(100))?.into());
     }

@@ -16,6 +16,46 @@
 //! All endpoints' completion queues are read by one progress function, so a rank can talk
 //! to peers on different routes at once. Waiting spins first, then yields, then sleeps
 //! ([`efa_fabric::Backoff`]), so oversubscribed ranks still make progress.
+//!
+//! # Matching and communicators
+//! A message is matched on (context id, source, tag), in the order each sender sent it
+//! (MPI's non-overtaking rule, per communicator and stronger: per pair of processes).
+//! The context id is the wire header's `ctx`: 0 for the world, agreed by the members for
+//! each [`Communicator::dup`] and [`Communicator::split`]. So traffic of different
+//! communicators never matches, `Source::Any`/`Tag::Any` and the collectives' and windows'
+//! internal tags included. Failure and abort notices, liveness probes and the finalize
+//! handshake are per process, not per communicator: a failed rank fails every
+//! communicator it belongs to.
+//!
+//! # Requests
+//! Every non-blocking call returns a request; all kinds implement [`Request`] (`test`,
+//! `wait` with the communicator's deadline, `cancel`), and any mix of kinds can be waited
+//! for together with [`Communicator::wait_any`], [`Communicator::wait_some`] and
+//! [`Communicator::test_all`] (`MPI_Waitany`, `MPI_Waitsome`, `MPI_Testall`, MPI 4.0
+//! §3.7.5). What dropping an unfinished request does, and whether it can be cancelled:
+//!
+//! | request | dropped before `wait` | `cancel()` |
+//! |---|---|---|
+//! | [`SendRequest`] (`isend`) | the send goes on (the engine owns a copy of the data); its outcome is not reported; `finalize` still waits for it | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
+//! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched (rendezvous data arriving) is consumed and lost | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
+//! | [`P2pRequest`] | as the send or receive it holds | as the send or receive it holds |
+//! | [`CollRequest`](crate::CollRequest) (`iallreduce`, ...) | the collective runs to its end on its helper thread (the other ranks take part in it); its result is discarded | never: the other ranks would wait for this one until their deadline |
+//! | [`RmaRequest`](crate::RmaRequest) (`iput`, `iget`) | the operation is cancelled at the NIC and drained before its memory is freed; whether a put reached the target is unknown | never: the NIC may already have written the target, and nothing would tell |
+//! | [`Message`] (`mprobe`, `improbe`) | the message goes back to its place in the queue | (not a request: receive it or drop it) |
+//!
+//! Every `wait` has the communicator's deadline ([`Communicator::timeout`]); a collective
+//! request's `wait` joins its helper thread, whose collective has that deadline itself.
+//!
+//! **Persistent requests** (`MPI_Send_init`/`MPI_Start`) are not offered: in this engine
+//! they could not be cheaper than fresh requests. Starting a send costs a copy of the
+//! data (eager: into a registered bounce buffer; rendezvous: into engine-owned memory,
+//! because the NIC never touches user memory, see Buffers), a header and one post; a
+//! rendezvous also needs its RTS/CTS round trip each time, because the receiver's landing
+//! buffer is engine memory chosen per message. None of that can be set up once and
+//! reused; what a persistent request would save (argument checks, a request id and a hash
+//! map entry) is a few tens of nanoseconds against a copy and a post. They become worth
+//! having when the data path sends from registered user memory (issue 13), where `init`
+//! could register the halo buffer once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,26 +126,52 @@ impl Status {
     }
 }
 
-/// Communicator settings. Every field has a default; see each setter of
-/// [`CommunicatorBuilder`].
+/// Communicator settings, as built: set through [`CommunicatorBuilder`] (each setter
+/// documents its default), read back through [`Communicator::config`].
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Deadline of every blocking call.
-    pub timeout: Duration,
-    /// Transports allowed (`EFA_TRANSPORTS`).
-    pub transports: TransportSet,
-    /// Interface for the IP route (`EFA_IFACE`).
-    pub ip_iface: Option<String>,
-    /// Local address the fabric endpoint binds to (`EFA_FABRIC_ADDR`), for hosts whose fabric
-    /// interface has several addresses.
-    pub fabric_addr: Option<String>,
-    /// Largest payload sent eagerly (copied into pre-posted buffers) over the fabric and IP.
-    pub eager_limit: usize,
-    /// Largest payload sent eagerly over shm, where receive buffers cost no pinned memory and
-    /// a rendezvous round trip costs more than copying a mid-size message.
-    pub shm_eager_limit: usize,
-    /// Receive buffers kept posted per endpoint.
-    pub rx_depth: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) transports: TransportSet,
+    pub(crate) ip_iface: Option<String>,
+    pub(crate) fabric_addr: Option<String>,
+    pub(crate) eager_limit: usize,
+    pub(crate) shm_eager_limit: usize,
+    pub(crate) rx_depth: usize,
+}
+
+impl Config {
+    /// Deadline of every blocking call ([`CommunicatorBuilder::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// Transports allowed ([`CommunicatorBuilder::transports`], `EFA_TRANSPORTS`).
+    pub fn transports(&self) -> TransportSet {
+        self.transports
+    }
+    /// Interface of the IP route ([`CommunicatorBuilder::ip_iface`], `EFA_IFACE`), once
+    /// chosen.
+    pub fn ip_iface(&self) -> Option<&str> {
+        self.ip_iface.as_deref()
+    }
+    /// Local address of the fabric endpoint ([`CommunicatorBuilder::fabric_addr`],
+    /// `EFA_FABRIC_ADDR`), if one was set.
+    pub fn fabric_addr(&self) -> Option<&str> {
+        self.fabric_addr.as_deref()
+    }
+    /// Largest payload sent eagerly over the fabric and IP, in bytes
+    /// ([`CommunicatorBuilder::eager_limit`]).
+    pub fn eager_limit(&self) -> usize {
+        self.eager_limit
+    }
+    /// Largest payload sent eagerly over shm, in bytes
+    /// ([`CommunicatorBuilder::shm_eager_limit`]).
+    pub fn shm_eager_limit(&self) -> usize {
+        self.shm_eager_limit
+    }
+    /// Receive buffers kept posted per endpoint ([`CommunicatorBuilder::rx_depth`]).
+    pub fn rx_depth(&self) -> usize {
+        self.rx_depth
+    }
 }
 
 impl Default for Config {
@@ -183,6 +249,22 @@ impl CommunicatorBuilder {
         self.config.eager_limit = bytes;
         self
     }
+    /// Largest eager payload over shm, in bytes, from 0 to [`MAX_EAGER_LIMIT`]
+    /// ([`CommunicatorBuilder::build`] fails above). Default 32 KiB: shm receive buffers
+    /// cost no pinned memory, and a rendezvous round trip costs more than copying a
+    /// mid-size message.
+    pub fn shm_eager_limit(mut self, bytes: usize) -> Self {
+        self.config.shm_eager_limit = bytes;
+        self
+    }
+    /// Receive buffers kept posted per endpoint, from 1 to [`MAX_RX_DEPTH`]
+    /// ([`CommunicatorBuilder::build`] fails outside). Default 64. More absorbs larger
+    /// bursts of small messages from many peers without the provider queueing them; each
+    /// costs a registered buffer of header + eager limit bytes.
+    pub fn rx_depth(mut self, buffers: usize) -> Self {
+        self.config.rx_depth = buffers;
+        self
+    }
 
     fn env_timeout_overridden(&mut self) {
         self.env = false;
@@ -220,6 +302,26 @@ impl CommunicatorBuilder {
             )
             .into());
         }
+        if self.config.shm_eager_limit > MAX_EAGER_LIMIT {
+            return Err(SettingError::argument(
+                "CommunicatorBuilder::shm_eager_limit",
+                self.config.shm_eager_limit.to_string(),
+                "is larger than the largest eager limit: every shm endpoint keeps rx_depth \
+                 receive buffers of this size",
+                format!("0 to {MAX_EAGER_LIMIT} bytes (default 32768)"),
+            )
+            .into());
+        }
+        if !(1..=MAX_RX_DEPTH).contains(&self.config.rx_depth) {
+            return Err(SettingError::argument(
+                "CommunicatorBuilder::rx_depth",
+                self.config.rx_depth.to_string(),
+                "is outside the accepted range: without a posted receive buffer nothing can \
+                 arrive, and each buffer is registered memory",
+                format!("1 to {MAX_RX_DEPTH} buffers (default 64)"),
+            )
+            .into());
+        }
         if !self.transports_explicit {
             self.config.transports = TransportSet::from_env()?;
         }
@@ -234,6 +336,8 @@ impl CommunicatorBuilder {
 
 /// Largest eager limit accepted ([`CommunicatorBuilder::eager_limit`]), in bytes.
 pub const MAX_EAGER_LIMIT: usize = 1 << 20;
+/// Largest number of receive buffers per endpoint accepted ([`CommunicatorBuilder::rx_depth`]).
+pub const MAX_RX_DEPTH: usize = 4096;
 
 const TIMEOUT_FORMS: &str = "a number of seconds from 0.001 to 31536000 (one year), e.g. 60 or 2.5";
 
@@ -297,19 +401,37 @@ struct PeerRoute {
     addr: FiAddr,
 }
 
-/// A message that arrived before its receive was posted.
-enum Unexpected {
-    Eager {
-        src: u32,
-        tag: u32,
-        data: Vec<u8>,
-    },
-    Rts {
-        src: u32,
-        tag: u32,
-        len: usize,
-        rndv: u32,
-    },
+/// A message that arrived before its receive was posted (or one taken out by a matched
+/// probe, [`Message`]).
+#[derive(Debug)]
+struct Unexpected {
+    /// The context id of the communicator it was sent on.
+    ctx: u32,
+    /// The sender's world rank.
+    src: u32,
+    tag: u32,
+    /// Its place in the order messages were processed (for putting it back, see
+    /// [`Engine::requeue`]).
+    arrival: u64,
+    body: Body,
+}
+
+#[derive(Debug)]
+enum Body {
+    /// The whole payload.
+    Eager(Vec<u8>),
+    /// A rendezvous announcement of `len` bytes.
+    Rts { len: usize, rndv: u32 },
+}
+
+impl Unexpected {
+    /// Payload length in bytes.
+    fn len(&self) -> usize {
+        match &self.body {
+            Body::Eager(d) => d.len(),
+            Body::Rts { len, .. } => *len,
+        }
+    }
 }
 
 /// A sequence-numbered message, processed in the sender's order.
@@ -331,6 +453,9 @@ enum RecvState {
 }
 
 struct RecvOp {
+    /// Context id of the communicator it was posted on.
+    ctx: u32,
+    /// World rank, or any.
     src: Source,
     tag: Tag,
     capacity: usize,
@@ -354,6 +479,8 @@ enum SendState {
 }
 
 struct SendOp {
+    /// Context id of the communicator it was started on.
+    ctx: u32,
     dest: u32,
     tag: u32,
     state: SendState,
@@ -376,6 +503,8 @@ struct Engine {
     reorder: Vec<BTreeMap<u32, Ordered>>,
     posted: VecDeque<u64>,
     unexpected: VecDeque<Unexpected>,
+    /// Messages processed so far (numbers [`Unexpected::arrival`]).
+    arrivals: u64,
     recvs: HashMap<u64, RecvOp, IdHash>,
     sends: HashMap<u64, SendOp, IdHash>,
     /// Rendezvous id -> send request id.
@@ -543,10 +672,9 @@ struct Inner {
     /// Keeps a rank-0-served TCP store alive until the communicator is dropped.
     _store: Arc<dyn Store>,
     engine: Mutex<Engine>,
-    /// Collective objects (RMA windows) created so far.
-    objects: std::sync::atomic::AtomicU32,
-    /// Collective calls made so far (every rank makes them in the same order).
-    coll_seq: std::sync::atomic::AtomicU32,
+    /// The smallest context id this process may propose for a new communicator
+    /// ([`Communicator::split`]).
+    next_ctx: std::sync::atomic::AtomicU32,
 }
 
 fn lock_engine(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
@@ -682,20 +810,91 @@ impl Drop for Inner {
     }
 }
 
-/// A communicator: every rank of a job, reachable by rank number.
+/// A communicator: a group of the job's ranks, reachable by rank number, with a context of
+/// its own. [`Communicator::init`] gives the world (every rank of the job);
+/// [`Communicator::dup`] and [`Communicator::split`] give sub-communicators.
 ///
 /// Cheap to clone (an `Arc`); `Send + Sync`. Calls from several threads are serialized by an
 /// internal lock around the progress engine.
+///
+/// # Sub-communicators
+/// A sub-communicator has its own context id (the wire header's `ctx`), its own rank
+/// numbering (`0..size()`) and size. Every call on it (point-to-point, probes, collectives,
+/// windows) takes and reports ranks of that communicator; the translation to the job's
+/// (world) ranks happens inside this module. Messages are matched on (context, source,
+/// tag): traffic of different communicators never matches, wildcards and the library's
+/// internal tags included. Errors that name a peer ([`Error::Timeout`], [`Error::Truncated`],
+/// [`Error::PeerFailed`], ...) name its **world** rank, the number `efarun` prefixes its
+/// output with. A failed rank fails every communicator of the job (as `MPI_ERRORS_ARE_FATAL`).
+///
+/// A sub-communicator shares the world's endpoints and engine: [`Communicator::finalize`]
+/// on it and dropping it release only the sub-communicator (`MPI_Comm_disconnect`), never
+/// the endpoints. The job's part of this process ends (`MPI_Finalize`) when `finalize` is
+/// called on the world, or when the last handle of the world **and** of every
+/// communicator derived from it has been dropped.
 #[derive(Clone)]
 pub struct Communicator {
     inner: Arc<Inner>,
+    group: Arc<Group>,
+}
+
+/// Which ranks of the job a communicator holds, and its context.
+#[derive(Debug)]
+struct Group {
+    /// Context id: 0 for the world; see [`Communicator::split`] for how others are chosen.
+    ctx: u32,
+    /// This process's rank in the group.
+    rank: u32,
+    /// The world rank of each rank of the group.
+    world_of: Vec<u32>,
+    /// The group rank of each world rank ([`NOT_MEMBER`] for ranks outside the group).
+    local_of: Vec<u32>,
+    /// Collective objects (RMA windows) created so far on this communicator.
+    objects: std::sync::atomic::AtomicU32,
+    /// Collective calls made so far on this communicator (every rank makes them in the same
+    /// order).
+    coll_seq: std::sync::atomic::AtomicU32,
+}
+
+/// [`Group::local_of`] of a world rank outside the group.
+const NOT_MEMBER: u32 = u32::MAX;
+/// The context id of the world communicator.
+const WORLD_CTX: u32 = 0;
+/// Context ids of communicators are below this bit; with it set, the id carries the
+/// creation traffic ([`Communicator::split`]'s exchange) of the communicator with the rest.
+const CREATE_CTX_BIT: u32 = 1 << 31;
+
+impl Group {
+    fn new(ctx: u32, rank: u32, world_of: Vec<u32>, world_size: u32) -> Group {
+        let mut local_of = vec![NOT_MEMBER; world_size as usize];
+        for (l, &w) in world_of.iter().enumerate() {
+            local_of[w as usize] = l as u32;
+        }
+        Group {
+            ctx,
+            rank,
+            world_of,
+            local_of,
+            objects: std::sync::atomic::AtomicU32::new(0),
+            coll_seq: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    fn world(rank: u32, size: u32) -> Group {
+        Group::new(WORLD_CTX, rank, (0..size).collect(), size)
+    }
+
+    fn size(&self) -> u32 {
+        self.world_of.len() as u32
+    }
 }
 
 impl std::fmt::Debug for Communicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Communicator")
-            .field("rank", &self.inner.rank)
-            .field("size", &self.inner.size)
+            .field("rank", &self.group.rank)
+            .field("size", &self.group.size())
+            .field("ctx", &self.group.ctx)
             .field("providers", &self.inner.providers)
             .finish()
     }
@@ -758,12 +957,27 @@ impl Communicator {
     /// clone leaked or held by a thread still running) skips finalize, and its last
     /// messages may be lost.
     ///
+    /// On a sub-communicator ([`Communicator::dup`], [`Communicator::split`]) this is
+    /// `MPI_Comm_disconnect` instead: it waits until every send started on this
+    /// sub-communicator has completed locally, then releases this handle. It is not
+    /// collective, and it never finalizes the world or closes an endpoint (see
+    /// [Sub-communicators](Communicator#sub-communicators)).
+    ///
     /// # Errors
     /// [`Error::Timeout`] naming a peer when, within the communicator's deadline, a send
     /// did not complete (a rendezvous whose receive was never posted) or a peer did not
     /// finalize; fabric errors.
     pub fn finalize(self) -> Result<()> {
-        self.inner.finalize()
+        if self.group.ctx == WORLD_CTX {
+            return self.inner.finalize();
+        }
+        let ctx = self.group.ctx;
+        wait_loop(
+            &self,
+            "finalize: waiting for a send to complete",
+            None,
+            |e| e.unfinished_send_on(ctx).is_none(),
+        )
     }
 
     /// Ends the job on purpose, like `MPI_Abort`: tells every rank it can reach that this
@@ -779,21 +993,30 @@ impl Communicator {
         std::process::exit(code)
     }
 
-    /// This process's rank.
+    /// This process's rank in this communicator.
     pub fn rank(&self) -> u32 {
-        self.inner.rank
+        self.group.rank
     }
-    /// Number of ranks.
+    /// Number of ranks in this communicator.
     pub fn size(&self) -> u32 {
-        self.inner.size
+        self.group.size()
     }
-    /// The route to `peer`, with the reason it was chosen.
+    /// The world rank (the rank in [`Communicator::init`]'s communicator) of this
+    /// communicator's rank `rank`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`].
+    pub fn world_rank(&self, rank: u32) -> Result<u32> {
+        self.check_rank(rank)?;
+        Ok(self.group.world_of[rank as usize])
+    }
+    /// The route to `peer` (a rank of this communicator), with the reason it was chosen.
     ///
     /// # Errors
     /// [`Error::InvalidRank`].
     pub fn route(&self, peer: u32) -> Result<&Route> {
-        self.check_rank(peer)?;
-        Ok(&self.inner.routes[peer as usize])
+        let w = self.world_rank(peer)?;
+        Ok(&self.inner.routes[w as usize])
     }
     /// The provider serving `transport` on this rank, if that transport is open.
     pub fn provider(&self, transport: Transport) -> Option<&str> {
@@ -808,10 +1031,38 @@ impl Communicator {
         self.inner.config.timeout
     }
 
-    /// The endpoint and address through which `peer` is reached (for RMA).
+    /// The settings this communicator was built with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The world rank of this communicator's `rank` (checked by the caller).
+    fn world_of(&self, rank: u32) -> u32 {
+        self.group.world_of[rank as usize]
+    }
+
+    /// [`Source`] in world ranks.
+    fn world_source(&self, src: Source) -> Source {
+        match src {
+            Source::Rank(r) => Source::Rank(self.world_of(r)),
+            Source::Any => Source::Any,
+        }
+    }
+
+    /// A status from the engine (world ranks) in this communicator's ranks.
+    fn local_status(&self, st: Status) -> Status {
+        Status {
+            source: self.group.local_of[st.source as usize],
+            ..st
+        }
+    }
+
+    /// The endpoint and address through which `peer` (a rank of this communicator) is
+    /// reached (for RMA).
     pub(crate) fn peer_endpoint(&self, peer: u32) -> (usize, Endpoint, FiAddr) {
+        let w = self.world_of(peer);
         let e = self.engine();
-        let r = &e.peers[peer as usize];
+        let r = &e.peers[w as usize];
         (r.port, e.ports[r.port].ep.clone(), r.addr)
     }
 
@@ -839,16 +1090,16 @@ impl Communicator {
     /// A fresh id for a collective object (window), equal on every rank that creates its
     /// objects in the same order.
     pub(crate) fn next_object_id(&self) -> u32 {
-        self.inner
+        self.group
             .objects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn check_rank(&self, r: u32) -> Result<()> {
-        if r >= self.inner.size {
+        if r >= self.size() {
             return Err(Error::InvalidRank {
                 rank: r,
-                size: self.inner.size,
+                size: self.size(),
             });
         }
         Ok(())
@@ -864,13 +1115,17 @@ impl Communicator {
     /// # Errors
     /// [`Error::InvalidRank`], [`Error::ReservedTag`], fabric errors.
     pub fn isend<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<SendRequest> {
-        self.check_rank(dest)?;
         if tag > MAX_USER_TAG {
             return Err(Error::ReservedTag(tag));
         }
-        let id = self
-            .engine()
-            .start_send(bytemuck::cast_slice(buf), dest, tag)?;
+        self.isend_ctx(bytemuck::cast_slice(buf), dest, tag, self.group.ctx)
+    }
+
+    /// Starts a send of `data` to `dest` (a rank of this communicator) on context `ctx`.
+    fn isend_ctx(&self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<SendRequest> {
+        self.check_rank(dest)?;
+        let dest = self.world_of(dest);
+        let id = self.engine().start_send(data, dest, tag, ctx)?;
         Ok(SendRequest {
             comm: self.clone(),
             id,
@@ -878,16 +1133,34 @@ impl Communicator {
         })
     }
 
+    /// Starts a receive of at most `buf.len()` bytes from `src` (of this communicator) on
+    /// context `ctx`; statuses are reported in elements of `elem` bytes.
+    fn irecv_ctx<'a>(
+        &self,
+        buf: &'a mut [u8],
+        src: Source,
+        tag: Tag,
+        ctx: u32,
+        elem: usize,
+    ) -> Result<RecvRequest<'a>> {
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let src = self.world_source(src);
+        let id = self.engine().start_recv(src, tag, ctx, buf.len())?;
+        Ok(RecvRequest {
+            comm: self.clone(),
+            id,
+            src,
+            buf: Some(buf),
+            elem,
+        })
+    }
+
     /// [`Communicator::isend`] of raw bytes with any tag, including the reserved range above
     /// [`MAX_USER_TAG`] (for collectives and other library-internal traffic).
     pub(crate) fn isend_bytes(&self, data: &[u8], dest: u32, tag: u32) -> Result<SendRequest> {
-        self.check_rank(dest)?;
-        let id = self.engine().start_send(data, dest, tag)?;
-        Ok(SendRequest {
-            comm: self.clone(),
-            id,
-            dest,
-        })
+        self.isend_ctx(data, dest, tag, self.group.ctx)
     }
 
     /// [`Communicator::irecv`] of raw bytes with an exact tag, including reserved ones.
@@ -898,17 +1171,7 @@ impl Communicator {
         src: Source,
         tag: u32,
     ) -> Result<RecvRequest<'a>> {
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
-        let id = self.engine().start_recv(src, Tag::Is(tag), buf.len())?;
-        Ok(RecvRequest {
-            comm: self.clone(),
-            id,
-            src,
-            buf: Some(buf),
-            elem: 1,
-        })
+        self.irecv_ctx(buf, src, Tag::Is(tag), self.group.ctx, 1)
     }
 
     /// Starts a receive into `buf` from `src` with `tag` (wildcards allowed).
@@ -921,20 +1184,9 @@ impl Communicator {
         src: impl Into<Source>,
         tag: impl Into<Tag>,
     ) -> Result<RecvRequest<'a>> {
-        let src = src.into();
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
         let elem = std::mem::size_of::<T>();
         let bytes: &'a mut [u8] = bytemuck::cast_slice_mut(buf);
-        let id = self.engine().start_recv(src, tag.into(), bytes.len())?;
-        Ok(RecvRequest {
-            comm: self.clone(),
-            id,
-            src,
-            buf: Some(bytes),
-            elem,
-        })
+        self.irecv_ctx(bytes, src.into(), tag.into(), self.group.ctx, elem)
     }
 
     /// Sends `buf` to `dest` and waits until the send has completed locally.
@@ -1004,14 +1256,11 @@ impl Communicator {
     ///
     /// # Errors
     /// The first request's error.
-    pub fn wait_all(&self, reqs: Vec<Request<'_>>) -> Result<Vec<Option<Status>>> {
+    pub fn wait_all(&self, reqs: Vec<P2pRequest<'_>>) -> Result<Vec<Option<Status>>> {
         let mut out = Vec::with_capacity(reqs.len());
         let mut first_err = None;
         for r in reqs {
-            let res = match r {
-                Request::Send(s) => s.wait().map(|()| None),
-                Request::Recv(r) => r.wait().map(Some),
-            };
+            let res = Request::wait(r);
             match res {
                 Ok(s) => out.push(s),
                 Err(e) => {
@@ -1055,23 +1304,25 @@ async fn poll_until(
     }
 }
 
-/// Either kind of request, for [`Communicator::wait_all`].
+/// A point-to-point request of either kind, for [`Communicator::wait_all`], which returns
+/// the receives' statuses. (Any mix of request kinds goes to [`Communicator::wait_any`],
+/// [`Communicator::wait_some`] and [`Communicator::test_all`].)
 #[derive(Debug)]
-pub enum Request<'a> {
+pub enum P2pRequest<'a> {
     /// A send.
     Send(SendRequest),
     /// A receive.
     Recv(RecvRequest<'a>),
 }
 
-impl From<SendRequest> for Request<'_> {
+impl From<SendRequest> for P2pRequest<'_> {
     fn from(r: SendRequest) -> Self {
-        Request::Send(r)
+        P2pRequest::Send(r)
     }
 }
-impl<'a> From<RecvRequest<'a>> for Request<'a> {
+impl<'a> From<RecvRequest<'a>> for P2pRequest<'a> {
     fn from(r: RecvRequest<'a>) -> Self {
-        Request::Recv(r)
+        P2pRequest::Recv(r)
     }
 }
 
@@ -1154,6 +1405,20 @@ impl RecvRequest<'_> {
         Ok(e.recv_finished(self.id))
     }
 
+    /// Cancels the receive if no message has matched it yet (`MPI_Cancel`): `true` when
+    /// it was cancelled (it is then complete, [`RecvRequest::wait`] returns
+    /// [`Error::Cancelled`], and the message it would have got stays for a later receive),
+    /// `false` when a message already matched it (it completes normally).
+    ///
+    /// # Errors
+    /// None today (see [`AnyRequest::cancel`]).
+    pub fn cancel(&mut self) -> Result<bool> {
+        if self.id == 0 {
+            return Ok(false);
+        }
+        Ok(self.comm.engine().cancel_posted(self.id))
+    }
+
     /// Waits for the message, copies it into the buffer and returns its status.
     ///
     /// # Errors
@@ -1175,9 +1440,21 @@ impl RecvRequest<'_> {
         self.id = 0;
         let op = op.expect("finished receive is present");
         match op.state {
+            // The buffer was this receive's: the sender is named in this communicator's ranks.
+            RecvState::Failed(Error::Truncated {
+                expected,
+                got,
+                peer,
+                tag,
+            }) => Err(Error::Truncated {
+                expected,
+                got,
+                peer: comm.group.local_of[peer as usize],
+                tag,
+            }),
             RecvState::Failed(e) => Err(e),
             _ => {
-                let status = op.status.expect("completed receive has a status");
+                let status = comm.local_status(op.status.expect("completed receive has a status"));
                 if !status.len.is_multiple_of(self.elem.max(1)) {
                     return Err(Error::ElementSize {
                         bytes: status.len,
@@ -1463,6 +1740,7 @@ fn assemble(
         reorder: (0..size).map(|_| BTreeMap::new()).collect(),
         posted: VecDeque::new(),
         unexpected: VecDeque::new(),
+        arrivals: 0,
         recvs: HashMap::default(),
         sends: HashMap::default(),
         rndv_sends: HashMap::new(),
@@ -1472,7 +1750,7 @@ fn assemble(
         // Control messages are assembled here when they are injected: as large as the
         // largest inject size or eager message of any endpoint.
         scratch: vec![0u8; scratch_len],
-        ctx: 0,
+        ctx: WORLD_CTX,
         events: 0,
         notifications: VecDeque::new(),
         pool: BufPool::default(),
@@ -1496,9 +1774,9 @@ fn assemble(
             _store: store,
             engine: Mutex::new(engine),
             config,
-            objects: std::sync::atomic::AtomicU32::new(0),
-            coll_seq: std::sync::atomic::AtomicU32::new(0),
+            next_ctx: std::sync::atomic::AtomicU32::new(WORLD_CTX + 1),
         }),
+        group: Arc::new(Group::world(rank, size)),
     })
 }
 
@@ -1747,12 +2025,13 @@ impl Engine {
         }
     }
 
-    fn start_send(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
-        self.start_send_inner(data, dest, tag)
+    /// Starts a send of `data` to world rank `dest` on context `ctx`.
+    fn start_send(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<u64> {
+        self.start_send_inner(data, dest, tag, ctx)
             .map_err(|e| self.upgrade(e))
     }
 
-    fn start_send_inner(&mut self, data: &[u8], dest: u32, tag: u32) -> Result<u64> {
+    fn start_send_inner(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<u64> {
         self.check_open()?;
         if self.fin[dest as usize].got_fin {
             return Err(Error::PeerFinalized { rank: dest });
@@ -1769,7 +2048,7 @@ impl Engine {
             seq,
             len: data.len() as u64,
             rndv: 0,
-            ctx: self.ctx,
+            ctx,
         };
         let (port, _) = self.route(dest);
         if data.len() <= self.slot_len(port) - HDR_LEN {
@@ -1777,6 +2056,7 @@ impl Engine {
             self.sends.insert(
                 id,
                 SendOp {
+                    ctx,
                     dest,
                     tag,
                     state: SendState::Done,
@@ -1793,6 +2073,7 @@ impl Engine {
         self.sends.insert(
             id,
             SendOp {
+                ctx,
                 dest,
                 tag,
                 state: SendState::WaitCts {
@@ -1803,13 +2084,15 @@ impl Engine {
         Ok(id)
     }
 
-    fn start_recv(&mut self, src: Source, tag: Tag, capacity: usize) -> Result<u64> {
+    /// Starts a receive from world rank `src` (or any) on context `ctx`.
+    fn start_recv(&mut self, src: Source, tag: Tag, ctx: u32, capacity: usize) -> Result<u64> {
         self.check_open()?;
         let id = self.next_id;
         self.next_id += 1;
         self.recvs.insert(
             id,
             RecvOp {
+                ctx,
                 src,
                 tag,
                 capacity,
@@ -1821,15 +2104,7 @@ impl Engine {
         // Search the messages already processed (oldest first). A message that has arrived
         // but is not processed yet will match this receive in `posted` when it is: no
         // progress call is needed here.
-        let pos = self.unexpected.iter().position(|u| {
-            let (s, t) = match u {
-                Unexpected::Eager { src, tag, .. } | Unexpected::Rts { src, tag, .. } => {
-                    (*src, *tag)
-                }
-            };
-            matches(src, tag, s, t)
-        });
-        match pos {
+        match self.find_unexpected(ctx, src, tag) {
             Some(i) => {
                 let u = self.unexpected.remove(i).expect("index from position");
                 self.deliver(id, u)?;
@@ -2164,6 +2439,67 @@ impl Engine {
         Ok(waiting.or_else(|| self.background.first().map(|b| b.dest)))
     }
 
+    /// The oldest processed message that a receive on `ctx` from `src` with `tag` would get.
+    fn find_unexpected(&self, ctx: u32, src: Source, tag: Tag) -> Option<usize> {
+        self.unexpected
+            .iter()
+            .position(|u| matches(ctx, src, tag, u))
+    }
+
+    /// Puts back a message taken out by a matched probe, at the place it had: a later
+    /// receive gets it in the order it would have had (non-overtaking).
+    fn requeue(&mut self, msg: Unexpected) {
+        let at = self
+            .unexpected
+            .iter()
+            .position(|u| u.arrival > msg.arrival)
+            .unwrap_or(self.unexpected.len());
+        self.unexpected.insert(at, msg);
+    }
+
+    /// Starts a receive of a message already taken out of the queue (a matched probe's),
+    /// into at most `capacity` bytes.
+    fn start_recv_matched(&mut self, msg: Unexpected, capacity: usize) -> Result<u64> {
+        self.check_open()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.recvs.insert(
+            id,
+            RecvOp {
+                ctx: msg.ctx,
+                src: Source::Rank(msg.src),
+                tag: Tag::Is(msg.tag),
+                capacity,
+                data: Vec::new(),
+                status: None,
+                state: RecvState::Posted,
+            },
+        );
+        self.deliver(id, msg)?;
+        Ok(id)
+    }
+
+    /// Cancels receive `id` if no message has matched it yet (`MPI_Cancel`): it then
+    /// completes with [`Error::Cancelled`]. False when a message already matched it.
+    fn cancel_posted(&mut self, id: u64) -> bool {
+        let Some(i) = self.posted.iter().position(|&p| p == id) else {
+            return false;
+        };
+        self.posted.remove(i);
+        if let Some(op) = self.recvs.get_mut(&id) {
+            op.state = RecvState::Failed(Error::Cancelled);
+        }
+        true
+    }
+
+    /// A send on context `ctx` that has not completed locally, if any: its world rank.
+    fn unfinished_send_on(&self, ctx: u32) -> Option<u32> {
+        self.sends
+            .values()
+            .find(|op| op.ctx == ctx && !matches!(op.state, SendState::Done | SendState::Failed(_)))
+            .map(|op| op.dest)
+    }
+
     fn cancel_recv(&mut self, id: u64) {
         self.posted.retain(|&p| p != id);
         // Dropping the op drops any rendezvous chunk receives, which cancels and drains them.
@@ -2189,8 +2525,9 @@ impl Engine {
         let Some(op) = self.recvs.get_mut(&id) else {
             return Ok(());
         };
-        match msg {
-            Unexpected::Eager { src, tag, data } => {
+        let Unexpected { src, tag, .. } = msg;
+        match msg.body {
+            Body::Eager(data) => {
                 if data.len() > op.capacity {
                     op.state = RecvState::Failed(Error::Truncated {
                         expected: op.capacity,
@@ -2209,12 +2546,7 @@ impl Engine {
                 }
                 Ok(())
             }
-            Unexpected::Rts {
-                src,
-                tag,
-                len,
-                rndv,
-            } => {
+            Body::Rts { len, rndv } => {
                 let capacity = op.capacity;
                 let mut cts = Header {
                     kind: Kind::Cts,
@@ -2386,19 +2718,23 @@ impl Engine {
             }
             Kind::Ping => Ok(()),
             Kind::Eager | Kind::Rts | Kind::Fin => {
-                let msg = match h.kind {
-                    Kind::Eager => Ordered::Msg(Unexpected::Eager {
-                        src: h.src,
-                        tag: h.tag,
-                        data: payload,
-                    }),
-                    Kind::Rts => Ordered::Msg(Unexpected::Rts {
-                        src: h.src,
-                        tag: h.tag,
+                let body = match h.kind {
+                    Kind::Eager => Some(Body::Eager(payload)),
+                    Kind::Rts => Some(Body::Rts {
                         len: h.len as usize,
                         rndv: h.rndv,
                     }),
-                    _ => Ordered::Fin,
+                    _ => None,
+                };
+                let msg = match body {
+                    Some(body) => Ordered::Msg(Unexpected {
+                        ctx: h.ctx,
+                        src: h.src,
+                        tag: h.tag,
+                        arrival: 0,
+                        body,
+                    }),
+                    None => Ordered::Fin,
                 };
                 let src = h.src as usize;
                 if h.seq != self.expected_seq[src] {
@@ -2421,7 +2757,7 @@ impl Engine {
     /// A message whose turn it is: match it against posted receives or queue it.
     fn matched_in_order(&mut self, src: u32, msg: Ordered) -> Result<()> {
         self.expected_seq[src as usize] = self.expected_seq[src as usize].wrapping_add(1);
-        let msg = match msg {
+        let mut msg = match msg {
             Ordered::Msg(m) => m,
             Ordered::Fin => {
                 self.fin[src as usize].got_fin = true;
@@ -2437,13 +2773,12 @@ impl Engine {
                 return Ok(());
             }
         };
-        let tag = match &msg {
-            Unexpected::Eager { tag, .. } | Unexpected::Rts { tag, .. } => *tag,
-        };
+        msg.arrival = self.arrivals;
+        self.arrivals += 1;
         let pos = self.posted.iter().position(|id| {
             self.recvs
                 .get(id)
-                .is_some_and(|op| matches(op.src, op.tag, src, tag))
+                .is_some_and(|op| matches(op.ctx, op.src, op.tag, &msg))
         });
         match pos {
             Some(i) => {
@@ -2647,28 +2982,649 @@ fn exited(p: &placement::ProcessId) -> PeerFailure {
     }
 }
 
-fn matches(want_src: Source, want_tag: Tag, src: u32, tag: u32) -> bool {
-    (match want_src {
-        Source::Any => true,
-        Source::Rank(r) => r == src,
-    }) && (match want_tag {
-        Tag::Any => tag <= MAX_USER_TAG,
-        Tag::Is(t) => t == tag,
-    })
+/// Whether a receive on context `want_ctx` from `want_src` (a world rank) with `want_tag`
+/// accepts `msg`. Messages of another communicator never match, wildcards included.
+fn matches(want_ctx: u32, want_src: Source, want_tag: Tag, msg: &Unexpected) -> bool {
+    want_ctx == msg.ctx
+        && (match want_src {
+            Source::Any => true,
+            Source::Rank(r) => r == msg.src,
+        })
+        && (match want_tag {
+            Tag::Any => msg.tag <= MAX_USER_TAG,
+            Tag::Is(t) => t == msg.tag,
+        })
+}
+
+// ---- Sub-communicators (`MPI_Comm_dup`, `MPI_Comm_split`). ----
+
+/// Bytes each rank contributes to [`Communicator::split`]'s exchange: whether it has a
+/// color, the color, the key, its proposed context id.
+const SPLIT_MSG: usize = 13;
+
+impl Communicator {
+    /// A new communicator with the same ranks in the same order and a context of its own
+    /// (`MPI_Comm_dup`, MPI 4.0 §7.4.2): messages, probes and collectives on it never match
+    /// those of this communicator, even with equal tags or wildcards. Collective: every rank
+    /// of this communicator calls it, in the same order relative to its other collective
+    /// calls. Dropping the result (or [`Communicator::finalize`] on it) does not finalize
+    /// this communicator.
+    ///
+    /// # Errors
+    /// As [`Communicator::split`].
+    pub fn dup(&self) -> Result<Communicator> {
+        let c = self.split(Some(0), self.rank() as i32)?;
+        c.ok_or_else(|| Error::Protocol {
+            peer: self.inner.rank,
+            what: "dup: every rank gave a color, yet this rank got no communicator".into(),
+        })
+    }
+
+    /// Splits this communicator by `color` (`MPI_Comm_split`, MPI 4.0 §7.4.2): the ranks
+    /// that pass the same `Some(color)` form a new communicator, ordered by `key` and then
+    /// by their rank here; a rank that passes `None` (`MPI_UNDEFINED`) gets `Ok(None)`.
+    /// Collective over this communicator, like [`Communicator::dup`].
+    ///
+    /// The new communicator's context id is agreed without a central allocator: every rank
+    /// proposes the smallest id it has never used or seen, the exchange of (color, key,
+    /// proposal) among the ranks of this communicator yields the largest proposal, and every
+    /// rank then proposes above it next time. So two communicators that share a rank never
+    /// share a context (the communicators of one split, which share none, do). Ranks must
+    /// create communicators one at a time (not from several threads of a process at once).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when a rank does not take part within the deadline;
+    /// [`Error::Protocol`] when a rank sends a malformed contribution (another efa-rs
+    /// version); [`Error::Unsupported`] after 2^31 communicators; [`Error::PeerFailed`],
+    /// [`Error::Finalized`].
+    pub fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Communicator>> {
+        use std::sync::atomic::Ordering;
+        let proposal = self.inner.next_ctx.fetch_add(1, Ordering::Relaxed);
+        if proposal >= CREATE_CTX_BIT {
+            return Err(Error::Unsupported {
+                what: format!("a new communicator: all {CREATE_CTX_BIT} context ids are used"),
+            });
+        }
+        let mut mine = [0u8; SPLIT_MSG];
+        mine[0] = u8::from(color.is_some());
+        mine[1..5].copy_from_slice(&color.unwrap_or(0).to_le_bytes());
+        mine[5..9].copy_from_slice(&key.to_le_bytes());
+        mine[9..13].copy_from_slice(&proposal.to_le_bytes());
+        let (n, me) = (self.size(), self.rank());
+        let xctx = self.group.ctx | CREATE_CTX_BIT;
+        let mut all = vec![[0u8; SPLIT_MSG]; n as usize];
+        all[me as usize] = mine;
+        {
+            let mut recvs = Vec::new();
+            for (p, b) in all.iter_mut().enumerate() {
+                if p as u32 != me {
+                    recvs.push(self.irecv_ctx(b, Source::Rank(p as u32), Tag::Is(0), xctx, 1)?);
+                }
+            }
+            let mut sends = Vec::new();
+            for p in (0..n).filter(|&p| p != me) {
+                sends.push(self.isend_ctx(&mine, p, 0, xctx)?);
+            }
+            let mut reqs: Vec<&mut dyn AnyRequest> = Vec::new();
+            reqs.extend(recvs.iter_mut().map(|r| r as &mut dyn AnyRequest));
+            reqs.extend(sends.iter_mut().map(|s| s as &mut dyn AnyRequest));
+            self.wait_requests("split", &mut reqs, |done, all| done == all)?;
+            for r in recvs {
+                let st = r.wait()?;
+                if st.len != SPLIT_MSG {
+                    return Err(Error::Protocol {
+                        peer: self.world_of(st.source),
+                        what: format!("split: a contribution of {} bytes", st.len),
+                    });
+                }
+            }
+            for s in sends {
+                s.wait()?;
+            }
+        }
+        let mut ctx = 0;
+        let mut members = Vec::new();
+        for (p, m) in all.iter().enumerate() {
+            let u32_at = |i: usize| u32::from_le_bytes(m[i..i + 4].try_into().expect("4 bytes"));
+            let prop = u32_at(9);
+            if prop >= CREATE_CTX_BIT || m[0] > 1 {
+                return Err(Error::Protocol {
+                    peer: self.world_of(p as u32),
+                    what: format!("split: a malformed contribution {m:?}"),
+                });
+            }
+            ctx = ctx.max(prop);
+            if m[0] == 1 && Some(u32_at(1)) == color {
+                members.push((u32_at(5) as i32, p as u32));
+            }
+        }
+        self.inner.next_ctx.fetch_max(ctx + 1, Ordering::Relaxed);
+        if color.is_none() {
+            return Ok(None);
+        }
+        members.sort_unstable();
+        let rank = members
+            .iter()
+            .position(|&(_, p)| p == me)
+            .expect("this rank is a member of its color") as u32;
+        let world_of = members.iter().map(|&(_, p)| self.world_of(p)).collect();
+        tracing::debug!(
+            parent = self.group.ctx,
+            ctx,
+            rank,
+            size = members.len(),
+            "communicator created"
+        );
+        Ok(Some(Communicator {
+            inner: self.inner.clone(),
+            group: Arc::new(Group::new(ctx, rank, world_of, self.inner.size)),
+        }))
+    }
+
+    /// This communicator's context id (0 for the world): what the wire header's `ctx`
+    /// carries, so that its messages match only its own receives.
+    pub fn context_id(&self) -> u32 {
+        self.group.ctx
+    }
+}
+
+// ---- Combined send-receive (MPI 4.0 §3.10). ----
+
+impl Communicator {
+    /// Sends `send` to `dest` with `send_tag` and receives into `recv` from `src` with
+    /// `recv_tag`, both at once (`MPI_Sendrecv`, MPI 4.0 §3.10): a ring shift or pairwise
+    /// exchange written this way cannot deadlock. Returns the receive's status; both
+    /// operations share one deadline.
+    ///
+    /// # Errors
+    /// As [`Communicator::send`] and [`Communicator::recv`]; the receive's error first.
+    pub fn sendrecv<S: Pod, R: Pod>(
+        &self,
+        send: &[S],
+        dest: u32,
+        send_tag: u32,
+        recv: &mut [R],
+        src: impl Into<Source>,
+        recv_tag: impl Into<Tag>,
+    ) -> Result<Status> {
+        let mut r = self.irecv(recv, src, recv_tag)?;
+        let mut s = self.isend(send, dest, send_tag)?;
+        self.wait_requests("sendrecv", &mut [&mut r, &mut s], |done, all| done == all)?;
+        let st = r.wait();
+        let sent = s.wait();
+        let st = st?;
+        sent?;
+        Ok(st)
+    }
+
+    /// [`Communicator::sendrecv`] with one buffer (`MPI_Sendrecv_replace`): sends `buf`'s
+    /// contents to `dest`, then receives into `buf` from `src` (at most `buf.len()`
+    /// elements; the status says how many arrived). The outgoing data is copied first, so
+    /// this costs one copy of `buf` more than `sendrecv`.
+    ///
+    /// # Errors
+    /// As [`Communicator::sendrecv`].
+    pub fn sendrecv_replace<T: Pod>(
+        &self,
+        buf: &mut [T],
+        dest: u32,
+        send_tag: u32,
+        src: impl Into<Source>,
+        recv_tag: impl Into<Tag>,
+    ) -> Result<Status> {
+        // `isend` copies the data (eager into a bounce buffer, rendezvous into memory the
+        // engine owns), so `buf` is free for the receive at once.
+        let mut s = self.isend(&*buf, dest, send_tag)?;
+        let mut r = self.irecv(buf, src, recv_tag)?;
+        self.wait_requests("sendrecv_replace", &mut [&mut r, &mut s], |done, all| {
+            done == all
+        })?;
+        let st = r.wait();
+        let sent = s.wait();
+        let st = st?;
+        sent?;
+        Ok(st)
+    }
+}
+
+// ---- Probes (MPI 4.0 §3.8). ----
+
+impl Communicator {
+    /// Whether a message from `src` with `tag` (wildcards allowed) has arrived, without
+    /// receiving it (`MPI_Iprobe`, MPI 4.0 §3.8.1): its [`Status`] (source, tag, length in
+    /// bytes; [`Status::count`] in elements) if so, else `None`. Progresses once. A receive
+    /// with the same source and tag posted next gets this message, unless a receive posted
+    /// earlier, or another thread, takes it first; [`Communicator::improbe`] has no such race.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`]; [`Error::PeerFailed`], [`Error::Finalized`]; fabric errors.
+    pub fn iprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Status>> {
+        let (src, tag) = (src.into(), tag.into());
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let wsrc = self.world_source(src);
+        let ctx = self.group.ctx;
+        let mut e = self.engine();
+        e.check_open()?;
+        e.progress()?;
+        Ok(e.find_unexpected(ctx, wsrc, tag)
+            .map(|i| self.unexpected_status(&e.unexpected[i])))
+    }
+
+    /// Waits until a message from `src` with `tag` (wildcards allowed) has arrived and
+    /// returns its [`Status`] without receiving it (`MPI_Probe`, MPI 4.0 §3.8.1): size a
+    /// buffer from `status.count::<T>()`, then receive from `status.source` with
+    /// `status.tag`. Same race as [`Communicator::iprobe`].
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when nothing arrives within the deadline; [`Error::PeerFinalized`]
+    /// when `src` finalized without sending such a message; as [`Communicator::iprobe`].
+    pub fn probe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Status> {
+        let (src, tag) = (src.into(), tag.into());
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let wsrc = self.world_source(src);
+        let ctx = self.group.ctx;
+        self.poll_engine("probe", wsrc, |e| {
+            Ok(e.find_unexpected(ctx, wsrc, tag)
+                .map(|i| self.unexpected_status(&e.unexpected[i])))
+        })
+    }
+
+    /// Matched probe (`MPI_Improbe`, MPI 4.0 §3.8.2): takes the first message from `src`
+    /// with `tag` that has arrived out of the queue, if any, and returns it as a
+    /// [`Message`]; no other receive or probe can get it any more, so threads that probe
+    /// and receive concurrently cannot steal each other's messages. Progresses once.
+    ///
+    /// # Errors
+    /// As [`Communicator::iprobe`].
+    pub fn improbe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Message>> {
+        let (src, tag) = (src.into(), tag.into());
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let wsrc = self.world_source(src);
+        let ctx = self.group.ctx;
+        let mut e = self.engine();
+        e.check_open()?;
+        e.progress()?;
+        Ok(e.find_unexpected(ctx, wsrc, tag).map(|i| {
+            let msg = e.unexpected.remove(i).expect("index from find_unexpected");
+            self.message(msg)
+        }))
+    }
+
+    /// Waiting matched probe (`MPI_Mprobe`, MPI 4.0 §3.8.2): [`Communicator::improbe`]
+    /// until a message arrives or the deadline passes.
+    ///
+    /// # Errors
+    /// As [`Communicator::probe`].
+    pub fn mprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Message> {
+        let (src, tag) = (src.into(), tag.into());
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        let wsrc = self.world_source(src);
+        let ctx = self.group.ctx;
+        let msg = self.poll_engine("mprobe", wsrc, |e| {
+            Ok(e.find_unexpected(ctx, wsrc, tag)
+                .map(|i| e.unexpected.remove(i).expect("index from find_unexpected")))
+        })?;
+        Ok(self.message(msg))
+    }
+
+    fn message(&self, msg: Unexpected) -> Message {
+        Message {
+            comm: self.clone(),
+            status: self.unexpected_status(&msg),
+            msg: Some(msg),
+        }
+    }
+
+    fn unexpected_status(&self, u: &Unexpected) -> Status {
+        Status {
+            source: self.group.local_of[u.src as usize],
+            tag: u.tag,
+            len: u.len(),
+        }
+    }
+
+    /// Progresses until `f` returns a value, up to the deadline. A receive-like wait on
+    /// `src` fails at once when `src` has finalized (nothing more can arrive from it).
+    fn poll_engine<R>(
+        &self,
+        op: &'static str,
+        src: Source,
+        mut f: impl FnMut(&mut Engine) -> Result<Option<R>>,
+    ) -> Result<R> {
+        let start = Instant::now();
+        let mut backoff = efa_fabric::Backoff::new();
+        let mut clock = efa_fabric::PollClock::new(self.timeout());
+        let peer = match src {
+            Source::Rank(r) => Some(r),
+            Source::Any => None,
+        };
+        loop {
+            {
+                let mut e = self.engine();
+                e.check_open()?;
+                let before = e.events;
+                e.progress()?;
+                if let Some(r) = f(&mut e)? {
+                    return Ok(r);
+                }
+                if let Some(p) = peer.filter(|&p| e.fin[p as usize].got_fin) {
+                    return Err(Error::PeerFinalized { rank: p });
+                }
+                if e.events != before {
+                    backoff.reset();
+                }
+            }
+            if clock.expired() {
+                return Err(self.engine().deadline_passed(op, peer, start.elapsed()));
+            }
+            backoff.snooze();
+        }
+    }
+}
+
+/// A message taken out of the queue by a matched probe ([`Communicator::mprobe`],
+/// [`Communicator::improbe`]), to be received with [`Message::recv`] or
+/// [`Message::irecv`] (`MPI_Mrecv`, `MPI_Imrecv`). Until then it belongs to this handle
+/// alone. Dropping it unreceived puts the message back where it was in the queue, so a
+/// later receive or probe gets it, in its original order.
+#[derive(Debug)]
+#[must_use = "a matched message should be received (dropping it puts it back in the queue)"]
+pub struct Message {
+    comm: Communicator,
+    status: Status,
+    msg: Option<Unexpected>,
+}
+
+impl Message {
+    /// The message's source (a rank of the probed communicator), tag and length in bytes.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// Receives the message into `buf` (`MPI_Mrecv`).
+    ///
+    /// # Errors
+    /// [`Error::Truncated`] when it is larger than `buf` (nothing is written; the message is
+    /// consumed, as in MPI); [`Error::ElementSize`]; as [`RecvRequest::wait`].
+    pub fn recv<T: Pod>(self, buf: &mut [T]) -> Result<Status> {
+        self.irecv(buf)?.wait()
+    }
+
+    /// Starts receiving the message into `buf` (`MPI_Imrecv`); a rendezvous message's data
+    /// is requested now.
+    ///
+    /// # Errors
+    /// [`Error::PeerFailed`], [`Error::Finalized`], fabric errors.
+    pub fn irecv<T: Pod>(mut self, buf: &mut [T]) -> Result<RecvRequest<'_>> {
+        let msg = self.msg.take().expect("a message until received");
+        let src = Source::Rank(msg.src);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf);
+        let id = self.comm.engine().start_recv_matched(msg, bytes.len())?;
+        Ok(RecvRequest {
+            comm: self.comm.clone(),
+            id,
+            src,
+            buf: Some(bytes),
+            elem: std::mem::size_of::<T>(),
+        })
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if let Some(msg) = self.msg.take() {
+            self.comm.engine().requeue(msg);
+        }
+    }
+}
+
+// ---- One request model (MPI 4.0 §3.7). ----
+
+/// The object-safe part of every request ([`Request`]): what [`Communicator::wait_any`],
+/// [`Communicator::wait_some`] and [`Communicator::test_all`] need, so that they take any
+/// mix of request kinds as `&mut [&mut dyn AnyRequest]`. Implemented by every [`Request`].
+pub trait AnyRequest {
+    /// Progresses and reports whether the operation has completed (successfully, with an
+    /// error, or cancelled), so that [`Request::wait`] returns at once (`MPI_Test`). Never
+    /// blocks.
+    ///
+    /// # Errors
+    /// Fabric errors that belong to no operation; the operation's own error is reported by
+    /// `wait`.
+    fn test(&mut self) -> Result<bool>;
+
+    /// Asks to cancel the operation (`MPI_Cancel`). `Ok(true)`: it is cancelled; it is
+    /// complete, and `wait` returns [`Error::Cancelled`]. `Ok(false)`: it cannot be
+    /// cancelled (any more) and completes normally. Only a receive ([`RecvRequest`]) that
+    /// no message has matched yet can be cancelled; the [module docs](self#requests) say
+    /// why the others cannot.
+    ///
+    /// # Errors
+    /// None today; reserved for kinds whose cancellation can fail.
+    fn cancel(&mut self) -> Result<bool>;
+}
+
+/// A non-blocking operation in progress, of any kind: [`SendRequest`], [`RecvRequest`],
+/// [`P2pRequest`], [`CollRequest`](crate::CollRequest), [`RmaRequest`](crate::RmaRequest).
+/// See the [module docs](self#requests) for what dropping each does.
+pub trait Request: AnyRequest {
+    /// What a completed operation gives back: `()` for sends and RMA, the [`Status`] for a
+    /// receive, the buffer for most collectives.
+    type Output;
+
+    /// Waits for the operation (`MPI_Wait`), up to the communicator's deadline, and returns
+    /// its result.
+    ///
+    /// # Errors
+    /// The operation's error; [`Error::Timeout`]; [`Error::Cancelled`] after a successful
+    /// [`AnyRequest::cancel`].
+    fn wait(self) -> Result<Self::Output>;
+}
+
+impl AnyRequest for SendRequest {
+    fn test(&mut self) -> Result<bool> {
+        SendRequest::test(self)
+    }
+    /// A send cannot be cancelled: its eager data is already in the peer's receive buffers
+    /// or its rendezvous announced (MPI 4.0 deprecates cancelling sends too).
+    fn cancel(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+impl Request for SendRequest {
+    type Output = ();
+    fn wait(self) -> Result<()> {
+        SendRequest::wait(self)
+    }
+}
+
+impl AnyRequest for RecvRequest<'_> {
+    fn test(&mut self) -> Result<bool> {
+        RecvRequest::test(self)
+    }
+    fn cancel(&mut self) -> Result<bool> {
+        RecvRequest::cancel(self)
+    }
+}
+
+impl Request for RecvRequest<'_> {
+    type Output = Status;
+    fn wait(self) -> Result<Status> {
+        RecvRequest::wait(self)
+    }
+}
+
+impl AnyRequest for P2pRequest<'_> {
+    fn test(&mut self) -> Result<bool> {
+        match self {
+            P2pRequest::Send(s) => s.test(),
+            P2pRequest::Recv(r) => r.test(),
+        }
+    }
+    fn cancel(&mut self) -> Result<bool> {
+        match self {
+            P2pRequest::Send(_) => Ok(false),
+            P2pRequest::Recv(r) => r.cancel(),
+        }
+    }
+}
+
+impl Request for P2pRequest<'_> {
+    /// `None` for a send, the status for a receive.
+    type Output = Option<Status>;
+    fn wait(self) -> Result<Option<Status>> {
+        match self {
+            P2pRequest::Send(s) => s.wait().map(|()| None),
+            P2pRequest::Recv(r) => r.wait().map(Some),
+        }
+    }
+}
+
+impl Communicator {
+    /// Waits until one of `reqs` has completed (`MPI_Waitany`, MPI 4.0 §3.7.5) and returns
+    /// its index (the lowest, when several have); `None` when `reqs` is empty
+    /// (`MPI_UNDEFINED`). Any mix of request kinds, of any communicator; the deadline is
+    /// this communicator's. The request stays in `reqs`: `wait` on it returns at once.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when none completes within the deadline; an error from a
+    /// request's `test`.
+    pub fn wait_any(&self, reqs: &mut [&mut dyn AnyRequest]) -> Result<Option<usize>> {
+        if reqs.is_empty() {
+            return Ok(None);
+        }
+        let done = self.wait_requests("wait_any", reqs, |done, _| done > 0)?;
+        Ok(done.first().copied())
+    }
+
+    /// Waits until at least one of `reqs` has completed (`MPI_Waitsome`) and returns the
+    /// indexes of all that have, in increasing order; empty when `reqs` is. A request that
+    /// completed is reported again by the next call until the caller takes it out of
+    /// `reqs` (and `wait`s for it).
+    ///
+    /// # Errors
+    /// As [`Communicator::wait_any`].
+    pub fn wait_some(&self, reqs: &mut [&mut dyn AnyRequest]) -> Result<Vec<usize>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.wait_requests("wait_some", reqs, |done, _| done > 0)
+    }
+
+    /// Tests every request once (`MPI_Testall`): true when all of `reqs` have completed
+    /// (then `wait` on each returns at once). Never blocks.
+    ///
+    /// # Errors
+    /// An error from a request's `test`.
+    pub fn test_all(&self, reqs: &mut [&mut dyn AnyRequest]) -> Result<bool> {
+        let mut all = true;
+        for r in reqs.iter_mut() {
+            all &= r.test()?;
+        }
+        Ok(all)
+    }
+
+    /// Tests `reqs` until `enough(completed, total)` holds, up to the deadline; returns the
+    /// indexes of the completed ones.
+    fn wait_requests(
+        &self,
+        op: &'static str,
+        reqs: &mut [&mut dyn AnyRequest],
+        enough: impl Fn(usize, usize) -> bool,
+    ) -> Result<Vec<usize>> {
+        let start = Instant::now();
+        let mut backoff = efa_fabric::Backoff::new();
+        let mut clock = efa_fabric::PollClock::new(self.timeout());
+        loop {
+            let before = self.engine().events;
+            let mut done = Vec::new();
+            for (i, r) in reqs.iter_mut().enumerate() {
+                if r.test()? {
+                    done.push(i);
+                }
+            }
+            if enough(done.len(), reqs.len()) {
+                return Ok(done);
+            }
+            if self.engine().events != before {
+                backoff.reset();
+            }
+            if clock.expired() {
+                return Err(self.engine().deadline_passed(op, None, start.elapsed()));
+            }
+            backoff.snooze();
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn msg(ctx: u32, src: u32, tag: u32, arrival: u64) -> Unexpected {
+        Unexpected {
+            ctx,
+            src,
+            tag,
+            arrival,
+            body: Body::Eager(vec![0; 3]),
+        }
+    }
+
     #[test]
     fn wildcard_matching() {
-        assert!(matches(Source::Any, Tag::Any, 3, 5));
-        assert!(matches(Source::Rank(3), Tag::Is(5), 3, 5));
-        assert!(!matches(Source::Rank(2), Tag::Any, 3, 5));
-        assert!(!matches(Source::Any, Tag::Is(4), 3, 5));
+        let m = msg(0, 3, 5, 0);
+        assert!(matches(0, Source::Any, Tag::Any, &m));
+        assert!(matches(0, Source::Rank(3), Tag::Is(5), &m));
+        assert!(!matches(0, Source::Rank(2), Tag::Any, &m));
+        assert!(!matches(0, Source::Any, Tag::Is(4), &m));
         // Reserved (internal) tags never match a user's Tag::Any.
-        assert!(!matches(Source::Any, Tag::Any, 3, MAX_USER_TAG + 1));
+        assert!(!matches(
+            0,
+            Source::Any,
+            Tag::Any,
+            &msg(0, 3, MAX_USER_TAG + 1, 0)
+        ));
+    }
+
+    #[test]
+    fn contexts_never_match_each_other() {
+        let m = msg(7, 3, 5, 0);
+        assert!(matches(7, Source::Rank(3), Tag::Is(5), &m));
+        for ctx in [0, 6, 8, 7 | CREATE_CTX_BIT] {
+            assert!(!matches(ctx, Source::Any, Tag::Any, &m), "ctx {ctx}");
+            assert!(!matches(ctx, Source::Rank(3), Tag::Is(5), &m), "ctx {ctx}");
+        }
+        // A communicator's creation traffic is not its user traffic either.
+        let c = msg(7 | CREATE_CTX_BIT, 3, 0, 0);
+        assert!(!matches(7, Source::Any, Tag::Any, &c));
+        assert!(!matches(7, Source::Any, Tag::Is(0), &c));
+    }
+
+    #[test]
+    fn group_translates_ranks_both_ways() {
+        // World ranks 5, 1, 3 of a job of 6, in that order.
+        let g = Group::new(9, 1, vec![5, 1, 3], 6);
+        assert_eq!(g.size(), 3);
+        for (l, &w) in g.world_of.iter().enumerate() {
+            assert_eq!(g.local_of[w as usize], l as u32);
+        }
+        for w in [0, 2, 4] {
+            assert_eq!(g.local_of[w], NOT_MEMBER);
+        }
+        let world = Group::world(2, 4);
+        assert_eq!(world.world_of, vec![0, 1, 2, 3]);
+        assert_eq!(world.local_of, vec![0, 1, 2, 3]);
+        assert_eq!(world.ctx, WORLD_CTX);
     }
 
     #[test]

@@ -187,6 +187,11 @@ pub enum Error {
         /// The rank that finalized.
         rank: u32,
     },
+    /// The receive was cancelled ([`crate::Request::cancel`], `MPI_Cancel`) before a
+    /// message matched it: nothing was written into its buffer, and the message that would
+    /// have matched it stays for a later receive.
+    #[error("the receive was cancelled before a message matched it; nothing was received")]
+    Cancelled,
 }
 
 impl Error {
@@ -305,6 +310,7 @@ impl Error {
             Error::PeerFinalized { rank } => {
                 f.debug_struct("PeerFinalized").field("rank", rank).finish()
             }
+            Error::Cancelled => f.write_str("Cancelled"),
         }
     }
 }

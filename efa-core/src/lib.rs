@@ -103,8 +103,8 @@ pub use coll::{
     ValueIndex,
 };
 pub use comm::{
-    Communicator, CommunicatorBuilder, Config, RecvRequest, Request, SendRequest, Source, Status,
-    Tag,
+    AnyRequest, Communicator, CommunicatorBuilder, Config, Message, P2pRequest, RecvRequest,
+    Request, SendRequest, Source, Status, Tag,
 };
 pub use error::{Error, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;

@@ -642,19 +642,44 @@ impl<T: Pod> RmaRequest<'_, '_, T> {
     }
 
     /// True once the operation has completed locally (progresses once).
-    pub fn test(&mut self) -> bool {
+    ///
+    /// # Errors
+    /// Fabric errors of the endpoint's progress (the operation's own error is reported by
+    /// [`RmaRequest::wait`]).
+    pub fn test(&mut self) -> Result<bool> {
         let o = self
             .win
             .outstanding
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         match o.ops.get(&self.id) {
-            None => true,
+            None => Ok(true),
             Some((_, Op::Put(p))) | Some((_, Op::Get(p))) => {
-                let _ = self.win.peers[self.peer as usize].ep.progress();
-                p.is_done()
+                self.win.peers[self.peer as usize]
+                    .ep
+                    .progress()
+                    .map_err(|e| Error::fabric("progress", Some(self.peer), e))?;
+                Ok(p.is_done())
             }
         }
+    }
+}
+
+impl<T: Pod> crate::AnyRequest for RmaRequest<'_, '_, T> {
+    fn test(&mut self) -> Result<bool> {
+        RmaRequest::test(self)
+    }
+    /// An RMA operation cannot be recalled: once posted, the NIC may already have written
+    /// the target's memory, and nothing would tell whether it did.
+    fn cancel(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+impl<T: Pod> crate::Request for RmaRequest<'_, '_, T> {
+    type Output = ();
+    fn wait(self) -> Result<()> {
+        RmaRequest::wait(self)
     }
 }
 

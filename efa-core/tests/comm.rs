@@ -57,7 +57,7 @@ fn child_all_pairs() {
     // Non-blocking: all receives posted with Source::Any, then all sends; wait_all.
     let len = 5000;
     let mut bufs: Vec<Vec<u64>> = (0..n).map(|_| vec![0u64; len]).collect();
-    let mut reqs: Vec<efa_core::Request<'_>> = Vec::new();
+    let mut reqs: Vec<efa_core::P2pRequest<'_>> = Vec::new();
     for b in bufs.iter_mut() {
         reqs.push(comm.irecv(b, Source::Any, Tag::Is(77)).unwrap().into());
     }

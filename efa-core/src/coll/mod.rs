@@ -685,11 +685,15 @@ impl<R: Send + 'static> CollRequest<R> {
     }
 
     /// Whether the collective has finished (successfully or not). Never blocks.
-    pub fn test(&mut self) -> bool {
-        match &self.handle {
+    ///
+    /// # Errors
+    /// None (the collective's own error is reported by [`CollRequest::wait`]); a `Result`
+    /// like every [`Request`](crate::Request)'s `test`.
+    pub fn test(&mut self) -> Result<bool> {
+        Ok(match &self.handle {
             Some(h) => h.is_finished(),
             None => true,
-        }
+        })
     }
 
     /// Waits for the collective and returns its result (the buffer, for most).
@@ -723,6 +727,24 @@ impl Communicator {
         let link = CollLink::new(self);
         let seq = link.next_seq();
         (link, seq)
+    }
+}
+
+impl<R: Send + 'static> crate::AnyRequest for CollRequest<R> {
+    fn test(&mut self) -> Result<bool> {
+        CollRequest::test(self)
+    }
+    /// A collective cannot be cancelled: the other ranks take part in it, and would wait
+    /// for this one until their deadline.
+    fn cancel(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+impl<R: Send + 'static> crate::Request for CollRequest<R> {
+    type Output = R;
+    fn wait(self) -> Result<R> {
+        CollRequest::wait(self)
     }
 }
 

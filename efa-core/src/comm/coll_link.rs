@@ -67,7 +67,7 @@ impl CollLink {
     /// call.
     pub(crate) fn next_seq(&self) -> u32 {
         self.comm
-            .inner
+            .group
             .coll_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
@@ -83,10 +83,13 @@ impl CollLink {
         if let Source::Rank(r) = src {
             self.comm.check_rank(r)?;
         }
+        // Ranks of this communicator, its context: see `Communicator`'s sub-communicators.
+        let src = self.comm.world_source(src);
+        let ctx = self.comm.group.ctx;
         let id = self
             .comm
             .engine()
-            .start_recv(src, Tag::Is(tag.0), capacity)?;
+            .start_recv(src, Tag::Is(tag.0), ctx, capacity)?;
         Ok(CollRecv {
             comm: self.comm.clone(),
             id,
@@ -153,7 +156,7 @@ impl CollRecv {
                     let status = op.status.expect("completed receive has a status");
                     let mut data = op.data;
                     data.truncate(status.len);
-                    Ok((status, data))
+                    Ok((self.comm.local_status(status), data))
                 }
             },
         })

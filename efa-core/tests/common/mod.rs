@@ -109,7 +109,7 @@ pub fn pattern(from: u32, to: u32, kind: u32, len: usize) -> Vec<u32> {
 /// calls (`Source::Any` + `wait_all`) and tokio async calls (a ring shift). Panics naming the
 /// peer on any bad message.
 pub fn verify_all_pairs(comm: &efa_core::Communicator) {
-    use efa_core::{Request, Source, Tag};
+    use efa_core::{P2pRequest, Source, Tag};
     let (me, n) = (comm.rank(), comm.size());
     for peer in 0..n {
         let r = comm.route(peer).expect("route");
@@ -138,7 +138,7 @@ pub fn verify_all_pairs(comm: &efa_core::Communicator) {
     }
     let len = 10_000;
     let mut bufs: Vec<Vec<u32>> = (1..n).map(|_| vec![0u32; len]).collect();
-    let mut reqs: Vec<Request<'_>> = Vec::new();
+    let mut reqs: Vec<P2pRequest<'_>> = Vec::new();
     for b in &mut bufs {
         reqs.push(comm.irecv(b, Source::Any, Tag::Is(100)).unwrap().into());
     }

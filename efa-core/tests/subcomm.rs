@@ -1,0 +1,216 @@
+//! Sub-communicators (`dup`, `split`): real multi-process jobs started by `efarun` on shm and
+//! on IP, each rank running one of the `#[ignore]`d child tests of this file.
+
+use efa_core::{Communicator, Error, ReduceOp, Source, Tag, WindowAccess};
+
+mod common;
+use common::{efarun, in_job};
+
+/// Runs `child` as `n` ranks on shm (the default on one host) and on IP, and checks that
+/// every rank printed `done`.
+fn run_both(n: u32, child: &str) {
+    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
+        let out = efarun(n, child, env);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{child} on {env:?} failed:\n{text}");
+        assert_eq!(
+            text.matches(&format!("{child}: done")).count(),
+            n as usize,
+            "every rank of {child} on {env:?} must finish:\n{text}"
+        );
+    }
+}
+
+/// Equal tags on the world and on a dup never cross: wildcard receives and probes on one
+/// see nothing of the other, a receive posted with wildcards on the dup does not take a
+/// world message, and collectives' internal tags (both at their first call) do not mix.
+#[test]
+#[ignore = "rank program for dup_isolates_traffic"]
+fn child_dup() {
+    if !in_job() {
+        return;
+    }
+    let world = Communicator::init().unwrap();
+    let dup = world.dup().unwrap();
+    let (me, n) = (world.rank(), world.size());
+    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    assert_eq!((dup.rank(), dup.size()), (me, n));
+    assert_ne!(dup.context_id(), world.context_id());
+    // A second dup gets yet another context.
+    let dup2 = world.dup().unwrap();
+    assert_ne!(dup2.context_id(), dup.context_id());
+
+    // A world message with tag 5 has arrived here; the dup sees nothing.
+    world.send(&[1000 + me], next, 5).unwrap();
+    let st = world.probe(prev, 5).unwrap();
+    assert_eq!((st.source, st.tag, st.count::<u32>()), (prev, 5, 1));
+    assert_eq!(dup.iprobe(Source::Any, Tag::Any).unwrap(), None);
+    assert!(dup.improbe(Source::Any, Tag::Any).unwrap().is_none());
+    world.barrier().unwrap();
+    // The dup's message with the same tag is the one a dup wildcard receive gets.
+    dup.send(&[2000 + me], next, 5).unwrap();
+    let mut got = [0u32];
+    let st = dup.recv(&mut got, Source::Any, Tag::Any).unwrap();
+    assert_eq!((got[0], st.source, st.tag), (2000 + prev, prev, 5));
+    let st = world.recv(&mut got, Source::Any, Tag::Any).unwrap();
+    assert_eq!((got[0], st.source, st.tag), (1000 + prev, prev, 5));
+
+    // A wildcard receive posted on the dup first does not take the world's message.
+    let mut on_dup = [0u32];
+    let mut r = dup.irecv(&mut on_dup, Source::Any, Tag::Any).unwrap();
+    world.barrier().unwrap();
+    world.send(&[3000 + me], next, 6).unwrap();
+    let mut w = [0u32];
+    world.recv(&mut w, Source::Any, Tag::Any).unwrap();
+    assert_eq!(w[0], 3000 + prev);
+    assert!(
+        !r.test().unwrap(),
+        "the dup's wildcard receive took a world message"
+    );
+    world.barrier().unwrap();
+    dup.send(&[4000 + me], next, 6).unwrap();
+    let st = r.wait().unwrap();
+    assert_eq!((on_dup[0], st.source), (4000 + prev, prev));
+
+    // Collectives on both at once: both are at the same collective sequence number, so
+    // their internal tags are equal; only the context keeps them apart.
+    for round in 0..20u32 {
+        let mut a = vec![me + round; 1000];
+        let mut b = vec![(me + 1) * 7 + round; 1000];
+        let ra = world.iallreduce(a.clone(), ReduceOp::Sum);
+        dup.allreduce(&mut b, ReduceOp::Sum).unwrap();
+        a = ra.wait().unwrap();
+        let sum_a: u32 = (0..n).map(|r| r + round).sum();
+        let sum_b: u32 = (0..n).map(|r| (r + 1) * 7 + round).sum();
+        assert!(
+            a.iter().all(|&x| x == sum_a),
+            "world allreduce round {round}"
+        );
+        assert!(b.iter().all(|&x| x == sum_b), "dup allreduce round {round}");
+    }
+    // Finalizing the dup releases it only: the world still works.
+    dup.finalize().unwrap();
+    drop(dup2);
+    let mut x = [me];
+    world.allreduce(&mut x, ReduceOp::Max).unwrap();
+    assert_eq!(x[0], n - 1);
+    world.finalize().unwrap();
+    println!("child_dup: done");
+}
+
+#[test]
+fn dup_isolates_traffic() {
+    run_both(3, "child_dup");
+}
+
+/// Even and odd ranks with reversed keys; the last rank gives no color. Checks the ranks,
+/// point-to-point in the new numbering, and collectives on the halves running concurrently
+/// with world collectives and world point-to-point on another thread.
+#[test]
+#[ignore = "rank program for split_even_odd"]
+fn child_split() {
+    if !in_job() {
+        return;
+    }
+    let world = Communicator::init().unwrap();
+    let (me, n) = (world.rank(), world.size());
+    let color = (me != n - 1 || n < 4).then_some(me % 2);
+    let half = world.split(color, -(me as i32)).unwrap();
+    let Some(half) = half else {
+        assert_eq!(me, n - 1);
+        // Still part of the world: take part in its traffic below.
+        world_traffic(&world, 30);
+        world.barrier().unwrap();
+        world.finalize().unwrap();
+        println!("child_split: done");
+        return;
+    };
+    // Members: same parity, not the excluded last rank; reversed keys: descending rank.
+    let mut members: Vec<u32> = (0..n)
+        .filter(|&r| r % 2 == me % 2 && (r != n - 1 || n < 4))
+        .collect();
+    members.reverse();
+    let want_rank = members.iter().position(|&r| r == me).unwrap() as u32;
+    assert_eq!(
+        half.size(),
+        members.len() as u32,
+        "size of color {}",
+        me % 2
+    );
+    assert_eq!(half.rank(), want_rank, "rank of world rank {me}");
+    for (l, &w) in members.iter().enumerate() {
+        assert_eq!(half.world_rank(l as u32).unwrap(), w);
+    }
+    assert!(matches!(
+        half.world_rank(half.size()),
+        Err(Error::InvalidRank { .. })
+    ));
+    // Point-to-point in the half's ranks: a ring by sendrecv; the status names half ranks.
+    let (hn, hme) = (half.size(), half.rank());
+    let (hnext, hprev) = ((hme + 1) % hn, (hme + hn - 1) % hn);
+    let mut got = vec![0u32; 3000];
+    let st = half
+        .sendrecv(&vec![me; 3000], hnext, 1, &mut got, Source::Any, 1)
+        .unwrap();
+    assert_eq!(st.source, hprev, "status source in the half's ranks");
+    assert!(got.iter().all(|&x| x == members[hprev as usize]));
+
+    // Collectives on the half while another thread runs world traffic.
+    std::thread::scope(|s| {
+        let w = s.spawn(|| world_traffic(&world, 30));
+        for round in 0..30u32 {
+            let mut v = vec![me + round; 500];
+            half.allreduce(&mut v, ReduceOp::Sum).unwrap();
+            let want: u32 = members.iter().map(|&r| r + round).sum();
+            assert!(v.iter().all(|&x| x == want), "half allreduce round {round}");
+            let mut b = vec![if hme == round % hn { round + 1 } else { 0 }; 10_000];
+            half.broadcast(&mut b, round % hn).unwrap();
+            assert!(
+                b.iter().all(|&x| x == round + 1),
+                "half broadcast round {round}"
+            );
+            half.barrier().unwrap();
+        }
+        w.join().unwrap();
+    });
+    // A window on the half: each rank puts its world rank into the next half rank.
+    let win = half.window::<u32>(1, WindowAccess::ReadWrite).unwrap();
+    win.put(hnext, 0, &[me]).unwrap();
+    win.fence().unwrap();
+    assert_eq!(win.local()[0], members[hprev as usize]);
+    win.free().unwrap();
+    drop(half);
+    world.barrier().unwrap();
+    world.finalize().unwrap();
+    println!("child_split: done");
+}
+
+/// World allreduces and a world ring, `rounds` times.
+fn world_traffic(world: &Communicator, rounds: u32) {
+    let (me, n) = (world.rank(), world.size());
+    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    for round in 0..rounds {
+        let mut v = vec![me * 3 + round; 700];
+        world.allreduce(&mut v, ReduceOp::Sum).unwrap();
+        let want: u32 = (0..n).map(|r| r * 3 + round).sum();
+        assert!(
+            v.iter().all(|&x| x == want),
+            "world allreduce round {round}"
+        );
+        let mut got = vec![0u32; 5000];
+        let st = world
+            .sendrecv(&vec![me ^ round; 5000], next, 2, &mut got, prev, Tag::Any)
+            .unwrap();
+        assert_eq!(st.source, prev);
+        assert!(
+            got.iter().all(|&x| x == prev ^ round),
+            "world ring round {round}"
+        );
+    }
+}
+
+#[test]
+fn split_even_odd() {
+    run_both(4, "child_split");
+    run_both(2, "child_split");
+}
