@@ -823,9 +823,11 @@ impl Drop for Inner {
 /// windows) takes and reports ranks of that communicator; the translation to the job's
 /// (world) ranks happens inside this module. Messages are matched on (context, source,
 /// tag): traffic of different communicators never matches, wildcards and the library's
-/// internal tags included. Errors that name a peer ([`Error::Timeout`], [`Error::Truncated`],
-/// [`Error::PeerFailed`], ...) name its **world** rank, the number `efarun` prefixes its
-/// output with. A failed rank fails every communicator of the job (as `MPI_ERRORS_ARE_FATAL`).
+/// internal tags included. Errors about an argument or a message ([`Error::InvalidRank`],
+/// [`Error::Truncated`], RMA bounds) name ranks of this communicator; errors about a
+/// process ([`Error::Timeout`], [`Error::PeerFailed`], [`Error::PeerFinalized`]) name its
+/// **world** rank, the number `efarun` prefixes its output with. A failed rank fails every
+/// communicator of the job (as `MPI_ERRORS_ARE_FATAL`).
 ///
 /// A sub-communicator shares the world's endpoints and engine: [`Communicator::finalize`]
 /// on it and dropping it release only the sub-communicator (`MPI_Comm_disconnect`), never

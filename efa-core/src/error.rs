@@ -187,7 +187,7 @@ pub enum Error {
         /// The rank that finalized.
         rank: u32,
     },
-    /// The receive was cancelled ([`crate::Request::cancel`], `MPI_Cancel`) before a
+    /// The receive was cancelled ([`crate::AnyRequest::cancel`], `MPI_Cancel`) before a
     /// message matched it: nothing was written into its buffer, and the message that would
     /// have matched it stays for a later receive.
     #[error("the receive was cancelled before a message matched it; nothing was received")]
