@@ -1328,8 +1328,8 @@ impl<'a> From<RecvRequest<'a>> for P2pRequest<'a> {
     }
 }
 
-/// A send in progress. Dropping it does not cancel the send (the data is already owned by
-/// the engine), but its outcome is then not reported.
+/// A send in progress ([`Request`]). What dropping it does, and why it cannot be
+/// cancelled: [Requests](self#requests).
 #[derive(Debug)]
 #[must_use = "a send request should be waited for to learn its outcome"]
 pub struct SendRequest {
@@ -1385,7 +1385,8 @@ impl Drop for SendRequest {
     }
 }
 
-/// A receive in progress into a borrowed buffer. Dropping it cancels the receive.
+/// A receive in progress into a borrowed buffer ([`Request`]). What dropping or cancelling
+/// it does: [Requests](self#requests).
 #[derive(Debug)]
 #[must_use = "a receive request must be waited for"]
 pub struct RecvRequest<'a> {

@@ -136,7 +136,8 @@ impl<T: Pod> std::fmt::Debug for Window<T> {
     }
 }
 
-/// A non-blocking put or get. Dropping it before completion cancels and drains it.
+/// A non-blocking put or get ([`Request`](crate::Request)). What dropping it does, and
+/// why it cannot be cancelled: [Requests](crate::comm#requests).
 #[derive(Debug)]
 #[must_use = "an RMA request must be waited for"]
 pub struct RmaRequest<'w, 'a, T: Pod> {

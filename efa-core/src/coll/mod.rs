@@ -670,7 +670,9 @@ fn alltoallv_seq<T: Element>(
     })
 }
 
-/// A non-blocking collective: runs on a helper thread; `wait` returns its buffer.
+/// A non-blocking collective ([`Request`](crate::Request)): runs on a helper thread; `wait`
+/// returns its buffer. What dropping it does, and why it cannot be cancelled:
+/// [Requests](crate::comm#requests).
 #[derive(Debug)]
 #[must_use = "a collective request should be waited for"]
 pub struct CollRequest<R> {
