@@ -50,7 +50,9 @@
 //! # Resource cleanup
 //! [`Communicator::finalize`] (or dropping the last clone, which does the same, best
 //! effort) first makes sure that every message the API reported as sent has reached its
-//! peer, then closes the endpoints (through `efa-fabric`'s ownership rules).
+//! peer, then closes the endpoints (through `efa-fabric`'s ownership rules). Finalizing
+//! or dropping a sub-communicator ([`Communicator::dup`], [`Communicator::split`]) releases
+//! only it; the endpoints close with the world (see [`Communicator`]).
 //!
 //! # Failures
 //! A rank that learns that a peer is gone (its pid vanished on this host, the transport
@@ -58,7 +60,8 @@
 //! passed) tells every rank it can still reach; their pending and later operations fail
 //! with [`Error::PeerFailed`] naming it and the cause.
 //!
-//! Requests that are dropped are cancelled (receives) or detached (sends); the NIC never
+//! Requests that are dropped are cancelled (receives) or detached (sends); the drop rule of
+//! every request kind is in one table, [`comm`'s Requests](comm#requests). The NIC never
 //! writes into user memory, so nothing can be written after a buffer is freed.
 //! Each shm endpoint's region in `/dev/shm` is unlinked when its endpoint closes, or at
 //! process exit if it never closes. Regions that killed processes left are reclaimed when
