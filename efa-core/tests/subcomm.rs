@@ -88,6 +88,14 @@ fn child_dup() {
         );
         assert!(b.iter().all(|&x| x == sum_b), "dup allreduce round {round}");
     }
+    // A collective that fails on the dup (ranks pass different lengths: its abort
+    // messages go to every rank of the dup) leaves the world's collectives alone.
+    let mut bad = vec![1u32; 10 + me as usize];
+    let e = dup.allreduce(&mut bad, ReduceOp::Sum).unwrap_err();
+    assert!(matches!(e, Error::Protocol { .. }), "{e:?}");
+    let mut x = [1u32];
+    world.allreduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x[0], n);
     // Finalizing the dup releases it only: the world still works.
     dup.finalize().unwrap();
     drop(dup2);
