@@ -52,8 +52,8 @@
 //! because the NIC never touches user memory, see Buffers), a header and one post; a
 //! rendezvous also needs its RTS/CTS round trip each time, because the receiver's landing
 //! buffer is engine memory chosen per message. None of that can be set up once and
-//! reused; what a persistent request would save (argument checks, a request id and a hash
-//! map entry) is a few tens of nanoseconds against a copy and a post. They become worth
+//! reused; all a persistent request would save is the argument checks, a request id and a
+//! hash-map entry, small next to the copy and the post. They become worth
 //! having when the data path sends from registered user memory (issue 13), where `init`
 //! could register the halo buffer once.
 
