@@ -163,6 +163,19 @@ fn child_split() {
     assert_eq!(st.source, hprev, "status source in the half's ranks");
     assert!(got.iter().all(|&x| x == members[hprev as usize]));
 
+    // A split of the split (reversed again): ranks compose through both translations.
+    let rev = half.split(Some(0), -(hme as i32)).unwrap().unwrap();
+    assert_eq!((rev.rank(), rev.size()), (hn - 1 - hme, hn));
+    assert_eq!(rev.world_rank(rev.rank()).unwrap(), me);
+    let rnext = (rev.rank() + 1) % hn;
+    let mut one = [0u32];
+    let st = rev
+        .sendrecv(&[me], rnext, 3, &mut one, Source::Any, Tag::Any)
+        .unwrap();
+    assert_eq!(rev.world_rank(st.source).unwrap(), one[0]);
+    assert_eq!(st.source, (rev.rank() + hn - 1) % hn);
+    drop(rev);
+
     // Collectives on the half while another thread runs world traffic.
     std::thread::scope(|s| {
         let w = s.spawn(|| world_traffic(&world, 30));
