@@ -410,8 +410,8 @@ struct Unexpected {
     /// The sender's world rank.
     src: u32,
     tag: u32,
-    /// Its place in the order messages were processed (for putting it back, see
-    /// [`Engine::requeue`]).
+    /// Its place in the order messages were queued (for putting it back, see
+    /// [`UnexpectedQueue::requeue`]).
     arrival: u64,
     body: Body,
 }
@@ -431,6 +431,51 @@ impl Unexpected {
             Body::Eager(d) => d.len(),
             Body::Rts { len, .. } => *len,
         }
+    }
+}
+
+/// Messages that arrived before a receive matched them, oldest first. Pure logic (no I/O),
+/// unit-tested below.
+#[derive(Debug, Default)]
+struct UnexpectedQueue {
+    queue: VecDeque<Unexpected>,
+    /// Messages queued so far (numbers [`Unexpected::arrival`]).
+    arrivals: u64,
+}
+
+impl UnexpectedQueue {
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queues a message that no posted receive matched.
+    fn push(&mut self, mut msg: Unexpected) {
+        msg.arrival = self.arrivals;
+        self.arrivals += 1;
+        self.queue.push_back(msg);
+    }
+
+    /// The oldest message that a receive on `ctx` from `src` (a world rank) with `tag`
+    /// would get.
+    fn find(&self, ctx: u32, src: Source, tag: Tag) -> Option<&Unexpected> {
+        self.queue.iter().find(|u| matches(ctx, src, tag, u))
+    }
+
+    /// Takes out the message [`UnexpectedQueue::find`] would return.
+    fn take(&mut self, ctx: u32, src: Source, tag: Tag) -> Option<Unexpected> {
+        let i = self.queue.iter().position(|u| matches(ctx, src, tag, u))?;
+        self.queue.remove(i)
+    }
+
+    /// Puts back a message taken out by a matched probe, at the place it had: a later
+    /// receive gets it in the order it would have had (non-overtaking).
+    fn requeue(&mut self, msg: Unexpected) {
+        let at = self
+            .queue
+            .iter()
+            .position(|u| u.arrival > msg.arrival)
+            .unwrap_or(self.queue.len());
+        self.queue.insert(at, msg);
     }
 }
 
@@ -502,9 +547,7 @@ struct Engine {
     /// Messages that arrived ahead of their sequence number, per source.
     reorder: Vec<BTreeMap<u32, Ordered>>,
     posted: VecDeque<u64>,
-    unexpected: VecDeque<Unexpected>,
-    /// Messages processed so far (numbers [`Unexpected::arrival`]).
-    arrivals: u64,
+    unexpected: UnexpectedQueue,
     recvs: HashMap<u64, RecvOp, IdHash>,
     sends: HashMap<u64, SendOp, IdHash>,
     /// Rendezvous id -> send request id.
@@ -1742,8 +1785,7 @@ fn assemble(
         expected_seq: vec![0; size as usize],
         reorder: (0..size).map(|_| BTreeMap::new()).collect(),
         posted: VecDeque::new(),
-        unexpected: VecDeque::new(),
-        arrivals: 0,
+        unexpected: UnexpectedQueue::default(),
         recvs: HashMap::default(),
         sends: HashMap::default(),
         rndv_sends: HashMap::new(),
@@ -2107,11 +2149,8 @@ impl Engine {
         // Search the messages already processed (oldest first). A message that has arrived
         // but is not processed yet will match this receive in `posted` when it is: no
         // progress call is needed here.
-        match self.find_unexpected(ctx, src, tag) {
-            Some(i) => {
-                let u = self.unexpected.remove(i).expect("index from position");
-                self.deliver(id, u)?;
-            }
+        match self.unexpected.take(ctx, src, tag) {
+            Some(u) => self.deliver(id, u)?,
             None => match src {
                 // Everything that rank sent has been processed: nothing can match any more.
                 Source::Rank(r) if self.fin[r as usize].got_fin => {
@@ -2442,24 +2481,6 @@ impl Engine {
         Ok(waiting.or_else(|| self.background.first().map(|b| b.dest)))
     }
 
-    /// The oldest processed message that a receive on `ctx` from `src` with `tag` would get.
-    fn find_unexpected(&self, ctx: u32, src: Source, tag: Tag) -> Option<usize> {
-        self.unexpected
-            .iter()
-            .position(|u| matches(ctx, src, tag, u))
-    }
-
-    /// Puts back a message taken out by a matched probe, at the place it had: a later
-    /// receive gets it in the order it would have had (non-overtaking).
-    fn requeue(&mut self, msg: Unexpected) {
-        let at = self
-            .unexpected
-            .iter()
-            .position(|u| u.arrival > msg.arrival)
-            .unwrap_or(self.unexpected.len());
-        self.unexpected.insert(at, msg);
-    }
-
     /// Starts a receive of a message already taken out of the queue (a matched probe's),
     /// into at most `capacity` bytes.
     fn start_recv_matched(&mut self, msg: Unexpected, capacity: usize) -> Result<u64> {
@@ -2760,7 +2781,7 @@ impl Engine {
     /// A message whose turn it is: match it against posted receives or queue it.
     fn matched_in_order(&mut self, src: u32, msg: Ordered) -> Result<()> {
         self.expected_seq[src as usize] = self.expected_seq[src as usize].wrapping_add(1);
-        let mut msg = match msg {
+        let msg = match msg {
             Ordered::Msg(m) => m,
             Ordered::Fin => {
                 self.fin[src as usize].got_fin = true;
@@ -2776,8 +2797,6 @@ impl Engine {
                 return Ok(());
             }
         };
-        msg.arrival = self.arrivals;
-        self.arrivals += 1;
         let pos = self.posted.iter().position(|id| {
             self.recvs
                 .get(id)
@@ -2789,7 +2808,7 @@ impl Engine {
                 self.deliver(id, msg)
             }
             None => {
-                self.unexpected.push_back(msg);
+                self.unexpected.push(msg);
                 Ok(())
             }
         }
@@ -3211,8 +3230,9 @@ impl Communicator {
         let mut e = self.engine();
         e.check_open()?;
         e.progress()?;
-        Ok(e.find_unexpected(ctx, wsrc, tag)
-            .map(|i| self.unexpected_status(&e.unexpected[i])))
+        Ok(e.unexpected
+            .find(ctx, wsrc, tag)
+            .map(|u| self.unexpected_status(u)))
     }
 
     /// Waits until a message from `src` with `tag` (wildcards allowed) has arrived and
@@ -3231,8 +3251,9 @@ impl Communicator {
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
         self.poll_engine("probe", wsrc, |e| {
-            Ok(e.find_unexpected(ctx, wsrc, tag)
-                .map(|i| self.unexpected_status(&e.unexpected[i])))
+            Ok(e.unexpected
+                .find(ctx, wsrc, tag)
+                .map(|u| self.unexpected_status(u)))
         })
     }
 
@@ -3253,10 +3274,9 @@ impl Communicator {
         let mut e = self.engine();
         e.check_open()?;
         e.progress()?;
-        Ok(e.find_unexpected(ctx, wsrc, tag).map(|i| {
-            let msg = e.unexpected.remove(i).expect("index from find_unexpected");
-            self.message(msg)
-        }))
+        Ok(e.unexpected
+            .take(ctx, wsrc, tag)
+            .map(|msg| self.message(msg)))
     }
 
     /// Waiting matched probe (`MPI_Mprobe`, MPI 4.0 §3.8.2): [`Communicator::improbe`]
@@ -3271,10 +3291,7 @@ impl Communicator {
         }
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
-        let msg = self.poll_engine("mprobe", wsrc, |e| {
-            Ok(e.find_unexpected(ctx, wsrc, tag)
-                .map(|i| e.unexpected.remove(i).expect("index from find_unexpected")))
-        })?;
+        let msg = self.poll_engine("mprobe", wsrc, |e| Ok(e.unexpected.take(ctx, wsrc, tag)))?;
         Ok(self.message(msg))
     }
 
@@ -3384,7 +3401,7 @@ impl Message {
 impl Drop for Message {
     fn drop(&mut self) {
         if let Some(msg) = self.msg.take() {
-            self.comm.engine().requeue(msg);
+            self.comm.engine().unexpected.requeue(msg);
         }
     }
 }
@@ -3611,6 +3628,42 @@ mod tests {
         let c = msg(7 | CREATE_CTX_BIT, 3, 0, 0);
         assert!(!matches(7, Source::Any, Tag::Any, &c));
         assert!(!matches(7, Source::Any, Tag::Is(0), &c));
+    }
+
+    #[test]
+    fn unexpected_queue_keeps_order_and_contexts() {
+        let mut q = UnexpectedQueue::default();
+        // Rank 1 sends tags 4, 5, 4 on ctx 0; rank 2 tag 4 on ctx 3.
+        for (ctx, src, tag) in [(0, 1, 4), (0, 1, 5), (3, 2, 4), (0, 1, 4)] {
+            q.push(msg(ctx, src, tag, 0));
+        }
+        assert_eq!(q.len(), 4);
+        let first = |q: &UnexpectedQueue, ctx, src, tag| {
+            q.find(ctx, src, tag)
+                .map(|u| (u.ctx, u.src, u.tag, u.arrival))
+        };
+        assert_eq!(first(&q, 0, Source::Any, Tag::Any), Some((0, 1, 4, 0)));
+        assert_eq!(first(&q, 3, Source::Any, Tag::Any), Some((3, 2, 4, 2)));
+        assert_eq!(first(&q, 1, Source::Any, Tag::Any), None);
+        assert_eq!(first(&q, 0, Source::Rank(2), Tag::Is(4)), None);
+        // A matched probe takes the first tag-4 message, a receive then gets the tag-5 one;
+        // put back, the probed message is again the oldest, ahead of the later tag 4.
+        let probed = q.take(0, Source::Rank(1), Tag::Is(4)).unwrap();
+        assert_eq!(probed.arrival, 0);
+        assert_eq!(first(&q, 0, Source::Any, Tag::Any), Some((0, 1, 5, 1)));
+        let five = q.take(0, Source::Any, Tag::Is(5)).unwrap();
+        q.requeue(probed);
+        assert_eq!(first(&q, 0, Source::Any, Tag::Any), Some((0, 1, 4, 0)));
+        // Requeued into the middle: between older and newer messages.
+        let later = q.take(0, Source::Any, Tag::Any).unwrap();
+        assert_eq!(later.arrival, 0);
+        q.requeue(five);
+        q.requeue(later);
+        let order: Vec<u64> = std::iter::from_fn(|| q.take(0, Source::Any, Tag::Any))
+            .map(|u| u.arrival)
+            .collect();
+        assert_eq!(order, vec![0, 1, 3]);
+        assert_eq!(q.len(), 1, "ctx 3's message stays");
     }
 
     #[test]
