@@ -647,7 +647,7 @@ fn main() -> ExitCode {
     for b in [&rank_bin, &efarun] {
         if !b.is_file() {
             eprintln!(
-                "efa-chaos: {} is missing; build it with cargo build -p efa-chaos -p efa-core",
+                "efa-chaos: {} is missing; build it with cargo build -p efa-chaos -p efarun",
                 b.display()
             );
             return ExitCode::from(2);

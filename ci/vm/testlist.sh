@@ -6,6 +6,9 @@ cd "$(dirname "$0")/../.."
 # Test executables of the named targets, from cargo's JSON build messages.
 json=$(cargo test -p efa-ffi -p efa-fabric -p efa-core -p efa-cli --no-run --message-format=json) ||
   { echo "testlist: building the test binaries failed" >&2; exit 1; }
+# The multi-rank tests start their ranks under efarun, which they find next to their own
+# directory (target/debug/efarun). Inside the VM there is no cargo to build it, so build it here.
+cargo build -q -p efarun || { echo "testlist: building efarun failed" >&2; exit 1; }
 bins=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
 want = {"smoke", "datapath", "comm", "cli", "agree", "rma", "coll"}

@@ -82,8 +82,9 @@
 //!   IP), as one pure function over what one discovery call found; the communicator and
 //!   `efa info` both use it.
 //!
-//! The `efarun` binary starts N local ranks with the bootstrap variables set and serves their
-//! TCP store for the lifetime of the job.
+//! The `efarun` launcher (crate `efarun`: `cargo install --path efarun`) starts N local
+//! ranks with the bootstrap variables set and serves their TCP store for the lifetime of the
+//! job.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use efa_core::{Communicator, ReduceOp, Source, Tag};
 
+mod common;
+
 /// Message sizes of the ring burst, in bytes: inject (below every provider's inject size),
 /// eager through a bounce buffer (above shm's 4 KiB inject size, below the eager limits),
 /// and rendezvous (above every eager limit, several chunks on none).
@@ -121,7 +123,7 @@ fn run_jobs(jobs: usize, concurrent: usize, env: &[(&str, &str)]) -> usize {
         let wave: Vec<_> = (0..concurrent.min(jobs - started))
             .map(|k| {
                 let n = 2 + ((started + k) % 3) as u32;
-                let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
+                let mut cmd = Command::new(common::efarun_exe());
                 cmd.args(["-n", &n.to_string(), "--timeout", "60", "--"])
                     .arg(&exe)
                     .env("EFA_IFACE", "lo")

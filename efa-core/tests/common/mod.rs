@@ -2,7 +2,92 @@
 //! tests as the ranks of a job started by `efarun`.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `efarun` binary that the multi-rank tests start.
+///
+/// `efarun` is a crate of its own (`efarun/`), so `env!("CARGO_BIN_EXE_efarun")` does not
+/// exist in efa-core's tests. The binary is the one cargo puts next to this test binary's
+/// directory: `target/<profile>/efarun` for `target/<profile>/deps/<test>`. Under cargo
+/// (`cargo test` sets `CARGO`) it is first brought up to date, once per test process, with
+/// `cargo build -p efarun` for the same target directory and profile, so a test never runs
+/// a launcher built from older efa-core sources (a no-op when it is current).
+/// `EFA_TEST_EFARUN=PATH` names the binary instead and builds nothing.
+///
+/// # Panics
+/// When the build fails or the binary is missing, with what to do: a test that needs
+/// `efarun` fails without it, it never passes or skips silently.
+pub fn efarun_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        if let Some(p) = std::env::var_os("EFA_TEST_EFARUN") {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "EFA_TEST_EFARUN={} is not a file: build efarun with `cargo build -p efarun`",
+                p.display()
+            );
+            return p;
+        }
+        let me = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = me
+            .parent()
+            .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+            .and_then(Path::parent)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} is not in a cargo target directory (target/<profile>/deps): \
+                     set EFA_TEST_EFARUN to an efarun binary",
+                    me.display()
+                )
+            });
+        let exe = profile_dir.join("efarun");
+        if let Some(cargo) = std::env::var_os("CARGO") {
+            build_efarun(Path::new(&cargo), profile_dir);
+        }
+        assert!(
+            exe.is_file(),
+            "{} is missing: build it with `cargo build -p efarun` (add --release for a \
+             release test build), or set EFA_TEST_EFARUN to an efarun binary",
+            exe.display()
+        );
+        exe
+    })
+}
+
+/// `cargo build -p efarun` into `profile_dir` (`target/<profile>`); panics with cargo's
+/// output if it fails.
+fn build_efarun(cargo: &Path, profile_dir: &Path) {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--package", "efarun", "--bin", "efarun"])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+        None => panic!("no profile in {}", profile_dir.display()),
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {} to build efarun: {e}", cargo.display()));
+    assert!(
+        out.status.success(),
+        "`cargo build -p efarun` failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 /// Runs child test `name` of the current test binary as `n` ranks under `efarun` (IP route
 /// pinned to `lo`, `EFA_TIMEOUT` 30 s), with extra environment; prints the job's output.
@@ -48,7 +133,7 @@ pub fn assert_routes(text: &str, n: u32, transport: &str) {
 /// The command that runs child test `name` of the current test binary as `n` ranks under
 /// `efarun` (IP route pinned to `lo`, `EFA_TIMEOUT` 30 s, the job killed after 180 s).
 pub fn efarun_command(n: u32, name: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_efarun"));
+    let mut cmd = Command::new(efarun_exe());
     cmd.args(["-n", &n.to_string(), "--timeout", "180", "--"])
         .arg(std::env::current_exe().unwrap())
         .args([
