@@ -1270,6 +1270,102 @@ fn push_host(out: &mut Vec<String>, host: String) -> Result<(), String> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Exchanges over the store
+// ---------------------------------------------------------------------------------------
+
+/// Publishes `my_blob` under `<tag>/<my_rank>` and collects the blobs of all `size` ranks,
+/// indexed by rank.
+///
+/// `tag` names the exchange so that several exchanges (for example `card` and later
+/// `barrier/1`) can use the same store without clashing; use a fresh tag for each exchange.
+///
+/// # Errors
+///
+/// * [`BootstrapError::RankNeverJoined`] listing **every** rank whose blob did not appear
+///   before `deadline`, with the time waited.
+/// * [`BootstrapError::InvalidRank`] if `my_rank >= size`.
+/// * [`BootstrapError::Store`] for any other store failure.
+///
+/// A serving rank's store then stops, when dropped, without waiting for ranks that may
+/// never leave: not for the ranks that never joined ([`Store::ranks_failed`]), and not at
+/// all after a store failure ([`Store::job_failed`]).
+pub fn exchange_all(
+    store: &dyn Store,
+    tag: &str,
+    my_rank: u32,
+    size: u32,
+    my_blob: &[u8],
+    deadline: Instant,
+) -> Result<Vec<Vec<u8>>, BootstrapError> {
+    if my_rank >= size {
+        return Err(BootstrapError::InvalidRank {
+            rank: my_rank,
+            size,
+        });
+    }
+    let start = Instant::now();
+    if let Err(e) = store.set_by(&format!("{tag}/{my_rank}"), my_blob, deadline) {
+        store.job_failed();
+        return Err(e.into());
+    }
+    let mut blobs = Vec::with_capacity(size as usize);
+    let mut missing = Vec::new();
+    for rank in 0..size {
+        if rank == my_rank {
+            blobs.push(my_blob.to_vec());
+            continue;
+        }
+        // Once the deadline has passed, each `get` still looks once, so every absent rank is
+        // found without waiting for each in turn.
+        match store.get(&format!("{tag}/{rank}"), deadline) {
+            Ok(v) => blobs.push(v),
+            Err(StoreError::Timeout { .. }) => {
+                missing.push(rank);
+                blobs.push(Vec::new());
+            }
+            Err(e) => {
+                store.job_failed();
+                return Err(e.into());
+            }
+        }
+    }
+    if missing.is_empty() {
+        tracing::debug!(tag, my_rank, size, waited = ?start.elapsed(), "exchange complete");
+        Ok(blobs)
+    } else {
+        let waited = start.elapsed();
+        tracing::warn!(tag, my_rank, ?missing, ?waited, "ranks never joined");
+        // A serving store need not wait for these ranks (a stopped one keeps its connection
+        // open), but the others are about to find the same and must not lose the store
+        // while they look.
+        store.ranks_failed(&missing);
+        Err(BootstrapError::RankNeverJoined {
+            ranks: missing,
+            waited,
+            store: store.describe(),
+        })
+    }
+}
+
+/// Waits until all `size` ranks have reached the barrier named `tag`.
+///
+/// Built on [`exchange_all`] with empty blobs, so it works on every [`Store`].
+///
+/// # Errors
+///
+/// As for [`exchange_all`]: [`BootstrapError::RankNeverJoined`] lists the ranks that did not
+/// arrive in time.
+pub fn barrier(
+    store: &dyn Store,
+    tag: &str,
+    my_rank: u32,
+    size: u32,
+    deadline: Instant,
+) -> Result<(), BootstrapError> {
+    exchange_all(store, tag, my_rank, size, &[], deadline).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

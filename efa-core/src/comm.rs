@@ -69,7 +69,7 @@ use crate::error::{Error, PeerFailure, Result, SettingError};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::roles;
-use crate::store::{self, Store};
+use crate::store::Store;
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
 mod coll_link;
@@ -1666,7 +1666,7 @@ fn exchange_cards(
     let encoded = card
         .encode()
         .map_err(|source| Error::Card { rank, source })?;
-    let blobs = store::exchange_all(store, "efa/card", rank, size, &encoded, deadline)?;
+    let blobs = bootstrap::exchange_all(store, "efa/card", rank, size, &encoded, deadline)?;
     blobs
         .iter()
         .enumerate()
@@ -1832,7 +1832,7 @@ fn assemble(
 /// Store errors and timeouts: the job never started, and this rank will not finalize.
 fn ready_barrier(comm: &Communicator, store: &dyn Store) -> Result<()> {
     let (rank, size) = (comm.inner.rank, comm.inner.size);
-    if let Err(e) = store::barrier(
+    if let Err(e) = bootstrap::barrier(
         store,
         "efa/ready",
         rank,

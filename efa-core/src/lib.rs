@@ -75,8 +75,9 @@
 //!
 //! * [`bootstrap`]: rank, world size and rendezvous from the launcher's environment
 //!   (`efarun`, Open MPI, MPICH Hydra, Slurm, torchrun) or given explicitly.
-//! * [`store`]: the rendezvous key-value store (TCP, shared directory, in-process) and
-//!   [`store::exchange_all`], which collects one blob from every rank.
+//! * [`store`]: the rendezvous key-value store (TCP, shared directory, in-process).
+//! * [`bootstrap::exchange_all`] and [`bootstrap::barrier`]: one blob from every rank, and a
+//!   barrier, over any store.
 //! * [`placement`]: [`placement::Card`]s and the pure per-peer route choice.
 //! * [`roles`]: which provider, domain and source address serve each role (shm, fabric,
 //!   IP), as one pure function over what one discovery call found; the communicator and

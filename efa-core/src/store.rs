@@ -29,13 +29,13 @@
 //! bounded by a deadline ([`TcpStore::set_linger`] for `Drop`, default 10 s), and only then
 //! shut the server down. When the launcher serves the store, none of this is needed.
 //! `Drop` does not wait for ranks that failed or never joined ([`Store::ranks_failed`],
-//! which [`exchange_all`] reports), nor at all once the job has failed
+//! which the bootstrap's `exchange_all` reports), nor at all once the job has failed
 //! ([`Store::job_failed`]).
 //!
 //! # When the server fails
 //!
 //! A client that knows who serves its store ([`TcpStore::connect_served`]; every rank that
-//! [`Bootstrap`](crate::bootstrap::Bootstrap) connects does) names it in
+//! the bootstrap connects does) names it in
 //! [`StoreError::ServerFailed`]: "rank 0, which serves the store at 127.0.0.1:29501, closed
 //! the connection ...". It fails at once when it can tell that the server is gone: the
 //! server closed or reset the connection, or refused a new one although it listens before
@@ -90,8 +90,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
-
-use crate::bootstrap::BootstrapError;
 
 /// Largest frame (request or reply) the TCP store accepts, in bytes: 64 MiB.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -216,7 +214,7 @@ pub enum StoreError {
     /// The process that serves the store (named: `rank 0`, `efarun`) failed as far as this
     /// rank can tell, and the message names it: "rank 0, which serves the store at
     /// 127.0.0.1:29501, closed the connection ...". Returned by a [`TcpStore`] that knows its
-    /// server ([`TcpStore::connect_served`], and every store [`Bootstrap`] connects):
+    /// server ([`TcpStore::connect_served`], and every store the bootstrap connects):
     ///
     /// * at once when a server that listens before any rank starts (efarun) refuses the
     ///   connection, or any server refuses it after having accepted one: it has exited;
@@ -224,8 +222,6 @@ pub enum StoreError {
     /// * by the caller's deadline (plus at most 2 s) when the server cannot be reached at
     ///   all (it may not have started) or does not answer (stopped, for example by SIGSTOP
     ///   or a debugger, or overloaded).
-    ///
-    /// [`Bootstrap`]: crate::bootstrap::Bootstrap
     #[error("{server}, which serves the store at {addr}, {what}")]
     ServerFailed {
         /// Who serves the store: `rank 0`, `efarun`, `the launcher`.
@@ -442,8 +438,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// The store in words, for messages: `the TCP store at 127.0.0.1:4242 (served by
-    /// efarun)`, `the file store in /fsx/job`. [`exchange_all`] names it when ranks never
-    /// join.
+    /// efarun)`, `the file store in /fsx/job`. The bootstrap's `exchange_all` names it when
+    /// ranks never join.
     fn describe(&self) -> String {
         "the rendezvous store".into()
     }
@@ -460,98 +456,6 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn ranks_failed(&self, ranks: &[u32]) {
         let _ = ranks;
     }
-}
-
-/// Publishes `my_blob` under `<tag>/<my_rank>` and collects the blobs of all `size` ranks,
-/// indexed by rank.
-///
-/// `tag` names the exchange so that several exchanges (for example `card` and later
-/// `barrier/1`) can use the same store without clashing; use a fresh tag for each exchange.
-///
-/// # Errors
-///
-/// * [`BootstrapError::RankNeverJoined`] listing **every** rank whose blob did not appear
-///   before `deadline`, with the time waited.
-/// * [`BootstrapError::InvalidRank`] if `my_rank >= size`.
-/// * [`BootstrapError::Store`] for any other store failure.
-///
-/// A serving rank's store then stops, when dropped, without waiting for ranks that may
-/// never leave: not for the ranks that never joined ([`Store::ranks_failed`]), and not at
-/// all after a store failure ([`Store::job_failed`]).
-pub fn exchange_all(
-    store: &dyn Store,
-    tag: &str,
-    my_rank: u32,
-    size: u32,
-    my_blob: &[u8],
-    deadline: Instant,
-) -> Result<Vec<Vec<u8>>, BootstrapError> {
-    if my_rank >= size {
-        return Err(BootstrapError::InvalidRank {
-            rank: my_rank,
-            size,
-        });
-    }
-    let start = Instant::now();
-    if let Err(e) = store.set_by(&format!("{tag}/{my_rank}"), my_blob, deadline) {
-        store.job_failed();
-        return Err(e.into());
-    }
-    let mut blobs = Vec::with_capacity(size as usize);
-    let mut missing = Vec::new();
-    for rank in 0..size {
-        if rank == my_rank {
-            blobs.push(my_blob.to_vec());
-            continue;
-        }
-        // Once the deadline has passed, each `get` still looks once, so every absent rank is
-        // found without waiting for each in turn.
-        match store.get(&format!("{tag}/{rank}"), deadline) {
-            Ok(v) => blobs.push(v),
-            Err(StoreError::Timeout { .. }) => {
-                missing.push(rank);
-                blobs.push(Vec::new());
-            }
-            Err(e) => {
-                store.job_failed();
-                return Err(e.into());
-            }
-        }
-    }
-    if missing.is_empty() {
-        tracing::debug!(tag, my_rank, size, waited = ?start.elapsed(), "exchange complete");
-        Ok(blobs)
-    } else {
-        let waited = start.elapsed();
-        tracing::warn!(tag, my_rank, ?missing, ?waited, "ranks never joined");
-        // A serving store need not wait for these ranks (a stopped one keeps its connection
-        // open), but the others are about to find the same and must not lose the store
-        // while they look.
-        store.ranks_failed(&missing);
-        Err(BootstrapError::RankNeverJoined {
-            ranks: missing,
-            waited,
-            store: store.describe(),
-        })
-    }
-}
-
-/// Waits until all `size` ranks have reached the barrier named `tag`.
-///
-/// Built on [`exchange_all`] with empty blobs, so it works on every [`Store`].
-///
-/// # Errors
-///
-/// As for [`exchange_all`]: [`BootstrapError::RankNeverJoined`] lists the ranks that did not
-/// arrive in time.
-pub fn barrier(
-    store: &dyn Store,
-    tag: &str,
-    my_rank: u32,
-    size: u32,
-    deadline: Instant,
-) -> Result<(), BootstrapError> {
-    exchange_all(store, tag, my_rank, size, &[], deadline).map(|_| ())
 }
 
 fn check_key(key: &str) -> Result<(), StoreError> {
@@ -1727,8 +1631,7 @@ impl TcpStore {
     /// error about the server names it ([`StoreError::ServerFailed`]), and a refused
     /// connection fails at once when the server listens before any rank starts
     /// ([`StoreServerInfo::listens_first`]) or has accepted a connection of this rank
-    /// before. [`Bootstrap::connect_store`](crate::bootstrap::Bootstrap::connect_store)
-    /// connects this way.
+    /// before. The bootstrap (`Bootstrap::connect_store`) connects this way.
     ///
     /// # Errors
     ///

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use efa_core::bootstrap::{detect, BootstrapBuilder, BootstrapError, Rendezvous, StoreServer};
+use efa_core::bootstrap::{
+    barrier, detect, exchange_all, BootstrapBuilder, BootstrapError, Rendezvous, StoreServer,
+};
 use efa_core::store::{
-    barrier, exchange_all, FileStore, MemoryStore, Store, StoreError, StoreToken, TcpStore,
-    TcpStoreServer,
+    FileStore, MemoryStore, Store, StoreError, StoreToken, TcpStore, TcpStoreServer,
 };
 
 fn soon(ms: u64) -> Instant {

@@ -14,9 +14,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use efa_core::store::{
-    barrier, exchange_all, Store, StoreToken, TcpStore, TcpStoreServer, MAX_FRAME,
-};
+use efa_core::bootstrap::{barrier, exchange_all};
+use efa_core::store::{Store, StoreToken, TcpStore, TcpStoreServer, MAX_FRAME};
 
 /// A `/proc/self/status` field in KiB: `VmSize` (virtual size: a `vec![0; n]` of a huge
 /// announced length shows here even before its pages are touched) or `VmRSS`.

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use efa_core::bootstrap::{self, Bootstrap};
-use efa_core::store::{exchange_all, Store, TcpStoreServer};
+use efa_core::bootstrap::{self, exchange_all, Bootstrap};
+use efa_core::store::{Store, TcpStoreServer};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 

@@ -496,8 +496,8 @@ fn ranks_rendezvous_through_efaruns_store() {
 #[test]
 #[ignore = "rank program, run under efarun by ranks_rendezvous_through_efaruns_store"]
 fn rank_main() {
-    use efa_core::bootstrap::{from_env, Launcher, Rendezvous, StoreServer};
-    use efa_core::store::{barrier, exchange_all, StoreError, TcpStore};
+    use efa_core::bootstrap::{barrier, exchange_all, from_env, Launcher, Rendezvous, StoreServer};
+    use efa_core::store::{StoreError, TcpStore};
     let b = from_env().unwrap();
     assert_eq!(b.launcher(), Launcher::Efarun);
     let Rendezvous::Tcp {
@@ -586,8 +586,7 @@ fn never_joined_names_efaruns_store() {
 #[test]
 #[ignore = "rank program, run under efarun by never_joined_names_efaruns_store"]
 fn absent_rank_main() {
-    use efa_core::bootstrap::{from_env, BootstrapError};
-    use efa_core::store::exchange_all;
+    use efa_core::bootstrap::{exchange_all, from_env, BootstrapError};
     let b = from_env().unwrap();
     if b.rank() != 0 {
         return;
