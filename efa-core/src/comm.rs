@@ -75,38 +75,7 @@ use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 mod coll_link;
 pub(crate) use coll_link::{CollLink, CollRecv, CollSend, CollTag};
 
-/// Largest user tag; tags above are reserved for collectives and internal messages.
-pub const MAX_USER_TAG: u32 = 0x7FFF_FFFF;
-
-/// Which rank a receive accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Any rank (`MPI_ANY_SOURCE`).
-    Any,
-    /// Only this rank.
-    Rank(u32),
-}
-
-impl From<u32> for Source {
-    fn from(r: u32) -> Self {
-        Source::Rank(r)
-    }
-}
-
-/// Which tag a receive accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tag {
-    /// Any tag (`MPI_ANY_TAG`).
-    Any,
-    /// Only this tag.
-    Is(u32),
-}
-
-impl From<u32> for Tag {
-    fn from(t: u32) -> Self {
-        Tag::Is(t)
-    }
-}
+pub use crate::tag::{Source, Tag, MAX_USER_TAG};
 
 /// What a completed receive got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,7 +22,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::bootstrap::BootstrapError;
-use crate::placement::{CardError, UnknownTransport};
+use crate::placement::{CardError, TransportsEnvError, UnknownTransport};
+pub(crate) use crate::setting::env_var;
+pub use crate::setting::{SettingError, SettingSource};
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -72,7 +74,7 @@ pub enum Error {
         size: u32,
     },
     /// A tag in the range reserved for the library's own messages.
-    #[error("tag {0:#x} is reserved for the library's own messages; use a tag below {max:#x}", max = crate::comm::MAX_USER_TAG + 1)]
+    #[error("tag {0:#x} is reserved for the library's own messages; use a tag below {max:#x}", max = crate::tag::MAX_USER_TAG + 1)]
     ReservedTag(u32),
     /// The message was larger than the receive buffer. Nothing was written to the buffer.
     /// Only the receiver gets this error: as in MPI (MPI-4.0 section 3.2.5), the sender's
@@ -130,7 +132,7 @@ pub enum Error {
     #[error("{op} of {count} elements at offset {offset} is outside rank {peer}'s window of {window_len} elements; keep offset + count within {window_len}")]
     RmaOutOfBounds {
         /// put or get.
-        op: crate::window::RmaOp,
+        op: crate::rma::RmaOp,
         /// The target rank.
         peer: u32,
         /// First element.
@@ -144,11 +146,11 @@ pub enum Error {
     #[error("{op} denied: rank {peer}'s window is {access:?}; create it with an access that allows {op} (WindowAccess::ReadWrite allows both)")]
     RmaAccess {
         /// put or get.
-        op: crate::window::RmaOp,
+        op: crate::rma::RmaOp,
         /// The target rank.
         peer: u32,
         /// The window's access.
-        access: crate::window::WindowAccess,
+        access: crate::rma::WindowAccess,
     },
     /// The provider lacks a capability this call needs; the message says which and what to
     /// do.
@@ -192,6 +194,15 @@ pub enum Error {
     /// have matched it stays for a later receive.
     #[error("the receive was cancelled before a message matched it; nothing was received")]
     Cancelled,
+}
+
+impl From<TransportsEnvError> for Error {
+    fn from(e: TransportsEnvError) -> Self {
+        match e {
+            TransportsEnvError::Unknown(e) => Error::Transports(e),
+            TransportsEnvError::Setting(e) => Error::Setting(e),
+        }
+    }
 }
 
 impl Error {
@@ -356,91 +367,6 @@ fn write_report(f: &mut fmt::Formatter<'_>, err: &dyn StdError, hint: Option<&st
         write!(f, "\n\nHint: {h}")?;
     }
     Ok(())
-}
-
-/// Where a bad setting came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SettingSource {
-    /// An environment variable, e.g. `EFA_IFACE`.
-    Env(&'static str),
-    /// A builder method, e.g. `CommunicatorBuilder::ip_iface`.
-    Argument(&'static str),
-}
-
-/// A setting whose value cannot be used: names the variable (or builder method), the value,
-/// what is wrong, and the accepted forms.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {problem}; accepted: {accepted}", match .source_of_value { SettingSource::Env(v) => format!("{v}={:?}", .value), SettingSource::Argument(m) => format!("{m}({:?})", .value) })]
-pub struct SettingError {
-    /// The variable or builder method.
-    pub source_of_value: SettingSource,
-    /// The value given.
-    pub value: String,
-    /// What is wrong with it.
-    pub problem: String,
-    /// The accepted forms, or the values this host allows.
-    pub accepted: String,
-}
-
-impl SettingError {
-    /// A bad value of environment variable `var`.
-    pub fn env(
-        var: &'static str,
-        value: impl Into<String>,
-        problem: impl Into<String>,
-        accepted: impl Into<String>,
-    ) -> Self {
-        SettingError {
-            source_of_value: SettingSource::Env(var),
-            value: value.into(),
-            problem: problem.into(),
-            accepted: accepted.into(),
-        }
-    }
-
-    /// A bad argument of builder method `method`.
-    pub fn argument(
-        method: &'static str,
-        value: impl Into<String>,
-        problem: impl Into<String>,
-        accepted: impl Into<String>,
-    ) -> Self {
-        SettingError {
-            source_of_value: SettingSource::Argument(method),
-            value: value.into(),
-            problem: problem.into(),
-            accepted: accepted.into(),
-        }
-    }
-
-    /// The variable's name, if the value came from the environment.
-    pub fn var(&self) -> Option<&'static str> {
-        match self.source_of_value {
-            SettingSource::Env(v) => Some(v),
-            SettingSource::Argument(_) => None,
-        }
-    }
-}
-
-/// The value of environment variable `var`; `None` when unset or blank.
-///
-/// # Errors
-/// [`SettingError`] naming `var` when the value is not UTF-8 (`accepted` says what is).
-pub(crate) fn env_var(
-    var: &'static str,
-    accepted: &str,
-) -> std::result::Result<Option<String>, SettingError> {
-    match std::env::var(var) {
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => Ok(Some(v)),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(raw)) => Err(SettingError::env(
-            var,
-            raw.to_string_lossy(),
-            "is not valid UTF-8",
-            accepted,
-        )),
-    }
 }
 
 /// How a peer failed; carried by [`Error::PeerFailed`].

@@ -98,8 +98,11 @@ pub mod error;
 pub mod fuzz;
 pub mod net;
 pub mod placement;
+mod rma;
 pub mod roles;
+mod setting;
 pub mod store;
+mod tag;
 pub mod window;
 pub mod wire;
 

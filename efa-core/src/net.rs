@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::error::{env_var, SettingError, SettingSource};
 use crate::placement::Subnet;
+use crate::setting::{env_var, SettingError, SettingSource};
 
 /// One IPv4/IPv6 address of an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,6 +26,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::setting::{env_var, SettingError};
+
 /// A way to move bytes to a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Transport {
@@ -94,6 +96,18 @@ impl FromStr for Transport {
             }),
         }
     }
+}
+
+/// Why `EFA_TRANSPORTS` cannot be used ([`TransportSet::from_env`]). The communicator
+/// reports it as [`crate::Error::Transports`] or [`crate::Error::Setting`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TransportsEnvError {
+    /// A name in the list is not a transport.
+    #[error(transparent)]
+    Unknown(#[from] UnknownTransport),
+    /// The list allows no transport, or is not UTF-8.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
 }
 
 /// The transports a job may use, in the spirit of `UCX_TLS`.
@@ -194,24 +208,20 @@ impl TransportSet {
     ///
     /// # Errors
     ///
-    /// [`crate::Error::Transports`] for an unknown name; [`crate::Error::Setting`] for a
-    /// list that allows no transport (`^all`, `,`, `^shm,fabric,ip`) or a value that is not
-    /// UTF-8.
-    pub fn from_env() -> crate::Result<Self> {
+    /// [`TransportsEnvError::Unknown`] for an unknown name; [`TransportsEnvError::Setting`]
+    /// for a list that allows no transport (`^all`, `,`, `^shm,fabric,ip`) or a value that is
+    /// not UTF-8.
+    pub fn from_env() -> Result<Self, TransportsEnvError> {
         const FORMS: &str = "a comma-separated list of shm, fabric (also efa, verbs), ip (also \
                              tcp), or all; a leading ^ excludes the listed ones (e.g. ^shm)";
-        let Some(v) = crate::error::env_var("EFA_TRANSPORTS", FORMS)? else {
+        let Some(v) = env_var("EFA_TRANSPORTS", FORMS)? else {
             return Ok(Self::all());
         };
         let set = Self::parse(&v)?;
         if set.is_empty() {
-            return Err(crate::error::SettingError::env(
-                "EFA_TRANSPORTS",
-                v,
-                "allows no transport",
-                FORMS,
-            )
-            .into());
+            return Err(
+                SettingError::env("EFA_TRANSPORTS", v, "allows no transport", FORMS).into(),
+            );
         }
         Ok(set)
     }

@@ -768,7 +768,7 @@ impl Endpoint {
         &self,
         buf: &[u8],
         dest: FiAddr,
-        remote: &crate::RemoteRegion,
+        remote: &crate::remote::RemoteRegion,
         offset: u64,
     ) -> Result<()> {
         let addr = remote.address_of("inject_write", offset, buf.len())?;

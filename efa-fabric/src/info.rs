@@ -699,7 +699,7 @@ impl Info {
     }
     /// The source address as an IP socket address, for IP-based providers.
     pub fn src_sockaddr(&self) -> Option<std::net::SocketAddr> {
-        crate::av::sockaddr_from_bytes(&self.src_addr()?)
+        crate::sockaddr::sockaddr_from_bytes(&self.src_addr()?)
     }
 }
 

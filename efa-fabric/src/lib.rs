@@ -76,7 +76,9 @@ pub mod info;
 pub mod mr;
 pub mod op;
 pub mod progress;
+mod remote;
 pub mod shm;
+mod sockaddr;
 
 pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};

@@ -12,6 +12,9 @@ use crate::error::{check_int, memlock_limit, registration_error, Error, Result};
 use crate::fabric::{close_fid, Domain};
 use crate::info::MrMode;
 
+/// Kept here too: it was first published as `efa_fabric::mr::RemoteRegion`.
+pub use crate::remote::RemoteRegion;
+
 bitflags! {
     /// Access rights of a memory region.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,70 +40,6 @@ impl Access {
         .union(Access::RECV)
         .union(Access::READ)
         .union(Access::WRITE);
-}
-
-/// What a peer needs to access a registered region: its base address (a virtual address under
-/// `FI_MR_VIRT_ADDR`, else 0 with offsets), key and length. Exchange it with
-/// [`RemoteRegion::to_bytes`] / [`RemoteRegion::from_bytes`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RemoteRegion {
-    /// Address that RMA calls take for offset 0.
-    pub addr: u64,
-    /// Remote key.
-    pub key: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-impl RemoteRegion {
-    /// Wire size of [`RemoteRegion::to_bytes`].
-    pub const WIRE_LEN: usize = 24;
-
-    /// Little-endian wire form: addr, key, len.
-    pub fn to_bytes(&self) -> [u8; Self::WIRE_LEN] {
-        let mut b = [0u8; Self::WIRE_LEN];
-        b[..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..16].copy_from_slice(&self.key.to_le_bytes());
-        b[16..].copy_from_slice(&self.len.to_le_bytes());
-        b
-    }
-
-    /// Parses [`RemoteRegion::to_bytes`].
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] unless `b` is exactly [`RemoteRegion::WIRE_LEN`] bytes.
-    pub fn from_bytes(b: &[u8]) -> Result<RemoteRegion> {
-        if b.len() != Self::WIRE_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "remote region descriptor is {} bytes, expected {}",
-                b.len(),
-                Self::WIRE_LEN
-            )));
-        }
-        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-        Ok(RemoteRegion {
-            addr: word(0),
-            key: word(8),
-            len: word(16),
-        })
-    }
-
-    /// Checks that `[offset, offset + len)` lies inside the region and returns the address
-    /// to pass to RMA calls.
-    ///
-    /// # Errors
-    /// [`Error::OutOfBounds`] naming the region size.
-    pub fn address_of(&self, op: &'static str, offset: u64, len: usize) -> Result<u64> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.len => Ok(self.addr + offset),
-            _ => Err(Error::OutOfBounds {
-                op,
-                offset,
-                len,
-                region_len: self.len,
-            }),
-        }
-    }
 }
 
 /// A registered memory region. Keeps its [`Domain`] (and, under `FI_MR_ENDPOINT`, its
