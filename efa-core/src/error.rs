@@ -445,12 +445,15 @@ mod tests {
         let e = Error::Fabric {
             op: "send",
             peer: Some(2),
-            source: efa_fabric::Error::InvalidArgument("bad".into()),
+            source: efa_fabric::Error::PeerGone { op: "send" },
         };
         let report = format!("{e:?}");
         assert_eq!(report, e.to_string());
         assert!(
-            report.starts_with("send with rank 2 failed: invalid argument: bad; EFA_DEBUG=debug"),
+            report.starts_with(
+                "send with rank 2 failed: send not posted: the peer is gone (its queue will \
+                 never drain); EFA_DEBUG=debug"
+            ),
             "{report}"
         );
         assert!(format!("{e:#?}").starts_with("Fabric {\n    op: \"send\","));

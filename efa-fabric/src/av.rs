@@ -91,11 +91,14 @@ impl AddressVector {
     /// Inserts one raw endpoint address (as returned by `Endpoint::name`).
     ///
     /// # Errors
-    /// `fi_av_insert` errors; `FI_EINVAL` or an error with zero addresses inserted for an
-    /// address the provider cannot parse.
+    /// [`Error::BadAddress`] for an empty address, or one the provider inserted none of;
+    /// other `fi_av_insert` errors (`FI_EINVAL` for an address the provider cannot parse).
     pub fn insert(&self, addr: &[u8]) -> Result<FiAddr> {
         if addr.is_empty() {
-            return Err(Error::InvalidArgument("empty endpoint address".into()));
+            return Err(Error::BadAddress {
+                len: 0,
+                head: Vec::new(),
+            });
         }
         let mut out: ffi::fi_addr_t = ffi::FI_ADDR_NOTAVAIL;
         // SAFETY: addr points to a readable address of the provider's format (the provider
@@ -114,11 +117,10 @@ impl AddressVector {
             check_int("fi_av_insert", ret)?;
         }
         if ret != 1 || out == ffi::FI_ADDR_NOTAVAIL {
-            return Err(Error::InvalidArgument(format!(
-                "fi_av_insert could not insert the {}-byte address {:02x?}",
-                addr.len(),
-                &addr[..addr.len().min(32)]
-            )));
+            return Err(Error::BadAddress {
+                len: addr.len(),
+                head: addr[..addr.len().min(32)].to_vec(),
+            });
         }
         self.inner.inserted.fetch_max(out + 1, Ordering::Release);
         Ok(FiAddr(out))

@@ -114,6 +114,19 @@ impl Counter {
         .map_err(Into::into)
     }
 
+    /// Adds to the error count (`fi_cntr_adderr`), e.g. to report a failure detected outside
+    /// the provider to whoever waits on the counter.
+    ///
+    /// # Errors
+    /// `fi_cntr_adderr` errors.
+    pub fn add_err(&self, v: u64) -> Result<()> {
+        // SAFETY: the counter is open.
+        check_int("fi_cntr_adderr", unsafe {
+            ffi::fi_cntr_adderr(self.inner.fid, v)
+        })
+        .map_err(Into::into)
+    }
+
     /// Sets the counter (`fi_cntr_set`).
     ///
     /// # Errors
@@ -129,7 +142,7 @@ impl Counter {
     /// Waits until the counter reaches `threshold`, spinning and then backing off.
     ///
     /// # Errors
-    /// [`Error::Timeout`] after `timeout`; [`Error::InvalidArgument`] if the error count rose
+    /// [`Error::Timeout`] after `timeout`; [`Error::CounterFailed`] if the error count rose
     /// while waiting (an operation failed: read its CQ for details).
     pub fn wait(&self, threshold: u64, timeout: Duration) -> Result<u64> {
         let deadline = Deadline::after(timeout);
@@ -141,9 +154,11 @@ impl Counter {
                 return Ok(v);
             }
             if self.read_err() > errs {
-                return Err(Error::InvalidArgument(format!(
-                    "an operation counted by this counter failed (value {v}, waiting for {threshold})"
-                )));
+                return Err(Error::CounterFailed {
+                    value: v,
+                    threshold,
+                    errors: self.read_err(),
+                });
             }
             if deadline.expired() {
                 return Err(Error::Timeout {

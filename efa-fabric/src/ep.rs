@@ -700,13 +700,12 @@ impl Endpoint {
         dest: FiAddr,
         post: impl Fn(*const c_void, usize) -> isize,
     ) -> Result<()> {
-        if buf.len() > self.inner.inject_size {
-            return Err(Error::InvalidArgument(format!(
-                "{op} of {} bytes exceeds the provider's inject_size {}",
-                buf.len(),
-                self.inner.inject_size
-            )));
-        }
+        crate::op::check_len(
+            op,
+            buf.len(),
+            self.inner.inject_size,
+            crate::error::SizeLimit::Inject,
+        )?;
         self.check_peer(op, dest, false)?;
         self.retry_post(op, dest, || {
             posted(call, post(buf.as_ptr().cast(), buf.len()))
@@ -717,7 +716,7 @@ impl Endpoint {
     /// Retries while the queue is full, up to the post timeout.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if `buf` exceeds [`Endpoint::inject_size`]; `fi_inject`
+    /// [`Error::MessageTooLarge`] if `buf` exceeds [`Endpoint::inject_size`]; `fi_inject`
     /// errors; [`Error::Timeout`] if the queue stays full.
     pub fn inject(&self, buf: &[u8], dest: FiAddr) -> Result<()> {
         // SAFETY: fi_inject copies the buffer before returning.

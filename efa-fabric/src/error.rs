@@ -144,9 +144,97 @@ pub enum Error {
         /// The missing capability.
         what: String,
     },
-    /// An argument is invalid; the message says which and why.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// A message longer than the endpoint allows for this kind of post: `max_msg_size` for
+    /// every post (split the message), `inject_size` for `inject*` (use a regular send, which
+    /// has no such limit below `max_msg_size`). Nothing was posted.
+    #[error(
+        "{op} of {len} bytes exceeds the provider's {limit} of {max} bytes; {}",
+        if *limit == SizeLimit::Inject { "use a regular send for messages of this size" } else { "split the message" }
+    )]
+    MessageTooLarge {
+        /// What was posted, e.g. `send`, `inject`, `write`.
+        op: &'static str,
+        /// The message length, in bytes.
+        len: usize,
+        /// The endpoint's limit, in bytes.
+        max: usize,
+        /// Which limit.
+        limit: SizeLimit,
+    },
+    /// A post to an address that is not in the endpoint's address vector (never inserted,
+    /// or removed). libfabric's behaviour for such addresses is undefined, so nothing was
+    /// posted. Insert the peer's address with [`crate::AddressVector::insert`] first.
+    #[error(
+        "{op}: peer address {} is not in this endpoint's address vector; insert the peer's \
+         address first (AddressVector::insert)",
+        addr.0
+    )]
+    UnknownPeer {
+        /// What was posted.
+        op: &'static str,
+        /// The address given.
+        addr: crate::av::FiAddr,
+    },
+    /// [`crate::AddressVector::insert`] got an address that the provider could not insert:
+    /// empty (`len` 0), or not in the provider's address format (from another provider, or
+    /// cut short). Nothing was inserted. Exchange addresses from [`crate::Endpoint::name`]
+    /// of endpoints of the same provider.
+    #[error(
+        "{}; pass the whole address from Endpoint::name of an endpoint of the same provider",
+        if *len == 0 { "an empty endpoint address cannot be inserted".to_string() } else { format!("the provider could not insert the {len}-byte address {head:02x?}") }
+    )]
+    BadAddress {
+        /// The address's length in bytes.
+        len: usize,
+        /// Its first bytes (at most 32).
+        head: Vec<u8>,
+    },
+    /// [`crate::RemoteRegion::from_bytes`] got a descriptor of the wrong length: it was not
+    /// made by [`crate::RemoteRegion::to_bytes`] of this version, or was cut short.
+    #[error(
+        "remote region descriptor is {got} bytes, expected {expected}; pass exactly what \
+         RemoteRegion::to_bytes produced"
+    )]
+    RemoteRegionLength {
+        /// Bytes given.
+        got: usize,
+        /// [`crate::RemoteRegion::WIRE_LEN`].
+        expected: usize,
+    },
+    /// A string hint for `fi_getinfo` ([`crate::Hints`]) contains a NUL byte, which C
+    /// strings cannot carry. Nothing was asked of libfabric.
+    #[error("the {field} hint {value:?} contains a NUL byte; names passed to libfabric cannot")]
+    InvalidHint {
+        /// Which hint: `provider`, `fabric`, `domain`, `node` or `service`.
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// The provider requires memory to be registered through an endpoint
+    /// (`FI_MR_ENDPOINT`, see `fi_mr(3)`) and none was given. Pass `Some(endpoint)`.
+    #[error(
+        "provider {provider} requires FI_MR_ENDPOINT: register memory through an endpoint \
+         (pass Some(endpoint))"
+    )]
+    EndpointRequired {
+        /// The provider's name.
+        provider: String,
+    },
+    /// [`crate::Counter::wait`]: the counter's error count rose while waiting, so an
+    /// operation it counts failed (and the awaited value may never be reached). Read the
+    /// completion queue's error entry (`fi_cq_readerr`) for which and why.
+    #[error(
+        "an operation counted by this counter failed (error count {errors}, value {value}, \
+         waiting for {threshold}); the completion queue's error entry says which and why"
+    )]
+    CounterFailed {
+        /// The counter's value when the failure was seen.
+        value: u64,
+        /// The value waited for.
+        threshold: u64,
+        /// The counter's error count (`fi_cntr_readerr`).
+        errors: u64,
+    },
     /// The shared-memory region of a new `shm` endpoint is not private to this user: not a
     /// regular file, owned by another uid (someone created a file with the endpoint's name
     /// first), or its mode could not be narrowed to 0600. The endpoint was closed. See
@@ -155,8 +243,62 @@ pub enum Error {
     ShmRegion {
         /// The region's file, e.g. `/dev/shm/efa-4242-...`.
         path: std::path::PathBuf,
-        /// What is wrong with it.
-        problem: String,
+        /// What is wrong with it; its source is the failed system call, if one failed.
+        #[source]
+        problem: ShmProblem,
+    },
+}
+
+/// Which size limit of an endpoint a post exceeded ([`Error::MessageTooLarge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeLimit {
+    /// `max_msg_size` (`fi_endpoint(3)`), the limit of every post.
+    MaxMsg,
+    /// `inject_size`, the limit of `fi_inject` and its variants.
+    Inject,
+}
+
+impl fmt::Display for SizeLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SizeLimit::MaxMsg => "max_msg_size",
+            SizeLimit::Inject => "inject_size",
+        })
+    }
+}
+
+/// What is wrong with an shm endpoint's region file ([`Error::ShmRegion`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShmProblem {
+    /// It could not be examined (`lstat` failed).
+    #[error("cannot stat it")]
+    Stat(#[source] std::io::Error),
+    /// It is not a regular file (a symlink, directory, ...).
+    #[error("not a regular file ({file_type})")]
+    NotAFile {
+        /// What it is, as `std::fs::FileType`'s `Debug` shows it.
+        file_type: String,
+    },
+    /// Another user owns it: someone created a file with this endpoint's name first.
+    #[error(
+        "owned by uid {owner}, not by this process's uid {me}: another user created a file \
+         with this endpoint's name"
+    )]
+    ForeignOwner {
+        /// The file's owner.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
+    /// Its mode gives group or others access, and narrowing it to 0600 failed.
+    #[error("mode {mode:o} and chmod 0600 failed")]
+    Chmod {
+        /// The mode it has (permission bits).
+        mode: u32,
+        /// The `chmod` error.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -246,7 +388,52 @@ impl fmt::Debug for Error {
                 .field("provider", provider)
                 .field("what", what)
                 .finish(),
-            Error::InvalidArgument(s) => f.debug_tuple("InvalidArgument").field(s).finish(),
+            Error::MessageTooLarge {
+                op,
+                len,
+                max,
+                limit,
+            } => f
+                .debug_struct("MessageTooLarge")
+                .field("op", op)
+                .field("len", len)
+                .field("max", max)
+                .field("limit", limit)
+                .finish(),
+            Error::UnknownPeer { op, addr } => f
+                .debug_struct("UnknownPeer")
+                .field("op", op)
+                .field("addr", addr)
+                .finish(),
+            Error::BadAddress { len, head } => f
+                .debug_struct("BadAddress")
+                .field("len", len)
+                .field("head", head)
+                .finish(),
+            Error::RemoteRegionLength { got, expected } => f
+                .debug_struct("RemoteRegionLength")
+                .field("got", got)
+                .field("expected", expected)
+                .finish(),
+            Error::InvalidHint { field, value } => f
+                .debug_struct("InvalidHint")
+                .field("field", field)
+                .field("value", value)
+                .finish(),
+            Error::EndpointRequired { provider } => f
+                .debug_struct("EndpointRequired")
+                .field("provider", provider)
+                .finish(),
+            Error::CounterFailed {
+                value,
+                threshold,
+                errors,
+            } => f
+                .debug_struct("CounterFailed")
+                .field("value", value)
+                .field("threshold", threshold)
+                .field("errors", errors)
+                .finish(),
             Error::ShmRegion { path, problem } => f
                 .debug_struct("ShmRegion")
                 .field("path", path)

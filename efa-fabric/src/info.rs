@@ -425,27 +425,32 @@ impl Hints {
     /// or no provider meets the caps / modes / interface asked for. `fi_info -p NAME -v`
     /// shows what a provider offers.
     pub fn get(&self) -> Result<Vec<Info>> {
-        let cstr = |s: &Option<String>| {
+        let cstr = |field: &'static str, s: &Option<String>| {
             s.as_deref()
                 .map(|s| {
-                    CString::new(s)
-                        .map_err(|_| crate::Error::InvalidArgument(format!("NUL in {s:?}")))
+                    CString::new(s).map_err(|_| crate::Error::InvalidHint {
+                        field,
+                        value: s.to_owned(),
+                    })
                 })
                 .transpose()
         };
-        let prov = cstr(&self.provider)?;
-        let fabric = cstr(&self.fabric)?;
-        let domain = cstr(&self.domain)?;
-        let node = cstr(&self.node)?;
-        let service = cstr(&self.service)?;
+        let prov = cstr("provider", &self.provider)?;
+        let fabric = cstr("fabric", &self.fabric)?;
+        let domain = cstr("domain", &self.domain)?;
+        let node = cstr("node", &self.node)?;
+        let service = cstr("service", &self.service)?;
         // SAFETY: fi_allocinfo returns a zeroed fi_info with attribute structs allocated (or
         // null, checked). The strings we store are strdup'd so that fi_freeinfo can free them.
         // fi_getinfo only reads the hints; the returned list is owned by us and freed below
         // after each entry has been duplicated.
         unsafe {
             let hints = ffi::fi_allocinfo();
-            let hints = NonNull::new(hints).ok_or_else(|| {
-                crate::Error::InvalidArgument("fi_allocinfo: out of memory".into())
+            // fi_allocinfo returns NULL only when calloc fails.
+            let hints = NonNull::new(hints).ok_or_else(|| crate::error::CallError {
+                call: "fi_allocinfo",
+                code: ffi::FI_ENOMEM as i32,
+                text: crate::error::strerror(ffi::FI_ENOMEM as i32),
             })?;
             let h = hints.as_ptr();
             (*h).caps = self.caps.bits();

@@ -84,7 +84,7 @@ pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};
 pub use cq::{Completion, CompletionQueue, OpContext};
 pub use ep::{Endpoint, EndpointBuilder, PeerCheck};
-pub use error::{CallError, CompletionError, Error, Result};
+pub use error::{CallError, CompletionError, Error, Result, ShmProblem, SizeLimit};
 pub use fabric::{Domain, Fabric};
 pub use info::{
     is_ip_provider, AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder, Progress,

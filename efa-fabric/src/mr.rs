@@ -105,7 +105,7 @@ impl MemoryRegion {
     /// time; use raw pointers or volatile access for such memory.
     ///
     /// # Errors
-    /// - [`Error::InvalidArgument`] when `FI_MR_ENDPOINT` is required and `ep` is `None`.
+    /// - [`Error::EndpointRequired`] when `FI_MR_ENDPOINT` is required and `ep` is `None`.
     /// - [`Error::MemlockLimit`] when registration fails and `ulimit -l` is finite (the usual
     ///   cause for providers that pin memory: verbs and efa).
     /// - Other `fi_mr_regattr`, `fi_mr_bind` and `fi_mr_enable` errors.
@@ -118,10 +118,9 @@ impl MemoryRegion {
     ) -> Result<MemoryRegion> {
         let mode = domain.mr_mode();
         if mode.contains(MrMode::ENDPOINT) && ep.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "provider {} requires FI_MR_ENDPOINT: register through an endpoint",
-                domain.info().provider()
-            )));
+            return Err(Error::EndpointRequired {
+                provider: domain.info().provider(),
+            });
         }
         if domain.info().mr_key_size() > 8 {
             return Err(Error::Unsupported {

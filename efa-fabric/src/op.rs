@@ -18,7 +18,7 @@ use efa_ffi as ffi;
 use crate::av::FiAddr;
 use crate::cq::{Completion, OpContext};
 use crate::ep::Endpoint;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SizeLimit};
 use crate::mr::{Access, IoBuf, IoBufMut, MemoryRegion, RemoteRegion};
 use crate::progress::{Backoff, Deadline, PollClock};
 
@@ -326,6 +326,19 @@ fn local_desc<B: IoBuf>(
     Ok((mr.desc(), Some(mr)))
 }
 
+/// [`Error::MessageTooLarge`] when `len` exceeds `max` (the endpoint's `limit`).
+pub(crate) fn check_len(op: &'static str, len: usize, max: usize, limit: SizeLimit) -> Result<()> {
+    if len > max {
+        return Err(Error::MessageTooLarge {
+            op,
+            len,
+            max,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 impl Endpoint {
     /// Rejects peers that are not in this endpoint's AV (libfabric's behaviour for them is
     /// undefined). `FiAddr::UNSPEC` is accepted where `any_ok` (receives from anyone).
@@ -333,20 +346,11 @@ impl Endpoint {
         if (any_ok && addr == FiAddr::UNSPEC) || self.av().contains(addr) {
             return Ok(());
         }
-        Err(Error::InvalidArgument(format!(
-            "{op}: peer address {} is not in this endpoint's address vector",
-            addr.0
-        )))
+        Err(Error::UnknownPeer { op, addr })
     }
 
     fn check_size(&self, op: &'static str, len: usize) -> Result<()> {
-        if len > self.max_msg_size() {
-            return Err(Error::InvalidArgument(format!(
-                "{op} of {len} bytes exceeds the provider's max_msg_size {} (split the message)",
-                self.max_msg_size()
-            )));
-        }
-        Ok(())
+        check_len(op, len, self.max_msg_size(), SizeLimit::MaxMsg)
     }
 
     /// Common path of every safe post: size check, local registration, context, retry on
@@ -402,7 +406,7 @@ impl Endpoint {
     /// Sends `buf` to `dest` (`fi_send`).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] above `max_msg_size`; `fi_send` errors; registration errors
+    /// [`Error::MessageTooLarge`] above `max_msg_size`; `fi_send` errors; registration errors
     /// under `FI_MR_LOCAL`. The buffer comes back in the [`OpError`].
     pub fn send<B: IoBuf>(
         &self,
@@ -627,5 +631,34 @@ impl Endpoint {
             // SAFETY: as in `recv`.
             unsafe { ep.post_read(b.io_ptr() as *mut u8, b.io_len(), desc, src, addr, key, ctx) }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `max_msg_size` is 2^64 - 1 on every provider of the host, so no real buffer can
+    /// exceed it: the rule is checked here.
+    #[test]
+    fn above_the_limit_is_message_too_large_with_both_sizes() {
+        assert!(check_len("send", 10, 10, SizeLimit::MaxMsg).is_ok());
+        let e = check_len("send", 11, 10, SizeLimit::MaxMsg).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::MessageTooLarge {
+                    op: "send",
+                    len: 11,
+                    max: 10,
+                    limit: SizeLimit::MaxMsg
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "send of 11 bytes exceeds the provider's max_msg_size of 10 bytes; split the message"
+        );
     }
 }

@@ -34,14 +34,13 @@ impl RemoteRegion {
     /// Parses [`RemoteRegion::to_bytes`].
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] unless `b` is exactly [`RemoteRegion::WIRE_LEN`] bytes.
+    /// [`Error::RemoteRegionLength`] unless `b` is exactly [`RemoteRegion::WIRE_LEN`] bytes.
     pub fn from_bytes(b: &[u8]) -> Result<RemoteRegion> {
         if b.len() != Self::WIRE_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "remote region descriptor is {} bytes, expected {}",
-                b.len(),
-                Self::WIRE_LEN
-            )));
+            return Err(Error::RemoteRegionLength {
+                got: b.len(),
+                expected: Self::WIRE_LEN,
+            });
         }
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         Ok(RemoteRegion {

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ShmProblem};
 
 /// The directory in which glibc's `shm_open` creates its files.
 pub const SHM_DIR: &str = "/dev/shm";
@@ -184,7 +184,7 @@ extern "C" fn unlink_at_exit() {
 /// mode cannot be narrowed.
 pub(crate) fn check_private(name: &str) -> Result<()> {
     let path = Path::new(SHM_DIR).join(name);
-    let fail = |problem: String| Error::ShmRegion {
+    let fail = |problem: ShmProblem| Error::ShmRegion {
         path: path.clone(),
         problem,
     };
@@ -195,24 +195,25 @@ pub(crate) fn check_private(name: &str) -> Result<()> {
             tracing::warn!(path = %path.display(), "shm region not found in {SHM_DIR}; its mode and cleanup are not checked");
             return Ok(());
         }
-        Err(e) => return Err(fail(format!("cannot stat it: {e}"))),
+        Err(e) => return Err(fail(ShmProblem::Stat(e))),
     };
     if !md.file_type().is_file() {
-        return Err(fail(format!("not a regular file ({:?})", md.file_type())));
+        return Err(fail(ShmProblem::NotAFile {
+            file_type: format!("{:?}", md.file_type()),
+        }));
     }
     let me = euid();
     if md.uid() != me {
-        return Err(fail(format!(
-            "owned by uid {}, not by this process's uid {me}: another user created a file \
-             with this endpoint's name",
-            md.uid()
-        )));
+        return Err(fail(ShmProblem::ForeignOwner {
+            owner: md.uid(),
+            me,
+        }));
     }
     let mode = md.mode() & 0o7777;
     if mode & 0o077 != 0 {
         tracing::warn!(path = %path.display(), "shm region created with mode {mode:o}; narrowing it to 0600");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| fail(format!("mode {mode:o} and chmod 0600 failed: {e}")))?;
+            .map_err(|source| fail(ShmProblem::Chmod { mode, source }))?;
     }
     Ok(())
 }
@@ -323,6 +324,35 @@ pub(crate) fn region_path(name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `check_private` on what an attacker could leave under an endpoint's name: each is
+    /// [`Error::ShmRegion`] with the matching [`ShmProblem`], never a panic.
+    #[test]
+    fn region_problems_are_typed() {
+        let name = format!("efa-test-{}-{}", std::process::id(), new_region_name());
+        let path = region_path(&name);
+        std::fs::create_dir(&path).unwrap();
+        let err = check_private(&name).unwrap_err();
+        std::fs::remove_dir(&path).unwrap();
+        assert!(
+            matches!(&err, Error::ShmRegion { path: p, problem: ShmProblem::NotAFile { .. } } if *p == path),
+            "{err:?}"
+        );
+        std::os::unix::fs::symlink("/etc/passwd", &path).unwrap();
+        let err = check_private(&name).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            matches!(&err, Error::ShmRegion { problem: ShmProblem::NotAFile { file_type }, .. } if file_type.contains("symlink") || file_type.contains("FileType")),
+            "{err:?}"
+        );
+        // A regular file of ours with a wide mode is narrowed, not an error.
+        std::fs::write(&path, b"x").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_private(&name).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn names_round_trip() {

@@ -82,10 +82,15 @@ fn inject_delivers_small_messages() {
         pair.a.inject(&data, pair.a_to_b).unwrap();
         assert_eq!(r.wait(OP_TIMEOUT).unwrap().buf, data);
         let too_big = vec![0u8; pair.a.inject_size() + 1];
-        assert!(matches!(
-            pair.a.inject(&too_big, pair.a_to_b),
-            Err(Error::InvalidArgument(_))
-        ));
+        let e = pair.a.inject(&too_big, pair.a_to_b).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::MessageTooLarge { op: "inject", len, max, limit: efa_fabric::SizeLimit::Inject }
+                    if len == too_big.len() && max == pair.a.inject_size()
+            ),
+            "{e:?}"
+        );
         Outcome::Ran
     });
 }
