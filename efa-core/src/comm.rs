@@ -65,7 +65,7 @@ use bytemuck::Pod;
 use efa_fabric::{Access, BufPrefix, Endpoint, FiAddr, Info, Pending, RegisteredBuf, SharedSlice};
 
 use crate::bootstrap::{self, Bootstrap};
-use crate::error::{Error, PeerFailure, Result, SettingError};
+use crate::error::{Error, Malformed, PeerFailure, Result, SettingError};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::roles;
@@ -1580,7 +1580,7 @@ fn open_ports(
     let mut ports: Vec<Port> = Vec::new();
     let mut card = Card {
         rank,
-        host_id: placement::host_id().map_err(|e| Error::Config(e.to_string()))?,
+        host_id: placement::host_id()?,
         endpoints: Vec::new(),
         fabric_subnet: None,
         ip_subnet: None,
@@ -1657,9 +1657,9 @@ fn choose_routes(card: &Card, cards: &[Card], allowed: &TransportSet) -> Result<
         .iter()
         .enumerate()
         .map(|(r, peer_card)| {
-            placement::choose_route(card, peer_card, allowed).map_err(|e| Error::NoRoute {
+            placement::choose_route(card, peer_card, allowed).map_err(|source| Error::NoRoute {
                 peer: r as u32,
-                reason: e.to_string(),
+                source,
             })
         })
         .collect()
@@ -3005,9 +3005,8 @@ impl Communicator {
     /// As [`Communicator::split`].
     pub fn dup(&self) -> Result<Communicator> {
         let c = self.split(Some(0), self.rank() as i32)?;
-        c.ok_or_else(|| Error::Protocol {
-            peer: self.inner.rank,
-            what: "dup: every rank gave a color, yet this rank got no communicator".into(),
+        c.ok_or(Error::Internal {
+            what: "dup: every rank gave a color, yet this rank got no communicator",
         })
     }
 
@@ -3025,15 +3024,15 @@ impl Communicator {
     ///
     /// # Errors
     /// [`Error::Timeout`] when a rank does not take part within the deadline;
-    /// [`Error::Protocol`] when a rank sends a malformed contribution (another efa-rs
-    /// version); [`Error::Unsupported`] after 2^31 communicators; [`Error::PeerFailed`],
+    /// [`Error::MalformedMessage`] when a rank sends a malformed contribution (another efa-rs
+    /// version); [`Error::ContextsExhausted`] after 2^31 communicators; [`Error::PeerFailed`],
     /// [`Error::Finalized`].
     pub fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Communicator>> {
         use std::sync::atomic::Ordering;
         let proposal = self.inner.next_ctx.fetch_add(1, Ordering::Relaxed);
         if proposal >= CREATE_CTX_BIT {
-            return Err(Error::Unsupported {
-                what: format!("a new communicator: all {CREATE_CTX_BIT} context ids are used"),
+            return Err(Error::ContextsExhausted {
+                limit: CREATE_CTX_BIT,
             });
         }
         let mut mine = [0u8; SPLIT_MSG];
@@ -3063,9 +3062,12 @@ impl Communicator {
             for r in recvs {
                 let st = r.wait()?;
                 if st.len != SPLIT_MSG {
-                    return Err(Error::Protocol {
+                    return Err(Error::MalformedMessage {
                         peer: self.world_of(st.source),
-                        what: format!("split: a contribution of {} bytes", st.len),
+                        what: Malformed::SplitLength {
+                            len: u32::try_from(st.len).unwrap_or(u32::MAX),
+                        },
+                        source: None,
                     });
                 }
             }
@@ -3079,9 +3081,10 @@ impl Communicator {
             let u32_at = |i: usize| u32::from_le_bytes(m[i..i + 4].try_into().expect("4 bytes"));
             let prop = u32_at(9);
             if prop >= CREATE_CTX_BIT || m[0] > 1 {
-                return Err(Error::Protocol {
+                return Err(Error::MalformedMessage {
                     peer: self.world_of(p as u32),
-                    what: format!("split: a malformed contribution {m:?}"),
+                    what: Malformed::SplitFields,
+                    source: None,
                 });
             }
             ctx = ctx.max(prop);

@@ -22,7 +22,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::bootstrap::BootstrapError;
-use crate::placement::{CardError, TransportsEnvError, UnknownTransport};
+use crate::placement::{CardError, HostIdError, TransportsEnvError, UnknownTransport};
 pub(crate) use crate::setting::env_var;
 pub use crate::setting::{SettingError, SettingSource};
 
@@ -57,14 +57,21 @@ pub enum Error {
     /// No endpoint could be opened for any allowed transport.
     #[error("no transport could be opened: {0}; `efa info` and `efa doctor` show what this host offers, EFA_TRANSPORTS chooses among shm, fabric and ip")]
     NoTransport(String),
-    /// This rank and `peer` share no usable transport; the message says what each offers.
-    #[error("no route to rank {peer}: {reason}; allow a transport that both ranks offer (EFA_TRANSPORTS)")]
+    /// Start-up: this rank and `peer` share no usable transport; `source` says what each
+    /// offers, what is allowed and why nothing fits.
+    #[error("{source}; allow a transport that both ranks offer (EFA_TRANSPORTS)")]
     NoRoute {
         /// The peer.
         peer: u32,
         /// What each side offers and why nothing fits.
-        reason: String,
+        #[source]
+        source: crate::placement::NoRoute,
     },
+    /// Start-up: this host's identity (which decides where shared memory can be used) could
+    /// not be read from `/proc`, or `EFA_HOST_ID` cannot be used. The message says what to
+    /// set.
+    #[error(transparent)]
+    HostId(#[from] HostIdError),
     /// A rank outside `0..size`.
     #[error("rank {rank} is out of range for a communicator of size {size}; ranks are 0 to {}", size.saturating_sub(1))]
     InvalidRank {
@@ -120,13 +127,43 @@ pub enum Error {
         /// The libfabric error.
         source: efa_fabric::Error,
     },
-    /// A malformed message arrived (another program on the port, or mismatched versions).
-    #[error("protocol error from rank {peer}: {what}; every rank must run the same efa-rs version, and no other program may send to this job's endpoints")]
-    Protocol {
+    /// A malformed message of the library's own protocol arrived from `peer`: another
+    /// program sends to this job's endpoints, or the ranks run different efa-rs versions.
+    /// The operation that needed the message fails; nothing else is affected.
+    #[error("malformed {what} from rank {peer}; every rank must run the same efa-rs version, and no other program may send to this job's endpoints")]
+    MalformedMessage {
         /// The sender.
         peer: u32,
-        /// What was wrong.
-        what: String,
+        /// Which message, and what was wrong with it.
+        what: Malformed,
+        /// The parse error, when a lower layer found it.
+        #[source]
+        source: Option<efa_fabric::Error>,
+    },
+    /// A collective (every rank, at once): the ranks called different collectives, or the
+    /// same one with different counts, element types, operators or roots. `ranks` are two
+    /// ranks that differ and `calls` what each called (as MPI requires, every rank must call
+    /// the same collectives in the same order with matching arguments). Nothing was
+    /// transferred.
+    #[error("{op}: ranks called different collectives or with different arguments: rank {} called {}; rank {} called {}", ranks[0], calls[0], ranks[1], calls[1])]
+    CollectiveMismatch {
+        /// The collective this rank called.
+        op: &'static str,
+        /// Two ranks whose calls differ.
+        ranks: [u32; 2],
+        /// What each of them called: collective, count, element type, operator, root.
+        calls: [String; 2],
+    },
+    /// [`crate::Communicator::window`]: `peer` created a window of another size than this
+    /// rank. Every rank must create the same window (same element type and length).
+    #[error("window: rank {peer} created {peer_bytes} bytes, this rank {bytes} bytes; every rank must create the same window")]
+    WindowMismatch {
+        /// The rank whose window differs.
+        peer: u32,
+        /// Its window size in bytes.
+        peer_bytes: u64,
+        /// This rank's window size in bytes.
+        bytes: u64,
     },
     /// An RMA access outside the peer's window. Nothing was transferred.
     #[error("{op} of {count} elements at offset {offset} is outside rank {peer}'s window of {window_len} elements; keep offset + count within {window_len}")]
@@ -152,12 +189,41 @@ pub enum Error {
         /// The window's access.
         access: crate::rma::WindowAccess,
     },
-    /// The provider lacks a capability this call needs; the message says which and what to
-    /// do.
-    #[error("unsupported: {what}")]
-    Unsupported {
-        /// The missing capability and what to do.
-        what: String,
+    /// [`crate::Communicator::split`] or [`crate::Communicator::dup`]: this process has
+    /// used all `limit` context ids, one per communicator it ever created. Nothing was
+    /// created; create fewer communicators (reuse them).
+    #[error("no context id is left for a new communicator: all {limit} are used; create fewer communicators (reuse them)")]
+    ContextsExhausted {
+        /// How many context ids there are.
+        limit: u32,
+    },
+    /// [`crate::Communicator::window`]: the provider of a route this rank uses has no RMA
+    /// (`FI_RMA`). Nothing was registered.
+    #[error("provider {provider} has no FI_RMA capability, so RMA windows cannot use it; restrict EFA_TRANSPORTS to a transport with RMA")]
+    NoRma {
+        /// The provider.
+        provider: String,
+    },
+    /// [`crate::Window::put_notify`]: the route's provider carries fewer bytes of remote CQ
+    /// data than a notification needs. Nothing was transferred; use a put and a message.
+    #[error("provider {provider} carries {bytes} bytes of remote CQ data; put_notify needs {needed} bytes (use put and a message instead)")]
+    CqDataTooSmall {
+        /// The provider.
+        provider: String,
+        /// Bytes of CQ data it carries (`cq_data_size`).
+        bytes: usize,
+        /// Bytes a notification needs.
+        needed: usize,
+    },
+    /// [`crate::Window::put_notify`] from a rank that a notification cannot name
+    /// (notifications carry 16 bits of rank). Nothing was transferred; use a put and a
+    /// message.
+    #[error("put_notify from rank {rank}: notifications carry ranks below {limit} (use put and a message instead)")]
+    NotifyRank {
+        /// This rank.
+        rank: u32,
+        /// The first rank that cannot notify.
+        limit: u32,
     },
     /// A peer failed: it exited, became unreachable, aborted the job, or stopped answering.
     /// Pending and later operations that need it fail with this error. The job cannot go on
@@ -169,14 +235,17 @@ pub enum Error {
         /// How it failed.
         cause: PeerFailure,
     },
-    /// A bad value or call that has no variant of its own; the message names the variable or
-    /// argument and what to do.
-    #[error("{0}")]
-    Config(String),
     /// A collective's buffers, counts or displacements do not fit the call, on this rank or
     /// another (see [`crate::coll::CollError`]).
     #[error(transparent)]
     Collective(#[from] crate::coll::CollError),
+    /// A bug in efa-core: an internal invariant does not hold (`what` says which). Please
+    /// report it with the output of `EFA_DEBUG=debug`.
+    #[error("internal error in efa-core: {what}; this is a bug: please report it with the output of EFA_DEBUG=debug")]
+    Internal {
+        /// The invariant that failed.
+        what: &'static str,
+    },
     /// The communicator was finalized ([`crate::Communicator::finalize`]); no operation may
     /// follow.
     #[error("the communicator has been finalized: no operation may follow finalize")]
@@ -226,6 +295,11 @@ impl Error {
                  prefixes it with its rank) for why it failed"
                     .into(),
             ),
+            Error::CollectiveMismatch { .. } => Some(
+                "every rank must call the same collectives in the same order; a rank that skips \
+                 one (an early return, a branch on the rank) shifts every later one"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -242,11 +316,12 @@ impl Error {
                 .field("source", source)
                 .finish(),
             Error::NoTransport(s) => f.debug_tuple("NoTransport").field(s).finish(),
-            Error::NoRoute { peer, reason } => f
+            Error::NoRoute { peer, source } => f
                 .debug_struct("NoRoute")
                 .field("peer", peer)
-                .field("reason", reason)
+                .field("source", source)
                 .finish(),
+            Error::HostId(e) => f.debug_tuple("HostId").field(e).finish(),
             Error::InvalidRank { rank, size } => f
                 .debug_struct("InvalidRank")
                 .field("rank", rank)
@@ -282,10 +357,27 @@ impl Error {
                 .field("peer", peer)
                 .field("source", source)
                 .finish(),
-            Error::Protocol { peer, what } => f
-                .debug_struct("Protocol")
+            Error::MalformedMessage { peer, what, source } => f
+                .debug_struct("MalformedMessage")
                 .field("peer", peer)
                 .field("what", what)
+                .field("source", source)
+                .finish(),
+            Error::CollectiveMismatch { op, ranks, calls } => f
+                .debug_struct("CollectiveMismatch")
+                .field("op", op)
+                .field("ranks", ranks)
+                .field("calls", calls)
+                .finish(),
+            Error::WindowMismatch {
+                peer,
+                peer_bytes,
+                bytes,
+            } => f
+                .debug_struct("WindowMismatch")
+                .field("peer", peer)
+                .field("peer_bytes", peer_bytes)
+                .field("bytes", bytes)
                 .finish(),
             Error::RmaOutOfBounds {
                 op,
@@ -307,16 +399,35 @@ impl Error {
                 .field("peer", peer)
                 .field("access", access)
                 .finish(),
-            Error::Unsupported { what } => {
-                f.debug_struct("Unsupported").field("what", what).finish()
+            Error::ContextsExhausted { limit } => f
+                .debug_struct("ContextsExhausted")
+                .field("limit", limit)
+                .finish(),
+            Error::NoRma { provider } => {
+                f.debug_struct("NoRma").field("provider", provider).finish()
             }
+            Error::CqDataTooSmall {
+                provider,
+                bytes,
+                needed,
+            } => f
+                .debug_struct("CqDataTooSmall")
+                .field("provider", provider)
+                .field("bytes", bytes)
+                .field("needed", needed)
+                .finish(),
+            Error::NotifyRank { rank, limit } => f
+                .debug_struct("NotifyRank")
+                .field("rank", rank)
+                .field("limit", limit)
+                .finish(),
             Error::PeerFailed { rank, cause } => f
                 .debug_struct("PeerFailed")
                 .field("rank", rank)
                 .field("cause", cause)
                 .finish(),
-            Error::Config(s) => f.debug_tuple("Config").field(s).finish(),
             Error::Collective(e) => f.debug_tuple("Collective").field(e).finish(),
+            Error::Internal { what } => f.debug_struct("Internal").field("what", what).finish(),
             Error::Finalized => f.write_str("Finalized"),
             Error::PeerFinalized { rank } => {
                 f.debug_struct("PeerFinalized").field("rank", rank).finish()
@@ -367,6 +478,41 @@ fn write_report(f: &mut fmt::Formatter<'_>, err: &dyn StdError, hint: Option<&st
         write!(f, "\n\nHint: {h}")?;
     }
     Ok(())
+}
+
+/// Which message of the library's own protocol was malformed, and how
+/// ([`Error::MalformedMessage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// A window descriptor ([`crate::Communicator::window`]) whose remote region does not
+    /// parse.
+    WindowRegion,
+    /// A window descriptor with an access code that names no [`crate::WindowAccess`].
+    WindowAccess {
+        /// The code received.
+        code: u8,
+    },
+    /// A contribution to [`crate::Communicator::split`] of the wrong length.
+    SplitLength {
+        /// Its length in bytes (at most `u32::MAX`: this keeps [`Error`] small).
+        len: u32,
+    },
+    /// A contribution to [`crate::Communicator::split`] whose fields are out of range.
+    SplitFields,
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Malformed::WindowRegion => f.write_str("window descriptor (its region does not parse)"),
+            Malformed::WindowAccess { code } => {
+                write!(f, "window descriptor (unknown access code {code})")
+            }
+            Malformed::SplitLength { len } => write!(f, "split contribution ({len} bytes)"),
+            Malformed::SplitFields => f.write_str("split contribution (fields out of range)"),
+        }
+    }
 }
 
 /// How a peer failed; carried by [`Error::PeerFailed`].

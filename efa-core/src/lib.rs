@@ -114,7 +114,7 @@ pub use comm::{
     AnyRequest, Communicator, CommunicatorBuilder, Config, Message, P2pRequest, RecvRequest,
     Request, SendRequest, Source, Status, Tag,
 };
-pub use error::{Error, PeerFailure, Result, SettingError, SettingSource};
+pub use error::{Error, Malformed, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
 

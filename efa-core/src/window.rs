@@ -30,13 +30,42 @@ use bytemuck::Pod;
 use efa_fabric::{Access, Endpoint, FiAddr, Pending, RegisteredBuf, RemoteRegion};
 
 use crate::comm::{Communicator, Source};
-use crate::error::{Error, Result};
+use crate::error::{Error, Malformed, Result};
 
 pub use crate::rma::{RmaOp, WindowAccess};
 
 /// Tag range of window descriptors and fence tokens (reserved, above user tags).
 const WIN_TAG: u32 = 0xF000_0000;
 const DESC_LEN: usize = RemoteRegion::WIRE_LEN + 1;
+
+/// Reads `peer`'s window descriptor (remote region, then access code), checking that its
+/// window has this rank's size in `bytes`.
+///
+/// # Errors
+/// [`Error::MalformedMessage`] for a descriptor that does not parse (its source is the
+/// fabric's parse error, if it found one); [`Error::WindowMismatch`] for another size.
+fn parse_desc(peer: u32, d: &[u8], bytes: usize) -> Result<(RemoteRegion, WindowAccess)> {
+    let region = d.get(..RemoteRegion::WIRE_LEN).unwrap_or(d);
+    let remote = RemoteRegion::from_bytes(region).map_err(|e| Error::MalformedMessage {
+        peer,
+        what: Malformed::WindowRegion,
+        source: Some(e),
+    })?;
+    let code = d.get(RemoteRegion::WIRE_LEN).copied().unwrap_or(0);
+    let access = WindowAccess::from_code(code).ok_or(Error::MalformedMessage {
+        peer,
+        what: Malformed::WindowAccess { code },
+        source: None,
+    })?;
+    if remote.len != bytes as u64 {
+        return Err(Error::WindowMismatch {
+            peer,
+            peer_bytes: remote.len,
+            bytes: bytes as u64,
+        });
+    }
+    Ok((remote, access))
+}
 
 struct PeerWin {
     ep: Endpoint,
@@ -97,7 +126,9 @@ impl Communicator {
     /// [`Error::Setting`] when `len` elements of `T` do not fit in the address space (checked
     /// before anything is allocated or sent);
     /// [`Error::Fabric`] when registration fails ([`efa_fabric::Error::MemlockLimit`] names a
-    /// too-low `ulimit -l`); [`Error::Unsupported`] when a route's provider lacks RMA;
+    /// too-low `ulimit -l`); [`Error::NoRma`] when a route's provider lacks RMA;
+    /// [`Error::WindowMismatch`] when another rank created a window of another size;
+    /// [`Error::MalformedMessage`] for a descriptor that does not parse;
     /// [`Error::Timeout`] when a peer does not create its window in time.
     pub fn window<T: Pod>(&self, len: usize, access: WindowAccess) -> Result<Window<T>> {
         Window::create(self, len, access)
@@ -131,8 +162,8 @@ impl<T: Pod> Window<T> {
                 continue;
             }
             if !ep.caps().contains(efa_fabric::Caps::RMA) {
-                return Err(Error::Unsupported {
-                    what: format!("provider {} has no FI_RMA capability, so RMA windows cannot use it (restrict EFA_TRANSPORTS to a transport with RMA)", ep.info().provider()),
+                return Err(Error::NoRma {
+                    provider: ep.info().provider(),
                 });
             }
             let remote = match &mut mem {
@@ -174,24 +205,7 @@ impl<T: Pod> Window<T> {
         }
         let mut peers = Vec::with_capacity(n as usize);
         for (p, d) in descs.iter().enumerate() {
-            let remote = RemoteRegion::from_bytes(&d[..RemoteRegion::WIRE_LEN]).map_err(|e| {
-                Error::Protocol {
-                    peer: p as u32,
-                    what: e.to_string(),
-                }
-            })?;
-            let access = WindowAccess::from_code(d[RemoteRegion::WIRE_LEN]).ok_or_else(|| {
-                Error::Protocol {
-                    peer: p as u32,
-                    what: "bad window access code".into(),
-                }
-            })?;
-            if remote.len != bytes as u64 {
-                return Err(Error::Protocol {
-                    peer: p as u32,
-                    what: format!("window {id}: rank {p} created {} bytes, this rank {bytes} (every rank must create the same window)", remote.len),
-                });
-            }
+            let (remote, access) = parse_desc(p as u32, d, bytes)?;
             let (_, ep, addr) = comm.peer_endpoint(p as u32);
             peers.push(PeerWin {
                 ep,
@@ -356,23 +370,22 @@ impl<T: Pod> Window<T> {
     /// 16 for the source rank and 16 for `value`, so it needs ranks below 65536.
     ///
     /// # Errors
-    /// As [`Window::put`]; [`Error::Unsupported`] when the route's provider carries less than
-    /// 4 bytes of remote CQ data, or this rank is 65536 or above.
+    /// As [`Window::put`]; [`Error::CqDataTooSmall`] when the route's provider carries less
+    /// than 4 bytes of remote CQ data; [`Error::NotifyRank`] when this rank is 65536 or above.
     pub fn put_notify(&self, peer: u32, offset: usize, data: &[T], value: u16) -> Result<()> {
         let (pw, off) = self.check(RmaOp::Put, peer, offset, data.len())?;
         if pw.ep.info().cq_data_size() < 4 {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "provider {} carries {} bytes of remote CQ data; put_notify needs 4",
-                    pw.ep.info().provider(),
-                    pw.ep.info().cq_data_size()
-                ),
+            return Err(Error::CqDataTooSmall {
+                provider: pw.ep.info().provider(),
+                bytes: pw.ep.info().cq_data_size(),
+                needed: 4,
             });
         }
         let me = self.comm.rank();
         if me > u32::from(u16::MAX) {
-            return Err(Error::Unsupported {
-                what: format!("put_notify from rank {me}: notifications name ranks below 65536"),
+            return Err(Error::NotifyRank {
+                rank: me,
+                limit: 1 << 16,
             });
         }
         let bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
@@ -639,5 +652,84 @@ impl<T: Pod> Drop for RmaRequest<'_, '_, T> {
                 .remove(&self.id);
             drop(op);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    fn desc(len: u64, access: u8) -> Vec<u8> {
+        let r = RemoteRegion {
+            addr: 0x1000,
+            key: 7,
+            len,
+        };
+        let mut d = r.to_bytes().to_vec();
+        d.push(access);
+        d
+    }
+
+    #[test]
+    fn descriptors_parse_or_name_what_is_wrong() {
+        let (r, a) = parse_desc(1, &desc(64, WindowAccess::ReadWrite.code()), 64).unwrap();
+        assert_eq!((r.len, a), (64, WindowAccess::ReadWrite));
+
+        let e = parse_desc(2, &desc(64, 9), 64).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::MalformedMessage {
+                    peer: 2,
+                    what: Malformed::WindowAccess { code: 9 },
+                    source: None
+                }
+            ),
+            "{e:?}"
+        );
+
+        // A cut descriptor: the fabric's parse error is the source, not a string.
+        let e = parse_desc(3, &desc(64, 1)[..10], 64).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::MalformedMessage {
+                    peer: 3,
+                    what: Malformed::WindowRegion,
+                    source: Some(efa_fabric::Error::RemoteRegionLength {
+                        got: 10,
+                        expected: RemoteRegion::WIRE_LEN
+                    }),
+                }
+            ),
+            "{e:?}"
+        );
+        let src = e.source().expect("the fabric error is the source");
+        assert!(matches!(
+            src.downcast_ref::<efa_fabric::Error>(),
+            Some(efa_fabric::Error::RemoteRegionLength { got: 10, .. })
+        ));
+        let report = format!("{e:?}");
+        assert!(
+            report.contains("malformed window descriptor (its region does not parse) from rank 3")
+                && report.contains("Caused by:\n    remote region descriptor is 10 bytes"),
+            "{report}"
+        );
+        assert!(parse_desc(3, &[], 64).is_err(), "empty: an error, no panic");
+
+        let e = parse_desc(4, &desc(80, 1), 64).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::WindowMismatch {
+                    peer: 4,
+                    peer_bytes: 80,
+                    bytes: 64
+                }
+            ),
+            "{e:?}"
+        );
     }
 }

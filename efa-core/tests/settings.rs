@@ -227,8 +227,17 @@ fn child_bad_setting() {
             SettingSource::Env(v) | SettingSource::Argument(v) => assert_eq!(v, var, "{e}"),
         },
         Error::Transports(t) => assert_eq!(var, "EFA_TRANSPORTS", "{t}"),
-        // The communicator reports a bad host identity as a configuration error.
-        Error::Config(c) if var == "EFA_HOST_ID" => assert!(c.contains("EFA_HOST_ID"), "{c}"),
+        // A host identity that cannot be used is a HostId error whose source is the reason.
+        Error::HostId(h) if var == "EFA_HOST_ID" => {
+            assert!(h.what.contains("EFA_HOST_ID"), "{h}");
+            // HostId is transparent: its source is the I/O error behind it.
+            let io = std::error::Error::source(&e).expect("HostId has a source");
+            assert_eq!(
+                io.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+                Some(std::io::ErrorKind::InvalidInput),
+                "{io:?}"
+            );
+        }
         other => panic!("expected a setting error for {var}, got {other}"),
     }
     let shown = e.to_string();

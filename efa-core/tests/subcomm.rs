@@ -92,7 +92,7 @@ fn child_dup() {
     // messages go to every rank of the dup) leaves the world's collectives alone.
     let mut bad = vec![1u32; 10 + me as usize];
     let e = dup.allreduce(&mut bad, ReduceOp::Sum).unwrap_err();
-    assert!(matches!(e, Error::Protocol { .. }), "{e:?}");
+    assert!(matches!(e, Error::CollectiveMismatch { .. }), "{e:?}");
     let mut x = [1u32];
     world.allreduce(&mut x, ReduceOp::Sum).unwrap();
     assert_eq!(x[0], n);

@@ -360,15 +360,10 @@ impl<'c> Exec<'c> {
             }
             .into());
         }
-        Err(Error::Protocol {
-            peer: if a == self.me { b } else { a },
-            what: format!(
-                "{}: ranks called different collectives or with different arguments: \
-                 rank {a} called {}; rank {b} called {}",
-                self.name,
-                describe(&rec[..3]),
-                describe(&rec[4..7])
-            ),
+        Err(Error::CollectiveMismatch {
+            op: self.name,
+            ranks: [a, b],
+            calls: [describe(&rec[..3]), describe(&rec[4..7])],
         })
     }
 

@@ -24,7 +24,7 @@
 //! algorithm, element size and chunk size, a hash of per-rank counts for `allgatherv`, and a
 //! flag for locally invalid arguments), reducing the lexicographic minimum and maximum of
 //! (descriptor, rank). Every rank ends with the same pair, so when any two ranks disagree
-//! **every** rank returns [`Error::Protocol`] naming two ranks that differ and what each
+//! **every** rank returns [`Error::CollectiveMismatch`] naming two ranks that differ and what each
 //! called, before any data moves. When the only difference is that a rank's own buffers or
 //! counts do not fit the call, that rank returns the [`CollError`] that says why and every
 //! other rank [`CollError::PeerArguments`] naming it. The rooted `v` collectives then
@@ -752,7 +752,7 @@ impl<R: Send + 'static> crate::Request for CollRequest<R> {
 
 /// Collectives. Every rank must call the same collectives in the same order, with matching
 /// arguments (checked, see the [module docs](crate::coll)). Each call fails on every rank
-/// with [`Error::Protocol`] when arguments differ, with a [`CollError`] when a rank's
+/// with [`Error::CollectiveMismatch`] when arguments differ, with a [`CollError`] when a rank's
 /// buffers or counts do not fit the call, and with [`Error::Timeout`] or
 /// [`Error::PeerFailed`] naming the unresponsive rank when a rank dies or hangs; every call
 /// may also fail with [`Error::Setting`] for a bad `EFA_*` collective setting
@@ -769,7 +769,7 @@ impl Communicator {
     /// recursive doubling.
     ///
     /// # Errors
-    /// [`Error::Protocol`] when ranks pass different lengths, types or operators;
+    /// [`Error::CollectiveMismatch`] when ranks pass different lengths, types or operators;
     /// [`Error::Timeout`] naming a failed rank; [`CollError::ZeroSized`] for a zero-sized
     /// user type.
     pub fn allreduce<T, O: Reduction<T>>(&self, buf: &mut [T], op: O) -> Result<()> {
@@ -1041,7 +1041,7 @@ impl Communicator {
     /// pipelined chain for large ones.
     ///
     /// # Errors
-    /// [`Error::Protocol`] on mismatched lengths, types or roots; [`Error::InvalidRank`];
+    /// [`Error::CollectiveMismatch`] on mismatched lengths, types or roots; [`Error::InvalidRank`];
     /// [`Error::Timeout`].
     pub fn broadcast<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
@@ -1060,7 +1060,7 @@ impl Communicator {
     /// of the 32-byte argument descriptor.
     ///
     /// # Errors
-    /// [`Error::Protocol`] when another rank is in a different collective;
+    /// [`Error::CollectiveMismatch`] when another rank is in a different collective;
     /// [`Error::Timeout`].
     pub fn barrier(&self) -> Result<()> {
         let (link, seq) = self.coll();
@@ -1077,7 +1077,7 @@ impl Communicator {
     /// afterwards block `r` holds rank `r`'s block. Ring.
     ///
     /// # Errors
-    /// [`Error::Protocol`] on mismatched lengths; [`CollError::NotDivisible`] when the length
+    /// [`Error::CollectiveMismatch`] on mismatched lengths; [`CollError::NotDivisible`] when the length
     /// is not a multiple of `n`; [`Error::Timeout`].
     pub fn allgather<T: Element>(&self, buf: &mut [T]) -> Result<()> {
         let (link, seq) = self.coll();
@@ -1142,7 +1142,7 @@ impl Communicator {
     /// `counts` (`n` entries; checked).
     ///
     /// # Errors
-    /// [`Error::Protocol`] when counts or lengths differ between ranks;
+    /// [`Error::CollectiveMismatch`] when counts or lengths differ between ranks;
     /// [`CollError::CountsLength`], [`CollError::BufferLength`]; [`Error::Timeout`].
     pub fn allgatherv<T: Element>(&self, buf: &mut [T], counts: &[usize]) -> Result<()> {
         let (link, seq) = self.coll();
@@ -1217,7 +1217,7 @@ impl Communicator {
     /// (`c`, the same on every rank) and is unchanged.
     ///
     /// # Errors
-    /// [`Error::Protocol`] on every rank for mismatched block lengths or roots;
+    /// [`Error::CollectiveMismatch`] on every rank for mismatched block lengths or roots;
     /// [`CollError::NotDivisible`] at the root; [`Error::InvalidRank`]; [`Error::Timeout`].
     pub fn gather<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
@@ -1321,7 +1321,7 @@ impl Communicator {
     /// (one copy of `buf` is made).
     ///
     /// # Errors
-    /// [`Error::Protocol`] for mismatched lengths; [`CollError::NotDivisible`];
+    /// [`Error::CollectiveMismatch`] for mismatched lengths; [`CollError::NotDivisible`];
     /// [`Error::Timeout`].
     pub fn alltoall<T: Element>(&self, buf: &mut [T]) -> Result<()> {
         let input = buf.to_vec();
@@ -1358,7 +1358,7 @@ impl Communicator {
     /// At the root: [`CollError::CountsLength`], [`CollError::BlockOutside`],
     /// [`CollError::BlocksOverlap`] (other ranks then get [`CollError::PeerArguments`]);
     /// on every rank: [`CollError::CountMismatch`] when the root's `counts[r]` differs from
-    /// rank `r`'s length, [`Error::Protocol`] for mismatched types or roots,
+    /// rank `r`'s length, [`Error::CollectiveMismatch`] for mismatched types or roots,
     /// [`Error::InvalidRank`], [`Error::Timeout`].
     pub fn gatherv<T: Element>(
         &self,
@@ -1485,7 +1485,7 @@ impl Communicator {
     /// [`CollError::CountsLength`], [`CollError::BlockOutside`],
     /// [`CollError::BlocksOverlap`], and [`CollError::CountMismatch`] when
     /// `send_counts[me] != recv_counts[me]`, on the rank that passed them
-    /// ([`CollError::PeerArguments`] on the others); [`Error::Protocol`] for mismatched
+    /// ([`CollError::PeerArguments`] on the others); [`Error::CollectiveMismatch`] for mismatched
     /// types. The per-pair counts are not part of the argument check (that would cost `n²`
     /// numbers): when rank `s`'s `send_counts[d]` differs from rank `d`'s `recv_counts[s]`,
     /// rank `d` gets [`CollError::SizeMismatch`] or [`Error::Truncated`] and the other ranks

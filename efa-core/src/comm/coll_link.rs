@@ -149,7 +149,9 @@ impl CollRecv {
         let op = e.recvs.remove(&self.id);
         self.id = 0;
         Some(match op {
-            None => Err(Error::Config("receive vanished from the engine".into())),
+            None => Err(Error::Internal {
+                what: "a finished receive is no longer in the engine",
+            }),
             Some(op) => match op.state {
                 RecvState::Failed(err) => Err(err),
                 _ => {
