@@ -2204,7 +2204,9 @@ impl Engine {
                     u64::from(pid.unwrap_or(0)),
                     host.clone().unwrap_or_default(),
                 ),
-                PeerFailure::Unreachable { detail } => (FailCode::Unreachable, 0, detail.clone()),
+                PeerFailure::Unreachable { detail, .. } => {
+                    (FailCode::Unreachable, 0, detail.clone())
+                }
                 PeerFailure::Aborted { code, reason } => {
                     (FailCode::Aborted, *code as i64 as u64, reason.clone())
                 }
@@ -2263,6 +2265,7 @@ impl Engine {
             },
             _ => PeerFailure::Unreachable {
                 detail: format!("{text} (reported by rank {})", h.src),
+                source: None,
             },
         };
         let rank = if (h.tag as usize) < self.peers.len() {
@@ -2341,6 +2344,7 @@ impl Engine {
             if bulk[p] {
                 self.refused_since[p] = None;
             }
+            let mut source = None;
             let detail = match self.probe(p as u32) {
                 Ok(true) => {
                     self.refused_since[p] = None;
@@ -2357,9 +2361,13 @@ impl Engine {
                         since.elapsed()
                     )
                 }
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    let detail = e.to_string();
+                    source = Some(Arc::new(e));
+                    detail
+                }
             };
-            self.mark_failed(p as u32, PeerFailure::Unreachable { detail }, true);
+            self.mark_failed(p as u32, PeerFailure::Unreachable { detail, source }, true);
             return;
         }
     }
@@ -2605,7 +2613,11 @@ impl Engine {
         if self.failure.is_none() {
             if let Some(p) = peer {
                 let detail = "its queue stopped draining".to_string();
-                self.mark_failed(p, PeerFailure::Unreachable { detail }, true);
+                let cause = PeerFailure::Unreachable {
+                    detail,
+                    source: None,
+                };
+                self.mark_failed(p, cause, true);
             }
         }
         self.failure_error().unwrap_or(e)
@@ -2845,7 +2857,7 @@ impl Engine {
                 Ok(done) => self.ports[bg.port].bounce.push(done.buf.into_inner()),
                 Err(e) => {
                     tracing::warn!(peer = bg.dest, "send failed: {}", e.error);
-                    self.transport_failure(bg.dest, e.error.to_string());
+                    let _ = self.transport_failure(bg.dest, e.error);
                     if let Some(b) = e.buf {
                         self.ports[bg.port].bounce.push(b.into_inner());
                     }
@@ -2867,10 +2879,7 @@ impl Engine {
             let mut err = None;
             for c in chunks.drain(..) {
                 if let Err(e) = c.wait(Duration::ZERO) {
-                    if err.is_none() {
-                        lost.push((id, op.dest, e.error.to_string()));
-                    }
-                    err.get_or_insert(Error::fabric("send", Some(op.dest), e.error));
+                    err.get_or_insert(e.error);
                 }
             }
             // Every chunk's slice is dropped: this is the last reference to the payload.
@@ -2879,7 +2888,13 @@ impl Engine {
                 self.pool.put(v);
             }
             op.state = match err {
-                Some(e) => SendState::Failed(e),
+                Some(e) => {
+                    lost.push((id, op.dest, e));
+                    // Replaced below, once the failure is classified.
+                    SendState::Failed(Error::Internal {
+                        what: "a failed send was not classified",
+                    })
+                }
                 None => SendState::Done,
             };
             if op.tag == u32::MAX {
@@ -2889,30 +2904,43 @@ impl Engine {
         for id in finished {
             self.sends.remove(&id);
         }
-        for (id, peer, detail) in lost {
-            let err = self.transport_failure(peer, detail);
-            if let (Some(op), Some(e)) = (self.sends.get_mut(&id), err) {
-                op.state = SendState::Failed(e);
+        for (id, peer, source) in lost {
+            let err = self
+                .transport_failure(peer, source)
+                .unwrap_or_else(|source| Error::fabric("send", Some(peer), source));
+            if let Some(op) = self.sends.get_mut(&id) {
+                op.state = SendState::Failed(err);
             }
         }
         Ok(())
     }
 
-    /// A transfer with `peer` failed in the transport (`detail`): unless `peer` finalized,
-    /// it has failed (exited, if its pid is gone on this host; else unreachable), and every
-    /// rank is told. Returns the error for the operation that saw it.
-    fn transport_failure(&mut self, peer: u32, detail: String) -> Option<Error> {
+    /// A transfer with `peer` failed in the transport (`source`): unless `peer` finalized,
+    /// it has failed (exited, if its pid is gone on this host; else unreachable, keeping
+    /// `source`), and every rank is told. Returns the error for the operation that saw it:
+    /// the peer's failure, or (`Err`) `source` back when the peer has not failed (it
+    /// finalized, or is this rank).
+    fn transport_failure(
+        &mut self,
+        peer: u32,
+        source: efa_fabric::Error,
+    ) -> std::result::Result<Error, efa_fabric::Error> {
         if peer == self.rank || self.fin[peer as usize].got_fin {
-            return None;
+            return Err(source);
         }
         let (proc_, same_host) = &self.live.procs[peer as usize];
         let cause = if *same_host && proc_.is_gone() {
             exited(proc_)
         } else {
-            PeerFailure::Unreachable { detail }
+            PeerFailure::Unreachable {
+                detail: source.to_string(),
+                source: Some(Arc::new(source)),
+            }
         };
         self.mark_failed(peer, cause, true);
-        self.failure_error()
+        Ok(self.failure_error().unwrap_or(Error::Internal {
+            what: "a peer was marked failed but no failure is recorded",
+        }))
     }
 
     fn reap_recvs(&mut self) {
@@ -2941,25 +2969,33 @@ impl Engine {
                         self.pool.put(v);
                     }
                     Err(e) => {
-                        if let (None, Some(peer)) = (&err, src) {
-                            lost.push((id, peer, e.error.to_string()));
-                        }
-                        err.get_or_insert(Error::fabric("recv", src, e.error));
+                        err.get_or_insert(e.error);
                     }
                 }
             }
             match err {
-                Some(e) => op.state = RecvState::Failed(e),
+                Some(e) => match src {
+                    Some(peer) => {
+                        lost.push((id, peer, e));
+                        // Replaced below, once the failure is classified.
+                        op.state = RecvState::Failed(Error::Internal {
+                            what: "a failed receive was not classified",
+                        });
+                    }
+                    None => op.state = RecvState::Failed(Error::fabric("recv", None, e)),
+                },
                 None => {
                     op.data = data;
                     op.state = RecvState::Done;
                 }
             }
         }
-        for (id, peer, detail) in lost {
-            let err = self.transport_failure(peer, detail);
-            if let (Some(op), Some(e)) = (self.recvs.get_mut(&id), err) {
-                op.state = RecvState::Failed(e);
+        for (id, peer, source) in lost {
+            let err = self
+                .transport_failure(peer, source)
+                .unwrap_or_else(|source| Error::fabric("recv", Some(peer), source));
+            if let Some(op) = self.recvs.get_mut(&id) {
+                op.state = RecvState::Failed(err);
             }
         }
     }

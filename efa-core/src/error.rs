@@ -232,7 +232,8 @@ pub enum Error {
     PeerFailed {
         /// The failed rank.
         rank: u32,
-        /// How it failed.
+        /// How it failed; its source is the fabric error, when this rank saw one.
+        #[source]
         cause: PeerFailure,
     },
     /// A collective's buffers, counts or displacements do not fit the call, on this rank or
@@ -515,8 +516,11 @@ impl fmt::Display for Malformed {
     }
 }
 
-/// How a peer failed; carried by [`Error::PeerFailed`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a peer failed; carried by [`Error::PeerFailed`], whose source it is.
+///
+/// Two failures are equal when they say the same thing; the fabric error behind an
+/// [`PeerFailure::Unreachable`] is not compared.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum PeerFailure {
     /// The peer's process is gone (seen as a dead pid on the same host, or a closed
@@ -527,10 +531,14 @@ pub enum PeerFailure {
         /// Its host, when known.
         host: Option<String>,
     },
-    /// The transport reports that the peer cannot be reached; `detail` is the transport's text.
+    /// The transport reports that the peer cannot be reached; `detail` is the transport's
+    /// text (what the other ranks are told), `source` the fabric error when this rank saw it.
     Unreachable {
         /// The transport's error text, e.g. "connection reset".
         detail: String,
+        /// The failed operation's fabric error, when this rank saw one (not when another
+        /// rank reported the failure, or when the peer stopped answering).
+        source: Option<std::sync::Arc<efa_fabric::Error>>,
     },
     /// The peer called `abort(code, reason)`.
     Aborted {
@@ -567,7 +575,9 @@ impl PeerFailure {
                 };
                 format!("rank {rank}{at} exited")
             }
-            PeerFailure::Unreachable { detail } => format!("rank {rank} unreachable: {detail}"),
+            PeerFailure::Unreachable { detail, .. } => {
+                format!("rank {rank} unreachable: {detail}")
+            }
             PeerFailure::Aborted { code, reason } => {
                 format!("rank {rank} aborted the job (code {code}): {reason}")
             }
@@ -577,6 +587,51 @@ impl PeerFailure {
             PeerFailure::TimedOut { waited } => {
                 format!("rank {rank} did not answer within {waited:?}")
             }
+        }
+    }
+}
+
+impl PartialEq for PeerFailure {
+    fn eq(&self, other: &Self) -> bool {
+        use PeerFailure::*;
+        match (self, other) {
+            (Exited { pid: a, host: h }, Exited { pid: b, host: g }) => a == b && h == g,
+            (Unreachable { detail: a, .. }, Unreachable { detail: b, .. }) => a == b,
+            (Aborted { code: a, reason: r }, Aborted { code: b, reason: s }) => a == b && r == s,
+            (Stopped { pid: a, waited: w }, Stopped { pid: b, waited: v }) => a == b && w == v,
+            (TimedOut { waited: w }, TimedOut { waited: v }) => w == v,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for PeerFailure {}
+
+/// The failure as a cause: `{}` is how the rank failed without naming it (the
+/// [`Error::PeerFailed`] message names it); the source is the fabric error, if any.
+impl fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerFailure::Unreachable { detail, .. } => write!(f, "unreachable: {detail}"),
+            PeerFailure::Aborted { code, reason } => {
+                write!(f, "aborted the job (code {code}): {reason}")
+            }
+            PeerFailure::Exited { .. } => f.write_str("exited"),
+            PeerFailure::Stopped { waited, .. } => {
+                write!(f, "is stopped and did not answer within {waited:?}")
+            }
+            PeerFailure::TimedOut { waited } => write!(f, "did not answer within {waited:?}"),
+        }
+    }
+}
+
+impl StdError for PeerFailure {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            PeerFailure::Unreachable {
+                source: Some(e), ..
+            } => Some(&**e),
+            _ => None,
         }
     }
 }
@@ -638,6 +693,7 @@ mod tests {
             rank: 3,
             cause: PeerFailure::Unreachable {
                 detail: "connection reset".into(),
+                source: None,
             },
         };
         assert!(format!("{e:?}").starts_with("rank 3 unreachable: connection reset\n\nHint: "));
@@ -663,6 +719,46 @@ mod tests {
         assert_eq!(e.var(), None);
     }
 
+    /// The fabric error behind an unreachable peer stays reachable through `source()`, and
+    /// the report does not repeat what the message already says.
+    #[test]
+    fn peer_failed_keeps_the_fabric_error_as_source() {
+        let fabric = efa_fabric::Error::Completion(efa_fabric::CompletionError {
+            code: 104,
+            text: "Connection reset by peer".into(),
+            prov_errno: 0,
+            prov_text: "none".into(),
+            flags: 0,
+            len: 0,
+            olen: 0,
+            tag: 0,
+        });
+        let e = Error::PeerFailed {
+            rank: 2,
+            cause: PeerFailure::Unreachable {
+                detail: fabric.to_string(),
+                source: Some(std::sync::Arc::new(fabric)),
+            },
+        };
+        let cause = e.source().expect("PeerFailed has its cause as source");
+        assert!(matches!(
+            cause.downcast_ref::<PeerFailure>(),
+            Some(PeerFailure::Unreachable { .. })
+        ));
+        let fabric = cause.source().expect("the fabric error");
+        assert!(matches!(
+            fabric.downcast_ref::<efa_fabric::Error>(),
+            Some(efa_fabric::Error::Completion(c)) if c.code == 104
+        ));
+        assert!(!format!("{e:?}").contains("Caused by"), "{e:?}");
+        // Equal when they say the same, whatever the source.
+        let other = PeerFailure::Unreachable {
+            detail: cause.to_string()["unreachable: ".len()..].to_string(),
+            source: None,
+        };
+        assert_eq!(cause.downcast_ref::<PeerFailure>(), Some(&other));
+    }
+
     #[test]
     fn peer_failed_names_rank_and_cause() {
         let e = Error::PeerFailed {
@@ -677,6 +773,7 @@ mod tests {
             rank: 1,
             cause: PeerFailure::Unreachable {
                 detail: "connection reset".into(),
+                source: None,
             },
         };
         assert_eq!(e.to_string(), "rank 1 unreachable: connection reset");

@@ -77,7 +77,14 @@ fn fault_rank() {
             *rank == VICTIM
                 && match fault.as_str() {
                     "kill" if std::env::var_os("EFA_HOST_ID").is_some() => {
-                        matches!(cause, PeerFailure::Unreachable { .. })
+                        // When this rank saw the transport fail, the fabric error is the
+                        // source of the cause.
+                        let fabric = std::error::Error::source(&err)
+                            .and_then(|c| c.source())
+                            .and_then(|f| f.downcast_ref::<efa_fabric::Error>());
+                        eprintln!("rank {me}: fabric error behind it: {fabric:?}");
+                        matches!(cause, PeerFailure::Unreachable { source, .. }
+                            if source.is_some() == fabric.is_some())
                     }
                     "kill" => matches!(cause, PeerFailure::Exited { pid: Some(_), .. }),
                     "stop" => matches!(cause, PeerFailure::Stopped { .. }),
