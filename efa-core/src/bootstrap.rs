@@ -265,6 +265,16 @@ pub enum BootstrapError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `EFA_STORE` names a file store (`file:///dir`) whose directory cannot be used; the
+    /// source ([`StoreError::Directory`]) says why and what to do.
+    #[error("EFA_STORE={value:?} is invalid: {source}")]
+    StoreDirectory {
+        /// The value of `EFA_STORE`.
+        value: String,
+        /// Why the directory cannot be used.
+        #[source]
+        source: StoreError,
+    },
     /// The world size is zero.
     #[error("world size is 0 (from {var}); a job needs at least one rank")]
     EmptyWorld {
@@ -458,11 +468,12 @@ impl Bootstrap {
             }
             Rendezvous::File { dir } => match FileStore::open(dir) {
                 Ok(store) => Arc::new(store),
-                Err(e @ StoreError::Directory { .. }) if self.rendezvous_source == "EFA_STORE" => {
-                    return Err(BootstrapError::InvalidVar {
-                        var: "EFA_STORE".into(),
+                Err(source @ StoreError::Directory { .. })
+                    if self.rendezvous_source == "EFA_STORE" =>
+                {
+                    return Err(BootstrapError::StoreDirectory {
                         value: format!("file://{}", dir.display()),
-                        reason: e.to_string(),
+                        source,
                     })
                 }
                 Err(e) => return Err(e.into()),

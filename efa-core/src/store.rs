@@ -140,12 +140,15 @@ pub enum StoreError {
         source: io::Error,
     },
     /// An address did not resolve or was malformed.
-    #[error("store address `{addr}` is not usable: {reason}")]
+    #[error("store address `{addr}` is not usable: {reason}{}", source.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
     BadAddress {
         /// The address given.
         addr: String,
         /// Why it is not usable.
         reason: String,
+        /// The resolver's error, when it gave one.
+        #[source]
+        source: Option<io::Error>,
     },
     /// Reading or writing the store failed (socket or file I/O).
     #[error("store {location}: {op} failed: {source}")]
@@ -245,6 +248,9 @@ pub enum StoreError {
         dir: String,
         /// What is wrong and how to fix it.
         reason: String,
+        /// The file system's error, when a call failed (`{:?}` lists it as the cause).
+        #[source]
+        source: Option<io::Error>,
     },
 }
 
@@ -573,10 +579,12 @@ impl FileStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = dir.into();
-        let bad = |reason: String| StoreError::Directory {
+        let bad_because = |reason: String, source: Option<io::Error>| StoreError::Directory {
             dir: dir.display().to_string(),
             reason,
+            source,
         };
+        let bad = |reason: String| bad_because(reason, None);
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(Self { dir }),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -589,12 +597,17 @@ impl FileStore {
                 )));
             }
             Err(e) => {
-                return Err(bad(format!(
-                    "cannot be created: {e}; choose a directory this user may write to"
-                )))
+                return Err(bad_because(
+                    format!(
+                        "cannot be created ({}); choose a directory this user may write to",
+                        e.kind()
+                    ),
+                    Some(e),
+                ))
             }
         }
-        let meta = std::fs::metadata(&dir).map_err(|e| bad(format!("cannot be read: {e}")))?;
+        let meta = std::fs::metadata(&dir)
+            .map_err(|e| bad_because(format!("cannot be read ({})", e.kind()), Some(e)))?;
         if !meta.is_dir() {
             return Err(bad(
                 "exists and is not a directory; remove it or choose another path".into(),
@@ -1531,13 +1544,15 @@ fn resolve(addr: &str) -> Result<Vec<SocketAddr>, StoreError> {
         .to_socket_addrs()
         .map_err(|e| StoreError::BadAddress {
             addr: addr.to_owned(),
-            reason: e.to_string(),
+            reason: "it does not resolve".into(),
+            source: Some(e),
         })?
         .collect();
     if addrs.is_empty() {
         return Err(StoreError::BadAddress {
             addr: addr.to_owned(),
             reason: "resolves to no address".into(),
+            source: None,
         });
     }
     Ok(addrs)
@@ -1756,7 +1771,8 @@ impl TcpStore {
         match addr.to_socket_addrs() {
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(StoreError::BadAddress {
                 addr: addr.to_owned(),
-                reason: e.to_string(),
+                reason: "it is not host:port".into(),
+                source: Some(e),
             }),
             // Name resolution may fail transiently while the job starts; retry.
             Err(e) => Ok(Err(e)),

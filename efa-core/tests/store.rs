@@ -604,12 +604,44 @@ fn file_store_directory_is_private_and_its_parent_must_exist() {
     let e = b.connect_store(soon(30_000)).unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     match &e {
-        BootstrapError::InvalidVar { var, value: v, .. } => {
-            assert_eq!((var.as_str(), v.as_str()), ("EFA_STORE", value.as_str()))
-        }
-        other => panic!("expected InvalidVar for EFA_STORE, got {other:?}"),
+        BootstrapError::StoreDirectory {
+            value: v,
+            source: StoreError::Directory { source: None, .. },
+        } => assert_eq!(v, &value),
+        other => panic!("expected StoreDirectory for EFA_STORE, got {other:?}"),
     }
+    assert!(e.to_string().contains("EFA_STORE="), "{e}");
     assert!(e.to_string().contains("does not exist"), "{e}");
+    let cause = std::error::Error::source(&e).expect("the store's error is the source");
+    assert!(matches!(
+        cause.downcast_ref::<StoreError>(),
+        Some(StoreError::Directory { .. })
+    ));
+
+    // A directory that cannot be created keeps the file system's error as its source.
+    let under_file = file.join("job");
+    let e = FileStore::open(&under_file).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Directory { source: Some(io), .. }
+            if io.kind() == std::io::ErrorKind::NotADirectory),
+        "{e:?}"
+    );
+    let io = std::error::Error::source(&e).expect("the io::Error is the source");
+    assert!(io.downcast_ref::<std::io::Error>().is_some());
+    assert!(e.to_string().contains("cannot be created (not a directory)"), "{e}");
+}
+
+#[test]
+fn an_unusable_store_address_keeps_the_resolver_error() {
+    for addr in ["no-port-here", "127.0.0.1:notaport"] {
+        let e = TcpStoreServer::bind(addr).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::BadAddress { addr: a, source: Some(io), .. }
+                if a == addr && io.kind() == std::io::ErrorKind::InvalidInput),
+            "{e:?}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
 }
 
 #[test]
