@@ -3,9 +3,9 @@
 //!
 //! Two levels:
 //! - `unsafe fn post_*`: one libfabric call each, no allocation, no lock. The caller keeps the
-//!   buffer and the [`OpContext`] alive until the completion has been read.
+//!   buffer and the [`OpContext`](crate::OpContext) alive until the completion has been read.
 //! - Safe operations ([`Endpoint::send`], [`Endpoint::trecv`], [`Endpoint::write`], ...) take
-//!   ownership of an [`IoBuf`] and return a [`Pending`] that gives the buffer back once the
+//!   ownership of an [`IoBuf`](crate::IoBuf) and return a [`Pending`](crate::Pending) that gives the buffer back once the
 //!   completion has been reaped. See [`crate::op`].
 
 use std::os::raw::c_void;
