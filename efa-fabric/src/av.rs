@@ -10,17 +10,9 @@ use efa_ffi as ffi;
 use crate::error::{check_int, Error, Result};
 use crate::fabric::{close_fid, Domain};
 
-/// Kept here too: it was first published as `efa_fabric::av::sockaddr_from_bytes`.
-pub use crate::sockaddr::sockaddr_from_bytes;
-
-/// A peer's address in an address vector (`fi_addr_t`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FiAddr(pub u64);
-
-impl FiAddr {
-    /// `FI_ADDR_UNSPEC`: any source.
-    pub const UNSPEC: FiAddr = FiAddr(ffi::FI_ADDR_UNSPEC);
-}
+/// Defined in a leaf module, kept here where they were first published
+/// (`efa_fabric::av::FiAddr`, `efa_fabric::av::sockaddr_from_bytes`).
+pub use crate::addr::{sockaddr_from_bytes, FiAddr};
 
 /// An address vector of type `FI_AV_TABLE`: inserted addresses get consecutive indices.
 /// Keeps its [`Domain`] alive.

@@ -700,7 +700,7 @@ impl Endpoint {
         dest: FiAddr,
         post: impl Fn(*const c_void, usize) -> isize,
     ) -> Result<()> {
-        crate::op::check_len(
+        crate::error::check_len(
             op,
             buf.len(),
             self.inner.inject_size,

@@ -173,7 +173,7 @@ pub enum Error {
         /// What was posted.
         op: &'static str,
         /// The address given.
-        addr: crate::av::FiAddr,
+        addr: crate::addr::FiAddr,
     },
     /// [`crate::AddressVector::insert`] got an address that the provider could not insert:
     /// empty (`len` 0), or not in the provider's address format (from another provider, or
@@ -443,6 +443,19 @@ impl fmt::Debug for Error {
     }
 }
 
+/// [`Error::MessageTooLarge`] when `len` exceeds `max` (the endpoint's `limit`).
+pub(crate) fn check_len(op: &'static str, len: usize, max: usize, limit: SizeLimit) -> Result<()> {
+    if len > max {
+        return Err(Error::MessageTooLarge {
+            op,
+            len,
+            max,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// `fi_strerror` for a positive or negative code.
 pub fn strerror(code: i32) -> String {
     // SAFETY: fi_strerror accepts any int and returns a pointer to a static NUL-terminated
@@ -598,6 +611,30 @@ mod tests {
     fn registration_error_with_unlimited_memlock_is_plain() {
         let e = registration_error(1 << 20, call_err(libc::ENOMEM), u64::MAX);
         assert!(matches!(e, Error::Call(_)));
+    }
+
+    /// `max_msg_size` is 2^64 - 1 on every provider of the host, so no real buffer can
+    /// exceed it: the rule is checked here.
+    #[test]
+    fn above_the_limit_is_message_too_large_with_both_sizes() {
+        assert!(check_len("send", 10, 10, SizeLimit::MaxMsg).is_ok());
+        let e = check_len("send", 11, 10, SizeLimit::MaxMsg).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::MessageTooLarge {
+                    op: "send",
+                    len: 11,
+                    max: 10,
+                    limit: SizeLimit::MaxMsg
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "send of 11 bytes exceeds the provider's max_msg_size of 10 bytes; split the message"
+        );
     }
 
     #[test]

@@ -704,7 +704,7 @@ impl Info {
     }
     /// The source address as an IP socket address, for IP-based providers.
     pub fn src_sockaddr(&self) -> Option<std::net::SocketAddr> {
-        crate::sockaddr::sockaddr_from_bytes(&self.src_addr()?)
+        crate::addr::sockaddr_from_bytes(&self.src_addr()?)
     }
 }
 

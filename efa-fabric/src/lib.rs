@@ -66,6 +66,7 @@
 // casts that are no-ops on one version are needed on the other.
 #![allow(clippy::unnecessary_cast)]
 
+mod addr;
 pub mod av;
 pub mod cntr;
 pub mod cq;
@@ -78,7 +79,6 @@ pub mod op;
 pub mod progress;
 mod remote;
 pub mod shm;
-mod sockaddr;
 
 pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};

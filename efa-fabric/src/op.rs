@@ -326,19 +326,6 @@ fn local_desc<B: IoBuf>(
     Ok((mr.desc(), Some(mr)))
 }
 
-/// [`Error::MessageTooLarge`] when `len` exceeds `max` (the endpoint's `limit`).
-pub(crate) fn check_len(op: &'static str, len: usize, max: usize, limit: SizeLimit) -> Result<()> {
-    if len > max {
-        return Err(Error::MessageTooLarge {
-            op,
-            len,
-            max,
-            limit,
-        });
-    }
-    Ok(())
-}
-
 impl Endpoint {
     /// Rejects peers that are not in this endpoint's AV (libfabric's behaviour for them is
     /// undefined). `FiAddr::UNSPEC` is accepted where `any_ok` (receives from anyone).
@@ -350,7 +337,7 @@ impl Endpoint {
     }
 
     fn check_size(&self, op: &'static str, len: usize) -> Result<()> {
-        check_len(op, len, self.max_msg_size(), SizeLimit::MaxMsg)
+        crate::error::check_len(op, len, self.max_msg_size(), SizeLimit::MaxMsg)
     }
 
     /// Common path of every safe post: size check, local registration, context, retry on
@@ -631,34 +618,5 @@ impl Endpoint {
             // SAFETY: as in `recv`.
             unsafe { ep.post_read(b.io_ptr() as *mut u8, b.io_len(), desc, src, addr, key, ctx) }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `max_msg_size` is 2^64 - 1 on every provider of the host, so no real buffer can
-    /// exceed it: the rule is checked here.
-    #[test]
-    fn above_the_limit_is_message_too_large_with_both_sizes() {
-        assert!(check_len("send", 10, 10, SizeLimit::MaxMsg).is_ok());
-        let e = check_len("send", 11, 10, SizeLimit::MaxMsg).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::MessageTooLarge {
-                    op: "send",
-                    len: 11,
-                    max: 10,
-                    limit: SizeLimit::MaxMsg
-                }
-            ),
-            "{e:?}"
-        );
-        assert_eq!(
-            e.to_string(),
-            "send of 11 bytes exceeds the provider's max_msg_size of 10 bytes; split the message"
-        );
     }
 }

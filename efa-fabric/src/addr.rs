@@ -1,9 +1,21 @@
-//! Socket addresses in the raw form IP providers use for endpoint addresses.
+//! Addresses: a peer's index in an address vector ([`FiAddr`]), and socket addresses in the
+//! raw form IP providers use for endpoint addresses.
 //!
-//! A leaf module: it uses nothing of this crate, so that both [`crate::av`] and
-//! [`crate::info`] can parse addresses without depending on each other.
+//! A leaf module: it uses nothing of this crate, so that [`crate::av`], [`crate::info`] and
+//! [`crate::error`] can name addresses without depending on each other.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use efa_ffi as ffi;
+
+/// A peer's address in an address vector (`fi_addr_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FiAddr(pub u64);
+
+impl FiAddr {
+    /// `FI_ADDR_UNSPEC`: any source.
+    pub const UNSPEC: FiAddr = FiAddr(ffi::FI_ADDR_UNSPEC);
+}
 
 /// Parses a `struct sockaddr_in` / `sockaddr_in6` in raw bytes (as IP providers use for
 /// endpoint addresses).
