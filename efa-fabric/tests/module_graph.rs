@@ -12,6 +12,28 @@ fn efa_fabric_modules_are_acyclic() {
     module_graph::assert_acyclic(&src, &[]);
 }
 
+/// The leaf modules import nothing of this crate; `remote` only the errors.
+#[test]
+fn shared_types_live_in_leaf_modules() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let graph = module_graph::read(&src);
+    for (module, allowed) in [
+        ("addr", &[][..]),
+        ("error", &["addr"][..]),
+        ("remote", &["error"][..]),
+    ] {
+        let deps: Vec<&String> = graph
+            .get(module)
+            .unwrap_or_else(|| panic!("no module {module}"))
+            .keys()
+            .collect();
+        assert!(
+            deps.iter().all(|d| allowed.contains(&d.as_str())),
+            "{module} imports {deps:?}"
+        );
+    }
+}
+
 /// The checker itself finds cycles through grouped `use`, fully qualified paths and
 /// crate-root re-exports, and ignores comments, strings and test modules.
 #[test]
