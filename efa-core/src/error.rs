@@ -16,6 +16,23 @@
 //! The alternate form (`{:#?}`) is the structured, derive-like form
 //! (`Bootstrap(RankNeverJoined { ranks: [1], waited: 60s })`), for programs that log errors
 //! as data.
+//!
+//! # Matching
+//! Each variant is one situation, with the numbers a handler needs as fields and the
+//! lower-level error, where there is one, as its [`source`](std::error::Error::source):
+//!
+//! | when | variants |
+//! |---|---|
+//! | start-up | [`Error::Bootstrap`], [`Error::Transports`], [`Error::Setting`], [`Error::HostId`], [`Error::Card`], [`Error::NoTransport`], [`Error::NoRoute`] |
+//! | a bad argument on this rank | [`Error::InvalidRank`], [`Error::ReservedTag`] |
+//! | arguments that do not fit across ranks (every rank gets it) | [`Error::CollectiveMismatch`], [`Error::BufferMismatch`], [`Error::WindowMismatch`], [`Error::CollectiveLength`] |
+//! | a message and its buffer | [`Error::Truncated`], [`Error::ElementSize`] |
+//! | RMA | [`Error::RmaOutOfBounds`], [`Error::RmaAccess`], [`Error::NoRma`], [`Error::CqDataTooSmall`], [`Error::NotifyRank`] |
+//! | peers | [`Error::PeerFailed`] (source: [`PeerFailure`], then the fabric error), [`Error::PeerFinalized`], [`Error::Timeout`] |
+//! | the fabric | [`Error::Fabric`] (source: [`efa_fabric::Error`]) |
+//! | foreign or corrupt traffic | [`Error::MalformedMessage`] |
+//! | this communicator's life | [`Error::Finalized`] |
+//! | a bug in efa-core | [`Error::Internal`] |
 
 use std::error::Error as StdError;
 use std::fmt;
