@@ -628,7 +628,11 @@ fn file_store_directory_is_private_and_its_parent_must_exist() {
     );
     let io = std::error::Error::source(&e).expect("the io::Error is the source");
     assert!(io.downcast_ref::<std::io::Error>().is_some());
-    assert!(e.to_string().contains("cannot be created (not a directory)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("cannot be created (not a directory)"),
+        "{e}"
+    );
 }
 
 #[test]
