@@ -25,7 +25,7 @@
 //! |---|---|
 //! | start-up | [`Error::Bootstrap`], [`Error::Transports`], [`Error::Setting`], [`Error::HostId`], [`Error::Card`], [`Error::NoTransport`], [`Error::NoRoute`] |
 //! | a bad argument on this rank | [`Error::InvalidRank`], [`Error::ReservedTag`] |
-//! | arguments that do not fit across ranks (every rank gets it) | [`Error::CollectiveMismatch`], [`Error::BufferMismatch`], [`Error::WindowMismatch`], [`Error::CollectiveLength`] |
+//! | arguments that do not fit across ranks (every rank gets it) | [`Error::CollectiveMismatch`], [`Error::Collective`] (a [`crate::coll::CollError`]), [`Error::WindowMismatch`] |
 //! | a message and its buffer | [`Error::Truncated`], [`Error::ElementSize`] |
 //! | RMA | [`Error::RmaOutOfBounds`], [`Error::RmaAccess`], [`Error::NoRma`], [`Error::CqDataTooSmall`], [`Error::NotifyRank`] |
 //! | peers | [`Error::PeerFailed`] (source: [`PeerFailure`], then the fabric error), [`Error::PeerFinalized`], [`Error::Timeout`] |
@@ -256,7 +256,7 @@ pub enum Error {
     /// A collective's buffers, counts or displacements do not fit the call, on this rank or
     /// another (see [`crate::coll::CollError`]).
     #[error(transparent)]
-    Collective(#[from] crate::coll::CollError),
+    Collective(#[from] crate::coll::error::CollError),
     /// A bug in efa-core: an internal invariant does not hold (`what` says which). Please
     /// report it with the output of `EFA_DEBUG=debug`.
     #[error("internal error in efa-core: {what}; this is a bug: please report it with the output of EFA_DEBUG=debug")]

@@ -44,11 +44,12 @@ fn the_checker_sees_every_kind_of_path() {
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
     write(
         "lib.rs",
-        "pub mod a;\npub mod b;\npub mod c;\npub mod d;\npub use c::{Gamma, Delta as D};\n",
+        "pub mod a;\npub mod b;\npub mod c;\npub mod d;\npub mod e;\npub use c::{Gamma, Delta as D};\n",
     );
     // a -> b through a nested group, b -> c through a fully qualified path, c -> a through a
     // crate-root re-export of a's type (made up: lib.rs re-exports only c and d here), so
-    // c -> c is no edge; d/inner.rs -> a through the crate-root re-export of c's type.
+    // c -> c is no edge; d/inner.rs (module d::inner) -> c through the crate-root re-export
+    // of c's type; e -> d::inner through a path to the submodule.
     write("a.rs", "use crate::{\n    b::{X, Y},\n    self as _,\n};\n// crate::d::Z in a comment\nconst S: &str = \"crate::d\";\n");
     write(
         "b.rs",
@@ -60,12 +61,15 @@ fn the_checker_sees_every_kind_of_path() {
     );
     write("d/mod.rs", "mod inner;\n");
     write("d/inner.rs", "use crate::D;\n");
+    write("e.rs", "fn f() -> crate::d::inner::Z { z() }\n");
     let graph = module_graph::read(&dir);
     let deps = |m: &str| graph[m].keys().cloned().collect::<Vec<_>>();
     assert_eq!(deps("a"), ["b"]);
     assert_eq!(deps("b"), ["c"]);
     assert_eq!(deps("c"), ["a"]);
-    assert_eq!(deps("d"), ["c"]);
+    assert!(graph["d"].is_empty());
+    assert_eq!(deps("d::inner"), ["c"]);
+    assert_eq!(deps("e"), ["d::inner"]);
     let cycles = module_graph::cycles(&graph);
     assert_eq!(cycles.len(), 1, "{cycles:?}");
     assert_eq!(cycles[0].iter().collect::<Vec<_>>(), ["a", "b", "c"]);

@@ -1,13 +1,14 @@
 //! The module graph of a crate, read from its sources, and a check that it has no cycles.
 //!
 //! Shared by `efa-fabric/tests/module_graph.rs` and `efa-core/tests/module_graph.rs`
-//! (included with `#[path]`). A module is a top-level file `src/x.rs` or directory
-//! `src/x/` (its submodules belong to it); `lib.rs`, `main.rs` and `src/bin` are not modules.
-//! An edge `a -> b` is any `crate::b...` path in `a`'s code outside comments and its
-//! `#[cfg(test)]` module: `use` lines, grouped `use crate::{b::X, c}` and fully qualified
-//! paths in expressions or attributes alike. A path through a crate-root re-export
-//! (`crate::Error`, with `pub use error::Error` in `lib.rs`) counts as an edge to the module
-//! that defines it.
+//! (included with `#[path]`). A module is a file: `src/x.rs` (or `src/x/mod.rs`) is `x`,
+//! `src/x/y.rs` is `x::y`; `lib.rs`, `main.rs` and `src/bin` are not modules. An edge
+//! `a -> b` is any `crate::b...` path in `a`'s code outside comments and its
+//! `#[cfg(test)]` module (the longest prefix that names a module: `crate::x::y::T` is an
+//! edge to `x::y`): `use` lines, grouped `use crate::{b::X, c}` and fully qualified paths in
+//! expressions or attributes alike. A path through a crate-root re-export (`crate::Error`,
+//! with `pub use error::Error` in `lib.rs`) counts as an edge to the module that defines it.
+//! `super::` paths (a submodule and its parent) are not edges.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -95,19 +96,23 @@ fn group_items(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// The first path segment of `item` (`b` of `b::{X, Y}`, `Delta` of `Delta as D`).
-fn head(item: &str) -> String {
-    item.split("::")
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
+/// The leading module-like segments (`a`, `a::b`) of `path`, e.g. `coll::error` of
+/// `coll::error::CollError`; an item's name may end it.
+fn segments(path: &str) -> Vec<String> {
+    path.split("::")
+        .map(|seg| {
+            seg.trim()
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .take_while(|seg| !seg.is_empty())
+        .collect()
 }
 
-/// The names `crate::` paths in `code` start with, with their line numbers.
-fn crate_paths(code: &str) -> Vec<(String, usize)> {
+/// The `crate::` paths in `code` (as segment lists), with their line numbers.
+fn crate_paths(code: &str) -> Vec<(Vec<String>, usize)> {
     let mut found = Vec::new();
     for (n, line) in code.lines().enumerate() {
         let mut rest = line;
@@ -125,15 +130,16 @@ fn crate_paths(code: &str) -> Vec<(String, usize)> {
                     + (line.len() - after.len())
                     + 1;
                 for item in group_items(&code[at..]) {
-                    found.push((head(&item), n + 1));
+                    found.push((segments(&item), n + 1));
                 }
             } else {
-                let name: String = after
+                let path: String = after
                     .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
                     .collect();
-                if !name.is_empty() {
-                    found.push((name, n + 1));
+                let segs = segments(&path);
+                if !segs.is_empty() {
+                    found.push((segs, n + 1));
                 }
             }
         }
@@ -143,30 +149,23 @@ fn crate_paths(code: &str) -> Vec<(String, usize)> {
 
 /// Reads the module graph of the crate whose sources are in `src`.
 pub fn read(src: &Path) -> Graph {
-    // Modules: src/x.rs and src/x/ (with mod.rs), except the crate root and binaries.
+    // Modules, one per file: src/x.rs or src/x/mod.rs is `x`, src/x/y.rs is `x::y`; the
+    // crate root and binaries are none.
     let mut files: BTreeMap<String, Vec<std::path::PathBuf>> = BTreeMap::new();
-    for entry in std::fs::read_dir(src).expect("reading src/") {
-        let path = entry.expect("reading src/").path();
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        if path.is_dir() {
-            if name == "bin" {
-                continue;
-            }
-            let mut all = Vec::new();
-            let mut stack = vec![path];
-            while let Some(dir) = stack.pop() {
-                for e in std::fs::read_dir(&dir).expect("reading a module directory") {
-                    let p = e.expect("reading a module directory").path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if p.extension().is_some_and(|x| x == "rs") {
-                        all.push(p);
-                    }
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("reading a source directory") {
+            let path = entry.expect("reading a source directory").path();
+            let rel = path.strip_prefix(src).unwrap_or(&path).with_extension("");
+            let rel = rel.to_string_lossy().replace('/', "::");
+            if path.is_dir() {
+                if rel != "bin" {
+                    stack.push(path);
                 }
+            } else if path.extension().is_some_and(|x| x == "rs") && rel != "lib" && rel != "main" {
+                let name = rel.strip_suffix("::mod").unwrap_or(&rel).to_string();
+                files.entry(name).or_default().push(path);
             }
-            files.entry(name).or_default().extend(all);
-        } else if path.extension().is_some_and(|x| x == "rs") && name != "lib" && name != "main" {
-            files.entry(name).or_default().push(path);
         }
     }
 
@@ -187,6 +186,7 @@ pub fn read(src: &Path) -> Graph {
         if !files.contains_key(module) {
             continue;
         }
+        let module = module.to_string();
         let items = items.trim();
         let names: Vec<String> = match items.strip_prefix('{') {
             Some(g) => group_items(g),
@@ -198,7 +198,7 @@ pub fn read(src: &Path) -> Graph {
                 Some((_, alias)) => alias.trim().to_string(),
                 None => item.rsplit("::").next().unwrap_or("").trim().to_string(),
             };
-            reexport.insert(name, module.to_string());
+            reexport.insert(name, module.clone());
         }
     }
 
@@ -208,12 +208,14 @@ pub fn read(src: &Path) -> Graph {
         for path in paths {
             let code = code_of(&std::fs::read_to_string(path).expect("reading a source file"));
             let file = path.strip_prefix(src).unwrap_or(path).display().to_string();
-            for (head, line) in crate_paths(&code) {
-                let target = if files.contains_key(&head) {
-                    head
-                } else if let Some(m) = reexport.get(&head) {
-                    m.clone()
-                } else {
+            for (segs, line) in crate_paths(&code) {
+                // The longest prefix that is a module; else a crate-root re-export.
+                let target = (1..=segs.len())
+                    .rev()
+                    .map(|k| segs[..k].join("::"))
+                    .find(|m| files.contains_key(m))
+                    .or_else(|| reexport.get(&segs[0]).cloned());
+                let Some(target) = target else {
                     continue;
                 };
                 if &target != module {
