@@ -7,6 +7,31 @@
 /// Largest user tag; tags above are reserved for collectives and internal messages.
 pub const MAX_USER_TAG: u32 = 0x7FFF_FFFF;
 
+// The reserved tag space (bit 31 set), laid out here and nowhere else, so that no two kinds
+// of library traffic on one communicator can ever match each other:
+//
+// | bits 31..30 | rest | kind |
+// |---|---|---|
+// | `10` | 18 bits of the call's sequence number, 12 bits of phase | collectives ([`coll_tag`]) |
+// | `11` | 14 bits unused, 8+8 bits: window id (16 bits), phase (8 bits) | windows ([`window_tag`]) |
+
+/// Reserved bit pattern of collective tags (bits 31..30 = `10`).
+const COLL_TAGS: u32 = 0x8000_0000;
+/// Reserved bit pattern of window tags (bits 31..30 = `11`).
+const WINDOW_TAGS: u32 = 0xC000_0000;
+
+/// The tag of phase `sub` (taken modulo 2^12) of collective call `seq` (taken modulo 2^18:
+/// two calls that far apart are never in flight together on one communicator).
+pub(crate) const fn coll_tag(seq: u32, sub: u32) -> u32 {
+    COLL_TAGS | (seq & 0x3_FFFF) << 12 | (sub & 0xFFF)
+}
+
+/// The tag of phase `sub` (taken modulo 2^8) of window `id` (taken modulo 2^16): its
+/// descriptor exchange and its fences.
+pub(crate) const fn window_tag(id: u32, sub: u32) -> u32 {
+    WINDOW_TAGS | (id & 0xFFFF) << 8 | (sub & 0xFF)
+}
+
 /// Which rank a receive accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -34,5 +59,39 @@ pub enum Tag {
 impl From<u32> for Tag {
     fn from(t: u32) -> Self {
         Tag::Is(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every collective tag and every window tag is reserved, and none is both: a window's
+    /// descriptor exchange can never match a collective's message (they once overlapped
+    /// for collective sequence numbers with bits 0x70000 set).
+    #[test]
+    fn reserved_ranges_are_disjoint() {
+        for seq in (0..1u32 << 19).chain([u32::MAX - 1, u32::MAX]) {
+            for sub in [0, 1, 7, 0xFFF, 0x1000, u32::MAX] {
+                let t = coll_tag(seq, sub);
+                assert!(t > MAX_USER_TAG, "collective tag {t:#x} is a user tag");
+                assert_eq!(
+                    t & WINDOW_TAGS,
+                    COLL_TAGS,
+                    "collective tag {t:#x} (seq {seq})"
+                );
+            }
+        }
+        for id in (0..1u32 << 17).chain([u32::MAX]) {
+            for sub in [0, 1, 0xFF, u32::MAX] {
+                let t = window_tag(id, sub);
+                assert_eq!(t & WINDOW_TAGS, WINDOW_TAGS, "window tag {t:#x} (id {id})");
+            }
+        }
+        // Distinct phases of one call, and consecutive calls, get distinct tags.
+        assert_ne!(coll_tag(5, 0), coll_tag(5, 1));
+        assert_ne!(coll_tag(5, 0), coll_tag(6, 0));
+        assert_ne!(window_tag(5, 0), window_tag(5, 1));
+        assert_ne!(window_tag(5, 0), window_tag(6, 0));
     }
 }

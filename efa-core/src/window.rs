@@ -31,11 +31,10 @@ use efa_fabric::{Access, Endpoint, FiAddr, Pending, RegisteredBuf, RemoteRegion}
 
 use crate::comm::{Communicator, Source};
 use crate::error::{Error, Malformed, Result};
+use crate::tag::window_tag;
 
 pub use crate::rma::{RmaOp, WindowAccess};
 
-/// Tag range of window descriptors and fence tokens (reserved, above user tags).
-const WIN_TAG: u32 = 0xF000_0000;
 const DESC_LEN: usize = RemoteRegion::WIRE_LEN + 1;
 
 /// Reads `peer`'s window descriptor (remote region, then access code), checking that its
@@ -182,7 +181,7 @@ impl<T: Pod> Window<T> {
             regions.insert(i, remote);
         }
         // Tell each peer the registration it reaches us through; learn theirs.
-        let tag = WIN_TAG | ((id & 0xFFFF) << 8);
+        let tag = window_tag(id, 0);
         let n = comm.size();
         let mut descs = vec![[0u8; DESC_LEN]; n as usize];
         let mut recvs = Vec::new();
@@ -528,7 +527,7 @@ impl<T: Pod> Window<T> {
         self.flush_all()?;
         let n = self.comm.size();
         let me = self.comm.rank();
-        let tag = WIN_TAG | ((self.id & 0xFFFF) << 8) | 1;
+        let tag = window_tag(self.id, 1);
         // Dissemination barrier: log2(n) rounds.
         let mut dist = 1;
         while dist < n {

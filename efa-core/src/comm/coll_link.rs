@@ -21,15 +21,15 @@ use std::time::Duration;
 use super::{Communicator, RecvState, SendRequest, Source, Status, Tag, MAX_USER_TAG};
 use crate::error::{Error, Result};
 
-/// A tag in the collectives' reserved range: bit 31 set, then 19 bits of the call's
-/// sequence number and 12 bits of sub-tag (phase) within the call.
+/// A tag in the collectives' reserved range ([`crate::tag::coll_tag`]: bits 31..30 = `10`,
+/// then 18 bits of the call's sequence number and 12 bits of sub-tag (phase)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CollTag(u32);
 
 impl CollTag {
-    /// The tag of phase `sub` (`< 4096`) of collective call `seq` (taken modulo 2^19).
+    /// The tag of phase `sub` (`< 4096`) of collective call `seq` (taken modulo 2^18).
     pub(crate) fn new(seq: u32, sub: u32) -> CollTag {
-        let t = (MAX_USER_TAG + 1) | (seq & 0x7_FFFF) << 12 | (sub & 0xFFF);
+        let t = crate::tag::coll_tag(seq, sub);
         debug_assert!(t > MAX_USER_TAG);
         CollTag(t)
     }
