@@ -34,10 +34,17 @@ pub fn info_for(provider: &str) -> efa_fabric::Result<Info> {
     infos
         .into_iter()
         .next()
-        .ok_or_else(|| efa_fabric::Error::Unsupported {
-            provider: provider.into(),
-            what: "an RDM endpoint with MSG and TAGGED".into(),
-        })
+        .ok_or_else(|| no_data("fi_getinfo"))
+}
+
+/// What `fi_getinfo` says when nothing matches the hints (`FI_ENODATA`, `fi_getinfo(3)`).
+fn no_data(call: &'static str) -> efa_fabric::Error {
+    const FI_ENODATA: i32 = 61; // = ENODATA on Linux, fi_errno(3)
+    efa_fabric::Error::Call(efa_fabric::CallError {
+        call,
+        code: FI_ENODATA,
+        text: efa_fabric::error::strerror(FI_ENODATA),
+    })
 }
 
 /// The best provider for two processes on this host: a fabric if present, else shm, else
@@ -51,10 +58,8 @@ pub fn best_provider() -> efa_fabric::Result<String> {
             return Ok(p.to_string());
         }
     }
-    Err(efa_fabric::Error::Unsupported {
-        provider: "any".into(),
-        what: "efa, verbs;ofi_rxm, shm or tcp;ofi_rxm".into(),
-    })
+    // None of efa, verbs;ofi_rxm, shm or tcp;ofi_rxm answered.
+    Err(no_data("fi_getinfo"))
 }
 
 /// Opens an endpoint on `provider`.

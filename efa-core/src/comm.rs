@@ -1590,7 +1590,7 @@ fn open_ports(
     for rc in &selection.roles {
         let Some(info) = rc.chosen.and_then(|i| discovery.info(i)) else {
             if config.transports.contains(rc.role) {
-                missing.push(format!("{}: {}", rc.role, rc.why));
+                missing.push((rc.role, rc.why.to_string()));
             }
             continue;
         };
@@ -1602,11 +1602,10 @@ fn open_ports(
         }
     }
     if ports.is_empty() {
-        return Err(Error::NoTransport(format!(
-            "allowed {}; {}",
-            config.transports,
-            missing.join("; ")
-        )));
+        return Err(Error::NoTransport {
+            allowed: config.transports,
+            missing,
+        });
     }
     for p in &ports {
         card.endpoints.push(EndpointCard {
@@ -1886,9 +1885,11 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
     let eager = limit.min(max_msg.saturating_sub(HDR_LEN));
     let slot_len = HDR_LEN + eager;
     if max_msg < HDR_LEN + 1 {
-        return Err(Error::NoTransport(format!(
-            "{provider}: max_msg_size {max_msg} is too small"
-        )));
+        return Err(Error::MaxMsgTooSmall {
+            provider: provider.to_string(),
+            max_msg_size: max_msg,
+            needed: HDR_LEN + 1,
+        });
     }
     let mut bounce = Vec::new();
     for _ in 0..8 {

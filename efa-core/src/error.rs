@@ -39,7 +39,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::bootstrap::BootstrapError;
-use crate::placement::{CardError, HostIdError, TransportsEnvError, UnknownTransport};
+use crate::placement::{
+    CardError, HostIdError, Transport, TransportSet, TransportsEnvError, UnknownTransport,
+};
 pub(crate) use crate::setting::env_var;
 pub use crate::setting::{SettingError, SettingSource};
 
@@ -71,9 +73,27 @@ pub enum Error {
         /// Why.
         source: CardError,
     },
-    /// No endpoint could be opened for any allowed transport.
-    #[error("no transport could be opened: {0}; `efa info` and `efa doctor` show what this host offers, EFA_TRANSPORTS chooses among shm, fabric and ip")]
-    NoTransport(String),
+    /// Start-up: no endpoint could be opened for any allowed transport. `missing` gives,
+    /// for each allowed transport, why none was chosen (the reason `efa info` prints).
+    #[error("no transport could be opened (allowed: {allowed}; {}); `efa info` and `efa doctor` show what this host offers, EFA_TRANSPORTS chooses among shm, fabric and ip", fmt_missing(.missing))]
+    NoTransport {
+        /// The transports this rank was allowed to use.
+        allowed: TransportSet,
+        /// Each allowed transport and why it has no endpoint.
+        missing: Vec<(Transport, String)>,
+    },
+    /// Start-up: the provider chosen for a transport carries messages of at most
+    /// `max_msg_size` bytes, less than the `needed` bytes of the library's header and one
+    /// byte of data (`fi_endpoint(3)`, `max_msg_size`).
+    #[error("provider {provider} carries messages of at most {max_msg_size} bytes, fewer than the {needed} bytes of a message header and one byte of data; choose another provider (FI_PROVIDER) or transport (EFA_TRANSPORTS)")]
+    MaxMsgTooSmall {
+        /// The provider.
+        provider: String,
+        /// Its `max_msg_size`, in bytes.
+        max_msg_size: usize,
+        /// The smallest size that works, in bytes.
+        needed: usize,
+    },
     /// Start-up: this rank and `peer` share no usable transport; `source` says what each
     /// offers, what is allowed and why nothing fits.
     #[error("{source}; allow a transport that both ranks offer (EFA_TRANSPORTS)")]
@@ -333,7 +353,21 @@ impl Error {
                 .field("rank", rank)
                 .field("source", source)
                 .finish(),
-            Error::NoTransport(s) => f.debug_tuple("NoTransport").field(s).finish(),
+            Error::NoTransport { allowed, missing } => f
+                .debug_struct("NoTransport")
+                .field("allowed", allowed)
+                .field("missing", missing)
+                .finish(),
+            Error::MaxMsgTooSmall {
+                provider,
+                max_msg_size,
+                needed,
+            } => f
+                .debug_struct("MaxMsgTooSmall")
+                .field("provider", provider)
+                .field("max_msg_size", max_msg_size)
+                .field("needed", needed)
+                .finish(),
             Error::NoRoute { peer, source } => f
                 .debug_struct("NoRoute")
                 .field("peer", peer)
@@ -651,6 +685,15 @@ impl StdError for PeerFailure {
             _ => None,
         }
     }
+}
+
+/// `NoTransport`'s list: "shm: why; ip: why".
+fn fmt_missing(missing: &[(Transport, String)]) -> String {
+    let parts: Vec<String> = missing
+        .iter()
+        .map(|(t, why)| format!("{t}: {why}"))
+        .collect();
+    parts.join("; ")
 }
 
 #[cfg(test)]

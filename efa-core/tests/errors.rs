@@ -111,3 +111,40 @@ fn no_route_keeps_the_placement_error_as_source() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("no route typed").count(), 2, "{text}");
 }
+
+/// Rank program: libfabric sees only its shm provider (`FI_PROVIDER=shm`) and the rank
+/// allows only IP, so no endpoint opens.
+#[test]
+#[ignore = "rank program for no_transport_names_each_allowed_transport"]
+fn child_no_transport() {
+    if !in_job() {
+        return;
+    }
+    let e = Communicator::builder()
+        .transports(TransportSet::empty().with(Transport::Ip))
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    match &e {
+        Error::NoTransport { allowed, missing } => {
+            assert_eq!(*allowed, TransportSet::empty().with(Transport::Ip), "{e:?}");
+            assert_eq!(missing.len(), 1, "{e:?}");
+            assert_eq!(missing[0].0, Transport::Ip, "{e:?}");
+            assert!(!missing[0].1.is_empty(), "{e:?}");
+        }
+        other => panic!("expected NoTransport, got {other:?}"),
+    }
+    let text = e.to_string();
+    assert!(
+        text.contains("allowed: ip") && text.contains("EFA_TRANSPORTS"),
+        "{text}"
+    );
+    println!("no transport typed");
+}
+
+#[test]
+fn no_transport_names_each_allowed_transport() {
+    let out = efarun(1, "child_no_transport", &[("FI_PROVIDER", "shm")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("no transport typed").count(), 1, "{text}");
+}

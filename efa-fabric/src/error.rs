@@ -136,13 +136,16 @@ pub enum Error {
         /// Size of the remote region.
         region_len: u64,
     },
-    /// The provider lacks a capability that the call needs.
-    #[error("provider {provider} does not support {what}")]
-    Unsupported {
+    /// Registration: the provider uses raw memory-region keys (`FI_MR_RAW`, a key longer
+    /// than 8 bytes, or `fi_mr_key` answering `FI_KEY_NOTAVAIL`), which this crate's RMA
+    /// does not carry (`fi_mr(3)`, "FI_MR_RAW"). `key_size` is the provider's
+    /// `mr_key_size` in bytes. Use another provider for RMA.
+    #[error("provider {provider} uses raw memory-region keys (FI_MR_RAW, mr_key_size {key_size} bytes), which RMA here does not support; choose another provider for RMA")]
+    RawMrKey {
         /// Provider name.
         provider: String,
-        /// The missing capability.
-        what: String,
+        /// The provider's `mr_key_size`, in bytes.
+        key_size: usize,
     },
     /// A message longer than the endpoint allows for this kind of post: `max_msg_size` for
     /// every post (split the message), `inject_size` for `inject*` (use a regular send, which
@@ -383,10 +386,10 @@ impl fmt::Debug for Error {
                 .field("len", len)
                 .field("region_len", region_len)
                 .finish(),
-            Error::Unsupported { provider, what } => f
-                .debug_struct("Unsupported")
+            Error::RawMrKey { provider, key_size } => f
+                .debug_struct("RawMrKey")
                 .field("provider", provider)
-                .field("what", what)
+                .field("key_size", key_size)
                 .finish(),
             Error::MessageTooLarge {
                 op,

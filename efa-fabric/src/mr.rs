@@ -123,12 +123,9 @@ impl MemoryRegion {
             });
         }
         if domain.info().mr_key_size() > 8 {
-            return Err(Error::Unsupported {
+            return Err(Error::RawMrKey {
                 provider: domain.info().provider(),
-                what: format!(
-                    "MR keys of {} bytes (FI_MR_RAW)",
-                    domain.info().mr_key_size()
-                ),
+                key_size: domain.info().mr_key_size(),
             });
         }
         let iov = libc::iovec {
@@ -192,9 +189,9 @@ impl MemoryRegion {
             inner.desc = ffi::fi_mr_desc(fid);
         }
         if inner.key == ffi::FI_KEY_NOTAVAIL {
-            return Err(Error::Unsupported {
+            return Err(Error::RawMrKey {
                 provider: domain.info().provider(),
-                what: "fi_mr_key (raw MR keys)".into(),
+                key_size: domain.info().mr_key_size(),
             });
         }
         Ok(MemoryRegion {
