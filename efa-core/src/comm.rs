@@ -1109,6 +1109,19 @@ impl Communicator {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A user's receive or probe: a valid source rank and a tag outside the reserved range
+    /// (a receive on a reserved tag could take the library's own collective or window
+    /// traffic).
+    fn check_user_match(&self, src: Source, tag: Tag) -> Result<()> {
+        if let Source::Rank(r) = src {
+            self.check_rank(r)?;
+        }
+        match tag {
+            Tag::Is(t) if t > MAX_USER_TAG => Err(Error::ReservedTag(t)),
+            _ => Ok(()),
+        }
+    }
+
     fn check_rank(&self, r: u32) -> Result<()> {
         if r >= self.size() {
             return Err(Error::InvalidRank {
@@ -1191,16 +1204,18 @@ impl Communicator {
     /// Starts a receive into `buf` from `src` with `tag` (wildcards allowed).
     ///
     /// # Errors
-    /// [`Error::InvalidRank`].
+    /// [`Error::InvalidRank`]; [`Error::ReservedTag`] for a tag above [`MAX_USER_TAG`].
     pub fn irecv<'a, T: Pod>(
         &self,
         buf: &'a mut [T],
         src: impl Into<Source>,
         tag: impl Into<Tag>,
     ) -> Result<RecvRequest<'a>> {
+        let (src, tag) = (src.into(), tag.into());
+        self.check_user_match(src, tag)?;
         let elem = std::mem::size_of::<T>();
         let bytes: &'a mut [u8] = bytemuck::cast_slice_mut(buf);
-        self.irecv_ctx(bytes, src.into(), tag.into(), self.group.ctx, elem)
+        self.irecv_ctx(bytes, src, tag, self.group.ctx, elem)
     }
 
     /// Sends `buf` to `dest` and waits until the send has completed locally.
@@ -3228,12 +3243,10 @@ impl Communicator {
     /// earlier, or another thread, takes it first; [`Communicator::improbe`] has no such race.
     ///
     /// # Errors
-    /// [`Error::InvalidRank`]; [`Error::PeerFailed`], [`Error::Finalized`]; fabric errors.
+    /// [`Error::InvalidRank`], [`Error::ReservedTag`]; [`Error::PeerFailed`], [`Error::Finalized`]; fabric errors.
     pub fn iprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Status>> {
         let (src, tag) = (src.into(), tag.into());
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
+        self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
         let mut e = self.engine();
@@ -3275,9 +3288,7 @@ impl Communicator {
     /// As [`Communicator::iprobe`].
     pub fn improbe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Message>> {
         let (src, tag) = (src.into(), tag.into());
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
+        self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
         let mut e = self.engine();

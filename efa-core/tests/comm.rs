@@ -181,6 +181,22 @@ fn child_errors() {
     let e = comm.send(&[1u8], 0, u32::MAX).unwrap_err();
     assert!(matches!(e, Error::ReservedTag(u32::MAX)), "{e:?}");
     assert!(e.to_string().contains(&format!("{:#x}", u32::MAX)), "{e}");
+    // Receives and probes on a reserved tag are refused too: they could take the library's
+    // own collective or window traffic. Tag::Any never matches reserved tags.
+    for t in [0x8000_0000u32, 0xC000_0000, u32::MAX] {
+        let Err(e) = comm.irecv(&mut b, 0, Tag::Is(t)) else {
+            panic!("a receive on reserved tag {t:#x} was accepted");
+        };
+        assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
+        let e = comm.iprobe(Source::Any, Tag::Is(t)).unwrap_err();
+        assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
+        let e = comm.improbe(0, Tag::Is(t)).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
+        let e = comm
+            .sendrecv(&[1u8], 0, 5, &mut b, 0, Tag::Is(t))
+            .unwrap_err();
+        assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
+    }
     if me == 0 {
         // Inject, eager and rendezvous truncation, then a good message: unaffected.
         for len in [20usize, 100, 100_000] {
