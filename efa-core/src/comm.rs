@@ -1221,7 +1221,8 @@ impl Communicator {
     /// Sends `buf` to `dest` and waits until the send has completed locally.
     ///
     /// # Errors
-    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer and
+    /// As [`Communicator::isend`], plus [`Error::Timeout`] naming the peer (which from then
+    /// on counts as failed for the whole job, see [`Error::Timeout`]) and
     /// [`Error::PeerFailed`]. A receiver whose buffer is too small gets
     /// [`Error::Truncated`]; the sender is not told (as in MPI).
     pub fn send<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
@@ -1231,8 +1232,10 @@ impl Communicator {
     /// Receives into `buf` and returns who sent how much with which tag.
     ///
     /// # Errors
-    /// [`Error::Truncated`] when the message is larger than `buf` (nothing is written),
-    /// [`Error::Timeout`], fabric errors.
+    /// [`Error::Truncated`] when the message is larger than `buf` (nothing is written);
+    /// [`Error::InvalidRank`], [`Error::ReservedTag`]; [`Error::Timeout`] (a receive from
+    /// one rank that passes the deadline makes that rank count as failed for the whole job:
+    /// it is not retryable, see [`Error::Timeout`]); [`Error::PeerFailed`]; fabric errors.
     pub fn recv<T: Pod>(
         &self,
         buf: &mut [T],

@@ -145,7 +145,14 @@ pub enum Error {
     },
     /// A blocking operation passed its deadline. The peer may be slow, stuck or dead; the
     /// deadline is set with `CommunicatorBuilder::timeout` or `EFA_TIMEOUT` (seconds).
-    #[error("{op}{} did not complete within {waited:?}; the peer may be slow, stopped or dead (raise EFA_TIMEOUT, in seconds, if it is only slow)", peer.map(|p| format!(" with rank {p}")).unwrap_or_default())]
+    ///
+    /// A deadline is not retryable: when the operation waited for a known `peer`, this rank
+    /// treats that peer as failed from then on ([`PeerFailure::TimedOut`]) and tells every
+    /// rank it can reach, so their operations with it fail at once with
+    /// [`Error::PeerFailed`] instead of each waiting out its own deadline (as a job under
+    /// `MPI_ERRORS_ARE_FATAL`, or NCCL's watchdog, ends). Choose the deadline so that only
+    /// a dead or stuck peer passes it.
+    #[error("{op}{} did not complete within {waited:?}; the peer may be slow, stopped or dead{} (raise EFA_TIMEOUT, in seconds, if it is only slow)", peer.map(|p| format!(" with rank {p}")).unwrap_or_default(), peer.map(|p| format!("; rank {p} is now treated as failed by every rank")).unwrap_or_default())]
     Timeout {
         /// The operation.
         op: &'static str,
