@@ -89,7 +89,9 @@ pub struct Status {
 }
 
 impl Status {
-    /// Number of `T` elements received.
+    /// Number of whole `T` elements received: `len / size_of::<T>()`, rounded down (a
+    /// 6-byte message is 1 `u32`). Where that may not divide (`MPI_Get_count` would give
+    /// `MPI_UNDEFINED`), size buffers from [`Status::len`] in bytes.
     pub fn count<T>(&self) -> usize {
         self.len / std::mem::size_of::<T>().max(1)
     }
@@ -319,6 +321,8 @@ fn parse_timeout(v: &str) -> std::result::Result<Duration, String> {
     let d = Duration::try_from_secs_f64(secs).map_err(|_| {
         if secs.is_sign_negative() {
             "is negative: a deadline must lie in the future".to_string()
+        } else if secs.is_finite() {
+            "is longer than a year: a hung job would never be reported".to_string()
         } else {
             "is not a finite number of seconds".to_string()
         }
@@ -3612,6 +3616,25 @@ impl Communicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// EFA_TIMEOUT: each kind of bad value says what is wrong with it (a huge but finite
+    /// value once read "not a finite number").
+    #[test]
+    fn timeout_values() {
+        assert_eq!(parse_timeout(" 2.5 "), Ok(Duration::from_millis(2500)));
+        for (v, says) in [
+            ("ten", "not a number"),
+            ("-1", "negative"),
+            ("0", "shorter than 1 ms"),
+            ("99999999999999999999", "longer than a year"),
+            ("40000000", "longer than a year"),
+            ("inf", "not a finite number"),
+            ("NaN", "not a finite number"),
+        ] {
+            let e = parse_timeout(v).unwrap_err();
+            assert!(e.contains(says), "{v}: {e}");
+        }
+    }
 
     fn msg(ctx: u32, src: u32, tag: u32, arrival: u64) -> Unexpected {
         Unexpected {
