@@ -79,7 +79,7 @@ pub enum CollError {
     /// Two ranks disagree on how many elements rank `rank` contributes or receives (the
     /// root's `counts[rank]` and rank `rank`'s own buffer length). Found by the argument
     /// check, on every rank.
-    #[error("{op}: rank {rank}'s block has {a} elements on one rank and {b} on another; the root's counts[{rank}] must equal rank {rank}'s own buffer length")]
+    #[error("{op}: rank {rank}'s block has {a} elements on one side and {b} on the other; a block's count must be the same where it is sent and where it is received (for a rooted collective, the root's counts[{rank}] equals rank {rank}'s own buffer length; for alltoallv, send_counts[j] on rank i equals recv_counts[i] on rank j)")]
     CountMismatch {
         /// The collective.
         op: &'static str,

@@ -136,16 +136,28 @@ fn describe(w: &[u64]) -> String {
         ),
         _ => "?".to_string(),
     };
-    let mut s = format!(
-        "{} of {} x {}, op {}, root {}, algorithm {}, settings {:#x}",
-        Kind::from_code(b(0) as u8),
-        w[1],
-        dtype,
-        ops.get(b(16)).unwrap_or(&"?"),
-        w[0] >> 32,
-        b(24) & 0x7F,
+    let name = Kind::from_code(b(0) as u8);
+    let mut s = format!("{name} of {} x {dtype}", w[1]);
+    match ops.get(b(16)) {
+        Some(&"-") => {}
+        Some(op) => s.push_str(&format!(", op {op}")),
+        None => s.push_str(", op ?"),
+    }
+    if SPECS.iter().any(|x| x.name == name && x.rooted) {
+        s.push_str(&format!(", root {}", w[0] >> 32));
+    }
+    match b(24) & 0x7F {
+        0 => {}
+        1 => s.push_str(", algorithm rd (EFA_ALLREDUCE_ALGO)"),
+        2 => s.push_str(", algorithm ring (EFA_ALLREDUCE_ALGO)"),
+        a => s.push_str(&format!(", algorithm {a}")),
+    }
+    // Counts/displacements, element size and EFA_COLL_CHUNK, hashed: only equal or not
+    // matters, and the text says what to compare.
+    s.push_str(&format!(
+        ", counts/element size/EFA_COLL_CHUNK digest {:#x}",
         w[2]
-    );
+    ));
     if w[0] & (1 << 31) != 0 {
         s.push_str(" with invalid arguments");
     }
@@ -707,8 +719,25 @@ mod tests {
         };
         assert_eq!(
             describe(&d.words()),
-            "scan of 3 x (f32, index), op minloc, root 0, algorithm 0, settings 0x0 with invalid \
-             arguments"
+            "scan of 3 x (f32, index), op minloc, counts/element size/EFA_COLL_CHUNK digest 0x0 \
+             with invalid arguments"
+        );
+        // A rooted collective names its root and the algorithm asked for; a data movement
+        // has no operator to name.
+        let d = Desc {
+            kind: Kind::Gatherv,
+            dtype: 9,
+            op: 0,
+            algo: 2,
+            bad: false,
+            root: 3,
+            count: 8,
+            extra: 0x10,
+        };
+        assert_eq!(
+            describe(&d.words()),
+            "gatherv of 8 x f32, root 3, algorithm ring (EFA_ALLREDUCE_ALGO), counts/element \
+             size/EFA_COLL_CHUNK digest 0x10"
         );
     }
 }
