@@ -1232,6 +1232,32 @@ fn child_bad_counts() {
     } else {
         res.unwrap();
     }
+    // The other way: rank 0 sends 2 elements to rank 1, which expects 1 (more than its
+    // block holds): the same typed error, not a point-to-point truncation.
+    let sc: Vec<usize> = (0..nu)
+        .map(|t| if me == 0 && t == 1 { 2 } else { 1 })
+        .collect();
+    let sd = schedule_offsets(&sc, 0);
+    let mut r = vec![0u32; nu];
+    let res = comm.alltoallv_into(&vec![1u32; sc.iter().sum()], &sc, &sd, &mut r, &c, &d);
+    println!("rank {me}: alltoallv pair mismatch (long): {res:?}");
+    if me == 1 {
+        let e = coll(res.unwrap_err());
+        assert!(
+            matches!(
+                e,
+                CollError::SizeMismatch {
+                    peer: 0,
+                    expected: 4,
+                    got: 8,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    } else {
+        res.unwrap();
+    }
     // Mismatched calls among the new collectives: scan against exscan, a non-commutative
     // user op against a commutative one, MINLOC against MAXLOC.
     let mut b = [1i64; 4];

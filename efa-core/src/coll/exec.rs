@@ -542,8 +542,18 @@ impl<'c> Exec<'c> {
         let want = p.range.len() * elem;
         let data = match self.poll(peer, || p.req.take())? {
             Ok((_, data)) => data,
-            Err(e @ Error::Truncated { .. }) => {
-                self.mismatch.get_or_insert(e);
+            // More arrived than this rank's count allows: the same disagreement as a short
+            // block, told the same way (a collective caller cannot act on a tag).
+            Err(Error::Truncated { expected, got, .. }) => {
+                self.mismatch.get_or_insert(
+                    CollError::SizeMismatch {
+                        op: self.name,
+                        peer,
+                        expected,
+                        got,
+                    }
+                    .into(),
+                );
                 return Ok(None);
             }
             Err(e) => return Err(e),

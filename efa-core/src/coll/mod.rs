@@ -1488,7 +1488,7 @@ impl Communicator {
     /// ([`CollError::PeerArguments`] on the others); [`Error::CollectiveMismatch`] for mismatched
     /// types. The per-pair counts are not part of the argument check (that would cost `n²`
     /// numbers): when rank `s`'s `send_counts[d]` differs from rank `d`'s `recv_counts[s]`,
-    /// rank `d` gets [`CollError::SizeMismatch`] or [`Error::Truncated`] and the other ranks
+    /// rank `d` gets [`CollError::SizeMismatch`] and the other ranks
     /// complete. [`Error::Timeout`].
     pub fn alltoallv_into<T: Element>(
         &self,
