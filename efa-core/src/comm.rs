@@ -968,7 +968,8 @@ impl Communicator {
     /// side with this rank. It is collective: every rank must call it (or drop its last
     /// clone of the communicator, which does the same, best effort, logging what it could
     /// not finish). Afterwards every operation on a remaining clone fails with
-    /// [`Error::Finalized`].
+    /// [`Error::Finalized`], except `finalize` itself, which returns `Ok` at once (as
+    /// dropping that clone would).
     ///
     /// Messages that arrived but were never received are dropped (logged at warn level).
     /// A process that ends without dropping the communicator (`std::process::exit`, a
