@@ -1017,6 +1017,158 @@ fn check_loc<V: TestElem + LocValue>(comm: &Communicator, name: &str) -> usize {
     checks
 }
 
+/// A 12-byte user type: data-movement collectives take any `Pod` element.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+struct P12 {
+    a: u32,
+    b: f32,
+    c: i32,
+}
+
+/// A distinct value for element `i` from rank `r` (`salt` tells collectives apart).
+trait PodElem: bytemuck::Pod + Send + PartialEq + std::fmt::Debug {
+    fn make(r: u32, i: usize, salt: u32) -> Self;
+}
+
+impl PodElem for u16 {
+    fn make(r: u32, i: usize, salt: u32) -> Self {
+        (r * 4099 + i as u32 * 7 + salt * 131) as u16
+    }
+}
+
+impl PodElem for [f32; 3] {
+    fn make(r: u32, i: usize, salt: u32) -> Self {
+        [r as f32, i as f32, salt as f32 + 0.25]
+    }
+}
+
+impl PodElem for P12 {
+    fn make(r: u32, i: usize, salt: u32) -> Self {
+        P12 {
+            a: r << 20 | i as u32,
+            b: i as f32 * 0.5 + r as f32,
+            c: -(salt as i32) - i as i32,
+        }
+    }
+}
+
+/// broadcast/gather/scatter/allgather/alltoall/gatherv (each form) of a non-`Element` `Pod`
+/// type, against a serial reference built from every rank's deterministic input.
+fn check_pod<T: PodElem>(comm: &Communicator, name: &str) -> usize {
+    let (me, n) = (comm.rank(), comm.size());
+    let nu = n as usize;
+    let mut checks = 0;
+    for count in [0usize, 1, 7, 3001] {
+        let block = |r: u32, salt: u32| (0..count).map(move |i| T::make(r, i, salt));
+        for root in [0, n - 1] {
+            // Broadcast, blocking and non-blocking.
+            let want: Vec<T> = block(root, 1).collect();
+            let mut b: Vec<T> = if me == root {
+                want.clone()
+            } else {
+                vec![T::zeroed(); count]
+            };
+            comm.broadcast(&mut b, root).unwrap();
+            assert_eq!(b, want, "{name} broadcast {count}");
+            let init = if me == root {
+                want.clone()
+            } else {
+                vec![T::zeroed(); count]
+            };
+            assert_eq!(comm.ibroadcast(init, root).wait().unwrap(), want);
+            // Gather.
+            let mine: Vec<T> = block(me, 2).collect();
+            let all: Vec<T> = (0..n).flat_map(|r| block(r, 2)).collect();
+            let mut g = vec![T::zeroed(); if me == root { count * nu } else { 0 }];
+            comm.gather_into(&mine, &mut g, root).unwrap();
+            let mut gi = if me == root {
+                let mut v = vec![T::zeroed(); count * nu];
+                v[me as usize * count..(me as usize + 1) * count].copy_from_slice(&mine);
+                v
+            } else {
+                mine.clone()
+            };
+            comm.gather(&mut gi, root).unwrap();
+            let gn = comm.igather(gi.clone(), root).wait().unwrap();
+            if me == root {
+                assert_eq!(g, all, "{name} gather {count}");
+                assert_eq!(gi, all, "{name} gather in place {count}");
+                assert_eq!(gn, all, "{name} igather {count}");
+            }
+            // Scatter.
+            let all: Vec<T> = (0..n).flat_map(|r| block(r, 3)).collect();
+            let mine: Vec<T> = block(me, 3).collect();
+            let mut s = vec![T::zeroed(); count];
+            comm.scatter_into(if me == root { &all } else { &[] }, &mut s, root)
+                .unwrap();
+            assert_eq!(s, mine, "{name} scatter {count}");
+            let si = if me == root {
+                all.clone()
+            } else {
+                vec![T::zeroed(); count]
+            };
+            let si = comm.iscatter(si, root).wait().unwrap();
+            if me != root {
+                assert_eq!(si, mine, "{name} iscatter {count}");
+            }
+            // Gatherv: rank r sends (count + 3r) % 11 elements, at reversed displacements.
+            let counts: Vec<usize> = (0..nu).map(|r| (count + 3 * r) % 11).collect();
+            let mut displs = vec![0; nu];
+            let mut at = 0;
+            for r in (0..nu).rev() {
+                displs[r] = at;
+                at += counts[r] + 1;
+            }
+            let mine: Vec<T> = (0..counts[me as usize])
+                .map(|i| T::make(me, i, 4))
+                .collect();
+            let mut want = vec![T::zeroed(); at];
+            for r in 0..nu {
+                for i in 0..counts[r] {
+                    want[displs[r] + i] = T::make(r as u32, i, 4);
+                }
+            }
+            let mut g = vec![T::zeroed(); if me == root { at } else { 0 }];
+            let (c, d) = if me == root {
+                (&counts[..], &displs[..])
+            } else {
+                (&[][..], &[][..])
+            };
+            comm.gatherv_into(&mine, &mut g, c, d, root).unwrap();
+            if me == root {
+                assert_eq!(g, want, "{name} gatherv {count}");
+            }
+            checks += 5;
+        }
+        // Allgather, out of place, in place, non-blocking.
+        let mine: Vec<T> = block(me, 5).collect();
+        let all: Vec<T> = (0..n).flat_map(|r| block(r, 5)).collect();
+        let mut g = vec![T::zeroed(); count * nu];
+        comm.allgather_into(&mine, &mut g).unwrap();
+        assert_eq!(g, all, "{name} allgather {count}");
+        let mut g = vec![T::zeroed(); count * nu];
+        g[me as usize * count..(me as usize + 1) * count].copy_from_slice(&mine);
+        assert_eq!(comm.iallgather(g).wait().unwrap(), all);
+        // Alltoall: block d of rank s holds make(s, d * c + i).
+        let c = count % 13;
+        let send: Vec<T> = (0..nu * c).map(|k| T::make(me, k, 6)).collect();
+        let want: Vec<T> = (0..nu * c)
+            .map(|k| T::make((k / c.max(1)) as u32, me as usize * c + k % c.max(1), 6))
+            .collect();
+        let mut got = vec![T::zeroed(); nu * c];
+        comm.alltoall_into(&send, &mut got).unwrap();
+        assert_eq!(got, want, "{name} alltoall {count}");
+        let mut b = send.clone();
+        comm.alltoall(&mut b).unwrap();
+        assert_eq!(b, want, "{name} alltoall in place {count}");
+        assert_eq!(comm.ialltoall(send).wait().unwrap(), want);
+        checks += 2;
+    }
+    println!("rank {me}: {name}: {checks} data movements verified");
+    checks
+}
+
 #[test]
 #[ignore = "rank program for new_collectives_match_reference"]
 fn child_new_collectives() {
@@ -1041,6 +1193,9 @@ fn child_new_collectives() {
     checks += check_loc::<f64>(&comm, "f64");
     checks += check_loc::<bf16>(&comm, "bf16");
     checks += check_loc::<u64>(&comm, "u64");
+    checks += check_pod::<u16>(&comm, "u16");
+    checks += check_pod::<P12>(&comm, "P12");
+    checks += check_pod::<[f32; 3]>(&comm, "[f32; 3]");
     comm.barrier().unwrap();
     println!(
         "rank {}: new collectives verified ({checks} checks, n={n})",
@@ -1296,6 +1451,31 @@ fn child_bad_counts() {
         t.elapsed() < Duration::from_secs(20),
         "took {:?}",
         t.elapsed()
+    );
+    // Element sizes differ (data movement takes any Pod type; the size must agree).
+    let e = if me == 1 {
+        comm.gather(&mut [7u16; 4], 0).unwrap_err()
+    } else {
+        let mut g = vec![7u32; if me == 0 { 4 * n as usize } else { 4 }];
+        comm.gather(&mut g, 0).unwrap_err()
+    };
+    println!("rank {me}: element size: {e}");
+    assert!(
+        matches!(&e, Error::CollectiveMismatch { op: "gather", .. })
+            && e.to_string().contains("2-byte")
+            && e.to_string().contains("4-byte"),
+        "{e}"
+    );
+    // Size-0 element types: a typed error on every rank, no panic.
+    let e = comm.broadcast(&mut [(); 3], 0).unwrap_err();
+    assert!(
+        matches!(coll(e), CollError::ZeroSized { op: "broadcast" }),
+        "rank {me}"
+    );
+    let e = comm.iallgather(vec![[0u8; 0]; 2 * nu]).wait().unwrap_err();
+    assert!(
+        matches!(coll(e), CollError::ZeroSized { op: "allgather" }),
+        "rank {me}"
     );
     // Still usable.
     let mut v = [ValueIndex::new(me as f64, me)];

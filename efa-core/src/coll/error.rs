@@ -113,8 +113,10 @@ pub enum CollError {
         /// The rank whose arguments do not fit.
         rank: u32,
     },
-    /// A user-defined operator over a zero-sized type: there is nothing to reduce.
-    #[error("{op}: the element type has size 0; a reduction needs elements of at least one byte")]
+    /// A zero-sized element type (`size_of::<T>() == 0`, e.g. `()` or `[u8; 0]`), in a
+    /// user-defined reduction or a data movement: there is nothing to reduce or move.
+    /// Returned on every rank that passes one (the others get [`CollError::PeerArguments`]).
+    #[error("{op}: the element type has size 0; collectives need elements of at least one byte")]
     ZeroSized {
         /// The collective.
         op: &'static str,

@@ -94,17 +94,19 @@ struct Desc {
     root: u32,
     count: u64,
     extra: u64,
+    /// Bytes per element (compared exactly; data movements name elements by it).
+    elem: u64,
 }
 
 impl Desc {
-    fn words(&self) -> [u64; 3] {
+    fn words(&self) -> [u64; 4] {
         let w0 = u64::from(self.kind as u8)
             | u64::from(self.dtype) << 8
             | u64::from(self.op) << 16
             | u64::from(self.algo) << 24
             | u64::from(self.bad) << 31
             | u64::from(self.root) << 32;
-        [w0, self.count, self.extra]
+        [w0, self.count, self.extra, self.elem]
     }
 }
 
@@ -126,6 +128,8 @@ fn describe(w: &[u64]) -> String {
     ];
     let b = |s: u32| ((w[0] >> s) & 0xFF) as usize;
     let dtype = match b(8) {
+        // A data movement: any `Pod` type, named by its size.
+        0 if w[3] > 0 => format!("{}-byte elements", w[3]),
         c if c < DTYPES.len() => DTYPES[c].to_string(),
         c if c == super::ops::DTYPE_USER as usize => "a user type".to_string(),
         c if c > super::ops::DTYPE_LOC as usize => format!(
@@ -188,7 +192,8 @@ pub(super) struct Call {
     pub kind: Kind,
     /// Elements (compared across ranks; 0 where ranks legitimately differ).
     pub count: usize,
-    /// Element type and operator codes (0: none).
+    /// Element type and operator codes (0: none; a data movement has no type code, its
+    /// elements are compared by `elem` only).
     pub dtype: u8,
     pub op: u8,
     /// Bytes per element.
@@ -219,8 +224,10 @@ impl Call {
             per_rank: None,
         }
     }
-    pub(super) fn dtype<T: super::Element>(mut self) -> Call {
-        self.dtype = T::DTYPE.code();
+    /// The element type of a data movement: any `Pod` type, compared across ranks by its
+    /// size only (a size-0 type is [`CollError::ZeroSized`]).
+    pub(super) fn elem<T: bytemuck::Pod>(mut self) -> Call {
+        self.dtype = 0;
         self.elem = std::mem::size_of::<T>();
         self
     }
@@ -244,6 +251,14 @@ pub(super) fn run<R>(
     body: impl FnOnce(&mut Exec<'_>) -> Result<R>,
 ) -> Result<R> {
     let spec = call.kind.spec();
+    let mut call = call;
+    if call.elem == 0 && call.kind != Kind::Barrier && call.invalid.is_none() {
+        // Nothing to move per element and no byte count to divide by: rejected alike on
+        // every rank that passes such a type.
+        call.invalid = Some(CollError::ZeroSized {
+            op: call.kind.name(),
+        });
+    }
     let mut ex = Exec::new(link, call.kind, seq)?;
     let desc = Desc {
         kind: call.kind,
@@ -254,6 +269,7 @@ pub(super) fn run<R>(
         root: call.root,
         count: call.count as u64,
         extra: call.extra ^ cfg.chunk_bytes as u64 ^ (call.elem as u64) << 48,
+        elem: call.elem as u64,
     };
     ex.agree(&desc, cfg)?;
     if spec.rooted && call.root >= ex.n {
@@ -336,32 +352,32 @@ impl<'c> Exec<'c> {
         }
         let w = desc.words();
         let me = u64::from(self.me);
-        let mut rec = [w[0], w[1], w[2], me, w[0], w[1], w[2], me];
+        let mut rec = [w[0], w[1], w[2], w[3], me, w[0], w[1], w[2], w[3], me];
         let steps = schedule::recursive_doubling(self.n, self.me, 1);
         let combine = |dst: &mut [u8], src: &[u8], _: Order| {
-            let s: [u64; 8] = bytemuck::pod_read_unaligned(src);
+            let s: [u64; 10] = bytemuck::pod_read_unaligned(src);
             let d: &mut [u64] = bytemuck::cast_slice_mut(dst);
-            if s[..4] < d[..4] {
-                d[..4].copy_from_slice(&s[..4]);
+            if s[..5] < d[..5] {
+                d[..5].copy_from_slice(&s[..5]);
             }
-            if s[4..] > d[4..] {
-                d[4..].copy_from_slice(&s[4..]);
+            if s[5..] > d[5..] {
+                d[5..].copy_from_slice(&s[5..]);
             }
         };
         self.run_steps(
             bytemuck::bytes_of_mut(&mut rec),
             &[],
-            64,
+            80,
             &steps,
             1,
             SUB_AGREE,
             &combine,
         )?;
-        if rec[..3] == rec[4..7] {
+        if rec[..4] == rec[5..9] {
             return Ok(());
         }
-        let (a, b) = (rec[3] as u32, rec[7] as u32);
-        if rec[0] ^ rec[4] == 1 << 31 && rec[1..3] == rec[5..7] {
+        let (a, b) = (rec[4] as u32, rec[9] as u32);
+        if rec[0] ^ rec[5] == 1 << 31 && rec[1..4] == rec[6..9] {
             // Only the invalid-arguments bit differs; the maximum (rank b) has it set.
             if desc.bad {
                 return Ok(());
@@ -375,7 +391,7 @@ impl<'c> Exec<'c> {
         Err(Error::CollectiveMismatch {
             op: self.name,
             ranks: [a, b],
-            calls: [describe(&rec[..3]), describe(&rec[4..7])],
+            calls: [describe(&rec[..4]), describe(&rec[5..9])],
         })
     }
 
@@ -726,6 +742,7 @@ mod tests {
             root: 0,
             count: 3,
             extra: 0,
+            elem: 8,
         };
         assert_eq!(
             describe(&d.words()),
@@ -733,21 +750,38 @@ mod tests {
              with invalid arguments"
         );
         // A rooted collective names its root and the algorithm asked for; a data movement
-        // has no operator to name.
+        // has no operator to name, and names its elements by size.
         let d = Desc {
             kind: Kind::Gatherv,
-            dtype: 9,
+            dtype: 0,
             op: 0,
             algo: 2,
             bad: false,
             root: 3,
             count: 8,
             extra: 0x10,
+            elem: 12,
         };
         assert_eq!(
             describe(&d.words()),
-            "gatherv of 8 x f32, root 3, algorithm ring (EFA_ALLREDUCE_ALGO), counts/element \
-             size/EFA_COLL_CHUNK digest 0x10"
+            "gatherv of 8 x 12-byte elements, root 3, algorithm ring (EFA_ALLREDUCE_ALGO), \
+             counts/element size/EFA_COLL_CHUNK digest 0x10"
         );
+        let one = Desc {
+            kind: Kind::Broadcast,
+            elem: 1,
+            algo: 0,
+            ..d
+        };
+        assert!(describe(&one.words()).starts_with("broadcast of 8 x 1-byte elements, root 3,"));
+        // The barrier has no elements.
+        let bar = Desc {
+            kind: Kind::Barrier,
+            elem: 0,
+            count: 0,
+            algo: 0,
+            ..d
+        };
+        assert!(describe(&bar.words()).starts_with("barrier of 0 x ?,"));
     }
 }

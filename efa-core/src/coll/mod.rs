@@ -20,8 +20,8 @@
 //!
 //! # Argument check
 //! Unless disabled ([`CollConfig::check`]), every collective starts with a recursive-doubling
-//! exchange of a 32-byte descriptor (kind, element type, operator, root, element count,
-//! algorithm, element size and chunk size, a hash of per-rank counts for `allgatherv`, and a
+//! exchange of a 40-byte descriptor (kind, element type of a reduction, operator, root,
+//! element count, algorithm, element size, chunk size, a hash of per-rank counts for `allgatherv`, and a
 //! flag for locally invalid arguments), reducing the lexicographic minimum and maximum of
 //! (descriptor, rank). Every rank ends with the same pair, so when any two ranks disagree
 //! **every** rank returns [`Error::CollectiveMismatch`] naming two ranks that differ and what each
@@ -46,10 +46,19 @@
 //! Non-commutative operators are applied in rank order (see [`ops`]).
 //!
 //! # Element types
-//! See [`Element`]: `f16`/`bf16` are reduced in `f32` and rounded once at the end; their
-//! partial results travel as `f32`. User-defined operators work on any
-//! [`Pod`] type; [`LocOp`] on [`ValueIndex`] pairs of every [`Element`]
-//! type.
+//! - Data movements (`broadcast`, `gather(v)`, `scatter(v)`, `allgather(v)`, `alltoall(v)`,
+//!   their `_into` and `i*` forms) move any [`Pod`] type `T` (plus `Send`; `'static` comes
+//!   with `Pod`): `u16`, `[f32; 3]`, a `#[repr(C)]` struct deriving `bytemuck::Pod`. Shapes
+//!   are in elements of `T`; bytes on the wire are `size_of::<T>()` per element, copied
+//!   unchanged (as MPI, no conversion between ranks: every rank runs the same build). The
+//!   argument check compares the element **size** only, and names data-movement elements by
+//!   it for every type (`"gather of 8 x 12-byte elements"`; `u32` and `f32` are both
+//!   "4-byte elements"), since telling [`Element`] types apart would need specialization.
+//!   A size-0 type (`()`, `[u8; 0]`) is [`CollError::ZeroSized`] on every rank that passes it.
+//! - Built-in reductions ([`ReduceOp`]) take an [`Element`]: `f16`/`bf16` are reduced in
+//!   `f32` and rounded once at the end; their partial results travel as `f32`. The check
+//!   names these types. User-defined operators work on any [`Pod`] type; [`LocOp`] on
+//!   [`ValueIndex`] pairs of every [`Element`] type.
 //!
 //! # Non-blocking forms
 //! `i*` methods take owned buffers and return a [`CollRequest`]. The collective's sequence
@@ -377,7 +386,7 @@ fn scan_seq<T, O: Reduction<T>>(
     })
 }
 
-fn broadcast_seq<T: Element>(
+fn broadcast_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     buf: &mut [T],
@@ -386,9 +395,7 @@ fn broadcast_seq<T: Element>(
 ) -> Result<()> {
     let (n, me) = (link.size(), link.rank());
     let chain = std::mem::size_of_val(buf) >= cfg.ring_threshold;
-    let mut call = Call::new(Kind::Broadcast, buf.len())
-        .dtype::<T>()
-        .root(root);
+    let mut call = Call::new(Kind::Broadcast, buf.len()).elem::<T>().root(root);
     call.algo = u8::from(chain);
     let count = buf.len();
     move_seq(link, seq, cfg, call, buf, &[], || {
@@ -411,7 +418,7 @@ fn barrier_seq(link: &CollLink, seq: u32) -> Result<()> {
 
 /// A data movement: `steps` over `work` (receives, and sends not marked `input`) and
 /// `input`, no combining.
-fn move_seq<T: Element>(
+fn move_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     cfg: &CollConfig,
@@ -436,7 +443,7 @@ fn move_seq<T: Element>(
 
 /// Allgather of `counts[r]` elements from each rank `r` into `buf` (this rank's block
 /// already in place).
-fn allgatherv_seq<T: Element>(
+fn allgatherv_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     buf: &mut [T],
@@ -446,7 +453,7 @@ fn allgatherv_seq<T: Element>(
     cfg: &CollConfig,
 ) -> Result<()> {
     let (n, me) = (link.size(), link.rank());
-    let mut call = Call::new(kind, buf.len()).dtype::<T>().invalid(invalid);
+    let mut call = Call::new(kind, buf.len()).elem::<T>().invalid(invalid);
     call.extra = fnv(counts.iter().map(|&c| c as u64));
     move_seq(link, seq, cfg, call, buf, &[], || {
         schedule::ring_allgather(n, me, &schedule::blocks_of(counts))
@@ -604,9 +611,9 @@ impl RootedV {
         }
     }
 
-    fn call<T: Element>(&mut self, kind: Kind, root: u32) -> Call {
+    fn call<T: Pod + Send>(&mut self, kind: Kind, root: u32) -> Call {
         let mut call = Call::new(kind, 0)
-            .dtype::<T>()
+            .elem::<T>()
             .root(root)
             .invalid(self.invalid.clone());
         call.per_rank = Some(std::mem::take(&mut self.views));
@@ -615,7 +622,7 @@ impl RootedV {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn alltoallv_seq<T: Element>(
+fn alltoallv_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     send: &[T],
@@ -664,7 +671,7 @@ fn alltoallv_seq<T: Element>(
         let m = me as usize;
         recv[rb[m].clone()].copy_from_slice(&send[sb[m].clone()]);
     }
-    let call = Call::new(Kind::Alltoallv, 0).dtype::<T>().invalid(invalid);
+    let call = Call::new(Kind::Alltoallv, 0).elem::<T>().invalid(invalid);
     move_seq(link, seq, env_config()?, call, recv, send, || {
         schedule::pairwise_alltoall(n, me, &sb, &rb)
     })
@@ -1041,15 +1048,16 @@ impl Communicator {
     /// pipelined chain for large ones.
     ///
     /// # Errors
-    /// [`Error::CollectiveMismatch`] on mismatched lengths, types or roots; [`Error::InvalidRank`];
+    /// [`Error::CollectiveMismatch`] on mismatched lengths, element sizes or roots;
+    /// [`CollError::ZeroSized`] for a size-0 `T`; [`Error::InvalidRank`];
     /// [`Error::Timeout`].
-    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
+    pub fn broadcast<T: Pod + Send>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
         broadcast_seq(&link, seq, buf, root, env_config()?)
     }
 
     /// Non-blocking [`Communicator::broadcast`].
-    pub fn ibroadcast<T: Element>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
+    pub fn ibroadcast<T: Pod + Send>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
         self.spawn_coll(move |link, seq| {
             broadcast_seq(link, seq, &mut buf, root, env_config()?)?;
             Ok(buf)
@@ -1057,7 +1065,7 @@ impl Communicator {
     }
 
     /// Blocks until every rank has called it (`MPI_Barrier`): a recursive-doubling exchange
-    /// of the 32-byte argument descriptor.
+    /// of the 40-byte argument descriptor.
     ///
     /// # Errors
     /// [`Error::CollectiveMismatch`] when another rank is in a different collective;
@@ -1079,7 +1087,7 @@ impl Communicator {
     /// # Errors
     /// [`Error::CollectiveMismatch`] on mismatched lengths; [`CollError::NotDivisible`] when the length
     /// is not a multiple of `n`; [`Error::Timeout`].
-    pub fn allgather<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+    pub fn allgather<T: Pod + Send>(&self, buf: &mut [T]) -> Result<()> {
         let (link, seq) = self.coll();
         let n = self.size() as usize;
         let bad = divisible("allgather", "in-place", buf.len(), self.size());
@@ -1101,7 +1109,7 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::allgather`]; [`CollError::BufferLength`] when `recv` does not hold
     /// `n * send.len()`.
-    pub fn allgather_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+    pub fn allgather_into<T: Pod + Send>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let (link, seq) = self.coll();
         let n = self.size() as usize;
         let c = send.len();
@@ -1118,7 +1126,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::allgather`].
-    pub fn iallgather<T: Element>(&self, mut buf: Vec<T>) -> CollRequest<Vec<T>> {
+    pub fn iallgather<T: Pod + Send>(&self, mut buf: Vec<T>) -> CollRequest<Vec<T>> {
         let n = self.size();
         self.spawn_coll(move |link, seq| {
             let bad = divisible("allgather", "in-place", buf.len(), n);
@@ -1144,7 +1152,7 @@ impl Communicator {
     /// # Errors
     /// [`Error::CollectiveMismatch`] when counts or lengths differ between ranks;
     /// [`CollError::CountsLength`], [`CollError::BufferLength`]; [`Error::Timeout`].
-    pub fn allgatherv<T: Element>(&self, buf: &mut [T], counts: &[usize]) -> Result<()> {
+    pub fn allgatherv<T: Pod + Send>(&self, buf: &mut [T], counts: &[usize]) -> Result<()> {
         let (link, seq) = self.coll();
         let bad = allgatherv_bad(self.size(), self.rank(), counts, buf.len(), None);
         allgatherv_seq(
@@ -1163,7 +1171,7 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::allgatherv`].
-    pub fn allgatherv_into<T: Element>(
+    pub fn allgatherv_into<T: Pod + Send>(
         &self,
         send: &[T],
         recv: &mut [T],
@@ -1190,7 +1198,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::allgatherv`].
-    pub fn iallgatherv<T: Element>(
+    pub fn iallgatherv<T: Pod + Send>(
         &self,
         mut buf: Vec<T>,
         counts: Vec<usize>,
@@ -1219,7 +1227,7 @@ impl Communicator {
     /// # Errors
     /// [`Error::CollectiveMismatch`] on every rank for mismatched block lengths or roots;
     /// [`CollError::NotDivisible`] at the root; [`Error::InvalidRank`]; [`Error::Timeout`].
-    pub fn gather<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
+    pub fn gather<T: Pod + Send>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
         gather_seq(&link, seq, buf, root, env_config()?)
     }
@@ -1231,7 +1239,7 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::gather`]; [`CollError::BufferLength`] at a root whose `recv` does
     /// not hold `n * send.len()`.
-    pub fn gather_into<T: Element>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
+    pub fn gather_into<T: Pod + Send>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
         let (n, me) = (self.size(), self.rank());
         let c = send.len();
@@ -1245,7 +1253,7 @@ impl Communicator {
             recv[me as usize * c..(me as usize + 1) * c].copy_from_slice(send);
         }
         let call = Call::new(Kind::Gather, c)
-            .dtype::<T>()
+            .elem::<T>()
             .root(root)
             .invalid(bad);
         let work = if is_root { recv } else { &mut [] };
@@ -1255,7 +1263,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::gather`].
-    pub fn igather<T: Element>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
+    pub fn igather<T: Pod + Send>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
         self.spawn_coll(move |link, seq| {
             gather_seq(link, seq, &mut buf, root, env_config()?)?;
             Ok(buf)
@@ -1269,7 +1277,7 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::gather`].
-    pub fn scatter<T: Element>(&self, buf: &mut [T], root: u32) -> Result<()> {
+    pub fn scatter<T: Pod + Send>(&self, buf: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
         scatter_seq(&link, seq, buf, root, env_config()?)
     }
@@ -1280,7 +1288,7 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::scatter`]; [`CollError::BufferLength`] at a root whose `send` does
     /// not hold `n * recv.len()`.
-    pub fn scatter_into<T: Element>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
+    pub fn scatter_into<T: Pod + Send>(&self, send: &[T], recv: &mut [T], root: u32) -> Result<()> {
         let (link, seq) = self.coll();
         let (n, me) = (self.size(), self.rank());
         let c = recv.len();
@@ -1294,7 +1302,7 @@ impl Communicator {
             recv.copy_from_slice(&send[me as usize * c..(me as usize + 1) * c]);
         }
         let call = Call::new(Kind::Scatter, c)
-            .dtype::<T>()
+            .elem::<T>()
             .root(root)
             .invalid(bad);
         let (work, input): (&mut [T], &[T]) = if is_root {
@@ -1308,7 +1316,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::scatter`].
-    pub fn iscatter<T: Element>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
+    pub fn iscatter<T: Pod + Send>(&self, mut buf: Vec<T>, root: u32) -> CollRequest<Vec<T>> {
         self.spawn_coll(move |link, seq| {
             scatter_seq(link, seq, &mut buf, root, env_config()?)?;
             Ok(buf)
@@ -1323,7 +1331,7 @@ impl Communicator {
     /// # Errors
     /// [`Error::CollectiveMismatch`] for mismatched lengths; [`CollError::NotDivisible`];
     /// [`Error::Timeout`].
-    pub fn alltoall<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+    pub fn alltoall<T: Pod + Send>(&self, buf: &mut [T]) -> Result<()> {
         let input = buf.to_vec();
         self.alltoall_into(&input, buf)
     }
@@ -1333,13 +1341,13 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::alltoall`]; [`CollError::BufferLength`] when the lengths differ.
-    pub fn alltoall_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+    pub fn alltoall_into<T: Pod + Send>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let (link, seq) = self.coll();
         alltoall_seq(&link, seq, send, recv)
     }
 
     /// Non-blocking in-place [`Communicator::alltoall`].
-    pub fn ialltoall<T: Element>(&self, buf: Vec<T>) -> CollRequest<Vec<T>> {
+    pub fn ialltoall<T: Pod + Send>(&self, buf: Vec<T>) -> CollRequest<Vec<T>> {
         self.spawn_coll(move |link, seq| {
             let mut recv = buf.clone();
             alltoall_seq(link, seq, &buf, &mut recv)?;
@@ -1358,9 +1366,9 @@ impl Communicator {
     /// At the root: [`CollError::CountsLength`], [`CollError::BlockOutside`],
     /// [`CollError::BlocksOverlap`] (other ranks then get [`CollError::PeerArguments`]);
     /// on every rank: [`CollError::CountMismatch`] when the root's `counts[r]` differs from
-    /// rank `r`'s length, [`Error::CollectiveMismatch`] for mismatched types or roots,
+    /// rank `r`'s length, [`Error::CollectiveMismatch`] for mismatched element sizes or roots,
     /// [`Error::InvalidRank`], [`Error::Timeout`].
-    pub fn gatherv<T: Element>(
+    pub fn gatherv<T: Pod + Send>(
         &self,
         buf: &mut [T],
         counts: &[usize],
@@ -1378,7 +1386,7 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::gatherv`]; [`CollError::BufferLength`] at a root whose `send`
     /// does not hold `counts[root]`.
-    pub fn gatherv_into<T: Element>(
+    pub fn gatherv_into<T: Pod + Send>(
         &self,
         send: &[T],
         recv: &mut [T],
@@ -1392,7 +1400,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::gatherv`].
-    pub fn igatherv<T: Element>(
+    pub fn igatherv<T: Pod + Send>(
         &self,
         mut buf: Vec<T>,
         counts: Vec<usize>,
@@ -1413,7 +1421,7 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::gatherv`] (without the overlap check).
-    pub fn scatterv<T: Element>(
+    pub fn scatterv<T: Pod + Send>(
         &self,
         buf: &mut [T],
         counts: &[usize],
@@ -1431,7 +1439,7 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::scatterv`]; [`CollError::BufferLength`] at a root whose `recv`
     /// does not hold `counts[root]`.
-    pub fn scatterv_into<T: Element>(
+    pub fn scatterv_into<T: Pod + Send>(
         &self,
         send: &[T],
         recv: &mut [T],
@@ -1445,7 +1453,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::scatterv`].
-    pub fn iscatterv<T: Element>(
+    pub fn iscatterv<T: Pod + Send>(
         &self,
         mut buf: Vec<T>,
         counts: Vec<usize>,
@@ -1466,7 +1474,7 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::alltoallv_into`].
-    pub fn alltoallv<T: Element>(
+    pub fn alltoallv<T: Pod + Send>(
         &self,
         buf: &mut [T],
         counts: &[usize],
@@ -1490,7 +1498,7 @@ impl Communicator {
     /// numbers): when rank `s`'s `send_counts[d]` differs from rank `d`'s `recv_counts[s]`,
     /// rank `d` gets [`CollError::SizeMismatch`] and the other ranks
     /// complete. [`Error::Timeout`].
-    pub fn alltoallv_into<T: Element>(
+    pub fn alltoallv_into<T: Pod + Send>(
         &self,
         send: &[T],
         send_counts: &[usize],
@@ -1513,7 +1521,7 @@ impl Communicator {
     }
 
     /// Non-blocking in-place [`Communicator::alltoallv`].
-    pub fn ialltoallv<T: Element>(
+    pub fn ialltoallv<T: Pod + Send>(
         &self,
         mut buf: Vec<T>,
         counts: Vec<usize>,
@@ -1557,7 +1565,7 @@ fn allgatherv_bad(
         .or_else(|| send.and_then(|s| length(op, "send", s, counts[me as usize])))
 }
 
-fn gather_seq<T: Element>(
+fn gather_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     buf: &mut [T],
@@ -1575,7 +1583,7 @@ fn gather_seq<T: Element>(
         (buf.len(), None)
     };
     let call = Call::new(Kind::Gather, c)
-        .dtype::<T>()
+        .elem::<T>()
         .root(root)
         .invalid(bad);
     let blocks = schedule::even_blocks(c * n as usize, n);
@@ -1587,7 +1595,7 @@ fn gather_seq<T: Element>(
     }
 }
 
-fn scatter_seq<T: Element>(
+fn scatter_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     buf: &mut [T],
@@ -1605,7 +1613,7 @@ fn scatter_seq<T: Element>(
         (buf.len(), None)
     };
     let call = Call::new(Kind::Scatter, c)
-        .dtype::<T>()
+        .elem::<T>()
         .root(root)
         .invalid(bad);
     let blocks = schedule::even_blocks(c * n as usize, n);
@@ -1617,7 +1625,12 @@ fn scatter_seq<T: Element>(
     }
 }
 
-fn alltoall_seq<T: Element>(link: &CollLink, seq: u32, send: &[T], recv: &mut [T]) -> Result<()> {
+fn alltoall_seq<T: Pod + Send>(
+    link: &CollLink,
+    seq: u32,
+    send: &[T],
+    recv: &mut [T],
+) -> Result<()> {
     let (n, me) = (link.size(), link.rank());
     let bad = length("alltoall", "receive", recv.len(), send.len())
         .or_else(|| divisible("alltoall", "send", send.len(), n));
@@ -1627,7 +1640,7 @@ fn alltoall_seq<T: Element>(link: &CollLink, seq: u32, send: &[T], recv: &mut [T
         recv[own.clone()].copy_from_slice(&send[own]);
     }
     let call = Call::new(Kind::Alltoall, send.len() / n as usize)
-        .dtype::<T>()
+        .elem::<T>()
         .invalid(bad);
     move_seq(link, seq, env_config()?, call, recv, send, || {
         schedule::pairwise_alltoall(n, me, &blocks, &blocks)
@@ -1638,7 +1651,7 @@ fn alltoall_seq<T: Element>(link: &CollLink, seq: u32, send: &[T], recv: &mut [T
 /// `root_in_place`: the block is already in `work`); elsewhere `work` is empty and `input`
 /// this rank's block.
 #[allow(clippy::too_many_arguments)]
-fn gatherv_seq<T: Element>(
+fn gatherv_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     work: &mut [T],
@@ -1679,7 +1692,7 @@ fn gatherv_seq<T: Element>(
 /// when `root_in_place`: the block stays in `input`); elsewhere `input` is empty and `work`
 /// this rank's receive block.
 #[allow(clippy::too_many_arguments)]
-fn scatterv_seq<T: Element>(
+fn scatterv_seq<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     input: &[T],
@@ -1717,7 +1730,7 @@ fn scatterv_seq<T: Element>(
 }
 
 /// In-place gatherv: `buf` is the root's receive buffer, another rank's block.
-fn gatherv_in_place<T: Element>(
+fn gatherv_in_place<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     buf: &mut [T],
@@ -1733,7 +1746,7 @@ fn gatherv_in_place<T: Element>(
 }
 
 /// In-place scatterv: `buf` is the root's send buffer, another rank's receive block.
-fn scatterv_in_place<T: Element>(
+fn scatterv_in_place<T: Pod + Send>(
     link: &CollLink,
     seq: u32,
     buf: &mut [T],
