@@ -37,7 +37,7 @@
 //! | request | dropped before `wait` | `cancel()` |
 //! |---|---|---|
 //! | [`SendRequest`] (`isend`) | the send goes on (the engine owns a copy of the data); its outcome is not reported; `finalize` still waits for it | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
-//! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched (rendezvous data arriving) is consumed and lost | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
+//! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched is consumed and lost: rendezvous data still arriving is received into the engine's own buffers and discarded (never into the dropped buffer), so the sender's send completes, and `finalize` waits for it. The same when `wait` fails or an async receive's future is dropped | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
 //! | [`P2pRequest`] | as the send or receive it holds | as the send or receive it holds |
 //! | [`CollRequest`](crate::CollRequest) (`iallreduce`, ...) | the collective runs to its end on its helper thread (the other ranks take part in it); its result is discarded | never: the other ranks would wait for this one until their deadline |
 //! | [`RmaRequest`](crate::RmaRequest) (`iput`, `iget`) | the operation is cancelled at the NIC and drained before its memory is freed; whether a put reached the target is unknown | never: the NIC may already have written the target, and nothing would tell |
@@ -480,6 +480,11 @@ struct RecvOp {
     data: Vec<u8>,
     status: Option<Status>,
     state: RecvState,
+    /// Its request was dropped (or its wait failed) after a rendezvous message matched
+    /// it: the engine finishes the transfer on its own into its pool buffers, so that the
+    /// sender completes, and then discards the data and forgets the operation
+    /// ([`Engine::cancel_recv`]).
+    orphan: bool,
 }
 
 enum SendState {
@@ -1260,8 +1265,10 @@ impl Communicator {
         req.wait()
     }
 
-    /// Async [`Communicator::recv`] for tokio code. The future may be dropped at any time;
-    /// the receive is then cancelled.
+    /// Async [`Communicator::recv`] for tokio code. The future may be dropped at any time
+    /// (a `tokio::time::timeout` that expires, say); the receive is then cancelled as a
+    /// dropped [`RecvRequest`] is: a message that already matched it is consumed and lost,
+    /// and its sender still completes.
     ///
     /// # Errors
     /// As [`Communicator::recv`].
@@ -2137,6 +2144,7 @@ impl Engine {
                 data: Vec::new(),
                 status: None,
                 state: RecvState::Posted,
+                orphan: false,
             },
         );
         // Search the messages already processed (oldest first). A message that has arrived
@@ -2205,6 +2213,8 @@ impl Engine {
             }
             op.state = RecvState::Failed(err());
         }
+        // Receives whose requests are gone have no one to report to.
+        self.recvs.retain(|_, op| !op.orphan);
         for op in self.sends.values_mut() {
             if matches!(op.state, SendState::Done | SendState::Failed(_)) {
                 continue;
@@ -2498,6 +2508,7 @@ impl Engine {
                 data: Vec::new(),
                 status: None,
                 state: RecvState::Posted,
+                orphan: false,
             },
         );
         self.deliver(id, msg)?;
@@ -2525,10 +2536,25 @@ impl Engine {
             .map(|op| op.dest)
     }
 
+    /// Forgets receive `id`, whose request is gone (dropped, or its wait failed). A receive
+    /// no message has matched is withdrawn; one that is complete is discarded. One whose
+    /// rendezvous data is being received keeps receiving it into the engine's own buffers
+    /// (never the user's, which are only written by [`RecvRequest::wait`]): cancelling its
+    /// chunk receives would leave the sender waiting for a receiver that never takes the
+    /// data, until the sender's deadline declares this rank failed. The message is thus
+    /// consumed and lost; [`Engine::reap_recvs`] drops the data when it has all arrived, and
+    /// the finalize handshake waits for it like for any receive ([`Engine::receiving_from`]).
     fn cancel_recv(&mut self, id: u64) {
         self.posted.retain(|&p| p != id);
-        // Dropping the op drops any rendezvous chunk receives, which cancels and drains them.
-        self.recvs.remove(&id);
+        match self.recvs.get_mut(&id) {
+            Some(op) if matches!(op.state, RecvState::Receiving { .. }) => op.orphan = true,
+            Some(_) => {
+                if let Some(op) = self.recvs.remove(&id) {
+                    self.pool.put(op.data);
+                }
+            }
+            None => {}
+        }
     }
 
     fn send_finished(&self, id: u64) -> bool {
@@ -3020,6 +3046,23 @@ impl Engine {
                 .unwrap_or_else(|source| Error::fabric("recv", Some(peer), source));
             if let Some(op) = self.recvs.get_mut(&id) {
                 op.state = RecvState::Failed(err);
+            }
+        }
+        self.discard_orphans();
+    }
+
+    /// Forgets the receives whose requests are gone ([`Engine::cancel_recv`]) once they
+    /// have finished: their data is discarded.
+    fn discard_orphans(&mut self) {
+        let done: Vec<u64> = self
+            .recvs
+            .iter()
+            .filter(|(_, op)| op.orphan && !matches!(op.state, RecvState::Receiving { .. }))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            if let Some(op) = self.recvs.remove(&id) {
+                self.pool.put(op.data);
             }
         }
     }
