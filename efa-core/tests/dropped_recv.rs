@@ -14,8 +14,8 @@ use efa_core::Communicator;
 mod common;
 use common::{efarun, in_job};
 
-/// Sizes: eager (fits a control slot) and rendezvous (several MiB, more than one chunk on
-/// shm's and IP's maximum message sizes is not needed, one is enough to need a CTS).
+/// Sizes: eager (fits a control slot), and rendezvous (announced, sent after the receiver's
+/// clear-to-send): 64 KiB, and 4 MiB, which cannot arrive within one poll.
 const SIZES: [usize; 3] = [1000, 64 << 10, 4 << 20];
 const ROUNDS: u32 = 3;
 
