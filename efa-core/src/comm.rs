@@ -245,7 +245,10 @@ impl CommunicatorBuilder {
     ///
     /// # Errors
     /// [`Error::Bootstrap`] (bad environment, a rank that never joins within the timeout),
-    /// [`Error::NoTransport`], [`Error::NoRoute`], [`Error::Transports`].
+    /// [`Error::NoTransport`], [`Error::NoRoute`], [`Error::Transports`];
+    /// [`Error::AlreadyInitialized`] when this process already has a live world
+    /// communicator of the same job (same rendezvous) that was not finalized: clone it or
+    /// [`Communicator::dup`] it instead.
     pub fn build(mut self) -> Result<Communicator> {
         crate::debug::init(self.bootstrap.as_ref())?;
         if self.env {
@@ -693,9 +696,89 @@ struct Inner {
     /// Keeps a rank-0-served TCP store alive until the communicator is dropped.
     _store: Arc<dyn Store>,
     engine: Mutex<Engine>,
-    /// The smallest context id this process may propose for a new communicator
-    /// ([`Communicator::split`]).
-    next_ctx: std::sync::atomic::AtomicU32,
+    /// Who may allocate a context id at this moment ([`Communicator::split`]).
+    ctx_alloc: Mutex<CtxAllocator>,
+    /// This world's place among the live worlds of the process, released at finalize.
+    claim: WorldClaim,
+}
+
+/// The jobs whose world communicator is alive in this process, by rendezvous (see
+/// [`Error::AlreadyInitialized`]).
+static LIVE_WORLDS: Mutex<Vec<bootstrap::Rendezvous>> = Mutex::new(Vec::new());
+
+/// A world communicator's entry in [`LIVE_WORLDS`]: one live world per job and process,
+/// like `MPI_Init`. The entry is the job's rendezvous (the store all its ranks meet in), so
+/// a test may still build several worlds of different jobs (different explicit
+/// [`Bootstrap`]s) in one process; an in-process rendezvous is a one-rank job of its own
+/// each time and is not recorded.
+struct WorldClaim {
+    key: Mutex<Option<bootstrap::Rendezvous>>,
+    /// Prefix of this world's keys in the store: `efa` for the first world of the job in
+    /// this process, `efa/<n>` for the n-th one built after it (a world built after another
+    /// was finalized must not find the first one's cards or ready marks).
+    store_prefix: String,
+}
+
+/// How many worlds of each job (by rendezvous) this process has built so far.
+static WORLDS_BUILT: Mutex<Vec<(bootstrap::Rendezvous, u32)>> = Mutex::new(Vec::new());
+
+impl WorldClaim {
+    /// Records `boot`'s job as live in this process.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyInitialized`] when a world of that job is already live here.
+    fn take(boot: &Bootstrap) -> Result<WorldClaim> {
+        let r = boot.rendezvous();
+        if *r == bootstrap::Rendezvous::InProcess {
+            return Ok(WorldClaim {
+                key: Mutex::new(None),
+                store_prefix: "efa".into(),
+            });
+        }
+        let mut live = LIVE_WORLDS.lock().unwrap_or_else(|p| p.into_inner());
+        if live.contains(r) {
+            return Err(Error::AlreadyInitialized {
+                rendezvous: r.to_string(),
+            });
+        }
+        live.push(r.clone());
+        let mut built = WORLDS_BUILT.lock().unwrap_or_else(|p| p.into_inner());
+        let n = match built.iter_mut().find(|(k, _)| k == r) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                built.push((r.clone(), 0));
+                0
+            }
+        };
+        Ok(WorldClaim {
+            key: Mutex::new(Some(r.clone())),
+            store_prefix: if n == 0 {
+                "efa".into()
+            } else {
+                format!("efa/{n}")
+            },
+        })
+    }
+
+    /// Removes the entry (once; later calls do nothing).
+    fn release(&self) {
+        let key = self.key.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(k) = key {
+            let mut live = LIVE_WORLDS.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = live.iter().position(|r| *r == k) {
+                live.swap_remove(i);
+            }
+        }
+    }
+}
+
+impl Drop for WorldClaim {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 fn lock_engine(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
@@ -713,6 +796,7 @@ impl Inner {
         }
         let result = self.finalize_handshake();
         lock_engine(&self.engine).finalized = true;
+        self.claim.release();
         result
     }
 
@@ -942,13 +1026,15 @@ impl Communicator {
     /// and reads everyone's, chooses a route to every peer and connects it, builds the
     /// engine, and waits until every rank is ready.
     fn start(boot: Bootstrap, config: Config) -> Result<Communicator> {
+        let claim = WorldClaim::take(&boot)?;
         let (rank, size) = (boot.rank(), boot.world_size());
         let deadline = Instant::now() + config.timeout;
         let store = boot.connect_store(deadline)?;
         let all_local = boot.local_size() == Some(size) || size == 1;
         let (discovery, selection) = select_roles(&config, all_local);
         let (mut ports, card) = open_ports(rank, &discovery, &selection, &config)?;
-        let cards = exchange_cards(&*store, &card, rank, size, deadline)?;
+        let prefix = claim.store_prefix.clone();
+        let cards = exchange_cards(&*store, &prefix, &card, rank, size, deadline)?;
         let routes = choose_routes(&card, &cards, &config.transports)?;
         let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
         let live = liveness(&card, &cards, &ports, &peers);
@@ -961,6 +1047,7 @@ impl Communicator {
             peers,
             routes,
             live,
+            claim,
         )?;
         ready_barrier(&comm, &*store)?;
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
@@ -1656,6 +1743,7 @@ fn open_ports(
 /// [`Error::Card`] for a card that does not encode or decode; store errors and timeouts.
 fn exchange_cards(
     store: &dyn Store,
+    prefix: &str,
     card: &Card,
     rank: u32,
     size: u32,
@@ -1664,7 +1752,14 @@ fn exchange_cards(
     let encoded = card
         .encode()
         .map_err(|source| Error::Card { rank, source })?;
-    let blobs = bootstrap::exchange_all(store, "efa/card", rank, size, &encoded, deadline)?;
+    let blobs = bootstrap::exchange_all(
+        store,
+        &format!("{prefix}/card"),
+        rank,
+        size,
+        &encoded,
+        deadline,
+    )?;
     blobs
         .iter()
         .enumerate()
@@ -1765,6 +1860,7 @@ fn assemble(
     peers: Vec<PeerRoute>,
     routes: Vec<Route>,
     live: Arc<Liveness>,
+    claim: WorldClaim,
 ) -> Result<Communicator> {
     let providers = ports
         .iter()
@@ -1817,7 +1913,8 @@ fn assemble(
             _store: store,
             engine: Mutex::new(engine),
             config,
-            next_ctx: std::sync::atomic::AtomicU32::new(WORLD_CTX + 1),
+            ctx_alloc: Mutex::new(CtxAllocator::default()),
+            claim,
         }),
         group: Arc::new(Group::world(rank, size)),
     })
@@ -1830,9 +1927,10 @@ fn assemble(
 /// Store errors and timeouts: the job never started, and this rank will not finalize.
 fn ready_barrier(comm: &Communicator, store: &dyn Store) -> Result<()> {
     let (rank, size) = (comm.inner.rank, comm.inner.size);
+    let prefix = &comm.inner.claim.store_prefix;
     if let Err(e) = bootstrap::barrier(
         store,
-        "efa/ready",
+        &format!("{prefix}/ready"),
         rank,
         size,
         Instant::now() + comm.inner.config.timeout,
@@ -1846,7 +1944,7 @@ fn ready_barrier(comm: &Communicator, store: &dyn Store) -> Result<()> {
     // Every rank has read every card (a rank sets its ready key only after that), so the
     // cards can go: a persistent store reused by a later job with the same id must not
     // hand it this job's addresses.
-    if let Err(e) = store.delete(&format!("efa/card/{rank}")) {
+    if let Err(e) = store.delete(&format!("{prefix}/card/{rank}")) {
         tracing::warn!("could not remove this rank's card from the store: {e}");
     }
     Ok(())
@@ -3092,6 +3190,95 @@ fn matches(want_ctx: u32, want_src: Source, want_tag: Tag, msg: &Unexpected) -> 
 
 // ---- Sub-communicators (`MPI_Comm_dup`, `MPI_Comm_split`). ----
 
+/// This process's context ids (see [`Communicator::split`]): every id below `next` has
+/// been proposed, claimed or skipped and is never proposed again; `reserved` holds the
+/// proposals of the creations in progress, by creation.
+#[derive(Debug, Default)]
+struct CtxAllocator {
+    next: u32,
+    reserved: BTreeMap<u32, u64>,
+    /// Creations in progress: (parent context id, creation number).
+    running: std::collections::BTreeSet<(u32, u64)>,
+    serial: u64,
+}
+
+/// One communicator creation's dealings with its process's [`CtxAllocator`]; dropping it
+/// gives back what it reserved.
+struct CtxCreation<'a> {
+    alloc: &'a Mutex<CtxAllocator>,
+    parent: u32,
+    id: u64,
+    proposal: Option<u32>,
+}
+
+impl<'a> CtxCreation<'a> {
+    fn begin(alloc: &'a Mutex<CtxAllocator>, parent: u32) -> CtxCreation<'a> {
+        let mut a = alloc.lock().unwrap_or_else(|p| p.into_inner());
+        a.serial += 1;
+        let id = a.serial;
+        a.running.insert((parent, id));
+        CtxCreation {
+            alloc,
+            parent,
+            id,
+            proposal: None,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'a, CtxAllocator> {
+        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves the smallest id never proposed in this process ([`CREATE_CTX_BIT`] when
+    /// none is left).
+    fn propose(&mut self) -> u32 {
+        let mut a = self.lock();
+        let p = a.next.max(WORLD_CTX + 1);
+        if p >= CREATE_CTX_BIT {
+            return CREATE_CTX_BIT;
+        }
+        a.next = p + 1;
+        a.reserved.insert(p, self.id);
+        self.proposal = Some(p);
+        p
+    }
+
+    /// Takes `candidate` for this creation if no other creation of this process can have
+    /// it: it was never proposed here, or it is this creation's own proposal. Afterwards
+    /// nothing in this process proposes or claims an id up to `candidate` any more.
+    fn claim(&mut self, candidate: u32) -> bool {
+        let mut a = self.lock();
+        let ok = candidate >= a.next || a.reserved.get(&candidate) == Some(&self.id);
+        a.next = a.next.max(candidate + 1);
+        ok
+    }
+
+    /// Gives back this round's proposal before another round.
+    fn retry(&mut self) {
+        if let Some(p) = self.proposal.take() {
+            self.lock().reserved.remove(&p);
+        }
+    }
+
+    /// Waits before another round, longer the more creations of lower parent context run
+    /// in this process, so that concurrent creations stop meeting in lockstep: every
+    /// process orders them alike.
+    fn stand_back(&self, attempt: u32) {
+        let ahead = self.lock().running.range(..(self.parent, self.id)).count() as u32;
+        let unit = Duration::from_micros(200 * u64::from(attempt.min(10)));
+        std::thread::sleep(unit * ahead);
+        std::thread::yield_now();
+    }
+}
+
+impl Drop for CtxCreation<'_> {
+    fn drop(&mut self) {
+        self.retry();
+        let (parent, id) = (self.parent, self.id);
+        self.lock().running.remove(&(parent, id));
+    }
+}
+
 /// Bytes each rank contributes to [`Communicator::split`]'s exchange: whether it has a
 /// color, the color, the key, its proposed context id.
 const SPLIT_MSG: usize = 13;
@@ -3118,86 +3305,100 @@ impl Communicator {
     /// by their rank here; a rank that passes `None` (`MPI_UNDEFINED`) gets `Ok(None)`.
     /// Collective over this communicator, like [`Communicator::dup`].
     ///
-    /// The new communicator's context id is agreed without a central allocator: every rank
-    /// proposes the smallest id it has never used or seen, the exchange of (color, key,
-    /// proposal) among the ranks of this communicator yields the largest proposal, and every
-    /// rank then proposes above it next time. So two communicators that share a rank never
-    /// share a context (the communicators of one split, which share none, do). Ranks must
-    /// create communicators one at a time (not from several threads of a process at once).
+    /// The new communicator's context id is agreed without a central allocator, in two
+    /// exchanges among the ranks of this communicator:
+    /// 1. every rank reserves, in its process, the smallest id never proposed there, and
+    ///    sends it with its color and key; the largest proposal is the candidate;
+    /// 2. every rank claims the candidate in its process, which succeeds unless another
+    ///    communicator creation of that process (another thread) proposed or claimed it
+    ///    meanwhile, and sends whether it did; if every rank did, the candidate is the id.
+    ///
+    /// Otherwise every rank tries again with ids above the candidate (creations running at
+    /// once in a process step back in the order of their parent's context id, so one of
+    /// them goes first), until the deadline. So communicators created from several threads
+    /// of a process at once (each from a different parent: two creations on the same
+    /// parent at once are erroneous, as in MPI) never share a context in any process, and
+    /// ids are never reused. The communicators of one split share an id (they have no rank
+    /// in common). Cost: two all-to-all exchanges of a few bytes (the second, one byte, is
+    /// what makes concurrent creation safe), plus one pair per retry under contention.
     ///
     /// # Errors
-    /// [`Error::Timeout`] when a rank does not take part within the deadline;
+    /// [`Error::Timeout`] when a rank does not take part within the deadline, or when the
+    /// ranks kept failing to claim a common id for the whole deadline;
     /// [`Error::MalformedMessage`] when a rank sends a malformed contribution (another efa-rs
-    /// version); [`Error::ContextsExhausted`] after 2^31 communicators; [`Error::PeerFailed`],
-    /// [`Error::Finalized`].
+    /// version); [`Error::ContextsExhausted`] (on every rank) after 2^31 context ids were
+    /// used in some member process; [`Error::PeerFailed`], [`Error::Finalized`].
     pub fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Communicator>> {
-        use std::sync::atomic::Ordering;
-        let proposal = self.inner.next_ctx.fetch_add(1, Ordering::Relaxed);
-        if proposal >= CREATE_CTX_BIT {
-            return Err(Error::ContextsExhausted {
-                limit: CREATE_CTX_BIT,
-            });
-        }
-        let mut mine = [0u8; SPLIT_MSG];
-        mine[0] = u8::from(color.is_some());
-        mine[1..5].copy_from_slice(&color.unwrap_or(0).to_le_bytes());
-        mine[5..9].copy_from_slice(&key.to_le_bytes());
-        mine[9..13].copy_from_slice(&proposal.to_le_bytes());
-        let (n, me) = (self.size(), self.rank());
+        let me = self.rank();
         let xctx = self.group.ctx | CREATE_CTX_BIT;
-        let mut all = vec![[0u8; SPLIT_MSG]; n as usize];
-        all[me as usize] = mine;
-        {
-            let mut recvs = Vec::new();
-            for (p, b) in all.iter_mut().enumerate() {
-                if p as u32 != me {
-                    recvs.push(self.irecv_ctx(b, Source::Rank(p as u32), Tag::Is(0), xctx, 1)?);
-                }
-            }
-            let mut sends = Vec::new();
-            for p in (0..n).filter(|&p| p != me) {
-                sends.push(self.isend_ctx(&mine, p, 0, xctx)?);
-            }
-            let mut reqs: Vec<&mut dyn AnyRequest> = Vec::new();
-            reqs.extend(recvs.iter_mut().map(|r| r as &mut dyn AnyRequest));
-            reqs.extend(sends.iter_mut().map(|s| s as &mut dyn AnyRequest));
-            self.wait_requests("split", &mut reqs, |done, all| done == all)?;
-            for r in recvs {
-                let st = r.wait()?;
-                if st.len != SPLIT_MSG {
+        let parent = self.group.ctx;
+        let start = Instant::now();
+        let mut creation = CtxCreation::begin(&self.inner.ctx_alloc, parent);
+        let mut attempt = 0u32;
+        let (ctx, all) = loop {
+            attempt += 1;
+            // Round 1: (color, key, proposal); the largest proposal is the candidate.
+            let proposal = creation.propose();
+            let mut mine = [0u8; SPLIT_MSG];
+            mine[0] = u8::from(color.is_some());
+            mine[1..5].copy_from_slice(&color.unwrap_or(0).to_le_bytes());
+            mine[5..9].copy_from_slice(&key.to_le_bytes());
+            mine[9..13].copy_from_slice(&proposal.to_le_bytes());
+            let all = self.exchange_fixed(&mine, 0, xctx, "split")?;
+            let mut candidate = 0;
+            for (p, m) in all.iter().enumerate() {
+                let prop = u32::from_le_bytes(m[9..13].try_into().expect("4 bytes"));
+                if prop > CREATE_CTX_BIT || m[0] > 1 {
                     return Err(Error::MalformedMessage {
-                        peer: self.world_of(st.source),
-                        what: Malformed::SplitLength {
-                            len: u32::try_from(st.len).unwrap_or(u32::MAX),
-                        },
+                        peer: self.world_of(p as u32),
+                        what: Malformed::SplitFields,
                         source: None,
                     });
                 }
+                candidate = candidate.max(prop);
             }
-            for s in sends {
-                s.wait()?;
+            if candidate >= CREATE_CTX_BIT {
+                // Some rank has no id left: every rank sees it and fails alike.
+                return Err(Error::ContextsExhausted {
+                    limit: CREATE_CTX_BIT,
+                });
             }
-        }
-        let mut ctx = 0;
-        let mut members = Vec::new();
-        for (p, m) in all.iter().enumerate() {
-            let u32_at = |i: usize| u32::from_le_bytes(m[i..i + 4].try_into().expect("4 bytes"));
-            let prop = u32_at(9);
-            if prop >= CREATE_CTX_BIT || m[0] > 1 {
+            // Round 2: every rank claims the candidate in its process; all must succeed.
+            let claimed = creation.claim(candidate);
+            let votes = self.exchange_fixed(&[u8::from(claimed)], 1, xctx, "split")?;
+            if let Some(p) = votes.iter().position(|v| v[0] > 1) {
                 return Err(Error::MalformedMessage {
                     peer: self.world_of(p as u32),
                     what: Malformed::SplitFields,
                     source: None,
                 });
             }
-            ctx = ctx.max(prop);
+            if votes.iter().all(|v| v[0] == 1) {
+                break (candidate, all);
+            }
+            // Another communicator of some member process took the candidate meanwhile
+            // (several threads creating at once): try again above it.
+            creation.retry();
+            let waited = start.elapsed();
+            if waited >= self.timeout() {
+                return Err(self.engine().deadline_passed(
+                    "split: agreeing on a context id (other threads keep creating communicators)",
+                    None,
+                    waited,
+                ));
+            }
+            creation.stand_back(attempt);
+        };
+        drop(creation);
+        if color.is_none() {
+            return Ok(None);
+        }
+        let mut members = Vec::new();
+        for (p, m) in all.iter().enumerate() {
+            let u32_at = |i: usize| u32::from_le_bytes(m[i..i + 4].try_into().expect("4 bytes"));
             if m[0] == 1 && Some(u32_at(1)) == color {
                 members.push((u32_at(5) as i32, p as u32));
             }
-        }
-        self.inner.next_ctx.fetch_max(ctx + 1, Ordering::Relaxed);
-        if color.is_none() {
-            return Ok(None);
         }
         members.sort_unstable();
         let rank = members
@@ -3216,6 +3417,50 @@ impl Communicator {
             inner: self.inner.clone(),
             group: Arc::new(Group::new(ctx, rank, world_of, self.inner.size)),
         }))
+    }
+
+    /// Sends `mine` to every other rank of this communicator on context `xctx` with `tag`
+    /// and receives theirs, each exactly `mine.len()` bytes; returns every rank's, by rank.
+    fn exchange_fixed(
+        &self,
+        mine: &[u8],
+        tag: u32,
+        xctx: u32,
+        op: &'static str,
+    ) -> Result<Vec<Vec<u8>>> {
+        let (n, me) = (self.size(), self.rank());
+        let mut all = vec![vec![0u8; mine.len()]; n as usize];
+        all[me as usize].copy_from_slice(mine);
+        let mut recvs = Vec::new();
+        for (p, b) in all.iter_mut().enumerate() {
+            if p as u32 != me {
+                recvs.push(self.irecv_ctx(b, Source::Rank(p as u32), Tag::Is(tag), xctx, 1)?);
+            }
+        }
+        let mut sends = Vec::new();
+        for p in (0..n).filter(|&p| p != me) {
+            sends.push(self.isend_ctx(mine, p, tag, xctx)?);
+        }
+        let mut reqs: Vec<&mut dyn AnyRequest> = Vec::new();
+        reqs.extend(recvs.iter_mut().map(|r| r as &mut dyn AnyRequest));
+        reqs.extend(sends.iter_mut().map(|s| s as &mut dyn AnyRequest));
+        self.wait_requests(op, &mut reqs, |done, all| done == all)?;
+        for r in recvs {
+            let st = r.wait()?;
+            if st.len != mine.len() {
+                return Err(Error::MalformedMessage {
+                    peer: self.world_of(st.source),
+                    what: Malformed::SplitLength {
+                        len: u32::try_from(st.len).unwrap_or(u32::MAX),
+                    },
+                    source: None,
+                });
+            }
+        }
+        for s in sends {
+            s.wait()?;
+        }
+        Ok(all)
     }
 
     /// This communicator's context id (0 for the world): what the wire header's `ctx`

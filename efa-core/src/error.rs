@@ -241,6 +241,16 @@ pub enum Error {
         /// How many context ids there are.
         limit: u32,
     },
+    /// [`crate::Communicator::init`] or [`crate::CommunicatorBuilder::build`]: this process
+    /// already holds a live world communicator of the same job (`rendezvous`), like a second
+    /// `MPI_Init`. Nothing was opened. Clone the existing communicator, or `dup()` it for a
+    /// separate context; a new world can be built once the first is finalized or its last
+    /// handle dropped.
+    #[error("this process already has a live communicator of this job ({rendezvous}): clone it, or dup() it for a communicator of its own; build a new one only after finalizing the first or dropping its last handle")]
+    AlreadyInitialized {
+        /// The job's rendezvous, as [`crate::bootstrap::Rendezvous`] displays it.
+        rendezvous: String,
+    },
     /// [`crate::Communicator::window`]: the provider of a route this rank uses has no RMA
     /// (`FI_RMA`). Nothing was registered.
     #[error("provider {provider} has no FI_RMA capability, so RMA windows cannot use it; restrict EFA_TRANSPORTS to a transport with RMA")]
@@ -461,6 +471,10 @@ impl Error {
             Error::ContextsExhausted { limit } => f
                 .debug_struct("ContextsExhausted")
                 .field("limit", limit)
+                .finish(),
+            Error::AlreadyInitialized { rendezvous } => f
+                .debug_struct("AlreadyInitialized")
+                .field("rendezvous", rendezvous)
                 .finish(),
             Error::NoRma { provider } => {
                 f.debug_struct("NoRma").field("provider", provider).finish()

@@ -235,3 +235,159 @@ fn split_even_odd() {
     run_both(4, "child_split");
     run_both(2, "child_split");
 }
+
+/// Two threads of every rank create communicators from two different parents at once, for
+/// many rounds, with a rank-parity delay so that the processes see the two creations in
+/// different orders. Every communicator of a process has a context id of its own (none is
+/// ever reused), every rank agrees on each id, and no message crosses between the two.
+#[test]
+#[ignore = "rank program for concurrent_creation_gives_distinct_contexts"]
+fn child_concurrent_create() {
+    if !in_job() {
+        return;
+    }
+    let world = Communicator::init().unwrap();
+    let (me, n) = (world.rank(), world.size());
+    let p1 = world.dup().unwrap();
+    let p2 = world.dup().unwrap();
+    let mut seen = std::collections::BTreeSet::from([0, p1.context_id(), p2.context_id()]);
+    assert_eq!(seen.len(), 3);
+    let mut kept = Vec::new();
+    let rounds = 25;
+    for round in 0..rounds {
+        let go = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (a, b) = (p1.clone(), p2.clone());
+        let (g1, g2) = (go.clone(), go.clone());
+        let d = std::time::Duration::from_micros(if me % 2 == 0 { 0 } else { 300 });
+        let t1 = std::thread::spawn(move || {
+            g1.wait();
+            if round % 2 == 0 {
+                a.dup()
+            } else {
+                // Every rank in one color: a split that is a dup, through split's path.
+                a.split(Some(7), -(me as i32)).map(|c| c.unwrap())
+            }
+        });
+        let t2 = std::thread::spawn(move || {
+            g2.wait();
+            std::thread::sleep(d);
+            b.dup()
+        });
+        let (c1, c2) = (t1.join().unwrap().unwrap(), t2.join().unwrap().unwrap());
+        assert_ne!(
+            c1.context_id(),
+            c2.context_id(),
+            "round {round}: two communicators got the same context id"
+        );
+        for c in [&c1, &c2] {
+            assert!(
+                seen.insert(c.context_id()),
+                "round {round}: context id {} used twice in this process",
+                c.context_id()
+            );
+        }
+        // Every rank agrees on both ids.
+        let mut ids = vec![0u32; 2 * n as usize];
+        ids[2 * me as usize] = c1.context_id();
+        ids[2 * me as usize + 1] = c2.context_id();
+        world.allgather(&mut ids).unwrap();
+        for r in 0..n as usize {
+            assert_eq!(
+                (ids[2 * r], ids[2 * r + 1]),
+                (c1.context_id(), c2.context_id()),
+                "round {round}: rank {r} disagrees"
+            );
+        }
+        // No message crosses: c1's rank order is reversed (key -me) on odd rounds.
+        let next1 = (c1.rank() + 1) % n;
+        let next2 = (c2.rank() + 1) % n;
+        c1.send(&[1000 + round], next1, 5).unwrap();
+        c2.send(&[2000 + round], next2, 5).unwrap();
+        let mut got = [0u32];
+        c2.recv(&mut got, Source::Any, Tag::Any).unwrap();
+        assert_eq!(
+            got[0],
+            2000 + round,
+            "round {round}: c2 received c1's message"
+        );
+        c1.recv(&mut got, Source::Any, Tag::Any).unwrap();
+        assert_eq!(
+            got[0],
+            1000 + round,
+            "round {round}: c1 received c2's message"
+        );
+        kept.push((c1, c2));
+    }
+    world.barrier().unwrap();
+    drop(kept);
+    println!("child_concurrent_create: done ({} ids)", seen.len());
+    world.finalize().unwrap();
+}
+
+#[test]
+fn concurrent_creation_gives_distinct_contexts() {
+    run_both(4, "child_concurrent_create");
+}
+
+/// A second world communicator of the same job while the first is alive is a typed error
+/// that says what to do; once the first is finalized (a clone still held), or its last
+/// handle dropped, a new one may be built, and it works (its store keys are its own: the
+/// first world's ready marks made it start before its peers could receive).
+#[test]
+#[ignore = "rank program for second_init_is_refused_until_finalize"]
+fn child_init_twice() {
+    if !in_job() {
+        return;
+    }
+    let world = Communicator::init().unwrap();
+    let clone = world.clone();
+    let e = Communicator::init().map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::AlreadyInitialized { .. }), "{e:?}");
+    assert!(e.to_string().contains("dup()"), "{e}");
+    let e = Communicator::builder().build().map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::AlreadyInitialized { .. }), "{e:?}");
+    // The refused attempts did not disturb the first.
+    let mut x = [1u32];
+    world.allreduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x[0], world.size());
+    let dup = world.dup().unwrap();
+    dup.barrier().unwrap();
+    drop(dup);
+    world.finalize().unwrap();
+    // Finalized, a clone still held: a new world may be built.
+    let again = Communicator::init().expect("init after finalize");
+    let e = Communicator::init().map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::AlreadyInitialized { .. }), "{e:?}");
+    let mut x = [2u32];
+    again.allreduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x[0], 2 * again.size());
+    drop(clone);
+    // Its last handle dropped without finalize: the next one may be built too.
+    drop(again);
+    let third = Communicator::init().expect("init after the last handle was dropped");
+    let mut x = [3u32];
+    third.allreduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x[0], 3 * third.size());
+    println!("child_init_twice: done");
+    third.finalize().unwrap();
+}
+
+#[test]
+fn second_init_is_refused_until_finalize() {
+    for env in [
+        &[("EFA_TIMEOUT", "4")][..],
+        &[("EFA_TIMEOUT", "4"), ("EFA_TRANSPORTS", "ip")][..],
+    ] {
+        let out = efarun(4, "child_init_twice", env);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child_init_twice on {env:?} failed:\n{text}"
+        );
+        assert_eq!(
+            text.matches("child_init_twice: done").count(),
+            4,
+            "every rank of child_init_twice on {env:?} must finish:\n{text}"
+        );
+    }
+}
