@@ -3563,9 +3563,7 @@ impl Communicator {
     /// when `src` finalized without sending such a message; as [`Communicator::iprobe`].
     pub fn probe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Status> {
         let (src, tag) = (src.into(), tag.into());
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
+        self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
         self.poll_engine("probe", wsrc, |e| {
@@ -3602,9 +3600,7 @@ impl Communicator {
     /// As [`Communicator::probe`].
     pub fn mprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Message> {
         let (src, tag) = (src.into(), tag.into());
-        if let Source::Rank(r) = src {
-            self.check_rank(r)?;
-        }
+        self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
         let msg = self.poll_engine("mprobe", wsrc, |e| Ok(e.unexpected.take(ctx, wsrc, tag)))?;

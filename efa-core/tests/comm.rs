@@ -192,6 +192,10 @@ fn child_errors() {
         assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
         let e = comm.improbe(0, Tag::Is(t)).map(|_| ()).unwrap_err();
         assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
+        let e = comm.probe(Source::Any, Tag::Is(t)).unwrap_err();
+        assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
+        let e = comm.mprobe(0, Tag::Is(t)).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::ReservedTag(x) if x == t), "{e:?}");
         let e = comm
             .sendrecv(&[1u8], 0, 5, &mut b, 0, Tag::Is(t))
             .unwrap_err();
