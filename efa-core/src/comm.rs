@@ -3541,16 +3541,9 @@ impl Communicator {
     /// # Errors
     /// [`Error::InvalidRank`], [`Error::ReservedTag`]; [`Error::PeerFailed`], [`Error::Finalized`]; fabric errors.
     pub fn iprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Status>> {
-        let (src, tag) = (src.into(), tag.into());
-        self.check_user_match(src, tag)?;
-        let wsrc = self.world_source(src);
-        let ctx = self.group.ctx;
-        let mut e = self.engine();
-        e.check_open()?;
-        e.progress()?;
-        Ok(e.unexpected
-            .find(ctx, wsrc, tag)
-            .map(|u| self.unexpected_status(u)))
+        self.probe_once(src.into(), tag.into(), |q, ctx, wsrc, tag| {
+            q.find(ctx, wsrc, tag).map(|u| self.unexpected_status(u))
+        })
     }
 
     /// Waits until a message from `src` with `tag` (wildcards allowed) has arrived and
@@ -3562,14 +3555,8 @@ impl Communicator {
     /// [`Error::Timeout`] when nothing arrives within the deadline; [`Error::PeerFinalized`]
     /// when `src` finalized without sending such a message; as [`Communicator::iprobe`].
     pub fn probe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Status> {
-        let (src, tag) = (src.into(), tag.into());
-        self.check_user_match(src, tag)?;
-        let wsrc = self.world_source(src);
-        let ctx = self.group.ctx;
-        self.poll_engine("probe", wsrc, |e| {
-            Ok(e.unexpected
-                .find(ctx, wsrc, tag)
-                .map(|u| self.unexpected_status(u)))
+        self.probe_until("probe", src.into(), tag.into(), |q, ctx, wsrc, tag| {
+            q.find(ctx, wsrc, tag).map(|u| self.unexpected_status(u))
         })
     }
 
@@ -3581,16 +3568,10 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::iprobe`].
     pub fn improbe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Message>> {
-        let (src, tag) = (src.into(), tag.into());
-        self.check_user_match(src, tag)?;
-        let wsrc = self.world_source(src);
-        let ctx = self.group.ctx;
-        let mut e = self.engine();
-        e.check_open()?;
-        e.progress()?;
-        Ok(e.unexpected
-            .take(ctx, wsrc, tag)
-            .map(|msg| self.message(msg)))
+        let msg = self.probe_once(src.into(), tag.into(), |q, ctx, wsrc, tag| {
+            q.take(ctx, wsrc, tag)
+        })?;
+        Ok(msg.map(|m| self.message(m)))
     }
 
     /// Waiting matched probe (`MPI_Mprobe`, MPI 4.0 §3.8.2): [`Communicator::improbe`]
@@ -3599,12 +3580,41 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::probe`].
     pub fn mprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Message> {
-        let (src, tag) = (src.into(), tag.into());
+        let msg = self.probe_until("mprobe", src.into(), tag.into(), |q, ctx, wsrc, tag| {
+            q.take(ctx, wsrc, tag)
+        })?;
+        Ok(self.message(msg))
+    }
+
+    /// The probes' shared part, once (`MPI_Iprobe`/`MPI_Improbe`): checks `src` and `tag`,
+    /// progresses once, and looks in this communicator's unexpected queue.
+    fn probe_once<R>(
+        &self,
+        src: Source,
+        tag: Tag,
+        look: impl FnOnce(&mut UnexpectedQueue, u32, Source, Tag) -> Option<R>,
+    ) -> Result<Option<R>> {
+        self.check_user_match(src, tag)?;
+        let wsrc = self.world_source(src);
+        let mut e = self.engine();
+        e.check_open()?;
+        e.progress()?;
+        Ok(look(&mut e.unexpected, self.group.ctx, wsrc, tag))
+    }
+
+    /// The probes' shared part, waiting (`MPI_Probe`/`MPI_Mprobe`): as
+    /// [`Communicator::probe_once`] until `look` finds a message or the deadline passes.
+    fn probe_until<R>(
+        &self,
+        op: &'static str,
+        src: Source,
+        tag: Tag,
+        mut look: impl FnMut(&mut UnexpectedQueue, u32, Source, Tag) -> Option<R>,
+    ) -> Result<R> {
         self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
-        let msg = self.poll_engine("mprobe", wsrc, |e| Ok(e.unexpected.take(ctx, wsrc, tag)))?;
-        Ok(self.message(msg))
+        self.poll_engine(op, wsrc, |e| Ok(look(&mut e.unexpected, ctx, wsrc, tag)))
     }
 
     fn message(&self, msg: Unexpected) -> Message {
