@@ -2869,7 +2869,7 @@ impl Engine {
                 self.on_failed(&h, &payload);
                 Ok(())
             }
-            Kind::Ping => Ok(()),
+            Kind::Ping | Kind::Ack | Kind::Credit => Ok(()),
             Kind::Eager | Kind::Rts | Kind::Fin => {
                 let body = match h.kind {
                     Kind::Eager => Some(Body::Eager(payload)),

@@ -105,6 +105,9 @@ pub mod store;
 mod tag;
 pub mod window;
 pub mod wire;
+// Used by the communicator's executor; until it is wired, only its tests use it.
+#[allow(dead_code)]
+pub(crate) mod proto;
 
 pub use coll::{
     Algorithm, CollConfig, CollError, CollRequest, Element, LocOp, ReduceOp, Reduction, UserOp,

@@ -51,6 +51,13 @@ pub enum Kind {
     /// sends one every 250 ms, because only a send tells a transport (TCP, RDMA) that
     /// the peer's process is gone.
     Ping,
+    /// RGET rendezvous: the receiver has read the data of rendezvous `rndv` (or refused it,
+    /// see [`ACK_TRUNCATED`], [`ACK_READ_FAILED`]); the sender's send completes and its
+    /// exposed buffer is released.
+    Ack,
+    /// Flow control: the receiver consumed `len` eager messages of the sender, which may
+    /// send that many more eagerly (see [`crate::proto`]).
+    Credit,
 }
 
 /// How a failed rank failed, in a [`Kind::Failed`] message's `flags`.
@@ -93,6 +100,8 @@ impl Kind {
             Kind::FinAck => 5,
             Kind::Failed => 6,
             Kind::Ping => 7,
+            Kind::Ack => 8,
+            Kind::Credit => 9,
         }
     }
     fn from_code(c: u8) -> Option<Kind> {
@@ -104,6 +113,8 @@ impl Kind {
             5 => Some(Kind::FinAck),
             6 => Some(Kind::Failed),
             7 => Some(Kind::Ping),
+            8 => Some(Kind::Ack),
+            9 => Some(Kind::Credit),
             _ => None,
         }
     }
@@ -111,6 +122,13 @@ impl Kind {
 
 /// CTS flag: the receive buffer is too small; no data will be accepted.
 pub const CTS_TRUNCATED: u8 = 1;
+/// ACK flag: the receive buffer was too small; nothing was read (the send completes, as in
+/// MPI: only the receiver reports the truncation).
+pub const ACK_TRUNCATED: u8 = 1;
+/// ACK flag: the receiver's read failed (the send fails).
+pub const ACK_READ_FAILED: u8 = 2;
+/// Bytes of an RTS payload: the exposed buffer's address and key (little-endian u64s).
+pub const RTS_PAYLOAD: usize = 16;
 
 /// A control-message header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
