@@ -2,13 +2,17 @@
 //! point-to-point messaging with MPI semantics.
 //!
 //! # Protocol
-//! See [`crate::wire`]: eager messages up to [`Config::eager_limit`], rendezvous above, a
-//! per-sender sequence number for MPI's non-overtaking order, and software matching so
-//! that `Source::Any` works across every transport at once.
+//! The decisions are made by a pure state machine, [`crate::proto`] (matching, per-sender
+//! ordering, eager or RGET rendezvous, truncation, flow control, finalize); the `Engine`
+//! here executes them on the endpoints. See [`crate::wire`]: eager messages up to
+//! [`Config::eager_limit`], RGET rendezvous above (the receiver reads the sender's exposed
+//! buffer and acknowledges), a per-sender sequence number for MPI's non-overtaking order,
+//! and software matching so that `Source::Any` works across every transport at once.
 //!
 //! # Buffers
 //! The NIC never touches user memory: eager payloads are copied into registered bounce
-//! buffers, and rendezvous data goes through memory the engine owns. So every user-facing
+//! buffers, a rendezvous sender's data is copied into a registered buffer that the
+//! receiver reads, and the receiver reads into memory the engine owns. So every user-facing
 //! call may borrow (`&[T]`, `&mut [T]`), and a request or future that is dropped or leaked
 //! cannot make the NIC write into freed memory.
 //!
@@ -37,7 +41,7 @@
 //! | request | dropped before `wait` | `cancel()` |
 //! |---|---|---|
 //! | [`SendRequest`] (`isend`) | the send goes on (the engine owns a copy of the data); its outcome is not reported; `finalize` still waits for it | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
-//! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched is consumed and lost: rendezvous data still arriving is received into the engine's own buffers and discarded (never into the dropped buffer), so the sender's send completes, and `finalize` waits for it. The same when `wait` fails or an async receive's future is dropped | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
+//! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched is consumed and lost: a rendezvous read still under way goes on into the engine's own buffer and is discarded (never into the dropped buffer), so the sender's send completes, and `finalize` waits for it. The same when `wait` fails or an async receive's future is dropped | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
 //! | [`P2pRequest`] | as the send or receive it holds | as the send or receive it holds |
 //! | [`CollRequest`](crate::CollRequest) (`iallreduce`, ...) | the collective runs to its end on its helper thread (the other ranks take part in it); its result is discarded | never: the other ranks would wait for this one until their deadline |
 //! | [`RmaRequest`](crate::RmaRequest) (`iput`, `iget`) | the operation is cancelled at the NIC and drained before its memory is freed; whether a put reached the target is unknown | never: the NIC may already have written the target, and nothing would tell |
@@ -48,26 +52,27 @@
 //!
 //! **Persistent requests** (`MPI_Send_init`/`MPI_Start`) are not offered: in this engine
 //! they could not be cheaper than fresh requests. Starting a send costs a copy of the
-//! data (eager: into a registered bounce buffer; rendezvous: into engine-owned memory,
-//! because the NIC never touches user memory, see Buffers), a header and one post; a
-//! rendezvous also needs its RTS/CTS round trip each time, because the receiver's landing
-//! buffer is engine memory chosen per message. None of that can be set up once and
+//! data (eager: into a registered bounce buffer; rendezvous: into an exposed buffer the
+//! engine owns, because the NIC never touches user memory, see Buffers), a header and one
+//! post; a rendezvous also needs its RTS, read and ACK each time. None of that can be set up once and
 //! reused; all a persistent request would save is the argument checks, a request id and a
 //! hash-map entry, small next to the copy and the post. They become worth
 //! having when the data path sends from registered user memory (issue 13), where `init`
 //! could register the halo buffer once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
-use efa_fabric::{Access, BufPrefix, Endpoint, FiAddr, Info, Pending, RegisteredBuf, SharedSlice};
+use efa_fabric::{Access, BufPrefix, Endpoint, FiAddr, Info, Pending, RegisteredBuf};
 
 use crate::bootstrap::{self, Bootstrap};
 use crate::error::{Error, Malformed, PeerFailure, Result, SettingError};
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
+use crate::proto::{self, Action, Body, Core, Mode, Outcome, PostError, RecvId, Remote, SendId};
 use crate::roles;
 use crate::store::Store;
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
@@ -377,139 +382,46 @@ struct PeerRoute {
     addr: FiAddr,
 }
 
-/// A message that arrived before its receive was posted (or one taken out by a matched
-/// probe, [`Message`]).
-#[derive(Debug)]
-struct Unexpected {
-    /// The context id of the communicator it was sent on.
-    ctx: u32,
-    /// The sender's world rank.
-    src: u32,
-    tag: u32,
-    /// Its place in the order messages were queued (for putting it back, see
-    /// [`UnexpectedQueue::requeue`]).
-    arrival: u64,
-    body: Body,
+/// Where control and eager messages to a peer go, and where they come from. Today every
+/// peer's go through its route's libfabric endpoint (tagged messages with
+/// [`CTRL_TAG`] into posted receive buffers). Another carrier of small ordered messages
+/// (a same-host shared-memory ring, crate `efa-shm`) plugs in as a variant: the send side
+/// is [`Engine::send_ctrl_with`], which matches on the peer's carrier, and the receive side
+/// is [`Engine::progress_round`], which polls every carrier and hands each message (its
+/// header and payload bytes) to [`Engine::on_control`]. Rendezvous data always moves by RMA read on
+/// the peer's [`PeerRoute`] endpoint, whatever carries its control messages. The protocol
+/// core restores each sender's order across carriers (sequence numbers), so one peer's
+/// messages may use several carriers at once.
+#[derive(Debug, Clone, Copy)]
+enum Carrier {
+    /// A libfabric endpoint: port index and the peer's address in its address vector.
+    Port { port: usize, addr: FiAddr },
 }
 
-#[derive(Debug)]
-enum Body {
-    /// The whole payload.
-    Eager(Vec<u8>),
-    /// A rendezvous announcement of `len` bytes.
-    Rts { len: usize, rndv: u32 },
-}
-
-impl Unexpected {
-    /// Payload length in bytes.
-    fn len(&self) -> usize {
-        match &self.body {
-            Body::Eager(d) => d.len(),
-            Body::Rts { len, .. } => *len,
-        }
-    }
-}
-
-/// Messages that arrived before a receive matched them, oldest first. Pure logic (no I/O),
-/// unit-tested below.
+/// What the executor keeps for one receive, alongside the core's state (indexed by
+/// [`RecvId::index`]).
 #[derive(Debug, Default)]
-struct UnexpectedQueue {
-    queue: VecDeque<Unexpected>,
-    /// Messages queued so far (numbers [`Unexpected::arrival`]).
-    arrivals: u64,
-}
-
-impl UnexpectedQueue {
-    fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Queues a message that no posted receive matched.
-    fn push(&mut self, mut msg: Unexpected) {
-        msg.arrival = self.arrivals;
-        self.arrivals += 1;
-        self.queue.push_back(msg);
-    }
-
-    /// The oldest message that a receive on `ctx` from `src` (a world rank) with `tag`
-    /// would get.
-    fn find(&self, ctx: u32, src: Source, tag: Tag) -> Option<&Unexpected> {
-        self.queue.iter().find(|u| matches(ctx, src, tag, u))
-    }
-
-    /// Takes out the message [`UnexpectedQueue::find`] would return.
-    fn take(&mut self, ctx: u32, src: Source, tag: Tag) -> Option<Unexpected> {
-        let i = self.queue.iter().position(|u| matches(ctx, src, tag, u))?;
-        self.queue.remove(i)
-    }
-
-    /// Puts back a message taken out by a matched probe, at the place it had: a later
-    /// receive gets it in the order it would have had (non-overtaking).
-    fn requeue(&mut self, msg: Unexpected) {
-        let at = self
-            .queue
-            .iter()
-            .position(|u| u.arrival > msg.arrival)
-            .unwrap_or(self.queue.len());
-        self.queue.insert(at, msg);
-    }
-}
-
-/// A sequence-numbered message, processed in the sender's order.
-enum Ordered {
-    /// An eager message or RTS, matched against receives.
-    Msg(Unexpected),
-    /// The sender's last message: it is finalizing.
-    Fin,
-}
-
-enum RecvState {
-    Posted,
-    /// Rendezvous data being received into `data`.
-    Receiving {
-        chunks: Vec<Pending<BufPrefix<Vec<u8>>>>,
-    },
-    Done,
-    Failed(Error),
-}
-
-struct RecvOp {
-    /// Context id of the communicator it was posted on.
-    ctx: u32,
-    /// World rank, or any.
-    src: Source,
-    tag: Tag,
-    capacity: usize,
+struct RecvSlot {
+    /// The received bytes (an eager payload's buffer, or the read target), until the
+    /// request takes them.
     data: Vec<u8>,
-    status: Option<Status>,
-    state: RecvState,
-    /// Its request was dropped (or its wait failed) after a rendezvous message matched
-    /// it: the engine finishes the transfer on its own into its pool buffers, so that the
-    /// sender completes, and then discards the data and forgets the operation
-    /// ([`Engine::cancel_recv`]).
-    orphan: bool,
+    /// The transport error behind a failed read.
+    error: Option<Error>,
 }
 
-enum SendState {
-    /// Waiting for the receiver's CTS.
-    WaitCts {
-        data: Arc<Vec<u8>>,
-    },
-    Sending {
-        chunks: Vec<Pending<SharedSlice>>,
-        /// The payload, returned to the buffer pool when every chunk is done.
-        data: Arc<Vec<u8>>,
-    },
-    Done,
-    Failed(Error),
+/// A rendezvous read under way into a receive's engine-owned buffer (copy path: the bytes
+/// reach the user's buffer in its `wait`).
+struct ReadOp {
+    recv: RecvId,
+    peer: u32,
+    len: usize,
+    chunks: Vec<Pending<BufPrefix<Vec<u8>>>>,
 }
 
-struct SendOp {
-    /// Context id of the communicator it was started on.
-    ctx: u32,
-    dest: u32,
-    tag: u32,
-    state: SendState,
+/// A send's exposed buffer: a registered copy of its data that the receiver reads.
+struct ExposedBuf {
+    port: usize,
+    buf: RegisteredBuf,
 }
 
 /// An eager send or control message in flight (its request, if any, is already complete).
@@ -519,23 +431,31 @@ struct Background {
     op: Pending<BufPrefix<RegisteredBuf>>,
 }
 
+/// The executor of the protocol core ([`crate::proto`]) on libfabric endpoints: it feeds
+/// the core posts and arriving messages, carries out the core's actions, and owns every
+/// buffer, endpoint and failure detector (liveness checks, pings, failure notices).
 struct Engine {
     rank: u32,
     ports: Vec<Port>,
+    /// The endpoint of each peer's route (for rendezvous reads and RMA).
     peers: Vec<PeerRoute>,
-    next_seq: Vec<u32>,
-    expected_seq: Vec<u32>,
-    /// Messages that arrived ahead of their sequence number, per source.
-    reorder: Vec<BTreeMap<u32, Ordered>>,
-    posted: VecDeque<u64>,
-    unexpected: UnexpectedQueue,
-    recvs: HashMap<u64, RecvOp, IdHash>,
-    sends: HashMap<u64, SendOp, IdHash>,
-    /// Rendezvous id -> send request id.
-    rndv_sends: HashMap<u32, u64>,
+    /// Where each peer's control and eager messages go.
+    carriers: Vec<Carrier>,
+    /// Matching, ordering, rendezvous, flow control and finalize.
+    core: Core<Vec<u8>>,
+    /// Per receive slot of the core.
+    recv_slots: Vec<RecvSlot>,
+    /// Per send slot of the core: its exposed buffer while a rendezvous is announced.
+    exposed: Vec<Option<ExposedBuf>>,
+    /// Reads under way.
+    reads: Vec<ReadOp>,
+    /// Free eager-payload buffers (capacity: the largest eager limit), reused.
+    small: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `small`.
+    small_cap: usize,
+    /// Free exposed buffers per port, reused for rendezvous sends.
+    exposed_free: Vec<Vec<RegisteredBuf>>,
     background: Vec<Background>,
-    next_id: u64,
-    next_rndv: u32,
     scratch: Vec<u8>,
     ctx: u32,
     /// Completions seen so far (for backoff decisions).
@@ -544,8 +464,6 @@ struct Engine {
     notifications: VecDeque<u64>,
     /// Large rendezvous buffers kept for reuse.
     pool: BufPool,
-    /// Finalize progress, per peer.
-    fin: Vec<FinState>,
     /// `finalize` has completed: no new operations.
     finalized: bool,
     /// Every rank's process, whether it shares this host, and which ranks failed; shared
@@ -566,6 +484,11 @@ struct Engine {
     broken: bool,
 }
 
+/// Free eager-payload buffers kept ([`Engine::small`]).
+const SMALL_KEEP: usize = 256;
+/// Free exposed (rendezvous) buffers kept per endpoint ([`Engine::exposed_free`]).
+const EXPOSED_KEEP: usize = 16;
+
 /// How often blocked ranks look at same-host peers' processes.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 /// How often ranks with pending operations probe the peers on other hosts they involve.
@@ -574,38 +497,6 @@ const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// rendezvous data moves between it and this rank, is unreachable. (`tcp;ofi_rxm` keeps its
 /// queue full so while it tries to reconnect to a process that is gone.)
 const PROBE_REFUSED_LIMIT: Duration = Duration::from_secs(1);
-
-/// Where the finalize handshake with one peer stands.
-#[derive(Debug, Default, Clone, Copy)]
-struct FinState {
-    /// The peer's `Fin` was processed (so were all its messages before it).
-    got_fin: bool,
-    /// This rank acknowledged the peer's `Fin`.
-    sent_ack: bool,
-    /// The peer acknowledged this rank's `Fin`.
-    got_ack: bool,
-}
-
-/// Request ids are sequential integers: hashing them with SipHash (the std default) costs
-/// more than the lookup. This passes the id through.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type IdHash = std::hash::BuildHasherDefault<IdHasher>;
 
 /// Large buffers kept for reuse. Allocations above glibc's mmap threshold (128 KiB) are
 /// fresh mappings each time: every rendezvous would pay an mmap, a page fault per page and
@@ -636,18 +527,6 @@ impl BufPool {
             .min_by_key(|(_, v)| v.capacity())
             .map(|(i, _)| i)?;
         Some(self.free.swap_remove(best))
-    }
-
-    /// A buffer holding a copy of `data`.
-    fn take_filled(&mut self, data: &[u8]) -> Vec<u8> {
-        match self.take(data.len()) {
-            Some(mut v) => {
-                v.clear();
-                v.extend_from_slice(data);
-                v
-            }
-            None => data.to_vec(),
-        }
     }
 
     /// An empty buffer with room for `cap` bytes.
@@ -844,10 +723,7 @@ impl Inner {
                     match e.unfinished_send() {
                         Some(p) => Some(("finalize: waiting for a send to complete", p)),
                         None => {
-                            for p in (0..self.size).filter(|&p| p != self.rank) {
-                                let h = e.fin_header(Kind::Fin, p);
-                                e.send_ctrl_with(p, &h, &[], false)?;
-                            }
+                            e.send_fins()?;
                             sent_fin = true;
                             e.finalize_step()?
                                 .map(|p| ("finalize: waiting for the peer to finalize", p))
@@ -860,7 +736,7 @@ impl Inner {
             };
             let Some((op, peer)) = waiting else {
                 let e = lock_engine(&self.engine);
-                let unread = e.unexpected.len();
+                let unread = e.core.unexpected_len();
                 if unread > 0 {
                     tracing::warn!(
                         rank = self.rank,
@@ -1087,7 +963,7 @@ impl Communicator {
             &self,
             "finalize: waiting for a send to complete",
             None,
-            |e| e.unfinished_send_on(ctx).is_none(),
+            |e| e.core.unfinished_send_on(ctx).is_none(),
         )
     }
 
@@ -1252,7 +1128,7 @@ impl Communicator {
         let id = self.engine().start_send(data, dest, tag, ctx)?;
         Ok(SendRequest {
             comm: self.clone(),
-            id,
+            id: Some(id),
             dest,
         })
     }
@@ -1274,7 +1150,7 @@ impl Communicator {
         let id = self.engine().start_recv(src, tag, ctx, buf.len())?;
         Ok(RecvRequest {
             comm: self.clone(),
-            id,
+            id: Some(id),
             src,
             buf: Some(buf),
             elem,
@@ -1463,7 +1339,8 @@ impl<'a> From<RecvRequest<'a>> for P2pRequest<'a> {
 #[must_use = "a send request should be waited for to learn its outcome"]
 pub struct SendRequest {
     comm: Communicator,
-    id: u64,
+    /// `None` once waited for (consumed).
+    id: Option<SendId>,
     dest: u32,
 }
 
@@ -1475,7 +1352,7 @@ impl SendRequest {
     pub fn test(&mut self) -> Result<bool> {
         let mut e = self.comm.engine();
         e.progress()?;
-        Ok(e.send_finished(self.id))
+        Ok(self.id.is_none_or(|id| e.core.send_finished(id)))
     }
 
     /// Waits for the send to complete, up to the communicator's timeout.
@@ -1484,32 +1361,25 @@ impl SendRequest {
     /// [`Error::Timeout`] naming the peer; [`Error::PeerFailed`]; fabric errors. (A
     /// truncation is reported to the receiver only.)
     pub fn wait(mut self) -> Result<()> {
+        let Some(id) = self.id else {
+            return Ok(());
+        };
         let comm = self.comm.clone();
-        let id = self.id;
-        wait_loop(&comm, "send", Some(self.dest), |e| e.send_finished(id))?;
-        let state = comm.engine().sends.remove(&id);
+        wait_loop(&comm, "send", Some(self.dest), |e| e.core.send_finished(id))?;
         // Consumed: the drop below has nothing left to detach. (Not `mem::forget`, which
         // would leak this request's clone of the communicator, so the communicator would
         // never be dropped and never finalize.)
-        self.id = 0;
-        match state.map(|s| s.state) {
-            Some(SendState::Failed(e)) => Err(e),
-            _ => Ok(()),
-        }
+        self.id = None;
+        let res = comm.engine().take_send(id);
+        res
     }
 }
 
 impl Drop for SendRequest {
     fn drop(&mut self) {
-        if self.id == 0 {
-            return;
-        }
         // Forget the outcome; in-flight data stays owned by the engine until done.
-        let mut e = self.comm.engine();
-        if e.send_finished(self.id) {
-            e.sends.remove(&self.id);
-        } else if let Some(op) = e.sends.get_mut(&self.id) {
-            op.tag = u32::MAX; // detached: removed when it finishes
+        if let Some(id) = self.id.take() {
+            self.comm.engine().core.drop_send(id);
         }
     }
 }
@@ -1520,7 +1390,8 @@ impl Drop for SendRequest {
 #[must_use = "a receive request must be waited for"]
 pub struct RecvRequest<'a> {
     comm: Communicator,
-    id: u64,
+    /// `None` once waited for (consumed) or forgotten.
+    id: Option<RecvId>,
     src: Source,
     buf: Option<&'a mut [u8]>,
     elem: usize,
@@ -1534,7 +1405,7 @@ impl RecvRequest<'_> {
     pub fn test(&mut self) -> Result<bool> {
         let mut e = self.comm.engine();
         e.progress()?;
-        Ok(e.recv_finished(self.id))
+        Ok(self.id.is_none_or(|id| e.core.recv_finished(id)))
     }
 
     /// Cancels the receive if no message has matched it yet (`MPI_Cancel`): `true` when
@@ -1545,10 +1416,10 @@ impl RecvRequest<'_> {
     /// # Errors
     /// None today (see [`AnyRequest::cancel`]).
     pub fn cancel(&mut self) -> Result<bool> {
-        if self.id == 0 {
+        let Some(id) = self.id else {
             return Ok(false);
-        }
-        Ok(self.comm.engine().cancel_posted(self.id))
+        };
+        Ok(self.comm.engine().core.cancel_recv(id))
     }
 
     /// Waits for the message, copies it into the buffer and returns its status.
@@ -1562,50 +1433,54 @@ impl RecvRequest<'_> {
             Source::Any => None,
         };
         let comm = self.comm.clone();
-        let id = self.id;
-        if let Err(e) = wait_loop(&comm, "recv", peer, |e| e.recv_finished(id)) {
+        let Some(id) = self.id.take() else {
+            return Err(Error::Internal {
+                what: "a receive request was waited for twice",
+            });
+        };
+        if let Err(e) = wait_loop(&comm, "recv", peer, |e| e.core.recv_finished(id)) {
             comm.engine().cancel_recv(id);
-            self.id = 0;
             return Err(e);
         }
-        let op = comm.engine().recvs.remove(&id);
-        self.id = 0;
-        let op = op.expect("finished receive is present");
-        match op.state {
+        let res = comm.engine().take_recv(id);
+        let (st, data) = match res {
             // The buffer was this receive's: the sender is named in this communicator's ranks.
-            RecvState::Failed(Error::Truncated {
+            Err(Error::Truncated {
                 expected,
                 got,
                 peer,
                 tag,
-            }) => Err(Error::Truncated {
-                expected,
-                got,
-                peer: comm.group.local_of[peer as usize],
-                tag,
-            }),
-            RecvState::Failed(e) => Err(e),
-            _ => {
-                let status = comm.local_status(op.status.expect("completed receive has a status"));
-                if !status.len.is_multiple_of(self.elem.max(1)) {
-                    return Err(Error::ElementSize {
-                        bytes: status.len,
-                        elem: self.elem,
-                    });
-                }
-                let buf = self.buf.take().expect("buffer present until wait");
-                buf[..status.len].copy_from_slice(&op.data[..status.len]);
-                comm.engine().pool.put(op.data);
-                Ok(status)
+            }) => {
+                return Err(Error::Truncated {
+                    expected,
+                    got,
+                    peer: comm.group.local_of[peer as usize],
+                    tag,
+                })
             }
-        }
+            Err(e) => return Err(e),
+            Ok(x) => x,
+        };
+        let status = comm.local_status(st);
+        let res = if !status.len.is_multiple_of(self.elem.max(1)) {
+            Err(Error::ElementSize {
+                bytes: status.len,
+                elem: self.elem,
+            })
+        } else {
+            let buf = self.buf.take().expect("buffer present until wait");
+            buf[..status.len].copy_from_slice(&data[..status.len]);
+            Ok(status)
+        };
+        comm.engine().recycle(data);
+        res
     }
 }
 
 impl Drop for RecvRequest<'_> {
     fn drop(&mut self) {
-        if self.id != 0 {
-            self.comm.engine().cancel_recv(self.id);
+        if let Some(id) = self.id.take() {
+            self.comm.engine().cancel_recv(id);
         }
     }
 }
@@ -1871,21 +1746,28 @@ fn assemble(
         .map(|p| p.inject.max(HDR_LEN + p.eager))
         .max()
         .unwrap_or(HDR_LEN);
+    let small_cap = ports.iter().map(|p| p.eager).max().unwrap_or(0);
+    let carriers = peers
+        .iter()
+        .map(|r| Carrier::Port {
+            port: r.port,
+            addr: r.addr,
+        })
+        .collect();
+    let exposed_free = ports.iter().map(|_| Vec::new()).collect();
     let mut engine = Engine {
         rank,
         ports,
         peers,
-        next_seq: vec![0; size as usize],
-        expected_seq: vec![0; size as usize],
-        reorder: (0..size).map(|_| BTreeMap::new()).collect(),
-        posted: VecDeque::new(),
-        unexpected: UnexpectedQueue::default(),
-        recvs: HashMap::default(),
-        sends: HashMap::default(),
-        rndv_sends: HashMap::new(),
+        carriers,
+        core: Core::new(rank, size, proto::Config::default()),
+        recv_slots: Vec::new(),
+        exposed: Vec::new(),
+        reads: Vec::new(),
+        small: Vec::new(),
+        small_cap,
+        exposed_free,
         background: Vec::new(),
-        next_id: 1,
-        next_rndv: 1,
         // Control messages are assembled here when they are injected: as large as the
         // largest inject size or eager message of any endpoint.
         scratch: vec![0u8; scratch_len],
@@ -1893,7 +1775,6 @@ fn assemble(
         events: 0,
         notifications: VecDeque::new(),
         pool: BufPool::default(),
-        fin: vec![FinState::default(); size as usize],
         finalized: false,
         live,
         failure: None,
@@ -2078,6 +1959,13 @@ impl Engine {
         (r.port, r.addr)
     }
 
+    /// The largest eager payload to `peer`: its carrier's.
+    fn eager_limit(&self, peer: u32) -> usize {
+        match self.carriers[peer as usize] {
+            Carrier::Port { port, .. } => self.ports[port].eager,
+        }
+    }
+
     /// Sends a control message (header + payload) to `dest`: inject when it fits, else
     /// through a bounce buffer tracked in the background.
     fn send_ctrl(&mut self, dest: u32, hdr: &Header, payload: &[u8]) -> Result<()> {
@@ -2094,7 +1982,7 @@ impl Engine {
         payload: &[u8],
         inject: bool,
     ) -> Result<()> {
-        let (port, addr) = self.route(dest);
+        let Carrier::Port { port, addr } = self.carriers[dest as usize];
         let total = HDR_LEN + payload.len();
         let p = &mut self.ports[port];
         if inject && total <= p.inject {
@@ -2168,98 +2056,319 @@ impl Engine {
         }
     }
 
-    /// Starts a send of `data` to world rank `dest` on context `ctx`.
-    fn start_send(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<u64> {
+    /// The error for a post the core refused.
+    fn post_error(&self, e: PostError) -> Error {
+        match e {
+            PostError::Failed => self.failure_error().unwrap_or(Error::Internal {
+                what: "the protocol core reports a failure that the engine did not record",
+            }),
+            PostError::PeerFinalized(rank) => Error::PeerFinalized { rank },
+            PostError::TooMany => Error::Internal {
+                what: "more than 16 Mi point-to-point requests in flight",
+            },
+        }
+    }
+
+    /// Starts a send of `data` to world rank `dest` on context `ctx`: eager (the data is
+    /// copied into the message), or rendezvous (the data is copied into an exposed buffer
+    /// that the receiver reads).
+    fn start_send(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<SendId> {
         self.start_send_inner(data, dest, tag, ctx)
             .map_err(|e| self.upgrade(e))
     }
 
-    fn start_send_inner(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<u64> {
+    fn start_send_inner(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<SendId> {
         self.check_open()?;
-        if self.fin[dest as usize].got_fin {
-            return Err(Error::PeerFinalized { rank: dest });
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        let seq = self.next_seq[dest as usize];
-        self.next_seq[dest as usize] = seq.wrapping_add(1);
-        let mut hdr = Header {
-            kind: Kind::Eager,
-            flags: 0,
-            src: self.rank,
-            tag,
-            seq,
-            len: data.len() as u64,
-            rndv: 0,
-            ctx,
+        let limit = self.eager_limit(dest);
+        let st = self
+            .core
+            .post_send(dest, ctx, tag, data.len(), limit)
+            .map_err(|e| self.post_error(e))?;
+        let sent = match st.mode {
+            Mode::Eager => self.send_ctrl(dest, &st.header, data),
+            Mode::Rendezvous => self.expose(st.id, dest, data).and_then(|remote| {
+                let mut payload = [0u8; wire::RTS_PAYLOAD];
+                payload[..8].copy_from_slice(&remote.addr.to_le_bytes());
+                payload[8..].copy_from_slice(&remote.key.to_le_bytes());
+                self.send_ctrl(dest, &st.header, &payload)
+            }),
         };
-        let (port, _) = self.route(dest);
-        if data.len() <= self.slot_len(port) - HDR_LEN {
-            self.send_ctrl(dest, &hdr, data)?;
-            self.sends.insert(
-                id,
-                SendOp {
-                    ctx,
-                    dest,
-                    tag,
-                    state: SendState::Done,
-                },
-            );
-            return Ok(id);
+        if let Err(e) = sent {
+            self.core.forget_send(st.id);
+            self.unexpose(st.id);
+            return Err(e);
         }
-        let rndv = self.next_rndv;
-        self.next_rndv = self.next_rndv.wrapping_add(1).max(1) & 0xF_FFFF;
-        hdr.kind = Kind::Rts;
-        hdr.rndv = rndv;
-        self.send_ctrl(dest, &hdr, &[])?;
-        self.rndv_sends.insert(rndv, id);
-        self.sends.insert(
-            id,
-            SendOp {
-                ctx,
-                dest,
-                tag,
-                state: SendState::WaitCts {
-                    data: Arc::new(self.pool.take_filled(data)),
-                },
-            },
-        );
-        Ok(id)
+        Ok(st.id)
+    }
+
+    /// Copies `data` into a registered buffer that `dest` may read, kept for send `id`.
+    fn expose(&mut self, id: SendId, dest: u32, data: &[u8]) -> Result<Remote> {
+        let (port, _) = self.route(dest);
+        let free = &mut self.exposed_free[port];
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= data.len())
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        let mut buf = match best {
+            Some(i) => free.swap_remove(i),
+            None => {
+                let p = &self.ports[port];
+                RegisteredBuf::new(
+                    p.ep.domain(),
+                    data.len().max(1),
+                    Access::REMOTE_READ,
+                    Some(&p.ep),
+                )
+                .map_err(|e| Error::fabric("registering a rendezvous buffer", Some(dest), e))?
+            }
+        };
+        buf[..data.len()].copy_from_slice(data);
+        let r = buf.remote();
+        if self.exposed.len() < self.core.send_slots() {
+            self.exposed.resize_with(self.core.send_slots(), || None);
+        }
+        self.exposed[id.index()] = Some(ExposedBuf { port, buf });
+        Ok(Remote {
+            addr: r.addr,
+            key: r.key,
+        })
+    }
+
+    /// Send `id`'s exposed buffer is read by nobody any more: kept for reuse (a few per
+    /// endpoint, none above [`BufPool::MAX`]).
+    fn unexpose(&mut self, id: SendId) {
+        let Some(ExposedBuf { port, buf }) =
+            self.exposed.get_mut(id.index()).and_then(Option::take)
+        else {
+            return;
+        };
+        let free = &mut self.exposed_free[port];
+        if free.len() < EXPOSED_KEEP && buf.len() <= BufPool::MAX {
+            free.push(buf);
+        }
     }
 
     /// Starts a receive from world rank `src` (or any) on context `ctx`.
-    fn start_recv(&mut self, src: Source, tag: Tag, ctx: u32, capacity: usize) -> Result<u64> {
+    fn start_recv(&mut self, src: Source, tag: Tag, ctx: u32, capacity: usize) -> Result<RecvId> {
         self.check_open()?;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.recvs.insert(
-            id,
-            RecvOp {
-                ctx,
-                src,
-                tag,
-                capacity,
-                data: Vec::new(),
-                status: None,
-                state: RecvState::Posted,
-                orphan: false,
-            },
-        );
-        // Search the messages already processed (oldest first). A message that has arrived
-        // but is not processed yet will match this receive in `posted` when it is: no
-        // progress call is needed here.
-        match self.unexpected.take(ctx, src, tag) {
-            Some(u) => self.deliver(id, u)?,
-            None => match src {
-                // Everything that rank sent has been processed: nothing can match any more.
-                Source::Rank(r) if self.fin[r as usize].got_fin => {
-                    self.recvs.get_mut(&id).expect("inserted above").state =
-                        RecvState::Failed(Error::PeerFinalized { rank: r });
-                }
-                _ => self.posted.push_back(id),
-            },
-        }
+        let id = self
+            .core
+            .post_recv(ctx, src, tag, capacity)
+            .map_err(|e| self.post_error(e))?;
+        self.drain()?;
         Ok(id)
+    }
+
+    /// Starts a receive of a message taken by a matched probe, into at most `capacity`
+    /// bytes.
+    fn start_recv_matched(
+        &mut self,
+        msg: proto::Message<Vec<u8>>,
+        capacity: usize,
+    ) -> Result<RecvId> {
+        if let Err(e) = self.check_open() {
+            drop(msg);
+            return Err(e);
+        }
+        let id = self
+            .core
+            .recv_message(msg, capacity)
+            .map_err(|e| self.post_error(e));
+        self.drain()?;
+        id
+    }
+
+    /// Puts a matched probe's message back.
+    fn requeue(&mut self, msg: proto::Message<Vec<u8>>) {
+        self.core.requeue(msg);
+        if let Err(e) = self.drain() {
+            tracing::debug!("putting a probed message back: {e}");
+        }
+    }
+
+    /// A buffer for an eager payload (from the free list once warmed up).
+    fn take_small(&mut self) -> Vec<u8> {
+        match self.small.pop() {
+            Some(v) => v,
+            None => Vec::with_capacity(self.small_cap),
+        }
+    }
+
+    /// Takes back a buffer the engine handed out (eager payloads, read targets).
+    fn recycle(&mut self, mut v: Vec<u8>) {
+        if v.capacity() >= self.small_cap && v.capacity() < BufPool::MIN {
+            if self.small.len() < SMALL_KEEP {
+                v.clear();
+                self.small.push(v);
+            }
+            return;
+        }
+        self.pool.put(v);
+    }
+
+    fn recv_slot(&mut self, id: RecvId) -> &mut RecvSlot {
+        if self.recv_slots.len() <= id.index() {
+            let n = self.core.recv_slots().max(id.index() + 1);
+            self.recv_slots.resize_with(n, RecvSlot::default);
+        }
+        &mut self.recv_slots[id.index()]
+    }
+
+    /// Carries out the core's actions. Every action is carried out; the first error is
+    /// returned.
+    fn drain(&mut self) -> Result<()> {
+        let mut first = None;
+        while let Some(a) = self.core.poll_action() {
+            let r = match a {
+                Action::Send { peer, header } => {
+                    // Finalize's messages are tracked sends (an inject may still sit in a
+                    // provider's queue when the endpoint closes).
+                    let inject = !matches!(header.kind, Kind::Fin | Kind::FinAck);
+                    self.send_ctrl_with(peer, &header, &[], inject)
+                }
+                Action::Deliver {
+                    recv,
+                    mut payload,
+                    len,
+                } => {
+                    payload.truncate(len);
+                    let old = std::mem::replace(&mut self.recv_slot(recv).data, payload);
+                    if old.capacity() > 0 {
+                        self.recycle(old);
+                    }
+                    Ok(())
+                }
+                Action::Release(p) => {
+                    self.recycle(p);
+                    Ok(())
+                }
+                Action::Read {
+                    recv,
+                    peer,
+                    remote,
+                    len,
+                } => {
+                    self.start_read(recv, peer, remote, len);
+                    Ok(())
+                }
+                Action::Unexpose(id) => {
+                    self.unexpose(id);
+                    Ok(())
+                }
+                Action::AbandonRead(recv) => {
+                    if let Some(i) = self.reads.iter().position(|r| r.recv == recv) {
+                        let op = self.reads.swap_remove(i);
+                        op.chunks.into_iter().for_each(Pending::abandon);
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Posts the RGET read of `len` bytes of `peer`'s exposed buffer into an engine buffer
+    /// for receive `recv` (in chunks of at most the provider's `max_msg_size`).
+    fn start_read(&mut self, recv: RecvId, peer: u32, remote: Remote, len: usize) {
+        if len == 0 {
+            self.core.read_done(recv);
+            return;
+        }
+        let (port, addr) = self.route(peer);
+        let region = efa_fabric::RemoteRegion {
+            addr: remote.addr,
+            key: remote.key,
+            len: len as u64,
+        };
+        let max = self.ports[port].max_msg;
+        let mut chunks = Vec::new();
+        for (off, clen) in wire::chunks(len, max) {
+            let buf = BufPrefix::new(self.pool.take_zeroed(clen), clen);
+            match self.ports[port].ep.read(buf, addr, &region, off as u64) {
+                Ok(p) => chunks.push(p),
+                Err(e) => {
+                    chunks.into_iter().for_each(Pending::abandon);
+                    self.read_failed(recv, peer, e.error);
+                    return;
+                }
+            }
+        }
+        self.reads.push(ReadOp {
+            recv,
+            peer,
+            len,
+            chunks,
+        });
+    }
+
+    /// A read failed: the receive fails with the transport's error (or the peer's failure).
+    fn read_failed(&mut self, recv: RecvId, peer: u32, source: efa_fabric::Error) {
+        self.core.read_failed(recv);
+        let err = self
+            .transport_failure(peer, source)
+            .unwrap_or_else(|source| Error::fabric("read", Some(peer), source));
+        if self.core.recv_live(recv) {
+            self.recv_slot(recv).error = Some(err);
+        }
+    }
+
+    /// Finishes the reads whose chunks have all completed.
+    fn reap_reads(&mut self) {
+        let mut i = 0;
+        while i < self.reads.len() {
+            if !self.reads[i].chunks.iter().all(|c| c.is_done()) {
+                i += 1;
+                continue;
+            }
+            let op = self.reads.swap_remove(i);
+            let single = op.chunks.len() == 1;
+            let mut data = if single {
+                Vec::new()
+            } else {
+                self.pool.take_empty(op.len)
+            };
+            let mut err = None;
+            for c in op.chunks {
+                match c.wait(Duration::ZERO) {
+                    Ok(d) if single => {
+                        data = d.buf.into_inner();
+                        data.truncate(op.len);
+                    }
+                    Ok(d) => {
+                        let v = d.buf.into_inner();
+                        data.extend_from_slice(&v[..d.len]);
+                        self.pool.put(v);
+                    }
+                    Err(e) => {
+                        err.get_or_insert(e.error);
+                    }
+                }
+            }
+            match err {
+                None => {
+                    self.core.read_done(op.recv);
+                    if self.core.recv_live(op.recv) {
+                        let old = std::mem::replace(&mut self.recv_slot(op.recv).data, data);
+                        self.recycle(old);
+                    } else {
+                        // Its request was dropped: the data is discarded.
+                        self.recycle(data);
+                    }
+                }
+                Some(e) => {
+                    self.recycle(data);
+                    self.read_failed(op.recv, op.peer, e);
+                }
+            }
+        }
     }
 
     fn check_open(&self) -> Result<()> {
@@ -2294,41 +2403,17 @@ impl Engine {
         if let Some(d) = self.live.dead.get(rank as usize) {
             d.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        let err = || Error::PeerFailed {
-            rank,
-            cause: cause.clone(),
-        };
-        self.posted.clear();
-        self.rndv_sends.clear();
-        // Their transfers are given up without waiting (`Pending::abandon`): a dead peer's
-        // may never complete, and dropping them would wait for each in turn.
-        for op in self.recvs.values_mut() {
-            if matches!(op.state, RecvState::Done | RecvState::Failed(_)) {
-                continue;
-            }
-            if let RecvState::Receiving { chunks } = &mut op.state {
-                chunks.drain(..).for_each(Pending::abandon);
-            }
-            op.state = RecvState::Failed(err());
-        }
-        // Receives whose requests are gone have no one to report to.
-        self.recvs.retain(|_, op| !op.orphan);
-        for op in self.sends.values_mut() {
-            if matches!(op.state, SendState::Done | SendState::Failed(_)) {
-                continue;
-            }
-            if let SendState::Sending { chunks, .. } = &mut op.state {
-                chunks.drain(..).for_each(Pending::abandon);
-            }
-            op.state = SendState::Failed(err());
+        // The core fails every pending operation; reads are abandoned without waiting
+        // (`Pending::abandon`): a dead peer's may never complete.
+        self.core.peer_failed();
+        if let Err(e) = self.drain() {
+            tracing::debug!("after a failure: {e}");
         }
         let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.background)
             .into_iter()
             .partition(|b| b.dest == rank);
         self.background = kept;
         lost.into_iter().for_each(|b| b.op.abandon());
-        // Detached sends that failed are forgotten.
-        self.sends.retain(|_, op| op.tag != u32::MAX);
         if tell {
             let (code, num, text) = match &cause {
                 PeerFailure::Exited { pid, host } => (
@@ -2366,7 +2451,7 @@ impl Engine {
                 ctx: self.ctx,
             };
             for p in 0..self.peers.len() as u32 {
-                if p == self.rank || p == rank || self.fin[p as usize].got_ack {
+                if p == self.rank || p == rank || self.core.peer_acked_fin(p) {
                     continue;
                 }
                 if let Err(e) = self.send_ctrl(p, &h, &text.as_bytes()[..end]) {
@@ -2413,7 +2498,11 @@ impl Engine {
     fn check_peers(&mut self) {
         for p in 0..self.live.procs.len() {
             let (proc_, same_host) = &self.live.procs[p];
-            if p as u32 == self.rank || !same_host || proc_.pid == 0 || self.fin[p].got_fin {
+            if p as u32 == self.rank
+                || !same_host
+                || proc_.pid == 0
+                || self.core.peer_finalized(p as u32)
+            {
                 continue;
             }
             if proc_.is_gone() {
@@ -2441,34 +2530,22 @@ impl Engine {
     /// failure is then reported like any other (see [`Engine::reap_background`]).
     fn ping_remote_peers(&mut self) {
         let mut want = vec![false; self.live.procs.len()];
-        let mut any = false;
-        for id in &self.posted {
-            match self.recvs.get(id).map(|op| op.src) {
-                Some(Source::Rank(r)) => want[r as usize] = true,
-                Some(Source::Any) => any = true,
-                None => {}
-            }
-        }
-        for op in self.sends.values() {
-            if matches!(op.state, SendState::WaitCts { .. }) {
-                want[op.dest as usize] = true;
-            }
-        }
         let mut bulk = vec![false; want.len()];
-        for op in self.recvs.values() {
-            if let (RecvState::Receiving { .. }, Some(st)) = (&op.state, op.status) {
-                want[st.source as usize] = true;
-                bulk[st.source as usize] = true;
+        let mut any = false;
+        self.core.for_each_awaited(|peer, moving| match peer {
+            Some(p) => {
+                want[p as usize] = true;
+                bulk[p as usize] |= moving;
             }
-        }
-        for op in self.sends.values() {
-            if matches!(op.state, SendState::Sending { .. }) {
-                bulk[op.dest as usize] = true;
-            }
-        }
+            None => any = true,
+        });
         for (p, wanted) in want.into_iter().enumerate() {
             let remote = !self.live.procs[p].1;
-            if p as u32 == self.rank || !remote || self.fin[p].got_fin || !(any || wanted) {
+            if p as u32 == self.rank
+                || !remote
+                || self.core.peer_finalized(p as u32)
+                || !(any || wanted)
+            {
                 continue;
             }
             // While rendezvous data moves to or from the peer, a full queue is congestion (a
@@ -2528,216 +2605,98 @@ impl Engine {
         Error::Timeout { op, peer, waited }
     }
 
-    /// A send to some peer that has not completed locally (its request or a background
-    /// bounce-buffer send), if any.
+    /// A send to some peer that has not completed locally (a rendezvous waiting for its
+    /// receiver, or a background bounce-buffer send), if any.
     fn unfinished_send(&self) -> Option<u32> {
-        self.sends
-            .values()
-            .find(|op| !matches!(op.state, SendState::Done | SendState::Failed(_)))
-            .map(|op| op.dest)
+        self.core
+            .unfinished_send()
             .or_else(|| self.background.first().map(|b| b.dest))
     }
 
-    /// Whether rendezvous data from `peer` is still being received.
-    fn receiving_from(&self, peer: u32) -> bool {
-        self.recvs.values().any(|op| {
-            matches!(op.state, RecvState::Receiving { .. })
-                && op.status.is_some_and(|s| s.source == peer)
-        })
+    /// Finalize's first step: a `Fin` to every peer (once).
+    fn send_fins(&mut self) -> Result<()> {
+        self.core.send_fins();
+        self.drain()
     }
 
-    fn fin_header(&mut self, kind: Kind, peer: u32) -> Header {
-        let seq = if kind == Kind::Fin {
-            let s = self.next_seq[peer as usize];
-            self.next_seq[peer as usize] = s.wrapping_add(1);
-            s
-        } else {
-            0
-        };
-        Header {
-            kind,
-            flags: 0,
-            src: self.rank,
-            tag: 0,
-            seq,
-            len: 0,
-            rndv: 0,
-            ctx: self.ctx,
-        }
-    }
-
-    /// One step of the finalize handshake: acknowledges every peer whose `Fin` has been
-    /// processed and whose rendezvous data has all arrived. Returns the first peer the
-    /// handshake still waits for, or `None` when it is complete and every handshake message
+    /// One step of the finalize handshake ([`Core::finalize_step`]). Returns the first
+    /// peer it still waits for, or `None` when it is complete and every handshake message
     /// has completed locally.
     fn finalize_step(&mut self) -> Result<Option<u32>> {
-        let mut waiting = None;
-        for p in 0..self.fin.len() as u32 {
-            if p == self.rank {
-                continue;
-            }
-            let f = self.fin[p as usize];
-            if f.got_fin && !f.sent_ack && !self.receiving_from(p) {
-                let h = self.fin_header(Kind::FinAck, p);
-                self.send_ctrl_with(p, &h, &[], false)?;
-                self.fin[p as usize].sent_ack = true;
-            }
-            let f = self.fin[p as usize];
-            if waiting.is_none() && !(f.sent_ack && f.got_ack) {
-                waiting = Some(p);
-            }
-        }
+        let waiting = self.core.finalize_step();
+        self.drain()?;
         Ok(waiting.or_else(|| self.background.first().map(|b| b.dest)))
     }
 
-    /// Starts a receive of a message already taken out of the queue (a matched probe's),
-    /// into at most `capacity` bytes.
-    fn start_recv_matched(&mut self, msg: Unexpected, capacity: usize) -> Result<u64> {
-        self.check_open()?;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.recvs.insert(
-            id,
-            RecvOp {
-                ctx: msg.ctx,
-                src: Source::Rank(msg.src),
-                tag: Tag::Is(msg.tag),
+    /// Forgets receive `id`, whose request is gone (dropped, or its wait failed): see
+    /// [`Core::drop_recv`]. A rendezvous read under way goes on into the engine's own
+    /// buffer (never the user's), so that the sender completes; its data is discarded.
+    fn cancel_recv(&mut self, id: RecvId) {
+        self.core.drop_recv(id);
+        if !self.core.recv_live(id) {
+            if let Some(s) = self.recv_slots.get_mut(id.index()) {
+                let d = std::mem::take(&mut s.data);
+                s.error = None;
+                if d.capacity() > 0 {
+                    self.recycle(d);
+                }
+            }
+        }
+    }
+
+    /// The outcome of finished send `id` (forgotten afterwards).
+    fn take_send(&mut self, id: SendId) -> Result<()> {
+        match self.core.take_send(id) {
+            Some(Outcome::Sent) | None => Ok(()),
+            Some(Outcome::TransferFailed(p)) => {
+                Err(self.failure_error().unwrap_or_else(|| Error::PeerFailed {
+                    rank: p,
+                    cause: PeerFailure::Unreachable {
+                        detail: "its read of the rendezvous data failed".into(),
+                        source: None,
+                    },
+                }))
+            }
+            Some(_) => Err(self.failure_error().unwrap_or(Error::Internal {
+                what: "a send failed but no failure is recorded",
+            })),
+        }
+    }
+
+    /// The outcome of finished receive `id` (forgotten afterwards): its status (world
+    /// ranks) and the engine buffer holding its data.
+    fn take_recv(&mut self, id: RecvId) -> Result<(Status, Vec<u8>)> {
+        let out = self.core.take_recv(id).ok_or(Error::Internal {
+            what: "a finished receive is no longer in the engine",
+        })?;
+        let slot = self.recv_slot(id);
+        let data = std::mem::take(&mut slot.data);
+        let error = slot.error.take();
+        let res = match out {
+            Outcome::Received(st) => return Ok((st, data)),
+            Outcome::Truncated {
                 capacity,
-                data: Vec::new(),
-                status: None,
-                state: RecvState::Posted,
-                orphan: false,
+                len,
+                src,
+                tag,
+            } => Error::Truncated {
+                expected: capacity,
+                got: len,
+                peer: src,
+                tag,
             },
-        );
-        self.deliver(id, msg)?;
-        Ok(id)
-    }
-
-    /// Cancels receive `id` if no message has matched it yet (`MPI_Cancel`): it then
-    /// completes with [`Error::Cancelled`]. False when a message already matched it.
-    fn cancel_posted(&mut self, id: u64) -> bool {
-        let Some(i) = self.posted.iter().position(|&p| p == id) else {
-            return false;
+            Outcome::Cancelled => Error::Cancelled,
+            Outcome::PeerFinalized(rank) => Error::PeerFinalized { rank },
+            Outcome::TransferFailed(_) | Outcome::PeerFailed | Outcome::Sent => error
+                .or_else(|| self.failure_error())
+                .unwrap_or(Error::Internal {
+                    what: "a receive failed but no failure is recorded",
+                }),
         };
-        self.posted.remove(i);
-        if let Some(op) = self.recvs.get_mut(&id) {
-            op.state = RecvState::Failed(Error::Cancelled);
+        if data.capacity() > 0 {
+            self.recycle(data);
         }
-        true
-    }
-
-    /// A send on context `ctx` that has not completed locally, if any: its world rank.
-    fn unfinished_send_on(&self, ctx: u32) -> Option<u32> {
-        self.sends
-            .values()
-            .find(|op| op.ctx == ctx && !matches!(op.state, SendState::Done | SendState::Failed(_)))
-            .map(|op| op.dest)
-    }
-
-    /// Forgets receive `id`, whose request is gone (dropped, or its wait failed). A receive
-    /// no message has matched is withdrawn; one that is complete is discarded. One whose
-    /// rendezvous data is being received keeps receiving it into the engine's own buffers
-    /// (never the user's, which are only written by [`RecvRequest::wait`]): cancelling its
-    /// chunk receives would leave the sender waiting for a receiver that never takes the
-    /// data, until the sender's deadline declares this rank failed. The message is thus
-    /// consumed and lost; [`Engine::reap_recvs`] drops the data when it has all arrived, and
-    /// the finalize handshake waits for it like for any receive ([`Engine::receiving_from`]).
-    fn cancel_recv(&mut self, id: u64) {
-        self.posted.retain(|&p| p != id);
-        match self.recvs.get_mut(&id) {
-            Some(op) if matches!(op.state, RecvState::Receiving { .. }) => op.orphan = true,
-            Some(_) => {
-                if let Some(op) = self.recvs.remove(&id) {
-                    self.pool.put(op.data);
-                }
-            }
-            None => {}
-        }
-    }
-
-    fn send_finished(&self, id: u64) -> bool {
-        match self.sends.get(&id) {
-            Some(op) => matches!(op.state, SendState::Done | SendState::Failed(_)),
-            None => true,
-        }
-    }
-
-    fn recv_finished(&self, id: u64) -> bool {
-        match self.recvs.get(&id) {
-            Some(op) => matches!(op.state, RecvState::Done | RecvState::Failed(_)),
-            None => true,
-        }
-    }
-
-    /// Hands a matched message to receive `id`.
-    fn deliver(&mut self, id: u64, msg: Unexpected) -> Result<()> {
-        let Some(op) = self.recvs.get_mut(&id) else {
-            return Ok(());
-        };
-        let Unexpected { src, tag, .. } = msg;
-        match msg.body {
-            Body::Eager(data) => {
-                if data.len() > op.capacity {
-                    op.state = RecvState::Failed(Error::Truncated {
-                        expected: op.capacity,
-                        got: data.len(),
-                        peer: src,
-                        tag,
-                    });
-                } else {
-                    op.status = Some(Status {
-                        source: src,
-                        tag,
-                        len: data.len(),
-                    });
-                    op.data = data;
-                    op.state = RecvState::Done;
-                }
-                Ok(())
-            }
-            Body::Rts { len, rndv } => {
-                let capacity = op.capacity;
-                let mut cts = Header {
-                    kind: Kind::Cts,
-                    flags: 0,
-                    src: self.rank,
-                    tag,
-                    seq: 0,
-                    len: capacity as u64,
-                    rndv,
-                    ctx: self.ctx,
-                };
-                if len > capacity {
-                    op.state = RecvState::Failed(Error::Truncated {
-                        expected: capacity,
-                        got: len,
-                        peer: src,
-                        tag,
-                    });
-                    cts.flags = wire::CTS_TRUNCATED;
-                    return self.send_ctrl(src, &cts, &[]);
-                }
-                let (port, addr) = self.route(src);
-                let max = self.ports[port].max_msg;
-                let mut chunks = Vec::new();
-                for (i, (_, clen)) in wire::chunks(len, max).into_iter().enumerate() {
-                    let buf = BufPrefix::new(self.pool.take_zeroed(clen), clen);
-                    let p = self.ports[port]
-                        .ep
-                        .trecv(buf, addr, wire::data_tag(src, rndv, i), 0)
-                        .map_err(|e| Error::fabric("recv", Some(src), e.error))?;
-                    chunks.push(p);
-                }
-                let op = self.recvs.get_mut(&id).expect("present");
-                op.status = Some(Status {
-                    source: src,
-                    tag,
-                    len,
-                });
-                op.state = RecvState::Receiving { chunks };
-                self.send_ctrl(src, &cts, &[])
-            }
-        }
+        Err(res)
     }
 
     /// One round of progress: read every CQ, then handle whatever completed.
@@ -2809,13 +2768,16 @@ impl Engine {
         }
         if any {
             self.reap_background();
-            self.reap_sends()?;
-            self.reap_recvs();
+            self.reap_reads();
+            // Reads that finished queued their ACKs.
+            self.drain()?;
         }
         Ok(())
     }
 
     fn reap_slots(&mut self, port: usize) -> Result<()> {
+        // Every buffer is posted again even when handling a message failed.
+        let mut first = None;
         for s in 0..self.ports[port].slots.len() {
             if !self.ports[port].slots[s]
                 .as_ref()
@@ -2831,13 +2793,8 @@ impl Engine {
                     done.buf
                 }
                 Ok(done) => {
-                    let res = Header::decode(&done.buf, done.len);
-                    match res {
-                        Ok(h) => {
-                            let payload = done.buf[HDR_LEN..done.len].to_vec();
-                            self.incoming(h, payload)?;
-                        }
-                        Err(e) => tracing::warn!("dropping malformed control message: {e}"),
+                    if let Err(e) = self.on_control(&done.buf[..done.len]) {
+                        first.get_or_insert(e);
                     }
                     done.buf
                 }
@@ -2851,146 +2808,60 @@ impl Engine {
             };
             self.post_slot(port, s, buf)?;
         }
-        Ok(())
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    fn incoming(&mut self, h: Header, payload: Vec<u8>) -> Result<()> {
+    /// A control or eager message (header and payload) arrived, by any carrier.
+    fn on_control(&mut self, msg: &[u8]) -> Result<()> {
+        let h = match Header::decode(msg, msg.len()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("dropping malformed control message: {e}");
+                return Ok(());
+            }
+        };
         if h.src as usize >= self.peers.len() {
             tracing::warn!(src = h.src, "control message from an unknown rank");
             return Ok(());
         }
-        match h.kind {
-            Kind::Cts => self.on_cts(h),
-            Kind::FinAck => {
-                self.fin[h.src as usize].got_ack = true;
-                Ok(())
-            }
+        let payload = &msg[HDR_LEN..];
+        let body = match h.kind {
             Kind::Failed => {
-                self.on_failed(&h, &payload);
-                Ok(())
-            }
-            Kind::Ping | Kind::Ack | Kind::Credit => Ok(()),
-            Kind::Eager | Kind::Rts | Kind::Fin => {
-                let body = match h.kind {
-                    Kind::Eager => Some(Body::Eager(payload)),
-                    Kind::Rts => Some(Body::Rts {
-                        len: h.len as usize,
-                        rndv: h.rndv,
-                    }),
-                    _ => None,
-                };
-                let msg = match body {
-                    Some(body) => Ordered::Msg(Unexpected {
-                        ctx: h.ctx,
-                        src: h.src,
-                        tag: h.tag,
-                        arrival: 0,
-                        body,
-                    }),
-                    None => Ordered::Fin,
-                };
-                let src = h.src as usize;
-                if h.seq != self.expected_seq[src] {
-                    self.reorder[src].insert(h.seq, msg);
-                    return Ok(());
-                }
-                self.matched_in_order(h.src, msg)?;
-                loop {
-                    let next = self.expected_seq[src];
-                    match self.reorder[src].remove(&next) {
-                        Some(m) => self.matched_in_order(h.src, m)?,
-                        None => break,
-                    }
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// A message whose turn it is: match it against posted receives or queue it.
-    fn matched_in_order(&mut self, src: u32, msg: Ordered) -> Result<()> {
-        self.expected_seq[src as usize] = self.expected_seq[src as usize].wrapping_add(1);
-        let msg = match msg {
-            Ordered::Msg(m) => m,
-            Ordered::Fin => {
-                self.fin[src as usize].got_fin = true;
-                // Receives waiting for this rank alone can never match now.
-                let recvs = &mut self.recvs;
-                self.posted.retain(|id| match recvs.get_mut(id) {
-                    Some(op) if op.src == Source::Rank(src) => {
-                        op.state = RecvState::Failed(Error::PeerFinalized { rank: src });
-                        false
-                    }
-                    _ => true,
-                });
+                self.on_failed(&h, payload);
                 return Ok(());
             }
+            Kind::Ping => return Ok(()),
+            Kind::Eager => {
+                let mut v = self.take_small();
+                v.clear();
+                v.extend_from_slice(payload);
+                Body::Eager(v)
+            }
+            Kind::Rts => {
+                if payload.len() != wire::RTS_PAYLOAD {
+                    tracing::warn!(
+                        src = h.src,
+                        len = payload.len(),
+                        "dropping an RTS without its buffer's address and key"
+                    );
+                    return Ok(());
+                }
+                let word =
+                    |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8 bytes"));
+                Body::Rts(Remote {
+                    addr: word(0),
+                    key: word(8),
+                })
+            }
+            Kind::Ack | Kind::Credit | Kind::Fin | Kind::FinAck => Body::Empty,
         };
-        let pos = self.posted.iter().position(|id| {
-            self.recvs
-                .get(id)
-                .is_some_and(|op| matches(op.ctx, op.src, op.tag, &msg))
-        });
-        match pos {
-            Some(i) => {
-                let id = self.posted.remove(i).expect("index from position");
-                self.deliver(id, msg)
-            }
-            None => {
-                self.unexpected.push(msg);
-                Ok(())
-            }
+        if let Err(e) = self.core.on_message(h, body) {
+            tracing::warn!(src = h.src, "dropping a control message: {e:?}");
         }
-    }
-
-    fn on_cts(&mut self, h: Header) -> Result<()> {
-        let Some(id) = self.rndv_sends.remove(&h.rndv) else {
-            tracing::warn!(rndv = h.rndv, peer = h.src, "CTS for an unknown rendezvous");
-            return Ok(());
-        };
-        let Some(op) = self.sends.get_mut(&id) else {
-            return Ok(());
-        };
-        let SendState::WaitCts { data } = &op.state else {
-            return Ok(());
-        };
-        let data = data.clone();
-        if h.flags & wire::CTS_TRUNCATED != 0 {
-            // The receiver reports the truncation; as in MPI, the send itself completes
-            // (for every size class alike), and no data moves.
-            tracing::debug!(
-                peer = h.src,
-                tag = op.tag,
-                len = data.len(),
-                capacity = h.len,
-                "rendezvous refused: the receive buffer is too small"
-            );
-            op.state = SendState::Done;
-            if let Ok(v) = Arc::try_unwrap(data) {
-                self.pool.put(v);
-            }
-            if op.tag == u32::MAX {
-                self.sends.remove(&id);
-            }
-            return Ok(());
-        }
-        let dest = op.dest;
-        let (port, addr) = self.route(dest);
-        let max = self.ports[port].max_msg;
-        let mut chunks = Vec::new();
-        for (i, (off, len)) in wire::chunks(data.len(), max).into_iter().enumerate() {
-            let p = self.ports[port]
-                .ep
-                .tsend(
-                    SharedSlice::new(data.clone(), off, len),
-                    addr,
-                    wire::data_tag(self.rank, h.rndv, i),
-                )
-                .map_err(|e| Error::fabric("send", Some(dest), e.error))?;
-            chunks.push(p);
-        }
-        self.sends.get_mut(&id).expect("present").state = SendState::Sending { chunks, data };
-        Ok(())
+        self.drain()
     }
 
     fn reap_background(&mut self) {
@@ -3014,55 +2885,6 @@ impl Engine {
         }
     }
 
-    fn reap_sends(&mut self) -> Result<()> {
-        let mut finished = Vec::new();
-        let mut lost = Vec::new();
-        for (&id, op) in self.sends.iter_mut() {
-            let SendState::Sending { chunks, data } = &mut op.state else {
-                continue;
-            };
-            if !chunks.iter().all(|c| c.is_done()) {
-                continue;
-            }
-            let mut err = None;
-            for c in chunks.drain(..) {
-                if let Err(e) = c.wait(Duration::ZERO) {
-                    err.get_or_insert(e.error);
-                }
-            }
-            // Every chunk's slice is dropped: this is the last reference to the payload.
-            let data = std::mem::take(data);
-            if let Ok(v) = Arc::try_unwrap(data) {
-                self.pool.put(v);
-            }
-            op.state = match err {
-                Some(e) => {
-                    lost.push((id, op.dest, e));
-                    // Replaced below, once the failure is classified.
-                    SendState::Failed(Error::Internal {
-                        what: "a failed send was not classified",
-                    })
-                }
-                None => SendState::Done,
-            };
-            if op.tag == u32::MAX {
-                finished.push(id);
-            }
-        }
-        for id in finished {
-            self.sends.remove(&id);
-        }
-        for (id, peer, source) in lost {
-            let err = self
-                .transport_failure(peer, source)
-                .unwrap_or_else(|source| Error::fabric("send", Some(peer), source));
-            if let Some(op) = self.sends.get_mut(&id) {
-                op.state = SendState::Failed(err);
-            }
-        }
-        Ok(())
-    }
-
     /// A transfer with `peer` failed in the transport (`source`): unless `peer` finalized,
     /// it has failed (exited, if its pid is gone on this host; else unreachable, keeping
     /// `source`), and every rank is told. Returns the error for the operation that saw it:
@@ -3073,7 +2895,7 @@ impl Engine {
         peer: u32,
         source: efa_fabric::Error,
     ) -> std::result::Result<Error, efa_fabric::Error> {
-        if peer == self.rank || self.fin[peer as usize].got_fin {
+        if peer == self.rank || self.core.peer_finalized(peer) {
             return Err(source);
         }
         let (proc_, same_host) = &self.live.procs[peer as usize];
@@ -3090,80 +2912,6 @@ impl Engine {
             what: "a peer was marked failed but no failure is recorded",
         }))
     }
-
-    fn reap_recvs(&mut self) {
-        let mut lost = Vec::new();
-        for (&id, op) in self.recvs.iter_mut() {
-            let RecvState::Receiving { chunks } = &mut op.state else {
-                continue;
-            };
-            if !chunks.iter().all(|c| c.is_done()) {
-                continue;
-            }
-            let src = op.status.map(|s| s.source);
-            let single = chunks.len() == 1;
-            let mut data = if single {
-                Vec::new()
-            } else {
-                self.pool.take_empty(op.status.map_or(0, |s| s.len))
-            };
-            let mut err = None;
-            for c in chunks.drain(..) {
-                match c.wait(Duration::ZERO) {
-                    Ok(d) if single => data = d.buf.into_inner(),
-                    Ok(d) => {
-                        let v = d.buf.into_inner();
-                        data.extend_from_slice(&v[..d.len]);
-                        self.pool.put(v);
-                    }
-                    Err(e) => {
-                        err.get_or_insert(e.error);
-                    }
-                }
-            }
-            match err {
-                Some(e) => match src {
-                    Some(peer) => {
-                        lost.push((id, peer, e));
-                        // Replaced below, once the failure is classified.
-                        op.state = RecvState::Failed(Error::Internal {
-                            what: "a failed receive was not classified",
-                        });
-                    }
-                    None => op.state = RecvState::Failed(Error::fabric("recv", None, e)),
-                },
-                None => {
-                    op.data = data;
-                    op.state = RecvState::Done;
-                }
-            }
-        }
-        for (id, peer, source) in lost {
-            let err = self
-                .transport_failure(peer, source)
-                .unwrap_or_else(|source| Error::fabric("recv", Some(peer), source));
-            if let Some(op) = self.recvs.get_mut(&id) {
-                op.state = RecvState::Failed(err);
-            }
-        }
-        self.discard_orphans();
-    }
-
-    /// Forgets the receives whose requests are gone ([`Engine::cancel_recv`]) once they
-    /// have finished: their data is discarded.
-    fn discard_orphans(&mut self) {
-        let done: Vec<u64> = self
-            .recvs
-            .iter()
-            .filter(|(_, op)| op.orphan && !matches!(op.state, RecvState::Receiving { .. }))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in done {
-            if let Some(op) = self.recvs.remove(&id) {
-                self.pool.put(op.data);
-            }
-        }
-    }
 }
 
 /// How a same-host peer whose process is gone failed.
@@ -3172,20 +2920,6 @@ fn exited(p: &placement::ProcessId) -> PeerFailure {
         pid: Some(p.pid),
         host: (!p.host.is_empty()).then(|| p.host.clone()),
     }
-}
-
-/// Whether a receive on context `want_ctx` from `want_src` (a world rank) with `want_tag`
-/// accepts `msg`. Messages of another communicator never match, wildcards included.
-fn matches(want_ctx: u32, want_src: Source, want_tag: Tag, msg: &Unexpected) -> bool {
-    want_ctx == msg.ctx
-        && (match want_src {
-            Source::Any => true,
-            Source::Rank(r) => r == msg.src,
-        })
-        && (match want_tag {
-            Tag::Any => msg.tag <= MAX_USER_TAG,
-            Tag::Is(t) => t == msg.tag,
-        })
 }
 
 // ---- Sub-communicators (`MPI_Comm_dup`, `MPI_Comm_split`). ----
@@ -3541,8 +3275,8 @@ impl Communicator {
     /// # Errors
     /// [`Error::InvalidRank`], [`Error::ReservedTag`]; [`Error::PeerFailed`], [`Error::Finalized`]; fabric errors.
     pub fn iprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Status>> {
-        self.probe_once(src.into(), tag.into(), |q, ctx, wsrc, tag| {
-            q.find(ctx, wsrc, tag).map(|u| self.unexpected_status(u))
+        self.probe_once(src.into(), tag.into(), |e, ctx, wsrc, tag| {
+            e.core.probe(ctx, wsrc, tag).map(|st| self.local_status(st))
         })
     }
 
@@ -3555,8 +3289,8 @@ impl Communicator {
     /// [`Error::Timeout`] when nothing arrives within the deadline; [`Error::PeerFinalized`]
     /// when `src` finalized without sending such a message; as [`Communicator::iprobe`].
     pub fn probe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Status> {
-        self.probe_until("probe", src.into(), tag.into(), |q, ctx, wsrc, tag| {
-            q.find(ctx, wsrc, tag).map(|u| self.unexpected_status(u))
+        self.probe_until("probe", src.into(), tag.into(), |e, ctx, wsrc, tag| {
+            e.core.probe(ctx, wsrc, tag).map(|st| self.local_status(st))
         })
     }
 
@@ -3568,8 +3302,8 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::iprobe`].
     pub fn improbe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Option<Message>> {
-        let msg = self.probe_once(src.into(), tag.into(), |q, ctx, wsrc, tag| {
-            q.take(ctx, wsrc, tag)
+        let msg = self.probe_once(src.into(), tag.into(), |e, ctx, wsrc, tag| {
+            e.core.mprobe(ctx, wsrc, tag)
         })?;
         Ok(msg.map(|m| self.message(m)))
     }
@@ -3580,8 +3314,8 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::probe`].
     pub fn mprobe(&self, src: impl Into<Source>, tag: impl Into<Tag>) -> Result<Message> {
-        let msg = self.probe_until("mprobe", src.into(), tag.into(), |q, ctx, wsrc, tag| {
-            q.take(ctx, wsrc, tag)
+        let msg = self.probe_until("mprobe", src.into(), tag.into(), |e, ctx, wsrc, tag| {
+            e.core.mprobe(ctx, wsrc, tag)
         })?;
         Ok(self.message(msg))
     }
@@ -3592,14 +3326,14 @@ impl Communicator {
         &self,
         src: Source,
         tag: Tag,
-        look: impl FnOnce(&mut UnexpectedQueue, u32, Source, Tag) -> Option<R>,
+        look: impl FnOnce(&mut Engine, u32, Source, Tag) -> Option<R>,
     ) -> Result<Option<R>> {
         self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let mut e = self.engine();
         e.check_open()?;
         e.progress()?;
-        Ok(look(&mut e.unexpected, self.group.ctx, wsrc, tag))
+        Ok(look(&mut e, self.group.ctx, wsrc, tag))
     }
 
     /// The probes' shared part, waiting (`MPI_Probe`/`MPI_Mprobe`): as
@@ -3609,27 +3343,19 @@ impl Communicator {
         op: &'static str,
         src: Source,
         tag: Tag,
-        mut look: impl FnMut(&mut UnexpectedQueue, u32, Source, Tag) -> Option<R>,
+        mut look: impl FnMut(&mut Engine, u32, Source, Tag) -> Option<R>,
     ) -> Result<R> {
         self.check_user_match(src, tag)?;
         let wsrc = self.world_source(src);
         let ctx = self.group.ctx;
-        self.poll_engine(op, wsrc, |e| Ok(look(&mut e.unexpected, ctx, wsrc, tag)))
+        self.poll_engine(op, wsrc, |e| Ok(look(e, ctx, wsrc, tag)))
     }
 
-    fn message(&self, msg: Unexpected) -> Message {
+    fn message(&self, msg: proto::Message<Vec<u8>>) -> Message {
         Message {
             comm: self.clone(),
-            status: self.unexpected_status(&msg),
+            status: self.local_status(msg.status()),
             msg: Some(msg),
-        }
-    }
-
-    fn unexpected_status(&self, u: &Unexpected) -> Status {
-        Status {
-            source: self.group.local_of[u.src as usize],
-            tag: u.tag,
-            len: u.len(),
         }
     }
 
@@ -3657,7 +3383,7 @@ impl Communicator {
                 if let Some(r) = f(&mut e)? {
                     return Ok(r);
                 }
-                if let Some(p) = peer.filter(|&p| e.fin[p as usize].got_fin) {
+                if let Some(p) = peer.filter(|&p| e.core.peer_finalized(p)) {
                     return Err(Error::PeerFinalized { rank: p });
                 }
                 if e.events != before {
@@ -3682,7 +3408,8 @@ impl Communicator {
 pub struct Message {
     comm: Communicator,
     status: Status,
-    msg: Option<Unexpected>,
+    /// `None` once received.
+    msg: Option<proto::Message<Vec<u8>>>,
 }
 
 impl Message {
@@ -3707,12 +3434,12 @@ impl Message {
     /// [`Error::PeerFailed`], [`Error::Finalized`], fabric errors.
     pub fn irecv<T: Pod>(mut self, buf: &mut [T]) -> Result<RecvRequest<'_>> {
         let msg = self.msg.take().expect("a message until received");
-        let src = Source::Rank(msg.src);
+        let src = Source::Rank(msg.status().source);
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf);
         let id = self.comm.engine().start_recv_matched(msg, bytes.len())?;
         Ok(RecvRequest {
             comm: self.comm.clone(),
-            id,
+            id: Some(id),
             src,
             buf: Some(bytes),
             elem: std::mem::size_of::<T>(),
@@ -3723,7 +3450,7 @@ impl Message {
 impl Drop for Message {
     fn drop(&mut self) {
         if let Some(msg) = self.msg.take() {
-            self.comm.engine().unexpected.requeue(msg);
+            self.comm.engine().requeue(msg);
         }
     }
 }
@@ -3931,80 +3658,33 @@ mod tests {
         }
     }
 
-    fn msg(ctx: u32, src: u32, tag: u32, arrival: u64) -> Unexpected {
-        Unexpected {
-            ctx,
-            src,
-            tag,
-            arrival,
-            body: Body::Eager(vec![0; 3]),
-        }
+    fn matches(ctx: u32, src: Source, tag: Tag, m: (u32, u32, u32)) -> bool {
+        proto::matches(ctx, src, tag, m.0, m.1, m.2)
     }
 
     #[test]
     fn wildcard_matching() {
-        let m = msg(0, 3, 5, 0);
-        assert!(matches(0, Source::Any, Tag::Any, &m));
-        assert!(matches(0, Source::Rank(3), Tag::Is(5), &m));
-        assert!(!matches(0, Source::Rank(2), Tag::Any, &m));
-        assert!(!matches(0, Source::Any, Tag::Is(4), &m));
+        let m = (0, 3, 5);
+        assert!(matches(0, Source::Any, Tag::Any, m));
+        assert!(matches(0, Source::Rank(3), Tag::Is(5), m));
+        assert!(!matches(0, Source::Rank(2), Tag::Any, m));
+        assert!(!matches(0, Source::Any, Tag::Is(4), m));
         // Reserved (internal) tags never match a user's Tag::Any.
-        assert!(!matches(
-            0,
-            Source::Any,
-            Tag::Any,
-            &msg(0, 3, MAX_USER_TAG + 1, 0)
-        ));
+        assert!(!matches(0, Source::Any, Tag::Any, (0, 3, MAX_USER_TAG + 1)));
     }
 
     #[test]
     fn contexts_never_match_each_other() {
-        let m = msg(7, 3, 5, 0);
-        assert!(matches(7, Source::Rank(3), Tag::Is(5), &m));
+        let m = (7, 3, 5);
+        assert!(matches(7, Source::Rank(3), Tag::Is(5), m));
         for ctx in [0, 6, 8, 7 | CREATE_CTX_BIT] {
-            assert!(!matches(ctx, Source::Any, Tag::Any, &m), "ctx {ctx}");
-            assert!(!matches(ctx, Source::Rank(3), Tag::Is(5), &m), "ctx {ctx}");
+            assert!(!matches(ctx, Source::Any, Tag::Any, m), "ctx {ctx}");
+            assert!(!matches(ctx, Source::Rank(3), Tag::Is(5), m), "ctx {ctx}");
         }
         // A communicator's creation traffic is not its user traffic either.
-        let c = msg(7 | CREATE_CTX_BIT, 3, 0, 0);
-        assert!(!matches(7, Source::Any, Tag::Any, &c));
-        assert!(!matches(7, Source::Any, Tag::Is(0), &c));
-    }
-
-    #[test]
-    fn unexpected_queue_keeps_order_and_contexts() {
-        let mut q = UnexpectedQueue::default();
-        // Rank 1 sends tags 4, 5, 4 on ctx 0; rank 2 tag 4 on ctx 3.
-        for (ctx, src, tag) in [(0, 1, 4), (0, 1, 5), (3, 2, 4), (0, 1, 4)] {
-            q.push(msg(ctx, src, tag, 0));
-        }
-        assert_eq!(q.len(), 4);
-        let first = |q: &UnexpectedQueue, ctx, src, tag| {
-            q.find(ctx, src, tag)
-                .map(|u| (u.ctx, u.src, u.tag, u.arrival))
-        };
-        assert_eq!(first(&q, 0, Source::Any, Tag::Any), Some((0, 1, 4, 0)));
-        assert_eq!(first(&q, 3, Source::Any, Tag::Any), Some((3, 2, 4, 2)));
-        assert_eq!(first(&q, 1, Source::Any, Tag::Any), None);
-        assert_eq!(first(&q, 0, Source::Rank(2), Tag::Is(4)), None);
-        // A matched probe takes the first tag-4 message, a receive then gets the tag-5 one;
-        // put back, the probed message is again the oldest, ahead of the later tag 4.
-        let probed = q.take(0, Source::Rank(1), Tag::Is(4)).unwrap();
-        assert_eq!(probed.arrival, 0);
-        assert_eq!(first(&q, 0, Source::Any, Tag::Any), Some((0, 1, 5, 1)));
-        let five = q.take(0, Source::Any, Tag::Is(5)).unwrap();
-        q.requeue(probed);
-        assert_eq!(first(&q, 0, Source::Any, Tag::Any), Some((0, 1, 4, 0)));
-        // Requeued into the middle: between older and newer messages.
-        let later = q.take(0, Source::Any, Tag::Any).unwrap();
-        assert_eq!(later.arrival, 0);
-        q.requeue(five);
-        q.requeue(later);
-        let order: Vec<u64> = std::iter::from_fn(|| q.take(0, Source::Any, Tag::Any))
-            .map(|u| u.arrival)
-            .collect();
-        assert_eq!(order, vec![0, 1, 3]);
-        assert_eq!(q.len(), 1, "ctx 3's message stays");
+        let c = (7 | CREATE_CTX_BIT, 3, 0);
+        assert!(!matches(7, Source::Any, Tag::Any, c));
+        assert!(!matches(7, Source::Any, Tag::Is(0), c));
     }
 
     #[test]

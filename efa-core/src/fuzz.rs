@@ -36,7 +36,7 @@ use crate::store::{
     self, FrameDecoder, Request, Shared, StoreToken, MAX_FRAME, ST_ERROR, ST_NOT_FOUND, ST_REFUSED,
     ST_VALUE,
 };
-use crate::wire::{FailCode, Header, Kind, CTS_TRUNCATED, HDR_LEN};
+use crate::wire::{FailCode, Header, Kind, ACK_TRUNCATED, HDR_LEN, RTS_PAYLOAD};
 
 /// The token of the token-holding server that [`store_server`] also runs (its seeds present
 /// it, so that fuzzing starts past the handshake).
@@ -383,8 +383,9 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             for (hdr, payload) in [
                 (h(Kind::Eager, 0, 5), 5usize),
                 (h(Kind::Eager, 0, 0), 0),
-                (h(Kind::Rts, 0, 1 << 30), 0),
-                (h(Kind::Cts, CTS_TRUNCATED, 4096), 0),
+                (h(Kind::Rts, 0, 1 << 30), RTS_PAYLOAD),
+                (h(Kind::Ack, ACK_TRUNCATED, 0), 0),
+                (h(Kind::Credit, 0, 32), 0),
                 (h(Kind::Fin, 0, 0), 0),
                 (h(Kind::FinAck, 0, 0), 0),
                 (h(Kind::Failed, FailCode::Exited as u8, 4242), 6),

@@ -98,6 +98,7 @@ pub mod error;
 pub mod fuzz;
 pub mod net;
 pub mod placement;
+pub(crate) mod proto;
 mod rma;
 pub mod roles;
 mod setting;
@@ -105,9 +106,6 @@ pub mod store;
 mod tag;
 pub mod window;
 pub mod wire;
-// Used by the communicator's executor; until it is wired, only its tests use it.
-#[allow(dead_code)]
-pub(crate) mod proto;
 
 pub use coll::{
     Algorithm, CollConfig, CollError, CollRequest, Element, LocOp, ReduceOp, Reduction, UserOp,

@@ -1,10 +1,12 @@
 //! The communicator's wire format: a 32-byte header in front of every control message.
 //!
 //! Messages up to the eager limit travel as one tagged message (header + payload) into
-//! receive buffers that each endpoint keeps posted. Larger ones use a rendezvous: the sender
-//! announces the message (`Rts`), the receiver matches it against a posted receive, posts a
-//! tagged receive for the data and answers (`Cts`); the sender then sends the payload, in
-//! chunks of at most the provider's `max_msg_size`, with tags from [`data_tag`].
+//! receive buffers that each endpoint keeps posted. Larger ones use an RGET rendezvous: the
+//! sender exposes a buffer holding the data and announces the message (`Rts`, carrying the
+//! buffer's address and key); the receiver matches it against a posted receive, reads the
+//! data (`fi_read`, in chunks of at most the provider's `max_msg_size`, see [`chunks`]) and
+//! answers `Ack`, which completes the send. The protocol decisions live in
+//! [`crate::proto`].
 //!
 //! Every eager and RTS message carries a per-(sender, receiver) sequence number, so that
 //! the receiver processes each sender's messages in the order they were sent (MPI's
@@ -19,24 +21,19 @@
 
 /// Header size in bytes.
 pub const HDR_LEN: usize = 32;
-/// Marks a header of this protocol (and its version).
-pub const MAGIC: u16 = 0xEFA1;
-/// The libfabric tag of every control message (eager, RTS, CTS).
+/// Marks a header of this protocol (and its version: 0xEFA2 since rendezvous is RGET).
+pub const MAGIC: u16 = 0xEFA2;
+/// The libfabric tag of every control message (eager, RTS, ACK, ...).
 pub const CTRL_TAG: u64 = 0;
-/// Bit set in every rendezvous data tag.
-pub const DATA_BIT: u64 = 1 << 63;
-/// Largest number of chunks one message may be split into.
-pub const MAX_CHUNKS: usize = 1 << 16;
 
 /// What a control message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Header followed by the whole payload.
     Eager,
-    /// Request to send: the payload follows after the receiver's CTS.
+    /// Request to send: the payload stays in the sender's exposed buffer, whose address
+    /// and key follow the header ([`RTS_PAYLOAD`] bytes); the receiver reads it (RGET).
     Rts,
-    /// Clear to send (or refusal, see [`Header::flags`]).
-    Cts,
     /// The sender is finalizing: it has sent its last message to this receiver. Carries a
     /// sequence number, so it is processed after every eager and RTS message sent before it.
     Fin,
@@ -95,7 +92,6 @@ impl Kind {
         match self {
             Kind::Eager => 1,
             Kind::Rts => 2,
-            Kind::Cts => 3,
             Kind::Fin => 4,
             Kind::FinAck => 5,
             Kind::Failed => 6,
@@ -108,7 +104,6 @@ impl Kind {
         match c {
             1 => Some(Kind::Eager),
             2 => Some(Kind::Rts),
-            3 => Some(Kind::Cts),
             4 => Some(Kind::Fin),
             5 => Some(Kind::FinAck),
             6 => Some(Kind::Failed),
@@ -120,8 +115,6 @@ impl Kind {
     }
 }
 
-/// CTS flag: the receive buffer is too small; no data will be accepted.
-pub const CTS_TRUNCATED: u8 = 1;
 /// ACK flag: the receive buffer was too small; nothing was read (the send completes, as in
 /// MPI: only the receiver reports the truncation).
 pub const ACK_TRUNCATED: u8 = 1;
@@ -143,9 +136,9 @@ pub struct Header {
     pub tag: u32,
     /// Per-(sender, receiver) sequence number (eager, RTS, FIN).
     pub seq: u32,
-    /// Payload length in bytes (eager, RTS); for a CTS, the receive buffer's capacity.
+    /// Payload length in bytes (eager, RTS); credits returned (credit).
     pub len: u64,
-    /// Rendezvous id chosen by the data sender (RTS, CTS).
+    /// Rendezvous id chosen by the data sender (RTS, ACK).
     pub rndv: u32,
     /// Communicator context, so that messages of different communicators never match.
     pub ctx: u32,
@@ -227,15 +220,6 @@ impl Header {
     }
 }
 
-/// The libfabric tag of chunk `chunk` of rendezvous `rndv` from rank `src`. Unique per
-/// (sender, rendezvous, chunk) among the messages one receiver has outstanding.
-pub fn data_tag(src: u32, rndv: u32, chunk: usize) -> u64 {
-    DATA_BIT
-        | (u64::from(src & 0xFF_FFFF) << 36)
-        | (u64::from(rndv & 0xF_FFFF) << 16)
-        | (chunk as u64 & 0xFFFF)
-}
-
 /// Splits `len` bytes into chunks of at most `max` bytes: (offset, length) pairs. A zero-length
 /// message is one empty chunk.
 pub fn chunks(len: usize, max: usize) -> Vec<(usize, usize)> {
@@ -270,7 +254,9 @@ mod tests {
         for (kind, len, msg) in [
             (Kind::Eager, 5, HDR_LEN + 5),
             (Kind::Rts, 1 << 40, HDR_LEN),
-            (Kind::Cts, 0, HDR_LEN),
+            (Kind::Ack, 0, HDR_LEN),
+            (Kind::Credit, 32, HDR_LEN),
+            (Kind::Rts, 5, HDR_LEN + RTS_PAYLOAD),
             (Kind::Fin, 0, HDR_LEN),
             (Kind::FinAck, 0, HDR_LEN),
             (Kind::Failed, 4242, HDR_LEN + 3),
@@ -294,28 +280,15 @@ mod tests {
                 actual: 3
             })
         ));
-        b[2] = 9;
-        assert_eq!(Header::decode(&b, HDR_LEN + 4), Err(WireError::Kind(9)));
+        b[2] = 3; // the retired CTS
+        assert_eq!(Header::decode(&b, HDR_LEN + 4), Err(WireError::Kind(3)));
+        b[2] = 10;
+        assert_eq!(Header::decode(&b, HDR_LEN + 4), Err(WireError::Kind(10)));
         b[0] = 0;
         assert!(matches!(
             Header::decode(&b, HDR_LEN + 4),
             Err(WireError::Magic(_))
         ));
-    }
-
-    #[test]
-    fn data_tags_are_distinct_and_never_control() {
-        let mut seen = std::collections::HashSet::new();
-        for src in [0, 1, 0xFF_FFFF] {
-            for rndv in [0, 1, 0xF_FFFF] {
-                for chunk in [0, 1, 0xFFFF] {
-                    let t = data_tag(src, rndv, chunk);
-                    assert_ne!(t, CTRL_TAG);
-                    assert!(t & DATA_BIT != 0);
-                    assert!(seen.insert(t), "duplicate tag for {src}/{rndv}/{chunk}");
-                }
-            }
-        }
     }
 
     #[test]

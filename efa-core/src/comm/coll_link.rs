@@ -18,8 +18,9 @@
 
 use std::time::Duration;
 
-use super::{Communicator, RecvState, SendRequest, Source, Status, Tag, MAX_USER_TAG};
+use super::{Communicator, SendRequest, Source, Status, Tag, MAX_USER_TAG};
 use crate::error::{Error, Result};
+use crate::proto::RecvId;
 
 /// A tag in the collectives' reserved range ([`crate::tag::coll_tag`]: bits 31..30 = `10`,
 /// then 18 bits of the call's sequence number and 12 bits of sub-tag (phase)).
@@ -92,7 +93,7 @@ impl CollLink {
             .start_recv(src, Tag::Is(tag.0), ctx, capacity)?;
         Ok(CollRecv {
             comm: self.comm.clone(),
-            id,
+            id: Some(id),
         })
     }
 
@@ -111,7 +112,7 @@ impl CollLink {
 
     /// Returns a buffer obtained from [`CollRecv::take`] to the engine's pool.
     pub(crate) fn recycle(&self, v: Vec<u8>) {
-        self.comm.engine().pool.put(v);
+        self.comm.engine().recycle(v);
     }
 }
 
@@ -122,7 +123,8 @@ pub(crate) struct CollSend(SendRequest);
 impl CollSend {
     /// Whether the send has completed (successfully or not), without progressing.
     pub(crate) fn is_finished(&self) -> bool {
-        self.0.comm.engine().send_finished(self.0.id)
+        let e = self.0.comm.engine();
+        self.0.id.is_none_or(|id| e.core.send_finished(id))
     }
 
     /// Its outcome (once [`CollSend::is_finished`]).
@@ -136,39 +138,30 @@ impl CollSend {
 #[derive(Debug)]
 pub(crate) struct CollRecv {
     comm: Communicator,
-    id: u64,
+    /// `None` once taken.
+    id: Option<RecvId>,
 }
 
 impl CollRecv {
     /// The status and data of the finished receive, `None` while it is still in flight.
     pub(crate) fn take(&mut self) -> Option<Result<(Status, Vec<u8>)>> {
         let mut e = self.comm.engine();
-        if self.id == 0 || !e.recv_finished(self.id) {
+        let id = self.id?;
+        if !e.core.recv_finished(id) {
             return None;
         }
-        let op = e.recvs.remove(&self.id);
-        self.id = 0;
-        Some(match op {
-            None => Err(Error::Internal {
-                what: "a finished receive is no longer in the engine",
-            }),
-            Some(op) => match op.state {
-                RecvState::Failed(err) => Err(err),
-                _ => {
-                    let status = op.status.expect("completed receive has a status");
-                    let mut data = op.data;
-                    data.truncate(status.len);
-                    Ok((self.comm.local_status(status), data))
-                }
-            },
-        })
+        self.id = None;
+        Some(e.take_recv(id).map(|(status, mut data)| {
+            data.truncate(status.len);
+            (self.comm.local_status(status), data)
+        }))
     }
 }
 
 impl Drop for CollRecv {
     fn drop(&mut self) {
-        if self.id != 0 {
-            self.comm.engine().cancel_recv(self.id);
+        if let Some(id) = self.id.take() {
+            self.comm.engine().cancel_recv(id);
         }
     }
 }

@@ -264,10 +264,6 @@ impl<P> Message<P> {
             len: self.len(),
         }
     }
-    /// Context id it was sent on.
-    pub fn ctx(&self) -> u32 {
-        self.ctx
-    }
     fn len(&self) -> usize {
         match &self.data {
             Data::Eager { len, .. } | Data::Rts { len, .. } => *len,
@@ -342,9 +338,6 @@ enum RecvState {
 
 #[derive(Debug)]
 struct Recv {
-    ctx: u32,
-    src: Source,
-    tag: Tag,
     capacity: usize,
     state: RecvState,
     /// Its request is gone: forgotten once finished (an orphan).
@@ -527,9 +520,6 @@ impl<P> Core<P> {
         let key = self
             .recvs
             .insert(Recv {
-                ctx,
-                src,
-                tag,
                 capacity,
                 state: RecvState::Posted,
                 dropped: false,
@@ -563,9 +553,6 @@ impl<P> Core<P> {
         let posted = self.check_open().and_then(|()| {
             self.recvs
                 .insert(Recv {
-                    ctx: msg.ctx,
-                    src: Source::Rank(msg.src),
-                    tag: Tag::Is(msg.tag),
                     capacity,
                     state: RecvState::Posted,
                     dropped: false,
@@ -673,14 +660,6 @@ impl<P> Core<P> {
         }
     }
 
-    /// The message a receive is reading (rendezvous), if it is reading.
-    pub fn reading(&self, id: RecvId) -> Option<Status> {
-        match self.recvs.get(id.0)?.state {
-            RecvState::Reading { status, .. } => Some(status),
-            _ => None,
-        }
-    }
-
     /// Whether send `id` has finished (an unknown id counts as finished).
     pub fn send_finished(&self, id: SendId) -> bool {
         self.sends
@@ -697,6 +676,18 @@ impl<P> Core<P> {
             },
             _ => None,
         }
+    }
+
+    /// Forgets send `id` whatever its state: the executor could not send its first
+    /// message, so no peer knows of it. (Its sequence number is spent: the peer is about to
+    /// be declared failed, as the transport refused.)
+    pub fn forget_send(&mut self, id: SendId) {
+        self.sends.remove(id.0);
+    }
+
+    /// Whether receive `id` is still known (a dropped one is forgotten once finished).
+    pub fn recv_live(&self, id: RecvId) -> bool {
+        self.recvs.get(id.0).is_some()
     }
 
     /// The send's request is gone: its outcome is not reported; it is forgotten when it
@@ -717,7 +708,7 @@ impl<P> Core<P> {
     /// [`ProtoError`]: the message is ignored (the executor logs it); an eager payload
     /// comes back in [`Action::Release`].
     pub fn on_message(&mut self, h: Header, body: Body<P>) -> Result<(), ProtoError> {
-        if h.src as usize >= self.peers.len() || h.src == self.rank {
+        if h.src as usize >= self.peers.len() {
             if let Body::Eager(p) = body {
                 self.actions.push_back(Action::Release(p));
             }
@@ -1035,11 +1026,6 @@ impl<P> Core<P> {
         }
     }
 
-    /// Whether a peer failure was reported.
-    pub fn has_failed(&self) -> bool {
-        self.failed
-    }
-
     /// A send (of any context) still waiting for its receiver: its destination.
     pub fn unfinished_send(&self) -> Option<u32> {
         self.sends
@@ -1100,6 +1086,7 @@ impl<P> Core<P> {
         self.unexpected.len()
     }
 
+    #[cfg(test)]
     /// Eager messages of `peer` held here unreceived (bounded by
     /// [`Config::eager_credits`]).
     pub fn unexpected_eager_from(&self, peer: u32) -> u32 {
@@ -1146,6 +1133,7 @@ impl<P> Core<P> {
         waiting
     }
 
+    #[cfg(test)]
     /// Live receive and send entries (for leak checks).
     pub fn live_requests(&self) -> (usize, usize) {
         (self.recvs.len(), self.sends.len())

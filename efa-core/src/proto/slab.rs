@@ -110,6 +110,7 @@ impl<T> Slab<T> {
     }
 
     /// Number of live entries.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
