@@ -39,6 +39,13 @@ impl Completion {
 const PENDING: u32 = 0;
 const DONE: u32 = 1;
 
+/// Completed contexts kept for reuse ([`OpContext::recycle`]). Boxed: a context's address
+/// is what the provider holds, so it must not move when the list grows.
+#[allow(clippy::vec_box)]
+static FREE_CONTEXTS: std::sync::Mutex<Vec<Box<OpContext>>> = std::sync::Mutex::new(Vec::new());
+/// At most this many free contexts are kept (about 200 bytes each).
+pub const FREE_CONTEXTS_KEEP: usize = 4096;
+
 /// The context of one posted operation.
 ///
 /// Every operation posted through this crate passes a pointer to an `OpContext` as its
@@ -81,9 +88,28 @@ impl Default for OpContext {
 }
 
 impl OpContext {
-    /// A fresh, pending context on the heap (heap so that its address is stable).
+    /// A fresh, pending context on the heap (heap so that its address is stable). Reuses
+    /// a context given back by [`OpContext::recycle`] when one is free, so that steady
+    /// traffic allocates none.
     pub fn new_boxed() -> Box<OpContext> {
-        Box::default()
+        let reused = FREE_CONTEXTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        reused.unwrap_or_default()
+    }
+
+    /// Gives back a completed context for reuse by [`OpContext::new_boxed`] (up to
+    /// [`FREE_CONTEXTS_KEEP`] are kept; the rest are freed).
+    ///
+    /// # Panics
+    /// If the context is still pending (as [`OpContext::reset`]).
+    pub fn recycle(mut ctx: Box<OpContext>) {
+        ctx.reset();
+        let mut free = FREE_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < FREE_CONTEXTS_KEEP {
+            free.push(ctx);
+        }
     }
 
     /// The pointer to pass as libfabric's `context` argument.

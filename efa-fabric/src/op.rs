@@ -256,6 +256,8 @@ impl<B: IoBuf> Pending<B> {
     fn finish(&mut self) -> std::result::Result<Done<B>, OpError<B>> {
         let ctx = self.ctx.take().expect("finish on a consumed Pending");
         let result = ctx.result().expect("finish before completion");
+        // Completed: the provider no longer uses it.
+        OpContext::recycle(ctx);
         drop(self.mr.take());
         let buf = self.buf.take().expect("buffer present until finish");
         match result {
@@ -290,7 +292,13 @@ impl<B: IoBuf> Pending<B> {
 
 impl<B: IoBuf> Drop for Pending<B> {
     fn drop(&mut self) {
-        if self.ctx.is_none() || self.is_done() {
+        if self.ctx.is_none() {
+            return;
+        }
+        if self.is_done() {
+            if let Some(ctx) = self.ctx.take() {
+                OpContext::recycle(ctx);
+            }
             return;
         }
         if !self.cancel_and_drain() {
