@@ -128,7 +128,7 @@ pub const RTS_PAYLOAD: usize = 16;
 pub struct Header {
     /// Message kind.
     pub kind: Kind,
-    /// Kind-specific flags ([`CTS_TRUNCATED`]).
+    /// Kind-specific flags ([`ACK_TRUNCATED`], [`ACK_READ_FAILED`], a [`FailCode`]).
     pub flags: u8,
     /// Rank of the sender of this control message.
     pub src: u32,

@@ -1202,4 +1202,69 @@ mod tests {
         assert!(matches!(s.poll_action(), Some(Action::Unexpose(i)) if i == st.id));
         assert_eq!(s.take_send(st.id), Some(Outcome::Sent));
     }
+
+    #[test]
+    fn a_peer_failure_ends_every_pending_operation() {
+        let mut s: Core<u32> = Core::new(0, 3, Config::default());
+        let mut r: Core<u32> = Core::new(1, 3, Config::default());
+        // Rank 0: a rendezvous send waiting for its ACK, a posted receive.
+        let st = s.post_send(1, 0, 1, 100, 10).unwrap();
+        let posted = s.post_recv(0, Source::Any, Tag::Any, 8).unwrap();
+        // Rank 1: a receive reading that send's data, a detached-to-be send.
+        let reading = r.post_recv(0, Source::Rank(0), Tag::Is(1), 100).unwrap();
+        r.on_message(st.header, Body::Rts(Remote { addr: 7, key: 8 }))
+            .unwrap();
+        assert!(
+            matches!(r.poll_action(), Some(Action::Read { recv, len: 100, .. }) if recv == reading)
+        );
+        s.peer_failed();
+        assert_eq!(s.take_recv(posted), Some(Outcome::PeerFailed));
+        assert!(matches!(s.poll_action(), Some(Action::Unexpose(i)) if i == st.id));
+        assert_eq!(s.take_send(st.id), Some(Outcome::PeerFailed));
+        assert_eq!(s.post_send(2, 0, 1, 1, 10).unwrap_err(), PostError::Failed);
+        assert_eq!(
+            s.post_recv(0, Source::Any, Tag::Any, 1).unwrap_err(),
+            PostError::Failed
+        );
+        r.peer_failed();
+        assert!(matches!(r.poll_action(), Some(Action::AbandonRead(i)) if i == reading));
+        assert_eq!(r.take_recv(reading), Some(Outcome::PeerFailed));
+        // A read that ends after the failure sends no ACK.
+        r.read_done(reading);
+        assert!(r.poll_action().is_none());
+        assert_eq!(s.live_requests(), (0, 0));
+        assert_eq!(r.live_requests(), (0, 0));
+    }
+
+    #[test]
+    fn without_credits_small_messages_go_by_rendezvous() {
+        let cfg = Config { eager_credits: 2 };
+        let mut s: Core<u32> = Core::new(0, 2, cfg);
+        let mut r: Core<u32> = Core::new(1, 2, cfg);
+        let modes: Vec<Mode> = (0..3)
+            .map(|_| s.post_send(1, 0, 0, 4, 64).unwrap())
+            .map(|st| {
+                let body = match st.mode {
+                    Mode::Eager => Body::Eager(1),
+                    Mode::Rendezvous => Body::Rts(Remote { addr: 0, key: 0 }),
+                };
+                r.on_message(st.header, body).unwrap();
+                st.mode
+            })
+            .collect();
+        assert_eq!(modes, [Mode::Eager, Mode::Eager, Mode::Rendezvous]);
+        assert_eq!(r.unexpected_eager_from(0), 2);
+        // Receiving one returns a credit (batches of half the credits: 1).
+        r.post_recv(0, Source::Any, Tag::Any, 64).unwrap();
+        let mut credit = None;
+        while let Some(a) = r.poll_action() {
+            if let Action::Send { header, .. } = a {
+                credit = Some(header);
+            }
+        }
+        let credit = credit.expect("a credit message");
+        assert_eq!((credit.kind, credit.len), (Kind::Credit, 1));
+        s.on_message(credit, Body::Empty).unwrap();
+        assert_eq!(s.post_send(1, 0, 0, 4, 64).unwrap().mode, Mode::Eager);
+    }
 }
