@@ -402,11 +402,37 @@ enum Carrier {
 /// [`RecvId::index`]).
 #[derive(Debug, Default)]
 struct RecvSlot {
+    /// Where its data goes.
+    dest: RecvDest,
     /// The received bytes (an eager payload's buffer, or the read target), until the
     /// request takes them.
     data: Vec<u8>,
+    /// A rendezvous read waiting for the call that holds the user's buffer
+    /// ([`RecvRequest::read_in_place`]).
+    wanted: Option<WantedRead>,
+    /// The data was read straight into the user's buffer.
+    in_place: bool,
     /// The transport error behind a failed read.
     error: Option<Error>,
+}
+
+/// Where a receive's data goes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum RecvDest {
+    /// Into engine memory, handed over as a `Vec` (collectives) or copied out.
+    #[default]
+    Engine,
+    /// Into a user buffer that its request borrows: a large rendezvous is read straight
+    /// into it, from inside a call that holds the borrow (zero-copy RGET).
+    User,
+}
+
+/// A rendezvous read to do into a user's buffer.
+#[derive(Debug, Clone, Copy)]
+struct WantedRead {
+    peer: u32,
+    remote: Remote,
+    len: usize,
 }
 
 /// A rendezvous read under way into a receive's engine-owned buffer (copy path: the bytes
@@ -449,6 +475,13 @@ struct Engine {
     exposed: Vec<Option<ExposedBuf>>,
     /// Reads under way.
     reads: Vec<ReadOp>,
+    /// Receives whose read waits for the call that holds their user buffer.
+    wanted: Vec<RecvId>,
+    /// The receive whose request is waiting in this engine now (`RecvRequest::wait`,
+    /// `test`): its read is left for it; any other waiting read is done through an engine
+    /// buffer at the next progress, so that no rank waits for a receive that its owner is
+    /// not waiting for (an `irecv` followed by a blocking `send` on both sides).
+    owner: Option<RecvId>,
     /// Free eager-payload buffers (capacity: the largest eager limit), reused.
     small: Vec<Vec<u8>>,
     /// Capacity of the buffers in `small`.
@@ -1147,7 +1180,9 @@ impl Communicator {
             self.check_rank(r)?;
         }
         let src = self.world_source(src);
-        let id = self.engine().start_recv(src, tag, ctx, buf.len())?;
+        let id = self
+            .engine()
+            .start_recv(src, tag, ctx, buf.len(), RecvDest::User)?;
         Ok(RecvRequest {
             comm: self.clone(),
             id: Some(id),
@@ -1198,8 +1233,42 @@ impl Communicator {
     /// on counts as failed for the whole job, see [`Error::Timeout`]) and
     /// [`Error::PeerFailed`]. A receiver whose buffer is too small gets
     /// [`Error::Truncated`]; the sender is not told (as in MPI).
+    ///
+    /// A large message is sent without a copy: `buf` is registered for the call and the
+    /// receiver reads it (RGET); the call returns once the receiver has acknowledged, and
+    /// deregisters it then (also when it fails).
     pub fn send<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
-        self.isend(buf, dest, tag)?.wait()
+        if tag > MAX_USER_TAG {
+            return Err(Error::ReservedTag(tag));
+        }
+        self.check_rank(dest)?;
+        let data: &[u8] = bytemuck::cast_slice(buf);
+        let w = self.world_of(dest);
+        let ep = self.engine().zero_copy_send(w, data.len());
+        let Some(ep) = ep else {
+            return self.isend(buf, dest, tag)?.wait();
+        };
+        let exposed = ep
+            .expose(data)
+            .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
+        let r = exposed.remote();
+        let remote = Remote {
+            addr: r.addr,
+            key: r.key,
+        };
+        let id = self
+            .engine()
+            .start_send_exposed(data, w, tag, self.group.ctx, remote)?;
+        let res = SendRequest {
+            comm: self.clone(),
+            id: Some(id),
+            dest: w,
+        }
+        .wait();
+        // The receiver has read the data (or the send failed): the registration ends here,
+        // with the borrow of `buf`.
+        drop(exposed);
+        res
     }
 
     /// Receives into `buf` and returns who sent how much with which tag.
@@ -1402,10 +1471,40 @@ impl RecvRequest<'_> {
     ///
     /// # Errors
     /// Fabric errors that belong to no operation.
+    ///
+    /// Never blocks: a large rendezvous message is read through an engine buffer here
+    /// (only [`RecvRequest::wait`] reads straight into the user's buffer).
     pub fn test(&mut self) -> Result<bool> {
         let mut e = self.comm.engine();
         e.progress()?;
         Ok(self.id.is_none_or(|id| e.core.recv_finished(id)))
+    }
+
+    /// Zero-copy RGET: if the engine matched a large rendezvous message to this receive,
+    /// reads it from the sender's exposed buffer straight into this request's buffer
+    /// (`fi_read` in an [`efa_fabric::rma_scope`]), and returns only once the read has
+    /// completed, failed or been cancelled and drained: the NIC writes the user's memory
+    /// only inside this call, which holds the borrow, so neither a dropped nor a leaked
+    /// request can let it write freed memory. True when it read.
+    fn read_in_place(&mut self) -> Result<bool> {
+        let Some(id) = self.id else {
+            return Ok(false);
+        };
+        let wanted = self.comm.engine().take_wanted(id);
+        let Some((peer, ep, addr, region, len)) = wanted else {
+            return Ok(false);
+        };
+        let buf = self.buf.as_deref_mut().ok_or(Error::Internal {
+            what: "a receive request without its buffer has a read to do",
+        })?;
+        let res = ep.read_into(&mut buf[..len], addr, &region, 0, self.comm.timeout());
+        let mut e = self.comm.engine();
+        match res {
+            Ok(_) => e.read_in_place_done(id),
+            Err(err) => e.read_failed(id, peer, err),
+        }
+        e.drain()?;
+        Ok(true)
     }
 
     /// Cancels the receive if no message has matched it yet (`MPI_Cancel`): `true` when
@@ -1438,10 +1537,32 @@ impl RecvRequest<'_> {
                 what: "a receive request was waited for twice",
             });
         };
-        if let Err(e) = wait_loop(&comm, "recv", peer, |e| e.core.recv_finished(id)) {
-            comm.engine().cancel_recv(id);
-            return Err(e);
+        // Waits until the receive finishes or a large message asks to be read into the
+        // buffer, which this call holds.
+        loop {
+            comm.engine().owner = Some(id);
+            let waited = wait_loop(&comm, "recv", peer, |e| {
+                e.core.recv_finished(id) || e.wants_read(id)
+            });
+            {
+                let mut e = comm.engine();
+                if e.owner == Some(id) {
+                    e.owner = None;
+                }
+            }
+            self.id = Some(id);
+            let read = waited.and_then(|()| self.read_in_place());
+            self.id = None;
+            match read {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    comm.engine().cancel_recv(id);
+                    return Err(e);
+                }
+            }
         }
+        let in_place = comm.engine().in_place(id);
         let res = comm.engine().take_recv(id);
         let (st, data) = match res {
             // The buffer was this receive's: the sender is named in this communicator's ranks.
@@ -1469,7 +1590,9 @@ impl RecvRequest<'_> {
             })
         } else {
             let buf = self.buf.take().expect("buffer present until wait");
-            buf[..status.len].copy_from_slice(&data[..status.len]);
+            if !in_place {
+                buf[..status.len].copy_from_slice(&data[..status.len]);
+            }
             Ok(status)
         };
         comm.engine().recycle(data);
@@ -1764,6 +1887,8 @@ fn assemble(
         recv_slots: Vec::new(),
         exposed: Vec::new(),
         reads: Vec::new(),
+        wanted: Vec::new(),
+        owner: None,
         small: Vec::new(),
         small_cap,
         exposed_free,
@@ -2073,11 +2198,43 @@ impl Engine {
     /// copied into the message), or rendezvous (the data is copied into an exposed buffer
     /// that the receiver reads).
     fn start_send(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<SendId> {
-        self.start_send_inner(data, dest, tag, ctx)
+        self.start_send_inner(data, dest, tag, ctx, None)
             .map_err(|e| self.upgrade(e))
     }
 
-    fn start_send_inner(&mut self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<SendId> {
+    /// [`Engine::start_send`] of data that the caller has exposed itself (`exposed`, the
+    /// user's buffer registered for the call): a rendezvous announces it as it is, without
+    /// a copy.
+    fn start_send_exposed(
+        &mut self,
+        data: &[u8],
+        dest: u32,
+        tag: u32,
+        ctx: u32,
+        exposed: Remote,
+    ) -> Result<SendId> {
+        self.start_send_inner(data, dest, tag, ctx, Some(exposed))
+            .map_err(|e| self.upgrade(e))
+    }
+
+    /// Whether a send of `len` bytes to `dest` should expose the user's buffer (zero-copy
+    /// RGET): above the eager limit and from the provider's measured threshold on.
+    fn zero_copy_send(&self, dest: u32, len: usize) -> Option<Endpoint> {
+        if len <= self.eager_limit(dest) || !self.zero_copy(dest, len) {
+            return None;
+        }
+        let (port, _) = self.route(dest);
+        Some(self.ports[port].ep.clone())
+    }
+
+    fn start_send_inner(
+        &mut self,
+        data: &[u8],
+        dest: u32,
+        tag: u32,
+        ctx: u32,
+        exposed: Option<Remote>,
+    ) -> Result<SendId> {
         self.check_open()?;
         let limit = self.eager_limit(dest);
         let st = self
@@ -2086,7 +2243,11 @@ impl Engine {
             .map_err(|e| self.post_error(e))?;
         let sent = match st.mode {
             Mode::Eager => self.send_ctrl(dest, &st.header, data),
-            Mode::Rendezvous => self.expose(st.id, dest, data).and_then(|remote| {
+            Mode::Rendezvous => match exposed {
+                Some(remote) => Ok(remote),
+                None => self.expose(st.id, dest, data),
+            }
+            .and_then(|remote| {
                 let mut payload = [0u8; wire::RTS_PAYLOAD];
                 payload[..8].copy_from_slice(&remote.addr.to_le_bytes());
                 payload[8..].copy_from_slice(&remote.key.to_le_bytes());
@@ -2151,12 +2312,21 @@ impl Engine {
     }
 
     /// Starts a receive from world rank `src` (or any) on context `ctx`.
-    fn start_recv(&mut self, src: Source, tag: Tag, ctx: u32, capacity: usize) -> Result<RecvId> {
+    fn start_recv(
+        &mut self,
+        src: Source,
+        tag: Tag,
+        ctx: u32,
+        capacity: usize,
+        dest: RecvDest,
+    ) -> Result<RecvId> {
         self.check_open()?;
         let id = self
             .core
             .post_recv(ctx, src, tag, capacity)
             .map_err(|e| self.post_error(e))?;
+        // Before the actions: a queued RTS has just been matched and asks for its read.
+        self.recv_slot(id).dest = dest;
         self.drain()?;
         Ok(id)
     }
@@ -2176,6 +2346,10 @@ impl Engine {
             .core
             .recv_message(msg, capacity)
             .map_err(|e| self.post_error(e));
+        if let Ok(id) = id {
+            // Its actions are still queued: the read may go into the user's buffer.
+            self.recv_slot(id).dest = RecvDest::User;
+        }
         self.drain()?;
         id
     }
@@ -2216,6 +2390,51 @@ impl Engine {
         &mut self.recv_slots[id.index()]
     }
 
+    /// Whether a rendezvous of `len` bytes from `peer` is read straight into the user's
+    /// buffer: from the provider's measured threshold on ([`efa_fabric::rget_threshold`];
+    /// below it, reading into an engine buffer and copying is as fast).
+    fn zero_copy(&self, peer: u32, len: usize) -> bool {
+        let (port, _) = self.route(peer);
+        efa_fabric::rget_threshold(&self.ports[port].provider).is_some_and(|t| len >= t)
+    }
+
+    /// Takes receive `id`'s waiting read: the endpoint, the peer's address, the region and
+    /// the length to read into the user's buffer.
+    fn take_wanted(
+        &mut self,
+        id: RecvId,
+    ) -> Option<(u32, Endpoint, FiAddr, efa_fabric::RemoteRegion, usize)> {
+        let w = self.recv_slots.get_mut(id.index())?.wanted.take()?;
+        self.wanted.retain(|&r| r != id);
+        let (port, addr) = self.route(w.peer);
+        let region = efa_fabric::RemoteRegion {
+            addr: w.remote.addr,
+            key: w.remote.key,
+            len: w.len as u64,
+        };
+        Some((w.peer, self.ports[port].ep.clone(), addr, region, w.len))
+    }
+
+    /// Receive `id`'s data was read into the user's buffer.
+    fn read_in_place_done(&mut self, id: RecvId) {
+        self.core.read_done(id);
+        if self.core.recv_live(id) {
+            self.recv_slot(id).in_place = true;
+        }
+    }
+
+    /// Whether receive `id`'s data is already in the user's buffer.
+    fn in_place(&self, id: RecvId) -> bool {
+        self.recv_slots.get(id.index()).is_some_and(|s| s.in_place)
+    }
+
+    /// Whether receive `id` waits for its caller to read into the user's buffer.
+    fn wants_read(&self, id: RecvId) -> bool {
+        self.recv_slots
+            .get(id.index())
+            .is_some_and(|s| s.wanted.is_some())
+    }
+
     /// Carries out the core's actions. Every action is carried out; the first error is
     /// returned.
     fn drain(&mut self) -> Result<()> {
@@ -2250,7 +2469,13 @@ impl Engine {
                     remote,
                     len,
                 } => {
-                    self.start_read(recv, peer, remote, len);
+                    if self.recv_slot(recv).dest == RecvDest::User && self.zero_copy(peer, len) {
+                        // Read later, by the call that holds the user's buffer.
+                        self.recv_slot(recv).wanted = Some(WantedRead { peer, remote, len });
+                        self.wanted.push(recv);
+                    } else {
+                        self.start_read(recv, peer, remote, len);
+                    }
                     Ok(())
                 }
                 Action::Unexpose(id) => {
@@ -2633,10 +2858,26 @@ impl Engine {
     /// buffer (never the user's), so that the sender completes; its data is discarded.
     fn cancel_recv(&mut self, id: RecvId) {
         self.core.drop_recv(id);
+        if self
+            .recv_slots
+            .get_mut(id.index())
+            .and_then(|s| s.wanted.take())
+            .is_some()
+        {
+            self.wanted.retain(|&r| r != id);
+            // Nobody will read into the dropped buffer: the message is consumed and lost,
+            // and the sender is answered at once.
+            self.core.read_done(id);
+            if let Err(e) = self.drain() {
+                tracing::debug!("answering a dropped receive's sender: {e}");
+            }
+        }
         if !self.core.recv_live(id) {
             if let Some(s) = self.recv_slots.get_mut(id.index()) {
                 let d = std::mem::take(&mut s.data);
                 s.error = None;
+                s.in_place = false;
+                s.dest = RecvDest::Engine;
                 if d.capacity() > 0 {
                     self.recycle(d);
                 }
@@ -2672,6 +2913,12 @@ impl Engine {
         let slot = self.recv_slot(id);
         let data = std::mem::take(&mut slot.data);
         let error = slot.error.take();
+        if slot.wanted.take().is_some() {
+            self.wanted.retain(|&r| r != id);
+        }
+        let slot = self.recv_slot(id);
+        slot.in_place = false;
+        slot.dest = RecvDest::Engine;
         let res = match out {
             Outcome::Received(st) => return Ok((st, data)),
             Outcome::Truncated {
@@ -2730,7 +2977,29 @@ impl Engine {
         self.failure_error().unwrap_or(e)
     }
 
+    /// Reads the waiting reads of receives whose owner is not waiting now into engine
+    /// buffers (copy path), so that their senders are answered.
+    fn release_wanted(&mut self) {
+        let mut i = 0;
+        while i < self.wanted.len() {
+            let id = self.wanted[i];
+            if Some(id) == self.owner {
+                i += 1;
+                continue;
+            }
+            self.wanted.swap_remove(i);
+            if let Some(w) = self
+                .recv_slots
+                .get_mut(id.index())
+                .and_then(|s| s.wanted.take())
+            {
+                self.start_read(id, w.peer, w.remote, w.len);
+            }
+        }
+    }
+
     fn progress_round(&mut self) -> Result<()> {
+        self.release_wanted();
         if self.failure.is_none() {
             self.polls = self.polls.wrapping_add(1);
             if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {

@@ -366,3 +366,46 @@ fn builder_settings() {
         }
     }
 }
+
+/// Large messages (RGET rendezvous, read straight into the receive buffer by `wait`):
+/// blocking ping-pong, and the exchange where each rank posts its receive, then sends with a
+/// blocking `send` and only then waits: the sender's send completes only once the receiver
+/// has read, so a receiver that read only inside its own `wait` would deadlock here.
+#[test]
+#[ignore = "rank program for large_messages_by_rget"]
+fn child_rget() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    let (me, n) = (comm.rank(), comm.size());
+    let peer = 1 - me;
+    assert_eq!(n, 2);
+    for len in [64 << 10, 1 << 20, 4 << 20] {
+        let mine = data(me, 1, len / 4);
+        let mut got = vec![0u32; len / 4];
+        for _ in 0..3 {
+            if me == 0 {
+                comm.send(&mine, peer, 1).unwrap();
+                comm.recv(&mut got, peer, 1).unwrap();
+            } else {
+                comm.recv(&mut got, peer, 1).unwrap();
+                comm.send(&mine, peer, 1).unwrap();
+            }
+            assert_eq!(got, data(peer, 1, len / 4), "ping-pong {len}");
+            got.fill(0);
+        }
+        let r = comm.irecv(&mut got, peer, 2).unwrap();
+        comm.send(&mine, peer, 2).unwrap();
+        let st = r.wait().unwrap();
+        assert_eq!(st.len, len);
+        assert_eq!(got, data(peer, 1, len / 4), "exchange {len}");
+    }
+    comm.finalize().unwrap();
+    println!("child_rget: done");
+}
+
+#[test]
+fn large_messages_by_rget() {
+    run_both(2, "child_rget");
+}

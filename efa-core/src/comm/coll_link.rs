@@ -87,10 +87,13 @@ impl CollLink {
         // Ranks of this communicator, its context: see `Communicator`'s sub-communicators.
         let src = self.comm.world_source(src);
         let ctx = self.comm.group.ctx;
-        let id = self
-            .comm
-            .engine()
-            .start_recv(src, Tag::Is(tag.0), ctx, capacity)?;
+        let id = self.comm.engine().start_recv(
+            src,
+            Tag::Is(tag.0),
+            ctx,
+            capacity,
+            super::RecvDest::Engine,
+        )?;
         Ok(CollRecv {
             comm: self.comm.clone(),
             id: Some(id),
