@@ -23,7 +23,11 @@ pub const MAX_SWEEP: usize = 8 << 20;
         Collectives (allreduce, broadcast, allgather, reduce-scatter, alltoall) run on an \
         efa-core communicator: under a launcher (efarun, mpirun, srun, torchrun) every rank \
         runs the benchmark and rank 0 prints; without one, `-N` copies are started on this \
-        host."
+        host.\n\n\
+        OSU point-to-point tests (osu-latency, osu-bw, osu-bibw) run through the \
+        communicator too, with OSU's method, iteration counts and columns, on exactly 2 \
+        ranks (started on this host when there is no launcher). `rss` prints the resident \
+        memory of each rank of an idle job."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -251,6 +251,8 @@ impl CommunicatorBuilder {
     /// [`Communicator::dup`] it instead.
     pub fn build(mut self) -> Result<Communicator> {
         crate::debug::init(self.bootstrap.as_ref())?;
+        // Before the first fi_getinfo, which makes libfabric read them.
+        crate::provider_env::apply();
         if self.env {
             if let Some(v) = crate::error::env_var("EFA_TIMEOUT", TIMEOUT_FORMS)? {
                 self.config.timeout = parse_timeout(&v).map_err(|problem| {

@@ -98,6 +98,7 @@ pub mod error;
 pub mod fuzz;
 pub mod net;
 pub mod placement;
+mod provider_env;
 mod rma;
 pub mod roles;
 mod setting;
