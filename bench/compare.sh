@@ -112,6 +112,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- OSU latency / bandwidth through the communicator vs Open MPI and fi_pingpong ----------
 if want osu; then
@@ -170,7 +171,8 @@ echo
 printf "# efa-bench osu-* (through the communicator, under efarun) vs Open MPI %s (bench/mpi_osu.c,\n" "$ompi_version"
 printf "# --mca pml ob1) and fi_pingpong, 2 ranks, OSU's method and iteration counts, median of %s\n" "$ROUNDS"
 printf "# alternating rounds, %s, %s. shm: EFA_TRANSPORTS=shm vs btl self,vader; TCP: EFA_TRANSPORTS=ip\n" "$(hostname)" "$(date -u +%F)"
-printf "# EFA_IFACE=lo vs btl self,tcp on lo. Ratio = ours / Open MPI.\n\n"
+printf "# EFA_IFACE=lo vs btl self,tcp on lo. Ratio = ours / Open MPI. Load average at the start: %s,\n" "$load_start"
+printf "# now: %s (%s cores; other work on the host makes busy-polling benchmarks noisy).\n\n" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)"
 if echo " $OSU_TESTS " | grep -q " latency "; then
     echo "Latency (osu_latency, half round trip):"
     echo
@@ -254,7 +256,8 @@ done
 echo
 printf "# allreduce, %s ranks on %s cores (oversubscribed when more ranks than cores), float32 sum,\n" "$OV_RANKS" "$(nproc)"
 printf "# -n %s -w %s, time per call (us), median of %s rounds: ours (efarun, EFA_TRANSPORTS=shm) vs\n" "$OV_ITERS" "$OV_WARMUP" "$ROUNDS"
-printf "# mpirun --oversubscribe (btl self,vader, pml ob1). Ratio = ours / Open MPI (target <= 1.5).\n\n"
+printf "# mpirun --oversubscribe (btl self,vader, pml ob1). Ratio = ours / Open MPI (target <= 1.5).\n"
+printf "# Load average: %s.\n\n" "$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "| size | Open MPI | ours | ratio |"
 echo "|---|---|---|---|"
 for s in $(cat "$tmp"/ov-* 2>/dev/null | awk '{print $1}' | sort -n | uniq); do
