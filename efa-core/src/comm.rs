@@ -14,8 +14,9 @@
 //!
 //! # Progress
 //! All endpoints' completion queues are read by one progress function, so a rank can talk
-//! to peers on different routes at once. Waiting spins first, then yields, then sleeps
-//! ([`efa_fabric::Backoff`]), so oversubscribed ranks still make progress.
+//! to peers on different routes at once. Every blocking call waits under the communicator's
+//! wait policy ([`crate::wait`]: spin, yield, or block on the CQs' wait fds; chosen
+//! automatically so that ranks outnumbering cores still make progress).
 //!
 //! # Matching and communicators
 //! A message is matched on (context id, source, tag), in the order each sender sent it
@@ -70,6 +71,7 @@ use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::roles;
 use crate::store::Store;
+use crate::wait::{WaitPolicy, WaitSet};
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
 mod coll_link;
@@ -114,6 +116,7 @@ pub struct Config {
     pub(crate) eager_limit: usize,
     pub(crate) shm_eager_limit: usize,
     pub(crate) rx_depth: usize,
+    pub(crate) wait: WaitPolicy,
 }
 
 impl Config {
@@ -149,6 +152,11 @@ impl Config {
     pub fn rx_depth(&self) -> usize {
         self.rx_depth
     }
+    /// The wait policy asked for ([`CommunicatorBuilder::wait`], `EFA_WAIT`); the one in
+    /// force is [`Communicator::wait_policy`].
+    pub fn wait(&self) -> WaitPolicy {
+        self.wait
+    }
 }
 
 impl Default for Config {
@@ -161,6 +169,7 @@ impl Default for Config {
             eager_limit: 8192,
             shm_eager_limit: 32 * 1024,
             rx_depth: 64,
+            wait: WaitPolicy::Auto,
         }
     }
 }
@@ -174,6 +183,8 @@ pub struct CommunicatorBuilder {
     env: bool,
     /// `transports` was called: `EFA_TRANSPORTS` is then not read.
     transports_explicit: bool,
+    /// `wait` was called: `EFA_WAIT` is then not read.
+    wait_explicit: bool,
 }
 
 impl CommunicatorBuilder {
@@ -185,6 +196,7 @@ impl CommunicatorBuilder {
             config: Config::default(),
             env: true,
             transports_explicit: false,
+            wait_explicit: false,
         }
     }
     /// Explicit rank, size and rendezvous. Default: detected from the environment.
@@ -240,6 +252,17 @@ impl CommunicatorBuilder {
     /// costs a registered buffer of header + eager limit bytes.
     pub fn rx_depth(mut self, buffers: usize) -> Self {
         self.config.rx_depth = buffers;
+        self
+    }
+
+    /// How blocking calls wait between polls of the completion queues (see
+    /// [`crate::wait`] for each policy's trade-off). Default: `EFA_WAIT`, else
+    /// [`WaitPolicy::Auto`]: [`WaitPolicy::Yield`] when this host runs more ranks of the job
+    /// than this process may use cores, else [`WaitPolicy::Spin`]. An explicit policy wins
+    /// over `EFA_WAIT`.
+    pub fn wait(mut self, policy: WaitPolicy) -> Self {
+        self.config.wait = policy;
+        self.wait_explicit = true;
         self
     }
 
@@ -306,6 +329,11 @@ impl CommunicatorBuilder {
         }
         if !self.transports_explicit {
             self.config.transports = TransportSet::from_env()?;
+        }
+        if !self.wait_explicit {
+            if let Some(p) = crate::wait::wait_from_env()? {
+                self.config.wait = p;
+            }
         }
         net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;
         let boot = match self.bootstrap {
@@ -708,6 +736,8 @@ struct Inner {
     ctx_alloc: Mutex<CtxAllocator>,
     /// This world's place among the live worlds of the process, released at finalize.
     claim: WorldClaim,
+    /// How every blocking call waits ([`crate::wait`]).
+    wait: Arc<WaitSet>,
 }
 
 /// The jobs whose world communicator is alive in this process, by rendezvous (see
@@ -825,7 +855,7 @@ impl Inner {
 
     fn finalize_handshake(&self) -> Result<()> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.wait.waiter();
         // After an operation timed out, peers may be stopped or stuck: waiting a whole
         // deadline more for them would only delay the exit that reports it.
         let limit = if lock_engine(&self.engine).broken {
@@ -846,7 +876,7 @@ impl Inner {
                     return Err(err);
                 }
                 if e.events != before {
-                    backoff.reset();
+                    waiter.progressed();
                 }
                 if !sent_fin {
                     match e.unfinished_send() {
@@ -883,7 +913,7 @@ impl Inner {
                 let mut e = lock_engine(&self.engine);
                 return Err(e.deadline_passed(op, Some(peer), start.elapsed()));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 }
@@ -1040,12 +1070,23 @@ impl Communicator {
         let store = boot.connect_store(deadline)?;
         let all_local = boot.local_size() == Some(size) || size == 1;
         let (discovery, selection) = select_roles(&config, all_local);
-        let (mut ports, card) = open_ports(rank, &discovery, &selection, &config)?;
+        // CQs get wait fds only when blocking on them may be chosen: a wait object costs
+        // the provider a signal per completion. The launcher's local size (else the world
+        // size) stands for the ranks on this host until the cards tell.
+        let cores = crate::wait::available_cores();
+        let guess = boot.local_size().unwrap_or(size);
+        let cq_wait = match crate::wait::choose(config.wait, guess, cores) {
+            WaitPolicy::Block => efa_fabric::CqWait::Fd,
+            _ => efa_fabric::CqWait::None,
+        };
+        let (mut ports, card) = open_ports(rank, &discovery, &selection, &config, cq_wait)?;
         let prefix = claim.store_prefix.clone();
         let cards = exchange_cards(&*store, &prefix, &card, rank, size, deadline)?;
         let routes = choose_routes(&card, &cards, &config.transports)?;
         let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
         let live = liveness(&card, &cards, &ports, &peers);
+        let on_host = cards.iter().filter(|c| c.host_id == card.host_id).count() as u32;
+        let wait = wait_set(&config, &ports, on_host, cores);
         let comm = assemble(
             rank,
             size,
@@ -1056,6 +1097,7 @@ impl Communicator {
             routes,
             live,
             claim,
+            wait,
         )?;
         ready_barrier(&comm, &*store)?;
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
@@ -1110,6 +1152,18 @@ impl Communicator {
             reason: reason.to_owned(),
         });
         std::process::exit(code)
+    }
+
+    /// The wait policy in force for every blocking call of this communicator and its
+    /// sub-communicators: the one asked for ([`Config::wait`]), with
+    /// [`WaitPolicy::Auto`] resolved for this host (never `Auto`; see [`crate::wait`]).
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.inner.wait.policy()
+    }
+
+    /// A waiter for one blocking call, under this communicator's wait policy.
+    pub(crate) fn waiter(&self) -> crate::wait::Waiter {
+        self.inner.wait.waiter()
     }
 
     /// This process's rank in this communicator.
@@ -1627,7 +1681,7 @@ fn wait_loop(
 ) -> Result<()> {
     let start = Instant::now();
     let timeout = comm.timeout();
-    let mut backoff = efa_fabric::Backoff::new();
+    let mut waiter = comm.inner.wait.waiter();
     let mut clock = efa_fabric::PollClock::new(timeout);
     loop {
         {
@@ -1641,13 +1695,13 @@ fn wait_loop(
                 return Ok(());
             }
             if e.events != before {
-                backoff.reset();
+                waiter.progressed();
             }
         }
         if clock.expired() {
             return Err(comm.engine().deadline_passed(op, peer, start.elapsed()));
         }
-        backoff.snooze();
+        waiter.idle();
     }
 }
 
@@ -1701,6 +1755,7 @@ fn open_ports(
     discovery: &roles::Discovery,
     selection: &roles::Selection,
     config: &Config,
+    cq_wait: efa_fabric::CqWait,
 ) -> Result<(Vec<Port>, Card)> {
     let mut ports: Vec<Port> = Vec::new();
     let mut card = Card {
@@ -1719,7 +1774,7 @@ fn open_ports(
             }
             continue;
         };
-        ports.push(open_port(rc.role, info, config)?);
+        ports.push(open_port(rc.role, info, config, cq_wait)?);
         match rc.role {
             Transport::Shm => {}
             Transport::Fabric => card.fabric_subnet = rc.subnet,
@@ -1853,6 +1908,23 @@ fn liveness(card: &Card, cards: &[Card], ports: &[Port], peers: &[PeerRoute]) ->
     live
 }
 
+/// The wait policy for `on_host` ranks of the job on this host and `cores` usable cores
+/// ([`crate::wait::choose`]), over the CQs of the endpoints that peers are routed to.
+fn wait_set(config: &Config, ports: &[Port], on_host: u32, cores: usize) -> Arc<WaitSet> {
+    let mut cqs: Vec<efa_fabric::CompletionQueue> = Vec::new();
+    for p in ports.iter().filter(|p| p.used) {
+        for cq in [p.ep.rx_cq(), p.ep.tx_cq()] {
+            if !cqs.iter().any(|c| c.same(cq)) {
+                cqs.push(cq.clone());
+            }
+        }
+    }
+    let chosen = crate::wait::choose(config.wait, on_host, cores);
+    let fds = cqs.iter().filter(|c| c.wait_fd().is_some()).count();
+    crate::wait::log_choice(config.wait, chosen, on_host, cores, fds, cqs.len());
+    Arc::new(WaitSet::new(chosen, cqs))
+}
+
 /// Builds the engine over the open endpoints, posts its receive buffers, and wraps it in
 /// a communicator.
 ///
@@ -1869,6 +1941,7 @@ fn assemble(
     routes: Vec<Route>,
     live: Arc<Liveness>,
     claim: WorldClaim,
+    wait: Arc<WaitSet>,
 ) -> Result<Communicator> {
     let providers = ports
         .iter()
@@ -1923,6 +1996,7 @@ fn assemble(
             config,
             ctx_alloc: Mutex::new(CtxAllocator::default()),
             claim,
+            wait,
         }),
         group: Arc::new(Group::world(rank, size)),
     })
@@ -1985,7 +2059,12 @@ impl Liveness {
     }
 }
 
-fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port> {
+fn open_port(
+    transport: Transport,
+    info: &Info,
+    config: &Config,
+    cq_wait: efa_fabric::CqWait,
+) -> Result<Port> {
     let provider = info.provider();
     let liveness: Arc<std::sync::OnceLock<PortLiveness>> = Arc::default();
     let check = {
@@ -2004,7 +2083,7 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
     let ep = (|| {
         let domain = efa_fabric::Domain::open(info)?;
         let av = efa_fabric::AddressVector::open(&domain)?;
-        let cq = efa_fabric::CompletionQueue::open(&domain, 0)?;
+        let cq = efa_fabric::CompletionQueue::open_with(&domain, 0, cq_wait)?;
         Endpoint::builder(&domain, &av, &cq)
             .post_timeout(config.timeout)
             // A post to a rank that died stops retrying at once (its queue never drains).
@@ -3650,7 +3729,7 @@ impl Communicator {
         mut f: impl FnMut(&mut Engine) -> Result<Option<R>>,
     ) -> Result<R> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.inner.wait.waiter();
         let mut clock = efa_fabric::PollClock::new(self.timeout());
         let peer = match src {
             Source::Rank(r) => Some(r),
@@ -3669,13 +3748,13 @@ impl Communicator {
                     return Err(Error::PeerFinalized { rank: p });
                 }
                 if e.events != before {
-                    backoff.reset();
+                    waiter.progressed();
                 }
             }
             if clock.expired() {
                 return Err(self.engine().deadline_passed(op, peer, start.elapsed()));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 }
@@ -3892,7 +3971,7 @@ impl Communicator {
         enough: impl Fn(usize, usize) -> bool,
     ) -> Result<Vec<usize>> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.inner.wait.waiter();
         let mut clock = efa_fabric::PollClock::new(self.timeout());
         loop {
             let before = self.engine().events;
@@ -3906,12 +3985,12 @@ impl Communicator {
                 return Ok(done);
             }
             if self.engine().events != before {
-                backoff.reset();
+                waiter.progressed();
             }
             if clock.expired() {
                 return Err(self.engine().deadline_passed(op, None, start.elapsed()));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 }

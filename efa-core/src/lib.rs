@@ -104,6 +104,7 @@ pub mod roles;
 mod setting;
 pub mod store;
 mod tag;
+pub mod wait;
 pub mod window;
 pub mod wire;
 
@@ -117,6 +118,7 @@ pub use comm::{
 };
 pub use error::{Error, Malformed, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
+pub use wait::WaitPolicy;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
 
 /// The element bound of every buffer argument (`&[T]` with `T: Pod`), re-exported so that

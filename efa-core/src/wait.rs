@@ -1,0 +1,311 @@
+//! How a rank waits: the one wait policy that every blocking call of this crate follows
+//! (point-to-point waits, probes, `wait_any`/`wait_some`, collectives, RMA notifications,
+//! finalize).
+//!
+//! A waiting rank polls its completion queues; between two polls that found nothing it
+//! idles according to its [`WaitPolicy`]:
+//!
+//! | policy | between idle polls | best when | cost |
+//! |---|---|---|---|
+//! | [`WaitPolicy::Spin`] | a CPU pause; a `sched_yield` every [`SPIN_YIELD_EVERY`] polls | a core per rank | a waiting rank keeps its core 100% busy |
+//! | [`WaitPolicy::Yield`] | `sched_yield` after [`YIELD_SPINS`] polls (Open MPI's `mpi_yield_when_idle`) | ranks outnumber cores | cores stay busy, but a rank with work gets one at its peer's next yield |
+//! | [`WaitPolicy::Block`] | spin and yield for [`BLOCK_AFTER`] idle polls, then block in `poll(2)` on the CQs' wait fds (`FI_WAIT_FD`, `fi_trywait(3)`) for at most [`BLOCK_SLICE`]; where a CQ has no wait fd, sleep [`FALLBACK_SLEEP`] | idle-heavy jobs sharing a host with other work | each completion costs the provider a signal; a wake-up costs a context switch |
+//! | [`WaitPolicy::Auto`] (default) | [`WaitPolicy::Yield`] when this host runs more ranks of the job than the process may use cores (`sched_getaffinity`, cgroup quota: [`std::thread::available_parallelism`]), else [`WaitPolicy::Spin`] | | |
+//!
+//! Block slices are bounded so that deadlines, peers' liveness checks and carriers without a
+//! wait fd (shared-memory rings polled by the engine) are still looked at: a message that
+//! arrives through such a carrier is seen at the latest one slice later. The automatic
+//! choice for oversubscribed hosts is Yield because it measured faster than Block here (4
+//! ranks on 2 cores; see the README's oversubscription table).
+//!
+//! Set the policy with `EFA_WAIT=spin|yield|block|auto` or
+//! [`CommunicatorBuilder::wait`](crate::CommunicatorBuilder::wait) (the builder wins). The
+//! choice is logged at debug level (`efa_core::wait`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use efa_fabric::{CompletionQueue, Woken};
+
+use crate::setting::SettingError;
+
+/// How a waiting rank idles between polls of its completion queues (see the
+/// [module docs](self) for the trade-offs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WaitPolicy {
+    /// [`WaitPolicy::Yield`] when this host runs more ranks of the job than this process
+    /// may use cores, else [`WaitPolicy::Spin`].
+    #[default]
+    Auto,
+    /// Busy polling: lowest latency; needs a core per rank.
+    Spin,
+    /// Polling with `sched_yield` between idle polls (Open MPI's `mpi_yield_when_idle`).
+    Yield,
+    /// After a short spin and yield, blocking on the completion queues' wait fds
+    /// (`FI_WAIT_FD`, `fi_trywait(3)`, `poll(2)`) in bounded slices.
+    Block,
+}
+
+impl WaitPolicy {
+    /// The name `EFA_WAIT` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            WaitPolicy::Auto => "auto",
+            WaitPolicy::Spin => "spin",
+            WaitPolicy::Yield => "yield",
+            WaitPolicy::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for WaitPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The accepted values of `EFA_WAIT`.
+pub(crate) const WAIT_FORMS: &str = "spin, yield, block or auto (default auto)";
+
+/// Parses `EFA_WAIT`'s value (case-insensitive, surrounding blanks ignored).
+pub(crate) fn parse_wait(v: &str) -> Option<WaitPolicy> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "auto" => Some(WaitPolicy::Auto),
+        "spin" => Some(WaitPolicy::Spin),
+        "yield" => Some(WaitPolicy::Yield),
+        "block" => Some(WaitPolicy::Block),
+        _ => None,
+    }
+}
+
+/// `EFA_WAIT`, if set.
+///
+/// # Errors
+/// [`SettingError`] naming `EFA_WAIT` for a value other than [`WAIT_FORMS`].
+pub(crate) fn wait_from_env() -> Result<Option<WaitPolicy>, SettingError> {
+    let Some(v) = crate::setting::env_var("EFA_WAIT", WAIT_FORMS)? else {
+        return Ok(None);
+    };
+    match parse_wait(&v) {
+        Some(p) => Ok(Some(p)),
+        None => Err(SettingError::env(
+            "EFA_WAIT",
+            v,
+            "is not a wait policy",
+            WAIT_FORMS,
+        )),
+    }
+}
+
+/// The policy to use: `requested` unless it is [`WaitPolicy::Auto`], which becomes
+/// [`WaitPolicy::Yield`] when `ranks_on_host` (this job's ranks on this host) exceeds `cores`
+/// (the cores this process may run on), else [`WaitPolicy::Spin`]. Never returns `Auto`.
+pub(crate) fn choose(requested: WaitPolicy, ranks_on_host: u32, cores: usize) -> WaitPolicy {
+    match requested {
+        WaitPolicy::Auto if ranks_on_host as usize > cores.max(1) => WaitPolicy::Yield,
+        WaitPolicy::Auto => WaitPolicy::Spin,
+        p => p,
+    }
+}
+
+/// The cores this process may run on (`sched_getaffinity`, limited by a cgroup CPU quota:
+/// [`std::thread::available_parallelism`]); 1 when unknown.
+pub(crate) fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Under [`WaitPolicy::Spin`], idle polls between two `sched_yield`s (so that a host busier
+/// than planned, e.g. several jobs at once, still lets the other processes run).
+pub const SPIN_YIELD_EVERY: u32 = 128;
+/// Under [`WaitPolicy::Yield`] and [`WaitPolicy::Block`], idle polls spent spinning before the
+/// first `sched_yield`.
+pub const YIELD_SPINS: u32 = 16;
+/// Under [`WaitPolicy::Block`], idle polls (spins, then yields) before the first block.
+pub const BLOCK_AFTER: u32 = 64;
+/// Under [`WaitPolicy::Block`], the longest single block on the CQs' wait fds: bounds how late
+/// a deadline, a liveness check or a message through a carrier without a wait fd is seen.
+pub const BLOCK_SLICE: Duration = Duration::from_millis(1);
+/// Under [`WaitPolicy::Block`], the sleep used instead when a CQ has no wait fd.
+pub const FALLBACK_SLEEP: Duration = Duration::from_micros(50);
+
+/// A communicator's resolved wait policy and the completion queues it may block on.
+#[derive(Debug)]
+pub(crate) struct WaitSet {
+    policy: WaitPolicy,
+    /// The CQs of the endpoints in use, to block on and to detect progress by.
+    cqs: Vec<CompletionQueue>,
+}
+
+impl WaitSet {
+    /// A wait set for `policy` (resolved: not [`WaitPolicy::Auto`]) over `cqs`. Also sets
+    /// how efa-fabric's own retry loops idle ([`efa_fabric::set_idle_mode`]).
+    pub(crate) fn new(policy: WaitPolicy, cqs: Vec<CompletionQueue>) -> WaitSet {
+        debug_assert!(policy != WaitPolicy::Auto);
+        efa_fabric::set_idle_mode(match policy {
+            WaitPolicy::Spin | WaitPolicy::Auto => efa_fabric::IdleMode::SpinYieldSleep,
+            WaitPolicy::Yield | WaitPolicy::Block => efa_fabric::IdleMode::Yield,
+        });
+        WaitSet { policy, cqs }
+    }
+
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> WaitPolicy {
+        self.policy
+    }
+
+    /// Completions delivered so far by all CQs (changes exactly when one is delivered).
+    fn delivered(&self) -> u64 {
+        self.cqs
+            .iter()
+            .fold(0u64, |a, cq| a.wrapping_add(cq.delivered()))
+    }
+
+    /// A waiter for one blocking call.
+    pub(crate) fn waiter(self: &Arc<Self>) -> Waiter {
+        Waiter {
+            set: self.clone(),
+            idle: 0,
+            seen: self.delivered(),
+        }
+    }
+}
+
+/// One blocking call's state under its communicator's [`WaitSet`]: call
+/// [`Waiter::idle`] after each poll that did not finish the call. A completion delivered by
+/// anyone since the last call counts as progress and starts the policy over (spin first).
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    set: Arc<WaitSet>,
+    /// Idle polls since the last progress.
+    idle: u32,
+    /// [`WaitSet::delivered`] at the last progress.
+    seen: u64,
+}
+
+impl Waiter {
+    /// Starts over (after progress the caller saw by other means than CQ completions).
+    pub(crate) fn progressed(&mut self) {
+        self.idle = 0;
+    }
+
+    /// Idles once, as the policy says. Returns quickly: at most [`BLOCK_SLICE`] (Block),
+    /// a yield or a pause otherwise, so the caller's deadline and failure checks keep running.
+    pub(crate) fn idle(&mut self) {
+        let now = self.set.delivered();
+        if now != self.seen {
+            self.seen = now;
+            self.idle = 0;
+        }
+        self.idle = self.idle.saturating_add(1);
+        match self.set.policy {
+            WaitPolicy::Spin | WaitPolicy::Auto => {
+                if self.idle.is_multiple_of(SPIN_YIELD_EVERY) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            WaitPolicy::Yield => {
+                if self.idle <= YIELD_SPINS {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            WaitPolicy::Block => {
+                if self.idle <= YIELD_SPINS {
+                    std::hint::spin_loop();
+                } else if self.idle <= BLOCK_AFTER {
+                    std::thread::yield_now();
+                } else {
+                    self.block();
+                }
+            }
+        }
+    }
+
+    fn block(&mut self) {
+        match efa_fabric::block_on(&self.set.cqs, BLOCK_SLICE) {
+            Ok(Woken::Ready) | Ok(Woken::TimedOut) => {}
+            Ok(Woken::NoWaitObject) => std::thread::sleep(FALLBACK_SLEEP),
+            Err(e) => {
+                // The next poll of the CQs reports a broken CQ; idle as without a wait fd.
+                tracing::debug!("blocking on the completion queues failed: {e}");
+                std::thread::sleep(FALLBACK_SLEEP);
+            }
+        }
+    }
+}
+
+/// Logs the choice (debug level) and returns it.
+pub(crate) fn log_choice(
+    requested: WaitPolicy,
+    chosen: WaitPolicy,
+    ranks_on_host: u32,
+    cores: usize,
+    fds: usize,
+    cqs: usize,
+) -> WaitPolicy {
+    tracing::debug!(
+        %requested,
+        %chosen,
+        ranks_on_host,
+        cores,
+        wait_fds = fds,
+        cqs,
+        "wait policy"
+    );
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Auto picks Yield exactly when ranks on this host outnumber its cores; an explicit
+    /// policy is kept whatever the host.
+    #[test]
+    fn auto_yields_only_when_oversubscribed() {
+        for (ranks, cores, want) in [
+            (1, 1, WaitPolicy::Spin),
+            (2, 2, WaitPolicy::Spin),
+            (2, 8, WaitPolicy::Spin),
+            (3, 2, WaitPolicy::Yield),
+            (4, 2, WaitPolicy::Yield),
+            (64, 32, WaitPolicy::Yield),
+            (2, 1, WaitPolicy::Yield),
+            // No core known counts as one.
+            (1, 0, WaitPolicy::Spin),
+            (2, 0, WaitPolicy::Yield),
+        ] {
+            assert_eq!(
+                choose(WaitPolicy::Auto, ranks, cores),
+                want,
+                "{ranks} ranks on {cores} cores"
+            );
+        }
+        for p in [WaitPolicy::Spin, WaitPolicy::Yield, WaitPolicy::Block] {
+            for (ranks, cores) in [(1, 8), (8, 1), (4, 2)] {
+                assert_eq!(choose(p, ranks, cores), p);
+            }
+        }
+    }
+
+    #[test]
+    fn env_values() {
+        assert_eq!(parse_wait(" Block "), Some(WaitPolicy::Block));
+        assert_eq!(parse_wait("SPIN"), Some(WaitPolicy::Spin));
+        assert_eq!(parse_wait("yield"), Some(WaitPolicy::Yield));
+        assert_eq!(parse_wait("auto"), Some(WaitPolicy::Auto));
+        assert_eq!(parse_wait("sleep"), None);
+        assert_eq!(parse_wait(""), None);
+        for p in [
+            WaitPolicy::Auto,
+            WaitPolicy::Spin,
+            WaitPolicy::Yield,
+            WaitPolicy::Block,
+        ] {
+            assert_eq!(parse_wait(p.name()), Some(p));
+        }
+    }
+}
