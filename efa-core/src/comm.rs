@@ -1075,9 +1075,10 @@ impl Communicator {
         // size) stands for the ranks on this host until the cards tell.
         let cores = crate::wait::available_cores();
         let guess = boot.local_size().unwrap_or(size);
-        let cq_wait = match crate::wait::choose(config.wait, guess, cores) {
-            WaitPolicy::Block => efa_fabric::CqWait::Fd,
-            _ => efa_fabric::CqWait::None,
+        let cq_wait = if crate::wait::wants_wait_fds(config.wait, guess, cores) {
+            efa_fabric::CqWait::Fd
+        } else {
+            efa_fabric::CqWait::None
         };
         let (mut ports, card) = open_ports(rank, &discovery, &selection, &config, cq_wait)?;
         let prefix = claim.store_prefix.clone();
@@ -1919,8 +1920,9 @@ fn wait_set(config: &Config, ports: &[Port], on_host: u32, cores: usize) -> Arc<
             }
         }
     }
-    let chosen = crate::wait::choose(config.wait, on_host, cores);
     let fds = cqs.iter().filter(|c| c.wait_fd().is_some()).count();
+    let all_fds = !cqs.is_empty() && fds == cqs.len();
+    let chosen = crate::wait::choose(config.wait, on_host, cores, all_fds);
     crate::wait::log_choice(config.wait, chosen, on_host, cores, fds, cqs.len());
     Arc::new(WaitSet::new(chosen, cqs))
 }

@@ -1,26 +1,42 @@
 //! How a rank waits: the one wait policy that every blocking call of this crate follows
 //! (point-to-point waits, probes, `wait_any`/`wait_some`, collectives, RMA notifications,
-//! finalize).
+//! finalize; efa-fabric's own retry loops follow it too, through
+//! [`efa_fabric::set_idle_mode`]).
 //!
 //! A waiting rank polls its completion queues; between two polls that found nothing it
 //! idles according to its [`WaitPolicy`]:
 //!
 //! | policy | between idle polls | best when | cost |
 //! |---|---|---|---|
-//! | [`WaitPolicy::Spin`] | a CPU pause; a `sched_yield` every [`SPIN_YIELD_EVERY`] polls | a core per rank | a waiting rank keeps its core 100% busy |
-//! | [`WaitPolicy::Yield`] | `sched_yield` after [`YIELD_SPINS`] polls (Open MPI's `mpi_yield_when_idle`) | ranks outnumber cores | cores stay busy, but a rank with work gets one at its peer's next yield |
-//! | [`WaitPolicy::Block`] | spin and yield for [`BLOCK_AFTER`] idle polls, then block in `poll(2)` on the CQs' wait fds (`FI_WAIT_FD`, `fi_trywait(3)`) for at most [`BLOCK_SLICE`]; where a CQ has no wait fd, sleep [`FALLBACK_SLEEP`] | idle-heavy jobs sharing a host with other work | each completion costs the provider a signal; a wake-up costs a context switch |
-//! | [`WaitPolicy::Auto`] (default) | [`WaitPolicy::Yield`] when this host runs more ranks of the job than the process may use cores (`sched_getaffinity`, cgroup quota: [`std::thread::available_parallelism`]), else [`WaitPolicy::Spin`] | | |
+//! | [`WaitPolicy::Spin`] | a CPU pause; a `sched_yield` every [`SPIN_YIELD_EVERY`] polls | a core per rank | a waiting rank keeps its core busy |
+//! | [`WaitPolicy::Yield`] | `sched_yield` (Open MPI's `mpi_yield_when_idle`) | ranks outnumber cores, CQs without wait fd (shm) | cores stay busy, but a rank with work runs at its neighbour's next yield |
+//! | [`WaitPolicy::Block`] | `sched_yield` for [`BLOCK_AFTER`] idle polls, then block in `poll(2)` on the CQs' wait fds (`FI_WAIT_FD`, `fi_trywait(3)`) for at most [`BLOCK_SLICE`]; where a CQ has no wait fd, sleep [`FALLBACK_SLEEP`] instead | ranks outnumber cores and every CQ has a wait fd (TCP); idle-heavy jobs sharing a host | each completion costs the provider a signal; a wake-up costs a context switch |
+//! | [`WaitPolicy::Auto`] (default) | not oversubscribed: Spin. Oversubscribed: Block when every CQ in use has a wait fd, else Yield | | |
+//!
+//! "Oversubscribed" means this host runs more ranks of the job than this process may use
+//! cores (`sched_getaffinity`, limited by a cgroup CPU quota:
+//! [`std::thread::available_parallelism`]); the ranks on the host are counted from the
+//! cards every rank publishes. When the auto policy may block, the CQs are opened with
+//! `FI_WAIT_FD` (the launcher's local size, else the world size, stands for the ranks on the
+//! host at that point); CQs of a spinning rank get no wait object, which costs nothing.
+//!
+//! Which providers give a wait fd (libfabric 1.17, efa-fabric's `tests/cq_wait.rs`):
+//! `tcp;ofi_rxm` and `sockets` do and wake a blocked reader when a message arrives; `shm` and
+//! `udp;ofi_rxd` do not (`fi_cq_open` refuses `FI_WAIT_FD`), so over shm Block can only
+//! sleep between polls and Yield is the faster choice; `net`'s fd never lets a reader sleep.
 //!
 //! Block slices are bounded so that deadlines, peers' liveness checks and carriers without a
-//! wait fd (shared-memory rings polled by the engine) are still looked at: a message that
-//! arrives through such a carrier is seen at the latest one slice later. The automatic
-//! choice for oversubscribed hosts is Yield because it measured faster than Block here (4
-//! ranks on 2 cores; see the README's oversubscription table).
+//! wait fd (a shared-memory ring polled by the engine, such as our own intra-host channel)
+//! are still looked at: a message that arrives through such a carrier is seen at the latest
+//! one slice ([`BLOCK_SLICE`], or [`FALLBACK_SLEEP`] when a CQ has no fd) later; Yield sees
+//! it at the next poll.
+//!
+//! Measured with `bench/oversubscribed.sh` (README, "Oversubscription").
 //!
 //! Set the policy with `EFA_WAIT=spin|yield|block|auto` or
 //! [`CommunicatorBuilder::wait`](crate::CommunicatorBuilder::wait) (the builder wins). The
-//! choice is logged at debug level (`efa_core::wait`).
+//! choice is logged at debug level (`efa_core::wait`: requested, chosen, ranks on the host,
+//! cores, CQs with a wait fd).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,13 +113,39 @@ pub(crate) fn wait_from_env() -> Result<Option<WaitPolicy>, SettingError> {
     }
 }
 
-/// The policy to use: `requested` unless it is [`WaitPolicy::Auto`], which becomes
-/// [`WaitPolicy::Yield`] when `ranks_on_host` (this job's ranks on this host) exceeds `cores`
-/// (the cores this process may run on), else [`WaitPolicy::Spin`]. Never returns `Auto`.
-pub(crate) fn choose(requested: WaitPolicy, ranks_on_host: u32, cores: usize) -> WaitPolicy {
+/// True when this host runs more of the job's ranks than this process may use cores.
+pub(crate) fn oversubscribed(ranks_on_host: u32, cores: usize) -> bool {
+    ranks_on_host as usize > cores.max(1)
+}
+
+/// Whether the completion queues should be opened with wait fds (`FI_WAIT_FD`): when the
+/// policy may block on them. A wait object costs the provider a signal per completion, so
+/// CQs of a rank that spins get none.
+pub(crate) fn wants_wait_fds(requested: WaitPolicy, ranks_on_host: u32, cores: usize) -> bool {
     match requested {
-        WaitPolicy::Auto if ranks_on_host as usize > cores.max(1) => WaitPolicy::Yield,
-        WaitPolicy::Auto => WaitPolicy::Spin,
+        WaitPolicy::Block => true,
+        WaitPolicy::Auto => oversubscribed(ranks_on_host, cores),
+        WaitPolicy::Spin | WaitPolicy::Yield => false,
+    }
+}
+
+/// The policy to use: `requested` unless it is [`WaitPolicy::Auto`]. `Auto` becomes
+/// [`WaitPolicy::Spin`] unless `ranks_on_host` (this job's ranks on this host) exceeds
+/// `cores` (the cores this process may run on); oversubscribed, it becomes
+/// [`WaitPolicy::Block`] when every completion queue in use has a wait fd (`all_fds`: then a
+/// message wakes a blocked rank at once), else [`WaitPolicy::Yield`] (a CQ without a wait fd,
+/// such as libfabric 1.17 shm's, would only be looked at between sleeps). Never returns
+/// `Auto`.
+pub(crate) fn choose(
+    requested: WaitPolicy,
+    ranks_on_host: u32,
+    cores: usize,
+    all_fds: bool,
+) -> WaitPolicy {
+    match requested {
+        WaitPolicy::Auto if !oversubscribed(ranks_on_host, cores) => WaitPolicy::Spin,
+        WaitPolicy::Auto if all_fds => WaitPolicy::Block,
+        WaitPolicy::Auto => WaitPolicy::Yield,
         p => p,
     }
 }
@@ -117,10 +159,8 @@ pub(crate) fn available_cores() -> usize {
 /// Under [`WaitPolicy::Spin`], idle polls between two `sched_yield`s (so that a host busier
 /// than planned, e.g. several jobs at once, still lets the other processes run).
 pub const SPIN_YIELD_EVERY: u32 = 128;
-/// Under [`WaitPolicy::Yield`] and [`WaitPolicy::Block`], idle polls spent spinning before the
-/// first `sched_yield`.
-pub const YIELD_SPINS: u32 = 16;
-/// Under [`WaitPolicy::Block`], idle polls (spins, then yields) before the first block.
+/// Under [`WaitPolicy::Block`], idle polls (each followed by a `sched_yield`) before the first
+/// block.
 pub const BLOCK_AFTER: u32 = 64;
 /// Under [`WaitPolicy::Block`], the longest single block on the CQs' wait fds: bounds how late
 /// a deadline, a liveness check or a message through a carrier without a wait fd is seen.
@@ -205,17 +245,11 @@ impl Waiter {
                     std::hint::spin_loop();
                 }
             }
-            WaitPolicy::Yield => {
-                if self.idle <= YIELD_SPINS {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
+            // Yielding at once measured faster than spinning a few polls first (4 ranks on
+            // 2 cores): a peer with work on this core runs sooner.
+            WaitPolicy::Yield => std::thread::yield_now(),
             WaitPolicy::Block => {
-                if self.idle <= YIELD_SPINS {
-                    std::hint::spin_loop();
-                } else if self.idle <= BLOCK_AFTER {
+                if self.idle <= BLOCK_AFTER {
                     std::thread::yield_now();
                 } else {
                     self.block();
@@ -262,31 +296,44 @@ pub(crate) fn log_choice(
 mod tests {
     use super::*;
 
-    /// Auto picks Yield exactly when ranks on this host outnumber its cores; an explicit
-    /// policy is kept whatever the host.
+    /// Auto spins unless ranks on this host outnumber its cores; oversubscribed, it blocks
+    /// when every CQ in use has a wait fd and yields otherwise. An explicit policy is kept
+    /// whatever the host; wait fds are wanted exactly when the policy may block.
     #[test]
-    fn auto_yields_only_when_oversubscribed() {
-        for (ranks, cores, want) in [
-            (1, 1, WaitPolicy::Spin),
-            (2, 2, WaitPolicy::Spin),
-            (2, 8, WaitPolicy::Spin),
-            (3, 2, WaitPolicy::Yield),
-            (4, 2, WaitPolicy::Yield),
-            (64, 32, WaitPolicy::Yield),
-            (2, 1, WaitPolicy::Yield),
+    fn auto_spins_unless_oversubscribed() {
+        for (ranks, cores, fds, want) in [
+            (1, 1, false, WaitPolicy::Spin),
+            (1, 1, true, WaitPolicy::Spin),
+            (2, 2, false, WaitPolicy::Spin),
+            (2, 2, true, WaitPolicy::Spin),
+            (2, 8, true, WaitPolicy::Spin),
+            (3, 2, false, WaitPolicy::Yield),
+            (3, 2, true, WaitPolicy::Block),
+            (4, 2, false, WaitPolicy::Yield),
+            (4, 2, true, WaitPolicy::Block),
+            (64, 32, false, WaitPolicy::Yield),
+            (2, 1, true, WaitPolicy::Block),
             // No core known counts as one.
-            (1, 0, WaitPolicy::Spin),
-            (2, 0, WaitPolicy::Yield),
+            (1, 0, false, WaitPolicy::Spin),
+            (2, 0, false, WaitPolicy::Yield),
         ] {
             assert_eq!(
-                choose(WaitPolicy::Auto, ranks, cores),
+                choose(WaitPolicy::Auto, ranks, cores, fds),
                 want,
+                "{ranks} ranks on {cores} cores, wait fds on all CQs: {fds}"
+            );
+            assert_eq!(
+                wants_wait_fds(WaitPolicy::Auto, ranks, cores),
+                want != WaitPolicy::Spin,
                 "{ranks} ranks on {cores} cores"
             );
         }
         for p in [WaitPolicy::Spin, WaitPolicy::Yield, WaitPolicy::Block] {
             for (ranks, cores) in [(1, 8), (8, 1), (4, 2)] {
-                assert_eq!(choose(p, ranks, cores), p);
+                for fds in [false, true] {
+                    assert_eq!(choose(p, ranks, cores, fds), p);
+                }
+                assert_eq!(wants_wait_fds(p, ranks, cores), p == WaitPolicy::Block);
             }
         }
     }
