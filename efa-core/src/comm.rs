@@ -256,10 +256,10 @@ impl CommunicatorBuilder {
     }
 
     /// How blocking calls wait between polls of the completion queues (see
-    /// [`crate::wait`] for each policy's trade-off). Default: `EFA_WAIT`, else
-    /// [`WaitPolicy::Auto`]: [`WaitPolicy::Yield`] when this host runs more ranks of the job
-    /// than this process may use cores, else [`WaitPolicy::Spin`]. An explicit policy wins
-    /// over `EFA_WAIT`.
+    /// [`crate::wait`] for each policy's trade-off and measurements). Default: `EFA_WAIT`,
+    /// else [`WaitPolicy::Auto`]: [`WaitPolicy::Spin`] (lowest latency, a busy core per
+    /// waiting rank) unless this host runs more ranks of the job than this process may use
+    /// cores; then [`WaitPolicy::Block`]. An explicit policy wins over `EFA_WAIT`.
     pub fn wait(mut self, policy: WaitPolicy) -> Self {
         self.config.wait = policy;
         self.wait_explicit = true;
@@ -1087,7 +1087,7 @@ impl Communicator {
         let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
         let live = liveness(&card, &cards, &ports, &peers);
         let on_host = cards.iter().filter(|c| c.host_id == card.host_id).count() as u32;
-        let wait = wait_set(&config, &ports, on_host, cores);
+        let wait = wait_set(&config, &ports, 0, on_host, cores);
         let comm = assemble(
             rank,
             size,
@@ -1911,7 +1911,16 @@ fn liveness(card: &Card, cards: &[Card], ports: &[Port], peers: &[PeerRoute]) ->
 
 /// The wait policy for `on_host` ranks of the job on this host and `cores` usable cores
 /// ([`crate::wait::choose`]), over the CQs of the endpoints that peers are routed to.
-fn wait_set(config: &Config, ports: &[Port], on_host: u32, cores: usize) -> Arc<WaitSet> {
+/// `fdless_carriers` counts the other things the engine polls for messages that have no wait
+/// fd (e.g. shared-memory rings): with any, Block blocks in short slices only
+/// ([`WaitSet::new`]).
+fn wait_set(
+    config: &Config,
+    ports: &[Port],
+    fdless_carriers: usize,
+    on_host: u32,
+    cores: usize,
+) -> Arc<WaitSet> {
     let mut cqs: Vec<efa_fabric::CompletionQueue> = Vec::new();
     for p in ports.iter().filter(|p| p.used) {
         for cq in [p.ep.rx_cq(), p.ep.tx_cq()] {
@@ -1921,10 +1930,9 @@ fn wait_set(config: &Config, ports: &[Port], on_host: u32, cores: usize) -> Arc<
         }
     }
     let fds = cqs.iter().filter(|c| c.wait_fd().is_some()).count();
-    let all_fds = !cqs.is_empty() && fds == cqs.len();
-    let chosen = crate::wait::choose(config.wait, on_host, cores, all_fds);
+    let chosen = crate::wait::choose(config.wait, on_host, cores);
     crate::wait::log_choice(config.wait, chosen, on_host, cores, fds, cqs.len());
-    Arc::new(WaitSet::new(chosen, cqs))
+    Arc::new(WaitSet::new(chosen, cqs, fdless_carriers))
 }
 
 /// Builds the engine over the open endpoints, posts its receive buffers, and wraps it in

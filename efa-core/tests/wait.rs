@@ -204,3 +204,46 @@ fn child_bad_wait() {
     assert_eq!(comm.config().wait(), WaitPolicy::Yield);
     println!("wait-test-done");
 }
+
+/// Without `EFA_WAIT`, the policy follows the ranks on this host against its cores: 4 ranks
+/// on this host block when they outnumber the cores this process may use, and spin otherwise;
+/// a single rank always spins.
+#[test]
+fn auto_policy_follows_ranks_per_core() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for n in [1u32, 4] {
+        let want = if n as usize > cores { "block" } else { "spin" };
+        let mut cmd = common::efarun_command(n, "child_auto");
+        cmd.env_remove("EFA_WAIT").env("WAIT_EXPECT", want);
+        let out = cmd.output().expect("run efarun");
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("{text}");
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{n} ranks on {cores} cores: {}",
+            out.status
+        );
+        assert_eq!(
+            text.matches("wait-test-done").count(),
+            n as usize,
+            "{n} ranks on {cores} cores"
+        );
+    }
+}
+
+/// Child of [`auto_policy_follows_ranks_per_core`].
+#[test]
+#[ignore]
+fn child_auto() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    let want = std::env::var("WAIT_EXPECT").unwrap();
+    assert_eq!(comm.config().wait(), WaitPolicy::Auto);
+    assert_eq!(comm.wait_policy().name(), want, "rank {}", comm.rank());
+    comm.barrier().unwrap();
+    println!("rank {}: auto chose {want} wait-test-done", comm.rank());
+    comm.finalize().unwrap();
+}

@@ -61,16 +61,25 @@ pub enum Woken {
 /// `fi_trywait` errors other than `FI_EAGAIN`; `poll(2)` errors other than `EINTR` (an
 /// interrupted poll counts as [`Woken::Ready`]).
 pub fn block_on(cqs: &[CompletionQueue], timeout: Duration) -> Result<Woken> {
-    let mut fds = Vec::with_capacity(cqs.len());
-    for cq in cqs {
+    // On the stack for the usual few CQs (one per transport): no allocation while waiting.
+    let unset = libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut on_stack = [unset; 8];
+    let mut on_heap = Vec::new();
+    let fds: &mut [libc::pollfd] = if cqs.len() <= on_stack.len() {
+        &mut on_stack[..cqs.len()]
+    } else {
+        on_heap.resize(cqs.len(), unset);
+        &mut on_heap
+    };
+    for (cq, p) in cqs.iter().zip(fds.iter_mut()) {
         let Some(fd) = cq.wait_fd() else {
             return Ok(Woken::NoWaitObject);
         };
-        fds.push(libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        });
+        p.fd = fd;
     }
     if fds.is_empty() {
         return Ok(Woken::NoWaitObject);
