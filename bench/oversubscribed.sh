@@ -13,9 +13,11 @@
 # table also says which policy wins here. Routes: shm (ours over libfabric shm, Open MPI's
 # vader BTL) and tcp (ours over TCP on lo, Open MPI's TCP BTL on lo).
 #
+# With BASE set (the target/release directory of an earlier commit, with efa-bench, efarun and
+# examples/halo built), that build runs too (column "base"; it reads no EFA_WAIT).
+#
 # Part two (PARTS contains "np2"): 2 ranks, not oversubscribed, the auto policy against the
-# build in BASE (a target/release directory of an earlier commit, when set): 8 B ping-pong
-# latency (examples/pingpong) and 1 MiB allreduce, shm.
+# BASE build: 8 B ping-pong latency (examples/pingpong) and 1 MiB allreduce, shm.
 #
 # Environment: NP, ROUNDS (3), ROUTES ("shm tcp"), POLICIES ("auto yield block"),
 # PARTS ("allreduce halo np2"), AR_ITERS (200), HALO_ITERS (1000), BASE.
@@ -76,16 +78,20 @@ for r in $(seq "$ROUNDS"); do
     for route in $ROUTES; do
         if want allreduce; then
             mpirun_ "$route" "$NP" "$tmp/mpi_allreduce" "${ar_flags[@]}" | ar_rows | record "ar-$route-ompi"
-            for p in $POLICIES; do
-                env $(ours_env "$route" "$p") timeout 300 "$REL/efa-bench" allreduce -N "$NP" \
+            for p in $POLICIES ${BASE:+base}; do
+                bin=$REL/efa-bench
+                if [ "$p" = base ]; then bin=$BASE/efa-bench; fi
+                env $(ours_env "$route" "$p") timeout 300 "$bin" allreduce -N "$NP" \
                     "${ar_flags[@]}" | ar_rows | record "ar-$route-$p"
             done
         fi
         if want halo; then
             ITERS=$HALO_ITERS mpirun_ "$route" "$NP" "$tmp/mpi_halo" | halo_row | record "halo-$route-ompi"
-            for p in $POLICIES; do
-                env $(ours_env "$route" "$p") ITERS="$HALO_ITERS" timeout 300 "$REL/efarun" \
-                    -n "$NP" "$REL/examples/halo" | sed 's/^\[[0-9]*\] //' | halo_row |
+            for p in $POLICIES ${BASE:+base}; do
+                dir=$REL
+                if [ "$p" = base ]; then dir=$BASE; fi
+                env $(ours_env "$route" "$p") ITERS="$HALO_ITERS" timeout 300 "$dir/efarun" \
+                    -n "$NP" "$dir/examples/halo" | sed 's/^\[[0-9]*\] //' | halo_row |
                     record "halo-$route-$p"
             done
         fi
@@ -112,12 +118,12 @@ for route in $ROUTES; do
         if [ "$test" = halo ] && ! want halo; then continue; fi
         sizes=$(ls "$tmp" | sed -n "s/^$test-$route-ompi-//p" | sort -n)
         printf "%-6s %-10s %10s %12s" "$route" "$test" "size(B)" "open-mpi"
-        for p in $POLICIES; do printf " %10s" "ours:$p"; done
+        for p in $POLICIES ${BASE:+base}; do printf " %10s" "ours:$p"; done
         printf " %12s\n" "auto/ompi"
         for s in $sizes; do
             o=$(median <"$tmp/$test-$route-ompi-$s")
             printf "%-6s %-10s %10s %12s" "$route" "$test" "$s" "$o"
-            for p in $POLICIES; do
+            for p in $POLICIES ${BASE:+base}; do
                 printf " %10s" "$(median <"$tmp/$test-$route-$p-$s" 2>/dev/null || echo nan)"
             done
             a=$(median <"$tmp/$test-$route-auto-$s" 2>/dev/null || echo nan)
