@@ -26,15 +26,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     win.flush(0)?;
     win.fence()?;
     if me == 0 {
-        let bad = win
-            .local()
+        let local = win.local_to_vec();
+        let bad = local
             .iter()
             .enumerate()
             .filter(|(i, &x)| x != value(*i))
             .count();
         println!(
             "rank 0: {} elements from {n} ranks in {:?}; {}",
-            win.local().len(),
+            local.len(),
             t.elapsed(),
             if bad == 0 {
                 "verified".to_string()

@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use efa_fabric::{Access, Caps, Endpoint, Pending, RegisteredBuf, RemoteRegion};
+use efa_fabric::{Access, Caps, Endpoint, Pending, RegisteredBuf, RemoteRegion, TargetBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fab::{open_endpoint, Net, Slot};
@@ -72,7 +72,7 @@ pub struct Session {
     pub tx: Option<RegisteredBuf>,
     pub rx: Option<RegisteredBuf>,
     /// Server side of RMA: the region the client reads and writes.
-    pub target: Option<RegisteredBuf>,
+    pub target: Option<TargetBuf>,
     /// Client side of RMA: the server's region.
     pub remote: Option<RemoteRegion>,
     /// Safe-API path: the receive in flight (its buffer is inside).
@@ -113,7 +113,7 @@ impl Session {
             }
             let ep = open_endpoint(c, cfg.caps())?;
             let target = if cfg.bench == "rma" {
-                Some(RegisteredBuf::new(
+                Some(TargetBuf::new(
                     ep.domain(),
                     cfg.max_size().max(64),
                     Access::REMOTE_READ | Access::REMOTE_WRITE,

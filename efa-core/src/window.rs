@@ -16,7 +16,12 @@
 //!
 //! # Safety of memory
 //! The NIC never touches user buffers: puts read from a copy, gets land in memory the
-//! window owns and are copied out on completion. A window's own memory is released only by
+//! window owns and are copied out on completion. A rank's own window memory is never lent
+//! out as a slice: peers may write it at any moment (after a fence, a peer may start the
+//! next epoch's puts at once, and nothing local can stop it), so a `&[T]` over it would be
+//! a data race in safe Rust. It is copied out with [`Window::read_local`] /
+//! [`Window::local_to_vec`] and in with [`Window::write_local`] / [`Window::fill_local`]
+//! (volatile copies through `efa_fabric::TargetBuf`). A window's own memory is released only by
 //! [`Window::free`], which is collective (a fence first), so no peer can write into memory
 //! that has gone back to the allocator. A window dropped without `free` keeps its memory
 //! (and logs a warning) for the same reason.
@@ -27,7 +32,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
-use efa_fabric::{Access, Endpoint, FiAddr, Pending, RegisteredBuf, RemoteRegion};
+use efa_fabric::{Access, Endpoint, FiAddr, Pending, RemoteRegion, TargetBuf};
 
 use crate::comm::{Communicator, Source};
 use crate::error::{Error, Malformed, Result};
@@ -92,7 +97,7 @@ pub struct Window<T: Pod> {
     peers: Vec<PeerWin>,
     outstanding: Mutex<Outstanding>,
     // Last: the memory outlives the operations above when dropped field by field.
-    mem: Option<RegisteredBuf>,
+    mem: Option<TargetBuf>,
     _t: PhantomData<T>,
 }
 
@@ -154,7 +159,7 @@ impl<T: Pod> Window<T> {
         let id = comm.next_object_id();
         let ports = comm.port_endpoints();
         // Register the memory in every domain some peer is routed through.
-        let mut mem: Option<RegisteredBuf> = None;
+        let mut mem: Option<TargetBuf> = None;
         let mut regions: HashMap<usize, RemoteRegion> = HashMap::new();
         for (i, (ep, used)) in ports.iter().enumerate() {
             if !used {
@@ -167,7 +172,7 @@ impl<T: Pod> Window<T> {
             }
             let remote = match &mut mem {
                 None => {
-                    let b = RegisteredBuf::new(ep.domain(), bytes, access.fabric(), Some(ep))
+                    let b = TargetBuf::new(ep.domain(), bytes, access.fabric(), Some(ep))
                         .map_err(|e| Error::fabric("registering the window", None, e))?;
                     let r = b.remote();
                     mem = Some(b);
@@ -239,24 +244,71 @@ impl<T: Pod> Window<T> {
         self.len == 0
     }
 
-    /// This rank's window memory. Peers may write it at any time during an access epoch;
-    /// read it after a [`Window::fence`] or a notification for a consistent view.
-    pub fn local(&self) -> &[T] {
-        match &self.mem {
-            Some(m) if self.len > 0 => {
-                bytemuck::cast_slice(&m[..self.len * std::mem::size_of::<T>()])
-            }
-            _ => &[],
+    /// Copies `out.len()` elements of this rank's window memory, from element `offset`, into
+    /// `out`. Peers may write the memory at any time during an access epoch; read it after
+    /// a [`Window::fence`] or a notification for a consistent view (a concurrent put gives
+    /// some mix of old and new bytes, as MPI leaves it undefined; never undefined
+    /// behaviour). See [the module docs](self#safety-of-memory) for why this copies instead
+    /// of lending a slice.
+    ///
+    /// # Errors
+    /// [`Error::RmaOutOfBounds`] (op [`RmaOp::Get`], peer this rank) when the range is
+    /// outside the window; nothing is copied.
+    pub fn read_local(&self, offset: usize, out: &mut [T]) -> Result<()> {
+        self.check_local(RmaOp::Get, offset, out.len())?;
+        if out.is_empty() {
+            return Ok(());
         }
+        let esz = std::mem::size_of::<T>();
+        let mem = self.mem.as_ref().expect("a non-empty window has memory");
+        mem.read_local(offset * esz, bytemuck::cast_slice_mut(out))
+            .map_err(|e| Error::fabric("read_local", None, e))
     }
 
-    /// This rank's window memory, for local initialisation (between fences).
-    pub fn local_mut(&mut self) -> &mut [T] {
-        let n = self.len * std::mem::size_of::<T>();
-        match &mut self.mem {
-            Some(m) if n > 0 => bytemuck::cast_slice_mut(&mut m[..n]),
-            _ => &mut [],
+    /// This rank's whole window memory, copied ([`Window::read_local`]).
+    pub fn local_to_vec(&self) -> Vec<T> {
+        let mut v = vec![T::zeroed(); self.len];
+        self.read_local(0, &mut v)
+            .expect("the whole window is in bounds");
+        v
+    }
+
+    /// Copies `data` into this rank's window memory at element `offset`, for local
+    /// initialisation (between fences). `&mut self`: no request of this window can be in
+    /// flight meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::RmaOutOfBounds`] (op [`RmaOp::Put`], peer this rank) when the range is
+    /// outside the window; nothing is copied.
+    pub fn write_local(&mut self, offset: usize, data: &[T]) -> Result<()> {
+        self.check_local(RmaOp::Put, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
         }
+        let esz = std::mem::size_of::<T>();
+        let mem = self.mem.as_mut().expect("a non-empty window has memory");
+        mem.write_local(offset * esz, bytemuck::cast_slice(data))
+            .map_err(|e| Error::fabric("write_local", None, e))
+    }
+
+    /// Sets every element of this rank's window memory to `value` ([`Window::write_local`]).
+    pub fn fill_local(&mut self, value: T) {
+        let v = vec![value; self.len];
+        self.write_local(0, &v)
+            .expect("the whole window is in bounds");
+    }
+
+    fn check_local(&self, op: RmaOp, offset: usize, count: usize) -> Result<()> {
+        if offset.checked_add(count).is_some_and(|end| end <= self.len) {
+            return Ok(());
+        }
+        Err(Error::RmaOutOfBounds {
+            op,
+            peer: self.comm.rank(),
+            offset,
+            count,
+            window_len: self.len,
+        })
     }
 
     fn check(&self, op: RmaOp, peer: u32, offset: usize, count: usize) -> Result<(&PeerWin, u64)> {

@@ -259,7 +259,7 @@ fn child_requests() {
     Request::wait(put).unwrap();
     Request::wait(send).unwrap();
     win.fence().unwrap();
-    assert_eq!(win.local()[1], prev + 1);
+    assert_eq!(win.local_to_vec()[1], prev + 1);
     win.free().unwrap();
     assert_eq!(comm.wait_any(&mut []).unwrap(), None);
     assert!(comm.wait_some(&mut []).unwrap().is_empty());

@@ -40,10 +40,8 @@ fn child_put_get() {
     }
     let len = 1 << 16;
     let mut win = comm.window::<u64>(len, WindowAccess::ReadWrite).unwrap();
-    win.local_mut()
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, x)| *x = val(me, i, 0));
+    let init: Vec<u64> = (0..len).map(|i| val(me, i, 0)).collect();
+    win.write_local(0, &init).unwrap();
     win.fence().unwrap();
     // Gets of many sizes and offsets from every peer.
     for peer in 0..n {
@@ -78,11 +76,12 @@ fn child_put_get() {
         }
     }
     win.fence().unwrap();
+    let local = win.local_to_vec();
     for src in 0..n {
         let off = src as usize * slice;
         for i in 0..slice {
             assert_eq!(
-                win.local()[off + i],
+                local[off + i],
                 val(src, off + i, 7 + u64::from(me)),
                 "element {} written by {src}",
                 off + i
@@ -98,8 +97,10 @@ fn child_put_get() {
     let (src, value) = win.wait_notify().unwrap();
     let prev = (me + n - 1) % n;
     assert_eq!((src, value), (prev, 40 + prev as u16));
+    let mut third = [0u64];
+    win.read_local(3, &mut third).unwrap();
     assert_eq!(
-        win.local()[3],
+        third[0],
         0xABCD + u64::from(prev),
         "notified data must be visible"
     );
@@ -154,7 +155,7 @@ fn child_errors() {
     let me = comm.rank();
     let peer = 1 - me;
     let mut win = comm.window::<u32>(100, WindowAccess::ReadWrite).unwrap();
-    win.local_mut().fill(me + 1);
+    win.fill_local(me + 1);
     let ro = comm.window::<u32>(10, WindowAccess::ReadOnly).unwrap();
     win.fence().unwrap();
     match win.put(peer, 95, &[9u32; 10]) {
@@ -189,7 +190,7 @@ fn child_errors() {
     ));
     win.fence().unwrap();
     assert!(
-        win.local().iter().all(|&x| x == me + 1),
+        win.local_to_vec().iter().all(|&x| x == me + 1),
         "rejected puts must not touch memory"
     );
     let msg = win.put(peer, 100, &[1u32]).unwrap_err().to_string();

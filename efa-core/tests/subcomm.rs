@@ -198,7 +198,7 @@ fn child_split() {
     let win = half.window::<u32>(1, WindowAccess::ReadWrite).unwrap();
     win.put(hnext, 0, &[me]).unwrap();
     win.fence().unwrap();
-    assert_eq!(win.local()[0], members[hprev as usize]);
+    assert_eq!(win.local_to_vec()[0], members[hprev as usize]);
     win.free().unwrap();
     drop(half);
     world.barrier().unwrap();

@@ -147,6 +147,17 @@ pub enum Error {
         /// The provider's `mr_key_size`, in bytes.
         key_size: usize,
     },
+    /// Registration: remote write access (`FI_REMOTE_WRITE`) was asked for memory reached
+    /// through a shared reference or a type that hands out references to its bytes
+    /// (`&[T]`, [`crate::RegisteredBuf`]). Peers' writes would change bytes that safe code
+    /// reads through `&[T]`, a data race. Nothing was registered. Register memory peers may
+    /// write as a [`crate::TargetBuf`] (copy-in/copy-out) or through an owned or `&mut`
+    /// buffer in a [`crate::MemoryRegion`].
+    #[error("remote write access refused for {what}: peers' writes would race with references to its bytes; use a TargetBuf or a MemoryRegion over owned or &mut memory")]
+    SharedRemoteWrite {
+        /// What was being registered, e.g. `RegisteredBuf`, `MemoryRegion<&[T]>`.
+        what: &'static str,
+    },
     /// A message longer than the endpoint allows for this kind of post: `max_msg_size` for
     /// every post (split the message), `inject_size` for `inject*` (use a regular send, which
     /// has no such limit below `max_msg_size`). Nothing was posted.
@@ -385,6 +396,10 @@ impl fmt::Debug for Error {
                 .field("offset", offset)
                 .field("len", len)
                 .field("region_len", region_len)
+                .finish(),
+            Error::SharedRemoteWrite { what } => f
+                .debug_struct("SharedRemoteWrite")
+                .field("what", what)
                 .finish(),
             Error::RawMrKey { provider, key_size } => f
                 .debug_struct("RawMrKey")

@@ -91,10 +91,10 @@ pub use info::{
     Threading,
 };
 pub use mr::{
-    Access, AlignedBuf, BufPrefix, IoBuf, IoBufMut, MemoryRegion, RegisteredBuf, RemoteRegion,
-    SharedSlice,
+    Access, AlignedBuf, BufPrefix, IoBuf, IoBufMut, MemoryRegion, RawMemory, RegMemory,
+    RegMemoryMut, RegisteredBuf, RemoteRegion, SharedSlice, TargetBuf,
 };
-pub use op::{Done, OpError, Pending};
+pub use op::{rget_threshold, rma_scope, Done, Exposed, OpError, Pending, RmaScope, ScopedId};
 pub use progress::{
     block_on, idle_mode, set_idle_mode, Backoff, Deadline, IdleMode, PollClock, Woken,
 };

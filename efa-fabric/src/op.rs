@@ -19,7 +19,7 @@ use crate::av::FiAddr;
 use crate::cq::{Completion, OpContext};
 use crate::ep::Endpoint;
 use crate::error::{Error, Result, SizeLimit};
-use crate::mr::{Access, IoBuf, IoBufMut, MemoryRegion, RemoteRegion};
+use crate::mr::{Access, IoBuf, IoBufMut, MemoryRegion, RawMemory, RemoteRegion};
 use crate::progress::{Backoff, Deadline, PollClock};
 
 /// How long dropping or timing out an operation waits for its cancellation to complete.
@@ -88,7 +88,7 @@ enum Kind {
 pub struct Pending<B: IoBuf> {
     // Field order: the temporary registration is released before the buffer.
     ctx: Option<Box<OpContext>>,
-    mr: Option<MemoryRegion>,
+    mr: Option<MemoryRegion<RawMemory>>,
     buf: Option<B>,
     ep: Endpoint,
     kind: Kind,
@@ -304,7 +304,7 @@ impl<B: IoBuf> Drop for Pending<B> {
 fn local_desc<B: IoBuf>(
     ep: &Endpoint,
     buf: &B,
-) -> Result<(*mut std::os::raw::c_void, Option<MemoryRegion>)> {
+) -> Result<(*mut std::os::raw::c_void, Option<MemoryRegion<RawMemory>>)> {
     if let Some(d) = buf.io_desc() {
         return Ok((d, None));
     }
@@ -620,3 +620,500 @@ impl Endpoint {
         })
     }
 }
+
+// ---- borrowed user memory: exposure for remote read, and scoped RMA ------------------------
+
+/// Borrowed user memory registered for remote read (`FI_REMOTE_READ`) on one endpoint's
+/// domain, for as long as the borrow: the sender's side of a rendezvous by RMA read (RGET).
+/// Put [`Exposed::remote`] (address, key, length) in the message that announces the data; the
+/// peer then reads it with [`RmaScope::read`] or [`Endpoint::read_into`]. Dropping the value
+/// deregisters the memory (`fi_close`); a peer's read after that fails on the peer's side.
+///
+/// The remote address follows the provider's convention: the virtual address of the bytes
+/// under `FI_MR_VIRT_ADDR`, else 0 (offsets), as [`MemoryRegion::remote`]; readers just use
+/// offsets within the [`RemoteRegion`]. A zero-length buffer is not registered (its remote
+/// region has length 0, and reading 0 bytes of it posts nothing).
+///
+/// # Soundness
+/// Peers only read: the memory is borrowed shared (`&'a [u8]`), so nobody writes it while it
+/// is exposed, and remote reads do not change it. If the value is leaked (`mem::forget`), the
+/// registration stays open after the borrow ends; peers holding the key may then read
+/// whatever the memory holds later (or fail, once it is unmapped), which discloses bytes to
+/// that peer but cannot change memory of this process. No write access is ever granted
+/// ([`Error::SharedRemoteWrite`] guards `MemoryRegion<&[T]>`).
+///
+/// # Example
+/// ```no_run
+/// # fn main() -> efa_fabric::Result<()> {
+/// # let info = efa_fabric::Hints::new().provider("shm").get()?.remove(0);
+/// # let a = efa_fabric::Endpoint::open(&info)?;
+/// # let b = efa_fabric::Endpoint::open(&info)?;
+/// # let a_at_b = b.av().insert(&a.name()?)?;
+/// use std::time::Duration;
+/// let data = vec![7u8; 1 << 20];
+/// // Sender: expose the user's buffer and put its descriptor in the RTS.
+/// let exposed = a.expose(&data)?;
+/// let rts: [u8; efa_fabric::RemoteRegion::WIRE_LEN] = exposed.remote().to_bytes();
+/// // Receiver: read straight into the user's buffer; returns once the read is drained.
+/// let remote = efa_fabric::RemoteRegion::from_bytes(&rts)?;
+/// let mut dest = vec![0u8; 1 << 20];
+/// b.read_into(&mut dest, a_at_b, &remote, 0, Duration::from_secs(5))?;
+/// drop(exposed); // after the FIN: deregisters, the borrow of `data` ends
+/// # Ok(()) }
+/// ```
+pub struct Exposed<'a> {
+    mr: Option<MemoryRegion<&'a [u8]>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Exposed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exposed")
+            .field("len", &self.len)
+            .field("remote", &self.remote())
+            .finish()
+    }
+}
+
+impl Exposed<'_> {
+    /// What the peer needs to read the memory: address for offset 0, key, length in bytes.
+    pub fn remote(&self) -> RemoteRegion {
+        match &self.mr {
+            Some(mr) => mr.remote(),
+            None => RemoteRegion {
+                addr: 0,
+                key: 0,
+                len: 0,
+            },
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty exposure.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Endpoint {
+    /// Registers `buf` for remote read on this endpoint's domain for the borrow's length
+    /// (`fi_mr_regattr` with `FI_REMOTE_READ`; bound to this endpoint under `FI_MR_ENDPOINT`).
+    /// See [`Exposed`].
+    ///
+    /// Cost: one registration per call. On shm and tcp it is a table insert; on verbs and efa
+    /// it pins pages, and libfabric's own MR cache (on by default there, tuned by
+    /// `FI_MR_CACHE_MAX_SIZE` / `FI_MR_CACHE_MAX_COUNT`, invalidated by its memory monitor
+    /// `FI_MR_CACHE_MONITOR`) makes repeated registrations of the same buffer cheap.
+    ///
+    /// # Errors
+    /// [`Error::MemlockLimit`] (verbs, efa: `ulimit -l` too low); [`Error::RawMrKey`];
+    /// other `fi_mr_regattr` errors.
+    pub fn expose<'a>(&self, buf: &'a [u8]) -> Result<Exposed<'a>> {
+        let len = buf.len();
+        if len == 0 {
+            return Ok(Exposed { mr: None, len });
+        }
+        let mr = MemoryRegion::register(self.domain(), buf, Access::REMOTE_READ, Some(self))?;
+        Ok(Exposed { mr: Some(mr), len })
+    }
+
+    /// Reads `buf.len()` bytes from the peer's `remote` region at byte `offset` straight into
+    /// `buf` (`fi_read`, split at `max_msg_size`), and returns once every read has completed,
+    /// failed, or been cancelled and reaped: the borrow of `buf` ends only when no NIC can
+    /// write it any more. Returns the number of bytes read. The blocking form of
+    /// [`RmaScope::read`].
+    ///
+    /// # Errors
+    /// As [`RmaScope::read`] and [`RmaScope::wait`]: [`Error::OutOfBounds`] (nothing read),
+    /// completion errors, [`Error::Timeout`] after `timeout` (the read was then cancelled and
+    /// drained; `buf` holds unspecified bytes).
+    pub fn read_into(
+        &self,
+        buf: &mut [u8],
+        src: FiAddr,
+        remote: &RemoteRegion,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<usize> {
+        rma_scope(timeout, |s| {
+            let id = s.read(self, buf, src, remote, offset)?;
+            s.wait(id)
+        })
+    }
+}
+
+/// One posted chunk of a scoped RMA operation.
+struct ScopedOp {
+    ctx: Box<OpContext>,
+    ep: Endpoint,
+    len: usize,
+}
+
+/// A scoped operation: indices into the scope's chunk list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopedId {
+    first: usize,
+    count: usize,
+    len: usize,
+    op: &'static str,
+}
+
+impl ScopedId {
+    /// Bytes the operation moves.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-byte operation (nothing was posted).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// RMA on borrowed memory, drained before the borrows end. Made by [`rma_scope`]; see there.
+pub struct RmaScope<'scope, 'env: 'scope> {
+    // The drain lives in a field without lifetimes: a Drop on RmaScope itself would make
+    // the borrow `&'scope RmaScope<'scope, _>` outlive the value.
+    ops: std::cell::RefCell<Drain>,
+    deadline: Deadline,
+    timeout: Duration,
+    // Invariant in both lifetimes, as std::thread::Scope.
+    _scope: std::marker::PhantomData<&'scope mut &'scope ()>,
+    _env: std::marker::PhantomData<&'env mut &'env ()>,
+}
+
+impl std::fmt::Debug for RmaScope<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RmaScope")
+            .field("chunks", &self.ops.borrow().ops.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Runs `f` with a scope in which RMA operations may use BORROWED memory: reads land in, and
+/// writes take from, `&'scope` borrows, and before `rma_scope` returns (or unwinds) every
+/// operation posted in the scope has completed, failed, or been cancelled and reaped. The
+/// receiver's side of a rendezvous by RMA read (RGET) posts its reads in such a scope, from
+/// inside the call that holds the user's receive buffer. Operations [`RmaScope::wait`]ed for
+/// report their result; those left running when `f` returns are cancelled (`fi_cancel`) and
+/// drained, as [`Pending`] is on drop.
+///
+/// `timeout` bounds every wait in the scope ([`Error::Timeout`]).
+///
+/// # Soundness
+/// The shape is `std::thread::scope`'s: `f` gets `&'scope RmaScope`, with `'scope` chosen
+/// by `rma_scope`, so a buffer passed to [`RmaScope::read`] stays mutably borrowed until the
+/// scope ends and cannot be touched meanwhile (a compile error), and the scope itself lives
+/// in `rma_scope`'s frame: the caller can neither drop nor `mem::forget` it, so the drain
+/// always runs, also when `f` panics. `ScopedId`s are plain values; leaking one changes
+/// nothing. If the provider neither completes nor cancels an operation within
+/// [`CANCEL_GRACE`], the drain keeps progressing (logging an error every few seconds) rather
+/// than return while a NIC may still write memory that safe code owns again: a read to a
+/// peer that is alive but stalled completes when the peer progresses; one to a dead peer
+/// fails when the provider notices the loss.
+pub fn rma_scope<'env, R>(
+    timeout: Duration,
+    f: impl for<'scope> FnOnce(&'scope RmaScope<'scope, 'env>) -> R,
+) -> R {
+    let scope = RmaScope {
+        ops: std::cell::RefCell::new(Drain::default()),
+        deadline: Deadline::after(timeout),
+        timeout,
+        _scope: std::marker::PhantomData,
+        _env: std::marker::PhantomData,
+    };
+    f(&scope)
+    // `scope` drops here (or while unwinding): Drop drains every chunk.
+}
+
+impl<'scope> RmaScope<'scope, '_> {
+    /// Reads `buf.len()` bytes from `src`'s `remote` region at byte `offset` into `buf`
+    /// (`fi_read`), split into chunks of at most the endpoint's `max_msg_size`. Under
+    /// `FI_MR_LOCAL`, `buf` is registered for the scope. `buf` stays borrowed until the scope
+    /// ends; [`RmaScope::wait`] tells when the data is there.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPeer`] for an address not in the endpoint's AV; [`Error::OutOfBounds`]
+    /// when the range is outside `remote` (nothing posted); registration errors;
+    /// `fi_read` errors and [`Error::Timeout`] when the queue stays full. If a later chunk
+    /// fails to post, the earlier ones are drained with the scope.
+    pub fn read(
+        &'scope self,
+        ep: &Endpoint,
+        buf: &'scope mut [u8],
+        src: FiAddr,
+        remote: &RemoteRegion,
+        offset: u64,
+    ) -> Result<ScopedId> {
+        let ptr = buf.as_mut_ptr();
+        let len = buf.len();
+        // SAFETY: `buf` is borrowed exclusively for 'scope, and the scope drains every chunk
+        // before 'scope ends (Drop; the scope cannot be leaked, see rma_scope), so the
+        // memory stays valid and untouched by anyone else while the NIC may write it.
+        unsafe { self.post("read", ep, ptr, len, src, remote, offset, Access::READ) }
+    }
+
+    /// Writes `buf` into `dest`'s `remote` region at byte `offset` (`fi_write`), split as
+    /// [`RmaScope::read`]. `buf` stays borrowed (shared) until the scope ends.
+    ///
+    /// # Errors
+    /// As [`RmaScope::read`].
+    pub fn write(
+        &'scope self,
+        ep: &Endpoint,
+        buf: &'scope [u8],
+        dest: FiAddr,
+        remote: &RemoteRegion,
+        offset: u64,
+    ) -> Result<ScopedId> {
+        // SAFETY: `buf` is borrowed (shared: nobody writes it) for 'scope and every chunk is
+        // drained before 'scope ends; the NIC only reads it.
+        unsafe {
+            self.post(
+                "write",
+                ep,
+                buf.as_ptr() as *mut u8,
+                buf.len(),
+                dest,
+                remote,
+                offset,
+                Access::WRITE,
+            )
+        }
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` stays valid (and, for reads, unaliased) until this scope is dropped.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn post(
+        &self,
+        op: &'static str,
+        ep: &Endpoint,
+        ptr: *mut u8,
+        len: usize,
+        peer: FiAddr,
+        remote: &RemoteRegion,
+        offset: u64,
+        local: Access,
+    ) -> Result<ScopedId> {
+        ep.check_peer(op, peer, false)?;
+        let base = remote.address_of(op, offset, len)?;
+        let first = self.ops.borrow().ops.len();
+        let mut id = ScopedId {
+            first,
+            count: 0,
+            len,
+            op,
+        };
+        if len == 0 {
+            return Ok(id);
+        }
+        let desc = if ep.needs_local_mr() {
+            // SAFETY: the caller keeps the memory valid until the scope drops, and the
+            // registration is stored in the scope and released after every chunk is drained.
+            let mr = unsafe {
+                MemoryRegion::register_raw(ep.domain(), ptr, len, local | Access::LOCAL, Some(ep))?
+            };
+            let d = mr.desc();
+            self.ops.borrow_mut().regs.push(mr);
+            d
+        } else {
+            std::ptr::null_mut()
+        };
+        let chunk = ep.max_msg_size().max(1);
+        let key = remote.key;
+        let mut done = 0usize;
+        while done < len {
+            let n = chunk.min(len - done);
+            let ctx = OpContext::new_boxed();
+            let raw_ctx = ctx.as_raw();
+            // SAFETY: done + n <= len.
+            let p = unsafe { ptr.add(done) };
+            let addr = base + done as u64;
+            ep.retry_post(op, peer, || {
+                // SAFETY: the caller keeps ptr..ptr+len valid until the scope drops; the
+                // context is boxed (fixed address) and kept in the scope until its
+                // completion is read; desc covers the buffer when required.
+                unsafe {
+                    if local == Access::READ {
+                        ep.post_read(p, n, desc, peer, addr, key, raw_ctx)
+                    } else {
+                        ep.post_write(p, n, desc, peer, addr, key, raw_ctx)
+                    }
+                }
+            })?;
+            self.ops.borrow_mut().ops.push(ScopedOp {
+                ctx,
+                ep: ep.clone(),
+                len: n,
+            });
+            id.count += 1;
+            done += n;
+        }
+        Ok(id)
+    }
+
+    fn all_done(&self, id: ScopedId) -> bool {
+        self.ops.borrow().ops[id.first..id.first + id.count]
+            .iter()
+            .all(|o| o.ctx.is_done())
+    }
+
+    /// Progresses the endpoints of `id`'s chunks once and tells whether all completed.
+    ///
+    /// # Errors
+    /// CQ read errors that belong to no operation.
+    pub fn test(&self, id: ScopedId) -> Result<bool> {
+        if !self.all_done(id) {
+            for ep in self.endpoints(id) {
+                ep.progress()?;
+            }
+        }
+        Ok(self.all_done(id))
+    }
+
+    fn endpoints(&self, id: ScopedId) -> Vec<Endpoint> {
+        let mut eps: Vec<Endpoint> = Vec::new();
+        for o in &self.ops.borrow().ops[id.first..id.first + id.count] {
+            if !eps.iter().any(|e| e.raw() == o.ep.raw()) {
+                eps.push(o.ep.clone());
+            }
+        }
+        eps
+    }
+
+    /// Waits until every chunk of `id` has completed, or the scope's deadline. Returns the
+    /// bytes moved.
+    ///
+    /// # Errors
+    /// The first failed chunk's completion error; [`Error::Timeout`] at the deadline (the
+    /// operation stays in the scope, which cancels and drains it when it ends; a read's
+    /// buffer then holds unspecified bytes).
+    pub fn wait(&self, id: ScopedId) -> Result<usize> {
+        let eps = self.endpoints(id);
+        let mut backoff = Backoff::new();
+        let mut clock = PollClock::new(self.timeout);
+        while !self.all_done(id) {
+            let mut n = 0;
+            for ep in &eps {
+                n += ep.progress()?;
+            }
+            if n == 0 {
+                backoff.snooze();
+            } else {
+                backoff.reset();
+            }
+            if clock.expired() && !self.all_done(id) && self.deadline.expired() {
+                return Err(Error::Timeout {
+                    op: id.op,
+                    waited: self.deadline.waited(),
+                });
+            }
+        }
+        let ops = self.ops.borrow();
+        let mut moved = 0;
+        for o in &ops.ops[id.first..id.first + id.count] {
+            match o.ctx.result().expect("done") {
+                Ok(_) => moved += o.len,
+                Err(ce) => return Err(Error::Completion(ce)),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Waits for every operation posted in this scope so far ([`RmaScope::wait`]).
+    ///
+    /// # Errors
+    /// As [`RmaScope::wait`], for the first operation that fails.
+    pub fn wait_all(&self) -> Result<()> {
+        let count = self.ops.borrow().ops.len();
+        let all = ScopedId {
+            first: 0,
+            count,
+            len: 0,
+            op: "rma",
+        };
+        self.wait(all).map(|_| ())
+    }
+}
+
+/// The chunks posted in a scope and the temporary registrations they use. Dropping it
+/// cancels what is still running and waits until every chunk is reaped; only then are the
+/// contexts freed and the registrations closed (field order).
+#[derive(Default)]
+struct Drain {
+    ops: Vec<ScopedOp>,
+    regs: Vec<MemoryRegion<RawMemory>>,
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        let ops = &self.ops;
+        if ops.iter().all(|o| o.ctx.is_done()) {
+            return;
+        }
+        for o in ops.iter().filter(|o| !o.ctx.is_done()) {
+            if let Err(e) = o.ep.cancel(&o.ctx) {
+                tracing::debug!("fi_cancel of a scoped RMA operation: {e}");
+            }
+        }
+        let mut eps: Vec<Endpoint> = Vec::new();
+        for o in ops {
+            if !eps.iter().any(|e| e.raw() == o.ep.raw()) {
+                eps.push(o.ep.clone());
+            }
+        }
+        let started = std::time::Instant::now();
+        let mut next_report = started + CANCEL_GRACE;
+        let mut backoff = Backoff::new();
+        while !ops.iter().all(|o| o.ctx.is_done()) {
+            let mut n = 0;
+            for ep in &eps {
+                n += ep.progress().unwrap_or(0);
+            }
+            if n == 0 {
+                backoff.snooze();
+            } else {
+                backoff.reset();
+            }
+            if std::time::Instant::now() >= next_report {
+                let left = ops.iter().filter(|o| !o.ctx.is_done()).count();
+                tracing::error!(
+                    left,
+                    waited = ?started.elapsed(),
+                    "RMA on borrowed memory neither completed nor cancelled; still waiting: \
+                     returning would let the provider write memory the caller owns again"
+                );
+                next_report += Duration::from_secs(5);
+            }
+        }
+        // Every context is done: the contexts and then the registrations drop normally.
+    }
+}
+
+/// The smallest rendezvous payload, in bytes, for which reading straight from the sender's
+/// registered buffer (RGET: [`Endpoint::expose`] + [`Endpoint::read_into`], then a small
+/// FIN) beats tagged send/receive through registered bounce buffers with a copy at each end,
+/// for `provider` (a name as [`crate::Info::provider`] gives it, e.g. `shm`,
+/// `tcp;ofi_rxm`). `None` when RGET should not be used on that provider (no RMA, or never
+/// faster). Measured with `cargo run --release -p efa-fabric --example rget_sweep` on the
+/// providers here; providers not measured (verbs, efa: zero-copy, registration cached by
+/// libfabric) get a conservative default.
+pub fn rget_threshold(provider: &str) -> Option<usize> {
+    let core = provider.split(';').next().unwrap_or(provider);
+    match core {
+        "shm" => Some(SHM_RGET_THRESHOLD),
+        "tcp" | "sockets" => Some(TCP_RGET_THRESHOLD),
+        "udp" => None,
+        _ => Some(DEFAULT_RGET_THRESHOLD),
+    }
+}
+
+const SHM_RGET_THRESHOLD: usize = 64 << 10;
+const TCP_RGET_THRESHOLD: usize = 64 << 10;
+const DEFAULT_RGET_THRESHOLD: usize = 64 << 10;

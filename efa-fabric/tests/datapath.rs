@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use efa_fabric::{Access, Caps, Counter, CounterEvents, Endpoint, Error, FiAddr, RegisteredBuf};
+use efa_fabric::{Access, Caps, Counter, CounterEvents, Endpoint, Error, FiAddr, TargetBuf};
 
 /// Providers that complete an oversized receive successfully, cut to the buffer's size,
 /// instead of reporting `FI_ETRUNC` (libfabric 1.17).
@@ -234,7 +234,7 @@ fn rma_write_and_read_move_exact_bytes() {
     for_each_provider("rma", rma_caps(), |info| {
         let pair = Pair::new(info);
         let region_len = 1 << 20;
-        let target = RegisteredBuf::new(
+        let target = TargetBuf::new(
             pair.b.domain(),
             region_len,
             Access::REMOTE_READ | Access::REMOTE_WRITE,
@@ -269,12 +269,9 @@ fn rma_write_and_read_move_exact_bytes() {
                 .wait(OP_TIMEOUT)
                 .unwrap_or_else(|e| panic!("read {len}@{off}: {e}"));
             assert_eq!(first_diff(&r.buf, &data), None, "read-back of {len}@{off}");
-            let o = off as usize;
-            assert_eq!(
-                first_diff(&target[o..o + len], &data),
-                None,
-                "target memory {len}@{off}"
-            );
+            let mut mem = vec![0u8; len];
+            target.read_local(off as usize, &mut mem).unwrap();
+            assert_eq!(first_diff(&mem, &data), None, "target memory {len}@{off}");
         }
         // Small writes by inject.
         pair.a
@@ -291,7 +288,7 @@ fn rma_out_of_bounds_is_rejected_before_posting() {
     for_each_provider("rma-bounds", rma_caps(), |info| {
         let pair = Pair::new(info);
         let target =
-            RegisteredBuf::new(pair.b.domain(), 4096, Access::REMOTE_WRITE, Some(&pair.b)).unwrap();
+            TargetBuf::new(pair.b.domain(), 4096, Access::REMOTE_WRITE, Some(&pair.b)).unwrap();
         let remote = target.remote();
         let err = pair
             .a
@@ -309,7 +306,9 @@ fn rma_out_of_bounds_is_rejected_before_posting() {
             err.error
         );
         assert_eq!(err.buf, Some(vec![1u8; 10]), "buffer returned");
-        assert!(target.iter().all(|&b| b == 0), "nothing was written");
+        let mut mem = vec![1u8; target.len()];
+        target.read_local(0, &mut mem).unwrap();
+        assert!(mem.iter().all(|&b| b == 0), "nothing was written");
         let err = pair
             .a
             .read(vec![0u8; 1], pair.a_to_b, &remote, 4096)
@@ -337,7 +336,7 @@ fn counters_count_rma_completions() {
         let a_to_b = a.av().insert(&b.name().unwrap()).unwrap();
         b.av().insert(&a.name().unwrap()).unwrap();
         let _progress = (Progressor::spawn(&a), Progressor::spawn(&b));
-        let target = RegisteredBuf::new(b.domain(), 64, Access::REMOTE_WRITE, Some(&b)).unwrap();
+        let target = TargetBuf::new(b.domain(), 64, Access::REMOTE_WRITE, Some(&b)).unwrap();
         let before = cntr.read();
         for i in 0..3u64 {
             let w = a
@@ -350,10 +349,13 @@ fn counters_count_rma_completions() {
         // bytes land at the target shortly after.
         let want: Vec<u8> = (0..24).map(|i| (i / 8) as u8).collect();
         let t = Instant::now();
-        while target[..24] != want[..] && t.elapsed() < OP_TIMEOUT {
+        let mut got = vec![0u8; 24];
+        target.read_local(0, &mut got).unwrap();
+        while got != want && t.elapsed() < OP_TIMEOUT {
             std::thread::sleep(Duration::from_millis(1));
+            target.read_local(0, &mut got).unwrap();
         }
-        assert_eq!(&target[..24], &want[..]);
+        assert_eq!(got, want);
         cntr.set(100).unwrap();
         cntr.add(5).unwrap();
         assert_eq!(cntr.read(), 105);
@@ -515,7 +517,7 @@ fn memlock_child() {
             &efa_fabric::CompletionQueue::open(&domain, 0)?,
         )
         .build()?;
-        RegisteredBuf::new(&domain, 64 << 20, Access::REMOTE_WRITE, Some(&ep))
+        TargetBuf::new(&domain, 64 << 20, Access::REMOTE_WRITE, Some(&ep))
     });
     match outcome {
         Ok(_) => println!("OUTCOME=registered"),

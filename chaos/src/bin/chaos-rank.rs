@@ -331,7 +331,8 @@ fn rma(
         // this rank's window again before it joins the next fence.
         win.fence().map_err(err)?;
         let theirs = src as usize * RMA_SLOT;
-        let mut local = win.local()[theirs..theirs + len].to_vec();
+        let mut local = vec![0u64; len];
+        win.read_local(theirs, &mut local).map_err(err)?;
         if corrupt_at == Some(i) {
             local[len / 2] ^= 0x40;
         }
