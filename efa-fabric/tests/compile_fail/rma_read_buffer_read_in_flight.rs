@@ -1,0 +1,14 @@
+// A buffer an RMA read may still write cannot be read by the program meanwhile either.
+use std::time::Duration;
+
+use efa_fabric::{rma_scope, Endpoint, FiAddr, RemoteRegion};
+
+fn receive(ep: &Endpoint, src: FiAddr, remote: &RemoteRegion) -> u8 {
+    let mut buf = vec![0u8; 4096];
+    rma_scope(Duration::from_secs(1), |s| {
+        let _id = s.read(ep, &mut buf, src, remote, 0).unwrap();
+        buf[0]
+    })
+}
+
+fn main() {}
