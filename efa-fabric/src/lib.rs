@@ -48,7 +48,8 @@
 //! The `unsafe fn post_*` calls on [`Endpoint`] state exactly how long the buffer must stay
 //! valid. The safe calls ([`Endpoint::send`], [`Endpoint::trecv`], [`Endpoint::write`], ...)
 //! take ownership of the buffer and return it when the completion has been reaped; dropping
-//! an unfinished operation cancels it and drains its completion first. See [`op`].
+//! an unfinished operation cancels it and drains its completion first. See [`op`]. RMA on
+//! borrowed memory runs in an [`rma_scope`], drained before the borrows end.
 //!
 //! # Memory registration
 //! Every MR mode the providers ask for is honoured: `FI_MR_LOCAL` (buffers without their own
@@ -56,6 +57,37 @@
 //! avoid that cost), `FI_MR_VIRT_ADDR`, `FI_MR_ALLOCATED`, `FI_MR_PROV_KEY` and
 //! `FI_MR_ENDPOINT`, plus the `FI_CONTEXT`/`FI_CONTEXT2` modes. A registration that fails
 //! under a finite `ulimit -l` reports [`Error::MemlockLimit`] with the limit's value.
+//!
+//! A [`MemoryRegion<O>`](MemoryRegion) holds the memory it describes (an owned buffer, or a
+//! `&[T]` / `&mut [T]` borrow), is not `Clone`, and deregisters before it gives the memory
+//! back ([`MemoryRegion::into_inner`]), so safe code can neither free registered memory nor
+//! keep a region past it (the compile-fail tests in `tests/compile_fail` prove the misuses do
+//! not compile). Memory peers may write is never lent out as `&[T]`: [`RegisteredBuf`]
+//! (which derefs to `[u8]`) refuses remote write access, and [`TargetBuf`] copies in and out.
+//!
+//! # Borrowed memory: zero-copy rendezvous (RGET)
+//! [`Endpoint::expose`] registers a borrowed buffer for remote read for the borrow's length
+//! and gives the (address, key, length) to send to the peer; the peer reads it straight into
+//! its own borrowed buffer with [`Endpoint::read_into`] or, for several operations at once,
+//! inside an [`rma_scope`], which drains every operation before the borrows end (also on
+//! panic; the scope cannot be leaked, so `mem::forget` cannot end a borrow early).
+//! [`rget_threshold`] gives the measured size from which this beats a copy, per provider.
+//!
+//! # Registration cache
+//! Registration per call is what the borrowed-memory API does. Measured here
+//! (`examples/rget_sweep.rs`), `fi_mr_regattr` + `fi_close` costs 0.2-0.5 µs on shm, tcp and
+//! udp at every size from 8 KiB to 4 MiB: those providers pin nothing, so no cache is
+//! needed. On verbs and efa registration pins pages (tens of µs and more per call), and
+//! libfabric's own MR cache already serves `fi_mr_regattr` there (verbs: whenever the
+//! domain has a memory monitor; efa: `FI_EFA_MR_CACHE_ENABLE`, on by default). Its monitor
+//! (`FI_MR_CACHE_MONITOR`: userfaultfd by default, or memhooks) invalidates entries when the
+//! memory is unmapped or freed, which a cache in this crate could not see (a `Vec` freed and
+//! reallocated at the same address would hit a stale registration). So this crate keeps no
+//! cache of its own and relies on libfabric's: size it with `FI_MR_CACHE_MAX_COUNT` (default
+//! 1024 regions; 0 disables it) and `FI_MR_CACHE_MAX_SIZE` (default: memory / cores / 2).
+//! Note that a cached registration outlives our `fi_close` and is made with every access
+//! right, so a key stays usable by peers until the cache evicts it; peers of a job only use
+//! keys as the protocol says, and no local Rust reference is affected either way.
 //!
 //! # Library dependency
 //! Needs libfabric >= 1.17 headers and library; see `efa-ffi` for how it is found.

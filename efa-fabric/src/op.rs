@@ -639,8 +639,11 @@ impl Endpoint {
 /// is exposed, and remote reads do not change it. If the value is leaked (`mem::forget`), the
 /// registration stays open after the borrow ends; peers holding the key may then read
 /// whatever the memory holds later (or fail, once it is unmapped), which discloses bytes to
-/// that peer but cannot change memory of this process. No write access is ever granted
-/// ([`Error::SharedRemoteWrite`] guards `MemoryRegion<&[T]>`).
+/// that peer but cannot change memory of this process. No write access is asked for
+/// ([`Error::SharedRemoteWrite`] guards `MemoryRegion<&[T]>`); libfabric's MR cache on verbs
+/// and efa registers with every right and keeps keys valid until eviction (see the crate
+/// docs, "Registration cache"), so this relies on peers of the job using keys only as the
+/// protocol says, as any RMA does.
 ///
 /// # Example
 /// ```no_run
