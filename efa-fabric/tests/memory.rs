@@ -256,7 +256,15 @@ fn rma_scope_runs_several_reads_and_writes_on_borrowed_memory() {
             s.read(&pair.b, &mut d3, pair.b_to_a, &e3.remote(), 0)
                 .unwrap();
         });
-        d3[0] = 1;
+        // Nothing writes the buffer after the scope: overwrite it, keep both sides
+        // progressing for a while (the Pair's progress threads do), and look again.
+        d3.fill(0xEE);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        pair.b.progress().unwrap();
+        assert!(
+            d3.iter().all(|&x| x == 0xEE),
+            "a drained read wrote the buffer after its scope ended"
+        );
         drop((e1, e2, e3));
         Outcome::Ran
     });
