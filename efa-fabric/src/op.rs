@@ -819,6 +819,30 @@ impl std::fmt::Debug for RmaScope<'_, '_> {
 /// than return while a NIC may still write memory that safe code owns again: a read to a
 /// peer that is alive but stalled completes when the peer progresses; one to a dead peer
 /// fails when the provider notices the loss.
+///
+/// # Example
+/// Two rendezvous reads at once, from inside a call that holds both receive buffers (as
+/// `wait_all` over two receive requests would):
+/// ```no_run
+/// # fn main() -> efa_fabric::Result<()> {
+/// # let info = efa_fabric::Hints::new().provider("shm").get()?.remove(0);
+/// # let ep = efa_fabric::Endpoint::open(&info)?;
+/// # let peer = ep.av().insert(&ep.name()?)?;
+/// # let (rts1, rts2) = ([0u8; 24], [0u8; 24]);
+/// use std::time::Duration;
+/// use efa_fabric::{rma_scope, RemoteRegion};
+/// let (r1, r2) = (RemoteRegion::from_bytes(&rts1)?, RemoteRegion::from_bytes(&rts2)?);
+/// let mut buf1 = vec![0u8; r1.len as usize];
+/// let mut buf2 = vec![0u8; r2.len as usize];
+/// let got = rma_scope(Duration::from_secs(30), |s| -> efa_fabric::Result<usize> {
+///     let a = s.read(&ep, &mut buf1, peer, &r1, 0)?;
+///     let b = s.read(&ep, &mut buf2, peer, &r2, 0)?;
+///     Ok(s.wait(a)? + s.wait(b)?)
+/// })?;
+/// // Both reads are drained here: buf1 and buf2 are the caller's again.
+/// # let _ = got;
+/// # Ok(()) }
+/// ```
 pub fn rma_scope<'env, R>(
     timeout: Duration,
     f: impl for<'scope> FnOnce(&'scope RmaScope<'scope, 'env>) -> R,
