@@ -10,7 +10,8 @@
 //!
 //! and the cost of one `fi_mr_regattr` + `fi_close` per size. Both endpoints live in one
 //! process and one thread polls both (see `run`).
-//! Times are medians over `REPS` (default 5) alternating runs of each method.
+//! Times are medians over `REPS` (default 5) alternating runs of each method. `ONLY_REG=1`
+//! measures only the registration cost.
 //!
 //! ```text
 //! cargo run --release -p efa-fabric --example rget_sweep -- shm "tcp;ofi_rxm" "udp;ofi_rxd"
@@ -201,6 +202,9 @@ fn main() -> efa_fabric::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let sizes: Vec<usize> = (13..=22).map(|s| 1usize << s).collect();
+    // ONLY_REG=1: only the registration cost (compare FI_MR_CACHE_MONITOR=disabled with the
+    // default on providers that cache registrations: verbs, efa).
+    let only_reg = std::env::var_os("ONLY_REG").is_some();
     for p in &providers {
         let info = match info(p) {
             Ok(i) => i,
@@ -220,6 +224,16 @@ fn main() -> efa_fabric::Result<()> {
         );
         let mut threshold = None;
         for &len in &sizes {
+            if only_reg {
+                println!(
+                    "{len:>10} {:>12} {:>12} {:>8} {:>12.2}",
+                    "-",
+                    "-",
+                    "-",
+                    reg_cost(&info, len)?
+                );
+                continue;
+            }
             let iters = ((256usize << 20) / len).clamp(20, 400) / reps.max(1) + 4;
             let mut copy = Vec::new();
             let mut rget = Vec::new();

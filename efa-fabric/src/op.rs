@@ -867,8 +867,9 @@ impl<'scope> RmaScope<'scope, '_> {
     /// # Errors
     /// [`Error::UnknownPeer`] for an address not in the endpoint's AV; [`Error::OutOfBounds`]
     /// when the range is outside `remote` (nothing posted); registration errors;
-    /// `fi_read` errors and [`Error::Timeout`] when the queue stays full. If a later chunk
-    /// fails to post, the earlier ones are drained with the scope.
+    /// `fi_read` errors and [`Error::Timeout`] when the queue stays full until the scope's
+    /// deadline (a provider that connects on first use answers "full" until the peer
+    /// accepts). If a later chunk fails to post, the earlier ones are drained with the scope.
     pub fn read(
         &'scope self,
         ep: &Endpoint,
@@ -962,7 +963,10 @@ impl<'scope> RmaScope<'scope, '_> {
             // SAFETY: done + n <= len.
             let p = unsafe { ptr.add(done) };
             let addr = base + done as u64;
-            ep.retry_post(op, peer, || {
+            // A full queue is retried until the scope's deadline, not the endpoint's
+            // (longer) post timeout: the deadline bounds everything in the scope.
+            let budget = self.timeout.saturating_sub(self.deadline.waited());
+            ep.retry_post_within(op, peer, budget, || {
                 // SAFETY: the caller keeps ptr..ptr+len valid until the scope drops; the
                 // context is boxed (fixed address) and kept in the scope until its
                 // completion is read; desc covers the buffer when required.
@@ -1024,7 +1028,8 @@ impl<'scope> RmaScope<'scope, '_> {
     pub fn wait(&self, id: ScopedId) -> Result<usize> {
         let eps = self.endpoints(id);
         let mut backoff = Backoff::new();
-        let mut clock = PollClock::new(self.timeout);
+        // The deadline is the scope's (set when it began), read every 64 polls.
+        let mut polls = 0u32;
         while !self.all_done(id) {
             let mut n = 0;
             for ep in &eps {
@@ -1035,7 +1040,8 @@ impl<'scope> RmaScope<'scope, '_> {
             } else {
                 backoff.reset();
             }
-            if clock.expired() && !self.all_done(id) && self.deadline.expired() {
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(64) && !self.all_done(id) && self.deadline.expired() {
                 return Err(Error::Timeout {
                     op: id.op,
                     waited: self.deadline.waited(),

@@ -304,3 +304,59 @@ fn rget_thresholds_are_stated_per_provider() {
         assert!((4096..=64 << 20).contains(&t), "{p}: {t}");
     }
 }
+
+#[test]
+fn a_scoped_read_times_out_at_the_scope_deadline_and_is_still_drained() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    for_each_provider("rma-scope-timeout", rma_caps(), |info| {
+        // `c` does not progress until told: its provider cannot serve the read (or even
+        // accept the connection) meanwhile.
+        let b = efa_fabric::Endpoint::open(info).unwrap();
+        let c = efa_fabric::Endpoint::open(info).unwrap();
+        let b_to_c = b.av().insert(&c.name().unwrap()).unwrap();
+        c.av().insert(&b.name().unwrap()).unwrap();
+        let src = pattern(1 << 20, 51);
+        let exposed = c.expose(&src).unwrap();
+        let remote = exposed.remote();
+        let (go, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        let mut dest = vec![0u8; 1 << 20];
+        let limit = Duration::from_millis(300);
+        let outcome = std::thread::scope(|threads| {
+            threads.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    if go.load(Ordering::Relaxed) {
+                        let _ = c.progress();
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            let start = Instant::now();
+            let r = rma_scope(limit, |s| {
+                let id = s.read(&b, &mut dest, b_to_c, &remote, 0)?;
+                let r = s.wait(id);
+                // The peer shows up: the drain at the end of the scope can finish.
+                go.store(true, Ordering::Relaxed);
+                r
+            });
+            let took = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            match r {
+                Err(Error::Timeout { op: "read", waited }) => {
+                    assert!(
+                        waited >= limit,
+                        "gave up after {waited:?}, before {limit:?}"
+                    );
+                    assert!(took < limit + OP_TIMEOUT, "the drain took {took:?}");
+                    Outcome::Ran
+                }
+                Ok(_) => Outcome::Skipped(
+                    "the read completed without the target's progress: no timeout to test".into(),
+                ),
+                Err(e) => panic!("expected a timeout, got {e:?}"),
+            }
+        });
+        drop(exposed);
+        outcome
+    });
+}
