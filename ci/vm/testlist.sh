@@ -11,7 +11,7 @@ json=$(cargo test -p efa-ffi -p efa-fabric -p efa-core -p efa-cli --no-run --mes
 cargo build -q -p efarun || { echo "testlist: building efarun failed" >&2; exit 1; }
 bins=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
-want = {"smoke", "datapath", "comm", "cli", "agree", "rma", "coll"}
+want = {"smoke", "datapath", "memory", "comm", "cli", "agree", "rma", "coll"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
@@ -39,8 +39,8 @@ exact() {
   echo "$bin --test-threads=1 --nocapture --exact $*"
 }
 # efa-ffi and efa-fabric: everything, on the one provider of the VM.
-for t in smoke datapath comm cli agree rma coll; do bin_of "$t" > /dev/null || exit 1; done
-for t in smoke datapath; do
+for t in smoke datapath memory comm cli agree rma coll; do bin_of "$t" > /dev/null || exit 1; done
+for t in smoke datapath memory; do
   echo "EFA_TEST_MIN_PROVIDERS=1 $(bin_of "$t") --test-threads=1"
 done
 # efa-core: the communicator over the verbs fabric (2 and 4 ranks), and placement on two

@@ -977,6 +977,14 @@ impl<'scope> RmaScope<'scope, '_> {
                         ep.post_write(p, n, desc, peer, addr, key, raw_ctx)
                     }
                 }
+            })
+            .map_err(|e| match e {
+                // Say how long the scope waited in all, not only this post.
+                Error::Timeout { op, .. } => Error::Timeout {
+                    op,
+                    waited: self.deadline.waited(),
+                },
+                other => other,
             })?;
             self.ops.borrow_mut().ops.push(ScopedOp {
                 ctx,
@@ -1145,8 +1153,11 @@ impl Drop for Drain {
 ///   cross the socket once either way, RGET saves the two copies).
 /// - `udp;ofi_rxd`: RMA is emulated over datagrams and never faster (0.35-1.05x): `None`.
 ///
-/// verbs and efa (zero-copy, registration cached by libfabric) were not measured here; they
-/// get the conservative 64 KiB that MPI implementations also use as a starting point.
+/// - `verbs;ofi_rxm` on the soft-RoCE device of the CI VM (the kernel copies, under
+///   emulation): RGET 1.1-1.7x from 128 KiB to 2 MiB, slower at 32-64 KiB and at 4 MiB, all
+///   within that device's large noise. Real verbs and efa hardware (zero-copy, registration
+///   served by libfabric's MR cache) were not measured; they get 64 KiB, the value for shm
+///   and tcp and about where MPI implementations switch to RGET.
 pub fn rget_threshold(provider: &str) -> Option<usize> {
     let core = provider.split(';').next().unwrap_or(provider);
     match core {
