@@ -1145,14 +1145,15 @@ impl Drop for Drain {
 /// provider.
 ///
 /// Measured with `cargo run --release -p efa-fabric --example rget_sweep` (one process, one
-/// thread polling both endpoints, medians of 5 alternating runs, registration included in
-/// RGET; libfabric 1.17 on a loaded 2-core host, so single points are noisy):
-/// - `shm`: RGET (one copy by cross-memory attach) wins from 64 KiB on (1.3x at 64 KiB,
-///   2.3-4.4x from 256 KiB); below it the two are within noise.
-/// - `tcp;ofi_rxm` on lo: RGET wins from 32-64 KiB on (1.4-3.3x up to 512 KiB; the bytes
-///   cross the socket once either way, RGET saves the two copies).
+/// thread polling both endpoints, medians of 5 and then 7 alternating runs, registration
+/// included in RGET; libfabric 1.17 on a 2-core host under a load average of 7-14, so single
+/// points are noisy):
+/// - `shm`: RGET (one copy by cross-memory attach) wins from 32-64 KiB on: 1.3-1.4x at
+///   64 KiB, 1.6-7.9x from 128 KiB to 4 MiB; below 32 KiB the two are within noise.
+/// - `tcp;ofi_rxm` on lo: RGET wins from 32 KiB on in most points (1.1-3.6x up to 4 MiB;
+///   2 of 16 points above 64 KiB were slower, 0.83-0.88x); below, the copy path wins
+///   (0.5-0.7x at 8-16 KiB).
 /// - `udp;ofi_rxd`: RMA is emulated over datagrams and never faster (0.35-1.05x): `None`.
-///
 /// - `verbs;ofi_rxm` on the soft-RoCE device of the CI VM (the kernel copies, under
 ///   emulation): RGET 1.1-1.7x from 128 KiB to 2 MiB, slower at 32-64 KiB and at 4 MiB, all
 ///   within that device's large noise. Real verbs and efa hardware (zero-copy, registration
