@@ -1,42 +1,83 @@
 #!/usr/bin/env bash
-# Runs efa-bench pingpong and fabtests' fi_pingpong on the same providers and sizes, on this
-# host, interleaving ours and theirs round by round to reduce drift, and prints per size the
-# median over rounds of both numbers and their ratio:
+# Side-by-side benchmarks on this host, ours against the tools a user already has, each pair
+# run alternately (who goes first alternates by round) and reported as medians over ROUNDS.
+# Parts (PARTS, default "osu"; "all" for every part):
+#
+# osu       Through the communicator (what users call), OSU's method and iteration counts:
+#           `efa-bench osu-latency` / `osu-bw` under efarun (2 ranks) against bench/mpi_osu.c
+#           built with Open MPI (`--mca pml ob1`), per route: shm (EFA_TRANSPORTS=shm vs
+#           `--mca btl self,vader`) and TCP on lo (EFA_TRANSPORTS=ip EFA_IFACE=lo vs
+#           `--mca btl self,tcp --mca btl_tcp_if_include lo`), plus fi_pingpong (-e rdm -m
+#           tagged) on shm and tcp;ofi_rxm as the fabric's own floor. Prints issue 13's table:
+#           latency per size, ratio = ours / Open MPI (lower is better), then osu_bw MB/s,
+#           ratio = ours / Open MPI (higher is better). OSU_SIZES, OSU_ROUTES ("shm tcp"),
+#           OSU_TESTS ("latency bw"; add "bibw").
+# oversub   4 ranks on this host's cores (2 here: oversubscribed): `efa-bench allreduce -N 4`
+#           against `mpirun --oversubscribe -np 4` of bench/mpi_allreduce.c, shm/vader,
+#           4 KiB..1 MiB float32 sum; time per call (us), ratio = ours / Open MPI (target
+#           <= 1.5). OV_RANKS (4), OV_MIN, OV_MAX, OV_ITERS, OV_WARMUP.
+# pingpong  The raw fabric path: efa-bench pingpong vs fi_pingpong on the same providers:
 #   latency ratio   = ours usec/xfer / fi_pingpong usec/xfer      (target <= 1.05 at 8 B)
 #   bandwidth ratio = ours MB/sec   / fi_pingpong MB/sec          (target >= 0.95 at 1m, 4m)
 # (libfabric-bin 1.17 ships no fi_bw, so bandwidth is fi_pingpong's MB/sec for both.)
+#           PROVIDERS, SIZES.
+# allreduce `efa-bench allreduce` against Open MPI's MPI_Allreduce (bench/mpi_allreduce.c,
+#           same flags and columns), 2 ranks, float32 sum, per route (shm vs vader, TCP on lo
+#           vs the TCP BTL on lo); busbw (GB/s) of both and ours/ompi. AR_MIN, AR_MAX,
+#           AR_FACTOR, AR_ITERS, AR_WARMUP, AR_ROUTES ("shm tcp").
 #
-# IP providers are pinned to loopback for both tools: efa-bench defaults to -d lo, and
-# fi_pingpong gets -d lo plus FI_TCP_IFACE/FI_UDP_IFACE/FI_SOCKETS_IFACE=lo; its client
-# connects to 127.0.0.1. Nothing is sent on eth0.
+# IP traffic stays on loopback for every tool: efa-bench gets EFA_IFACE=lo (or -d lo),
+# fi_pingpong -d lo plus FI_TCP_IFACE/FI_UDP_IFACE/FI_SOCKETS_IFACE=lo and 127.0.0.1, Open MPI
+# btl_tcp_if_include lo. Nothing is sent on eth0.
 #
-# Then (second part) `efa-bench allreduce` against Open MPI's MPI_Allreduce (bench/mpi_allreduce.c,
-# same flags and columns), 2 ranks, float32 sum, per route: ours over shm (EFA_TRANSPORTS=shm) vs
-# Open MPI's vader BTL, and ours over TCP on lo (EFA_TRANSPORTS=ip EFA_IFACE=lo) vs Open MPI's TCP
-# BTL on lo. Prints busbw (GB/s, nccl-tests' definition) of both and ours/ompi.
-#
-# Environment: PARTS ("pingpong allreduce"), PROVIDERS, SIZES (bytes), ROUNDS, EFA_BENCH
-# (binary path); for allreduce AR_MIN, AR_MAX, AR_FACTOR, AR_ITERS, AR_WARMUP, AR_ROUTES
-# ("shm tcp").
+# Environment: PARTS, ROUNDS (3), EFA_BENCH and EFARUN (binary paths), CARGO_TARGET_DIR.
+# Installs what is missing (libfabric-bin, openmpi-bin, libopenmpi-dev) with apt-get.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=/work/target-bench}"
 export CARGO_TARGET_DIR
 EFA_BENCH=${EFA_BENCH:-$CARGO_TARGET_DIR/release/efa-bench}
+EFARUN=${EFARUN:-$CARGO_TARGET_DIR/release/efarun}
 PROVIDERS=${PROVIDERS:-"shm tcp;ofi_rxm udp;ofi_rxd"}
 SIZES=${SIZES:-"8 1024 65536 1048576 4194304"}
 ROUNDS=${ROUNDS:-3}
-PARTS=${PARTS:-"pingpong allreduce"}
+PARTS=${PARTS:-osu}
+[ "$PARTS" = all ] && PARTS="osu oversub pingpong allreduce"
 export FI_TCP_IFACE=lo FI_UDP_IFACE=lo FI_SOCKETS_IFACE=lo
 
 want() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-if want pingpong && ! command -v fi_pingpong >/dev/null; then
+if { want pingpong || want osu; } && ! command -v fi_pingpong >/dev/null; then
     echo "fi_pingpong missing: installing libfabric-bin" >&2
     apt-get install -y libfabric-bin >/dev/null
 fi
-cargo build --release -q -p efa-bench
+cargo build --release -q -p efa-bench -p efarun
+
+# Open MPI and its compiler wrapper, for the C baselines.
+need_mpi() {
+    if ! command -v mpicc.openmpi >/dev/null || ! command -v mpirun.openmpi >/dev/null ||
+        ! echo '#include <mpi.h>' | mpicc.openmpi -E -x c - >/dev/null 2>&1; then
+        echo "Open MPI missing: installing openmpi-bin libopenmpi-dev" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            openmpi-bin libopenmpi-dev >/dev/null
+    fi
+}
+MPIRUN=(timeout 600 mpirun.openmpi --allow-run-as-root --bind-to none --mca pml ob1)
+# Open MPI's BTLs per route: vader (shared memory) or TCP on lo.
+btl_for() {
+    case $1 in
+    shm) echo "--mca btl self,vader" ;;
+    tcp) echo "--mca btl self,tcp --mca btl_tcp_if_include lo" ;;
+    esac
+}
+# Our communicator's transport per route.
+transports_for() {
+    case $1 in
+    shm) echo "-x EFA_TRANSPORTS=shm" ;;
+    tcp) echo "-x EFA_TRANSPORTS=ip -x EFA_IFACE=lo" ;;
+    esac
+}
 
 iters_for() {
     local s=$1
@@ -71,6 +112,162 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- OSU latency / bandwidth through the communicator vs Open MPI and fi_pingpong ----------
+if want osu; then
+need_mpi
+OSU_SIZES=${OSU_SIZES:-"8 1024 65536 1048576 4194304"}
+OSU_ROUTES=${OSU_ROUTES:-"shm tcp"}
+OSU_TESTS=${OSU_TESTS:-"latency bw"}
+MPI_OSU=$CARGO_TARGET_DIR/mpi_osu
+mpicc.openmpi -O2 -o "$MPI_OSU" bench/mpi_osu.c
+osu_list=$(echo "$OSU_SIZES" | tr ' ' ',')
+
+# Both print OSU's two columns; keep "size value" rows (efarun prefixes rank 0's lines "[0] ").
+osu_rows() { sed 's/^\[[0-9]*\] //' | awk '!/^#/ && NF == 2 { print $1, $2 }'; }
+
+# shellcheck disable=SC2046 # the flag lists are meant to split
+ours_osu() {
+    timeout 600 "$EFARUN" -n 2 $(transports_for "$1") "$EFA_BENCH" "osu-$2" -S "$osu_list" | osu_rows
+}
+
+# shellcheck disable=SC2046
+ompi_osu() {
+    "${MPIRUN[@]}" -n 2 $(btl_for "$1") "$MPI_OSU" "$2" -S "$osu_list" | osu_rows
+}
+
+fi_prov() { case $1 in shm) echo shm ;; tcp) echo "tcp;ofi_rxm" ;; esac; }
+
+for r in $(seq "$ROUNDS"); do
+    for route in $OSU_ROUTES; do
+        for t in $OSU_TESTS; do
+            if [ $((r % 2)) -eq 1 ]; then
+                ours_osu "$route" "$t" >"$tmp/osu-$route-$t-ours-$r" || true
+                ompi_osu "$route" "$t" >"$tmp/osu-$route-$t-ompi-$r" || true
+            else
+                ompi_osu "$route" "$t" >"$tmp/osu-$route-$t-ompi-$r" || true
+                ours_osu "$route" "$t" >"$tmp/osu-$route-$t-ours-$r" || true
+            fi
+        done
+        # fi_pingpong: the fabric's own latency on the provider under this route.
+        for s in $OSU_SIZES; do
+            theirs "$(fi_prov "$route")" "$s" "$(iters_for "$s")" |
+                awk -v s="$s" '{ print s, $1 }' >>"$tmp/osu-$route-latency-fi-$r" || true
+        done
+    done
+    echo "osu round $r/$ROUNDS done" >&2
+done
+
+# median_of ROUTE TEST WHO SIZE
+median_of() { cat "$tmp"/osu-"$1"-"$2"-"$3"-* 2>/dev/null | awk -v s="$4" '$1 == s { print $2 }' | median; }
+# fmt_us VALUE: µs with 3 significant digits, as in issue 13.
+fmt() { awk -v v="$1" -v u="$2" 'BEGIN { if (v == "nan" || v == "") print "n/a"; else if (v < 10) printf "%.2f%s\n", v, u; else if (v < 100) printf "%.1f%s\n", v, u; else printf "%.0f%s\n", v, u }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f×\n", a / b; else print "n/a" }'; }
+size_name() { awk -v s="$1" 'BEGIN { if (s >= 1048576) printf "%d MiB\n", s / 1048576; else if (s >= 1024) printf "%d KiB\n", s / 1024; else printf "%d B\n", s }'; }
+
+ompi_version=$(mpirun.openmpi --version 2>/dev/null | head -1 | awk '{print $NF}')
+echo
+printf "# efa-bench osu-* (through the communicator, under efarun) vs Open MPI %s (bench/mpi_osu.c,\n" "$ompi_version"
+printf "# --mca pml ob1) and fi_pingpong, 2 ranks, OSU's method and iteration counts, median of %s\n" "$ROUNDS"
+printf "# alternating rounds, %s, %s. shm: EFA_TRANSPORTS=shm vs btl self,vader; TCP: EFA_TRANSPORTS=ip\n" "$(hostname)" "$(date -u +%F)"
+printf "# EFA_IFACE=lo vs btl self,tcp on lo. Ratio = ours / Open MPI. Load average at the start: %s,\n" "$load_start"
+printf "# now: %s (%s cores; other work on the host makes busy-polling benchmarks noisy).\n\n" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)"
+if echo " $OSU_TESTS " | grep -q " latency "; then
+    echo "Latency (osu_latency, half round trip):"
+    echo
+    hdr="| size |"
+    sep="|---|"
+    for route in $OSU_ROUTES; do
+        case $route in shm) n="shm" o="shm: Open MPI vader" f="fi_pingpong shm" ;; tcp) n="TCP" o="TCP on lo: Open MPI" f="fi_pingpong tcp;ofi_rxm" ;; esac
+        hdr="$hdr $o | $n: ours | ratio | $f |"
+        sep="$sep---|---|---|---|"
+    done
+    echo "$hdr"
+    echo "$sep"
+    for s in $OSU_SIZES; do
+        line="| $(size_name "$s") |"
+        for route in $OSU_ROUTES; do
+            m=$(median_of "$route" latency ompi "$s")
+            o=$(median_of "$route" latency ours "$s")
+            f=$(median_of "$route" latency fi "$s")
+            line="$line $(fmt "$m" " µs") | $(fmt "$o" " µs") | $(ratio "$o" "$m") | $(fmt "$f" " µs") |"
+        done
+        echo "$line"
+    done
+    echo
+fi
+for t in bw bibw; do
+    echo " $OSU_TESTS " | grep -q " $t " || continue
+    echo "Bandwidth (osu_$t, window 64, MB/s; ratio = ours / Open MPI, higher is better):"
+    echo
+    hdr="| size |"
+    sep="|---|"
+    for route in $OSU_ROUTES; do
+        case $route in shm) n="shm" o="Open MPI vader" ;; tcp) n="TCP" o="Open MPI" ;; esac
+        hdr="$hdr $n: $o | $n: ours | ratio |"
+        sep="$sep---|---|---|"
+    done
+    echo "$hdr"
+    echo "$sep"
+    for s in $OSU_SIZES; do
+        line="| $(size_name "$s") |"
+        for route in $OSU_ROUTES; do
+            m=$(median_of "$route" "$t" ompi "$s")
+            o=$(median_of "$route" "$t" ours "$s")
+            line="$line $(fmt "$m" "") | $(fmt "$o" "") | $(ratio "$o" "$m") |"
+        done
+        echo "$line"
+    done
+    echo
+done
+fi # osu
+
+# ---- oversubscribed allreduce vs Open MPI --oversubscribe ----------------------------------
+if want oversub; then
+need_mpi
+OV_RANKS=${OV_RANKS:-4}
+OV_MIN=${OV_MIN:-4k}
+OV_MAX=${OV_MAX:-1m}
+OV_ITERS=${OV_ITERS:-20}
+OV_WARMUP=${OV_WARMUP:-5}
+MPI_AR=$CARGO_TARGET_DIR/mpi_allreduce
+mpicc.openmpi -O2 -o "$MPI_AR" bench/mpi_allreduce.c
+ov_flags=(-b "$OV_MIN" -e "$OV_MAX" -f 4 -n "$OV_ITERS" -w "$OV_WARMUP" -c 1 -d float -o sum)
+# nccl-tests rows: "size time_us".
+ov_rows() { awk '!/^#/ && NF == 9 { print $1, $6 }'; }
+ours_ov() {
+    timeout 600 "$EFARUN" -n "$OV_RANKS" -x EFA_TRANSPORTS=shm "$EFA_BENCH" allreduce "${ov_flags[@]}" |
+        sed 's/^\[[0-9]*\] //' | ov_rows
+}
+ompi_ov() {
+    "${MPIRUN[@]}" --oversubscribe -n "$OV_RANKS" --mca btl self,vader "$MPI_AR" "${ov_flags[@]}" | ov_rows
+}
+for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) -eq 1 ]; then
+        ours_ov >"$tmp/ov-ours-$r" || true
+        ompi_ov >"$tmp/ov-ompi-$r" || true
+    else
+        ompi_ov >"$tmp/ov-ompi-$r" || true
+        ours_ov >"$tmp/ov-ours-$r" || true
+    fi
+    echo "oversub round $r/$ROUNDS done" >&2
+done
+echo
+printf "# allreduce, %s ranks on %s cores (oversubscribed when more ranks than cores), float32 sum,\n" "$OV_RANKS" "$(nproc)"
+printf "# -n %s -w %s, time per call (us), median of %s rounds: ours (efarun, EFA_TRANSPORTS=shm) vs\n" "$OV_ITERS" "$OV_WARMUP" "$ROUNDS"
+printf "# mpirun --oversubscribe (btl self,vader, pml ob1). Ratio = ours / Open MPI (target <= 1.5).\n"
+printf "# Load average: %s.\n\n" "$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "| size | Open MPI | ours | ratio |"
+echo "|---|---|---|---|"
+for s in $(cat "$tmp"/ov-* 2>/dev/null | awk '{print $1}' | sort -n | uniq); do
+    m=$(cat "$tmp"/ov-ompi-* | awk -v s="$s" '$1 == s { print $2 }' | median)
+    o=$(cat "$tmp"/ov-ours-* | awk -v s="$s" '$1 == s { print $2 }' | median)
+    sn=$(awk -v s="$s" 'BEGIN { if (s >= 1048576) printf "%d MiB\n", s / 1048576; else if (s >= 1024) printf "%d KiB\n", s / 1024; else printf "%d B\n", s }')
+    r=$(awk -v a="$o" -v b="$m" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f×\n", a / b; else print "n/a" }')
+    echo "| $sn | $m µs | $o µs | $r |"
+done
+fi # oversub
 
 if want pingpong; then
 for r in $(seq "$ROUNDS"); do
@@ -124,11 +321,7 @@ AR_ROUTES=${AR_ROUTES:-"shm tcp"}
 # here (PyTorch is not installed on this host).
 GLOO_1M_BUSBW=0.57
 
-if ! command -v mpicc.openmpi >/dev/null || ! command -v mpirun.openmpi >/dev/null; then
-    echo "Open MPI missing: installing openmpi-bin libopenmpi-dev" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        openmpi-bin libopenmpi-dev >/dev/null
-fi
+need_mpi
 MPI_AR=$CARGO_TARGET_DIR/mpi_allreduce
 mpicc.openmpi -O2 -o "$MPI_AR" bench/mpi_allreduce.c
 flags=(-b "$AR_MIN" -e "$AR_MAX" -f "$AR_FACTOR" -n "$AR_ITERS" -w "$AR_WARMUP" -c 1 -d float -o sum)

@@ -7,20 +7,24 @@
 //! efa-bench pingpong --listen 9000              # server of an explicit two-process run
 //! efa-bench pingpong 127.0.0.1:9000             # its client
 //! efa-bench allreduce -N 4 -b 8 -e 64m -f 4     # 4 local ranks, nccl-tests columns
+//! efa-bench osu-latency -S 8,1k                  # 2 local ranks, through the communicator
+//! efarun -n 2 efa-bench osu-bw -m 1:4m           # OSU's osu_bw method and columns
 //! mpirun -n 2 efa-bench allreduce -d bfloat16 -o max --json
 //! ```
 //!
 //! Structure (as fabtests' `shared.c`): [`opts`] is the one options struct, [`harness`] the
 //! session setup and size sweep, [`output`] the one writer, [`benches`] the point-to-point
-//! benchmarks, [`fab`] the allocation-free data path on efa-fabric, and [`coll`] the
-//! collectives on an efa-core communicator.
+//! benchmarks, [`fab`] the allocation-free data path on efa-fabric, [`coll`] the
+//! collectives on an efa-core communicator, and [`osu`] OSU's point-to-point tests on one.
 
 mod benches;
 mod coll;
 mod fab;
 mod harness;
+mod mem;
 mod oob;
 mod opts;
+mod osu;
 mod output;
 mod plot;
 
@@ -113,6 +117,20 @@ fn run(cli: Cli) -> Result<()> {
             coll::run_rank(which, a)
         } else {
             coll::spawn_local(a.nranks.unwrap_or(2))
+        };
+    }
+    if let Cmd::Rss(a) = &cli.cmd {
+        return if coll::under_launcher() {
+            mem::run_rank(a)
+        } else {
+            coll::spawn_local(a.nranks)
+        };
+    }
+    if let Some((which, a)) = cli.cmd.osu() {
+        return if coll::under_launcher() {
+            osu::run_rank(which, a)
+        } else {
+            coll::spawn_local(2)
         };
     }
     let c: &Common = cli.cmd.common().expect("a point-to-point benchmark");

@@ -23,7 +23,11 @@ pub const MAX_SWEEP: usize = 8 << 20;
         Collectives (allreduce, broadcast, allgather, reduce-scatter, alltoall) run on an \
         efa-core communicator: under a launcher (efarun, mpirun, srun, torchrun) every rank \
         runs the benchmark and rank 0 prints; without one, `-N` copies are started on this \
-        host."
+        host.\n\n\
+        OSU point-to-point tests (osu-latency, osu-bw, osu-bibw) run through the \
+        communicator too, with OSU's method, iteration counts and columns, on exactly 2 \
+        ranks (started on this host when there is no launcher). `rss` prints the resident \
+        memory of each rank of an idle job."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -48,6 +52,18 @@ pub enum Cmd {
     ReduceScatter(CollArgs),
     /// Out-of-place all-to-all (nccl-tests alltoall_perf).
     Alltoall(CollArgs),
+    /// osu_latency through the communicator: blocking send/recv ping-pong between 2 ranks,
+    /// half the round trip in us.
+    OsuLatency(OsuArgs),
+    /// osu_bw through the communicator: windows of non-blocking sends, each acknowledged by
+    /// the receiver; MB/s.
+    OsuBw(OsuArgs),
+    /// osu_bibw through the communicator: both ranks send a window to each other at once;
+    /// MB/s of both directions together.
+    OsuBibw(OsuArgs),
+    /// Resident memory per rank of an idle job, after init and after some traffic, with a
+    /// breakdown (heap, thread stacks, shm region, other anonymous, files) from smaps.
+    Rss(RssArgs),
 }
 
 impl Cmd {
@@ -71,6 +87,168 @@ impl Cmd {
             Cmd::Alltoall(a) => Some((Collective::Alltoall, a)),
             _ => None,
         }
+    }
+
+    /// The OSU point-to-point benchmark through the communicator and its options.
+    pub fn osu(&self) -> Option<(OsuTest, &OsuArgs)> {
+        match self {
+            Cmd::OsuLatency(a) => Some((OsuTest::Latency, a)),
+            Cmd::OsuBw(a) => Some((OsuTest::Bw, a)),
+            Cmd::OsuBibw(a) => Some((OsuTest::Bibw, a)),
+            _ => None,
+        }
+    }
+}
+
+/// Options of `efa-bench rss`.
+#[derive(Debug, Clone, Args)]
+pub struct RssArgs {
+    /// Ranks to start on this host when not under a launcher (default 2).
+    #[arg(short = 'N', long = "nranks", default_value_t = 2, value_parser = parse_positive)]
+    pub nranks: usize,
+    /// Seconds each rank stays idle before each measurement (lets background threads
+    /// settle).
+    #[arg(long, default_value_t = 0.2, value_parser = parse_idle)]
+    pub idle: f64,
+    /// Print one JSON object per rank and phase instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds any blocking call may take (the communicator's timeout). Default:
+    /// `EFA_TIMEOUT`, else 60.
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
+}
+
+fn parse_idle(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if (0.0..=60.0).contains(&t) => Ok(t),
+        _ => Err(format!("'{s}' is not a number of seconds from 0 to 60")),
+    }
+}
+
+/// An OSU point-to-point benchmark run through the communicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OsuTest {
+    /// osu_latency.
+    Latency,
+    /// osu_bw.
+    Bw,
+    /// osu_bibw.
+    Bibw,
+}
+
+/// OSU's `LARGE_MESSAGE_SIZE`: above it, the large-message iteration counts apply.
+pub const OSU_LARGE: usize = 8192;
+/// OSU's `MAX_MESSAGE_SIZE`: the default sweep ends at 4 MiB.
+pub const OSU_MAX: usize = 4 << 20;
+
+impl OsuTest {
+    /// The subcommand's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OsuTest::Latency => "osu-latency",
+            OsuTest::Bw => "osu-bw",
+            OsuTest::Bibw => "osu-bibw",
+        }
+    }
+
+    /// OSU's (iterations, skip) for `size` (osu_util.h: `LAT_LOOP_SMALL` 10000 / `LAT_SKIP_SMALL`
+    /// 100, `LAT_LOOP_LARGE` 1000 / 10; `BW_LOOP_SMALL` 100 / 10, `BW_LOOP_LARGE` 20 / 2;
+    /// large means above [`OSU_LARGE`]). For the bandwidth tests an iteration is one window.
+    pub fn default_counts(self, size: usize) -> (usize, usize) {
+        let large = size > OSU_LARGE;
+        match (self, large) {
+            (OsuTest::Latency, false) => (10000, 100),
+            (OsuTest::Latency, true) => (1000, 10),
+            (_, false) => (100, 10),
+            (_, true) => (20, 2),
+        }
+    }
+
+    /// OSU's default sweep: 0 (latency) or 1 (bandwidth), then powers of two to 4 MiB.
+    pub fn default_sizes(self) -> Vec<usize> {
+        let min = if self == OsuTest::Latency { 0 } else { 1 };
+        osu_sweep(min, OSU_MAX)
+    }
+}
+
+/// OSU's sweep: `min`, then doubling (0 is followed by 1), up to `max`.
+pub fn osu_sweep(min: usize, max: usize) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut s = min;
+    while s <= max {
+        v.push(s);
+        s = match s {
+            0 => 1,
+            _ => match s.checked_mul(2) {
+                Some(n) => n,
+                None => break,
+            },
+        };
+    }
+    v
+}
+
+/// OSU's `-m [MIN:]MAX` (bytes, with k/m/g suffixes here): the doubling sweep between them.
+pub fn parse_message_size(s: &str) -> Result<Sizes, String> {
+    let (min, max) = match s.split_once(':') {
+        Some((a, b)) => (parse_size(a)?, parse_size(b)?),
+        None => (0, parse_size(s)?),
+    };
+    if min > max {
+        return Err(format!(
+            "'{s}': MIN is larger than MAX (expected [MIN:]MAX, e.g. 8:4m)"
+        ));
+    }
+    Ok(Sizes(osu_sweep(min, max)))
+}
+
+/// Options of the OSU benchmarks through the communicator. Flags follow the other
+/// efa-bench subcommands, with OSU's spellings accepted too (`-i`, `-x`, `-m`).
+#[derive(Debug, Clone, Args)]
+pub struct OsuArgs {
+    /// Sizes: one, a comma list (`8,1k,64k`) or `all`. Default: OSU's sweep, 0 (latency) or
+    /// 1 (bandwidth) then powers of two up to 4 MiB.
+    #[arg(short = 'S', long = "size", value_parser = parse_sizes, conflicts_with = "message_size")]
+    pub sizes: Option<Sizes>,
+    /// OSU's `-m [MIN:]MAX`: the doubling sweep from MIN (default 0) to MAX.
+    #[arg(short = 'm', long = "message-size", value_parser = parse_message_size)]
+    pub message_size: Option<Sizes>,
+    /// Timed iterations per size (OSU's `-i`; a bandwidth iteration is one window). Default
+    /// OSU's: latency 10000 up to 8 KiB, 1000 above; bandwidth 100 up to 8 KiB, 20 above.
+    #[arg(short = 'I', short_alias = 'i', long = "iters", alias = "iterations", value_parser = parse_positive)]
+    pub iters: Option<usize>,
+    /// Untimed warm-up iterations per size (OSU's `-x`). Default OSU's: latency 100 up to
+    /// 8 KiB, 10 above; bandwidth 10 up to 8 KiB, 2 above.
+    #[arg(short = 'w', short_alias = 'x', long = "warmup")]
+    pub warmup: Option<usize>,
+    /// Messages in flight per window (osu_bw/osu_bibw's `-W`), default 64 as OSU.
+    #[arg(short = 'W', long = "window", default_value_t = 64, value_parser = parse_positive)]
+    pub window: usize,
+    /// Print one JSON object per size (with provenance and per-iteration p50/p99/max, which
+    /// costs one clock read per iteration) instead of OSU's two columns.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds any blocking call may take before the run fails (the communicator's
+    /// timeout). Default: `EFA_TIMEOUT`, else 60.
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
+}
+
+impl OsuArgs {
+    /// The sizes to run.
+    pub fn sizes(&self, test: OsuTest) -> Vec<usize> {
+        self.sizes
+            .as_ref()
+            .or(self.message_size.as_ref())
+            .map(|s| s.0.clone())
+            .unwrap_or_else(|| test.default_sizes())
+    }
+
+    /// (timed iterations, warm-up iterations) for `size`.
+    pub fn counts(&self, test: OsuTest, size: usize) -> (usize, usize) {
+        let (i, w) = test.default_counts(size);
+        (self.iters.unwrap_or(i), self.warmup.unwrap_or(w))
     }
 }
 
@@ -538,6 +716,30 @@ mod tests {
         assert_eq!(v.len(), 8);
         let cli = Cli::parse_from(["efa-bench", "allreduce", "-b", "8", "-e", "4"]);
         assert!(cli.cmd.collective().unwrap().1.validate().is_err());
+    }
+
+    #[test]
+    fn osu_sweeps_and_counts_follow_osu() {
+        assert_eq!(OsuTest::Latency.default_sizes()[..4], [0, 1, 2, 4]);
+        assert_eq!(OsuTest::Bw.default_sizes()[0], 1);
+        assert_eq!(OsuTest::Bibw.default_sizes().last(), Some(&(4 << 20)));
+        assert_eq!(OsuTest::Latency.default_sizes().len(), 24);
+        assert_eq!(parse_message_size("8:64").unwrap().0, vec![8, 16, 32, 64]);
+        assert_eq!(parse_message_size("4").unwrap().0, vec![0, 1, 2, 4]);
+        assert!(parse_message_size("64:8").is_err());
+        assert!(parse_message_size("x:8").is_err());
+        // 8 KiB is still small; above it the large counts apply.
+        assert_eq!(OsuTest::Latency.default_counts(8192), (10000, 100));
+        assert_eq!(OsuTest::Latency.default_counts(8193), (1000, 10));
+        assert_eq!(OsuTest::Bw.default_counts(8192), (100, 10));
+        assert_eq!(OsuTest::Bibw.default_counts(1 << 20), (20, 2));
+        use clap::Parser as _;
+        let cli = Cli::parse_from(["efa-bench", "osu-bw", "-i", "5", "-x", "1", "-m", "1:4"]);
+        let (t, a) = cli.cmd.osu().unwrap();
+        assert_eq!(t, OsuTest::Bw);
+        assert_eq!(a.counts(t, 1 << 20), (5, 1));
+        assert_eq!(a.sizes(t), vec![1, 2, 4]);
+        assert_eq!(a.window, 64);
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub enum Format {
 pub enum Metric {
     Latency,
     Bandwidth,
+    /// Bandwidth of both directions together (osu_bibw).
+    BiBandwidth,
 }
 
 #[derive(Debug)]
@@ -196,6 +198,9 @@ impl Writer {
                     let (title, col) = match self.metric {
                         Metric::Latency => ("Latency Test", "Latency (us)"),
                         Metric::Bandwidth => ("Bandwidth Test", "Bandwidth (MB/s)"),
+                        Metric::BiBandwidth => {
+                            ("Bi-Directional Bandwidth Test", "Bandwidth (MB/s)")
+                        }
                     };
                     s.push_str(&format!(
                         "# efa-bench {} {title} ({})\n{:<10}{:>20}\n",
@@ -204,7 +209,7 @@ impl Writer {
                 }
                 let v = match self.metric {
                     Metric::Latency => rec.usec_per_xfer,
-                    Metric::Bandwidth => rec.mb_per_sec,
+                    Metric::Bandwidth | Metric::BiBandwidth => rec.mb_per_sec,
                 };
                 s.push_str(&format!("{:<10}{:>20.2}\n", rec.bytes, v));
             }

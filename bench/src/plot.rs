@@ -11,7 +11,7 @@ use crate::{err, Result};
 fn value(r: &Record, m: Metric) -> f64 {
     match m {
         Metric::Latency => r.usec_per_xfer,
-        Metric::Bandwidth => r.mb_per_sec,
+        Metric::Bandwidth | Metric::BiBandwidth => r.mb_per_sec,
     }
 }
 
@@ -73,7 +73,7 @@ pub fn draw(
     let (y0, y1) = (y0 / 1.5, (y1 * 1.5).max(y0 * 2.0));
     let ylabel = match metric {
         Metric::Latency => "latency (usec/xfer)",
-        Metric::Bandwidth => "bandwidth (MB/s)",
+        Metric::Bandwidth | Metric::BiBandwidth => "bandwidth (MB/s)",
     };
     let root = SVGBackend::new(out, (900, 600)).into_drawing_area();
     let e = |e: DrawingAreaErrorKind<_>| err(format!("plot {}: {e:?}", out.display()));

@@ -18,8 +18,9 @@
 //!
 //! # Progress
 //! All endpoints' completion queues are read by one progress function, so a rank can talk
-//! to peers on different routes at once. Waiting spins first, then yields, then sleeps
-//! ([`efa_fabric::Backoff`]), so oversubscribed ranks still make progress.
+//! to peers on different routes at once. Every blocking call waits under the communicator's
+//! wait policy ([`crate::wait`]: spin, yield, or block on the CQs' wait fds; chosen
+//! automatically so that ranks outnumbering cores still make progress).
 //!
 //! # Matching and communicators
 //! A message is matched on (context id, source, tag), in the order each sender sent it
@@ -75,6 +76,7 @@ use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet}
 use crate::proto::{self, Action, Body, Core, Mode, Outcome, PostError, RecvId, Remote, SendId};
 use crate::roles;
 use crate::store::Store;
+use crate::wait::{WaitPolicy, WaitSet};
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
 mod coll_link;
@@ -104,6 +106,12 @@ impl Status {
 
 /// Communicator settings, as built: set through [`CommunicatorBuilder`] (each setter
 /// documents its default), read back through [`Communicator::config`].
+///
+/// Memory: every endpoint keeps [`Config::rx_depth`] receive buffers of a 32-byte header
+/// plus its eager limit posted (with the defaults 64 x 32 KiB over shm and 64 x 8 KiB over
+/// IP, about 2.6 MiB in all). The rest of an idle rank's memory is libfabric's: the shm
+/// provider's region and, once a peer is reached over IP, `ofi_rxm`'s bounce buffers. The
+/// README's "Memory per rank" measures each part and names the settings that shrink it.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) timeout: Duration,
@@ -113,6 +121,7 @@ pub struct Config {
     pub(crate) eager_limit: usize,
     pub(crate) shm_eager_limit: usize,
     pub(crate) rx_depth: usize,
+    pub(crate) wait: WaitPolicy,
 }
 
 impl Config {
@@ -148,6 +157,11 @@ impl Config {
     pub fn rx_depth(&self) -> usize {
         self.rx_depth
     }
+    /// The wait policy asked for ([`CommunicatorBuilder::wait`], `EFA_WAIT`); the one in
+    /// force is [`Communicator::wait_policy`].
+    pub fn wait(&self) -> WaitPolicy {
+        self.wait
+    }
 }
 
 impl Default for Config {
@@ -160,6 +174,7 @@ impl Default for Config {
             eager_limit: 8192,
             shm_eager_limit: 32 * 1024,
             rx_depth: 64,
+            wait: WaitPolicy::Auto,
         }
     }
 }
@@ -173,6 +188,8 @@ pub struct CommunicatorBuilder {
     env: bool,
     /// `transports` was called: `EFA_TRANSPORTS` is then not read.
     transports_explicit: bool,
+    /// `wait` was called: `EFA_WAIT` is then not read.
+    wait_explicit: bool,
 }
 
 impl CommunicatorBuilder {
@@ -184,6 +201,7 @@ impl CommunicatorBuilder {
             config: Config::default(),
             env: true,
             transports_explicit: false,
+            wait_explicit: false,
         }
     }
     /// Explicit rank, size and rendezvous. Default: detected from the environment.
@@ -242,6 +260,17 @@ impl CommunicatorBuilder {
         self
     }
 
+    /// How blocking calls wait between polls of the completion queues (see
+    /// [`crate::wait`] for each policy's trade-off and measurements). Default: `EFA_WAIT`,
+    /// else [`WaitPolicy::Auto`]: [`WaitPolicy::Spin`] (lowest latency, a busy core per
+    /// waiting rank) unless this host runs more ranks of the job than this process may use
+    /// cores; then [`WaitPolicy::Block`]. An explicit policy wins over `EFA_WAIT`.
+    pub fn wait(mut self, policy: WaitPolicy) -> Self {
+        self.config.wait = policy;
+        self.wait_explicit = true;
+        self
+    }
+
     fn env_timeout_overridden(&mut self) {
         self.env = false;
     }
@@ -256,6 +285,8 @@ impl CommunicatorBuilder {
     /// [`Communicator::dup`] it instead.
     pub fn build(mut self) -> Result<Communicator> {
         crate::debug::init(self.bootstrap.as_ref())?;
+        // Before the first fi_getinfo, which makes libfabric read them.
+        crate::provider_env::apply();
         if self.env {
             if let Some(v) = crate::error::env_var("EFA_TIMEOUT", TIMEOUT_FORMS)? {
                 self.config.timeout = parse_timeout(&v).map_err(|problem| {
@@ -303,6 +334,11 @@ impl CommunicatorBuilder {
         }
         if !self.transports_explicit {
             self.config.transports = TransportSet::from_env()?;
+        }
+        if !self.wait_explicit {
+            if let Some(p) = crate::wait::wait_from_env()? {
+                self.config.wait = p;
+            }
         }
         net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;
         let boot = match self.bootstrap {
@@ -612,6 +648,8 @@ struct Inner {
     ctx_alloc: Mutex<CtxAllocator>,
     /// This world's place among the live worlds of the process, released at finalize.
     claim: WorldClaim,
+    /// How every blocking call waits ([`crate::wait`]).
+    wait: Arc<WaitSet>,
 }
 
 /// The jobs whose world communicator is alive in this process, by rendezvous (see
@@ -729,7 +767,7 @@ impl Inner {
 
     fn finalize_handshake(&self) -> Result<()> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.wait.waiter();
         // After an operation timed out, peers may be stopped or stuck: waiting a whole
         // deadline more for them would only delay the exit that reports it.
         let limit = if lock_engine(&self.engine).broken {
@@ -750,7 +788,7 @@ impl Inner {
                     return Err(err);
                 }
                 if e.events != before {
-                    backoff.reset();
+                    waiter.progressed();
                 }
                 if !sent_fin {
                     match e.unfinished_send() {
@@ -784,7 +822,7 @@ impl Inner {
                 let mut e = lock_engine(&self.engine);
                 return Err(e.deadline_passed(op, Some(peer), start.elapsed()));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 }
@@ -941,12 +979,24 @@ impl Communicator {
         let store = boot.connect_store(deadline)?;
         let all_local = boot.local_size() == Some(size) || size == 1;
         let (discovery, selection) = select_roles(&config, all_local);
-        let (mut ports, card) = open_ports(rank, &discovery, &selection, &config)?;
+        // CQs get wait fds only when blocking on them may be chosen: a wait object costs
+        // the provider a signal per completion. The launcher's local size (else the world
+        // size) stands for the ranks on this host until the cards tell.
+        let cores = crate::wait::available_cores();
+        let guess = boot.local_size().unwrap_or(size);
+        let cq_wait = if crate::wait::wants_wait_fds(config.wait, guess, cores) {
+            efa_fabric::CqWait::Fd
+        } else {
+            efa_fabric::CqWait::None
+        };
+        let (mut ports, card) = open_ports(rank, &discovery, &selection, &config, cq_wait)?;
         let prefix = claim.store_prefix.clone();
         let cards = exchange_cards(&*store, &prefix, &card, rank, size, deadline)?;
         let routes = choose_routes(&card, &cards, &config.transports)?;
         let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
         let live = liveness(&card, &cards, &ports, &peers);
+        let on_host = cards.iter().filter(|c| c.host_id == card.host_id).count() as u32;
+        let wait = wait_set(&config, &ports, 0, on_host, cores);
         let comm = assemble(
             rank,
             size,
@@ -957,6 +1007,7 @@ impl Communicator {
             routes,
             live,
             claim,
+            wait,
         )?;
         ready_barrier(&comm, &*store)?;
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
@@ -1011,6 +1062,18 @@ impl Communicator {
             reason: reason.to_owned(),
         });
         std::process::exit(code)
+    }
+
+    /// The wait policy in force for every blocking call of this communicator and its
+    /// sub-communicators: the one asked for ([`Config::wait`]), with
+    /// [`WaitPolicy::Auto`] resolved for this host (never `Auto`; see [`crate::wait`]).
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.inner.wait.policy()
+    }
+
+    /// A waiter for one blocking call, under this communicator's wait policy.
+    pub(crate) fn waiter(&self) -> crate::wait::Waiter {
+        self.inner.wait.waiter()
     }
 
     /// This process's rank in this communicator.
@@ -1617,7 +1680,7 @@ fn wait_loop(
 ) -> Result<()> {
     let start = Instant::now();
     let timeout = comm.timeout();
-    let mut backoff = efa_fabric::Backoff::new();
+    let mut waiter = comm.inner.wait.waiter();
     let mut clock = efa_fabric::PollClock::new(timeout);
     loop {
         {
@@ -1631,13 +1694,13 @@ fn wait_loop(
                 return Ok(());
             }
             if e.events != before {
-                backoff.reset();
+                waiter.progressed();
             }
         }
         if clock.expired() {
             return Err(comm.engine().deadline_passed(op, peer, start.elapsed()));
         }
-        backoff.snooze();
+        waiter.idle();
     }
 }
 
@@ -1691,6 +1754,7 @@ fn open_ports(
     discovery: &roles::Discovery,
     selection: &roles::Selection,
     config: &Config,
+    cq_wait: efa_fabric::CqWait,
 ) -> Result<(Vec<Port>, Card)> {
     let mut ports: Vec<Port> = Vec::new();
     let mut card = Card {
@@ -1709,7 +1773,7 @@ fn open_ports(
             }
             continue;
         };
-        ports.push(open_port(rc.role, info, config)?);
+        ports.push(open_port(rc.role, info, config, cq_wait)?);
         match rc.role {
             Transport::Shm => {}
             Transport::Fabric => card.fabric_subnet = rc.subnet,
@@ -1843,6 +1907,32 @@ fn liveness(card: &Card, cards: &[Card], ports: &[Port], peers: &[PeerRoute]) ->
     live
 }
 
+/// The wait policy for `on_host` ranks of the job on this host and `cores` usable cores
+/// ([`crate::wait::choose`]), over the CQs of the endpoints that peers are routed to.
+/// `fdless_carriers` counts the other things the engine polls for messages that have no wait
+/// fd (e.g. shared-memory rings): with any, Block blocks in short slices only
+/// ([`WaitSet::new`]).
+fn wait_set(
+    config: &Config,
+    ports: &[Port],
+    fdless_carriers: usize,
+    on_host: u32,
+    cores: usize,
+) -> Arc<WaitSet> {
+    let mut cqs: Vec<efa_fabric::CompletionQueue> = Vec::new();
+    for p in ports.iter().filter(|p| p.used) {
+        for cq in [p.ep.rx_cq(), p.ep.tx_cq()] {
+            if !cqs.iter().any(|c| c.same(cq)) {
+                cqs.push(cq.clone());
+            }
+        }
+    }
+    let fds = cqs.iter().filter(|c| c.wait_fd().is_some()).count();
+    let chosen = crate::wait::choose(config.wait, on_host, cores);
+    crate::wait::log_choice(config.wait, chosen, on_host, cores, fds, cqs.len());
+    Arc::new(WaitSet::new(chosen, cqs, fdless_carriers))
+}
+
 /// Builds the engine over the open endpoints, posts its receive buffers, and wraps it in
 /// a communicator.
 ///
@@ -1859,6 +1949,7 @@ fn assemble(
     routes: Vec<Route>,
     live: Arc<Liveness>,
     claim: WorldClaim,
+    wait: Arc<WaitSet>,
 ) -> Result<Communicator> {
     let providers = ports
         .iter()
@@ -1921,6 +2012,7 @@ fn assemble(
             config,
             ctx_alloc: Mutex::new(CtxAllocator::default()),
             claim,
+            wait,
         }),
         group: Arc::new(Group::world(rank, size)),
     })
@@ -1983,7 +2075,12 @@ impl Liveness {
     }
 }
 
-fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port> {
+fn open_port(
+    transport: Transport,
+    info: &Info,
+    config: &Config,
+    cq_wait: efa_fabric::CqWait,
+) -> Result<Port> {
     let provider = info.provider();
     let liveness: Arc<std::sync::OnceLock<PortLiveness>> = Arc::default();
     let check = {
@@ -2002,7 +2099,7 @@ fn open_port(transport: Transport, info: &Info, config: &Config) -> Result<Port>
     let ep = (|| {
         let domain = efa_fabric::Domain::open(info)?;
         let av = efa_fabric::AddressVector::open(&domain)?;
-        let cq = efa_fabric::CompletionQueue::open(&domain, 0)?;
+        let cq = efa_fabric::CompletionQueue::open_with(&domain, 0, cq_wait)?;
         Endpoint::builder(&domain, &av, &cq)
             .post_timeout(config.timeout)
             // A post to a rank that died stops retrying at once (its queue never drains).
@@ -3637,7 +3734,7 @@ impl Communicator {
         mut f: impl FnMut(&mut Engine) -> Result<Option<R>>,
     ) -> Result<R> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.inner.wait.waiter();
         let mut clock = efa_fabric::PollClock::new(self.timeout());
         let peer = match src {
             Source::Rank(r) => Some(r),
@@ -3656,13 +3753,13 @@ impl Communicator {
                     return Err(Error::PeerFinalized { rank: p });
                 }
                 if e.events != before {
-                    backoff.reset();
+                    waiter.progressed();
                 }
             }
             if clock.expired() {
                 return Err(self.engine().deadline_passed(op, peer, start.elapsed()));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 }
@@ -3880,7 +3977,7 @@ impl Communicator {
         enough: impl Fn(usize, usize) -> bool,
     ) -> Result<Vec<usize>> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.inner.wait.waiter();
         let mut clock = efa_fabric::PollClock::new(self.timeout());
         loop {
             let before = self.engine().events;
@@ -3894,12 +3991,12 @@ impl Communicator {
                 return Ok(done);
             }
             if self.engine().events != before {
-                backoff.reset();
+                waiter.progressed();
             }
             if clock.expired() {
                 return Err(self.engine().deadline_passed(op, None, start.elapsed()));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 }

@@ -99,11 +99,13 @@ pub mod fuzz;
 pub mod net;
 pub mod placement;
 pub(crate) mod proto;
+mod provider_env;
 mod rma;
 pub mod roles;
 mod setting;
 pub mod store;
 mod tag;
+pub mod wait;
 pub mod window;
 pub mod wire;
 
@@ -117,6 +119,7 @@ pub use comm::{
 };
 pub use error::{Error, Malformed, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
+pub use wait::WaitPolicy;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
 
 /// The element bound of every buffer argument (`&[T]` with `T: Pod`), re-exported so that

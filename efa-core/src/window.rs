@@ -461,7 +461,7 @@ impl<T: Pod> Window<T> {
     /// [`Error::Timeout`] after the communicator's timeout.
     pub fn wait_notify(&self) -> Result<(u32, u16)> {
         let start = Instant::now();
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.comm.waiter();
         loop {
             let mut pending = self.notes().lock().unwrap_or_else(|p| p.into_inner());
             pending.extend(self.comm.take_notifications());
@@ -477,7 +477,7 @@ impl<T: Pod> Window<T> {
                     waited: start.elapsed(),
                 });
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 

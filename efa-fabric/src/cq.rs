@@ -175,6 +175,9 @@ struct CqInner {
     fid: *mut ffi::fid_cq,
     /// A CQ cannot outlive its domain.
     domain: Domain,
+    /// The wait object's file descriptor (`FI_GETWAIT`), when opened with [`CqWait::Fd`]
+    /// and the provider has one. Owned by the provider; valid while the CQ is open.
+    wait_fd: Option<std::os::fd::RawFd>,
     unsolicited: Mutex<VecDeque<Completion>>,
     size: usize,
     /// Completions delivered so far, by any reader.
@@ -205,31 +208,151 @@ impl std::fmt::Debug for CompletionQueue {
     }
 }
 
+/// The wait object a completion queue is opened with (`wait_obj` of `fi_cq_attr`,
+/// fi_cq(3)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CqWait {
+    /// `FI_WAIT_NONE`: the CQ can only be polled. Cheapest: completions signal nothing.
+    #[default]
+    None,
+    /// `FI_WAIT_FD`: the provider signals a file descriptor when completions arrive, so a
+    /// caller with nothing to do can block in `poll(2)` ([`crate::progress::block_on`])
+    /// instead of burning a core. Costs the provider a signal per completion. Providers
+    /// without fd wait objects are opened with `FI_WAIT_NONE` instead
+    /// ([`CompletionQueue::wait_fd`] is then `None`).
+    Fd,
+}
+
 impl CompletionQueue {
-    /// Opens a CQ with room for `size` entries (0: the provider's default).
+    /// Opens a CQ with room for `size` entries (0: the provider's default), without a wait
+    /// object ([`CqWait::None`]).
     ///
     /// # Errors
     /// `fi_cq_open` errors, e.g. `FI_ENOMEM`.
     pub fn open(domain: &Domain, size: usize) -> Result<CompletionQueue> {
+        Self::open_with(domain, size, CqWait::None)
+    }
+
+    /// Opens a CQ with room for `size` entries (0: the provider's default) and wait object
+    /// `wait`. When the provider refuses `FI_WAIT_FD` (`FI_ENOSYS`, `FI_EINVAL`,
+    /// `FI_ENODATA`) or has no fd to give (`fi_control(FI_GETWAIT)` fails), the CQ is
+    /// opened without a wait object and [`CompletionQueue::wait_fd`] says `None` (logged at
+    /// debug level): callers then fall back to short sleeps.
+    ///
+    /// # Errors
+    /// `fi_cq_open` errors other than the refusals above, e.g. `FI_ENOMEM`.
+    pub fn open_with(domain: &Domain, size: usize, wait: CqWait) -> Result<CompletionQueue> {
+        if wait == CqWait::Fd {
+            match Self::open_raw(domain, size, ffi::FI_WAIT_FD) {
+                Ok(fid) => {
+                    let mut fd: std::os::raw::c_int = -1;
+                    // SAFETY: fid is the CQ just opened; FI_GETWAIT on an FI_WAIT_FD CQ
+                    // writes one int (the fd), fi_cq(3).
+                    let ret = unsafe {
+                        ffi::fi_control(
+                            ptr::addr_of_mut!((*fid).fid),
+                            ffi::FI_GETWAIT as i32,
+                            ptr::addr_of_mut!(fd).cast(),
+                        )
+                    };
+                    let cq = Self::wrap(domain, size, fid, (ret == 0 && fd >= 0).then_some(fd));
+                    if cq.inner.wait_fd.is_none() {
+                        tracing::debug!(
+                            ret,
+                            "fi_control(FI_GETWAIT) gave no fd: the CQ will be polled only"
+                        );
+                    }
+                    return Ok(cq);
+                }
+                Err(Error::Call(c))
+                    if [
+                        ffi::FI_ENOSYS,
+                        ffi::FI_EINVAL,
+                        ffi::FI_ENODATA,
+                        ffi::FI_EOPNOTSUPP,
+                    ]
+                    .iter()
+                    .any(|&code| c.code == code as i32) =>
+                {
+                    tracing::debug!("fi_cq_open with FI_WAIT_FD refused ({c}): polling only");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let fid = Self::open_raw(domain, size, ffi::FI_WAIT_NONE)?;
+        Ok(Self::wrap(domain, size, fid, None))
+    }
+
+    fn open_raw(
+        domain: &Domain,
+        size: usize,
+        wait_obj: ffi::fi_wait_obj,
+    ) -> Result<*mut ffi::fid_cq> {
         let mut attr = ffi::fi_cq_attr {
             size,
             format: ffi::FI_CQ_FORMAT_TAGGED,
-            wait_obj: ffi::FI_WAIT_NONE,
+            wait_obj,
             ..Default::default()
         };
         let mut fid = ptr::null_mut();
         // SAFETY: domain is open, attr valid for the call; fi_cq_open writes the new CQ.
         let ret = unsafe { ffi::fi_cq_open(domain.raw(), &mut attr, &mut fid, ptr::null_mut()) };
         check_int("fi_cq_open", ret)?;
-        Ok(CompletionQueue {
+        Ok(fid)
+    }
+
+    fn wrap(
+        domain: &Domain,
+        size: usize,
+        fid: *mut ffi::fid_cq,
+        wait_fd: Option<std::os::fd::RawFd>,
+    ) -> CompletionQueue {
+        CompletionQueue {
             inner: Arc::new(CqInner {
                 fid,
                 domain: domain.clone(),
+                wait_fd,
                 unsolicited: Mutex::new(VecDeque::new()),
                 size,
                 delivered: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// The file descriptor that becomes readable when completions may be waiting, if this
+    /// CQ was opened with [`CqWait::Fd`] and the provider has one. Block on it only after
+    /// [`CompletionQueue::try_wait`] said so ([`crate::progress::block_on`] does both).
+    pub fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.wait_fd
+    }
+
+    /// `fi_trywait(3)` on this CQ: `Ok(true)` when it is safe to block on
+    /// [`CompletionQueue::wait_fd`] (no completion pending; the provider has reset the fd
+    /// and made the progress it needs to), `Ok(false)` when completions may be pending and
+    /// the CQ should be read first (`FI_EAGAIN`). A CQ without a wait fd says `Ok(false)`.
+    ///
+    /// # Errors
+    /// Other `fi_trywait` errors.
+    pub fn try_wait(&self) -> Result<bool> {
+        if self.inner.wait_fd.is_none() {
+            return Ok(false);
+        }
+        // SAFETY: the CQ is open; fi_trywait reads one fid pointer from the array.
+        let mut fids = [unsafe { ptr::addr_of_mut!((*self.inner.fid).fid) }];
+        // SAFETY: the fabric and the CQ are open (the CQ keeps its domain, which keeps its
+        // fabric); fids holds one valid fid.
+        let ret =
+            unsafe { ffi::fi_trywait(self.inner.domain.fabric().raw(), fids.as_mut_ptr(), 1) };
+        if ret == -(ffi::FI_EAGAIN as i32) {
+            return Ok(false);
+        }
+        check_int("fi_trywait", ret)?;
+        Ok(true)
+    }
+
+    /// True when `other` is a handle on this same CQ.
+    pub fn same(&self, other: &CompletionQueue) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     pub(crate) fn raw(&self) -> *mut ffi::fid_cq {

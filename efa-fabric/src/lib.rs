@@ -116,7 +116,7 @@ pub mod shm;
 
 pub use av::{AddressVector, FiAddr};
 pub use cntr::{Counter, CounterEvents};
-pub use cq::{Completion, CompletionQueue, OpContext};
+pub use cq::{Completion, CompletionQueue, CqWait, OpContext};
 pub use ep::{Endpoint, EndpointBuilder, PeerCheck};
 pub use error::{CallError, CompletionError, Error, Result, ShmProblem, SizeLimit};
 pub use fabric::{Domain, Fabric};
@@ -129,7 +129,9 @@ pub use mr::{
     RegMemoryMut, RegisteredBuf, RemoteRegion, SharedSlice, TargetBuf,
 };
 pub use op::{rget_threshold, rma_scope, Done, Exposed, OpError, Pending, RmaScope, ScopedId};
-pub use progress::{Backoff, Deadline, PollClock};
+pub use progress::{
+    block_on, idle_mode, set_idle_mode, Backoff, Deadline, IdleMode, PollClock, Woken,
+};
 
 /// The libfabric version linked at run time, as (major, minor).
 pub fn libfabric_version() -> (u32, u32) {

@@ -1,7 +1,126 @@
 //! Waiting politely: spin first for latency, then yield, then sleep, so that oversubscribed
-//! ranks (more busy ranks than cores) still make progress.
+//! ranks (more busy ranks than cores) still make progress; and blocking on completion queues'
+//! wait objects ([`block_on`]: `fi_trywait(3)` then `poll(2)`).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::cq::CompletionQueue;
+use crate::error::{Error, Result};
+
+/// How [`Backoff`] waits once its spins are used up, for the whole process (set by the layer
+/// that chooses a wait policy, e.g. efa-core's communicator; default
+/// [`IdleMode::SpinYieldSleep`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdleMode {
+    /// Spin, then yield for [`Backoff::YIELD_FOR`], then sleep with doubling naps up to
+    /// [`Backoff::MAX_SLEEP`] (the historical behaviour, good for a core per process).
+    #[default]
+    SpinYieldSleep,
+    /// Spin briefly, then `sched_yield` on every call, never sleeping: lowest latency when
+    /// processes outnumber cores (what Open MPI does with `mpi_yield_when_idle`).
+    Yield,
+}
+
+static IDLE_MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how every [`Backoff`] of this process waits from now on.
+pub fn set_idle_mode(mode: IdleMode) {
+    IDLE_MODE.store(mode as u8, Ordering::Relaxed);
+}
+
+/// How [`Backoff`]s wait ([`set_idle_mode`]).
+pub fn idle_mode() -> IdleMode {
+    match IDLE_MODE.load(Ordering::Relaxed) {
+        1 => IdleMode::Yield,
+        _ => IdleMode::SpinYieldSleep,
+    }
+}
+
+/// What [`block_on`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// A CQ may have completions (`fi_trywait` said `FI_EAGAIN`, or a wait fd became
+    /// readable): read the CQs.
+    Ready,
+    /// The timeout passed with no signal.
+    TimedOut,
+    /// Some CQ has no wait fd, so blocking could miss its completions: nothing was waited
+    /// for (the caller falls back to a short sleep or a yield).
+    NoWaitObject,
+}
+
+/// Blocks until one of `cqs` may have a completion, or `timeout` passes (`fi_trywait(3)`,
+/// then `poll(2)` on their wait fds, fi_cq(3) "Wait objects"). Every CQ must have been
+/// opened with [`crate::cq::CqWait::Fd`] and got a fd; otherwise returns
+/// [`Woken::NoWaitObject`] at once. `timeout` is rounded to microseconds; keep it short
+/// (a millisecond or so) when other things than these CQs can make progress (peers'
+/// liveness, shared-memory rings without a fd, deadlines).
+///
+/// # Errors
+/// `fi_trywait` errors other than `FI_EAGAIN`; `poll(2)` errors other than `EINTR` (an
+/// interrupted poll counts as [`Woken::Ready`]).
+pub fn block_on(cqs: &[CompletionQueue], timeout: Duration) -> Result<Woken> {
+    // On the stack for the usual few CQs (one per transport): no allocation while waiting.
+    let unset = libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut on_stack = [unset; 8];
+    let mut on_heap = Vec::new();
+    let fds: &mut [libc::pollfd] = if cqs.len() <= on_stack.len() {
+        &mut on_stack[..cqs.len()]
+    } else {
+        on_heap.resize(cqs.len(), unset);
+        &mut on_heap
+    };
+    for (cq, p) in cqs.iter().zip(fds.iter_mut()) {
+        let Some(fd) = cq.wait_fd() else {
+            return Ok(Woken::NoWaitObject);
+        };
+        p.fd = fd;
+    }
+    if fds.is_empty() {
+        return Ok(Woken::NoWaitObject);
+    }
+    for cq in cqs {
+        if !cq.try_wait()? {
+            return Ok(Woken::Ready);
+        }
+    }
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: (timeout.subsec_micros() * 1000) as libc::c_long,
+    };
+    // SAFETY: fds is a valid array of fds.len() pollfd entries for the call; ts is a valid
+    // timespec; a null sigmask keeps the current one.
+    let ret = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+    if ret < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(Woken::Ready);
+        }
+        let code = err.raw_os_error().unwrap_or(libc::EIO);
+        return Err(Error::Call(crate::error::CallError {
+            call: "poll",
+            code,
+            text: err.to_string(),
+        }));
+    }
+    Ok(if ret == 0 {
+        Woken::TimedOut
+    } else {
+        Woken::Ready
+    })
+}
 
 /// A spin-then-yield-then-sleep backoff for polling loops.
 ///
@@ -44,11 +163,25 @@ impl Backoff {
         *self = Backoff::new();
     }
 
-    /// Waits a little, according to how long this loop has been idle.
+    /// Busy polls before yielding in [`IdleMode::Yield`].
+    pub const YIELD_SPINS: u32 = 16;
+
+    /// Waits a little, according to how long this loop has been idle and the process's
+    /// [`IdleMode`].
     pub fn snooze(&mut self) {
-        if self.polls < Self::SPINS {
+        let yielding = idle_mode() == IdleMode::Yield;
+        let spins = if yielding {
+            Self::YIELD_SPINS
+        } else {
+            Self::SPINS
+        };
+        if self.polls < spins {
             self.polls += 1;
             std::hint::spin_loop();
+            return;
+        }
+        if yielding {
+            std::thread::yield_now();
             return;
         }
         let since = *self.started_yield.get_or_insert_with(Instant::now);

@@ -327,12 +327,15 @@ fn rma(
         let mine = me as usize * RMA_SLOT;
         win.put(dst, mine, &data[..len]).map_err(err)?;
         win.flush(dst).map_err(err)?;
-        // Everyone's puts of iteration i are visible after the fence; nobody writes into
-        // this rank's window again before it joins the next fence.
+        // Everyone's puts of iteration i are visible after the fence. A fence also opens
+        // the next epoch: a peer that leaves it first may put its iteration i+1 data at
+        // once, so each rank copies its window out and then fences again before anyone
+        // writes into it.
         win.fence().map_err(err)?;
         let theirs = src as usize * RMA_SLOT;
         let mut local = vec![0u64; len];
         win.read_local(theirs, &mut local).map_err(err)?;
+        win.fence().map_err(err)?;
         if corrupt_at == Some(i) {
             local[len / 2] ^= 0x40;
         }

@@ -444,7 +444,7 @@ impl<'c> Exec<'c> {
     /// Polls `done` (progressing the engine) until it yields, the deadline passes, or another
     /// rank reports a failure.
     fn poll<R>(&mut self, peer: u32, mut done: impl FnMut() -> Option<R>) -> Result<R> {
-        let mut backoff = efa_fabric::Backoff::new();
+        let mut waiter = self.link.waiter();
         loop {
             if let Some(x) = done() {
                 return Ok(x);
@@ -471,7 +471,7 @@ impl<'c> Exec<'c> {
             if Instant::now() >= self.deadline {
                 return Err(self.timed_out(peer));
             }
-            backoff.snooze();
+            waiter.idle();
         }
     }
 

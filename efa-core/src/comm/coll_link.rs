@@ -100,6 +100,11 @@ impl CollLink {
         })
     }
 
+    /// A waiter for one blocking wait, under the communicator's wait policy.
+    pub(crate) fn waiter(&self) -> crate::wait::Waiter {
+        self.comm.waiter()
+    }
+
     /// Progresses the engine once.
     pub(crate) fn progress(&self) -> Result<()> {
         self.comm.progress()
