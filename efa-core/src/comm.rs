@@ -82,27 +82,7 @@ use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 mod coll_link;
 pub(crate) use coll_link::{CollLink, CollRecv, CollSend, CollTag};
 
-pub use crate::tag::{Source, Tag, MAX_USER_TAG};
-
-/// What a completed receive got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Status {
-    /// The sender.
-    pub source: u32,
-    /// The message's tag.
-    pub tag: u32,
-    /// Message length in bytes.
-    pub len: usize,
-}
-
-impl Status {
-    /// Number of whole `T` elements received: `len / size_of::<T>()`, rounded down (a
-    /// 6-byte message is 1 `u32`). Where that may not divide (`MPI_Get_count` would give
-    /// `MPI_UNDEFINED`), size buffers from [`Status::len`] in bytes.
-    pub fn count<T>(&self) -> usize {
-        self.len / std::mem::size_of::<T>().max(1)
-    }
-}
+pub use crate::tag::{Source, Status, Tag, MAX_USER_TAG};
 
 /// Communicator settings, as built: set through [`CommunicatorBuilder`] (each setter
 /// documents its default), read back through [`Communicator::config`].

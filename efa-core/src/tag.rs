@@ -1,4 +1,5 @@
-//! Tags and sources: which messages a receive accepts, and the tag space users may use.
+//! Tags and sources: which messages a receive accepts, the tag space users may use, and
+//! what a completed receive got ([`Status`]).
 //!
 //! A leaf module: it uses nothing of this crate, so that the communicator
 //! ([`crate::comm`], which re-exports these), its errors and its collectives all share one
@@ -59,6 +60,26 @@ pub enum Tag {
 impl From<u32> for Tag {
     fn from(t: u32) -> Self {
         Tag::Is(t)
+    }
+}
+
+/// What a completed receive got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// The sender.
+    pub source: u32,
+    /// The message's tag.
+    pub tag: u32,
+    /// Message length in bytes.
+    pub len: usize,
+}
+
+impl Status {
+    /// Number of whole `T` elements received: `len / size_of::<T>()`, rounded down (a
+    /// 6-byte message is 1 `u32`). Where that may not divide (`MPI_Get_count` would give
+    /// `MPI_UNDEFINED`), size buffers from [`Status::len`] in bytes.
+    pub fn count<T>(&self) -> usize {
+        self.len / std::mem::size_of::<T>().max(1)
     }
 }
 

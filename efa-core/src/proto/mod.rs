@@ -53,8 +53,7 @@ pub(crate) mod slab;
 
 use std::collections::VecDeque;
 
-use crate::comm::Status;
-use crate::tag::{Source, Tag, MAX_USER_TAG};
+use crate::tag::{Source, Status, Tag, MAX_USER_TAG};
 use crate::wire::{Header, Kind, ACK_READ_FAILED, ACK_TRUNCATED};
 use slab::{Key, Slab};
 
