@@ -13,6 +13,11 @@
 //! created its own by then). A rank that cannot create or attach logs why and uses the
 //! provider for those peers; a receiver polls all its inbound rings regardless, so the two
 //! sides never disagree. `EFA_FASTBOX=0` turns the carrier off (for comparisons).
+//!
+//! Waiting: a ring has no wait fd, so a message in a ring wakes no rank blocked on a
+//! completion queue's fd. Polling the rings costs one load per local peer and never blocks;
+//! a wait policy that blocks must bound its blocking while this carrier is in use (count it
+//! as a carrier without a wait fd).
 
 use efa_shm::Fastboxes;
 
