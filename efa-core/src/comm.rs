@@ -71,6 +71,7 @@ use efa_fabric::{Access, BufPrefix, Endpoint, FiAddr, Info, Pending, RegisteredB
 
 use crate::bootstrap::{self, Bootstrap};
 use crate::error::{Error, Malformed, PeerFailure, Result, SettingError};
+use crate::fastbox::FastPath;
 use crate::net;
 use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
 use crate::proto::{self, Action, Body, Core, Mode, Outcome, PostError, RecvId, Remote, SendId};
@@ -531,6 +532,8 @@ struct Engine {
     /// An operation passed its deadline: the job is not healthy, so finalize waits for its
     /// peers only briefly instead of a whole deadline more.
     broken: bool,
+    /// Rings to this host's ranks carrying control messages ([`crate::fastbox`]).
+    fast: Option<FastPath>,
 }
 
 /// Free eager-payload buffers kept ([`Engine::small`]).
@@ -975,8 +978,10 @@ impl Communicator {
         let routes = choose_routes(&card, &cards, &config.transports)?;
         let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
         let live = liveness(&card, &cards, &ports, &peers);
+        let fast = FastPath::create(rank, &cards, &routes, &prefix);
         let on_host = cards.iter().filter(|c| c.host_id == card.host_id).count() as u32;
-        let wait = wait_set(&config, &ports, 0, on_host, cores);
+        // The rings have no wait fd: a blocking wait must sleep in bounded steps.
+        let wait = wait_set(&config, &ports, usize::from(fast.is_some()), on_host, cores);
         let comm = assemble(
             rank,
             size,
@@ -989,7 +994,12 @@ impl Communicator {
             claim,
             wait,
         )?;
+        // Created before the barrier, attached after it: every peer has created its own.
+        lock_engine(&comm.inner.engine).fast = fast;
         ready_barrier(&comm, &*store)?;
+        if let Some(f) = lock_engine(&comm.inner.engine).fast.as_mut() {
+            f.attach();
+        }
         tracing::info!(rank, size, launcher = %boot.launcher(), "communicator ready");
         Ok(comm)
     }
@@ -1979,6 +1989,7 @@ fn assemble(
         last_ping: Instant::now(),
         refused_since: vec![None; size as usize],
         broken: false,
+        fast: None,
     };
     engine.post_all_slots()?;
     Ok(Communicator {
@@ -2184,6 +2195,11 @@ impl Engine {
         payload: &[u8],
         inject: bool,
     ) -> Result<()> {
+        if let Some(f) = self.fast.as_mut() {
+            if f.try_send(dest, hdr, payload) {
+                return Ok(());
+            }
+        }
         let Carrier::Port { port, addr } = self.carriers[dest as usize];
         let total = HDR_LEN + payload.len();
         let p = &mut self.ports[port];
@@ -3089,6 +3105,22 @@ impl Engine {
             }
         }
         let mut any = false;
+        let polled = self
+            .fast
+            .as_mut()
+            .and_then(|f| f.poll().then(|| f.take_inbox()));
+        if let Some(inbox) = polled {
+            any = true;
+            // Every message is handled even when one fails; the first error is returned.
+            let mut first = Ok(());
+            for msg in inbox.iter() {
+                first = first.and(self.on_control(msg));
+            }
+            if let Some(f) = self.fast.as_mut() {
+                f.put_inbox(inbox);
+            }
+            first?;
+        }
         for p in 0..self.ports.len() {
             // An endpoint that no peer is routed to never has traffic: polling it would
             // only cost time (a syscall per poll for IP providers).

@@ -94,6 +94,7 @@ pub mod coll;
 pub mod comm;
 pub mod debug;
 pub mod error;
+mod fastbox;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod net;
