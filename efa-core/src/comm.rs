@@ -3093,6 +3093,11 @@ impl Engine {
 
     fn progress_round(&mut self) -> Result<()> {
         self.release_wanted();
+        let polled = self.poll_carriers();
+        // The liveness look comes after the carriers were read: a peer's report of a
+        // failure that has already arrived ([`Kind::Failed`]) is handled before this rank
+        // finds processes gone on its own. Otherwise a survivor that looks while both the
+        // failed rank and the rank that reported it have exited may name the reporter.
         if self.failure.is_none() {
             self.polls = self.polls.wrapping_add(1);
             if self.polls.is_multiple_of(64) && self.last_check.elapsed() >= LIVENESS_INTERVAL {
@@ -3104,6 +3109,12 @@ impl Engine {
                 }
             }
         }
+        polled
+    }
+
+    /// Reads every carrier (fast-box rings, then each used endpoint's CQs) and handles what
+    /// arrived or completed.
+    fn poll_carriers(&mut self) -> Result<()> {
         let mut any = false;
         let polled = self
             .fast
