@@ -128,11 +128,7 @@ pub(crate) fn oversubscribed(ranks_on_host: u32, cores: usize) -> bool {
 /// policy may block on them. A wait object costs the provider a signal per completion, so
 /// CQs of a rank that spins get none.
 pub(crate) fn wants_wait_fds(requested: WaitPolicy, ranks_on_host: u32, cores: usize) -> bool {
-    match requested {
-        WaitPolicy::Block => true,
-        WaitPolicy::Auto => oversubscribed(ranks_on_host, cores),
-        WaitPolicy::Spin | WaitPolicy::Yield => false,
-    }
+    choose(requested, ranks_on_host, cores) == WaitPolicy::Block
 }
 
 /// The policy to use: `requested` unless it is [`WaitPolicy::Auto`], which becomes
