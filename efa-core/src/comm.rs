@@ -444,6 +444,11 @@ enum RecvDest {
     User,
 }
 
+/// A read into the user's buffer that its receive's waiting call is to do
+/// ([`Engine::take_wanted`]): the peer, the endpoint and the peer's address on it, the
+/// peer's exposed region, and the length in bytes.
+type WantedInPlace = (u32, Endpoint, FiAddr, efa_fabric::RemoteRegion, usize);
+
 /// A rendezvous read to do into a user's buffer.
 #[derive(Debug, Clone, Copy)]
 struct WantedRead {
@@ -1297,10 +1302,23 @@ impl Communicator {
         self.check_rank(dest)?;
         let data: &[u8] = bytemuck::cast_slice(buf);
         let w = self.world_of(dest);
-        let ep = self.engine().zero_copy_send(w, data.len());
-        let Some(ep) = ep else {
-            return self.isend(buf, dest, tag)?.wait();
+        let mut e = self.engine();
+        let Some(ep) = e.zero_copy_send(w, data.len()) else {
+            // Copied (eager, or into an exposed engine buffer). An eager send is complete
+            // at once: it ends under the same lock, without a request.
+            let id = e.start_send(data, w, tag, self.group.ctx)?;
+            if e.core.send_finished(id) {
+                return e.take_send(id);
+            }
+            drop(e);
+            return SendRequest {
+                comm: self.clone(),
+                id: Some(id),
+                dest: w,
+            }
+            .wait();
         };
+        drop(e);
         let exposed = ep
             .expose(data)
             .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
@@ -1533,20 +1551,14 @@ impl RecvRequest<'_> {
         Ok(self.id.is_none_or(|id| e.core.recv_finished(id)))
     }
 
-    /// Zero-copy RGET: if the engine matched a large rendezvous message to this receive,
-    /// reads it from the sender's exposed buffer straight into this request's buffer
-    /// (`fi_read` in an [`efa_fabric::rma_scope`]), and returns only once the read has
-    /// completed, failed or been cancelled and drained: the NIC writes the user's memory
-    /// only inside this call, which holds the borrow, so neither a dropped nor a leaked
-    /// request can let it write freed memory. True when it read.
-    fn read_in_place(&mut self) -> Result<bool> {
-        let Some(id) = self.id else {
-            return Ok(false);
-        };
-        let wanted = self.comm.engine().take_wanted(id);
-        let Some((peer, ep, addr, region, len)) = wanted else {
-            return Ok(false);
-        };
+    /// Zero-copy RGET of the large rendezvous message the engine matched to receive `id`
+    /// ([`Engine::take_wanted`]): reads it from the sender's exposed buffer straight into
+    /// this request's buffer (`fi_read` through [`efa_fabric::Endpoint::read_into`]), and
+    /// returns only once the read has completed, failed or been cancelled and drained: the
+    /// NIC writes the user's memory only inside this call, which holds the borrow, so
+    /// neither a dropped nor a leaked request can let it write freed memory.
+    fn read_in_place(&mut self, id: RecvId, wanted: WantedInPlace) -> Result<()> {
+        let (peer, ep, addr, region, len) = wanted;
         let buf = self.buf.as_deref_mut().ok_or(Error::Internal {
             what: "a receive request without its buffer has a read to do",
         })?;
@@ -1556,8 +1568,7 @@ impl RecvRequest<'_> {
             Ok(_) => e.read_in_place_done(id),
             Err(err) => e.read_failed(id, peer, err),
         }
-        e.drain()?;
-        Ok(true)
+        e.drain()
     }
 
     /// Cancels the receive if no message has matched it yet (`MPI_Cancel`): `true` when
@@ -1591,33 +1602,38 @@ impl RecvRequest<'_> {
             });
         };
         // Waits until the receive finishes or a large message asks to be read into the
-        // buffer, which this call holds.
+        // buffer, which this call holds. While it waits, this receive is the engine's
+        // `owner`: its read is left for this call, not read into an engine buffer.
         loop {
-            comm.engine().owner = Some(id);
+            let mut wanted = None;
             let waited = wait_loop(&comm, "recv", peer, |e| {
-                e.core.recv_finished(id) || e.wants_read(id)
+                e.owner = Some(id);
+                wanted = e.take_wanted(id);
+                wanted.is_some() || e.core.recv_finished(id)
             });
-            {
-                let mut e = comm.engine();
-                if e.owner == Some(id) {
-                    e.owner = None;
-                }
-            }
-            self.id = Some(id);
-            let read = waited.and_then(|()| self.read_in_place());
-            self.id = None;
+            let read = match (waited, wanted) {
+                (Ok(()), Some(w)) => self.read_in_place(id, w).map(|()| true),
+                (Ok(()), None) => Ok(false),
+                (Err(e), _) => Err(e),
+            };
             match read {
                 Ok(true) => continue,
                 Ok(false) => break,
-                Err(e) => {
-                    comm.engine().cancel_recv(id);
-                    return Err(e);
+                Err(err) => {
+                    let mut e = comm.engine();
+                    e.disown(id);
+                    e.cancel_recv(id);
+                    return Err(err);
                 }
             }
         }
-        let in_place = comm.engine().in_place(id);
-        let res = comm.engine().take_recv(id);
-        let (st, data) = match res {
+        // One lock for what is left: the receive is taken out, a small message copied out
+        // and its buffer recycled. (A large one is copied without the lock, which other
+        // threads' calls need meanwhile.)
+        let mut e = comm.engine();
+        e.disown(id);
+        let in_place = e.in_place(id);
+        let (st, data) = match e.take_recv(id) {
             // The buffer was this receive's: the sender is named in this communicator's ranks.
             Err(Error::Truncated {
                 expected,
@@ -1632,7 +1648,7 @@ impl RecvRequest<'_> {
                     tag,
                 })
             }
-            Err(e) => return Err(e),
+            Err(err) => return Err(err),
             Ok(x) => x,
         };
         let status = comm.local_status(st);
@@ -1644,11 +1660,17 @@ impl RecvRequest<'_> {
         } else {
             let buf = self.buf.take().expect("buffer present until wait");
             if !in_place {
-                buf[..status.len].copy_from_slice(&data[..status.len]);
+                if data.capacity() >= BufPool::MIN {
+                    drop(e);
+                    buf[..status.len].copy_from_slice(&data[..status.len]);
+                    e = comm.engine();
+                } else {
+                    buf[..status.len].copy_from_slice(&data[..status.len]);
+                }
             }
             Ok(status)
         };
-        comm.engine().recycle(data);
+        e.recycle(data);
         res
     }
 }
@@ -1666,7 +1688,7 @@ fn wait_loop(
     comm: &Communicator,
     op: &'static str,
     peer: Option<u32>,
-    mut done: impl FnMut(&Engine) -> bool,
+    mut done: impl FnMut(&mut Engine) -> bool,
 ) -> Result<()> {
     let start = Instant::now();
     let timeout = comm.timeout();
@@ -1675,12 +1697,12 @@ fn wait_loop(
     loop {
         {
             let mut e = comm.engine();
-            if done(&e) {
+            if done(&mut e) {
                 return Ok(());
             }
             let before = e.events;
             e.progress()?;
-            if done(&e) {
+            if done(&mut e) {
                 return Ok(());
             }
             if e.events != before {
@@ -2493,10 +2515,7 @@ impl Engine {
 
     /// Takes receive `id`'s waiting read: the endpoint, the peer's address, the region and
     /// the length to read into the user's buffer.
-    fn take_wanted(
-        &mut self,
-        id: RecvId,
-    ) -> Option<(u32, Endpoint, FiAddr, efa_fabric::RemoteRegion, usize)> {
+    fn take_wanted(&mut self, id: RecvId) -> Option<WantedInPlace> {
         let w = self.recv_slots.get_mut(id.index())?.wanted.take()?;
         self.wanted.retain(|&r| r != id);
         let (port, addr) = self.route(w.peer);
@@ -2521,11 +2540,11 @@ impl Engine {
         self.recv_slots.get(id.index()).is_some_and(|s| s.in_place)
     }
 
-    /// Whether receive `id` waits for its caller to read into the user's buffer.
-    fn wants_read(&self, id: RecvId) -> bool {
-        self.recv_slots
-            .get(id.index())
-            .is_some_and(|s| s.wanted.is_some())
+    /// Receive `id`'s wait has ended: its read, if one comes, is no longer left for it.
+    fn disown(&mut self, id: RecvId) {
+        if self.owner == Some(id) {
+            self.owner = None;
+        }
     }
 
     /// Carries out the core's actions. Every action is carried out; the first error is
@@ -3125,6 +3144,9 @@ impl Engine {
             // Every message is handled even when one fails; the first error is returned.
             let mut first = Ok(());
             for msg in inbox.iter() {
+                // A ring message is progress as a completion is: waits that count events
+                // (the wait policy's idle count) must not sleep while rings deliver.
+                self.events += 1;
                 first = first.and(self.on_control(msg));
             }
             if let Some(f) = self.fast.as_mut() {
