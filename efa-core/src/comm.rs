@@ -1322,11 +1322,7 @@ impl Communicator {
         let exposed = ep
             .expose(data)
             .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
-        let r = exposed.remote();
-        let remote = Remote {
-            addr: r.addr,
-            key: r.key,
-        };
+        let remote = remote_of(&exposed.remote());
         let id = self
             .engine()
             .start_send_exposed(data, w, tag, self.group.ctx, remote)?;
@@ -2362,12 +2358,7 @@ impl Engine {
                 Some(remote) => Ok(remote),
                 None => self.expose(st.id, dest, data),
             }
-            .and_then(|remote| {
-                let mut payload = [0u8; wire::RTS_PAYLOAD];
-                payload[..8].copy_from_slice(&remote.addr.to_le_bytes());
-                payload[8..].copy_from_slice(&remote.key.to_le_bytes());
-                self.send_ctrl(dest, &st.header, &payload)
-            }),
+            .and_then(|r| self.send_ctrl(dest, &st.header, &wire::rts_payload(r.addr, r.key))),
         };
         if let Err(e) = sent {
             self.core.forget_send(st.id);
@@ -2401,15 +2392,12 @@ impl Engine {
             }
         };
         buf[..data.len()].copy_from_slice(data);
-        let r = buf.remote();
+        let remote = remote_of(&buf.remote());
         if self.exposed.len() < self.core.send_slots() {
             self.exposed.resize_with(self.core.send_slots(), || None);
         }
         self.exposed[id.index()] = Some(ExposedBuf { port, buf });
-        Ok(Remote {
-            addr: r.addr,
-            key: r.key,
-        })
+        Ok(remote)
     }
 
     /// Send `id`'s exposed buffer is read by nobody any more: kept for reuse (a few per
@@ -2519,11 +2507,7 @@ impl Engine {
         let w = self.recv_slots.get_mut(id.index())?.wanted.take()?;
         self.wanted.retain(|&r| r != id);
         let (port, addr) = self.route(w.peer);
-        let region = efa_fabric::RemoteRegion {
-            addr: w.remote.addr,
-            key: w.remote.key,
-            len: w.len as u64,
-        };
+        let region = region_of(w.remote, w.len);
         Some((w.peer, self.ports[port].ep.clone(), addr, region, w.len))
     }
 
@@ -2620,11 +2604,7 @@ impl Engine {
             return;
         }
         let (port, addr) = self.route(peer);
-        let region = efa_fabric::RemoteRegion {
-            addr: remote.addr,
-            key: remote.key,
-            len: len as u64,
-        };
+        let region = region_of(remote, len);
         let max = self.ports[port].max_msg;
         let mut chunks = Vec::new();
         for (off, clen) in wire::chunks(len, max) {
@@ -3252,20 +3232,15 @@ impl Engine {
                 Body::Eager(v)
             }
             Kind::Rts => {
-                if payload.len() != wire::RTS_PAYLOAD {
+                let Some((addr, key)) = wire::parse_rts(payload) else {
                     tracing::warn!(
                         src = h.src,
                         len = payload.len(),
                         "dropping an RTS without its buffer's address and key"
                     );
                     return Ok(());
-                }
-                let word =
-                    |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8 bytes"));
-                Body::Rts(Remote {
-                    addr: word(0),
-                    key: word(8),
-                })
+                };
+                Body::Rts(Remote { addr, key })
             }
             Kind::Ack | Kind::Credit | Kind::Fin | Kind::FinAck => Body::Empty,
         };
@@ -3322,6 +3297,24 @@ impl Engine {
         Ok(self.failure_error().unwrap_or(Error::Internal {
             what: "a peer was marked failed but no failure is recorded",
         }))
+    }
+}
+
+/// The (address, key) an RTS announces for an exposed region (the protocol core knows
+/// no libfabric types).
+fn remote_of(r: &efa_fabric::RemoteRegion) -> Remote {
+    Remote {
+        addr: r.addr,
+        key: r.key,
+    }
+}
+
+/// The region of `len` bytes that an RTS's (address, key) names, for `fi_read`.
+fn region_of(r: Remote, len: usize) -> efa_fabric::RemoteRegion {
+    efa_fabric::RemoteRegion {
+        addr: r.addr,
+        key: r.key,
+        len: len as u64,
     }
 }
 

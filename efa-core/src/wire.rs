@@ -123,6 +123,27 @@ pub const ACK_READ_FAILED: u8 = 2;
 /// Bytes of an RTS payload: the exposed buffer's address and key (little-endian u64s).
 pub const RTS_PAYLOAD: usize = 16;
 
+/// The payload of an RTS: the exposed buffer's `addr` and `key` (`fi_read(3)`'s remote
+/// address and key).
+pub fn rts_payload(addr: u64, key: u64) -> [u8; RTS_PAYLOAD] {
+    let mut p = [0u8; RTS_PAYLOAD];
+    p[..8].copy_from_slice(&addr.to_le_bytes());
+    p[8..].copy_from_slice(&key.to_le_bytes());
+    p
+}
+
+/// The `(addr, key)` of an RTS payload ([`rts_payload`]); `None` when it is not
+/// [`RTS_PAYLOAD`] bytes long.
+pub fn parse_rts(payload: &[u8]) -> Option<(u64, u64)> {
+    let p: &[u8; RTS_PAYLOAD] = payload.try_into().ok()?;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&p[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    Some((word(0), word(8)))
+}
+
 /// A control-message header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -247,6 +268,18 @@ mod tests {
             rndv: 99,
             ctx: 3,
         }
+    }
+
+    #[test]
+    fn rts_payload_round_trips() {
+        for (addr, key) in [(0, 0), (1, 2), (u64::MAX, 0x0123_4567_89ab_cdef)] {
+            assert_eq!(parse_rts(&rts_payload(addr, key)), Some((addr, key)));
+        }
+        let p = rts_payload(7, 9);
+        assert_eq!(parse_rts(&p[..RTS_PAYLOAD - 1]), None);
+        assert_eq!(parse_rts(&[p.as_slice(), &[0]].concat()), None);
+        // Little-endian on the wire, whatever the host.
+        assert_eq!(&p[..8], &7u64.to_le_bytes());
     }
 
     #[test]
