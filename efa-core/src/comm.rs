@@ -2846,6 +2846,11 @@ impl Engine {
     /// for a receive from any source): a send to a process that is gone fails, and the
     /// failure is then reported like any other (see [`Engine::reap_background`]).
     fn ping_remote_peers(&mut self) {
+        // All peers on this host (their processes are looked at instead): nothing to probe,
+        // and nothing to allocate every PING_INTERVAL.
+        if self.live.procs.iter().all(|(_, same_host)| *same_host) {
+            return;
+        }
         let mut want = vec![false; self.live.procs.len()];
         let mut bulk = vec![false; want.len()];
         let mut any = false;

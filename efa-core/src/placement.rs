@@ -412,10 +412,37 @@ impl ProcessId {
 
 /// Field 22 (start time) of `/proc/PID/stat`, and the state letter (field 3); `None` when
 /// the process does not exist.
+///
+/// Makes no heap allocation (path and contents live on the stack): waiting ranks call it
+/// every 100 ms for each same-host peer, inside the allocation-free message path
+/// (`tests/alloc_free.rs`). The command name may be any bytes, not only UTF-8.
 pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = &s[s.rfind(')')? + 1..];
+    use std::io::{Read, Write};
+    use std::os::unix::ffi::OsStrExt;
+    let mut path = [0u8; 32];
+    let n = {
+        let mut w = &mut path[..];
+        write!(w, "/proc/{pid}/stat").ok()?;
+        32 - w.len()
+    };
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path[..n]));
+    let mut file = std::fs::File::open(path).ok()?;
+    // The line is at most a few hundred bytes: the command name (field 2) is at most 64
+    // bytes, the 50 other fields are numbers.
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(k) => len += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    // The command name (field 2) is in parentheses and may contain spaces (or any byte);
+    // what follows its last `)` is ASCII.
+    let close = buf[..len].iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&buf[close + 1..len]).ok()?;
     let mut f = rest.split_whitespace();
     let state = f.next()?.chars().next()?;
     let start = f.nth(18)?.parse().ok()?;
@@ -1043,6 +1070,22 @@ mod tests {
 
     fn route(a: &Card, b: &Card, allowed: &str) -> Result<Route, NoRoute> {
         choose_route(a, b, &TransportSet::parse(allowed).unwrap())
+    }
+
+    /// proc_stat reads this process's state and start time as `/proc/self/stat` says,
+    /// and nothing for a pid that does not exist.
+    #[test]
+    fn proc_stat_reads_state_and_start_time() {
+        let me = std::process::id();
+        let (state, start) = proc_stat(me).expect("this process exists");
+        assert!(matches!(state, 'R' | 'S'), "state {state}");
+        let text = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = text[text.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .collect();
+        assert_eq!(start.to_string(), fields[19], "field 22 of {text}");
+        // Above the largest pid_max Linux allows (2^22).
+        assert_eq!(proc_stat((1 << 22) + 1), None);
     }
 
     #[test]
