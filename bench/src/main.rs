@@ -15,12 +15,15 @@
 //! Structure (as fabtests' `shared.c`): [`opts`] is the one options struct, [`harness`] the
 //! session setup and size sweep, [`output`] the one writer, [`benches`] the point-to-point
 //! benchmarks, [`fab`] the allocation-free data path on efa-fabric, [`coll`] the
-//! collectives on an efa-core communicator, and [`osu`] OSU's point-to-point tests on one.
+//! collectives on an efa-core communicator, [`osu`] OSU's point-to-point tests on one,
+//! [`mem`] the resident memory of an idle job, and [`job`] the launcher-or-local-ranks choice
+//! all three make.
 
 mod benches;
 mod coll;
 mod fab;
 mod harness;
+mod job;
 mod mem;
 mod oob;
 mod opts;
@@ -113,25 +116,13 @@ impl Drop for ChildGuard {
 fn run(cli: Cli) -> Result<()> {
     if let Some((which, a)) = cli.cmd.collective() {
         a.validate().map_err(err)?;
-        return if coll::under_launcher() {
-            coll::run_rank(which, a)
-        } else {
-            coll::spawn_local(a.nranks.unwrap_or(2))
-        };
+        return job::run(a.nranks.unwrap_or(2), || coll::run_rank(which, a));
     }
     if let Cmd::Rss(a) = &cli.cmd {
-        return if coll::under_launcher() {
-            mem::run_rank(a)
-        } else {
-            coll::spawn_local(a.nranks)
-        };
+        return job::run(a.nranks, || mem::run_rank(a));
     }
     if let Some((which, a)) = cli.cmd.osu() {
-        return if coll::under_launcher() {
-            osu::run_rank(which, a)
-        } else {
-            coll::spawn_local(2)
-        };
+        return job::run(2, || osu::run_rank(which, a));
     }
     let c: &Common = cli.cmd.common().expect("a point-to-point benchmark");
     let sub = match &cli.cmd {

@@ -188,13 +188,7 @@ fn traffic(comm: &Communicator) -> Result<()> {
 /// Runs as one rank: measure after init, after traffic (then idle for `--idle` seconds);
 /// rank 0 prints every rank's numbers.
 pub fn run_rank(a: &RssArgs) -> Result<()> {
-    let mut b = Communicator::builder();
-    if let Some(t) = a.timeout {
-        b = b.timeout(Duration::from_secs_f64(t));
-    }
-    let comm = b
-        .build()
-        .map_err(|e| err(format!("cannot join the job: {e}")))?;
+    let comm = crate::job::join(a.timeout)?;
     let n = comm.size();
     let me = comm.rank();
     let route = if n > 1 {

@@ -75,13 +75,7 @@ fn check_len(st: &Status, size: usize, what: &str) -> Result<()> {
 
 /// Runs `test` as one rank of a 2-rank job; rank 0 prints.
 pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
-    let mut b = Communicator::builder();
-    if let Some(t) = a.timeout {
-        b = b.timeout(Duration::from_secs_f64(t));
-    }
-    let comm = b
-        .build()
-        .map_err(|e| err(format!("cannot join the job: {e}")))?;
+    let comm = crate::job::join(a.timeout)?;
     if comm.size() != 2 {
         return Err(err(format!(
             "{} needs exactly 2 ranks (this job has {}), as OSU's point-to-point tests do",
