@@ -88,17 +88,18 @@ pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
     let route = comm.route(peer)?.transport;
     let provider = comm.provider(route).unwrap_or("?").to_string();
     let (maj, min) = efa_fabric::libfabric_version();
+    let window = if test == OsuTest::Latency {
+        1
+    } else {
+        a.window
+    };
     let prov = Provenance {
         bench: test.name().into(),
         provider: provider.clone(),
         domain: comm.config().ip_iface().unwrap_or("-").into(),
         route: format!("communicator/{route}/{provider}"),
         api: "communicator".into(),
-        window: if test == OsuTest::Latency {
-            1
-        } else {
-            a.window
-        },
+        window,
         libfabric: format!("{maj}.{min}"),
         host: crate::host_name(),
         git_rev: env!("EFA_BENCH_GIT_REV").into(),
@@ -112,11 +113,6 @@ pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
     let mut w = Writer::new(format, metric, prov);
     let sizes = a.sizes(test);
     let max = sizes.iter().copied().max().unwrap_or(0);
-    let window = if test == OsuTest::Latency {
-        1
-    } else {
-        a.window
-    };
     let sbuf: Vec<u8> = (0..max).map(|i| pattern(me, i)).collect();
     // One slot per message of a window (stride at least 1 so that 0-byte slots exist).
     let mut rbuf = vec![0u8; window * max.max(1)];
@@ -131,28 +127,11 @@ pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
         samples.clear();
         comm.barrier()?;
         let s = &sbuf[..size];
+        let sampled = a.json.then_some(&mut samples);
         let elapsed = match test {
-            OsuTest::Latency => latency(&comm, s, &mut rbuf, iters, skip, a.json, &mut samples)?,
-            OsuTest::Bw => bw(
-                &comm,
-                s,
-                &mut rbuf,
-                window,
-                iters,
-                skip,
-                a.json,
-                &mut samples,
-            )?,
-            OsuTest::Bibw => bibw(
-                &comm,
-                s,
-                &mut rbuf,
-                window,
-                iters,
-                skip,
-                a.json,
-                &mut samples,
-            )?,
+            OsuTest::Latency => latency(&comm, s, &mut rbuf, iters, skip, sampled)?,
+            OsuTest::Bw => bw(&comm, s, &mut rbuf, window, iters, skip, sampled)?,
+            OsuTest::Bibw => bibw(&comm, s, &mut rbuf, window, iters, skip, sampled)?,
         };
         if me == 0 {
             let (p50_ns, p99_ns, max_ns) = crate::output::percentiles(&mut samples);
@@ -173,6 +152,30 @@ pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
     Ok(())
 }
 
+/// OSU's loop: `skip` untimed then `iters` timed runs of `step(last)` (`last` is true on the
+/// final run); returns the time from the first timed run's start to the last one's end. With
+/// `samples`, each timed run's time divided by `per` (the messages it counts as) is pushed.
+fn timed(
+    iters: usize,
+    skip: usize,
+    per: u64,
+    mut samples: Option<&mut Vec<u64>>,
+    mut step: impl FnMut(bool) -> Result<()>,
+) -> Result<Duration> {
+    let mut start = Instant::now();
+    for i in 0..iters + skip {
+        if i == skip {
+            start = Instant::now();
+        }
+        let t = samples.is_some().then(Instant::now);
+        step(i + 1 == iters + skip)?;
+        if let (Some(t), Some(v), true) = (t, samples.as_deref_mut(), i >= skip) {
+            v.push(t.elapsed().as_nanos() as u64 / per);
+        }
+    }
+    Ok(start.elapsed())
+}
+
 /// Ping-pong; returns rank 0's elapsed time of the timed iterations.
 fn latency(
     comm: &Communicator,
@@ -180,20 +183,14 @@ fn latency(
     rbuf: &mut [u8],
     iters: usize,
     skip: usize,
-    sample: bool,
-    samples: &mut Vec<u64>,
+    samples: Option<&mut Vec<u64>>,
 ) -> Result<Duration> {
     let size = s.len();
     let me = comm.rank();
     let peer = 1 - me;
     let r = &mut rbuf[..size];
-    let mut start = Instant::now();
     let mut last = None;
-    for i in 0..iters + skip {
-        if i == skip {
-            start = Instant::now();
-        }
-        let t = sample.then(Instant::now);
+    let elapsed = timed(iters, skip, 2, samples, |_| {
         if me == 0 {
             comm.send(s, peer, TAG_LAT)?;
             last = Some(comm.recv(r, peer, TAG_LAT)?);
@@ -201,16 +198,28 @@ fn latency(
             last = Some(comm.recv(r, peer, TAG_LAT)?);
             comm.send(s, peer, TAG_LAT)?;
         }
-        if let (Some(t), true) = (t, i >= skip) {
-            samples.push(t.elapsed().as_nanos() as u64 / 2);
-        }
-    }
-    let elapsed = start.elapsed();
+        Ok(())
+    })?;
     if let Some(st) = last {
         check_len(&st, size, "osu-latency")?;
     }
     check(r, peer, "osu-latency")?;
     Ok(elapsed)
+}
+
+/// `W` sends of `s`, all from the same buffer (as OSU).
+fn post_sends<'a>(
+    comm: &Communicator,
+    s: &'a [u8],
+    window: usize,
+    peer: u32,
+    tag: u32,
+    reqs: &mut Vec<P2pRequest<'a>>,
+) -> Result<()> {
+    for _ in 0..window {
+        reqs.push(comm.isend(s, peer, tag)?.into());
+    }
+    Ok(())
 }
 
 /// `W` receives into the window slots of `rbuf` (`stride` bytes apart, `size` bytes each).
@@ -248,7 +257,6 @@ fn check_window(
 }
 
 /// Unidirectional windows with an ack; returns rank 0's elapsed time.
-#[allow(clippy::too_many_arguments)]
 fn bw(
     comm: &Communicator,
     s: &[u8],
@@ -256,44 +264,31 @@ fn bw(
     window: usize,
     iters: usize,
     skip: usize,
-    sample: bool,
-    samples: &mut Vec<u64>,
+    samples: Option<&mut Vec<u64>>,
 ) -> Result<Duration> {
     let size = s.len();
     let me = comm.rank();
     let peer = 1 - me;
     let mut ack = [0u8; 4];
-    let mut start = Instant::now();
-    for i in 0..iters + skip {
-        if i == skip {
-            start = Instant::now();
-        }
-        let t = sample.then(Instant::now);
+    timed(iters, skip, window as u64, samples, |last| {
+        let mut reqs = Vec::with_capacity(window);
         if me == 0 {
-            let mut reqs: Vec<P2pRequest<'_>> = Vec::with_capacity(window);
-            for _ in 0..window {
-                reqs.push(comm.isend(s, peer, TAG_BW)?.into());
-            }
+            post_sends(comm, s, window, peer, TAG_BW, &mut reqs)?;
             comm.wait_all(reqs)?;
             comm.recv(&mut ack, peer, TAG_ACK)?;
         } else {
-            let mut reqs = Vec::with_capacity(window);
             post_recvs(comm, rbuf, window, size, peer, TAG_BW, &mut reqs)?;
             let st = comm.wait_all(reqs)?;
-            if i + 1 == iters + skip {
+            if last {
                 check_window(&st, rbuf, size, peer, "osu-bw")?;
             }
             comm.send(&ack, peer, TAG_ACK)?;
         }
-        if let (Some(t), true) = (t, i >= skip) {
-            samples.push(t.elapsed().as_nanos() as u64 / window as u64);
-        }
-    }
-    Ok(start.elapsed())
+        Ok(())
+    })
 }
 
 /// Bidirectional windows; returns rank 0's elapsed time.
-#[allow(clippy::too_many_arguments)]
 fn bibw(
     comm: &Communicator,
     s: &[u8],
@@ -301,8 +296,7 @@ fn bibw(
     window: usize,
     iters: usize,
     skip: usize,
-    sample: bool,
-    samples: &mut Vec<u64>,
+    samples: Option<&mut Vec<u64>>,
 ) -> Result<Duration> {
     let size = s.len();
     let me = comm.rank();
@@ -312,28 +306,18 @@ fn bibw(
     } else {
         (TAG_BI_1, TAG_BI_0)
     };
-    let mut start = Instant::now();
-    for i in 0..iters + skip {
-        if i == skip {
-            start = Instant::now();
-        }
-        let t = sample.then(Instant::now);
+    timed(iters, skip, 2 * window as u64, samples, |last| {
         let mut recvs = Vec::with_capacity(window);
         post_recvs(comm, rbuf, window, size, peer, rtag, &mut recvs)?;
-        let mut sends: Vec<P2pRequest<'_>> = Vec::with_capacity(window);
-        for _ in 0..window {
-            sends.push(comm.isend(s, peer, stag)?.into());
-        }
+        let mut sends = Vec::with_capacity(window);
+        post_sends(comm, s, window, peer, stag, &mut sends)?;
         comm.wait_all(sends)?;
         let st = comm.wait_all(recvs)?;
-        if i + 1 == iters + skip {
+        if last {
             check_window(&st, rbuf, size, peer, "osu-bibw")?;
         }
-        if let (Some(t), true) = (t, i >= skip) {
-            samples.push(t.elapsed().as_nanos() as u64 / (2 * window) as u64);
-        }
-    }
-    Ok(start.elapsed())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
