@@ -56,15 +56,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut run = |iters: usize, cur: &mut Vec<f64>| -> efa_core::Result<()> {
         for _ in 0..iters {
-            let send_l = cur[halo..2 * halo].to_vec();
-            let send_r = cur[cells..cells + halo].to_vec();
+            // The edges are sent from where they are: the ghosts being received into are
+            // disjoint from the owned cells being sent.
             let (ghost_l, rest) = cur.split_at_mut(halo);
-            let ghost_r = &mut rest[cells..];
+            let (owned, ghost_r) = rest.split_at_mut(cells);
             let reqs: Vec<P2pRequest<'_>> = vec![
                 comm.irecv(ghost_l, left, 1)?.into(),
                 comm.irecv(ghost_r, right, 0)?.into(),
-                comm.isend(&send_l, left, 0)?.into(),
-                comm.isend(&send_r, right, 1)?.into(),
+                comm.isend(&owned[..halo], left, 0)?.into(),
+                comm.isend(&owned[cells - halo..], right, 1)?.into(),
             ];
             comm.wait_all(reqs)?;
             step(cur, &mut next, halo);
