@@ -14,8 +14,9 @@
 #           OSU_TESTS ("latency bw"; add "bibw").
 # oversub   4 ranks on this host's cores (2 here: oversubscribed): `efa-bench allreduce -N 4`
 #           against `mpirun --oversubscribe -np 4` of bench/mpi_allreduce.c, shm/vader,
-#           4 KiB..1 MiB float32 sum; time per call (us), ratio = ours / Open MPI (target
-#           <= 1.5). OV_RANKS (4), OV_MIN, OV_MAX, OV_ITERS, OV_WARMUP.
+#           4 KiB..1 MiB float32 sum, auto wait policy; time per call (us), ratio = ours /
+#           Open MPI (target <= 1.5). bench/oversubscribed.sh's allreduce part, run with
+#           these settings: OV_RANKS (4), OV_MIN, OV_MAX, OV_ITERS, OV_WARMUP.
 # pingpong  The raw fabric path: efa-bench pingpong vs fi_pingpong on the same providers:
 #   latency ratio   = ours usec/xfer / fi_pingpong usec/xfer      (target <= 1.05 at 8 B)
 #   bandwidth ratio = ours MB/sec   / fi_pingpong MB/sec          (target >= 0.95 at 1m, 4m)
@@ -226,47 +227,9 @@ fi # osu
 # ---- oversubscribed allreduce vs Open MPI --oversubscribe ----------------------------------
 if want oversub; then
 need_mpi
-OV_RANKS=${OV_RANKS:-4}
-OV_MIN=${OV_MIN:-4k}
-OV_MAX=${OV_MAX:-1m}
-OV_ITERS=${OV_ITERS:-20}
-OV_WARMUP=${OV_WARMUP:-5}
-MPI_AR=$CARGO_TARGET_DIR/mpi_allreduce
-mpicc.openmpi -O2 -o "$MPI_AR" bench/mpi_allreduce.c
-ov_flags=(-b "$OV_MIN" -e "$OV_MAX" -f 4 -n "$OV_ITERS" -w "$OV_WARMUP" -c 1 -d float -o sum)
-# nccl-tests rows: "size time_us".
-ov_rows() { awk '!/^#/ && NF == 9 { print $1, $6 }'; }
-ours_ov() {
-    timeout 600 "$EFARUN" -n "$OV_RANKS" -x EFA_TRANSPORTS=shm "$EFA_BENCH" allreduce "${ov_flags[@]}" |
-        sed 's/^\[[0-9]*\] //' | ov_rows
-}
-ompi_ov() {
-    "${MPIRUN[@]}" --oversubscribe -n "$OV_RANKS" --mca btl self,vader "$MPI_AR" "${ov_flags[@]}" | ov_rows
-}
-for r in $(seq "$ROUNDS"); do
-    if [ $((r % 2)) -eq 1 ]; then
-        ours_ov >"$tmp/ov-ours-$r" || true
-        ompi_ov >"$tmp/ov-ompi-$r" || true
-    else
-        ompi_ov >"$tmp/ov-ompi-$r" || true
-        ours_ov >"$tmp/ov-ours-$r" || true
-    fi
-    echo "oversub round $r/$ROUNDS done" >&2
-done
-echo
-printf "# allreduce, %s ranks on %s cores (oversubscribed when more ranks than cores), float32 sum,\n" "$OV_RANKS" "$(nproc)"
-printf "# -n %s -w %s, time per call (us), median of %s rounds: ours (efarun, EFA_TRANSPORTS=shm) vs\n" "$OV_ITERS" "$OV_WARMUP" "$ROUNDS"
-printf "# mpirun --oversubscribe (btl self,vader, pml ob1). Ratio = ours / Open MPI (target <= 1.5).\n"
-printf "# Load average: %s.\n\n" "$(cut -d' ' -f1-3 /proc/loadavg)"
-echo "| size | Open MPI | ours | ratio |"
-echo "|---|---|---|---|"
-for s in $(cat "$tmp"/ov-* 2>/dev/null | awk '{print $1}' | sort -n | uniq); do
-    m=$(cat "$tmp"/ov-ompi-* | awk -v s="$s" '$1 == s { print $2 }' | median)
-    o=$(cat "$tmp"/ov-ours-* | awk -v s="$s" '$1 == s { print $2 }' | median)
-    sn=$(awk -v s="$s" 'BEGIN { if (s >= 1048576) printf "%d MiB\n", s / 1048576; else if (s >= 1024) printf "%d KiB\n", s / 1024; else printf "%d B\n", s }')
-    r=$(awk -v a="$o" -v b="$m" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f×\n", a / b; else print "n/a" }')
-    echo "| $sn | $m µs | $o µs | $r |"
-done
+NP=${OV_RANKS:-4} ROUTES=shm POLICIES=auto PARTS=allreduce BASE= ROUNDS=$ROUNDS \
+    AR_MIN=${OV_MIN:-4k} AR_MAX=${OV_MAX:-1m} AR_FACTOR=4 AR_ITERS=${OV_ITERS:-20} \
+    AR_WARMUP=${OV_WARMUP:-5} bench/oversubscribed.sh
 fi # oversub
 
 if want pingpong; then

@@ -5,7 +5,7 @@
 # and ours/Open MPI.
 #
 #   allreduce  efa-bench allreduce -N NP (float32 sum, out of place; time per call in us) vs
-#              bench/mpi_allreduce.c, sizes 4 KiB, 64 KiB, 1 MiB
+#              bench/mpi_allreduce.c, sizes AR_MIN (4k) to AR_MAX (1m) times AR_FACTOR (16)
 #   halo       examples/halo.rs vs bench/mpi_halo.c (ring of NP ranks, 4096 f64 cells each,
 #              1 KiB halos both ways per iteration, 3-point stencil; us per iteration)
 #
@@ -20,7 +20,8 @@
 # BASE build: 8 B ping-pong latency (examples/pingpong) and 1 MiB allreduce, shm.
 #
 # Environment: NP, ROUNDS (3), ROUTES ("shm tcp"), POLICIES ("auto yield block"),
-# PARTS ("allreduce halo np2"), AR_ITERS (200), HALO_ITERS (1000), BASE.
+# PARTS ("allreduce halo np2"), AR_MIN, AR_MAX, AR_FACTOR, AR_ITERS (200), AR_WARMUP (20),
+# HALO_ITERS (1000), BASE. `PARTS=oversub bench/compare.sh` runs the allreduce part.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,7 +33,11 @@ ROUNDS=${ROUNDS:-3}
 ROUTES=${ROUTES:-"shm tcp"}
 POLICIES=${POLICIES:-"auto yield block"}
 PARTS=${PARTS:-"allreduce halo np2"}
+AR_MIN=${AR_MIN:-4k}
+AR_MAX=${AR_MAX:-1m}
+AR_FACTOR=${AR_FACTOR:-16}
 AR_ITERS=${AR_ITERS:-200}
+AR_WARMUP=${AR_WARMUP:-20}
 HALO_ITERS=${HALO_ITERS:-1000}
 BASE=${BASE:-}
 
@@ -63,7 +68,7 @@ ours_env() {
     else echo "EFA_TRANSPORTS=shm EFA_WAIT=$policy"; fi
 }
 
-ar_flags=(-b 4k -e 1m -f 16 -n "$AR_ITERS" -w 20)
+ar_flags=(-b "$AR_MIN" -e "$AR_MAX" -f "$AR_FACTOR" -n "$AR_ITERS" -w "$AR_WARMUP")
 # "size time_us" lines of a nccl-tests-style table.
 ar_rows() { awk '$3 == "float" && $1 ~ /^[0-9]+$/ { print $1, $6 }'; }
 halo_row() { awk '/usec_per_iter/ { print "halo", $NF }'; }
@@ -74,27 +79,48 @@ record() { # key file: appends "size value" lines to $tmp/<key>-<size>
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "nan" }'; }
 
+ompi_ar() { mpirun_ "$1" "$NP" "$tmp/mpi_allreduce" "${ar_flags[@]}" | ar_rows | record "ar-$1-ompi"; }
+ours_ar() {
+    local route=$1 p bin
+    for p in $POLICIES ${BASE:+base}; do
+        bin=$REL/efa-bench
+        if [ "$p" = base ]; then bin=$BASE/efa-bench; fi
+        # shellcheck disable=SC2046 # the variable list is meant to split
+        env $(ours_env "$route" "$p") timeout 300 "$bin" allreduce -N "$NP" \
+            "${ar_flags[@]}" | ar_rows | record "ar-$route-$p"
+    done
+}
+ompi_halo() { ITERS=$HALO_ITERS mpirun_ "$1" "$NP" "$tmp/mpi_halo" | halo_row | record "halo-$1-ompi"; }
+ours_halo() {
+    local route=$1 p dir
+    for p in $POLICIES ${BASE:+base}; do
+        dir=$REL
+        if [ "$p" = base ]; then dir=$BASE; fi
+        # shellcheck disable=SC2046
+        env $(ours_env "$route" "$p") ITERS="$HALO_ITERS" timeout 300 "$dir/efarun" \
+            -n "$NP" "$dir/examples/halo" | sed 's/^\[[0-9]*\] //' | halo_row |
+            record "halo-$route-$p"
+    done
+}
+
+# in_turn ROUND A B ARGS...: A then B in odd rounds, B then A in even ones, so that neither
+# always runs on a warmer (or busier) machine.
+in_turn() {
+    local r=$1 a=$2 b=$3
+    shift 3
+    if [ $((r % 2)) -eq 1 ]; then
+        "$a" "$@"
+        "$b" "$@"
+    else
+        "$b" "$@"
+        "$a" "$@"
+    fi
+}
+
 for r in $(seq "$ROUNDS"); do
     for route in $ROUTES; do
-        if want allreduce; then
-            mpirun_ "$route" "$NP" "$tmp/mpi_allreduce" "${ar_flags[@]}" | ar_rows | record "ar-$route-ompi"
-            for p in $POLICIES ${BASE:+base}; do
-                bin=$REL/efa-bench
-                if [ "$p" = base ]; then bin=$BASE/efa-bench; fi
-                env $(ours_env "$route" "$p") timeout 300 "$bin" allreduce -N "$NP" \
-                    "${ar_flags[@]}" | ar_rows | record "ar-$route-$p"
-            done
-        fi
-        if want halo; then
-            ITERS=$HALO_ITERS mpirun_ "$route" "$NP" "$tmp/mpi_halo" | halo_row | record "halo-$route-ompi"
-            for p in $POLICIES ${BASE:+base}; do
-                dir=$REL
-                if [ "$p" = base ]; then dir=$BASE; fi
-                env $(ours_env "$route" "$p") ITERS="$HALO_ITERS" timeout 300 "$dir/efarun" \
-                    -n "$NP" "$dir/examples/halo" | sed 's/^\[[0-9]*\] //' | halo_row |
-                    record "halo-$route-$p"
-            done
-        fi
+        if want allreduce; then in_turn "$r" ompi_ar ours_ar "$route"; fi
+        if want halo; then in_turn "$r" ompi_halo ours_halo "$route"; fi
     done
     if want np2; then
         for build in new ${BASE:+base}; do
