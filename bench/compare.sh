@@ -174,40 +174,17 @@ printf "# --mca pml ob1) and fi_pingpong, 2 ranks, OSU's method and iteration co
 printf "# alternating rounds, %s, %s. shm: EFA_TRANSPORTS=shm vs btl self,vader; TCP: EFA_TRANSPORTS=ip\n" "$(hostname)" "$(date -u +%F)"
 printf "# EFA_IFACE=lo vs btl self,tcp on lo. Ratio = ours / Open MPI. Load average at the start: %s,\n" "$load_start"
 printf "# now: %s (%s cores; other work on the host makes busy-polling benchmarks noisy).\n\n" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)"
-if echo " $OSU_TESTS " | grep -q " latency "; then
-    echo "Latency (osu_latency, half round trip):"
-    echo
-    hdr="| size |"
-    sep="|---|"
+# osu_table TEST UNIT: a row per size; per route Open MPI, ours, ours / Open MPI, and for
+# latency fi_pingpong on the route's provider.
+osu_table() {
+    local t=$1 unit=$2 hdr="| size |" sep="|---|" route s line m o f
     for route in $OSU_ROUTES; do
-        case $route in shm) n="shm" o="shm: Open MPI vader" f="fi_pingpong shm" ;; tcp) n="TCP" o="TCP on lo: Open MPI" f="fi_pingpong tcp;ofi_rxm" ;; esac
-        hdr="$hdr $o | $n: ours | ratio | $f |"
-        sep="$sep---|---|---|---|"
-    done
-    echo "$hdr"
-    echo "$sep"
-    for s in $OSU_SIZES; do
-        line="| $(size_name "$s") |"
-        for route in $OSU_ROUTES; do
-            m=$(median_of "$route" latency ompi "$s")
-            o=$(median_of "$route" latency ours "$s")
-            f=$(median_of "$route" latency fi "$s")
-            line="$line $(fmt "$m" " µs") | $(fmt "$o" " µs") | $(ratio "$o" "$m") | $(fmt "$f" " µs") |"
-        done
-        echo "$line"
-    done
-    echo
-fi
-for t in bw bibw; do
-    echo " $OSU_TESTS " | grep -q " $t " || continue
-    echo "Bandwidth (osu_$t, window 64, MB/s; ratio = ours / Open MPI, higher is better):"
-    echo
-    hdr="| size |"
-    sep="|---|"
-    for route in $OSU_ROUTES; do
-        case $route in shm) n="shm" o="Open MPI vader" ;; tcp) n="TCP" o="Open MPI" ;; esac
-        hdr="$hdr $n: $o | $n: ours | ratio |"
+        case $route in
+        shm) hdr="$hdr shm: Open MPI vader | shm: ours | ratio |" f="fi_pingpong shm" ;;
+        tcp) hdr="$hdr TCP on lo: Open MPI | TCP: ours | ratio |" f="fi_pingpong tcp;ofi_rxm" ;;
+        esac
         sep="$sep---|---|---|"
+        if [ "$t" = latency ]; then hdr="$hdr $f |" sep="$sep---|"; fi
     done
     echo "$hdr"
     echo "$sep"
@@ -216,11 +193,25 @@ for t in bw bibw; do
         for route in $OSU_ROUTES; do
             m=$(median_of "$route" "$t" ompi "$s")
             o=$(median_of "$route" "$t" ours "$s")
-            line="$line $(fmt "$m" "") | $(fmt "$o" "") | $(ratio "$o" "$m") |"
+            line="$line $(fmt "$m" "$unit") | $(fmt "$o" "$unit") | $(ratio "$o" "$m") |"
+            if [ "$t" = latency ]; then
+                f=$(median_of "$route" latency fi "$s")
+                line="$line $(fmt "$f" "$unit") |"
+            fi
         done
         echo "$line"
     done
     echo
+}
+for t in $OSU_TESTS; do
+    case $t in
+    latency) echo "Latency (osu_latency, half round trip):" && echo && osu_table latency " µs" ;;
+    bw | bibw)
+        echo "Bandwidth (osu_$t, window 64, MB/s; ratio = ours / Open MPI, higher is better):"
+        echo
+        osu_table "$t" ""
+        ;;
+    esac
 done
 fi # osu
 
