@@ -11,6 +11,9 @@
  *   mpicc.openmpi -O2 -o mpi_allreduce bench/mpi_allreduce.c
  *   mpirun.openmpi --allow-run-as-root -n 2 --mca btl self,vader ./mpi_allreduce -b 4k -e 64m -f 4
  */
+#define PROG "mpi_allreduce"
+#include "mpi_common.h"
+
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -18,35 +21,8 @@
 #include <string.h>
 #include <unistd.h>
 
-static int rank, nranks;
+static int nranks;
 
-static void die(const char *msg, const char *arg) {
-    if (rank == 0) fprintf(stderr, "mpi_allreduce: %s%s\n", msg, arg ? arg : "");
-    MPI_Abort(MPI_COMM_WORLD, 1);
-    exit(1);
-}
-
-/* "64", "4k", "1m", "1g" */
-static size_t parse_size(const char *s) {
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s) die("not a size: ", s);
-    switch (*end) {
-    case 'k': case 'K': v <<= 10; end++; break;
-    case 'm': case 'M': v <<= 20; end++; break;
-    case 'g': case 'G': v <<= 30; end++; break;
-    default: break;
-    }
-    if (*end) die("not a size: ", s);
-    return (size_t)v;
-}
-
-static long parse_int(const char *s, long min, const char *what) {
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || v < min) die(what, s);
-    return v;
-}
 
 int main(int argc, char **argv) {
     size_t minb = 8, maxb = 64 << 20;
@@ -57,8 +33,8 @@ int main(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &nranks);
     while ((opt = getopt(argc, argv, "b:e:f:n:w:c:d:o:")) != -1) {
         switch (opt) {
-        case 'b': minb = parse_size(optarg); break;
-        case 'e': maxb = parse_size(optarg); break;
+        case 'b': minb = parse_size(optarg, ""); break;
+        case 'e': maxb = parse_size(optarg, ""); break;
         case 'f': factor = parse_int(optarg, 2, "-f must be an integer >= 2: "); break;
         case 'n': iters = parse_int(optarg, 1, "-n must be >= 1: "); break;
         case 'w': warmup = parse_int(optarg, 0, "-w must be >= 0: "); break;

@@ -25,6 +25,9 @@
  *   mpicc.openmpi -O2 -o mpi_osu bench/mpi_osu.c
  *   mpirun.openmpi -n 2 --mca pml ob1 --mca btl self,vader ./mpi_osu latency -S 8,1k
  */
+#define PROG "mpi_osu"
+#include "mpi_common.h"
+
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,36 +35,6 @@
 #include <unistd.h>
 
 enum test { LATENCY, BW, BIBW };
-
-static int rank;
-
-static void die(const char *msg, const char *arg) {
-    if (rank == 0) fprintf(stderr, "mpi_osu: %s%s\n", msg, arg ? arg : "");
-    MPI_Abort(MPI_COMM_WORLD, 1);
-    exit(1);
-}
-
-/* "64", "4k", "1m", "1g" */
-static size_t parse_size(const char *s) {
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s) die("not a size: ", s);
-    switch (*end) {
-    case 'k': case 'K': v <<= 10; end++; break;
-    case 'm': case 'M': v <<= 20; end++; break;
-    case 'g': case 'G': v <<= 30; end++; break;
-    default: break;
-    }
-    if (*end && *end != ',' && *end != ':') die("not a size: ", s);
-    return (size_t)v;
-}
-
-static long parse_int(const char *s, long min, const char *what) {
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || v < min) die(what, s);
-    return v;
-}
 
 static unsigned char pattern(int r, size_t i) { return (unsigned char)(i * 7 + 1 + 64 * r); }
 
@@ -98,7 +71,7 @@ int main(int argc, char **argv) {
         case 'S':
             for (char *p = optarg; *p;) {
                 if (nsizes == MAX_SIZES) die("too many sizes: ", optarg);
-                sizes[nsizes++] = parse_size(p);
+                sizes[nsizes++] = parse_size(p, ",:");
                 p = strchr(p, ',');
                 if (!p) break;
                 p++;
@@ -106,7 +79,7 @@ int main(int argc, char **argv) {
             break;
         case 'm': {
             char *colon = strchr(optarg, ':');
-            size_t lo = colon ? parse_size(optarg) : 0, hi = parse_size(colon ? colon + 1 : optarg);
+            size_t lo = colon ? parse_size(optarg, ",:") : 0, hi = parse_size(colon ? colon + 1 : optarg, ",:");
             if (lo > hi) die("-m: MIN is larger than MAX: ", optarg);
             for (size_t s = lo; s <= hi && nsizes < MAX_SIZES; s = s ? 2 * s : 1) sizes[nsizes++] = s;
             break;
