@@ -11,7 +11,8 @@
 //!   per-process counter. The name is unique over time, and it says exactly which process
 //!   owns the region, even after the pid has been reused. (`efa-<pid>-<nanos>-<seq>` names
 //!   are from earlier versions; libfabric's own `<pid>:<uid>:<n>` names are never used by
-//!   efa-rs endpoints.)
+//!   efa-rs endpoints.) The rules about owners, unlinking at exit and reclaiming are
+//!   `efa_shm::owner`'s, shared with the fast-box segments, which have names of their own.
 //! - **Permissions.** libfabric (1.17 and 2.x) creates the region with `shm_open(..., O_CREAT |
 //!   O_EXCL, 0600)`, which the umask can only narrow. After `fi_enable` the region is checked:
 //!   it must be a regular file owned by this process's effective uid; group or other access
@@ -31,13 +32,12 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, Once};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{Error, Result, ShmProblem};
+use efa_shm::owner::{self, euid, Owner};
+pub use efa_shm::owner::{Reclaimed, SHM_DIR};
 
-/// The directory in which glibc's `shm_open` creates its files.
-pub const SHM_DIR: &str = "/dev/shm";
+use crate::error::{Error, Result, ShmProblem};
 
 const PREFIX: &str = "efa-";
 
@@ -82,36 +82,6 @@ pub fn parse_region_name(name: &str) -> Option<RegionOwner> {
     }
 }
 
-/// Start time (clock ticks since boot) of process `pid`, from `/proc/<pid>/stat`.
-fn proc_start(pid: &str) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    stat_start(&stat)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))
-}
-
-/// Field 22 (starttime) of a `/proc/<pid>/stat` line.
-fn stat_start(stat: &str) -> Option<u64> {
-    // The command name (field 2) is in parentheses and may contain spaces and ')'; field 3
-    // (state) is the first after the last ')', so starttime is the 20th.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Inode of the pid namespace of process `pid` (`pid:[4026531836]`).
-fn proc_pid_ns(pid: &str) -> io::Result<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/ns/pid"))?;
-    link.to_str()
-        .and_then(|s| s.strip_prefix("pid:["))
-        .and_then(|s| s.strip_suffix(']'))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected ns/pid link"))
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// A new region name for this process (see the [module docs](self)).
 pub(crate) fn new_region_name() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -119,60 +89,22 @@ pub(crate) fn new_region_name() -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     // 0 where /proc cannot tell: such regions are never reclaimed by other processes.
-    let start = proc_start("self").unwrap_or(0);
-    let ns = proc_pid_ns("self").unwrap_or(0);
+    let Owner { pid, start, pid_ns } = Owner::this();
     format!(
-        "{PREFIX}{}-{start}-{ns}-{nanos:x}-{}",
-        std::process::id(),
+        "{PREFIX}{pid}-{start}-{pid_ns}-{nanos:x}-{}",
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
 }
 
-/// Regions of this process whose endpoints are open, for the `atexit` handler.
-static OPEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// Records an enabled endpoint's region (and installs the `atexit` handler once).
+/// Records an enabled endpoint's region, to be unlinked at exit if its endpoint is never
+/// closed (handles in statics or leaked, `std::process::exit`): [`owner::unlink_at_exit`].
 pub(crate) fn opened(name: &str) {
-    static AT_EXIT: Once = Once::new();
-    AT_EXIT.call_once(|| {
-        // SAFETY: unlink_at_exit is an `extern "C" fn()` taking nothing, as atexit needs. It
-        // does not panic (no unwrap; parse_region_name indexes only within checked lengths),
-        // and a panic could not unwind out of an `extern "C"` fn anyway (it aborts).
-        if unsafe { libc::atexit(unlink_at_exit) } != 0 {
-            tracing::warn!("atexit failed: shm regions of endpoints never closed may be left in /dev/shm until the next job reclaims them");
-        }
-    });
-    OPEN.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(name.to_owned());
+    owner::unlink_at_exit(&region_path(name), None);
 }
 
 /// Forgets a region whose endpoint has been closed (the provider unlinked it).
 pub(crate) fn closed(name: &str) {
-    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(i) = open.iter().position(|n| n == name) {
-        open.swap_remove(i);
-    }
-}
-
-/// Unlinks the regions of endpoints that are still open when the process exits (handles in
-/// statics or leaked, `std::process::exit`). Peers that have mapped a region keep their
-/// mapping; the name only keeps the file on tmpfs. Only regions that this very process
-/// created are unlinked: a child forked after an endpoint was opened inherits the list and
-/// this handler, and must not remove its parent's live regions.
-extern "C" fn unlink_at_exit() {
-    // Never block at exit: a thread that held the lock may have been stopped mid-way.
-    let open = match OPEN.try_lock() {
-        Ok(g) => g,
-        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => return,
-    };
-    let me = std::process::id();
-    for name in open.iter() {
-        if parse_region_name(name).is_some_and(|o| o.pid == me) {
-            let _ = std::fs::remove_file(Path::new(SHM_DIR).join(name));
-        }
-    }
+    owner::forget_at_exit(&region_path(name));
 }
 
 /// Checks that an enabled endpoint's region is private: a regular file owned by this
@@ -183,7 +115,7 @@ extern "C" fn unlink_at_exit() {
 /// [`Error::ShmRegion`] when the file is not a regular file, is owned by another uid, or its
 /// mode cannot be narrowed.
 pub(crate) fn check_private(name: &str) -> Result<()> {
-    let path = Path::new(SHM_DIR).join(name);
+    let path = region_path(name);
     let fail = |problem: ShmProblem| Error::ShmRegion {
         path: path.clone(),
         problem,
@@ -218,34 +150,17 @@ pub(crate) fn check_private(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// What [`reclaim_stale_regions`] removed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Reclaimed {
-    /// The files removed.
-    pub files: Vec<PathBuf>,
-    /// Their total size in bytes.
-    pub bytes: u64,
-}
-
 /// Why a region is stale, or `None` if it must be kept.
 fn stale_because(owner: &RegionOwner, my_ns: u64) -> Option<&'static str> {
-    let pid = owner.pid.to_string();
     match (owner.start, owner.pid_ns) {
-        (Some(start), Some(ns)) => {
-            if start == 0 || ns == 0 || ns != my_ns {
-                // The creator could not be identified, or lives in another pid namespace
-                // (a container sharing /dev/shm) whose pids we cannot see: keep.
-                return None;
-            }
-            match proc_start(&pid) {
-                Ok(s) if s == start => None, // the owner is alive (or an unreaped zombie)
-                Ok(_) => Some("its pid now belongs to another process"),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Some("its process is gone"),
-                Err(_) => None, // racing the process's exit, or /proc hides it: next time
-            }
+        (Some(start), Some(pid_ns)) => Owner {
+            pid: owner.pid,
+            start,
+            pid_ns,
         }
+        .gone_because(my_ns),
         // Earlier versions' names record the pid only.
-        _ => match std::fs::symlink_metadata(format!("/proc/{pid}")) {
+        _ => match std::fs::symlink_metadata(format!("/proc/{}", owner.pid)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Some("its process is gone"),
             _ => None,
         },
@@ -268,52 +183,15 @@ fn stale_because(owner: &RegionOwner, my_ns: u64) -> Option<&'static str> {
 /// Reading `/dev/shm` or `/proc/self` failed (then nothing was removed). Files that vanish
 /// or cannot be removed while scanning are skipped.
 pub fn reclaim_stale_regions() -> io::Result<Reclaimed> {
-    let my_ns = proc_pid_ns("self")?;
-    let me = euid();
-    let mut out = Reclaimed::default();
-    for entry in std::fs::read_dir(SHM_DIR)? {
-        let Ok(entry) = entry else { continue };
-        let name = entry.file_name();
-        let Some(owner) = name.to_str().and_then(parse_region_name) else {
-            continue;
-        };
-        let path = entry.path();
-        let Ok(md) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if !md.file_type().is_file() || md.uid() != me {
-            continue;
-        }
-        let Some(why) = stale_because(&owner, my_ns) else {
-            continue;
-        };
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                tracing::debug!(path = %path.display(), bytes = md.len(), "removed stale shm region: {why}");
-                out.bytes += md.len();
-                out.files.push(path);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // another job got it first
-            Err(e) => {
-                tracing::debug!(path = %path.display(), "cannot remove stale shm region: {e}");
-            }
-        }
-    }
-    Ok(out)
+    owner::reclaim(PREFIX, "shm region", |c| {
+        parse_region_name(c.name).and_then(|o| stale_because(&o, c.my_ns))
+    })
 }
 
 /// [`reclaim_stale_regions`] as run when an `shm` endpoint is opened: failures are logged,
 /// never returned (a full or odd `/dev/shm` then shows up as the provider's own error).
 pub(crate) fn reclaim_on_open() {
-    match reclaim_stale_regions() {
-        Ok(r) if !r.files.is_empty() => tracing::info!(
-            files = r.files.len(),
-            bytes = r.bytes,
-            "removed shm regions left in {SHM_DIR} by processes that were killed"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::debug!("not reclaiming shm regions in {SHM_DIR}: {e}"),
-    }
+    owner::log_reclaimed(reclaim_stale_regions(), "shm regions");
 }
 
 /// The path of a region name, for [`Endpoint::shm_region`](crate::Endpoint::shm_region).
@@ -359,8 +237,10 @@ mod tests {
         let n = new_region_name();
         let o = parse_region_name(&n).expect("our own name parses");
         assert_eq!(o.pid, std::process::id());
-        assert_eq!(o.start, Some(proc_start("self").unwrap()));
-        assert_eq!(o.pid_ns, Some(proc_pid_ns("self").unwrap()));
+        let me = Owner::this();
+        assert_eq!(o.start, Some(me.start));
+        assert_eq!(o.pid_ns, Some(me.pid_ns));
+        assert!(me.start > 0 && me.pid_ns > 0, "/proc tells {me:?}");
         assert_ne!(n, new_region_name(), "names are unique");
         assert!(n.len() < 255, "fits the provider's SMR_NAME_MAX");
     }
@@ -396,16 +276,12 @@ mod tests {
         ] {
             assert_eq!(parse_region_name(other), None, "{other}");
         }
+        // The fast-box segments (efa_shm::segment) share the prefix and the reclaim code but
+        // not the names: neither cleanup takes the other's files for its own.
+        let fbox = efa_shm::segment::segment_name("job-1", 3);
+        assert!(fbox.starts_with(PREFIX), "{fbox}");
+        assert_eq!(parse_region_name(&fbox), None, "{fbox}");
+        assert!(!new_region_name().starts_with(efa_shm::segment::PREFIX));
     }
-
-    #[test]
-    fn stat_start_time_with_odd_command_name() {
-        // The command name may contain ") " and digits: starttime is counted from the last ')'.
-        let line = "4242 (a) b 1 2) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 \
-                    987654 12345678 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
-        assert_eq!(stat_start(line), Some(987654));
-        assert_eq!(stat_start("4242 (no close paren S 1 2"), None);
-        assert_eq!(stat_start("4242 (short) S 1 2 3"), None);
-        assert!(proc_start("self").unwrap() > 0);
-    }
+    // stat_start_time_with_odd_command_name moved with the parser to efa_shm::owner.
 }

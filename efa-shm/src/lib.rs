@@ -44,6 +44,7 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod owner;
 pub mod ring;
 pub mod segment;
 
@@ -235,8 +236,8 @@ pub struct Fastboxes {
     /// Outbound, by peer index (None for self and unattached peers). Dropped before `peers`.
     tx: Vec<Option<Producer>>,
     peers: Vec<Option<Mapping>>,
+    /// Unlinks this rank's name when dropped (last: the rings above point into it).
     own: Own,
-    detached: bool,
 }
 
 /// The slot of sender `from` in the segment of `to`.
@@ -316,7 +317,6 @@ impl Fastboxes {
             tx: (0..n_local).map(|_| None).collect(),
             peers: (0..n_local).map(|_| None).collect(),
             own,
-            detached: false,
         };
         if n_local == 1 {
             // No peer will ever map it.
@@ -481,25 +481,8 @@ impl Fastboxes {
     }
 
     /// Unmaps every segment and unlinks this rank's name if a peer has not already done so.
-    /// Messages still in rings are dropped. Dropping a [`Fastboxes`] does the same.
-    pub fn detach(mut self) {
-        self.release();
-    }
-
-    fn release(&mut self) {
-        if self.detached {
-            return;
-        }
-        self.detached = true;
-        self.own.unlink();
-        self.rx.clear();
-        self.tx.iter_mut().for_each(|t| *t = None);
-        self.peers.iter_mut().for_each(|p| *p = None);
-    }
-}
-
-impl Drop for Fastboxes {
-    fn drop(&mut self) {
-        self.release();
-    }
+    /// Messages still in rings are dropped. Dropping a [`Fastboxes`] does the same (the
+    /// fields drop in order: ring ends, peers' mappings, then this rank's segment, which
+    /// unlinks its name).
+    pub fn detach(self) {}
 }

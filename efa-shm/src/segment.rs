@@ -8,20 +8,20 @@
 //!   name, so nothing has to be exchanged. The name does not parse as an efa-fabric
 //!   provider region (`efa_fabric::shm::parse_region_name`), so the two cleanups never touch
 //!   each other's files.
-//! - **Owner.** The header records the creating process: pid, start time (field 22 of
-//!   `/proc/<pid>/stat`) and pid namespace, like efa-fabric's region names do.
+//! - **Owner.** The header records the creating process ([`Owner`]: pid, start time and pid
+//!   namespace), as efa-fabric's region names do; both use [`crate::owner`]'s rules.
 //! - **Permissions.** Created with `O_CREAT | O_EXCL`, mode 0600 (the umask can only narrow
 //!   it), then `fchmod` 0600. Attaching checks that the file is a regular file owned by this
 //!   effective uid.
 //! - **Unlinked early.** Each attaching peer increments a counter in the header; the one that
 //!   brings it to `n_local - 1` unlinks the name: from then on the segment lives only in the
-//!   mappings. The owner unlinks it when it detaches (drop), and an `atexit` handler does it
-//!   for segments never detached. Both check the file's inode first, so a later segment of
-//!   the same name is never removed.
-//! - **Killed owners.** [`reclaim_stale_segments`] (run by every [`create`]) removes
-//!   segments of this uid whose owner is gone, recognised by pid *and* start time, in this
-//!   pid namespace; and segments whose header was never completed and that are older than a
-//!   minute.
+//!   mappings. The owner unlinks it when it detaches (drop), and the `atexit` handler of
+//!   [`owner::unlink_at_exit`] does it for segments never detached. Both check the file's
+//!   inode first, so a later segment of the same name is never removed.
+//! - **Killed owners.** [`reclaim_stale_segments`] (run by every
+//!   [`crate::Fastboxes::create`]) removes segments of this uid whose owner is gone,
+//!   recognised by pid *and* start time, in this pid namespace; and segments whose header was
+//!   never completed and that are older than a minute.
 
 use std::ffi::CString;
 use std::io;
@@ -29,14 +29,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, Once};
 use std::time::{Duration, SystemTime};
 
+use crate::owner::{self, euid, Owner};
+pub use crate::owner::{Reclaimed, SHM_DIR};
 use crate::ring::{ring_bytes, RingMem};
 use crate::Error;
-
-/// The directory in which glibc's `shm_open` creates its files.
-pub const SHM_DIR: &str = "/dev/shm";
 /// First part of every segment name.
 pub const PREFIX: &str = "efa-fbox-";
 /// Marks a complete header ("EFAFBOX" + layout version 1).
@@ -72,11 +70,6 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// The name of the segment of local rank `index` of job `job`.
 pub fn segment_name(job: &str, index: usize) -> String {
     format!("{PREFIX}{}-{:016x}-{index}", euid(), fnv1a(job))
@@ -85,24 +78,6 @@ pub fn segment_name(job: &str, index: usize) -> String {
 /// The path of a segment name.
 pub fn segment_path(name: &str) -> PathBuf {
     Path::new(SHM_DIR).join(name)
-}
-
-fn proc_start(pid: &str) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces and ')': count from the last ')'.
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().nth(19))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))
-}
-
-fn proc_pid_ns(pid: &str) -> io::Result<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/ns/pid"))?;
-    link.to_str()
-        .and_then(|s| s.strip_prefix("pid:["))
-        .and_then(|s| s.strip_suffix(']'))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected ns/pid link"))
 }
 
 /// A mapped segment, unmapped on drop.
@@ -193,66 +168,31 @@ fn shm_open(name: &str, flags: i32, mode: libc::mode_t) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Segments this process created and has not unlinked: (pid, name, inode), for the
-/// `atexit` handler.
-static OWNED: Mutex<Vec<(u32, String, u64)>> = Mutex::new(Vec::new());
-
-extern "C" fn unlink_at_exit() {
-    // Never block at exit: a thread that held the lock may have been stopped mid-way.
-    let owned = match OWNED.try_lock() {
-        Ok(g) => g,
-        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => return,
-    };
-    let me = std::process::id();
-    for (pid, name, ino) in owned.iter() {
-        if *pid == me {
-            unlink_if_same(name, *ino);
-        }
-    }
-}
-
-/// Unlinks `name` if it is still the file with inode `ino` (never a later segment of the
-/// same name).
-pub(crate) fn unlink_if_same(name: &str, ino: u64) {
-    let path = segment_path(name);
-    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino) {
-        let _ = std::fs::remove_file(&path);
-    }
-}
-
-fn forget_owned(name: &str) {
-    let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
-    owned.retain(|(_, n, _)| n != name);
-}
-
-/// This rank's own segment, created.
+/// This rank's own segment, created; its name is unlinked on drop at the latest.
 #[derive(Debug)]
 pub(crate) struct Own {
     pub(crate) map: Mapping,
-    pub(crate) name: String,
     ino: u64,
 }
 
 impl Own {
-    /// Unlinks the name (if it is still ours) and forgets it.
+    /// Unlinks the name (if it is still this segment's: never a later segment of the same
+    /// name) and takes it off the `atexit` list.
     pub(crate) fn unlink(&self) {
-        unlink_if_same(&self.name, self.ino);
-        forget_owned(&self.name);
+        owner::unlink_if_same(self.map.path(), Some(self.ino));
+        owner::forget_at_exit(self.map.path());
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        self.unlink();
     }
 }
 
 /// Creates the segment of local rank `index` of `n_local`, with rings of `cap` bytes.
 pub(crate) fn create(job: &str, index: usize, n_local: usize, cap: usize) -> Result<Own, Error> {
-    match reclaim_stale_segments() {
-        Ok(r) if !r.files.is_empty() => tracing::info!(
-            files = r.files.len(),
-            bytes = r.bytes,
-            "removed fast-box segments left in {SHM_DIR} by processes that were killed"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::debug!("not reclaiming fast-box segments in {SHM_DIR}: {e}"),
-    }
+    owner::log_reclaimed(reclaim_stale_segments(), "fast-box segments");
     let name = segment_name(job, index);
     let path = segment_path(&name);
     let len = segment_bytes(n_local, cap);
@@ -260,7 +200,7 @@ pub(crate) fn create(job: &str, index: usize, n_local: usize, cap: usize) -> Res
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(Error::InUse {
-                owner: owner_of(&path).map(|(pid, _, _)| pid),
+                owner: owner_of(&path).map(|o| o.pid),
                 path,
             })
         }
@@ -294,19 +234,9 @@ pub(crate) fn create(job: &str, index: usize, n_local: usize, cap: usize) -> Res
             return Err(e);
         }
     };
-    {
-        static AT_EXIT: Once = Once::new();
-        AT_EXIT.call_once(|| {
-            // SAFETY: unlink_at_exit is an `extern "C" fn()` taking nothing, as atexit
-            // needs; it never blocks or panics (try_lock, no unwrap).
-            if unsafe { libc::atexit(unlink_at_exit) } != 0 {
-                tracing::warn!("atexit failed: fast-box segments never detached may stay in /dev/shm until the next job reclaims them");
-            }
-        });
-        let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
-        owned.push((std::process::id(), name.clone(), ino));
-    }
+    owner::unlink_at_exit(&path, Some(ino));
     let h = map.header();
+    let me = Owner::this();
     // SAFETY: the header's plain fields are written once, here, before `magic` is
     // published with Release; nobody reads them before seeing `magic` with Acquire. The
     // header lies in the mapping (at least HDR_BYTES long).
@@ -315,12 +245,12 @@ pub(crate) fn create(job: &str, index: usize, n_local: usize, cap: usize) -> Res
         (*p).n_local = n_local as u32;
         (*p).owner_index = index as u32;
         (*p).ring_cap = cap as u32;
-        (*p).owner_pid = std::process::id();
-        (*p).owner_start = proc_start("self").unwrap_or(0);
-        (*p).owner_ns = proc_pid_ns("self").unwrap_or(0);
+        (*p).owner_pid = me.pid;
+        (*p).owner_start = me.start;
+        (*p).owner_ns = me.pid_ns;
     }
     h.magic.store(MAGIC, Ordering::Release);
-    Ok(Own { map, name, ino })
+    Ok(Own { map, ino })
 }
 
 /// A peer's segment, attached.
@@ -390,28 +320,23 @@ pub(crate) fn attach(
     let unlinked = attached as usize == n_local - 1;
     if unlinked {
         // Every peer has it mapped: the name is no longer needed.
-        unlink_if_same(&name, md.ino());
+        owner::unlink_if_same(&path, Some(md.ino()));
     }
     Ok(Attached { map, unlinked })
 }
 
-/// Owner (pid, start, pid namespace) recorded in a segment's header, if complete.
-fn owner_of(path: &Path) -> Option<(u32, u64, u64)> {
+/// The owner recorded in a segment's header, if complete.
+fn owner_of(path: &Path) -> Option<Owner> {
     let f = std::fs::OpenOptions::new().read(true).open(path).ok()?;
     let mut b = [0u8; 40];
     f.read_exact_at(&mut b, 0).ok()?;
     let word = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
     let half = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-    (word(0) == MAGIC).then(|| (half(20), word(24), word(32)))
-}
-
-/// What [`reclaim_stale_segments`] removed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Reclaimed {
-    /// The files removed.
-    pub files: Vec<PathBuf>,
-    /// Their total size in bytes.
-    pub bytes: u64,
+    (word(0) == MAGIC).then(|| Owner {
+        pid: half(20),
+        start: word(24),
+        pid_ns: word(32),
+    })
 }
 
 /// Segments whose header was never completed are removed once older than this.
@@ -431,59 +356,19 @@ const UNFINISHED_AGE: Duration = Duration::from_secs(60);
 /// Reading `/dev/shm` or `/proc/self` failed (then nothing was removed). Files that vanish
 /// or cannot be removed while scanning are skipped.
 pub fn reclaim_stale_segments() -> io::Result<Reclaimed> {
-    let my_ns = proc_pid_ns("self")?;
     let mine = format!("{PREFIX}{}-", euid());
-    let mut out = Reclaimed::default();
-    for entry in std::fs::read_dir(SHM_DIR)? {
-        let Ok(entry) = entry else { continue };
-        let name = entry.file_name();
-        if !name.to_str().is_some_and(|n| n.starts_with(&mine)) {
-            continue;
+    owner::reclaim(&mine, "fast-box segment", |c| match owner_of(c.path) {
+        Some(o) => o.gone_because(c.my_ns),
+        None => {
+            let old = c
+                .meta
+                .modified()
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age > UNFINISHED_AGE);
+            old.then_some("its creation never finished")
         }
-        let path = entry.path();
-        let Ok(md) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if !md.file_type().is_file() || md.uid() != euid() {
-            continue;
-        }
-        let why = match owner_of(&path) {
-            Some((pid, start, ns)) => {
-                if start == 0 || ns == 0 || ns != my_ns {
-                    continue;
-                }
-                match proc_start(&pid.to_string()) {
-                    Ok(s) if s == start => continue,
-                    Ok(_) => "its pid now belongs to another process",
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => "its process is gone",
-                    Err(_) => continue,
-                }
-            }
-            None => {
-                let old = md
-                    .modified()
-                    .ok()
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .is_some_and(|age| age > UNFINISHED_AGE);
-                if !old {
-                    continue;
-                }
-                "its creation never finished"
-            }
-        };
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                tracing::debug!(path = %path.display(), "removed stale fast-box segment: {why}");
-                out.bytes += md.len();
-                out.files.push(path);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::debug!(path = %path.display(), "cannot remove stale fast-box segment: {e}")
-            }
-        }
-    }
-    Ok(out)
+    })
 }
 
 #[cfg(test)]

@@ -118,6 +118,11 @@ fn rank() {
         std::thread::sleep(Duration::from_secs(120));
         panic!("not killed");
     }
+    if mode == "create-and-exit" {
+        // Never detached: `exit` runs no destructor, only the atexit handler.
+        println!("CREATED {}", fb.segment_path().display());
+        std::process::exit(0);
+    }
     fb.attach_all(Duration::from_secs(60)).unwrap();
     let max = fb.max_message();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -257,6 +262,26 @@ fn sigkill_leftover_is_reclaimed() {
     drop(again);
     drop(other);
     assert!(!path.exists(), "detach unlinks a segment no peer mapped");
+}
+
+/// A segment whose owner exits without detaching it (`std::process::exit`, or a handle in a
+/// `static`) is unlinked by the `atexit` handler of `efa_shm::owner`, the one that
+/// efa-fabric's shm regions use too. (Another test's reclaim could also remove it, but only
+/// after the owner has exited; the test can pass wrongly only if that races the exit, never
+/// fail wrongly.)
+#[test]
+fn exit_without_detach_unlinks() {
+    let job = job_key("exit");
+    let k = spawn_rank(&job, 0, 2, 0, 4096, "create-and-exit");
+    let out = k.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}: {text}", out.status);
+    let path = paths(&job, 2).remove(0);
+    assert!(
+        text.contains(&format!("CREATED {}", path.display())),
+        "the rank created its segment: {text}"
+    );
+    assert!(!path.exists(), "{} left at exit", path.display());
 }
 
 fn nix_kill(pid: u32) {
