@@ -178,12 +178,9 @@ impl FastPath {
         let Some(Some(i)) = self.index_of.get(dest as usize) else {
             return false;
         };
-        if HDR_LEN + payload.len() > self.boxes.max_message() {
-            self.large += 1;
-            return false;
-        }
         let mut h = [0u8; HDR_LEN];
         hdr.encode(&mut h);
+        // The size limit is the rings' own decision (`TooLarge`), checked before any write.
         match self.boxes.try_send(*i, &h, payload) {
             Ok(true) => {
                 self.sent += 1;
@@ -191,6 +188,10 @@ impl FastPath {
             }
             Ok(false) => {
                 self.full += 1;
+                false
+            }
+            Err(efa_shm::Error::TooLarge { .. }) => {
+                self.large += 1;
                 false
             }
             Err(e) => {
@@ -248,8 +249,14 @@ impl FastPath {
         std::mem::take(&mut self.inbox)
     }
 
-    /// Returns an inbox taken with [`FastPath::take_inbox`], emptied.
+    /// Returns an inbox taken with [`FastPath::take_inbox`], emptied. Nothing may have been
+    /// polled in between (it would be dropped): the engine polls the rings only from
+    /// `poll_carriers`, never while it handles what they carried.
     pub(crate) fn put_inbox(&mut self, mut inbox: Inbox) {
+        debug_assert!(
+            self.inbox.msgs.is_empty(),
+            "fast-box messages polled while the inbox was out would be lost"
+        );
         inbox.bytes.clear();
         inbox.msgs.clear();
         self.inbox = inbox;

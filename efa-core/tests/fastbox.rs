@@ -13,8 +13,8 @@ mod common;
 use common::{efarun, in_job};
 
 const MSGS: u32 = 400;
-/// Cycled through: ring-sized up to near the ring maximum (32,720 bytes with 128 KiB
-/// rings), over it but eager (provider), rendezvous.
+/// Cycled through: ring-sized up to near the ring maximum (32,720 payload bytes with the
+/// 64 KiB rings of 3 ranks), over it but eager (provider), rendezvous.
 const SIZES: [usize; 6] = [0, 8, 1000, 32_000, 32_750, 70_000];
 
 fn payload(from: u32, to: u32, k: u32) -> Vec<u8> {
