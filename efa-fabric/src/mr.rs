@@ -520,51 +520,112 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// A page-aligned buffer registered for local use (and, if asked, remote read): the usual
-/// buffer for sends, receives and RMA on providers that want registered memory. It derefs to
-/// `[u8]`, so peers may never write it: [`RegisteredBuf::new`] refuses
-/// [`Access::REMOTE_WRITE`]. Memory peers write is a [`TargetBuf`].
-pub struct RegisteredBuf {
+/// Page-aligned, zeroed memory owned together with its registrations: the one in the domain
+/// it was made for and those in other domains ([`OwnedRegs::register_in`]). The body of
+/// [`RegisteredBuf`] and [`TargetBuf`], which differ only in what access they allow and
+/// whether they lend out references to the bytes.
+struct OwnedRegs {
     // Field order matters: the regions are closed before the memory is freed.
     mr: MemoryRegion<RawMemory>,
-    /// Registrations of the same memory in other domains ([`RegisteredBuf::register_in`]).
+    /// Registrations of the same memory in other domains.
     extra: Vec<MemoryRegion<RawMemory>>,
     buf: AlignedBuf,
 }
 
-impl std::fmt::Debug for RegisteredBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegisteredBuf")
+impl OwnedRegs {
+    fn new(domain: &Domain, len: usize, access: Access, ep: Option<&Endpoint>) -> Result<Self> {
+        let buf = AlignedBuf::zeroed(len);
+        let mr = Self::register(domain, &buf, access, ep)?;
+        Ok(OwnedRegs {
+            mr,
+            extra: Vec::new(),
+            buf,
+        })
+    }
+
+    fn register_in(
+        &mut self,
+        domain: &Domain,
+        access: Access,
+        ep: Option<&Endpoint>,
+    ) -> Result<&MemoryRegion<RawMemory>> {
+        let mr = Self::register(domain, &self.buf, access, ep)?;
+        self.extra.push(mr);
+        Ok(self.extra.last().expect("just pushed"))
+    }
+
+    /// Registers `buf` (owned by the `OwnedRegs` that stores the returned region) with
+    /// `access` plus every local use.
+    fn register(
+        domain: &Domain,
+        buf: &AlignedBuf,
+        access: Access,
+        ep: Option<&Endpoint>,
+    ) -> Result<MemoryRegion<RawMemory>> {
+        // SAFETY: the buffer is heap memory owned by the OwnedRegs that stores the returned
+        // region; it is freed only after every region (field order), and its address never
+        // changes. Memory with remote write access is never exposed through references
+        // (TargetBuf has no Deref; RegisteredBuf refuses REMOTE_WRITE).
+        unsafe {
+            MemoryRegion::register_raw(
+                domain,
+                buf.ptr.as_ptr(),
+                buf.len,
+                access | Access::LOCAL,
+                ep,
+            )
+        }
+    }
+
+    fn fmt(&self, name: &str, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(name)
             .field("len", &self.buf.len)
             .field("mr", &self.mr)
             .finish()
     }
 }
 
-/// Registers `buf` (owned by the caller's struct, freed after the returned region) with
-/// `access` plus every local use.
-fn register_owned(
-    domain: &Domain,
-    buf: &AlignedBuf,
-    access: Access,
-    ep: Option<&Endpoint>,
-) -> Result<MemoryRegion<RawMemory>> {
-    // SAFETY: the buffer is heap memory owned by the RegisteredBuf/TargetBuf that stores the
-    // returned region; it is freed only after the region (field order), and its address
-    // never changes. Memory with remote write access is never exposed through references
-    // (TargetBuf has no Deref; RegisteredBuf refuses REMOTE_WRITE).
-    unsafe {
-        MemoryRegion::register_raw(
-            domain,
-            buf.ptr.as_ptr(),
-            buf.len,
-            access | Access::LOCAL,
-            ep,
-        )
+// SAFETY: the memory is owned and fixed; the region covering it lives as long as the value.
+unsafe impl IoBuf for OwnedRegs {
+    fn io_ptr(&self) -> *const u8 {
+        self.buf.ptr.as_ptr()
+    }
+    fn io_len(&self) -> usize {
+        self.buf.len
+    }
+    fn io_desc(&self) -> Option<*mut std::os::raw::c_void> {
+        Some(self.mr.desc())
+    }
+}
+// SAFETY: as above.
+unsafe impl IoBufMut for OwnedRegs {
+    fn io_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.ptr.as_ptr()
+    }
+}
+
+/// A page-aligned buffer registered for local use (and, if asked, remote read): the usual
+/// buffer for sends, receives and RMA on providers that want registered memory. It derefs to
+/// `[u8]`, so peers may never write it: [`RegisteredBuf::new`] refuses
+/// [`Access::REMOTE_WRITE`]. Memory peers write is a [`TargetBuf`].
+pub struct RegisteredBuf(OwnedRegs);
+
+impl std::fmt::Debug for RegisteredBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt("RegisteredBuf", f)
     }
 }
 
 impl RegisteredBuf {
+    fn refuse_remote_write(access: Access) -> Result<()> {
+        if access.contains(Access::REMOTE_WRITE) {
+            return Err(Error::SharedRemoteWrite {
+                what: "RegisteredBuf",
+            });
+        }
+        Ok(())
+    }
+
     /// Allocates `len` zeroed bytes and registers them with `access` (plus every local use).
     /// `ep` is needed on providers with `FI_MR_ENDPOINT`.
     ///
@@ -572,18 +633,8 @@ impl RegisteredBuf {
     /// [`Error::SharedRemoteWrite`] when `access` has [`Access::REMOTE_WRITE`] (use a
     /// [`TargetBuf`]); as [`MemoryRegion::register`] otherwise.
     pub fn new(domain: &Domain, len: usize, access: Access, ep: Option<&Endpoint>) -> Result<Self> {
-        if access.contains(Access::REMOTE_WRITE) {
-            return Err(Error::SharedRemoteWrite {
-                what: "RegisteredBuf",
-            });
-        }
-        let buf = AlignedBuf::zeroed(len);
-        let mr = register_owned(domain, &buf, access, ep)?;
-        Ok(RegisteredBuf {
-            mr,
-            extra: Vec::new(),
-            buf,
-        })
+        Self::refuse_remote_write(access)?;
+        OwnedRegs::new(domain, len, access, ep).map(RegisteredBuf)
     }
 
     /// Registers the same memory in another domain too, and returns that registration. It
@@ -597,37 +648,31 @@ impl RegisteredBuf {
         access: Access,
         ep: Option<&Endpoint>,
     ) -> Result<&MemoryRegion<RawMemory>> {
-        if access.contains(Access::REMOTE_WRITE) {
-            return Err(Error::SharedRemoteWrite {
-                what: "RegisteredBuf",
-            });
-        }
-        let mr = register_owned(domain, &self.buf, access, ep)?;
-        self.extra.push(mr);
-        Ok(self.extra.last().expect("just pushed"))
+        Self::refuse_remote_write(access)?;
+        self.0.register_in(domain, access, ep)
     }
 
     /// The memory region.
     pub fn mr(&self) -> &MemoryRegion<RawMemory> {
-        &self.mr
+        &self.0.mr
     }
 
     /// What a peer needs to read this buffer (if registered with remote read access).
     pub fn remote(&self) -> RemoteRegion {
-        self.mr.remote()
+        self.0.mr.remote()
     }
 }
 
 impl std::ops::Deref for RegisteredBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf
+        &self.0.buf
     }
 }
 
 impl std::ops::DerefMut for RegisteredBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
+        &mut self.0.buf
     }
 }
 
@@ -643,19 +688,11 @@ impl std::ops::DerefMut for RegisteredBuf {
 /// would not be sound: after a fence a peer may start the next epoch's writes at once, and
 /// nothing local can stop it. As an [`IoBuf`] it may be the source or target of local
 /// operations too (they use raw pointers only).
-pub struct TargetBuf {
-    // Field order matters: the regions are closed before the memory is freed.
-    mr: MemoryRegion<RawMemory>,
-    extra: Vec<MemoryRegion<RawMemory>>,
-    buf: AlignedBuf,
-}
+pub struct TargetBuf(OwnedRegs);
 
 impl std::fmt::Debug for TargetBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TargetBuf")
-            .field("len", &self.buf.len)
-            .field("mr", &self.mr)
-            .finish()
+        self.0.fmt("TargetBuf", f)
     }
 }
 
@@ -666,13 +703,7 @@ impl TargetBuf {
     /// # Errors
     /// As [`MemoryRegion::register`].
     pub fn new(domain: &Domain, len: usize, access: Access, ep: Option<&Endpoint>) -> Result<Self> {
-        let buf = AlignedBuf::zeroed(len);
-        let mr = register_owned(domain, &buf, access, ep)?;
-        Ok(TargetBuf {
-            mr,
-            extra: Vec::new(),
-            buf,
-        })
+        OwnedRegs::new(domain, len, access, ep).map(TargetBuf)
     }
 
     /// Registers the same memory in another domain too (a rank that reaches peers through
@@ -687,40 +718,39 @@ impl TargetBuf {
         access: Access,
         ep: Option<&Endpoint>,
     ) -> Result<&MemoryRegion<RawMemory>> {
-        let mr = register_owned(domain, &self.buf, access, ep)?;
-        self.extra.push(mr);
-        Ok(self.extra.last().expect("just pushed"))
+        self.0.register_in(domain, access, ep)
     }
 
     /// The memory region.
     pub fn mr(&self) -> &MemoryRegion<RawMemory> {
-        &self.mr
+        &self.0.mr
     }
 
     /// What a peer needs to access this buffer.
     pub fn remote(&self) -> RemoteRegion {
-        self.mr.remote()
+        self.0.mr.remote()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.buf.len
+        self.0.buf.len
     }
 
     /// True for a zero-length buffer.
     pub fn is_empty(&self) -> bool {
-        self.buf.len == 0
+        self.0.buf.len == 0
     }
 
     fn range(&self, op: &'static str, offset: usize, len: usize) -> Result<*mut u8> {
+        let buf = &self.0.buf;
         match offset.checked_add(len) {
             // SAFETY: offset + len <= buf.len, so the result stays inside the allocation.
-            Some(end) if end <= self.buf.len => Ok(unsafe { self.buf.ptr.as_ptr().add(offset) }),
+            Some(end) if end <= buf.len => Ok(unsafe { buf.ptr.as_ptr().add(offset) }),
             _ => Err(Error::OutOfBounds {
                 op,
                 offset: offset as u64,
                 len,
-                region_len: self.buf.len as u64,
+                region_len: buf.len as u64,
             }),
         }
     }
@@ -888,42 +918,42 @@ unsafe impl IoBufMut for AlignedBuf {
         self.ptr.as_ptr()
     }
 }
-// SAFETY: the memory is owned and fixed; the region covering it lives as long as the value.
+// SAFETY: as for OwnedRegs (owned, fixed memory and the region covering it).
 unsafe impl IoBuf for RegisteredBuf {
     fn io_ptr(&self) -> *const u8 {
-        self.buf.ptr.as_ptr()
+        self.0.io_ptr()
     }
     fn io_len(&self) -> usize {
-        self.buf.len
+        self.0.io_len()
     }
     fn io_desc(&self) -> Option<*mut std::os::raw::c_void> {
-        Some(self.mr.desc())
+        self.0.io_desc()
     }
 }
 // SAFETY: as above.
 unsafe impl IoBufMut for RegisteredBuf {
     fn io_mut_ptr(&mut self) -> *mut u8 {
-        self.buf.ptr.as_ptr()
+        self.0.io_mut_ptr()
     }
 }
 
-// SAFETY: the memory is owned and fixed; the region covering it lives as long as the value.
-// Operations use the pointer only; no reference to these bytes is ever formed.
+// SAFETY: as for OwnedRegs. Operations use the pointer only; no reference to these bytes is
+// ever formed.
 unsafe impl IoBuf for TargetBuf {
     fn io_ptr(&self) -> *const u8 {
-        self.buf.ptr.as_ptr()
+        self.0.io_ptr()
     }
     fn io_len(&self) -> usize {
-        self.buf.len
+        self.0.io_len()
     }
     fn io_desc(&self) -> Option<*mut std::os::raw::c_void> {
-        Some(self.mr.desc())
+        self.0.io_desc()
     }
 }
 // SAFETY: as above.
 unsafe impl IoBufMut for TargetBuf {
     fn io_mut_ptr(&mut self) -> *mut u8 {
-        self.buf.ptr.as_ptr()
+        self.0.io_mut_ptr()
     }
 }
 
