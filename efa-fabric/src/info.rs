@@ -573,8 +573,13 @@ fn opt_str(p: *const std::os::raw::c_char) -> String {
 /// utility provider such as `ofi_rxm`): they need an interface or address to be pinned to,
 /// and their addresses are `sockaddr`s. The one place this question is answered.
 pub fn is_ip_provider(provider: &str) -> bool {
-    let core = provider.split(';').next().unwrap_or(provider);
-    matches!(core, "tcp" | "udp" | "sockets" | "net")
+    matches!(core_provider(provider), "tcp" | "udp" | "sockets" | "net")
+}
+
+/// The core provider of a provider name as [`Info::provider`] gives it: `tcp` for
+/// `tcp;ofi_rxm`, the name itself when no utility provider is layered over it.
+pub fn core_provider(provider: &str) -> &str {
+    provider.split(';').next().unwrap_or(provider)
 }
 
 impl Info {
@@ -777,6 +782,18 @@ mod tests {
             "ofi_rxm;tcp",
         ] {
             assert!(!is_ip_provider(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn core_provider_is_the_first_layer() {
+        for (name, core) in [
+            ("tcp;ofi_rxm", "tcp"),
+            ("udp;ofi_rxd", "udp"),
+            ("shm", "shm"),
+            ("", ""),
+        ] {
+            assert_eq!(core_provider(name), core, "{name}");
         }
     }
 }

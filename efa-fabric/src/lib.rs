@@ -121,8 +121,8 @@ pub use ep::{Endpoint, EndpointBuilder, PeerCheck};
 pub use error::{CallError, CompletionError, Error, Result, ShmProblem, SizeLimit};
 pub use fabric::{Domain, Fabric};
 pub use info::{
-    is_ip_provider, AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder, Progress,
-    Threading,
+    core_provider, is_ip_provider, AddrFormat, Caps, EpType, Hints, Info, Mode, MrMode, MsgOrder,
+    Progress, Threading,
 };
 pub use mr::{
     Access, AlignedBuf, BufPrefix, IoBuf, IoBufMut, MemoryRegion, RawMemory, RegMemory,

@@ -1179,15 +1179,12 @@ impl Drop for Drain {
 ///   served by libfabric's MR cache) were not measured; they get 64 KiB, the value for shm
 ///   and tcp and about where MPI implementations switch to RGET.
 pub fn rget_threshold(provider: &str) -> Option<usize> {
-    let core = provider.split(';').next().unwrap_or(provider);
-    match core {
-        "shm" => Some(SHM_RGET_THRESHOLD),
-        "tcp" | "sockets" | "net" => Some(TCP_RGET_THRESHOLD),
+    match crate::info::core_provider(provider) {
         "udp" => None,
-        _ => Some(DEFAULT_RGET_THRESHOLD),
+        _ => Some(RGET_THRESHOLD),
     }
 }
 
-const SHM_RGET_THRESHOLD: usize = 64 << 10;
-const TCP_RGET_THRESHOLD: usize = 64 << 10;
-const DEFAULT_RGET_THRESHOLD: usize = 64 << 10;
+/// [`rget_threshold`] of every provider with native RMA: measured for shm and tcp, assumed
+/// for the others (see there).
+const RGET_THRESHOLD: usize = 64 << 10;

@@ -492,8 +492,7 @@ fn closed_peer_is_an_error_not_a_hang() {
 
 /// Providers whose registration pins pages, and so is bound by `ulimit -l`.
 fn pins_memory(provider: &str) -> bool {
-    let core = provider.split(';').next().unwrap_or(provider);
-    matches!(core, "verbs" | "efa")
+    matches!(efa_fabric::core_provider(provider), "verbs" | "efa")
 }
 
 /// Helper process for `memlock_limit_is_named`: lowers RLIMIT_MEMLOCK to 64 KiB, registers

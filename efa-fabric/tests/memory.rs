@@ -299,7 +299,16 @@ fn a_panic_in_a_scope_still_drains_its_reads() {
 #[test]
 fn rget_thresholds_are_stated_per_provider() {
     assert!(rget_threshold("udp;ofi_rxd").is_none(), "udp: no RMA");
-    for p in ["shm", "tcp;ofi_rxm", "verbs;ofi_rxm", "efa"] {
+    assert!(rget_threshold("udp").is_none(), "udp: no RMA");
+    for p in [
+        "shm",
+        "tcp;ofi_rxm",
+        "tcp",
+        "sockets",
+        "net",
+        "verbs;ofi_rxm",
+        "efa",
+    ] {
         let t = rget_threshold(p).unwrap_or_else(|| panic!("{p}: a threshold"));
         assert!((4096..=64 << 20).contains(&t), "{p}: {t}");
     }
