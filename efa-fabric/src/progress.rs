@@ -2,7 +2,7 @@
 //! ranks (more busy ranks than cores) still make progress; and blocking on completion queues'
 //! wait objects ([`block_on`]: `fi_trywait(3)` then `poll(2)`).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cq::CompletionQueue;
@@ -22,18 +22,20 @@ pub enum IdleMode {
     Yield,
 }
 
-static IDLE_MODE: AtomicU8 = AtomicU8::new(0);
+/// [`IdleMode::Yield`] is in force (else the default).
+static YIELDING: AtomicBool = AtomicBool::new(false);
 
 /// Sets how every [`Backoff`] of this process waits from now on.
 pub fn set_idle_mode(mode: IdleMode) {
-    IDLE_MODE.store(mode as u8, Ordering::Relaxed);
+    YIELDING.store(mode == IdleMode::Yield, Ordering::Relaxed);
 }
 
 /// How [`Backoff`]s wait ([`set_idle_mode`]).
 pub fn idle_mode() -> IdleMode {
-    match IDLE_MODE.load(Ordering::Relaxed) {
-        1 => IdleMode::Yield,
-        _ => IdleMode::SpinYieldSleep,
+    if YIELDING.load(Ordering::Relaxed) {
+        IdleMode::Yield
+    } else {
+        IdleMode::SpinYieldSleep
     }
 }
 
