@@ -490,9 +490,13 @@ fn closed_peer_is_an_error_not_a_hang() {
     });
 }
 
-/// Providers whose registration pins pages, and so is bound by `ulimit -l`.
-fn pins_memory(provider: &str) -> bool {
-    matches!(efa_fabric::core_provider(provider), "verbs" | "efa")
+/// Why `provider`'s registrations are not bound by `ulimit -l`; `None` for those that pin
+/// pages (verbs, efa).
+fn pins_no_memory(provider: &str) -> Option<&'static str> {
+    match efa_fabric::core_provider(provider) {
+        "verbs" | "efa" => None,
+        _ => Some("its registration pins no pages, so ulimit -l does not apply"),
+    }
 }
 
 /// Helper process for `memlock_limit_is_named`: lowers RLIMIT_MEMLOCK to 64 KiB, registers
@@ -528,7 +532,7 @@ fn memlock_child() {
 fn memlock_limit_is_named() {
     let why_not = "no provider here pins registered memory (verbs, efa), so ulimit -l does not \
                    apply; ci/test runs this test on verbs in the soft-RoCE VM";
-    for_each_provider_where("memlock", MSG_CAPS, pins_memory, why_not, |info| {
+    for_each_provider_where("memlock", MSG_CAPS, pins_no_memory, why_not, |info| {
         // Root has CAP_IPC_LOCK, which ignores RLIMIT_MEMLOCK: drop it from the child's
         // bounding set so that the limit applies as it does for ordinary users.
         let exe = std::env::current_exe().unwrap();

@@ -121,24 +121,32 @@ pub fn for_each_provider(test: &str, caps: Caps, f: impl FnMut(&Info) -> Outcome
     run_providers(test, caps, &wanted, min.max(1), f)
 }
 
-/// Like [`for_each_provider`], on the providers for which `applies` holds. When none of the
-/// providers present here (or none named by `EFA_TEST_PROVIDER`) applies, the whole test is
-/// skipped, printing `why_not`; otherwise at least one of them must run the checks.
+/// Like [`for_each_provider`], on the providers that `excludes` gives no reason to leave
+/// out. Each provider present that it leaves out is reported skipped with that reason. When
+/// it leaves out every provider present here (or the one named by `EFA_TEST_PROVIDER`), the
+/// whole test is skipped, printing `why_not`; otherwise at least one of the others must run
+/// the checks.
 pub fn for_each_provider_where(
     test: &str,
     caps: Caps,
-    applies: fn(&str) -> bool,
+    excludes: fn(&str) -> Option<&'static str>,
     why_not: &str,
     f: impl FnMut(&Info) -> Outcome,
 ) -> usize {
     let (wanted, named) = wanted_providers();
     let present = |p: &String| named || info_for(p, caps).is_ok();
     let all: Vec<String> = wanted.into_iter().filter(present).collect();
-    let matching: Vec<String> = all.iter().filter(|p| applies(p)).cloned().collect();
+    let (matching, left_out): (Vec<&String>, Vec<&String>) =
+        all.iter().partition(|p| excludes(p).is_none());
     if matching.is_empty() {
         skip_test(&format!("{why_not} (providers here: {})", all.join(", ")));
         return 0;
     }
+    for p in left_out {
+        let why = excludes(p).expect("partitioned by it");
+        print_skip(&format!("{} [{p}]", test_name()), why);
+    }
+    let matching: Vec<String> = matching.into_iter().cloned().collect();
     run_providers(test, caps, &matching, 1, f)
 }
 
