@@ -673,14 +673,14 @@ impl Endpoint {
 /// # Ok(()) }
 /// ```
 pub struct Exposed<'a> {
+    /// `None` for a zero-length buffer (not registered).
     mr: Option<MemoryRegion<&'a [u8]>>,
-    len: usize,
 }
 
 impl std::fmt::Debug for Exposed<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exposed")
-            .field("len", &self.len)
+            .field("len", &self.len())
             .field("remote", &self.remote())
             .finish()
     }
@@ -701,12 +701,12 @@ impl Exposed<'_> {
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.mr.as_ref().map_or(0, MemoryRegion::len)
     }
 
     /// True for an empty exposure.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mr.is_none()
     }
 }
 
@@ -724,12 +724,11 @@ impl Endpoint {
     /// [`Error::MemlockLimit`] (verbs, efa: `ulimit -l` too low); [`Error::RawMrKey`];
     /// other `fi_mr_regattr` errors.
     pub fn expose<'a>(&self, buf: &'a [u8]) -> Result<Exposed<'a>> {
-        let len = buf.len();
-        if len == 0 {
-            return Ok(Exposed { mr: None, len });
+        if buf.is_empty() {
+            return Ok(Exposed { mr: None });
         }
         let mr = MemoryRegion::register(self.domain(), buf, Access::REMOTE_READ, Some(self))?;
-        Ok(Exposed { mr: Some(mr), len })
+        Ok(Exposed { mr: Some(mr) })
     }
 
     /// Reads `buf.len()` bytes from the peer's `remote` region at byte `offset` straight into

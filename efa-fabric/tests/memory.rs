@@ -165,6 +165,7 @@ fn rget_reads_exposed_user_memory_into_user_memory() {
             let data = pattern(len, 20 + i as u64);
             let exposed = pair.a.expose(&data).unwrap();
             assert_eq!(exposed.len(), len);
+            assert!(!exposed.is_empty());
             // The descriptor travels as bytes, as in an RTS.
             let remote = RemoteRegion::from_bytes(&exposed.remote().to_bytes()).unwrap();
             assert_eq!(remote.len, len as u64);
@@ -195,6 +196,8 @@ fn rget_reads_exposed_user_memory_into_user_memory() {
         // Zero bytes: nothing registered, nothing posted.
         let empty = pair.a.expose(&[]).unwrap();
         assert_eq!(empty.remote().len, 0);
+        assert!(empty.is_empty());
+        assert_eq!(empty.len(), 0);
         assert_eq!(
             pair.b
                 .read_into(&mut [], pair.b_to_a, &empty.remote(), 0, OP_TIMEOUT)
