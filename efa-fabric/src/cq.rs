@@ -243,9 +243,9 @@ impl CompletionQueue {
 
     /// Opens a CQ with room for `size` entries (0: the provider's default) and wait object
     /// `wait`. When the provider refuses `FI_WAIT_FD` (`FI_ENOSYS`, `FI_EINVAL`,
-    /// `FI_ENODATA`) or has no fd to give (`fi_control(FI_GETWAIT)` fails), the CQ is
-    /// opened without a wait object and [`CompletionQueue::wait_fd`] says `None` (logged at
-    /// debug level): callers then fall back to short sleeps.
+    /// `FI_ENODATA`, `FI_EOPNOTSUPP`) or has no fd to give (`fi_control(FI_GETWAIT)`
+    /// fails), the CQ is opened without a wait object and [`CompletionQueue::wait_fd`] says
+    /// `None` (logged at debug level): callers then fall back to short sleeps.
     ///
     /// # Errors
     /// `fi_cq_open` errors other than the refusals above, e.g. `FI_ENOMEM`.
