@@ -411,42 +411,10 @@ impl ProcessId {
 }
 
 /// Field 22 (start time) of `/proc/PID/stat`, and the state letter (field 3); `None` when
-/// the process does not exist.
-///
-/// Makes no heap allocation (path and contents live on the stack): waiting ranks call it
-/// every 100 ms for each same-host peer, inside the allocation-free message path
-/// (`tests/alloc_free.rs`). The command name may be any bytes, not only UTF-8.
+/// the process does not exist (or `/proc` does not answer). Read by
+/// [`efa_shm::owner::proc_stat`], without heap allocation.
 pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    use std::io::{Read, Write};
-    use std::os::unix::ffi::OsStrExt;
-    let mut path = [0u8; 32];
-    let n = {
-        let mut w = &mut path[..];
-        write!(w, "/proc/{pid}/stat").ok()?;
-        32 - w.len()
-    };
-    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path[..n]));
-    let mut file = std::fs::File::open(path).ok()?;
-    // The line is at most a few hundred bytes: the command name (field 2) is at most 64
-    // bytes, the 50 other fields are numbers.
-    let mut buf = [0u8; 1024];
-    let mut len = 0;
-    while len < buf.len() {
-        match file.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(k) => len += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    // The command name (field 2) is in parentheses and may contain spaces (or any byte);
-    // what follows its last `)` is ASCII.
-    let close = buf[..len].iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(&buf[close + 1..len]).ok()?;
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let start = f.nth(18)?.parse().ok()?;
-    Some((state, start))
+    efa_shm::owner::proc_stat(pid).ok()
 }
 
 fn proc_start_time(pid: u32) -> Option<u64> {

@@ -60,17 +60,63 @@ impl Owner {
 
 /// Start time (clock ticks since boot) of process `pid` (a number or `self`).
 fn proc_start(pid: &str) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    stat_start(&stat)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))
+    let pid = match pid {
+        "self" => std::process::id(),
+        n => n
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "not a pid"))?,
+    };
+    proc_stat(pid).map(|(_, start)| start)
 }
 
-/// Field 22 (starttime) of a `/proc/<pid>/stat` line.
-fn stat_start(stat: &str) -> Option<u64> {
-    // The command name (field 2) is in parentheses and may contain spaces and ')'; field 3
-    // (state) is the first after the last ')', so starttime is the 20th.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+/// The state letter (field 3) and the start time in clock ticks since boot (field 22) of
+/// `/proc/<pid>/stat`: the one reader of that file in efa-rs (efa-core's failure detector
+/// calls it too, `efa_core::placement::proc_stat`).
+///
+/// Makes no heap allocation (path and contents live on the stack): waiting ranks call it
+/// every 100 ms for each same-host peer, inside the allocation-free message path. The
+/// command name may hold any bytes, not only UTF-8.
+///
+/// # Errors
+/// `NotFound` when no process `pid` exists; other I/O errors as `/proc` gives them;
+/// `InvalidData` when the line has no such fields.
+pub fn proc_stat(pid: u32) -> io::Result<(char, u64)> {
+    use std::io::{Read, Write};
+    use std::os::unix::ffi::OsStrExt;
+    const PATH_MAX: usize = 32;
+    let mut path = [0u8; PATH_MAX];
+    let n = {
+        let mut w = &mut path[..];
+        write!(w, "/proc/{pid}/stat")?;
+        PATH_MAX - w.len()
+    };
+    let mut file = std::fs::File::open(std::ffi::OsStr::from_bytes(&path[..n]))?;
+    // The line is at most a few hundred bytes: the command name (field 2) is at most 64
+    // bytes, the 50 other fields are numbers.
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(k) => len += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    parse_stat(&buf[..len])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no state or starttime in stat"))
+}
+
+/// State (field 3) and starttime (field 22) of a `/proc/<pid>/stat` line.
+fn parse_stat(stat: &[u8]) -> Option<(char, u64)> {
+    // The command name (field 2) is in parentheses and may contain spaces, ')' and any
+    // byte; field 3 (state) is the first after the last ')', so starttime is the 20th.
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let after = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut f = after.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let start = f.nth(18)?.parse().ok()?;
+    Some((state, start))
 }
 
 /// Inode of the pid namespace of process `pid` (`pid:[4026531836]`).
@@ -248,10 +294,18 @@ mod tests {
         // The command name may contain ") " and digits: starttime is counted from the last ')'.
         let line = "4242 (a) b 1 2) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 \
                     987654 12345678 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        let stat_start = |l: &str| parse_stat(l.as_bytes()).map(|(_, start)| start);
         assert_eq!(stat_start(line), Some(987654));
         assert_eq!(stat_start("4242 (no close paren S 1 2"), None);
         assert_eq!(stat_start("4242 (short) S 1 2 3"), None);
         assert!(proc_start("self").unwrap() > 0);
+        // The state, and a command name that is not UTF-8.
+        let odd = b"4242 (\xff\xfe) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 77 1";
+        assert_eq!(parse_stat(odd), Some(('S', 77)));
+        assert_eq!(
+            proc_stat(u32::MAX).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     /// Alive, unidentified and foreign-namespace owners are kept; a pid reused by a later
