@@ -3120,24 +3120,22 @@ impl Engine {
     /// arrived or completed.
     fn poll_carriers(&mut self) -> Result<()> {
         let mut any = false;
-        let polled = self
-            .fast
-            .as_mut()
-            .and_then(|f| f.poll().then(|| f.take_inbox()));
-        if let Some(inbox) = polled {
-            any = true;
-            // Every message is handled even when one fails; the first error is returned.
-            let mut first = Ok(());
-            for msg in inbox.iter() {
+        // Messages are handled straight from the rings. The carrier is out of the engine
+        // meanwhile, so the actions they cause (which may send through it) run after.
+        if let Some(mut fast) = self.fast.take() {
+            let mut n = 0u64;
+            let polled = fast.poll(|msg| {
+                n += 1;
+                self.take_control(msg);
+            });
+            self.fast = Some(fast);
+            if polled {
+                any = true;
                 // A ring message is progress as a completion is: waits that count events
                 // (the wait policy's idle count) must not sleep while rings deliver.
-                self.events += 1;
-                first = first.and(self.on_control(msg));
+                self.events += n;
+                self.drain()?;
             }
-            if let Some(f) = self.fast.as_mut() {
-                f.put_inbox(inbox);
-            }
-            first?;
         }
         for p in 0..self.ports.len() {
             // An endpoint that no peer is routed to never has traffic: polling it would
@@ -3212,24 +3210,31 @@ impl Engine {
 
     /// A control or eager message (header and payload) arrived, by any carrier.
     fn on_control(&mut self, msg: &[u8]) -> Result<()> {
+        self.take_control(msg);
+        self.drain()
+    }
+
+    /// [`Engine::on_control`] without carrying out the actions it causes ([`Engine::drain`]
+    /// does): it sends nothing, so it may run while a carrier is being read.
+    fn take_control(&mut self, msg: &[u8]) {
         let h = match Header::decode(msg, msg.len()) {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!("dropping malformed control message: {e}");
-                return Ok(());
+                return;
             }
         };
         if h.src as usize >= self.peers.len() {
             tracing::warn!(src = h.src, "control message from an unknown rank");
-            return Ok(());
+            return;
         }
         let payload = &msg[HDR_LEN..];
         let body = match h.kind {
             Kind::Failed => {
                 self.on_failed(&h, payload);
-                return Ok(());
+                return;
             }
-            Kind::Ping => return Ok(()),
+            Kind::Ping => return,
             Kind::Eager => {
                 let mut v = self.take_small();
                 v.clear();
@@ -3243,7 +3248,7 @@ impl Engine {
                         len = payload.len(),
                         "dropping an RTS without its buffer's address and key"
                     );
-                    return Ok(());
+                    return;
                 };
                 Body::Rts(Remote { addr, key })
             }
@@ -3252,7 +3257,6 @@ impl Engine {
         if let Err(e) = self.core.on_message(h, body) {
             tracing::warn!(src = h.src, "dropping a control message: {e:?}");
         }
-        self.drain()
     }
 
     fn reap_background(&mut self) {

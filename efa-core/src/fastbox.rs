@@ -55,9 +55,6 @@ pub(crate) struct FastPath {
     index_of: Vec<Option<usize>>,
     /// By local index: the world rank.
     rank_of: Vec<u32>,
-    /// Messages taken from the rings, not yet handed to the engine (oldest first per
-    /// sender); its buffers are reused, so steady-state polling allocates nothing.
-    inbox: Inbox,
     /// Messages sent through the rings, and received from them.
     sent: u64,
     received: u64,
@@ -132,7 +129,6 @@ impl FastPath {
                 boxes,
                 index_of: vec![None; cards.len()],
                 rank_of,
-                inbox: Inbox::default(),
                 sent: 0,
                 received: 0,
                 full: 0,
@@ -204,25 +200,22 @@ impl FastPath {
         }
     }
 
-    /// Moves the messages waiting in the rings to the inbox; `true` if there were any.
-    /// Never blocks, never makes a system call; allocates only while the inbox grows to
-    /// its high-water mark.
+    /// Hands each message waiting in the rings (header and payload, each sender's in the
+    /// order it sent them) to `handle`, straight from the ring: no copy, no allocation, no
+    /// system call, never blocks. `true` if there were any. `handle` may not send through
+    /// this carrier (it is borrowed): the engine defers its sends until the poll is over.
     #[inline]
-    pub(crate) fn poll(&mut self) -> bool {
+    pub(crate) fn poll(&mut self, mut handle: impl FnMut(&[u8])) -> bool {
         // The common case, nothing waiting, costs one load per local peer.
         if !self.boxes.has_incoming() {
             return false;
         }
-        let (inbox, rank_of) = (&mut self.inbox, &self.rank_of);
+        let rank_of = &self.rank_of;
         let res = self.boxes.poll(|src, b| {
             // The header must name the ring's sender: a message is never taken for
             // another rank's.
             match Header::decode(b, b.len()) {
-                Ok(h) if h.src == rank_of[src] => {
-                    let start = inbox.bytes.len();
-                    inbox.bytes.extend_from_slice(b);
-                    inbox.msgs.push(start..start + b.len());
-                }
+                Ok(h) if h.src == rank_of[src] => handle(b),
                 Ok(h) => tracing::warn!(
                     src = h.src,
                     ring = rank_of[src],
@@ -241,40 +234,6 @@ impl FastPath {
                 false
             }
         }
-    }
-
-    /// The messages polled so far, for the engine to handle (each: header and payload);
-    /// give the inbox back with [`FastPath::put_inbox`] to reuse its buffers.
-    pub(crate) fn take_inbox(&mut self) -> Inbox {
-        std::mem::take(&mut self.inbox)
-    }
-
-    /// Returns an inbox taken with [`FastPath::take_inbox`], emptied. Nothing may have been
-    /// polled in between (it would be dropped): the engine polls the rings only from
-    /// `poll_carriers`, never while it handles what they carried.
-    pub(crate) fn put_inbox(&mut self, mut inbox: Inbox) {
-        debug_assert!(
-            self.inbox.msgs.is_empty(),
-            "fast-box messages polled while the inbox was out would be lost"
-        );
-        inbox.bytes.clear();
-        inbox.msgs.clear();
-        self.inbox = inbox;
-    }
-}
-
-/// Messages taken from the rings: header and payload bytes of each, in the order polled
-/// (each sender's in the order it sent them).
-#[derive(Debug, Default)]
-pub(crate) struct Inbox {
-    bytes: Vec<u8>,
-    msgs: Vec<std::ops::Range<usize>>,
-}
-
-impl Inbox {
-    /// The messages, oldest first.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        self.msgs.iter().map(|r| &self.bytes[r.clone()])
     }
 }
 
