@@ -3,10 +3,14 @@
 //! counting global allocator: after a warm-up, the allocations the ranks' test threads make
 //! during `ITERS` round trips are counted.
 //!
-//! The only allocations allowed are those of the failure detector's periodic look at
-//! same-host peers' processes (it reads `/proc`, at most every 100 ms while a rank waits),
-//! so the budget is a few allocations per 100 ms elapsed: one allocation per message (2 ×
-//! `ITERS` per rank) is far above it, and makes this test fail.
+//! Nothing per message or per unit of time is allowed, including the failure detector's
+//! periodic work while a rank waits (its look at same-host peers' `/proc` entries every
+//! 100 ms reads into stack buffers; peers on other hosts, which it probes with messages, are
+//! not in this job). What may allocate is a queue or free list growing to a new high-water
+//! mark: on a loaded host a message can arrive before its receive is posted, or out of turn,
+//! where the warm-up never saw it happen (seen: 1-2 such growths in 2000 round trips with 3
+//! jobs at once). So at most [`GROWTH`] allocations are allowed per size, whatever the time
+//! taken: one allocation per message (2 × `ITERS` per rank) is far above it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -63,8 +67,8 @@ static GLOBAL: Counting = Counting;
 const SIZES: [usize; 3] = [8, 1024, 8192];
 const WARMUP: usize = 300;
 const ITERS: usize = 2000;
-/// Allocations allowed per 100 ms elapsed (the liveness look at peers' `/proc` entries).
-const PER_TICK: u64 = 16;
+/// Allocations allowed per size: queues and free lists reaching a new high-water mark.
+const GROWTH: u64 = 8;
 
 fn ping_pong(comm: &Communicator, buf: &mut [u8], n: usize) {
     let me = comm.rank();
@@ -99,14 +103,12 @@ fn child_alloc() {
         COUNTING.with(|c| c.set(false));
         let took = start.elapsed();
         let allocs = ALLOCS.load(Ordering::Relaxed) - before;
-        let ticks = took.as_millis() as u64 / 100 + 1;
         println!(
-            "rank {}: {len} B: {allocs} allocations in {ITERS} round trips ({took:?}, budget {})",
+            "rank {}: {len} B: {allocs} allocations in {ITERS} round trips ({took:?})",
             comm.rank(),
-            ticks * PER_TICK
         );
         assert!(
-            allocs <= ticks * PER_TICK,
+            allocs <= GROWTH,
             "{len} B messages: {allocs} heap allocations in {ITERS} round trips ({took:?})"
         );
         comm.barrier().unwrap();
