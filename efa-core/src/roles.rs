@@ -114,7 +114,7 @@ pub fn fi_provider_allows(filter: Option<&str>, name: &str) -> bool {
         Some(r) => (true, r),
         None => (false, f),
     };
-    let core = name.split(';').next().unwrap_or(name);
+    let core = efa_fabric::core_provider(name);
     let hit = list
         .split(',')
         .map(str::trim)
