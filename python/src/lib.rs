@@ -27,8 +27,8 @@ const ANY_SOURCE: i64 = -1;
 const ANY_TAG: i64 = -1;
 
 /// The built-in reduction operators (efa-core's `ReduceOp`).
-#[pyclass(eq, eq_int, module = "efa._efa", frozen)]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[pyclass(eq, eq_int, hash, module = "efa._efa", frozen)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[allow(clippy::upper_case_acronyms)]
 enum ReduceOp {
     SUM,

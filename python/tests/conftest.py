@@ -1,0 +1,23 @@
+"""pytest under efarun: every rank runs the same tests in the same order (the collectives
+match across ranks). Run with ``efarun -n 2 python -m pytest python/tests/test_comm.py``
+(ci/python runs 2 and 4 ranks)."""
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    if "EFA_RANK" not in os.environ and "RANK" not in os.environ:
+        print("SKIPPED: efa python tests: not started by a launcher (run under efarun -n 2)")
+
+
+@pytest.fixture(scope="session")
+def comm():
+    import efa
+
+    if "EFA_RANK" not in os.environ and "RANK" not in os.environ:
+        pytest.skip("not under a launcher: run with efarun -n 2 python -m pytest")
+    c = efa.Communicator(timeout=60)
+    yield c
+    c.finalize()
