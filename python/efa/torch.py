@@ -164,7 +164,8 @@ def _op(opts_or_op):
         return _OPS[kind]
     except (KeyError, TypeError):
         raise ValueError(
-            f"efa backend: reduce op {op} is not supported; efa reduces with SUM, AVG, MIN, "
+            f"efa backend: reduce op {getattr(kind, 'name', kind)} is not supported; efa "
+            "reduces with SUM, AVG, MIN, "
             "MAX and PRODUCT"
         ) from None
 
@@ -458,7 +459,9 @@ class ProcessGroupEFA(dist.ProcessGroup):
 
         w = self._submit(tensors, run)
         w._source = -1
-        w.source_rank = lambda: w._source
+        # torch's recv() reads the sender with work._source_rank() (in Python, so this
+        # attribute answers it).
+        w._source_rank = lambda: w._source
         return w
 
 
