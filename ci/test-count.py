@@ -4,7 +4,9 @@
 Usage: ci/test-count.py TAG=LOG...
 
 TAG names where the log came from: "host" for cargo test runs on this machine, "vm" for the
-soft-RoCE VM's log (ci/vm/softroce.sh). Per test binary (a "Running ..." or "Doc-tests ..."
+soft-RoCE VM's log (ci/vm/softroce.sh), "pytest" for a directory of JUnit files that
+ci/python's pytest runs wrote, one per rank (<run>-rank<R>.xml): a test of a run counts once,
+as failed if it failed on any rank, as skipped if every rank skipped it, else as real. Per test binary (a "Running ..." or "Doc-tests ..."
 section of cargo's output, or a "softroce: RUN [i] CMD" section of the VM's) it reads which
 tests started ("test NAME ... "), which failed (" ... FAILED" or the "failures:" list) and
 which were ignored, and sorts each test that passed into:
@@ -109,6 +111,25 @@ def parse(tag, path):
     return sections, skip_lines
 
 
+def parse_pytest(path):
+    """(run, test) -> "real" | "skipped" | "failed", from ci/python's per-rank JUnit files."""
+    import glob
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for f in sorted(glob.glob(os.path.join(path, "*-rank*.xml"))):
+        run = re.sub(r"-rank\d+\.xml$", "", os.path.basename(f))
+        for case in ET.parse(f).getroot().iter("testcase"):
+            key = (run, "%s::%s" % (case.get("classname"), case.get("name")))
+            kinds = {c.tag for c in case}
+            kind = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "real"
+            prev = out.get(key)
+            if prev == "failed" or (prev == "real" and kind == "skipped"):
+                continue
+            out[key] = kind
+    return out
+
+
 def main():
     runs = {}  # (tag-group, binary, name) -> (kind, section source)
     failed = []
@@ -119,6 +140,13 @@ def main():
         tag, _, path = arg.partition("=")
         if not os.path.exists(path):
             notes.append("ci/test-count: no log %s" % path)
+            continue
+        if tag == "pytest":
+            for (run, name), kind in parse_pytest(path).items():
+                if kind == "failed":
+                    failed.append("pytest %s %s" % (run, name))
+                else:
+                    runs[("pytest", run, name)] = kind
             continue
         sections, skip_lines = parse(tag, path)
         all_skip_lines.extend(skip_lines)

@@ -7,7 +7,15 @@ import os
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    # ci/python: one JUnit file per rank (EFA_PYTEST_JUNIT/<run>-rank<R>.xml), counted by
+    # ci/test-count.py.
+    out = os.environ.get("EFA_PYTEST_JUNIT")
+    if out:
+        rank = os.environ.get("EFA_RANK", os.environ.get("RANK", "0"))
+        run = os.environ.get("EFA_PYTEST_RUN", "pytest")
+        config.option.xmlpath = os.path.join(out, f"{run}-rank{rank}.xml")
     if "EFA_RANK" not in os.environ and "RANK" not in os.environ:
         print("SKIPPED: efa python tests: not started by a launcher (run under efarun -n 2)")
 
