@@ -418,8 +418,10 @@ impl Buf {
         // SAFETY: `shape` has `ndim` entries and `strides` is NULL or has `ndim` entries,
         // both valid while the managed tensor is (dlpack.h).
         let shape: Vec<i64> = unsafe { dims(t.shape, ndim).to_vec() };
-        let strides: Option<Vec<i64>> =
-            (!t.strides.is_null()).then(|| unsafe { dims(t.strides, ndim).to_vec() });
+        let strides: Option<Vec<i64>> = (!t.strides.is_null()).then(|| {
+            // SAFETY: non-NULL `strides` has `ndim` entries (dlpack.h), valid as above.
+            unsafe { dims(t.strides, ndim).to_vec() }
+        });
         if let Some(s) = &strides {
             if !c_contiguous(&shape, s) {
                 return Err(not_contiguous(what, &shape, s, "elements"));
