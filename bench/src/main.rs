@@ -16,7 +16,8 @@
 //! session setup and size sweep, [`output`] the one writer, [`benches`] the point-to-point
 //! benchmarks, [`fab`] the allocation-free data path on efa-fabric, [`coll`] the
 //! collectives on an efa-core communicator, [`osu`] OSU's point-to-point tests on one,
-//! [`mem`] the resident memory of an idle job, and [`job`] the launcher-or-local-ranks choice
+//! [`mem`] the resident memory of an idle job, [`scale`] the bootstrap of many simulated
+//! ranks, and [`job`] the launcher-or-local-ranks choice
 //! all three make.
 
 mod benches;
@@ -30,6 +31,7 @@ mod opts;
 mod osu;
 mod output;
 mod plot;
+mod scale;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -117,6 +119,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Some((which, a)) = cli.cmd.collective() {
         a.validate().map_err(err)?;
         return job::run(a.nranks.unwrap_or(2), || coll::run_rank(which, a));
+    }
+    if let Cmd::BootstrapScale(a) = &cli.cmd {
+        return scale::run(a);
     }
     if let Cmd::Rss(a) = &cli.cmd {
         return job::run(a.nranks, || mem::run_rank(a));

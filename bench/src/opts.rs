@@ -64,6 +64,9 @@ pub enum Cmd {
     /// Resident memory per rank of an idle job, after init and after some traffic, with a
     /// breakdown (heap, thread stacks, shm region, other anonymous, files) from smaps.
     Rss(RssArgs),
+    /// The bootstrap of N ranks simulated in this process (one thread per rank, a real TCP
+    /// store on loopback): time, store requests and bytes per N, and the fitted exponent.
+    BootstrapScale(ScaleArgs),
 }
 
 impl Cmd {
@@ -98,6 +101,58 @@ impl Cmd {
             _ => None,
         }
     }
+}
+
+/// How the cards travel in `efa-bench bootstrap-scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExchangeMode {
+    /// Each rank receives its host's cards; the rest stay in the store for look-ups.
+    Grouped,
+    /// Each rank receives every card, in one gather request.
+    All,
+    /// The protocol before issue 17: one GET per card (N² requests).
+    Keys,
+    /// Cards allgathered over the ranks' own TCP connections (recursive doubling).
+    Peers,
+}
+
+impl ExchangeMode {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangeMode::Grouped => "grouped",
+            ExchangeMode::All => "all",
+            ExchangeMode::Keys => "keys",
+            ExchangeMode::Peers => "peers",
+        }
+    }
+}
+
+/// Options of `efa-bench bootstrap-scale`.
+#[derive(Debug, Clone, Args)]
+pub struct ScaleArgs {
+    /// Numbers of ranks to run, one after the other (`k` = 1024).
+    #[arg(short = 'N', long = "ranks", default_value = "64,256,1k,2k,4k", value_parser = parse_sizes)]
+    pub ranks: Sizes,
+    /// How the cards travel.
+    #[arg(long, value_enum, default_value_t = ExchangeMode::Grouped)]
+    pub mode: ExchangeMode,
+    /// Bytes of each rank's card (a real card is about 200).
+    #[arg(long, default_value_t = 200, value_parser = parse_positive)]
+    pub card: usize,
+    /// Ranks per simulated host (p5 and hpc7a: 96 or 192).
+    #[arg(long, default_value_t = 96, value_parser = parse_u32_positive)]
+    pub per_host: u32,
+    /// Seconds each rank may take (its bootstrap deadline).
+    #[arg(long, default_value_t = 120.0, value_parser = parse_timeout)]
+    pub timeout: f64,
+    /// One JSON object per size instead of the table (the summary line stays).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_u32_positive(s: &str) -> Result<u32, String> {
+    parse_positive(s).and_then(|n| u32::try_from(n).map_err(|_| format!("'{s}' is too large")))
 }
 
 /// Options of `efa-bench rss`.

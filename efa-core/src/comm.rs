@@ -2051,7 +2051,7 @@ fn ready_barrier(comm: &Communicator, store: &dyn Store) -> Result<()> {
     // Every rank has read every card (a rank sets its ready key only after that), so the
     // cards can go: a persistent store reused by a later job with the same id must not
     // hand it this job's addresses.
-    if let Err(e) = store.delete(&format!("{prefix}/card/{rank}")) {
+    if let Err(e) = bootstrap::withdraw(store, &format!("{prefix}/card"), rank, "") {
         tracing::warn!("could not remove this rank's card from the store: {e}");
     }
     Ok(())

@@ -117,6 +117,29 @@ pub enum StoreError {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// Not every rank published in the exchange before the deadline ([`Store::gather`]).
+    /// Those ranks have not started, crashed, or use a different `EFA_STORE`.
+    #[error("{} of {world} ranks did not publish in exchange `{exchange}` within {waited:?}", missing.len())]
+    Incomplete {
+        /// The exchange.
+        exchange: String,
+        /// The size of the exchange's world.
+        world: u32,
+        /// Every rank that had not published, ascending.
+        missing: Vec<u32>,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// An exchange was used inconsistently: a rank not below the world size, or two ranks
+    /// giving different world sizes for the same exchange. A bug in the caller, or two jobs
+    /// sharing one store and exchange name.
+    #[error("exchange `{exchange}` used inconsistently: {reason}")]
+    InvalidExchange {
+        /// The exchange.
+        exchange: String,
+        /// What is inconsistent.
+        reason: String,
+    },
     /// No connection to the store server could be made before the deadline. Check that the
     /// serving process (rank 0 or the launcher) runs and that the address is reachable.
     #[error("could not reach the store at {addr} within {waited:?}: {source} (is the process that serves it, rank 0 or the launcher, running, and is EFA_STORE the same on every rank?)")]
@@ -276,6 +299,162 @@ pub fn rank_of_key(key: &str) -> Option<u32> {
     key.rsplit('/').next()?.parse().ok()
 }
 
+// ---------------------------------------------------------------------------------------
+// Exchanges: publish once, gather many in one request
+// ---------------------------------------------------------------------------------------
+
+/// Which entries of an exchange [`Store::gather`] returns once every rank has published.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Members {
+    /// Every rank's entry, in rank order (`N` entries: what `exchange_all` needs).
+    All,
+    /// The entries published with this group (for example the ranks of one host), in rank
+    /// order. The empty group is a group like any other.
+    Group(String),
+    /// None: the gather only waits until every rank has published (a barrier).
+    Nobody,
+}
+
+/// The key under which rank `rank`'s entry of exchange `exchange` is stored, so that a
+/// plain [`Store::get`] reads one peer's entry (the lazy look-up of a peer's card).
+pub fn entry_key(exchange: &str, rank: u32) -> String {
+    format!("{exchange}/{rank}")
+}
+
+/// Which ranks of an exchange among `world` ranks have published, and in which groups.
+/// Kept by the TCP server and the in-process store (the file store reads the same facts
+/// from file names).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExchangeIndex {
+    world: u32,
+    published: Vec<bool>,
+    count: u32,
+    groups: HashMap<String, BTreeSet<u32>>,
+}
+
+impl ExchangeIndex {
+    /// An exchange among `world` ranks that nobody has published in yet.
+    pub(crate) fn new(world: u32) -> Self {
+        Self {
+            world,
+            published: vec![false; world as usize],
+            count: 0,
+            groups: HashMap::new(),
+        }
+    }
+
+    /// Records `rank`'s entry in `group`; publishing again (a retry) changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// A message when `rank` is not below the world size or `world` disagrees with the
+    /// size the exchange was started with.
+    pub(crate) fn publish(&mut self, rank: u32, world: u32, group: &str) -> Result<(), String> {
+        self.check_world(world)?;
+        if rank >= self.world {
+            return Err(format!(
+                "rank {rank} published in an exchange among {} ranks",
+                self.world
+            ));
+        }
+        if !std::mem::replace(&mut self.published[rank as usize], true) {
+            self.count += 1;
+            self.groups
+                .entry(group.to_owned())
+                .or_default()
+                .insert(rank);
+        }
+        Ok(())
+    }
+
+    /// Whether `world` is the size the exchange was started with.
+    pub(crate) fn check_world(&self, world: u32) -> Result<(), String> {
+        if world == self.world {
+            Ok(())
+        } else {
+            Err(format!(
+                "an exchange among {world} ranks, but it was started among {}",
+                self.world
+            ))
+        }
+    }
+
+    /// Whether every rank has published.
+    pub(crate) fn complete(&self) -> bool {
+        self.count == self.world
+    }
+
+    /// The ranks that have not published, ascending.
+    pub(crate) fn missing(&self) -> Vec<u32> {
+        (0..self.world)
+            .filter(|&r| !self.published[r as usize])
+            .collect()
+    }
+
+    /// The ranks `members` selects, ascending.
+    pub(crate) fn members(&self, members: &Members) -> Vec<u32> {
+        match members {
+            Members::All => (0..self.world).collect(),
+            Members::Group(g) => self
+                .groups
+                .get(g.as_str())
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+            Members::Nobody => Vec::new(),
+        }
+    }
+}
+
+/// Encodes gathered entries: `count:u32`, then per entry `rank:u32 len:u32 bytes`
+/// (big-endian). The body of a TCP GATHER reply and of a file store's combined file.
+pub(crate) fn encode_gathered<'a>(
+    entries: impl ExactSizeIterator<Item = (u32, &'a [u8])>,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + entries.len() * 8);
+    b.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for (rank, v) in entries {
+        b.extend_from_slice(&rank.to_be_bytes());
+        b.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        b.extend_from_slice(v);
+    }
+    b
+}
+
+/// Decodes [`encode_gathered`]'s form.
+///
+/// # Errors
+///
+/// A message saying where the bytes stop making sense.
+pub(crate) fn decode_gathered(b: &[u8]) -> Result<Vec<(u32, Vec<u8>)>, String> {
+    let u32_at = |at: usize| -> Result<u32, String> {
+        b.get(at..at + 4)
+            .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+            .ok_or_else(|| format!("gathered entries end at byte {} inside a number", b.len()))
+    };
+    let count = u32_at(0)? as usize;
+    // Each entry takes at least 8 bytes: a count larger than that is a lie, not a reason
+    // to allocate.
+    if count > b.len() / 8 {
+        return Err(format!("{count} entries announced in {} bytes", b.len()));
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut at = 4;
+    for _ in 0..count {
+        let rank = u32_at(at)?;
+        let len = u32_at(at + 4)? as usize;
+        at += 8;
+        let v = b
+            .get(at..at + len)
+            .ok_or_else(|| format!("entry of rank {rank} ({len} bytes) is cut short"))?;
+        out.push((rank, v.to_vec()));
+        at += len;
+    }
+    if at != b.len() {
+        return Err(format!("{} bytes after the last entry", b.len() - at));
+    }
+    Ok(out)
+}
+
 /// A job's shared secret for the TCP store (`EFA_STORE_TOKEN`): only clients that present it
 /// may use a store served with it. See the [module docs](self#who-may-join).
 ///
@@ -419,6 +598,47 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// errors otherwise.
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError>;
 
+    /// Publishes this rank's entry of the exchange `exchange` among `world` ranks, in
+    /// `group` (for [`Members::Group`]). The entry is then readable as
+    /// [`entry_key`]`(exchange, rank)` with [`Store::get`]. One request on the TCP store;
+    /// two file writes (the entry and, for a non-empty group, an empty marker whose name
+    /// says the group) on the file store.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidExchange`] when `rank >= world`, or when `world` differs from
+    /// the size another rank gave for the same exchange; the errors of [`Store::set_by`].
+    fn publish(
+        &self,
+        exchange: &str,
+        rank: u32,
+        world: u32,
+        group: &str,
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<(), StoreError>;
+
+    /// Waits until all `world` ranks have published in `exchange`, then returns the entries
+    /// `members` selects, as `(rank, value)` in rank order. One request on the TCP store
+    /// (the server waits and gathers); on the file store a directory listing per poll and
+    /// one file read per entry returned (for [`Members::All`], one combined file written
+    /// by `rank` 0 and read by the others, so no store costs `N` opens per rank). `rank` is
+    /// the caller's rank.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Incomplete`] listing every rank that had not published by `deadline`;
+    /// [`StoreError::InvalidExchange`] when `world` differs from the exchange's; I/O and
+    /// protocol errors.
+    fn gather(
+        &self,
+        exchange: &str,
+        rank: u32,
+        world: u32,
+        members: &Members,
+        deadline: Instant,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
+
     /// Waits until every key in `keys` is set, or `deadline` passes.
     ///
     /// # Errors
@@ -492,8 +712,14 @@ fn remaining(deadline: Instant) -> Duration {
 /// through an `Arc`).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    map: Mutex<HashMap<String, Vec<u8>>>,
+    state: Mutex<MemoryState>,
     changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    map: HashMap<String, Vec<u8>>,
+    exchanges: HashMap<String, ExchangeIndex>,
 }
 
 impl MemoryStore {
@@ -502,9 +728,33 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
-        // A panicking holder cannot leave the map half-updated (insert is atomic for us).
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        // A panicking holder cannot leave the state half-updated (each change is one insert).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits on the condition variable until `ready` holds or `deadline` passes; returns
+    /// the guard and whether it held.
+    fn wait_until<'a>(
+        &self,
+        mut state: MutexGuard<'a, MemoryState>,
+        deadline: Instant,
+        ready: impl Fn(&MemoryState) -> bool,
+    ) -> (MutexGuard<'a, MemoryState>, bool) {
+        loop {
+            if ready(&state) {
+                return (state, true);
+            }
+            let left = remaining(deadline);
+            if left.is_zero() {
+                return (state, false);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 
@@ -515,7 +765,7 @@ impl Store for MemoryStore {
 
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         check_key(key)?;
-        self.lock().insert(key.to_owned(), value.to_vec());
+        self.lock().map.insert(key.to_owned(), value.to_vec());
         self.changed.notify_all();
         Ok(())
     }
@@ -523,24 +773,87 @@ impl Store for MemoryStore {
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
         check_key(key)?;
         let start = Instant::now();
-        let mut map = self.lock();
-        loop {
-            if let Some(v) = map.get(key) {
-                return Ok(v.clone());
-            }
-            let left = remaining(deadline);
-            if left.is_zero() {
-                return Err(StoreError::Timeout {
-                    key: key.to_owned(),
-                    waited: start.elapsed(),
-                });
-            }
-            map = self
-                .changed
-                .wait_timeout(map, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (state, found) = self.wait_until(self.lock(), deadline, |s| s.map.contains_key(key));
+        match state.map.get(key) {
+            Some(v) if found => Ok(v.clone()),
+            _ => Err(StoreError::Timeout {
+                key: key.to_owned(),
+                waited: start.elapsed(),
+            }),
         }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.lock().map.remove(key);
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        exchange: &str,
+        rank: u32,
+        world: u32,
+        group: &str,
+        value: &[u8],
+        _deadline: Instant,
+    ) -> Result<(), StoreError> {
+        let key = entry_key(exchange, rank);
+        check_key(&key)?;
+        let mut state = self.lock();
+        state
+            .exchanges
+            .entry(exchange.to_owned())
+            .or_insert_with(|| ExchangeIndex::new(world))
+            .publish(rank, world, group)
+            .map_err(|reason| invalid_exchange(exchange, reason))?;
+        state.map.insert(key, value.to_vec());
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    fn gather(
+        &self,
+        exchange: &str,
+        _rank: u32,
+        world: u32,
+        members: &Members,
+        deadline: Instant,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        let start = Instant::now();
+        let mut state = self.lock();
+        state
+            .exchanges
+            .entry(exchange.to_owned())
+            .or_insert_with(|| ExchangeIndex::new(world))
+            .check_world(world)
+            .map_err(|reason| invalid_exchange(exchange, reason))?;
+        let (state, _) = self.wait_until(state, deadline, |s| s.exchanges[exchange].complete());
+        let index = &state.exchanges[exchange];
+        if !index.complete() {
+            return Err(StoreError::Incomplete {
+                exchange: exchange.to_owned(),
+                world,
+                missing: index.missing(),
+                waited: start.elapsed(),
+            });
+        }
+        Ok(index
+            .members(members)
+            .into_iter()
+            .map(|r| {
+                let v = state.map.get(&entry_key(exchange, r));
+                (r, v.cloned().unwrap_or_default())
+            })
+            .collect())
+    }
+}
+
+/// The error for an exchange used inconsistently (a rank out of range, two world sizes).
+fn invalid_exchange(exchange: &str, reason: String) -> StoreError {
+    StoreError::InvalidExchange {
+        exchange: exchange.to_owned(),
+        reason,
     }
 }
 
@@ -630,8 +943,9 @@ impl FileStore {
         &self.dir
     }
 
-    fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
-        check_key(key)?;
+    /// The file name of `key` (or of any key starting with `key`): `k`, then the key with
+    /// bytes other than `[A-Za-z0-9_-]` percent-encoded.
+    fn file_name(key: &str) -> String {
         let mut name = String::with_capacity(key.len() + 1);
         name.push('k'); // never starts with '.', so it cannot clash with temporary files
         for b in key.bytes() {
@@ -641,6 +955,12 @@ impl FileStore {
                 name.push_str(&format!("%{b:02X}"));
             }
         }
+        name
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        let name = Self::file_name(key);
         if name.len() > 240 {
             return Err(StoreError::InvalidKey {
                 key: key.chars().take(64).collect(),
@@ -657,6 +977,86 @@ impl FileStore {
             source,
         }
     }
+
+    /// The file's bytes, or `None` if it does not exist.
+    fn read_if_present(&self, path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+        match std::fs::read(path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io("reading a key")(e)),
+        }
+    }
+
+    /// Who has published in `exchange`, and in which groups, from one listing of the
+    /// directory (no file is opened).
+    fn list_exchange(&self, exchange: &str, world: u32) -> Result<ExchangeIndex, StoreError> {
+        let entries = Self::file_name(&format!("{exchange}/"));
+        let markers = Self::file_name(&format!("{exchange}/@g/"));
+        let mut published = Vec::new();
+        let mut groups: HashMap<u32, String> = HashMap::new();
+        let dir = std::fs::read_dir(&self.dir).map_err(self.io("listing the directory"))?;
+        for e in dir {
+            let e = e.map_err(self.io("listing the directory"))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(rest) = name.strip_prefix(&markers) {
+                // `<hex group>%2F<rank>`
+                if let Some((g, r)) = rest.split_once("%2F") {
+                    if let (Some(g), Ok(r)) = (unhex(g), r.parse::<u32>()) {
+                        groups.insert(r, g);
+                    }
+                }
+            } else if let Some(r) = name.strip_prefix(&entries) {
+                if let Ok(r) = r.parse::<u32>() {
+                    published.push(r);
+                }
+            }
+        }
+        let mut index = ExchangeIndex::new(world);
+        for r in published.into_iter().filter(|&r| r < world) {
+            let group = groups.get(&r).map_or("", String::as_str);
+            index
+                .publish(r, world, group)
+                .map_err(|reason| invalid_exchange(exchange, reason))?;
+        }
+        Ok(index)
+    }
+}
+
+/// The key of the empty file whose name says which group `rank` published in: the file
+/// store learns the groups of an exchange from one directory listing.
+fn marker_key(exchange: &str, group: &str, rank: u32) -> String {
+    format!("{exchange}/@g/{}/{rank}", hex(group.as_bytes()))
+}
+
+/// The key of the file store's combined file of every entry of `exchange`.
+fn all_key(exchange: &str) -> String {
+    format!("{exchange}/@all")
+}
+
+/// The keys an exchange's entry of `rank` leaves in a store ([`entry_key`], and on the file
+/// store its group marker and, for rank 0, the combined file), for removing them.
+pub(crate) fn exchange_keys(exchange: &str, rank: u32, group: &str) -> Vec<String> {
+    let mut keys = vec![entry_key(exchange, rank), marker_key(exchange, group, rank)];
+    if rank == 0 {
+        keys.push(all_key(exchange));
+    }
+    keys
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
 impl Store for FileStore {
@@ -702,10 +1102,8 @@ impl Store for FileStore {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(1);
         loop {
-            match std::fs::read(&path) {
-                Ok(v) => return Ok(v),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(self.io("reading a key")(e)),
+            if let Some(v) = self.read_if_present(&path)? {
+                return Ok(v);
             }
             let left = remaining(deadline);
             if left.is_zero() {
@@ -715,6 +1113,93 @@ impl Store for FileStore {
                 });
             }
             std::thread::sleep(backoff.min(left));
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    fn publish(
+        &self,
+        exchange: &str,
+        rank: u32,
+        world: u32,
+        group: &str,
+        value: &[u8],
+        _deadline: Instant,
+    ) -> Result<(), StoreError> {
+        if rank >= world {
+            return Err(invalid_exchange(
+                exchange,
+                format!("rank {rank} published in an exchange among {world} ranks"),
+            ));
+        }
+        // The marker first: a gather that sees the entry sees its group too. No marker
+        // means the empty group.
+        if !group.is_empty() {
+            self.set(&marker_key(exchange, group, rank), &[])?;
+        }
+        self.set(&entry_key(exchange, rank), value)
+    }
+
+    fn gather(
+        &self,
+        exchange: &str,
+        rank: u32,
+        world: u32,
+        members: &Members,
+        deadline: Instant,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(1);
+        let all_path = self.path_of(&all_key(exchange))?;
+        let listing = loop {
+            let listing = self.list_exchange(exchange, world)?;
+            if listing.complete() {
+                break listing;
+            }
+            let left = remaining(deadline);
+            if left.is_zero() {
+                return Err(StoreError::Incomplete {
+                    exchange: exchange.to_owned(),
+                    world,
+                    missing: listing.missing(),
+                    waited: start.elapsed(),
+                });
+            }
+            std::thread::sleep(backoff.min(left));
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        };
+        let read_all = |ranks: Vec<u32>| -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+            ranks
+                .into_iter()
+                .map(|r| {
+                    let path = self.path_of(&entry_key(exchange, r))?;
+                    Ok((r, self.read_if_present(&path)?.unwrap_or_default()))
+                })
+                .collect()
+        };
+        if *members != Members::All {
+            return read_all(listing.members(members));
+        }
+        // Every rank wants every entry: rank 0 reads them and writes one combined file, the
+        // others read that, so the shared file system sees 2N + N opens, not N².
+        if rank == 0 {
+            let all = read_all(listing.members(&Members::All))?;
+            let body = encode_gathered(all.iter().map(|(r, v)| (*r, v.as_slice())));
+            self.set(&all_key(exchange), &body)?;
+            return Ok(all);
+        }
+        loop {
+            if let Some(b) = self.read_if_present(&all_path)? {
+                return decode_gathered(&b).map_err(|detail| StoreError::Protocol {
+                    addr: all_path.display().to_string(),
+                    detail,
+                });
+            }
+            if remaining(deadline).is_zero() {
+                // Rank 0 published and then stopped: read the entries here.
+                return read_all(listing.members(&Members::All));
+            }
+            std::thread::sleep(backoff.min(remaining(deadline)));
             backoff = (backoff * 2).min(Duration::from_millis(50));
         }
     }
@@ -729,6 +1214,8 @@ const OP_SET: u8 = 2;
 const OP_GET: u8 = 3;
 const OP_LEAVE: u8 = 4;
 const OP_HELLO_AUTH: u8 = 5;
+const OP_PUBLISH: u8 = 6;
+const OP_GATHER: u8 = 7;
 
 /// Longest HELLO_AUTH request body: opcode, rank, token.
 const HELLO_AUTH_MAX: usize = 1 + 4 + StoreToken::MAX_LEN;
@@ -763,6 +1250,27 @@ pub(crate) enum Request {
         rank: u32,
         token: Vec<u8>,
     },
+    /// A rank's entry of an exchange ([`Store::publish`]).
+    Publish {
+        exchange: String,
+        rank: u32,
+        world: u32,
+        group: String,
+        value: Vec<u8>,
+    },
+    /// Wait for an exchange and return entries ([`Store::gather`]).
+    Gather {
+        exchange: String,
+        world: u32,
+        members: Members,
+        wait: Duration,
+    },
+}
+
+/// Milliseconds of a wait on the wire, rounded up, so the server never gives up before the
+/// caller's deadline.
+fn wait_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 impl Request {
@@ -781,9 +1289,40 @@ impl Request {
             Request::Get { key, wait } => {
                 b.push(OP_GET);
                 put_str(&mut b, key);
-                // Rounded up, so the server never gives up before the caller's deadline.
-                let ms = u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
-                b.extend_from_slice(&ms.to_be_bytes());
+                b.extend_from_slice(&wait_ms(*wait).to_be_bytes());
+            }
+            Request::Publish {
+                exchange,
+                rank,
+                world,
+                group,
+                value,
+            } => {
+                b.push(OP_PUBLISH);
+                put_str(&mut b, exchange);
+                b.extend_from_slice(&rank.to_be_bytes());
+                b.extend_from_slice(&world.to_be_bytes());
+                put_str(&mut b, group);
+                b.extend_from_slice(value);
+            }
+            Request::Gather {
+                exchange,
+                world,
+                members,
+                wait,
+            } => {
+                b.push(OP_GATHER);
+                put_str(&mut b, exchange);
+                b.extend_from_slice(&world.to_be_bytes());
+                match members {
+                    Members::All => b.push(0),
+                    Members::Group(g) => {
+                        b.push(1);
+                        put_str(&mut b, g);
+                    }
+                    Members::Nobody => b.push(2),
+                }
+                b.extend_from_slice(&wait_ms(*wait).to_be_bytes());
             }
             Request::Leave => b.push(OP_LEAVE),
             Request::HelloAuth { rank, token } => {
@@ -841,6 +1380,43 @@ impl Request {
                 })
             }
             OP_LEAVE if rest.is_empty() => Ok(Request::Leave),
+            OP_PUBLISH => {
+                let (exchange, n) = take_str(rest)?;
+                let (rank, m) = take_u32(&rest[n..])?;
+                let (world, k) = take_u32(&rest[n + m..])?;
+                let (group, g) = take_str(&rest[n + m + k..])?;
+                Ok(Request::Publish {
+                    exchange,
+                    rank,
+                    world,
+                    group,
+                    value: rest[n + m + k + g..].to_vec(),
+                })
+            }
+            OP_GATHER => {
+                let (exchange, n) = take_str(rest)?;
+                let (world, m) = take_u32(&rest[n..])?;
+                let rest = &rest[n + m..];
+                let (&sel, rest) = rest.split_first().ok_or("GATHER without a selector")?;
+                let (members, rest) = match sel {
+                    0 => (Members::All, rest),
+                    1 => {
+                        let (g, k) = take_str(rest)?;
+                        (Members::Group(g), &rest[k..])
+                    }
+                    2 => (Members::Nobody, rest),
+                    other => return Err(format!("unknown GATHER selector {other}")),
+                };
+                let ms: [u8; 8] = rest
+                    .try_into()
+                    .map_err(|_| "GATHER needs exactly 8 bytes of wait time")?;
+                Ok(Request::Gather {
+                    exchange,
+                    world,
+                    members,
+                    wait: Duration::from_millis(u64::from_be_bytes(ms)),
+                })
+            }
             OP_HELLO_AUTH => {
                 let (rank, n) = take_u32(rest)?;
                 let token = &rest[n..];
@@ -889,14 +1465,57 @@ impl Presence {
     }
 }
 
+/// One exchange as the server keeps it.
+#[derive(Debug)]
+struct ServerExchange {
+    index: ExchangeIndex,
+    /// Becomes true when every rank has published: wakes the gathers of this exchange
+    /// only, once (a SET wakes every waiting GET instead).
+    done: watch::Sender<bool>,
+    /// Reply frames already built, per selection: every rank of a host asks for the same.
+    replies: HashMap<Members, Arc<Vec<u8>>>,
+}
+
+impl ServerExchange {
+    fn new(world: u32) -> Self {
+        Self {
+            index: ExchangeIndex::new(world),
+            done: watch::channel(false).0,
+            replies: HashMap::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     map: Mutex<HashMap<String, Vec<u8>>>,
+    /// Exchanges by name. Locked before `map` when both are.
+    exchanges: Mutex<HashMap<String, ServerExchange>>,
     version: watch::Sender<u64>,
     presence: Mutex<Presence>,
     presence_changed: Condvar,
     /// The job's secret; `None` admits only clients without one.
     token: Option<StoreToken>,
+    /// What [`TcpStoreServer::stats`] reports.
+    stats: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes_received: AtomicU64,
+    bytes_sent: AtomicU64,
+}
+
+/// What a [`TcpStoreServer`] has done so far ([`TcpStoreServer::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Requests received (every frame, HELLO and refused ones included).
+    pub requests: u64,
+    /// Bytes of request frames received, length fields included.
+    pub bytes_received: u64,
+    /// Bytes of reply frames sent, length fields included.
+    pub bytes_sent: u64,
 }
 
 impl Shared {
@@ -904,10 +1523,12 @@ impl Shared {
     pub(crate) fn new(token: Option<StoreToken>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            exchanges: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
             presence: Mutex::new(Presence::default()),
             presence_changed: Condvar::new(),
             token,
+            stats: Counters::default(),
         }
     }
 
@@ -917,6 +1538,93 @@ impl Shared {
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exchanges(&self) -> MutexGuard<'_, HashMap<String, ServerExchange>> {
+        self.exchanges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a PUBLISH; the error text is the reply's.
+    fn publish(
+        &self,
+        exchange: String,
+        rank: u32,
+        world: u32,
+        group: &str,
+        value: Vec<u8>,
+    ) -> Result<(), String> {
+        let key = entry_key(&exchange, rank);
+        check_key(&key).map_err(|e| e.to_string())?;
+        let mut exchanges = self.exchanges();
+        let ex = exchanges
+            .entry(exchange)
+            .or_insert_with(|| ServerExchange::new(world));
+        ex.index.publish(rank, world, group)?;
+        // A rank publishing again may change its value.
+        ex.replies.clear();
+        self.map().insert(key, value);
+        if ex.index.complete() {
+            ex.done.send_replace(true);
+        }
+        drop(exchanges);
+        self.version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// The exchange's completion flag to wait on; the error text is the reply's.
+    fn exchange_done(&self, exchange: &str, world: u32) -> Result<watch::Receiver<bool>, String> {
+        let mut exchanges = self.exchanges();
+        let ex = exchanges
+            .entry(exchange.to_owned())
+            .or_insert_with(|| ServerExchange::new(world));
+        ex.index.check_world(world)?;
+        Ok(ex.done.subscribe())
+    }
+
+    /// The reply frame of a GATHER whose exchange is complete (status and entries) or not
+    /// (`ST_NOT_FOUND` and the missing ranks).
+    fn gather_reply(&self, exchange: &str, members: &Members) -> Arc<Vec<u8>> {
+        let mut exchanges = self.exchanges();
+        let Some(ex) = exchanges.get_mut(exchange) else {
+            return Arc::new(reply_frame(ST_ERROR, b"no such exchange"));
+        };
+        if !ex.index.complete() {
+            let missing: Vec<u8> = ex
+                .index
+                .missing()
+                .iter()
+                .flat_map(|r| r.to_be_bytes())
+                .collect();
+            return Arc::new(reply_frame(ST_NOT_FOUND, &missing));
+        }
+        if let Some(r) = ex.replies.get(members) {
+            return r.clone();
+        }
+        let map = self.map();
+        let ranks = ex.index.members(members);
+        let keys: Vec<String> = ranks.iter().map(|&r| entry_key(exchange, r)).collect();
+        let body = encode_gathered(
+            ranks
+                .iter()
+                .zip(&keys)
+                .map(|(&r, k)| (r, map.get(k).map_or(&[][..], Vec::as_slice))),
+        );
+        drop(map);
+        let frame = if body.len() + 1 > MAX_FRAME {
+            reply_frame(
+                ST_ERROR,
+                format!(
+                    "the gathered entries take {} bytes, more than a frame's {MAX_FRAME}: gather a group",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+        } else {
+            reply_frame(ST_VALUE, &body)
+        };
+        let frame = Arc::new(frame);
+        ex.replies.insert(members.clone(), frame.clone());
+        frame
     }
 
     fn arrive(&self, rank: u32) {
@@ -980,10 +1688,18 @@ impl TcpStoreServer {
         limits: Limits,
     ) -> Result<Self, StoreError> {
         let candidates = resolve(addr)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| StoreError::Io {
+                location: addr.to_owned(),
+                op: "starting the store runtime",
+                source,
+            })?;
         let mut last = None;
         let listener = candidates
             .iter()
-            .find_map(|a| match StdTcpListener::bind(a) {
+            .find_map(|a| match listen(&runtime, *a) {
                 Ok(l) => Some(l),
                 Err(e) => {
                     last = Some(e);
@@ -999,23 +1715,8 @@ impl TcpStoreServer {
             op: "reading the bound address",
             source,
         })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| StoreError::Io {
-                location: local.to_string(),
-                op: "making the listener non-blocking",
-                source,
-            })?;
         let shared = Arc::new(Shared::new(token));
         let (tx, rx) = oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| StoreError::Io {
-                location: local.to_string(),
-                op: "starting the store runtime",
-                source,
-            })?;
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("efa-store {local}"))
@@ -1037,6 +1738,16 @@ impl TcpStoreServer {
     /// The address the server listens on (with the real port if 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Requests and bytes the server has received and sent since it started.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.shared.stats;
+        StoreStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+        }
     }
 
     /// Waits until every rank in `0..world_size` has connected and disconnected again (or
@@ -1101,6 +1812,25 @@ impl Drop for TcpStoreServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Connections the kernel queues for the server before it accepts them (capped by
+/// `net.core.somaxconn`, 4096 on current kernels). Every rank of a job connects at once:
+/// with std's 128, a job of 1,024 ranks lost about a second to SYNs dropped and resent.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// A non-blocking listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as std's).
+fn listen(runtime: &tokio::runtime::Runtime, addr: SocketAddr) -> io::Result<StdTcpListener> {
+    // The socket registers with the runtime it is made in; `into_std` takes it back out.
+    let _in_runtime = runtime.enter();
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 /// Limits that keep broken or hostile clients from tying up the server.
@@ -1426,6 +2156,11 @@ pub(crate) async fn connection<S>(
                 }
                 decoder.push(&chunk[..n]);
             };
+            shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .bytes_received
+                .fetch_add(4 + frame.len() as u64, Ordering::Relaxed);
             let req = Request::decode(&frame);
             if let Some(reason) = refusal(shared.token.as_ref(), authed, &req) {
                 tracing::warn!("refused a store client from {peer}: {reason}; its connection is closed");
@@ -1444,6 +2179,61 @@ pub(crate) async fn connection<S>(
             }
             let (status, body): (u8, Vec<u8>) = match req {
                 Err(msg) => (ST_ERROR, msg.into_bytes()),
+                Ok(Request::Publish {
+                    exchange,
+                    rank: r,
+                    world,
+                    group,
+                    value,
+                }) => match shared.publish(exchange, r, world, &group, value) {
+                    Ok(()) => (ST_VALUE, Vec::new()),
+                    Err(msg) => (ST_ERROR, msg.into_bytes()),
+                },
+                Ok(Request::Gather {
+                    exchange,
+                    world,
+                    members,
+                    wait,
+                }) => {
+                    let mut done = match shared.exchange_done(&exchange, world) {
+                        Ok(d) => d,
+                        Err(msg) => {
+                            write_reply(&mut stream, &reply_frame(ST_ERROR, msg.as_bytes()), &shared, limits)
+                                .await?;
+                            continue;
+                        }
+                    };
+                    if !*done.borrow_and_update() {
+                        if !decoder.is_empty() {
+                            return Err(protocol_violation(
+                                "request sent while a GATHER was waiting".into(),
+                            ));
+                        }
+                        // As for GET: watch the connection while the exchange fills.
+                        let until = tokio::time::Instant::now() + wait;
+                        tokio::select! {
+                            biased;
+                            _ = async {
+                                while !*done.borrow_and_update() {
+                                    if tokio::time::timeout_at(until, done.changed()).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            } => {}
+                            r = stream.read(&mut chunk) => {
+                                return match r? {
+                                    0 => Ok(()),
+                                    _ => Err(protocol_violation(
+                                        "request sent while a GATHER was waiting".into(),
+                                    )),
+                                };
+                            }
+                        }
+                    }
+                    let frame = shared.gather_reply(&exchange, &members);
+                    write_reply(&mut stream, &frame, &shared, limits).await?;
+                    continue;
+                }
                 Ok(Request::Hello { rank: r } | Request::HelloAuth { rank: r, .. }) => {
                     // The connection is a client, not a squatter: off the list, no limit.
                     unidentified = None;
@@ -1495,23 +2285,7 @@ pub(crate) async fn connection<S>(
                     (ST_VALUE, Vec::new())
                 }
             };
-            let mut reply = Vec::with_capacity(5 + body.len());
-            reply.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
-            reply.push(status);
-            reply.extend_from_slice(&body);
-            let written = async {
-                stream.write_all(&reply).await?;
-                stream.flush().await
-            };
-            match tokio::time::timeout(limits.frame, written).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "client did not read its reply in time",
-                    ))
-                }
-            }
+            write_reply(&mut stream, &reply_frame(status, &body), &shared, limits).await?;
         }
     }
     .await;
@@ -1520,6 +2294,42 @@ pub(crate) async fn connection<S>(
     }
     if let Some(r) = rank {
         shared.depart(r);
+    }
+}
+
+/// A reply frame: length, status, body.
+fn reply_frame(status: u8, body: &[u8]) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(5 + body.len());
+    reply.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    reply.push(status);
+    reply.extend_from_slice(body);
+    reply
+}
+
+/// Writes a reply frame, within the frame time limit.
+async fn write_reply<S>(
+    stream: &mut S,
+    frame: &[u8],
+    shared: &Shared,
+    limits: Limits,
+) -> io::Result<()>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    shared
+        .stats
+        .bytes_sent
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let written = async {
+        stream.write_all(frame).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limits.frame, written).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client did not read its reply in time",
+        )),
     }
 }
 
@@ -1982,6 +2792,7 @@ impl TcpStore {
             return Err(StoreError::ValueTooLarge {
                 key: match req {
                     Request::Set { key, .. } => key.clone(),
+                    Request::Publish { exchange, rank, .. } => entry_key(exchange, *rank),
                     _ => String::new(),
                 },
                 len: payload.len(),
@@ -1998,7 +2809,7 @@ impl TcpStore {
         // margin (at least 1 s, for the network and a busy server) is all a stopped server
         // gets beyond the caller's deadline.
         let extra = match req {
-            Request::Get { wait, .. } => *wait,
+            Request::Get { wait, .. } | Request::Gather { wait, .. } => *wait,
             _ => Duration::ZERO,
         };
         let started = Instant::now();
@@ -2199,6 +3010,75 @@ impl Store for TcpStore {
 
     fn set_by(&self, key: &str, value: &[u8], deadline: Instant) -> Result<(), StoreError> {
         self.set_within(key, value, Some(deadline))
+    }
+
+    fn publish(
+        &self,
+        exchange: &str,
+        rank: u32,
+        world: u32,
+        group: &str,
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
+        check_key(&entry_key(exchange, rank))?;
+        self.request(
+            &Request::Publish {
+                exchange: exchange.to_owned(),
+                rank,
+                world,
+                group: group.to_owned(),
+                value: value.to_vec(),
+            },
+            Some(deadline),
+        )
+        .map(|_| ())
+    }
+
+    fn gather(
+        &self,
+        exchange: &str,
+        _rank: u32,
+        world: u32,
+        members: &Members,
+        deadline: Instant,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        let start = Instant::now();
+        let malformed = |detail: String| StoreError::Protocol {
+            addr: self.addr.clone(),
+            detail,
+        };
+        loop {
+            let (status, body) = self.request(
+                &Request::Gather {
+                    exchange: exchange.to_owned(),
+                    world,
+                    members: members.clone(),
+                    wait: remaining(deadline),
+                },
+                Some(Instant::now()),
+            )?;
+            if status == ST_VALUE {
+                return decode_gathered(&body).map_err(malformed);
+            }
+            if remaining(deadline).is_zero() {
+                if body.len() % 4 != 0 {
+                    return Err(malformed(format!(
+                        "a list of missing ranks of {} bytes",
+                        body.len()
+                    )));
+                }
+                return Err(StoreError::Incomplete {
+                    exchange: exchange.to_owned(),
+                    world,
+                    missing: body
+                        .chunks_exact(4)
+                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                    waited: start.elapsed(),
+                });
+            }
+        }
     }
 
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
