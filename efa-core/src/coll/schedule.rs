@@ -443,6 +443,54 @@ pub fn pairwise_alltoall(
         .collect()
 }
 
+/// The peers of `steps`, renamed by `to`: a schedule among `k` ranks run by `k` ranks of a
+/// larger communicator.
+fn renamed(steps: Vec<Step>, to: impl Fn(u32) -> u32) -> Vec<Step> {
+    steps
+        .into_iter()
+        .map(|mut st| {
+            st.sends.iter_mut().for_each(|x| x.peer = to(x.peer));
+            st.recvs.iter_mut().for_each(|x| x.peer = to(x.peer));
+            st
+        })
+        .collect()
+}
+
+/// Hierarchical allreduce for `per_host` consecutive ranks per host (the last host may have
+/// fewer): a [`binomial_reduce`] to each host's first rank (its leader) over the host's
+/// shared memory, an allreduce among the leaders by `inter` (for example
+/// [`recursive_doubling`] or [`ring_allreduce`], among `ceil(n / per_host)` leaders) across
+/// the network, then a [`binomial_bcast`] from the leader within the host.
+///
+/// Rounds: `2 ceil(log2 per_host)` plus `inter`'s among the leaders. Only the leaders send
+/// across hosts, each what `inter` sends among `n / per_host` ranks: with a ring,
+/// `2 (H - 1) / H × count` elements per host instead of per rank. The summation order is
+/// fixed by the schedule (hosts in order, each host's ranks lower first), so every rank
+/// gets identical bits.
+pub fn hierarchical_allreduce(
+    n: u32,
+    rank: u32,
+    per_host: u32,
+    count: usize,
+    inter: fn(u32, u32, usize) -> Vec<Step>,
+) -> Vec<Step> {
+    let per_host = per_host.clamp(1, n.max(1));
+    let host = rank / per_host;
+    let first = host * per_host;
+    let local_n = per_host.min(n - first);
+    let hosts = n.div_ceil(per_host);
+    let local = move |l: u32| first + l;
+    let mut steps = renamed(binomial_reduce(local_n, rank - first, 0, count), local);
+    if rank == first {
+        steps.extend(renamed(inter(hosts, host, count), |h| h * per_host));
+    }
+    steps.extend(renamed(
+        binomial_bcast(local_n, rank - first, 0, count),
+        local,
+    ));
+    steps
+}
+
 #[cfg(test)]
 #[allow(clippy::type_complexity)]
 pub(crate) mod sim {
@@ -517,6 +565,139 @@ pub(crate) mod sim {
             }
             assert!(moved, "deadlock: {pc:?}");
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod scale {
+    //! The schedules at 1,024 to 65,536 ranks, without data and without processes: every
+    //! message is matched by its receive (same peer pair, same length, in order), and the
+    //! rounds and bytes are counted.
+    use super::*;
+    use std::collections::{HashMap, VecDeque};
+
+    /// What a data-free run found.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Tally {
+        /// Rounds: the longest chain of messages, each waiting for the one before (a
+        /// message sent at logical time `t` arrives at `t + 1`).
+        pub rounds: u32,
+        /// Elements sent by the rank that sends most.
+        pub max_sent: usize,
+        /// Elements that cross from one host to another, per host, at most.
+        pub cross_host_per_host: usize,
+        /// Messages in all.
+        pub messages: u64,
+    }
+
+    /// Runs the schedules of all `n` ranks (made by `plan(rank)`) with a worklist: a rank
+    /// runs until it waits for a message, and is tried again when one reaches it. Panics on
+    /// deadlock, a length mismatch or a message never received. `per_host` groups
+    /// consecutive ranks into hosts for the cross-host count.
+    pub fn tally(n: u32, per_host: u32, plan: &dyn Fn(u32) -> Vec<Step>) -> Tally {
+        let steps: Vec<Vec<Step>> = (0..n).map(plan).collect();
+        let mut pc = vec![(0usize, false, 0usize); n as usize];
+        let mut clock = vec![0u32; n as usize];
+        let mut sent = vec![0usize; n as usize];
+        let mut cross = vec![0usize; n.div_ceil(per_host) as usize];
+        let mut chan: HashMap<(u32, u32), VecDeque<(usize, u32)>> = HashMap::new();
+        let mut ready: VecDeque<u32> = (0..n).collect();
+        let mut messages = 0u64;
+        while let Some(r) = ready.pop_front() {
+            let ru = r as usize;
+            loop {
+                let (s, done_sends, applied) = pc[ru];
+                let Some(st) = steps[ru].get(s) else { break };
+                if !done_sends {
+                    for x in &st.sends {
+                        chan.entry((r, x.peer))
+                            .or_default()
+                            .push_back((x.range.len(), clock[ru]));
+                        sent[ru] += x.range.len();
+                        if r / per_host != x.peer / per_host {
+                            cross[(r / per_host) as usize] += x.range.len();
+                        }
+                        messages += 1;
+                        ready.push_back(x.peer);
+                    }
+                    pc[ru].1 = true;
+                    continue;
+                }
+                if applied == st.recvs.len() {
+                    pc[ru] = (s + 1, false, 0);
+                    continue;
+                }
+                let rv = &st.recvs[applied];
+                let Some((len, stamp)) = chan.get_mut(&(rv.peer, r)).and_then(|q| q.pop_front())
+                else {
+                    break;
+                };
+                assert_eq!(len, rv.range.len(), "rank {r} step {s}: length mismatch");
+                clock[ru] = clock[ru].max(stamp + 1);
+                pc[ru].2 += 1;
+            }
+        }
+        for (r, p) in pc.iter().enumerate() {
+            assert!(
+                p.0 >= steps[r].len(),
+                "deadlock: rank {r} stuck at step {}",
+                p.0
+            );
+        }
+        assert!(chan.values().all(VecDeque::is_empty), "unreceived messages");
+        Tally {
+            rounds: clock.iter().copied().max().unwrap_or(0),
+            max_sent: sent.iter().copied().max().unwrap_or(0),
+            cross_host_per_host: cross.iter().copied().max().unwrap_or(0),
+            messages,
+        }
+    }
+
+    /// For schedules in lock step (every send of step `s` is received in step `s` of its
+    /// peer: the ring), the same counts from the ranks in `sample` and their peers only,
+    /// for sizes where every rank's schedule would not fit in memory. Checks that each
+    /// sampled rank's sends are received by its peers in the same step with the same
+    /// length.
+    pub fn tally_lockstep(
+        n: u32,
+        per_host: u32,
+        sample: &[u32],
+        plan: &dyn Fn(u32) -> Vec<Step>,
+    ) -> Tally {
+        let mut t = Tally {
+            rounds: 0,
+            max_sent: 0,
+            cross_host_per_host: 0,
+            messages: 0,
+        };
+        let mut peers: HashMap<u32, Vec<Step>> = HashMap::new();
+        for &r in sample {
+            let mine = plan(r);
+            let mut sent = 0;
+            let mut cross = 0;
+            for (s, st) in mine.iter().enumerate() {
+                for x in &st.sends {
+                    let theirs = peers.entry(x.peer).or_insert_with(|| plan(x.peer));
+                    let got = theirs[s].recvs.iter().find(|v| v.peer == r);
+                    assert_eq!(
+                        got.map(|v| v.range.len()),
+                        Some(x.range.len()),
+                        "rank {r} step {s}: not received in step by {}",
+                        x.peer
+                    );
+                    sent += x.range.len();
+                    if r / per_host != x.peer / per_host {
+                        cross += x.range.len();
+                    }
+                }
+            }
+            t.rounds = t.rounds.max(mine.len() as u32);
+            t.max_sent = t.max_sent.max(sent);
+            t.cross_host_per_host = t.cross_host_per_host.max(cross);
+            t.messages += mine.iter().map(|st| st.sends.len() as u64).sum::<u64>() * u64::from(n)
+                / sample.len() as u64;
+        }
+        t
     }
 }
 
@@ -853,6 +1034,217 @@ mod tests {
             for r in 0..n {
                 let want: Vec<String> = (0..2 * n).map(|i| format!("{}>{r}", i / 2)).collect();
                 assert_eq!(out[r as usize], want);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::scale::{tally, tally_lockstep, Tally};
+    use super::*;
+
+    fn log2(n: u32) -> u32 {
+        n.next_power_of_two().trailing_zeros()
+    }
+
+    /// Elements per rank in the scale runs: a multiple of every N, so `2 (N-1)/N × count`
+    /// is exact.
+    const PER_RANK: usize = 64;
+
+    /// One row of the table in the [`super::super`] docs.
+    struct Row {
+        name: String,
+        n: u32,
+        per_host: u32,
+        t: Tally,
+        rounds_bound: u32,
+        sent_bound: usize,
+        how: &'static str,
+    }
+
+    fn rows(sizes: &[u32]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for &n in sizes {
+            let count = PER_RANK * n as usize;
+            let p = 1u32 << (31 - n.leading_zeros());
+            let rd_rounds = log2(p) + if p == n { 0 } else { 2 };
+            let t = tally(n, 96, &|r| recursive_doubling(n, r, count));
+            rows.push(Row {
+                name: "recursive doubling".into(),
+                n,
+                per_host: 96,
+                t,
+                rounds_bound: rd_rounds,
+                sent_bound: log2(p) as usize * count + if p == n { 0 } else { count },
+                how: "all ranks",
+            });
+            let ring = |r| ring_allreduce(n, r, count);
+            let (t, how) = if n <= 1024 {
+                (tally(n, 96, &ring), "all ranks")
+            } else {
+                let sample = [0, 1, n / 2, n - 2, n - 1];
+                (tally_lockstep(n, 96, &sample, &ring), "5 ranks, lock step")
+            };
+            rows.push(Row {
+                name: "ring".into(),
+                n,
+                per_host: 96,
+                t,
+                rounds_bound: 2 * (n - 1),
+                sent_bound: 2 * (n as usize - 1) * count / n as usize,
+                how,
+            });
+            for per_host in [96u32, 192] {
+                let hosts = n.div_ceil(per_host);
+                let intra = 2 * log2(per_host.min(n));
+                for (iname, inter, inter_rounds, inter_sent) in [
+                    (
+                        "rd",
+                        recursive_doubling as fn(u32, u32, usize) -> Vec<Step>,
+                        {
+                            let ph = 1u32 << (31 - hosts.leading_zeros());
+                            log2(ph) + if ph == hosts { 0 } else { 2 }
+                        },
+                        (log2(hosts) as usize + 1) * count,
+                    ),
+                    (
+                        "ring",
+                        ring_allreduce,
+                        2 * (hosts - 1),
+                        2 * (hosts as usize - 1) * count.div_ceil(hosts as usize),
+                    ),
+                ] {
+                    let t = tally(n, per_host, &|r| {
+                        hierarchical_allreduce(n, r, per_host, count, inter)
+                    });
+                    rows.push(Row {
+                        name: format!("hierarchical, {iname} among hosts"),
+                        n,
+                        per_host,
+                        t,
+                        rounds_bound: intra + inter_rounds,
+                        sent_bound: inter_sent + log2(per_host) as usize * count,
+                        how: "all ranks",
+                    });
+                }
+            }
+        }
+        rows
+    }
+
+    fn table(rows: &[Row]) -> String {
+        let mut out = String::from(
+            "| allreduce schedule | ranks | ranks/host | rounds | bound | sent by the busiest rank (× size) | bound | sent across hosts per host (× size) | simulated |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in rows {
+            let size = PER_RANK * r.n as usize;
+            let x = |v: usize| format!("{:.3}", v as f64 / size as f64);
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.name,
+                r.n,
+                r.per_host,
+                r.t.rounds,
+                r.rounds_bound,
+                x(r.t.max_sent),
+                x(r.sent_bound),
+                x(r.t.cross_host_per_host),
+                r.how
+            ));
+        }
+        out
+    }
+
+    /// Every schedule at 1,024 to 65,536 ranks meets its bound: recursive doubling in
+    /// `log2 N` rounds, the ring in `2 (N-1)` rounds sending `2 (N-1)/N × size` (the
+    /// bandwidth-optimal amount), the hierarchical ones in `2 log2 L` plus the leaders'
+    /// rounds. Prints the table of the docs (`cargo test -p efa-core --lib scale_tests --
+    /// --nocapture`).
+    #[test]
+    fn schedules_at_scale_meet_their_bounds() {
+        let sizes: &[u32] = if cfg!(debug_assertions) {
+            &[1024, 4096, 65536]
+        } else {
+            &[1024, 4096, 16384, 65536]
+        };
+        let rows = rows(sizes);
+        for r in &rows {
+            assert!(
+                r.t.rounds <= r.rounds_bound,
+                "{} at {} ranks ({} per host): {} rounds, bound {}",
+                r.name,
+                r.n,
+                r.per_host,
+                r.t.rounds,
+                r.rounds_bound
+            );
+            assert!(
+                r.t.max_sent <= r.sent_bound,
+                "{} at {} ranks ({} per host): {} elements sent, bound {}",
+                r.name,
+                r.n,
+                r.per_host,
+                r.t.max_sent,
+                r.sent_bound
+            );
+        }
+        // The flat schedules meet their bounds exactly (they are optimal, not just under).
+        for r in rows
+            .iter()
+            .filter(|r| r.name == "ring" || r.name == "recursive doubling")
+        {
+            assert_eq!(
+                (r.t.rounds, r.t.max_sent),
+                (r.rounds_bound, r.sent_bound),
+                "{}",
+                r.name
+            );
+        }
+        println!("{}", table(&rows));
+    }
+
+    /// The hierarchical schedule computes the allreduce (every input once, the same
+    /// expression on every rank), for hosts of several sizes, the last one short.
+    #[test]
+    fn hierarchical_allreduce_is_an_allreduce() {
+        use super::super::kernel::Order;
+        use super::sim::run;
+        let sym = |dst: &mut [String], src: &[String], o: Order| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = match o {
+                    Order::DstFirst => format!("({d}+{s})"),
+                    Order::SrcFirst => format!("({s}+{d})"),
+                };
+            }
+        };
+        for n in 1..=13u32 {
+            for per_host in 1..=5u32 {
+                for inter in [
+                    recursive_doubling as fn(u32, u32, usize) -> Vec<Step>,
+                    ring_allreduce,
+                ] {
+                    let count = 3;
+                    let steps: Vec<_> = (0..n)
+                        .map(|r| hierarchical_allreduce(n, r, per_host, count, inter))
+                        .collect();
+                    let input: Vec<Vec<String>> = (0..n)
+                        .map(|r| (0..count).map(|i| format!("x{r}_{i}")).collect())
+                        .collect();
+                    let out = run(&steps, input, &[], &sym);
+                    for i in 0..count {
+                        for r in 1..n as usize {
+                            assert_eq!(out[r][i], out[0][i], "n={n} L={per_host}");
+                        }
+                        let mut l: Vec<u32> = out[0][i]
+                            .split(|c: char| c == '(' || c == ')' || c == '+')
+                            .filter(|t| !t.is_empty())
+                            .map(|t| t[1..].split('_').next().unwrap().parse().unwrap())
+                            .collect();
+                        l.sort_unstable();
+                        assert_eq!(l, (0..n).collect::<Vec<_>>(), "n={n} L={per_host}");
+                    }
+                }
             }
         }
     }
