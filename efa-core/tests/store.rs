@@ -8,10 +8,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use efa_core::bootstrap::{
-    barrier, detect, exchange_all, BootstrapBuilder, BootstrapError, Rendezvous, StoreServer,
+    barrier, detect, exchange_all, exchange_grouped, lookup, BootstrapBuilder, BootstrapError,
+    Rendezvous, StoreServer,
 };
 use efa_core::store::{
-    FileStore, MemoryStore, Store, StoreError, StoreToken, TcpStore, TcpStoreServer,
+    FileStore, Members, MemoryStore, Store, StoreError, StoreToken, TcpStore, TcpStoreServer,
 };
 
 fn soon(ms: u64) -> Instant {
@@ -664,4 +665,149 @@ fn store_tokens_are_random_hidden_and_compared_whole() {
     flipped[0] ^= 1;
     assert!(!a.matches(&flipped));
     assert!(!a.matches(b""));
+}
+
+/// Runs `size` ranks as threads, `per_group` consecutive ranks per group, each doing a
+/// grouped exchange, a look-up of a rank of another group, and a barrier; checks what each
+/// got.
+fn run_grouped(
+    size: u32,
+    per_group: u32,
+    open: impl Fn(u32) -> Arc<dyn Store> + Send + Sync + 'static,
+) {
+    let open = Arc::new(open);
+    let handles: Vec<_> = (0..size)
+        .map(|rank| {
+            let open = open.clone();
+            thread::spawn(move || {
+                let store = open(rank);
+                let group = format!("host {}", rank / per_group);
+                let got = exchange_grouped(
+                    &*store,
+                    "card",
+                    rank,
+                    size,
+                    &group,
+                    &blob(rank),
+                    soon(10_000),
+                )
+                .unwrap();
+                let far = (rank + per_group) % size;
+                let far_blob = lookup(&*store, "card", far, soon(10_000)).unwrap();
+                barrier(&*store, "done", rank, size, soon(10_000)).unwrap();
+                (rank, got, far, far_blob)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (rank, got, far, far_blob) = h.join().unwrap();
+        let first = rank / per_group * per_group;
+        let want: Vec<(u32, Vec<u8>)> = (first..(first + per_group).min(size))
+            .map(|r| (r, blob(r)))
+            .collect();
+        assert_eq!(got, want, "rank {rank}");
+        assert_eq!(far_blob, blob(far));
+    }
+}
+
+#[test]
+fn grouped_exchange_returns_the_group_only_on_every_store() {
+    let server = Arc::new(TcpStoreServer::bind("127.0.0.1:0").unwrap());
+    let addr = server.local_addr().to_string();
+    run_grouped(10, 4, move |rank| {
+        Arc::new(TcpStore::connect(&addr, rank, soon(5_000)).unwrap())
+    });
+    // 10 ranks: HELLO, PUBLISH, GATHER, GET, PUBLISH, GATHER, LEAVE each; no request per peer.
+    let stats = server.stats();
+    assert_eq!(stats.requests, 70, "{stats:?}");
+
+    let mem: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    run_grouped(10, 3, move |_| mem.clone());
+
+    let dir = TempDir::new("grouped");
+    let path = dir.0.join("store");
+    run_grouped(9, 4, move |_| Arc::new(FileStore::open(&path).unwrap()));
+}
+
+/// A grouped gather on the file store opens the files of its group only, and a gather of
+/// everything opens one combined file on ranks other than 0: the entries of the other ranks
+/// are replaced by named pipes, which would block an `open` for reading.
+#[test]
+fn file_store_gathers_open_no_file_of_other_groups() {
+    let dir = TempDir::new("file-opens");
+    let path = dir.0.join("store");
+    let store = FileStore::open(&path).unwrap();
+    let size = 6;
+    for r in 0..size {
+        store
+            .publish("x", r, size, &format!("g{}", r / 3), &blob(r), soon(1_000))
+            .unwrap();
+    }
+    let full = store
+        .gather("x", 0, size, &Members::All, soon(1_000))
+        .unwrap();
+    assert_eq!(full.len(), size as usize);
+    // Rank 0 has written the combined file: now every entry of group g1 becomes a pipe.
+    for r in 3..size {
+        let key_file = path.join(format!("kx%2F{r}"));
+        std::fs::remove_file(&key_file).unwrap();
+        let st = std::process::Command::new("mkfifo")
+            .arg(&key_file)
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            println!("SKIPPED: file_store_gathers_open_no_file_of_other_groups: mkfifo failed");
+            return;
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p2 = path.clone();
+    thread::spawn(move || {
+        let store = FileStore::open(&p2).unwrap();
+        let g0 = store.gather(
+            "x",
+            1,
+            size,
+            &Members::Group("g0".into()),
+            soon(1_000),
+        );
+        let all = store.gather("x", 2, size, &Members::All, soon(1_000));
+        let _ = tx.send((g0, all));
+    });
+    let (g0, all) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a gather opened a file of another group (or the entries instead of the combined file)");
+    let g0 = g0.unwrap();
+    assert_eq!(g0, (0..3).map(|r| (r, blob(r))).collect::<Vec<_>>());
+    assert_eq!(all.unwrap(), full);
+}
+
+#[test]
+fn exchanges_refuse_inconsistent_worlds_and_ranks() {
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let tcp = TcpStore::connect(&server.local_addr().to_string(), 0, soon(5_000)).unwrap();
+    let mem = MemoryStore::new();
+    let dir = TempDir::new("inconsistent");
+    let file = FileStore::open(dir.0.join("s")).unwrap();
+    for store in [&tcp as &dyn Store, &mem, &file] {
+        let e = store.publish("y", 5, 4, "", b"v", soon(1_000)).unwrap_err();
+        assert!(e.to_string().contains("rank 5"), "{}: {e}", store.describe());
+    }
+    for store in [&tcp as &dyn Store, &mem] {
+        store.publish("z", 0, 4, "", b"v", soon(1_000)).unwrap();
+        let e = store
+            .gather("z", 0, 5, &Members::All, soon(1_000))
+            .unwrap_err();
+        assert!(e.to_string().contains("started among 4"), "{}: {e}", store.describe());
+    }
+    // A missing rank is named by a grouped exchange as by exchange_all.
+    let e = exchange_grouped(&mem, "w", 0, 3, "h", b"v", soon(200)).unwrap_err();
+    match e {
+        BootstrapError::RankNeverJoined { ranks, .. } => assert_eq!(ranks, [1, 2]),
+        other => panic!("{other:?}"),
+    }
+    let e = lookup(&mem, "w", 2, soon(100)).unwrap_err();
+    assert!(
+        matches!(&e, BootstrapError::RankNeverJoined { ranks, .. } if ranks == &[2]),
+        "{e:?}"
+    );
 }
