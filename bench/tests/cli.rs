@@ -587,3 +587,56 @@ fn idle_rss_per_rank_is_bounded() {
         );
     }
 }
+
+/// `bootstrap-scale` at small N: the real bootstrap path of every rank (threads, a TCP store
+/// on loopback), the rows and the summary line scripts read. Each rank makes 6 requests
+/// (HELLO, PUBLISH and GATHER of the cards, PUBLISH and GATHER of the ready barrier,
+/// LEAVE), whatever N; the grouped exchange hands each rank its host's cards only.
+#[test]
+fn bootstrap_scale_small() {
+    for (mode, grouped) in [("grouped", true), ("all", false)] {
+        let cards = |n: u64| if grouped { 8 } else { n };
+        let o = efa_bench(&[
+            "bootstrap-scale",
+            "-N",
+            "16,64",
+            "--per-host",
+            "8",
+            "--mode",
+            mode,
+            "--timeout",
+            "60",
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{mode}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let rows: Vec<Vec<u64>> = out
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("bootstrap-scale:"))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 6 && f[0] != "ranks").then(|| {
+                    [0, 2, 3, 5]
+                        .iter()
+                        .map(|&i| f[i].parse().expect("a number"))
+                        .collect()
+                })
+            })
+            .collect();
+        assert_eq!(rows.len(), 2, "{mode}: {out}");
+        for r in &rows {
+            let n = r[0];
+            assert_eq!(r[1], 6 * n, "{mode}: requests at N={n}: {out}");
+            assert!(r[2] > 0, "{mode}: bytes at N={n}");
+            assert_eq!(r[3], cards(n), "{mode}: cards at N={n}: {out}");
+        }
+        let last = out.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("bootstrap-scale: N=1024 - s, N=4096 - s, exponent "),
+            "{mode}: {last}"
+        );
+    }
+}

@@ -751,9 +751,7 @@ fn file_store_gathers_open_no_file_of_other_groups() {
     for r in 3..size {
         let key_file = path.join(format!("kx%2F{r}"));
         std::fs::remove_file(&key_file).unwrap();
-        let st = std::process::Command::new("mkfifo")
-            .arg(&key_file)
-            .status();
+        let st = std::process::Command::new("mkfifo").arg(&key_file).status();
         if !st.is_ok_and(|s| s.success()) {
             println!("SKIPPED: file_store_gathers_open_no_file_of_other_groups: mkfifo failed");
             return;
@@ -763,19 +761,13 @@ fn file_store_gathers_open_no_file_of_other_groups() {
     let p2 = path.clone();
     thread::spawn(move || {
         let store = FileStore::open(&p2).unwrap();
-        let g0 = store.gather(
-            "x",
-            1,
-            size,
-            &Members::Group("g0".into()),
-            soon(1_000),
-        );
+        let g0 = store.gather("x", 1, size, &Members::Group("g0".into()), soon(1_000));
         let all = store.gather("x", 2, size, &Members::All, soon(1_000));
         let _ = tx.send((g0, all));
     });
-    let (g0, all) = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("a gather opened a file of another group (or the entries instead of the combined file)");
+    let (g0, all) = rx.recv_timeout(Duration::from_secs(10)).expect(
+        "a gather opened a file of another group (or the entries instead of the combined file)",
+    );
     let g0 = g0.unwrap();
     assert_eq!(g0, (0..3).map(|r| (r, blob(r))).collect::<Vec<_>>());
     assert_eq!(all.unwrap(), full);
@@ -790,14 +782,22 @@ fn exchanges_refuse_inconsistent_worlds_and_ranks() {
     let file = FileStore::open(dir.0.join("s")).unwrap();
     for store in [&tcp as &dyn Store, &mem, &file] {
         let e = store.publish("y", 5, 4, "", b"v", soon(1_000)).unwrap_err();
-        assert!(e.to_string().contains("rank 5"), "{}: {e}", store.describe());
+        assert!(
+            e.to_string().contains("rank 5"),
+            "{}: {e}",
+            store.describe()
+        );
     }
     for store in [&tcp as &dyn Store, &mem] {
         store.publish("z", 0, 4, "", b"v", soon(1_000)).unwrap();
         let e = store
             .gather("z", 0, 5, &Members::All, soon(1_000))
             .unwrap_err();
-        assert!(e.to_string().contains("started among 4"), "{}: {e}", store.describe());
+        assert!(
+            e.to_string().contains("started among 4"),
+            "{}: {e}",
+            store.describe()
+        );
     }
     // A missing rank is named by a grouped exchange as by exchange_all.
     let e = exchange_grouped(&mem, "w", 0, 3, "h", b"v", soon(200)).unwrap_err();
