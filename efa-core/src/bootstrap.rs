@@ -81,6 +81,59 @@
 //!   tokens existed (rank 0 logs a warning when it serves on a non-loopback address);
 //! * a rank whose token differs from the server's gets [`StoreError::Refused`] at once, and
 //!   the server logs a warning naming the refused address and goes on serving the others.
+//!
+//! # Scale
+//!
+//! Every exchange is two store requests per rank, whatever the number of ranks: a
+//! PUBLISH of this rank's blob and a GATHER that the server answers once every rank has
+//! published ([`Store::publish`], [`Store::gather`]). The deadline and
+//! [`BootstrapError::RankNeverJoined`], naming every rank that did not publish, work as
+//! before, on every store and under every launcher (they only pick the store).
+//!
+//! What a rank receives is the other half. [`exchange_all`] hands every rank every blob:
+//! `N²` blobs leave the store (3.5 GB for 4,096 ranks and 200-byte cards), whatever the
+//! protocol. [`exchange_grouped`] hands each rank the blobs of its group only (the ranks of
+//! its host, which is what placement needs at once: shared memory and fast boxes are set
+//! up per host), and [`lookup`] fetches any other rank's blob, with one request, when it is
+//! first needed (PMIx's direct modex).
+//!
+//! Measured on this 2-core machine, one thread per rank, each a real [`TcpStore`] client of
+//! one [`TcpStoreServer`] on loopback (token set, as under efarun), connect + card exchange
+//! + ready barrier, 200-byte cards, 96 ranks per host (`bench/bootstrap-scale`,
+//! `efa-bench bootstrap-scale --mode ...`):
+//!
+//! | ranks | per-key GETs (before) | cards over the ranks' own connections | bulk, every card | bulk, host's cards (`exchange_grouped`) |
+//! |---|---|---|---|---|
+//! | 256 | 0.73 s, 66,816 req., 13 MB | 0.20 s, 2,304 req. | 0.05 s, 1,536 req., 14 MB | 0.04 s, 1,536 req., 4.7 MB |
+//! | 1,024 | 14.9 s, 1,053,696 req., 215 MB | 1.65 s, 10,240 req. | 0.35 s, 6,144 req., 218 MB | 0.16 s, 6,144 req., 20 MB |
+//! | 2,048 | - | 4.8 s, 21,504 req. | 1.18 s, 12,288 req., 872 MB | 0.44 s, 12,288 req., 41 MB |
+//! | 4,096 | - | 15.3 s, 45,056 req. | 5.2 s, 24,576 req., 3.5 GB | 0.89 s, 24,576 req., 82 MB |
+//! | fit | N^2.17 | N^1.56 | N^1.64 | N^1.16 |
+//!
+//! (Requests and bytes are the store server's; "own connections" is NCCL's bootstrap: the
+//! store carries only listener addresses, and the cards are allgathered by recursive
+//! doubling over TCP connections between the ranks, which move the `N²` cards among
+//! themselves.)
+//!
+//! Why the store with bulk operations, and grouped: both bulk and peer-to-peer exchanges
+//! take `O(1)` requests per rank and `O(log N)` rounds at most, but any exchange that gives
+//! every rank every card moves `N²` cards, and that is what dominates from 2,048 ranks on
+//! (here 3.5 GB through one server, or through 4,096 threads' own sockets, slower still on
+//! 2 cores). The store variant needs no listener per rank, no extra connection set-up, and
+//! keeps the one place that already names missing ranks, applies the token and knows the
+//! deadline; grouping makes the bytes `O(N × L)` for `L` ranks per host. The server answers
+//! one GATHER per rank from a reply built once per group.
+//!
+//! [`Communicator::init`](crate::Communicator::init) still reads every card
+//! ([`exchange_all`], the "bulk, every card" column): its engine chooses a route and
+//! inserts an address-vector entry for every peer when it starts. Resolving peers on first
+//! use (the card by [`lookup`], then the route and the address) is what remains for it to
+//! take the grouped path.
+//!
+//! Files: a [`FileStore`] learns who has published, and in which group, from one directory
+//! listing per poll (group markers are empty files whose names say the group), and opens
+//! only the files it returns; a gather of every blob is read from one combined file that
+//! rank 0 writes, so no store costs `N` opens per rank (`N²` on a shared filesystem).
 
 use std::fmt;
 use std::path::PathBuf;

@@ -49,10 +49,15 @@
 //! Frames are a big-endian `u32` length followed by that many bytes, at most
 //! [`MAX_FRAME`] bytes. A request starts with an opcode byte:
 //! `1 HELLO rank:u32`, `2 SET key value`, `3 GET key wait_ms:u64`, `4 LEAVE`,
-//! `5 HELLO_AUTH rank:u32 token`, where a key is `len:u32` + UTF-8 bytes and a value or a
-//! token is the rest of the frame. A reply starts with a status byte: `0` value follows, `1`
-//! not found (the wait expired), `2` error text follows, `3` refused (text follows, then the
-//! server closes the connection).
+//! `5 HELLO_AUTH rank:u32 token`, `6 PUBLISH exchange rank:u32 world:u32 group value`,
+//! `7 GATHER exchange world:u32 selector wait_ms:u64` (selector: `0` all, `1` then a group,
+//! `2` nobody), where a key, an exchange or a group is `len:u32` + UTF-8 bytes and a value or
+//! a token is the rest of the frame. A reply starts with a status byte: `0` value follows
+//! (for GATHER: `count:u32`, then `rank:u32 len:u32 value` per entry), `1` not found (the
+//! wait expired; for GATHER the missing ranks follow, `u32` each), `2` error text follows,
+//! `3` refused (text follows, then the server closes the connection). PUBLISH stores its
+//! value under `exchange/rank` too, so GET reads one rank's entry. The token rules below
+//! apply to every request alike.
 //! One request is in flight per connection; a [`TcpStore`] serialises its callers.
 //!
 //! The server trusts no client. It buffers a frame's bytes as they arrive (an announced
@@ -60,7 +65,7 @@
 //! [`MAX_FRAME`] bytes, that has not said HELLO within 30 s of connecting (and, when more
 //! than 256 have not, the oldest of them that has been waiting for at least 2 s), that
 //! takes over 30 s to finish a frame it started or to read a reply, or that sends a request
-//! while its GET waits. A connection that closes while its GET waits departs at once. A
+//! while its GET or GATHER waits. A connection that closes while either waits departs at once. A
 //! client whose connection is dropped before HELLO is answered reconnects until its
 //! deadline.
 //!
