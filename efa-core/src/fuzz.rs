@@ -360,6 +360,31 @@ fn sample_requests() -> Vec<Request> {
             key: "efa/card/1".into(),
             wait: Duration::from_millis(60_000),
         },
+        Request::Publish {
+            exchange: "efa/card".into(),
+            rank: 1,
+            world: 4,
+            group: "host-a".into(),
+            value: sample_cards()[0].encode().expect("sample card encodes"),
+        },
+        Request::Gather {
+            exchange: "efa/card".into(),
+            world: 4,
+            members: crate::store::Members::Group("host-a".into()),
+            wait: Duration::ZERO,
+        },
+        Request::Gather {
+            exchange: "efa/card".into(),
+            world: 4,
+            members: crate::store::Members::All,
+            wait: Duration::from_millis(10),
+        },
+        Request::Gather {
+            exchange: "efa/ready".into(),
+            world: 4,
+            members: crate::store::Members::Nobody,
+            wait: Duration::ZERO,
+        },
         Request::Leave,
     ]
 }

@@ -3166,9 +3166,78 @@ mod tests {
                 wait: Duration::from_millis(1234),
             },
             Request::Leave,
+            Request::Publish {
+                exchange: "job/card".into(),
+                rank: 5,
+                world: 6,
+                group: "host 1".into(),
+                value: vec![9; 200],
+            },
+            Request::Gather {
+                exchange: "job/card".into(),
+                world: 6,
+                members: Members::Group("host 1".into()),
+                wait: Duration::from_millis(7),
+            },
+            Request::Gather {
+                exchange: "x".into(),
+                world: 1,
+                members: Members::All,
+                wait: Duration::ZERO,
+            },
+            Request::Gather {
+                exchange: "x".into(),
+                world: 1,
+                members: Members::Nobody,
+                wait: Duration::ZERO,
+            },
         ] {
-            assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+            let e = r.encode();
+            assert_eq!(Request::decode(&e).unwrap(), r);
+            // Every truncation is an error, never a shorter request.
+            if matches!(r, Request::Gather { .. }) {
+                for cut in 1..e.len() {
+                    assert!(Request::decode(&e[..cut]).is_err(), "{r:?} cut at {cut}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn gathered_entries_roundtrip_and_garbage_is_refused() {
+        let entries = [(0u32, vec![1u8, 2]), (3, vec![]), (7, vec![5; 300])];
+        let b = encode_gathered(entries.iter().map(|(r, v)| (*r, v.as_slice())));
+        assert_eq!(decode_gathered(&b).unwrap(), entries.to_vec());
+        for cut in 0..b.len() {
+            assert!(decode_gathered(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_gathered(&long).is_err());
+        // A count no frame could hold is refused before anything is allocated.
+        assert!(decode_gathered(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+            .unwrap_err()
+            .contains("announced"));
+    }
+
+    #[test]
+    fn exchange_index_counts_groups_and_missing_ranks() {
+        let mut x = ExchangeIndex::new(4);
+        x.publish(2, 4, "b").unwrap();
+        x.publish(0, 4, "a").unwrap();
+        x.publish(0, 4, "a").unwrap(); // a retry counts once
+        assert!(!x.complete());
+        assert_eq!(x.missing(), [1, 3]);
+        x.publish(3, 4, "a").unwrap();
+        x.publish(1, 4, "b").unwrap();
+        assert!(x.complete());
+        assert_eq!(x.members(&Members::Group("a".into())), [0, 3]);
+        assert_eq!(x.members(&Members::Group("b".into())), [1, 2]);
+        assert_eq!(x.members(&Members::Group("c".into())), Vec::<u32>::new());
+        assert_eq!(x.members(&Members::All), [0, 1, 2, 3]);
+        assert_eq!(x.members(&Members::Nobody), Vec::<u32>::new());
+        assert!(x.publish(4, 4, "a").is_err());
+        assert!(x.publish(1, 5, "a").is_err());
     }
 
     #[test]
