@@ -98,8 +98,8 @@
 //! first needed (PMIx's direct modex).
 //!
 //! Measured on this 2-core machine, one thread per rank, each a real [`TcpStore`] client of
-//! one [`TcpStoreServer`] on loopback (token set, as under efarun), connect + card exchange
-//! + ready barrier, 200-byte cards, 96 ranks per host (`bench/bootstrap-scale`,
+//! one [`TcpStoreServer`] on loopback (token set, as under efarun), connecting, exchanging
+//! 200-byte cards and a ready barrier, 96 ranks per host (`bench/bootstrap-scale`,
 //! `efa-bench bootstrap-scale --mode ...`):
 //!
 //! | ranks | per-key GETs (before) | cards over the ranks' own connections | bulk, every card | bulk, host's cards (`exchange_grouped`) |

@@ -1083,6 +1083,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod scale_tests {
     use super::scale::{tally, tally_lockstep, Tally};
     use super::*;
@@ -1289,7 +1290,7 @@ mod scale_tests {
                             assert_eq!(out[r][i], out[0][i], "n={n} L={per_host}");
                         }
                         let mut l: Vec<u32> = out[0][i]
-                            .split(|c: char| c == '(' || c == ')' || c == '+')
+                            .split(['(', ')', '+'])
                             .filter(|t| !t.is_empty())
                             .map(|t| t[1..].split('_').next().unwrap().parse().unwrap())
                             .collect();
