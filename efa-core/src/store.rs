@@ -1028,6 +1028,26 @@ impl FileStore {
     }
 }
 
+/// Calls `look` until it finds something or `deadline` passes (at least once), sleeping
+/// with exponential backoff from 1 ms up to 50 ms between looks: how the file store waits.
+fn poll<T>(
+    deadline: Instant,
+    mut look: impl FnMut() -> Result<Option<T>, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        if let Some(v) = look()? {
+            return Ok(Some(v));
+        }
+        let left = remaining(deadline);
+        if left.is_zero() {
+            return Ok(None);
+        }
+        std::thread::sleep(backoff.min(left));
+        backoff = (backoff * 2).min(Duration::from_millis(50));
+    }
+}
+
 /// The key of the empty file whose name says which group `rank` published in: the file
 /// store learns the groups of an exchange from one directory listing.
 fn marker_key(exchange: &str, group: &str, rank: u32) -> String {
@@ -1105,21 +1125,10 @@ impl Store for FileStore {
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
         let path = self.path_of(key)?;
         let start = Instant::now();
-        let mut backoff = Duration::from_millis(1);
-        loop {
-            if let Some(v) = self.read_if_present(&path)? {
-                return Ok(v);
-            }
-            let left = remaining(deadline);
-            if left.is_zero() {
-                return Err(StoreError::Timeout {
-                    key: key.to_owned(),
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(backoff.min(left));
-            backoff = (backoff * 2).min(Duration::from_millis(50));
-        }
+        poll(deadline, || self.read_if_present(&path))?.ok_or_else(|| StoreError::Timeout {
+            key: key.to_owned(),
+            waited: start.elapsed(),
+        })
     }
 
     fn publish(
@@ -1131,12 +1140,9 @@ impl Store for FileStore {
         value: &[u8],
         _deadline: Instant,
     ) -> Result<(), StoreError> {
-        if rank >= world {
-            return Err(invalid_exchange(
-                exchange,
-                format!("rank {rank} published in an exchange among {world} ranks"),
-            ));
-        }
+        ExchangeIndex::new(world)
+            .publish(rank, world, group)
+            .map_err(|reason| invalid_exchange(exchange, reason))?;
         // The marker first: a gather that sees the entry sees its group too. No marker
         // means the empty group.
         if !group.is_empty() {
@@ -1154,24 +1160,24 @@ impl Store for FileStore {
         deadline: Instant,
     ) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
         let start = Instant::now();
-        let mut backoff = Duration::from_millis(1);
         let all_path = self.path_of(&all_key(exchange))?;
-        let listing = loop {
+        let mut last = None;
+        let complete = poll(deadline, || {
             let listing = self.list_exchange(exchange, world)?;
-            if listing.complete() {
-                break listing;
-            }
-            let left = remaining(deadline);
-            if left.is_zero() {
-                return Err(StoreError::Incomplete {
-                    exchange: exchange.to_owned(),
-                    world,
-                    missing: listing.missing(),
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(backoff.min(left));
-            backoff = (backoff * 2).min(Duration::from_millis(50));
+            Ok(if listing.complete() {
+                Some(listing)
+            } else {
+                last = Some(listing);
+                None
+            })
+        })?;
+        let Some(listing) = complete else {
+            return Err(StoreError::Incomplete {
+                exchange: exchange.to_owned(),
+                world,
+                missing: last.map_or_else(|| (0..world).collect(), |l| l.missing()),
+                waited: start.elapsed(),
+            });
         };
         let read_all = |ranks: Vec<u32>| -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
             ranks
@@ -1193,19 +1199,13 @@ impl Store for FileStore {
             self.set(&all_key(exchange), &body)?;
             return Ok(all);
         }
-        loop {
-            if let Some(b) = self.read_if_present(&all_path)? {
-                return decode_gathered(&b).map_err(|detail| StoreError::Protocol {
-                    addr: all_path.display().to_string(),
-                    detail,
-                });
-            }
-            if remaining(deadline).is_zero() {
-                // Rank 0 published and then stopped: read the entries here.
-                return read_all(listing.members(&Members::All));
-            }
-            std::thread::sleep(backoff.min(remaining(deadline)));
-            backoff = (backoff * 2).min(Duration::from_millis(50));
+        match poll(deadline, || self.read_if_present(&all_path))? {
+            Some(b) => decode_gathered(&b).map_err(|detail| StoreError::Protocol {
+                addr: all_path.display().to_string(),
+                detail,
+            }),
+            // Rank 0 published and then stopped: read the entries here.
+            None => read_all(listing.members(&Members::All)),
         }
     }
 }
