@@ -98,7 +98,7 @@
 //! first needed (PMIx's direct modex).
 //!
 //! Measured on this 2-core machine, one thread per rank, each a real [`TcpStore`] client of
-//! one [`TcpStoreServer`] on loopback (token set, as under efarun), connecting, exchanging
+//! one [`TcpStoreServer`](crate::store::TcpStoreServer) on loopback (token set, as under efarun), connecting, exchanging
 //! 200-byte cards and a ready barrier, 96 ranks per host (`bench/bootstrap-scale`,
 //! `efa-bench bootstrap-scale --mode ...`):
 //!

@@ -753,7 +753,7 @@ fn file_store_gathers_open_no_file_of_other_groups() {
         std::fs::remove_file(&key_file).unwrap();
         let st = std::process::Command::new("mkfifo").arg(&key_file).status();
         if !st.is_ok_and(|s| s.success()) {
-            println!("SKIPPED: file_store_gathers_open_no_file_of_other_groups: mkfifo failed");
+            eprintln!("SKIPPED: file_store_gathers_open_no_file_of_other_groups: mkfifo failed");
             return;
         }
     }
