@@ -1,9 +1,9 @@
 //! `efa-bench bootstrap-scale`: the bootstrap of N ranks simulated in one process, one thread
-//! per rank, each a real [`TcpStore`] client of one [`TcpStoreServer`] on loopback, as under
+//! per rank, each a real [`TcpStore`](efa_core::store::TcpStore) client of one [`TcpStoreServer`] on loopback, as under
 //! efarun (the launcher serves the store, with a token).
 //!
 //! Every rank does what [`Communicator::init`](efa_core::Communicator::init) does with the
-//! store: connect ([`Bootstrap::connect_store`]), exchange a card of `--card` bytes, then a
+//! store: connect ([`Bootstrap::connect_store`](efa_core::bootstrap::Bootstrap::connect_store)), exchange a card of `--card` bytes, then a
 //! ready barrier ([`bootstrap::barrier`]). The exchange is one of:
 //!
 //! * `grouped` ([`bootstrap::exchange_grouped`]): each rank receives the cards of the ranks
