@@ -47,6 +47,10 @@ pub struct Point {
     pub bytes_received: u64,
     /// Cards this rank received (rank 0's count), for the grouped/all comparison.
     pub cards_per_rank: usize,
+    /// Growth of this process's VmRSS from before the threads started to the moment every
+    /// rank has finished and still holds what it received, per rank, in KiB (thread stacks
+    /// and the client and server sides of its store connection included).
+    pub rss_kib_per_rank: f64,
 }
 
 pub fn run(a: &ScaleArgs) -> Result<()> {
@@ -59,8 +63,8 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             a.per_host
         );
         println!(
-            "{:>8} {:>10} {:>12} {:>14} {:>14} {:>8}",
-            "ranks", "time(s)", "requests", "bytes_sent", "bytes_recv", "cards"
+            "{:>8} {:>10} {:>12} {:>14} {:>14} {:>8} {:>12}",
+            "ranks", "time(s)", "requests", "bytes_sent", "bytes_recv", "cards", "KiB/rank"
         );
     }
     for &n in &a.ranks.0 {
@@ -69,8 +73,14 @@ pub fn run(a: &ScaleArgs) -> Result<()> {
             println!("{}", serde_json::to_string(&p)?);
         } else {
             println!(
-                "{:>8} {:>10.3} {:>12} {:>14} {:>14} {:>8}",
-                p.ranks, p.seconds, p.requests, p.bytes_sent, p.bytes_received, p.cards_per_rank
+                "{:>8} {:>10.3} {:>12} {:>14} {:>14} {:>8} {:>12.1}",
+                p.ranks,
+                p.seconds,
+                p.requests,
+                p.bytes_sent,
+                p.bytes_received,
+                p.cards_per_rank,
+                p.rss_kib_per_rank
             );
         }
         points.push(p);
@@ -126,23 +136,38 @@ fn run_one(a: &ScaleArgs, n: u32) -> Result<Point> {
     let server = TcpStoreServer::bind_with_token("127.0.0.1:0", Some(token.clone()))?;
     let addr = server.local_addr().to_string();
     let timeout = Duration::from_secs_f64(a.timeout);
-    let start = Arc::new(Barrier::new(n as usize + 1));
+    let rss_before = vm_rss_kib();
+    // Every rank waits at `start`, then at `finished` still holding what it received (so
+    // the memory is measured), then at `release`.
+    let [start, finished, release] = [(); 3].map(|()| Arc::new(Barrier::new(n as usize + 1)));
     let mut threads = Vec::with_capacity(n as usize);
     for rank in 0..n {
-        let (addr, token, start) = (addr.clone(), token.clone(), start.clone());
+        let (addr, token) = (addr.clone(), token.clone());
+        let (start, finished, release) = (start.clone(), finished.clone(), release.clone());
         let (mode, card_len, per_host) = (a.mode, a.card, a.per_host);
         let t = std::thread::Builder::new()
             .name(format!("rank {rank}"))
             .stack_size(256 << 10)
             .spawn(move || -> Result<usize> {
                 start.wait();
-                rank_main(rank, n, &addr, token, mode, card_len, per_host, timeout)
+                // A panic must still reach the barriers, or the others wait forever.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    rank_main(rank, n, &addr, token, mode, card_len, per_host, timeout)
+                }))
+                .unwrap_or_else(|_| Err(err("panicked")));
+                finished.wait();
+                release.wait();
+                r.map(|(cards, _held)| cards)
             })
             .map_err(|e| err(format!("cannot start thread {rank} of {n}: {e}")))?;
         threads.push(t);
     }
     start.wait();
     let t0 = Instant::now();
+    finished.wait();
+    let seconds = t0.elapsed().as_secs_f64();
+    let rss = vm_rss_kib().saturating_sub(rss_before);
+    release.wait();
     let mut cards = 0;
     let mut first_err = None;
     for (rank, t) in threads.into_iter().enumerate() {
@@ -157,7 +182,6 @@ fn run_one(a: &ScaleArgs, n: u32) -> Result<Point> {
             }
         }
     }
-    let seconds = t0.elapsed().as_secs_f64();
     if let Some(e) = first_err {
         return Err(err(format!("{n} ranks: {e}")));
     }
@@ -175,7 +199,20 @@ fn run_one(a: &ScaleArgs, n: u32) -> Result<Point> {
         bytes_sent,
         bytes_received,
         cards_per_rank: cards,
+        rss_kib_per_rank: rss as f64 / f64::from(n),
     })
+}
+
+/// This process's resident memory (`VmRSS` of `/proc/self/status`), in KiB; 0 if unknown.
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// A card of `len` bytes that names its rank, so that a card delivered to the wrong place
@@ -193,7 +230,8 @@ fn check_card(rank: u32, c: &[u8], len: usize) -> Result<()> {
     Ok(())
 }
 
-/// One rank: connect, exchange, ready barrier. Returns the number of cards received.
+/// One rank: connect, exchange, ready barrier. Returns the number of cards received, and
+/// the cards and the store, which the caller holds until the memory has been measured.
 #[allow(clippy::too_many_arguments)]
 fn rank_main(
     rank: u32,
@@ -204,7 +242,7 @@ fn rank_main(
     card_len: usize,
     per_host: u32,
     timeout: Duration,
-) -> Result<usize> {
+) -> Result<(usize, Held)> {
     let deadline = Instant::now() + timeout;
     let boot = BootstrapBuilder::new(
         rank,
@@ -237,34 +275,42 @@ fn rank_main(
             for (r, c) in &got {
                 check_card(*r, c, card_len)?;
             }
-            got.len()
+            (got.len(), Box::new(got) as Box<dyn std::any::Any + Send>)
         }
         ExchangeMode::All => {
             let got = bootstrap::exchange_all(&*store, "card", rank, n, &mine, deadline)?;
             for (r, c) in got.iter().enumerate() {
                 check_card(r as u32, c, card_len)?;
             }
-            got.len()
+            (got.len(), Box::new(got) as Box<dyn std::any::Any + Send>)
         }
         ExchangeMode::Keys => {
             store.set_by(&format!("card/{rank}"), &mine, deadline)?;
+            let mut got = Vec::with_capacity(n as usize);
             for r in 0..n {
                 let c = store.get(&format!("card/{r}"), deadline)?;
                 check_card(r, &c, card_len)?;
+                got.push(c);
             }
-            n as usize
+            (got.len(), Box::new(got) as Box<dyn std::any::Any + Send>)
         }
         ExchangeMode::Peers => {
             let got = peers_allgather(&*store, rank, n, mine, deadline)?;
             for (r, c) in got.iter().enumerate() {
                 check_card(r as u32, c, card_len)?;
             }
-            got.len()
+            (got.len(), Box::new(got) as Box<dyn std::any::Any + Send>)
         }
     };
     bootstrap::barrier(&*store, "ready", rank, n, deadline)?;
-    Ok(got)
+    Ok((got.0, (got.1, store)))
 }
+
+/// What a rank keeps after its bootstrap: the cards it received and its store connection.
+type Held = (
+    Box<dyn std::any::Any + Send>,
+    Arc<dyn efa_core::store::Store>,
+);
 
 /// Recursive-doubling allgather of the cards over TCP connections between the ranks: in
 /// round `k` rank `r` swaps everything it has with `r ^ 2^k` (the lower rank connects).

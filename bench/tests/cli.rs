@@ -618,7 +618,7 @@ fn bootstrap_scale_small() {
             .filter(|l| !l.starts_with('#') && !l.starts_with("bootstrap-scale:"))
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() == 6 && f[0] != "ranks").then(|| {
+                (f.len() == 7 && f[0] != "ranks").then(|| {
                     [0, 2, 3, 5]
                         .iter()
                         .map(|&i| f[i].parse().expect("a number"))
