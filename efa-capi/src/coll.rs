@@ -1,0 +1,1075 @@
+//! Collectives, blocking and non-blocking.
+//!
+//! Every collective takes its datatype as an `efa_datatype` and reductions an `efa_op`.
+//! `EFA_IN_PLACE` as the send buffer (as the receive buffer for scatter(v) at the root)
+//! selects the in-place form, as in MPI. Non-blocking forms copy their input when they start
+//! and copy the result into the receive buffer when they complete ([`crate::efa_wait`] and
+//! friends): the receive buffer must stay valid until then, the send buffer need not.
+
+use std::ffi::{c_int, c_void};
+
+use bytemuck::Zeroable;
+use efa_core::{AnyRequest, CollRequest, Communicator, Pod, ReduceOp};
+
+use crate::p2p::{efa_datatype, new_request, slice, slice_mut, with_type, CollPending, Kind};
+use crate::{call, comm_ref, efa_comm, efa_request, is_in_place, need, rank_arg, CErr, CResult};
+
+/// Reduction operators (`MPI_Op`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum efa_op {
+    /// Sum (wrapping for integers).
+    EFA_SUM = 0,
+    /// Product (wrapping for integers).
+    EFA_PROD = 1,
+    /// Minimum (for floats, NaN is ignored unless every input is NaN).
+    EFA_MIN = 2,
+    /// Maximum (NaN as for `EFA_MIN`).
+    EFA_MAX = 3,
+    /// Sum divided by the number of ranks once at the end (integer division for integers).
+    EFA_AVG = 4,
+}
+
+fn op_arg(op: c_int) -> CResult<ReduceOp> {
+    Ok(match op {
+        0 => ReduceOp::Sum,
+        1 => ReduceOp::Prod,
+        2 => ReduceOp::Min,
+        3 => ReduceOp::Max,
+        4 => ReduceOp::Avg,
+        o => {
+            return Err(CErr::arg(format!(
+                "op {o} is not an efa_op (EFA_SUM .. EFA_AVG, 0..4)"
+            )))
+        }
+    })
+}
+
+fn n_of(c: &Communicator) -> usize {
+    c.size() as usize
+}
+
+fn mul(a: usize, b: usize, what: &str) -> CResult<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| CErr::arg(format!("{what}: {a} x {b} elements overflow")))
+}
+
+/// Fails when an out-of-place send and receive buffer overlap (that needs `EFA_IN_PLACE`).
+fn disjoint<T>(send: &[T], recv: &[T]) -> CResult<()> {
+    let (s, r) = (send.as_ptr_range(), recv.as_ptr_range());
+    if !send.is_empty() && !recv.is_empty() && s.start < r.end && r.start < s.end {
+        return Err(CErr::arg(
+            "sendbuf and recvbuf overlap: pass EFA_IN_PLACE as sendbuf for the in-place form",
+        ));
+    }
+    Ok(())
+}
+
+/// `n` entries of a `size_t` array (counts or displacements, in elements).
+///
+/// # Safety
+/// A non-NULL `p` holds `n` entries.
+unsafe fn counts(p: *const usize, n: usize, what: &str) -> CResult<Vec<usize>> {
+    // SAFETY: the caller's contract.
+    Ok(unsafe { slice::<usize>(p as *const c_void, n, what) }?.to_vec())
+}
+
+/// The elements a (counts, displs) layout spans: `max(displs[r] + counts[r])`.
+fn extent(counts: &[usize], displs: &[usize]) -> CResult<usize> {
+    if counts.len() != displs.len() {
+        return Err(CErr::arg("counts and displs have different lengths"));
+    }
+    counts
+        .iter()
+        .zip(displs)
+        .try_fold(0usize, |m, (c, d)| Some(m.max(c.checked_add(*d)?)))
+        .ok_or_else(|| CErr::arg("a displacement plus its count overflows"))
+}
+
+// ---- Blocking ------------------------------------------------------------------------------
+
+/// Runs a collective's body with its communicator and datatype checked.
+fn coll(
+    name: &str,
+    comm: *const efa_comm,
+    datatype: c_int,
+    f: impl FnOnce(&Communicator, efa_datatype) -> CResult<()>,
+) -> c_int {
+    call(name, || {
+        let c = comm_ref(comm)?;
+        let d = efa_datatype::from_int(datatype)?;
+        f(c, d)
+    })
+}
+
+/// The in-place or out-of-place form over `count` elements of receive (and send) buffer.
+///
+/// # Safety
+/// The buffers hold `count` elements each, valid for the call.
+unsafe fn in_or_out<T: Pod>(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    send_count: usize,
+    recv_count: usize,
+    in_place: impl FnOnce(&mut [T]) -> efa_core::Result<()>,
+    out_of_place: impl FnOnce(&[T], &mut [T]) -> efa_core::Result<()>,
+) -> CResult<()> {
+    if is_in_place(sendbuf) {
+        // SAFETY: forwarded buffer contract.
+        in_place(unsafe { slice_mut::<T>(recvbuf, recv_count, "recvbuf") }?)?;
+    } else {
+        // SAFETY: as above.
+        let recv = unsafe { slice_mut::<T>(recvbuf, recv_count, "recvbuf") }?;
+        // SAFETY: as above.
+        let send = unsafe { slice::<T>(sendbuf, send_count, "sendbuf") }?;
+        disjoint(send, recv)?;
+        out_of_place(send, recv)?;
+    }
+    Ok(())
+}
+
+/// The root argument, and whether this rank is it.
+fn root_of(c: &Communicator, root: c_int) -> CResult<(u32, bool)> {
+    let r = rank_arg(root, "root")?;
+    Ok((r, c.rank() == r))
+}
+
+/// Reduces `count` elements across all ranks; every rank gets the result in `recvbuf`
+/// (`MPI_Allreduce`). `sendbuf` is `EFA_IN_PLACE` (the input is `recvbuf`) or `count`
+/// elements not overlapping `recvbuf`. Collective: every rank passes the same count,
+/// datatype and op.
+///
+/// Errors (for every collective, with the additions each lists): `EFA_ERR_NULL` (`comm`; a
+/// buffer or array with elements); `EFA_ERR_ARG` (datatype, op, alignment, overlapping
+/// buffers); `EFA_ERR_MISMATCH` on every rank when ranks pass different counts, datatypes,
+/// ops or roots; `EFA_ERR_COLL_ARG` when a rank's buffers or counts do not fit the call (on
+/// every rank, naming it); `EFA_ERR_RANK` (root); `EFA_ERR_TIMEOUT`, `EFA_ERR_PEER_FAILED`
+/// naming the rank.
+#[no_mangle]
+pub unsafe extern "C" fn efa_allreduce(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+) -> c_int {
+    coll("efa_allreduce", comm, datatype, |c, d| {
+        let op = op_arg(op)?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.allreduce(b, op), |s, r| c.allreduce_into(s, r, op)) })
+    })
+}
+
+/// Reduces `count` elements of every rank into `recvbuf` at `root` (`MPI_Reduce`). `recvbuf`
+/// is significant at the root only (NULL elsewhere is fine). `sendbuf` is `EFA_IN_PLACE` at
+/// the root (input in `recvbuf`); elsewhere `EFA_IN_PLACE` means the input is in `recvbuf`,
+/// which is then used as scratch.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_reduce(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    root: c_int,
+) -> c_int {
+    coll("efa_reduce", comm, datatype, |c, d| {
+        let op = op_arg(op)?;
+        let (root, is_root) = root_of(c, root)?;
+        let rc = if is_root || is_in_place(sendbuf) {
+            count
+        } else {
+            0
+        };
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, rc, |b| c.reduce(b, op, root), |s, r| c.reduce_into(s, r, op, root)) })
+    })
+}
+
+/// Reduce-scatter with equal blocks (`MPI_Reduce_scatter_block`): `sendbuf` holds `n`
+/// blocks of `recvcount` elements (`n` = size); `recvbuf` (`recvcount`) gets block `rank`
+/// of the reduction. With `sendbuf` = `EFA_IN_PLACE`, `recvbuf` holds the `n * recvcount`
+/// input, and block `rank` of it gets the result (the other blocks hold partials).
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_reduce_scatter_block(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: c_int,
+    op: c_int,
+) -> c_int {
+    coll("efa_reduce_scatter_block", comm, datatype, |c, d| {
+        let op = op_arg(op)?;
+        let total = mul(recvcount, n_of(c), "reduce_scatter")?;
+        let rc = if is_in_place(sendbuf) {
+            total
+        } else {
+            recvcount
+        };
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, total, rc, |b| c.reduce_scatter(b, op), |s, r| c.reduce_scatter_into(s, r, op)) })
+    })
+}
+
+/// Inclusive prefix reduction (`MPI_Scan`): `recvbuf` (`count`) of rank `r` gets the
+/// reduction of ranks `0..=r`. `sendbuf` as in [`efa_allreduce`].
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_scan(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+) -> c_int {
+    coll("efa_scan", comm, datatype, |c, d| {
+        let op = op_arg(op)?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.scan(b, op), |s, r| c.scan_into(s, r, op)) })
+    })
+}
+
+/// Exclusive prefix reduction (`MPI_Exscan`): `recvbuf` (`count`) of rank `r > 0` gets the
+/// reduction of ranks `0..r`; rank 0's `recvbuf` is not written (in place: it keeps its
+/// input). `sendbuf` as in [`efa_allreduce`].
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_exscan(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+) -> c_int {
+    coll("efa_exscan", comm, datatype, |c, d| {
+        let op = op_arg(op)?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.exscan(b, op), |s, r| c.exscan_into(s, r, op)) })
+    })
+}
+
+/// Copies `count` elements of `buf` at `root` into `buf` of every rank (`MPI_Bcast`).
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_bcast(
+    comm: *const efa_comm,
+    buf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+) -> c_int {
+    coll("efa_bcast", comm, datatype, |c, d| {
+        let (root, _) = root_of(c, root)?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => { let b = unsafe { slice_mut::<T>(buf, count, "buf") }?; c.broadcast(b, root)?; Ok(()) })
+    })
+}
+
+/// Returns when every rank has called it (`MPI_Barrier`).
+///
+/// Errors: `EFA_ERR_NULL` (`comm`); `EFA_ERR_MISMATCH`; `EFA_ERR_TIMEOUT`,
+/// `EFA_ERR_PEER_FAILED`.
+#[no_mangle]
+pub unsafe extern "C" fn efa_barrier(comm: *const efa_comm) -> c_int {
+    call("efa_barrier", || Ok(comm_ref(comm)?.barrier()?))
+}
+
+/// Gathers `count` elements of every rank into `recvbuf` (`n * count`, block `r` from rank
+/// `r`) on every rank (`MPI_Allgather`). With `sendbuf` = `EFA_IN_PLACE`, this rank's block
+/// is already at block `rank` of `recvbuf`.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_allgather(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+) -> c_int {
+    coll("efa_allgather", comm, datatype, |c, d| {
+        let total = mul(count, n_of(c), "allgather")?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, total, |b| c.allgather(b), |s, r| c.allgather_into(s, r)) })
+    })
+}
+
+/// Gathers `recvcounts[r]` elements of every rank `r` into `recvbuf` in rank order
+/// (`MPI_Allgatherv` with contiguous blocks; `recvbuf` holds the sum of `recvcounts`, `n`
+/// entries, the same on every rank). `sendcount` must be `recvcounts[rank]`. With
+/// `sendbuf` = `EFA_IN_PLACE`, this rank's block is already in place.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_allgatherv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcount: usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    datatype: c_int,
+) -> c_int {
+    coll("efa_allgatherv", comm, datatype, |c, d| {
+        // SAFETY: `recvcounts` holds `n` entries (the header's contract).
+        let counts = unsafe { counts(recvcounts, n_of(c), "recvcounts") }?;
+        let total = counts
+            .iter()
+            .try_fold(0usize, |a, b| a.checked_add(*b))
+            .ok_or_else(|| CErr::arg("recvcounts overflow"))?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, sendcount, total, |b| c.allgatherv(b, &counts), |s, r| c.allgatherv_into(s, r, &counts)) })
+    })
+}
+
+/// Gathers `count` elements of every rank into `recvbuf` (`n * count`) at `root`
+/// (`MPI_Gather`); `recvbuf` is significant at the root only. With `sendbuf` =
+/// `EFA_IN_PLACE` at the root, its own block is already in place.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_gather(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+) -> c_int {
+    coll("efa_gather", comm, datatype, |c, d| {
+        let (root, is_root) = root_of(c, root)?;
+        let rc = if is_root {
+            mul(count, n_of(c), "gather")?
+        } else if is_in_place(sendbuf) {
+            count
+        } else {
+            0
+        };
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, rc, |b| c.gather(b, root), |s, r| c.gather_into(s, r, root)) })
+    })
+}
+
+/// Gathers `sendcount` elements of every rank `r` into `recvbuf` at `root`, at element
+/// `displs[r]` (`MPI_Gatherv`); `recvcounts[r]` must equal rank `r`'s `sendcount`.
+/// `recvbuf`, `recvcounts` and `displs` (`n` entries) are significant at the root only
+/// (NULL elsewhere is fine). With `sendbuf` = `EFA_IN_PLACE` at the root, its own block is
+/// already in place.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_gatherv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcount: usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    displs: *const usize,
+    datatype: c_int,
+    root: c_int,
+) -> c_int {
+    coll("efa_gatherv", comm, datatype, |c, d| {
+        let (root, is_root) = root_of(c, root)?;
+        let k = if is_root { n_of(c) } else { 0 };
+        // SAFETY: at the root, the arrays hold `n` entries (the header's contract).
+        let (cnt, dsp) = unsafe {
+            (
+                counts(recvcounts, k, "recvcounts")?,
+                counts(displs, k, "displs")?,
+            )
+        };
+        let rc = if is_root {
+            extent(&cnt, &dsp)?
+        } else if is_in_place(sendbuf) {
+            sendcount
+        } else {
+            0
+        };
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, sendcount, rc, |b| c.gatherv(b, &cnt, &dsp, root), |s, r| c.gatherv_into(s, r, &cnt, &dsp, root)) })
+    })
+}
+
+/// Sends block `r` (`count` elements) of `sendbuf` (`n * count`, significant at the root
+/// only) at `root` to `recvbuf` (`count`) of rank `r` (`MPI_Scatter`). With `recvbuf` =
+/// `EFA_IN_PLACE` at the root, the root's block stays in `sendbuf`.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_scatter(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+) -> c_int {
+    coll("efa_scatter", comm, datatype, |c, d| {
+        let (root, is_root) = root_of(c, root)?;
+        let sc = if is_root {
+            mul(count, n_of(c), "scatter")?
+        } else {
+            0
+        };
+        with_type!(d, T => {
+            if is_in_place(recvbuf) {
+                // SAFETY: the header's buffer contract (at the root, `sendbuf` holds n * count).
+                let b = unsafe { slice_mut::<T>(sendbuf as *mut c_void, sc.max(count), "sendbuf") }?;
+                c.scatter(b, root)?;
+            } else {
+                // SAFETY: as above.
+                let r = unsafe { slice_mut::<T>(recvbuf, count, "recvbuf") }?;
+                // SAFETY: as above.
+                let s = unsafe { slice::<T>(sendbuf, sc, "sendbuf") }?;
+                disjoint(s, r)?;
+                c.scatter_into(s, r, root)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Sends elements `displs[r] .. displs[r] + sendcounts[r]` of `sendbuf` at `root` to
+/// `recvbuf` (`recvcount` = `sendcounts[r]`) of rank `r` (`MPI_Scatterv`); `sendbuf`,
+/// `sendcounts` and `displs` are significant at the root only. With `recvbuf` =
+/// `EFA_IN_PLACE` at the root, the root's block stays in `sendbuf`.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_scatterv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcounts: *const usize,
+    displs: *const usize,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: c_int,
+    root: c_int,
+) -> c_int {
+    coll("efa_scatterv", comm, datatype, |c, d| {
+        let (root, is_root) = root_of(c, root)?;
+        let k = if is_root { n_of(c) } else { 0 };
+        // SAFETY: at the root, the arrays hold `n` entries (the header's contract).
+        let (cnt, dsp) = unsafe {
+            (
+                counts(sendcounts, k, "sendcounts")?,
+                counts(displs, k, "displs")?,
+            )
+        };
+        let sc = if is_root { extent(&cnt, &dsp)? } else { 0 };
+        with_type!(d, T => {
+            if is_in_place(recvbuf) {
+                // SAFETY: the header's buffer contract.
+                let b = unsafe { slice_mut::<T>(sendbuf as *mut c_void, sc.max(recvcount), "sendbuf") }?;
+                c.scatterv(b, &cnt, &dsp, root)?;
+            } else {
+                // SAFETY: as above.
+                let r = unsafe { slice_mut::<T>(recvbuf, recvcount, "recvbuf") }?;
+                // SAFETY: as above.
+                let s = unsafe { slice::<T>(sendbuf, sc, "sendbuf") }?;
+                disjoint(s, r)?;
+                c.scatterv_into(s, r, &cnt, &dsp, root)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// All-to-all (`MPI_Alltoall`): block `d` (`count` elements) of `sendbuf` (`n * count`) goes
+/// to rank `d`, and lands in block `s` of its `recvbuf` (`n * count`), `s` being this rank.
+/// With `sendbuf` = `EFA_IN_PLACE`, `recvbuf` holds the input.
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_alltoall(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+) -> c_int {
+    coll("efa_alltoall", comm, datatype, |c, d| {
+        let total = mul(count, n_of(c), "alltoall")?;
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, total, total, |b| c.alltoall(b), |s, r| c.alltoall_into(s, r)) })
+    })
+}
+
+/// All-to-all of variable sizes (`MPI_Alltoallv`): `sendcounts[d]` elements at
+/// `sdispls[d]` of `sendbuf` go to rank `d` and land at `rdispls[s]` of its `recvbuf`
+/// (`recvcounts[s]` elements, equal to the sender's count). Arrays have `n` entries, in
+/// elements. With `sendbuf` = `EFA_IN_PLACE`, `recvbuf` holds the input laid out by
+/// `recvcounts`/`rdispls` (and `sendcounts`/`sdispls` are ignored).
+///
+/// Errors: as [`efa_allreduce`].
+#[no_mangle]
+pub unsafe extern "C" fn efa_alltoallv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcounts: *const usize,
+    sdispls: *const usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    rdispls: *const usize,
+    datatype: c_int,
+) -> c_int {
+    coll("efa_alltoallv", comm, datatype, |c, d| {
+        let n = n_of(c);
+        let ip = is_in_place(sendbuf);
+        let ns = if ip { 0 } else { n };
+        // SAFETY: the arrays hold `n` entries (the header's contract).
+        let (sc, sd, rc, rd) = unsafe {
+            (
+                counts(sendcounts, ns, "sendcounts")?,
+                counts(sdispls, ns, "sdispls")?,
+                counts(recvcounts, n, "recvcounts")?,
+                counts(rdispls, n, "rdispls")?,
+            )
+        };
+        let (se, re) = (extent(&sc, &sd)?, extent(&rc, &rd)?);
+        // SAFETY: the header's buffer contract.
+        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, se, re, |b| c.alltoallv(b, &rc, &rd), |s, r| c.alltoallv_into(s, &sc, &sd, r, &rc, &rd)) })
+    })
+}
+
+// ---- Non-blocking ----------------------------------------------------------------------------
+
+/// A non-blocking collective whose result (`len` elements from `from`) is copied to `out`
+/// when it completes.
+struct CopyBack<T: Pod + Send> {
+    req: CollRequest<Vec<T>>,
+    out: *mut T,
+    from: usize,
+    len: usize,
+}
+
+impl<T: Pod + Send> AnyRequest for CopyBack<T> {
+    fn test(&mut self) -> efa_core::Result<bool> {
+        self.req.test()
+    }
+    fn cancel(&mut self) -> efa_core::Result<bool> {
+        Ok(false)
+    }
+}
+
+impl<T: Pod + Send> CollPending for CopyBack<T> {
+    fn finish(self: Box<Self>) -> efa_core::Result<()> {
+        let v = self.req.wait()?;
+        if self.len > 0 {
+            let src = v
+                .get(self.from..self.from + self.len)
+                .ok_or(efa_core::Error::Internal {
+                    what: "a non-blocking collective returned a shorter buffer than it was given",
+                })?;
+            // SAFETY: `out` was checked (non-NULL, aligned, `len` elements) when the request
+            // started, and stays valid until it completes (the header's contract); `src` is
+            // our own vector, so they do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.out, self.len) };
+        }
+        Ok(())
+    }
+}
+
+struct Barrier(CollRequest<()>);
+
+impl AnyRequest for Barrier {
+    fn test(&mut self) -> efa_core::Result<bool> {
+        self.0.test()
+    }
+    fn cancel(&mut self) -> efa_core::Result<bool> {
+        Ok(false)
+    }
+}
+
+impl CollPending for Barrier {
+    fn finish(self: Box<Self>) -> efa_core::Result<()> {
+        self.0.wait()
+    }
+}
+
+/// A request for `req` whose result `[from..][..out.len()]` goes to `out`.
+fn start<T: Pod + Send>(
+    c: &Communicator,
+    request: *mut *mut efa_request,
+    req: CollRequest<Vec<T>>,
+    out: &mut [T],
+    from: usize,
+) -> CResult<()> {
+    let kind = Kind::Coll(Box::new(CopyBack {
+        req,
+        out: out.as_mut_ptr(),
+        from,
+        len: out.len(),
+    }));
+    new_request(request, c, kind)
+}
+
+/// The input vector (a copy of `sendbuf`, or of `recvbuf` in place) and the output slice.
+///
+/// # Safety
+/// The buffers hold their counts and `recvbuf` stays valid until the request completes.
+unsafe fn vec_in<'a, T: Pod>(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    send_count: usize,
+    recv_count: usize,
+) -> CResult<(Vec<T>, &'a mut [T])> {
+    // SAFETY: forwarded contract.
+    let out = unsafe { slice_mut::<T>(recvbuf, recv_count, "recvbuf") }?;
+    let v = if is_in_place(sendbuf) {
+        out.to_vec()
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { slice::<T>(sendbuf, send_count, "sendbuf") }?.to_vec()
+    };
+    Ok((v, out))
+}
+
+/// A vector of `len` zeros with `block` copied in at `at` (as much as fits).
+fn placed<T: Pod>(len: usize, at: usize, block: &[T]) -> Vec<T> {
+    let mut v = vec![T::zeroed(); len];
+    let end = (at + block.len()).min(len);
+    if at < end {
+        v[at..end].copy_from_slice(&block[..end - at]);
+    }
+    v
+}
+
+/// Starts [`efa_allreduce`] (`MPI_Iallreduce`); `*request` completes it, copying the result
+/// into `recvbuf`, which must stay valid until then. Errors: as [`efa_allreduce`] for the
+/// arguments, plus `EFA_ERR_NULL` (`request`); the collective's own errors come from the
+/// wait. The same holds for every `efa_i*` collective.
+#[no_mangle]
+pub unsafe extern "C" fn efa_iallreduce(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iallreduce", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let op = op_arg(op)?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
+            start(c, request, c.iallreduce(v, op), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_reduce`] (`MPI_Ireduce`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_ireduce(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    root: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_ireduce", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let op = op_arg(op)?;
+        let (root, is_root) = root_of(c, root)?;
+        let rc = if is_root || is_in_place(sendbuf) {
+            count
+        } else {
+            0
+        };
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, rc) }?;
+            start(c, request, c.ireduce(v, op, root), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_reduce_scatter_block`] (`MPI_Ireduce_scatter_block`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_ireduce_scatter_block(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: c_int,
+    op: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_ireduce_scatter_block", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let op = op_arg(op)?;
+        let total = mul(recvcount, n_of(c), "reduce_scatter")?;
+        let ip = is_in_place(sendbuf);
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, total, if ip { total } else { recvcount }) }?;
+            let from = if ip { 0 } else { c.rank() as usize * recvcount };
+            start(c, request, c.ireduce_scatter(v, op), out, from)
+        })
+    })
+}
+
+/// Starts [`efa_scan`] (`MPI_Iscan`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_iscan(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iscan", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let op = op_arg(op)?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
+            start(c, request, c.iscan(v, op), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_exscan`] (`MPI_Iexscan`); rank 0's `recvbuf` is not written.
+#[no_mangle]
+pub unsafe extern "C" fn efa_iexscan(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iexscan", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let op = op_arg(op)?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
+            let out = if c.rank() == 0 { &mut out[..0] } else { out };
+            start(c, request, c.iexscan(v, op), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_bcast`] (`MPI_Ibcast`); `buf` must stay valid until completion.
+#[no_mangle]
+pub unsafe extern "C" fn efa_ibcast(
+    comm: *const efa_comm,
+    buf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_ibcast", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let (root, _) = root_of(c, root)?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let out = unsafe { slice_mut::<T>(buf, count, "buf") }?;
+            start(c, request, c.ibroadcast(out.to_vec(), root), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_barrier`] (`MPI_Ibarrier`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_ibarrier(
+    comm: *const efa_comm,
+    request: *mut *mut efa_request,
+) -> c_int {
+    call("efa_ibarrier", || {
+        let c = comm_ref(comm)?;
+        need(request, "request")?;
+        new_request(request, c, Kind::Coll(Box::new(Barrier(c.ibarrier()))))
+    })
+}
+
+/// Starts [`efa_allgather`] (`MPI_Iallgather`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_iallgather(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iallgather", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let total = mul(count, n_of(c), "allgather")?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let out = unsafe { slice_mut::<T>(recvbuf, total, "recvbuf") }?;
+            let v = if is_in_place(sendbuf) { out.to_vec() } else {
+                // SAFETY: as above.
+                placed(total, c.rank() as usize * count, unsafe { slice::<T>(sendbuf, count, "sendbuf") }?)
+            };
+            start(c, request, c.iallgather(v), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_allgatherv`] (`MPI_Iallgatherv`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_iallgatherv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcount: usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    datatype: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iallgatherv", comm, datatype, |c, d| {
+        need(request, "request")?;
+        // SAFETY: `recvcounts` holds `n` entries.
+        let cnt = unsafe { counts(recvcounts, n_of(c), "recvcounts") }?;
+        let me = c.rank() as usize;
+        let total = cnt
+            .iter()
+            .try_fold(0usize, |a, b| a.checked_add(*b))
+            .ok_or_else(|| CErr::arg("recvcounts overflow"))?;
+        let at: usize = cnt[..me].iter().sum();
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let out = unsafe { slice_mut::<T>(recvbuf, total, "recvbuf") }?;
+            let v = if is_in_place(sendbuf) { out.to_vec() } else {
+                // SAFETY: as above.
+                let s = unsafe { slice::<T>(sendbuf, sendcount, "sendbuf") }?;
+                // A wrong sendcount gives a buffer of the wrong length, which the collective
+                // reports on every rank.
+                placed((total + sendcount).saturating_sub(cnt[me]), at, s)
+            };
+            start(c, request, c.iallgatherv(v, cnt), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_gather`] (`MPI_Igather`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_igather(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_igather", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let (root, is_root) = root_of(c, root)?;
+        let total = mul(count, n_of(c), "gather")?;
+        let ip = is_in_place(sendbuf);
+        with_type!(d, T => {
+            let rc = if is_root { total } else if ip { count } else { 0 };
+            // SAFETY: the header's buffer contract.
+            let out = unsafe { slice_mut::<T>(recvbuf, rc, "recvbuf") }?;
+            let v = if ip { out.to_vec() } else {
+                // SAFETY: as above.
+                let s = unsafe { slice::<T>(sendbuf, count, "sendbuf") }?;
+                if is_root { placed(total, c.rank() as usize * count, s) } else { s.to_vec() }
+            };
+            start(c, request, c.igather(v, root), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_gatherv`] (`MPI_Igatherv`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_igatherv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcount: usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    displs: *const usize,
+    datatype: c_int,
+    root: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_igatherv", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let (root, is_root) = root_of(c, root)?;
+        let k = if is_root { n_of(c) } else { 0 };
+        // SAFETY: at the root, the arrays hold `n` entries.
+        let (cnt, dsp) = unsafe {
+            (
+                counts(recvcounts, k, "recvcounts")?,
+                counts(displs, k, "displs")?,
+            )
+        };
+        let ip = is_in_place(sendbuf);
+        let rc = if is_root {
+            extent(&cnt, &dsp)?
+        } else if ip {
+            sendcount
+        } else {
+            0
+        };
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let out = unsafe { slice_mut::<T>(recvbuf, rc, "recvbuf") }?;
+            let v = if ip { out.to_vec() } else {
+                // SAFETY: as above.
+                let s = unsafe { slice::<T>(sendbuf, sendcount, "sendbuf") }?;
+                if is_root { placed(rc, dsp[c.rank() as usize], s) } else { s.to_vec() }
+            };
+            start(c, request, c.igatherv(v, cnt, dsp, root), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_scatter`] (`MPI_Iscatter`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_iscatter(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iscatter", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let (root, is_root) = root_of(c, root)?;
+        let ip = is_in_place(recvbuf);
+        with_type!(d, T => {
+            let out: &mut [T] = if ip && is_root { &mut [] } else {
+                // SAFETY: the header's buffer contract.
+                unsafe { slice_mut::<T>(recvbuf, count, "recvbuf") }?
+            };
+            let (v, from) = if is_root {
+                // SAFETY: as above.
+                (unsafe { slice::<T>(sendbuf, mul(count, n_of(c), "scatter")?, "sendbuf") }?.to_vec(), c.rank() as usize * count)
+            } else {
+                (vec![T::zeroed(); count], 0)
+            };
+            start(c, request, c.iscatter(v, root), out, from)
+        })
+    })
+}
+
+/// Starts [`efa_scatterv`] (`MPI_Iscatterv`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_iscatterv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcounts: *const usize,
+    displs: *const usize,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: c_int,
+    root: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_iscatterv", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let (root, is_root) = root_of(c, root)?;
+        let k = if is_root { n_of(c) } else { 0 };
+        // SAFETY: at the root, the arrays hold `n` entries.
+        let (cnt, dsp) = unsafe {
+            (
+                counts(sendcounts, k, "sendcounts")?,
+                counts(displs, k, "displs")?,
+            )
+        };
+        let ip = is_in_place(recvbuf);
+        with_type!(d, T => {
+            let out: &mut [T] = if ip && is_root { &mut [] } else {
+                // SAFETY: the header's buffer contract.
+                unsafe { slice_mut::<T>(recvbuf, recvcount, "recvbuf") }?
+            };
+            let (v, from) = if is_root {
+                // SAFETY: as above.
+                (unsafe { slice::<T>(sendbuf, extent(&cnt, &dsp)?, "sendbuf") }?.to_vec(), dsp[c.rank() as usize])
+            } else {
+                (vec![T::zeroed(); recvcount], 0)
+            };
+            start(c, request, c.iscatterv(v, cnt, dsp, root), out, from)
+        })
+    })
+}
+
+/// Starts [`efa_alltoall`] (`MPI_Ialltoall`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_ialltoall(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_ialltoall", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let total = mul(count, n_of(c), "alltoall")?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, total, total) }?;
+            start(c, request, c.ialltoall(v), out, 0)
+        })
+    })
+}
+
+/// Starts [`efa_alltoallv`] (`MPI_Ialltoallv`). The Rust API offers the non-blocking form with
+/// one layout only: `sendbuf` is `EFA_IN_PLACE`, or `sendcounts`/`sdispls` equal
+/// `recvcounts`/`rdispls` (else `EFA_ERR_ARG`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_ialltoallv(
+    comm: *const efa_comm,
+    sendbuf: *const c_void,
+    sendcounts: *const usize,
+    sdispls: *const usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    rdispls: *const usize,
+    datatype: c_int,
+    request: *mut *mut efa_request,
+) -> c_int {
+    coll("efa_ialltoallv", comm, datatype, |c, d| {
+        need(request, "request")?;
+        let n = n_of(c);
+        let ip = is_in_place(sendbuf);
+        let ns = if ip { 0 } else { n };
+        // SAFETY: the arrays hold `n` entries.
+        let (sc, sd, rc, rd) = unsafe {
+            (
+                counts(sendcounts, ns, "sendcounts")?,
+                counts(sdispls, ns, "sdispls")?,
+                counts(recvcounts, n, "recvcounts")?,
+                counts(rdispls, n, "rdispls")?,
+            )
+        };
+        if !ip && (sc != rc || sd != rd) {
+            return Err(CErr::arg("efa_ialltoallv: the send layout must equal the receive layout (or pass EFA_IN_PLACE); use efa_alltoallv for different layouts"));
+        }
+        let e = extent(&rc, &rd)?;
+        with_type!(d, T => {
+            // SAFETY: the header's buffer contract.
+            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, e, e) }?;
+            start(c, request, c.ialltoallv(v, rc, rd), out, 0)
+        })
+    })
+}
