@@ -38,7 +38,7 @@ fn header_is_current() {
         "efa_strerror",
     ] {
         assert!(
-            fresh.contains(&format!(" {f}(")),
+            fresh.contains(&format!("{f}(")),
             "{f} missing from the header"
         );
     }

@@ -1,0 +1,338 @@
+/* The C test suite of libefa: every part of the C ABI from a C program, on every rank.
+ * Built by efa-capi/tests/c_suite.rs with -Wall -Wextra -Werror and run under efarun and
+ * Open MPI's mpirun (2 and 4 ranks) and once under valgrind. Prints
+ * "efa-c-suite: rank R of N: K checks passed" at the end; any failed check prints what and
+ * where and exits 1. */
+#include <efa.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int checks = 0, me = -1;
+
+#define CHECK(cond, ...)                                                             \
+  do {                                                                               \
+    checks++;                                                                        \
+    if (!(cond)) {                                                                   \
+      fprintf(stderr, "efa-c-suite: rank %d: FAILED at %s:%d: %s: ", me, __FILE__,   \
+              __LINE__, #cond);                                                      \
+      fprintf(stderr, __VA_ARGS__);                                                  \
+      fprintf(stderr, " (last error: %s)\n", efa_last_error());                      \
+      exit(1);                                                                       \
+    }                                                                                \
+  } while (0)
+#define OK(call) CHECK((call) == EFA_SUCCESS, "%s", #call)
+
+static void test_errors(efa_comm *c, int n) {
+  int x = 0;
+  /* NULL pointers are refused with EFA_ERR_NULL and a text naming the argument. */
+  CHECK(efa_comm_rank(NULL, &x) == EFA_ERR_NULL, "NULL comm");
+  CHECK(strstr(efa_last_error(), "comm is NULL") != NULL, "text: %s", efa_last_error());
+  CHECK(efa_comm_rank(c, NULL) == EFA_ERR_NULL, "NULL rank");
+  CHECK(efa_send(c, NULL, 4, EFA_INT32, 0, 1) == EFA_ERR_NULL, "NULL buf");
+  /* An invalid rank carries the Rust error's text. */
+  int v = 1;
+  CHECK(efa_send(c, &v, 1, EFA_INT32, n + 5, 1) == EFA_ERR_RANK, "bad rank");
+  CHECK(strstr(efa_last_error(), "rank") != NULL, "text: %s", efa_last_error());
+  CHECK(efa_send(c, &v, 1, 42, 0, 1) == EFA_ERR_ARG, "bad datatype");
+  CHECK(strstr(efa_last_error(), "datatype 42") != NULL, "text: %s", efa_last_error());
+  CHECK(efa_allreduce(c, EFA_IN_PLACE, &v, 1, EFA_INT32, 99) == EFA_ERR_ARG, "bad op");
+  CHECK(efa_send(c, &v, 1, EFA_INT32, 0, -5) == EFA_ERR_TAG, "negative tag");
+  CHECK(efa_allreduce(c, &v, &v, 1, EFA_INT32, EFA_SUM) == EFA_ERR_ARG, "overlap");
+  /* Misaligned buffer for its datatype. */
+  double d[2];
+  CHECK(efa_send(c, (char *)d + 1, 1, EFA_DOUBLE, 0, 1) == EFA_ERR_ARG, "misaligned");
+  CHECK(strcmp(efa_strerror(EFA_ERR_TIMEOUT), "timed out") == 0, "strerror");
+  CHECK(strcmp(efa_strerror(12345), "unknown efa error code") == 0, "strerror unknown");
+  char small[8];
+  size_t need = 0;
+  OK(efa_last_error_copy(small, sizeof small, &need));
+  CHECK(strlen(small) == 7 && need == strlen(efa_last_error()) + 1, "copy %zu", need);
+  size_t sz = 0;
+  OK(efa_type_size(EFA_BFLOAT16, &sz));
+  CHECK(sz == 2, "bf16 size %zu", sz);
+  /* A NULL request pointer target is a no-op wait. */
+  efa_request *none = NULL;
+  efa_status st;
+  OK(efa_wait(&none, &st));
+  CHECK(st.source == EFA_ANY_SOURCE, "empty status");
+}
+
+static void test_p2p(efa_comm *c, int n) {
+  int next = (me + 1) % n, prev = (me + n - 1) % n;
+  /* Blocking ring with wildcards. */
+  int64_t out[16], in[16];
+  for (int i = 0; i < 16; i++) out[i] = me * 100 + i;
+  efa_request *sreq = NULL;
+  OK(efa_isend(c, out, 16, EFA_INT64, next, 7, &sreq));
+  efa_status st;
+  OK(efa_recv(c, in, 16, EFA_INT64, EFA_ANY_SOURCE, EFA_ANY_TAG, &st));
+  OK(efa_wait(&sreq, NULL));
+  CHECK(sreq == NULL, "wait sets NULL");
+  CHECK(st.source == prev && st.tag == 7 && st.bytes == 16 * 8, "status %d %d %zu", st.source,
+        st.tag, st.bytes);
+  int cnt = 0;
+  OK(efa_get_count(&st, EFA_INT64, &cnt));
+  CHECK(cnt == 16, "count %d", cnt);
+  for (int i = 0; i < 16; i++) CHECK(in[i] == prev * 100 + i, "in[%d]=%ld", i, (long)in[i]);
+
+  /* Non-blocking both ways, waitany then waitall. */
+  float fa[1000], fb[1000];
+  for (int i = 0; i < 1000; i++) fa[i] = (float)(me + i);
+  efa_request *reqs[2] = {NULL, NULL};
+  OK(efa_irecv(c, fb, 1000, EFA_FLOAT, prev, 3, &reqs[0]));
+  OK(efa_isend(c, fa, 1000, EFA_FLOAT, next, 3, &reqs[1]));
+  int idx = -1;
+  OK(efa_waitany(2, reqs, &idx, &st));
+  CHECK(idx == 0 || idx == 1, "index %d", idx);
+  CHECK(reqs[idx] == NULL, "waitany sets NULL");
+  efa_status sts[2];
+  OK(efa_waitall(2, reqs, sts));
+  for (int i = 0; i < 1000; i++) CHECK(fb[i] == (float)(prev + i), "fb[%d]", i);
+  OK(efa_waitany(2, reqs, &idx, NULL));
+  CHECK(idx == EFA_UNDEFINED, "all NULL gives EFA_UNDEFINED: %d", idx);
+
+  /* A large message (rendezvous) with test polling. */
+  size_t big = 1 << 20;
+  uint8_t *bs = malloc(big), *br = malloc(big);
+  for (size_t i = 0; i < big; i++) bs[i] = (uint8_t)(i * 7 + me);
+  efa_request *r = NULL;
+  OK(efa_irecv(c, br, big, EFA_UINT8, prev, 11, &r));
+  OK(efa_send(c, bs, big, EFA_UINT8, next, 11));
+  int flag = 0;
+  while (!flag) OK(efa_test(&r, &flag, &st));
+  CHECK(r == NULL && st.bytes == big, "test completed %zu", st.bytes);
+  for (size_t i = 0; i < big; i += 4093) CHECK(br[i] == (uint8_t)(i * 7 + prev), "br[%zu]", i);
+  free(bs);
+  free(br);
+
+  /* Truncation is reported with the Rust error's text. */
+  int32_t t3[3] = {1, 2, 3}, t1[1];
+  OK(efa_isend(c, t3, 3, EFA_INT32, next, 12, &sreq));
+  CHECK(efa_recv(c, t1, 1, EFA_INT32, prev, 12, NULL) == EFA_ERR_TRUNCATED, "truncated");
+  CHECK(strlen(efa_last_error()) > 10, "truncation text: %s", efa_last_error());
+  OK(efa_wait(&sreq, NULL));
+
+  /* Cancel an unmatched receive. */
+  OK(efa_irecv(c, t1, 1, EFA_INT32, prev, 999, &r));
+  int cancelled = 0;
+  OK(efa_cancel(r, &cancelled));
+  CHECK(cancelled == 1, "cancelled");
+  CHECK(efa_wait(&r, NULL) == EFA_ERR_CANCELLED, "wait after cancel");
+
+  /* sendrecv and probe. */
+  int32_t sv = me, rv = -1;
+  OK(efa_sendrecv(c, &sv, 1, EFA_INT32, next, 5, &rv, 1, EFA_INT32, prev, 5, NULL));
+  CHECK(rv == prev, "sendrecv %d", rv);
+  OK(efa_isend(c, t3, 3, EFA_INT32, next, 13, &sreq));
+  OK(efa_probe(c, EFA_ANY_SOURCE, 13, &st));
+  CHECK(st.bytes == 12 && st.source == prev, "probe %zu", st.bytes);
+  OK(efa_recv(c, t3, 3, EFA_INT32, st.source, 13, NULL));
+  OK(efa_wait(&sreq, NULL));
+}
+
+static void test_coll(efa_comm *c, int n) {
+  /* allreduce, every op, several datatypes, in place and out of place. */
+  double d[5], dr[5];
+  for (int i = 0; i < 5; i++) d[i] = me + i;
+  OK(efa_allreduce(c, d, dr, 5, EFA_DOUBLE, EFA_SUM));
+  for (int i = 0; i < 5; i++) CHECK(dr[i] == n * (n - 1) / 2.0 + n * i, "sum %d %f", i, dr[i]);
+  int32_t iv[3] = {me + 1, -me, 7};
+  OK(efa_allreduce(c, EFA_IN_PLACE, iv, 3, EFA_INT32, EFA_MAX));
+  CHECK(iv[0] == n && iv[1] == 0 && iv[2] == 7, "max %d %d", iv[0], iv[1]);
+  int64_t pv = me + 1;
+  OK(efa_allreduce(c, EFA_IN_PLACE, &pv, 1, EFA_INT64, EFA_PROD));
+  int64_t fact = 1;
+  for (int i = 1; i <= n; i++) fact *= i;
+  CHECK(pv == fact, "prod %ld", (long)pv);
+  uint8_t mn = (uint8_t)(10 + me);
+  OK(efa_allreduce(c, EFA_IN_PLACE, &mn, 1, EFA_UINT8, EFA_MIN));
+  CHECK(mn == 10, "min %d", mn);
+  float av = (float)me;
+  OK(efa_allreduce(c, EFA_IN_PLACE, &av, 1, EFA_FLOAT, EFA_AVG));
+  CHECK(av == (float)(n - 1) / 2.0f, "avg %f", av);
+
+  /* reduce to the last rank, bcast from rank 1. */
+  int root = n - 1;
+  uint32_t u = (uint32_t)me, ur = 0;
+  OK(efa_reduce(c, &u, me == root ? &ur : NULL, 1, EFA_UINT32, EFA_SUM, root));
+  if (me == root) CHECK(ur == (uint32_t)(n * (n - 1) / 2), "reduce %u", ur);
+  int32_t b[4] = {0, 0, 0, 0};
+  if (me == 1) for (int i = 0; i < 4; i++) b[i] = 40 + i;
+  OK(efa_bcast(c, b, 4, EFA_INT32, 1));
+  CHECK(b[0] == 40 && b[3] == 43, "bcast");
+  OK(efa_barrier(c));
+
+  /* scan, exscan. */
+  int32_t s = me + 1, sr = 0;
+  OK(efa_scan(c, &s, &sr, 1, EFA_INT32, EFA_SUM));
+  CHECK(sr == (me + 1) * (me + 2) / 2, "scan %d", sr);
+  sr = -1;
+  OK(efa_exscan(c, &s, &sr, 1, EFA_INT32, EFA_SUM));
+  CHECK(me == 0 ? sr == -1 : sr == me * (me + 1) / 2, "exscan %d", sr);
+
+  /* allgather(v), gather(v), scatter(v), alltoall(v), reduce_scatter_block. */
+  int32_t *all = calloc((size_t)n * 2, 4);
+  int32_t two[2] = {me, me * 10};
+  OK(efa_allgather(c, two, all, 2, EFA_INT32));
+  for (int r = 0; r < n; r++) CHECK(all[2 * r] == r && all[2 * r + 1] == r * 10, "allgather %d", r);
+  size_t *counts = calloc((size_t)n, sizeof(size_t)), *displs = calloc((size_t)n, sizeof(size_t));
+  size_t total = 0;
+  for (int r = 0; r < n; r++) { counts[r] = (size_t)r + 1; displs[r] = total; total += counts[r]; }
+  int32_t *mine = calloc((size_t)me + 1, 4), *vbuf = calloc(total, 4);
+  for (int i = 0; i <= me; i++) mine[i] = me;
+  OK(efa_allgatherv(c, mine, (size_t)me + 1, vbuf, counts, EFA_INT32));
+  for (int r = 0; r < n; r++) CHECK(vbuf[displs[r]] == r && vbuf[displs[r] + counts[r] - 1] == r, "allgatherv %d", r);
+  memset(vbuf, 0, total * 4);
+  OK(efa_gatherv(c, mine, (size_t)me + 1, vbuf, counts, displs, EFA_INT32, 0));
+  if (me == 0) for (int r = 0; r < n; r++) CHECK(vbuf[displs[r]] == r, "gatherv %d", r);
+  memset(all, 0, (size_t)n * 8);
+  OK(efa_gather(c, two, me == 0 ? all : NULL, 2, EFA_INT32, 0));
+  if (me == 0) for (int r = 0; r < n; r++) CHECK(all[2 * r + 1] == r * 10, "gather %d", r);
+  int32_t got[2] = {-1, -1};
+  OK(efa_scatter(c, all, got, 2, EFA_INT32, 0));
+  CHECK(got[0] == me && got[1] == me * 10, "scatter %d %d", got[0], got[1]);
+  int32_t *gotv = calloc((size_t)me + 1, 4);
+  OK(efa_scatterv(c, vbuf, counts, displs, gotv, (size_t)me + 1, EFA_INT32, 0));
+  CHECK(gotv[0] == me && gotv[me] == me, "scatterv %d", gotv[0]);
+  int32_t *a2a = calloc((size_t)n, 4), *a2ar = calloc((size_t)n, 4);
+  for (int d2 = 0; d2 < n; d2++) a2a[d2] = me * 100 + d2;
+  OK(efa_alltoall(c, a2a, a2ar, 1, EFA_INT32));
+  for (int s2 = 0; s2 < n; s2++) CHECK(a2ar[s2] == s2 * 100 + me, "alltoall %d", s2);
+  size_t *ones = calloc((size_t)n, sizeof(size_t)), *idx = calloc((size_t)n, sizeof(size_t));
+  for (int r = 0; r < n; r++) { ones[r] = 1; idx[r] = (size_t)r; }
+  memset(a2ar, 0, (size_t)n * 4);
+  OK(efa_alltoallv(c, a2a, ones, idx, a2ar, ones, idx, EFA_INT32));
+  for (int s2 = 0; s2 < n; s2++) CHECK(a2ar[s2] == s2 * 100 + me, "alltoallv %d", s2);
+  int32_t *rs = calloc((size_t)n, 4);
+  for (int r = 0; r < n; r++) rs[r] = r + me;
+  int32_t rsr = 0;
+  OK(efa_reduce_scatter_block(c, rs, &rsr, 1, EFA_INT32, EFA_SUM));
+  CHECK(rsr == n * me + n * (n - 1) / 2, "reduce_scatter %d", rsr);
+
+  /* Non-blocking collectives, several in flight, completed by waitall. */
+  double nd[3] = {1.0 * me, 2.0, 3.0}, ndr[3];
+  int32_t nb[2] = {me == 0 ? 5 : 0, me == 0 ? 6 : 0};
+  int32_t *nag = calloc((size_t)n, 4);
+  int32_t nme = me;
+  efa_request *rq[6] = {NULL};
+  OK(efa_iallreduce(c, nd, ndr, 3, EFA_DOUBLE, EFA_SUM, &rq[0]));
+  OK(efa_ibcast(c, nb, 2, EFA_INT32, 0, &rq[1]));
+  OK(efa_iallgather(c, &nme, nag, 1, EFA_INT32, &rq[2]));
+  OK(efa_ibarrier(c, &rq[3]));
+  int32_t nrs = 0;
+  OK(efa_ireduce_scatter_block(c, rs, &nrs, 1, EFA_INT32, EFA_SUM, &rq[4]));
+  int32_t nsc = 0;
+  OK(efa_iscan(c, &s, &nsc, 1, EFA_INT32, EFA_SUM, &rq[5]));
+  OK(efa_waitall(6, rq, NULL));
+  CHECK(ndr[0] == n * (n - 1) / 2.0 && ndr[2] == 3.0 * n, "iallreduce %f", ndr[0]);
+  CHECK(nb[0] == 5 && nb[1] == 6, "ibcast");
+  for (int r = 0; r < n; r++) CHECK(nag[r] == r, "iallgather %d", r);
+  CHECK(nrs == rsr, "ireduce_scatter %d", nrs);
+  CHECK(nsc == (me + 1) * (me + 2) / 2, "iscan %d", nsc);
+  int32_t ng[2] = {0};
+  memset(all, 0, (size_t)n * 8);
+  OK(efa_igather(c, two, me == 0 ? all : NULL, 2, EFA_INT32, 0, &rq[0]));
+  OK(efa_wait(&rq[0], NULL));
+  if (me == 0) for (int r = 0; r < n; r++) CHECK(all[2 * r] == r, "igather %d", r);
+  OK(efa_iscatter(c, all, ng, 2, EFA_INT32, 0, &rq[0]));
+  OK(efa_wait(&rq[0], NULL));
+  CHECK(ng[0] == me && ng[1] == me * 10, "iscatter");
+  memset(a2ar, 0, (size_t)n * 4);
+  OK(efa_ialltoall(c, a2a, a2ar, 1, EFA_INT32, &rq[0]));
+  OK(efa_wait(&rq[0], NULL));
+  for (int s2 = 0; s2 < n; s2++) CHECK(a2ar[s2] == s2 * 100 + me, "ialltoall %d", s2);
+  /* A mismatch (different counts) fails on every rank with EFA_ERR_MISMATCH. */
+  double mm[2] = {0, 0};
+  int rc = efa_allreduce(c, EFA_IN_PLACE, mm, me == 0 ? 1 : 2, EFA_DOUBLE, EFA_SUM);
+  CHECK(rc == EFA_ERR_MISMATCH || rc == EFA_ERR_COLL_ARG, "mismatch rc %d", rc);
+  free(all); free(counts); free(displs); free(mine); free(vbuf); free(gotv); free(a2a);
+  free(a2ar); free(ones); free(idx); free(rs); free(nag);
+}
+
+static void test_comms(efa_comm *c, int n) {
+  efa_comm *d = NULL, *half = NULL;
+  OK(efa_comm_dup(c, &d));
+  int r = -1, s = -1;
+  OK(efa_comm_rank(d, &r));
+  OK(efa_comm_size(d, &s));
+  CHECK(r == me && s == n, "dup %d %d", r, s);
+  int v = 1;
+  OK(efa_allreduce(d, EFA_IN_PLACE, &v, 1, EFA_INT32, EFA_SUM));
+  CHECK(v == n, "dup allreduce %d", v);
+  OK(efa_comm_split(c, me % 2, -me, &half));
+  CHECK(half != NULL, "split");
+  OK(efa_comm_size(half, &s));
+  OK(efa_comm_rank(half, &r));
+  CHECK(s == (n + 1 - me % 2) / 2, "split size %d", s);
+  int32_t w = me;
+  OK(efa_allreduce(half, EFA_IN_PLACE, &w, 1, EFA_INT32, EFA_MAX));
+  CHECK(r == 0 ? w == me : 1, "key orders descending: rank 0 of the half is its largest %d", w);
+  efa_comm *none = (efa_comm *)&v;
+  OK(efa_comm_split(c, me == 0 ? 0 : EFA_UNDEFINED, 0, &none));
+  CHECK(me == 0 ? none != NULL : none == NULL, "undefined color");
+  if (none) OK(efa_finalize(&none));
+  OK(efa_finalize(&half));
+  OK(efa_finalize(&d));
+  CHECK(d == NULL, "finalize sets NULL");
+
+  int t = 0;
+  char reason[256];
+  size_t needed = 0;
+  OK(efa_route(c, (me + 1) % n, &t, reason, sizeof reason, &needed));
+  CHECK(t == EFA_TRANSPORT_SHM && strncmp(reason, "shm: same host", 14) == 0, "route %d %s", t, reason);
+  CHECK(needed == strlen(reason) + 1, "needed %zu", needed);
+  OK(efa_route(c, me, &t, reason, sizeof reason, NULL));
+  CHECK(strncmp(reason, "self", 4) == 0 || strncmp(reason, "shm", 3) == 0, "self route %s", reason);
+}
+
+static void test_rma(efa_comm *c, int n) {
+  efa_win *w = NULL;
+  size_t bytes = 64 * (size_t)n;
+  int rc = efa_win_create(c, bytes, EFA_WIN_READ_WRITE, &w);
+  if (rc == EFA_ERR_RMA) {
+    fprintf(stderr, "SKIPPED: c_suite rma: %s\n", efa_last_error());
+    return;
+  }
+  OK(rc);
+  size_t sz = 0;
+  OK(efa_win_size(w, &sz));
+  CHECK(sz == bytes, "win size %zu", sz);
+  int next = (me + 1) % n, prev = (me + n - 1) % n;
+  uint64_t v = 1000 + (uint64_t)me;
+  OK(efa_put(w, next, 8 * (size_t)me, &v, 8));
+  OK(efa_win_fence(w));
+  uint64_t got = 0;
+  OK(efa_win_read_local(w, 8 * (size_t)prev, &got, 8));
+  CHECK(got == 1000 + (uint64_t)prev, "put landed %lu", (unsigned long)got);
+  uint64_t rd = 0;
+  efa_request *r = NULL;
+  OK(efa_iget(w, next, 8 * (size_t)me, &rd, 8, &r));
+  CHECK(efa_win_free(&w) == EFA_ERR_PENDING, "free refused while a request is in flight");
+  OK(efa_wait(&r, NULL));
+  CHECK(rd == v, "get %lu", (unsigned long)rd);
+  CHECK(efa_put(w, next, bytes, &v, 8) == EFA_ERR_RMA, "out of bounds");
+  OK(efa_win_fence(w));
+  OK(efa_win_free(&w));
+  CHECK(w == NULL, "win free sets NULL");
+}
+
+int main(void) {
+  efa_comm *c = NULL;
+  int rc = efa_init(&c);
+  if (rc != EFA_SUCCESS) {
+    fprintf(stderr, "efa-c-suite: efa_init: %s: %s\n", efa_strerror(rc), efa_last_error());
+    return 1;
+  }
+  int n = 0;
+  OK(efa_comm_rank(c, &me));
+  OK(efa_comm_size(c, &n));
+  test_errors(c, n);
+  test_p2p(c, n);
+  test_coll(c, n);
+  test_comms(c, n);
+  test_rma(c, n);
+  OK(efa_finalize(&c));
+  printf("efa-c-suite: rank %d of %d: %d checks passed\n", me, n, checks);
+  return 0;
+}
