@@ -276,6 +276,14 @@ pub(crate) fn comm_ref<'a>(c: *const efa_comm) -> CResult<&'a Communicator> {
     Ok(unsafe { &(*c).comm })
 }
 
+/// A C handle for a communicator a Rust program already holds (Rust-only: not part of the C
+/// ABI). For programs that mix Rust and C code on one communicator, and for the overhead
+/// benchmark (`examples/overhead.rs`). Free it with [`efa_finalize`] (which finalizes only
+/// when it is the last clone) or `drop(Box::from_raw(h))`.
+pub fn efa_comm_from_rust(comm: &Communicator) -> *mut efa_comm {
+    Box::into_raw(Box::new(efa_comm { comm: comm.clone() }))
+}
+
 fn new_comm(out: *mut *mut efa_comm, comm: Communicator) -> CResult<()> {
     put(
         out,

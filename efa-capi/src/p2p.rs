@@ -170,7 +170,7 @@ fn check_buf<T>(p: *const c_void, n: usize, what: &str) -> CResult<*const c_void
             "{what} is EFA_IN_PLACE, which this argument does not accept"
         )));
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
+    if (p as usize) & (std::mem::align_of::<T>() - 1) != 0 {
         return Err(CErr::arg(format!(
             "{what} at {p:?} is not aligned for its datatype ({} bytes)",
             std::mem::align_of::<T>()
