@@ -4,7 +4,11 @@
  * Every function returns an efa_errcode as int (EFA_SUCCESS = 0); on an error, efa_last_error()
  * gives the text. Counts are in elements of the call's datatype; window offsets in bytes.
  * Buffers passed to a blocking call must be valid for the call; receive buffers of a
- * non-blocking call until it completes (efa_wait, efa_test, ...). */
+ * non-blocking call until it completes (efa_wait, efa_test, ...).
+ *
+ * Thread safety: an efa_comm or efa_win may be used by several threads at once (calls are
+ * serialized by the progress engine's lock); one efa_request by one thread at a time. The last
+ * error is per thread. */
 
 #ifndef EFA_H
 #define EFA_H
