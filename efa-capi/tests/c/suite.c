@@ -189,6 +189,16 @@ static void test_coll(efa_comm *c, int n) {
   memset(all, 0, (size_t)n * 8);
   OK(efa_gather(c, two, me == 0 ? all : NULL, 2, EFA_INT32, 0));
   if (me == 0) for (int r = 0; r < n; r++) CHECK(all[2 * r + 1] == r * 10, "gather %d", r);
+  /* MPI style: the root in place, the others out of place, for reduce and gather. */
+  int64_t rv2 = me + 1;
+  OK(efa_reduce(c, me == 0 ? EFA_IN_PLACE : (const void *)&rv2, me == 0 ? &rv2 : NULL, 1,
+                EFA_INT64, EFA_SUM, 0));
+  if (me == 0) CHECK(rv2 == (int64_t)n * (n + 1) / 2, "reduce root in place %ld", (long)rv2);
+  memset(all, 0, (size_t)n * 8);
+  if (me == 0) { all[0] = 0; all[1] = 0; }
+  OK(efa_gather(c, me == 0 ? EFA_IN_PLACE : (const void *)two, me == 0 ? all : NULL, 2, EFA_INT32, 0));
+  if (me == 0) for (int r = 1; r < n; r++) CHECK(all[2 * r] == r && all[2 * r + 1] == r * 10, "gather root in place %d", r);
+  if (me == 0) { all[0] = 0; all[1] = 0; }
   int32_t got[2] = {-1, -1};
   OK(efa_scatter(c, all, got, 2, EFA_INT32, 0));
   CHECK(got[0] == me && got[1] == me * 10, "scatter %d %d", got[0], got[1]);
