@@ -127,9 +127,9 @@ fn efarun_suite(test: &str, n: u32, wrap: &[&str], timeout: Duration) {
 
 fn mpirun_suite(test: &str, n: u32) {
     let Some(mpirun) = which("mpirun.openmpi") else {
-        return common::skip_test(&format!(
-            "{test}: mpirun.openmpi (Open MPI) not installed: run ci/launchers/setup.sh install"
-        ));
+        return common::skip_test(
+            "mpirun.openmpi (Open MPI) not installed: run ci/launchers/setup.sh install",
+        );
     };
     let mut cmd = Command::new(mpirun);
     cmd.args([
@@ -169,9 +169,7 @@ fn c_suite_mpirun_4() {
 #[test]
 fn c_suite_valgrind_2() {
     if which("valgrind").is_none() {
-        return common::skip_test(
-            "c_suite_valgrind_2: valgrind not installed: apt-get install valgrind",
-        );
+        return common::skip_test("valgrind not installed: ci/setup installs it");
     }
     efarun_suite(
         "c_suite_valgrind_2",
@@ -281,7 +279,7 @@ fn examples_c_and_fortran() {
     if which("gfortran").is_none() {
         let _ = std::fs::remove_dir_all(&prefix);
         return common::skip_test(
-            "examples_c_and_fortran (Fortran part): gfortran not installed: ci/setup installs it",
+            "the Fortran example (the C ones passed): gfortran not installed: ci/setup installs it",
         );
     }
     let exe = build_installed(&prefix, &ex.join("allreduce.f90"), "allreduce-f", false);
