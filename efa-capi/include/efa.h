@@ -263,6 +263,13 @@ typedef enum efa_win_access {
 typedef struct efa_comm efa_comm;
 
 /*
+ A message taken out of matching by [`efa_mprobe`] / [`efa_improbe`] (opaque;
+ `MPI_Message`): only [`efa_mrecv`] receives it. Freeing it unreceived
+ ([`efa_message_free`]) puts it back in its place in the queue.
+ */
+typedef struct efa_message efa_message;
+
+/*
  A non-blocking operation in flight (opaque; `MPI_Request`). Completed and freed by
  [`efa_wait`], [`efa_test`] (when done), [`efa_waitall`], [`efa_waitany`], [`efa_testall`],
  or dropped by [`efa_request_free`].
@@ -1004,6 +1011,56 @@ int efa_waitany(uintptr_t count,
                 struct efa_request **requests,
                 int *index,
                 struct efa_status *status);
+
+/*
+ Waits for a message from `source` with `tag` (wildcards allowed) and takes it out of
+ matching (`MPI_Mprobe`): no other receive or probe can get it. `*message` gets the handle
+ and `*status` (may be NULL) its sender, tag and length, so a buffer can be sized before
+ [`efa_mrecv`].
+
+ Errors: `EFA_ERR_NULL` (`comm`, `message`); `EFA_ERR_RANK`; `EFA_ERR_TAG`;
+ `EFA_ERR_TIMEOUT`; `EFA_ERR_PEER_FAILED`.
+ */
+int efa_mprobe(const struct efa_comm *comm,
+               int source,
+               int tag,
+               struct efa_message **message,
+               struct efa_status *status);
+
+/*
+ [`efa_mprobe`] without waiting (`MPI_Improbe`): `*flag` is 1 and `*message` set when such a
+ message is there, else `*flag` is 0 and `*message` NULL.
+
+ Errors: `EFA_ERR_NULL` (`comm`, `flag`, `message`); `EFA_ERR_RANK`; `EFA_ERR_TAG`.
+ */
+int efa_improbe(const struct efa_comm *comm,
+                int source,
+                int tag,
+                int *flag,
+                struct efa_message **message,
+                struct efa_status *status);
+
+/*
+ Receives the message `*message` into `buf` (room for `count` elements of `datatype`)
+ (`MPI_Mrecv`), frees the handle and sets `*message` NULL (also on error: the message is
+ then consumed, as MPI does).
+
+ Errors: `EFA_ERR_NULL` (`message`, `*message`; `buf` with `count > 0`); `EFA_ERR_ARG`;
+ `EFA_ERR_TRUNCATED` when the message is longer than `buf`; `EFA_ERR_TIMEOUT`.
+ */
+int efa_mrecv(void *buf,
+              uintptr_t count,
+              int datatype,
+              struct efa_message **message,
+              struct efa_status *status);
+
+/*
+ Frees `*message` unreceived and sets it NULL: the message goes back to its place in the
+ queue for a later receive or probe. A NULL `*message` is a no-op.
+
+ Errors: `EFA_ERR_NULL` (`message`).
+ */
+int efa_message_free(struct efa_message **message);
 
 /*
  Creates a window of `bytes` zeroed bytes on every rank (`MPI_Win_allocate`); collective

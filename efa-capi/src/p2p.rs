@@ -813,3 +813,126 @@ pub unsafe extern "C" fn efa_waitany(
         Ok(())
     })
 }
+
+// ---- Matched probes -----------------------------------------------------------------------
+
+/// A message taken out of matching by [`efa_mprobe`] / [`efa_improbe`] (opaque;
+/// `MPI_Message`): only [`efa_mrecv`] receives it. Freeing it unreceived
+/// ([`efa_message_free`]) puts it back in its place in the queue.
+#[derive(Debug)]
+pub struct efa_message {
+    msg: efa_core::Message,
+}
+
+/// Waits for a message from `source` with `tag` (wildcards allowed) and takes it out of
+/// matching (`MPI_Mprobe`): no other receive or probe can get it. `*message` gets the handle
+/// and `*status` (may be NULL) its sender, tag and length, so a buffer can be sized before
+/// [`efa_mrecv`].
+///
+/// Errors: `EFA_ERR_NULL` (`comm`, `message`); `EFA_ERR_RANK`; `EFA_ERR_TAG`;
+/// `EFA_ERR_TIMEOUT`; `EFA_ERR_PEER_FAILED`.
+#[no_mangle]
+pub unsafe extern "C" fn efa_mprobe(
+    comm: *const efa_comm,
+    source: c_int,
+    tag: c_int,
+    message: *mut *mut efa_message,
+    status: *mut efa_status,
+) -> c_int {
+    call("efa_mprobe", || {
+        let c = comm_ref(comm)?;
+        need(message, "message")?;
+        let msg = c.mprobe(source_arg(source)?, tag_arg(tag)?)?;
+        put_status(status, efa_status::of(msg.status()));
+        put(
+            message,
+            "message",
+            Box::into_raw(Box::new(efa_message { msg })),
+        )
+    })
+}
+
+/// [`efa_mprobe`] without waiting (`MPI_Improbe`): `*flag` is 1 and `*message` set when such a
+/// message is there, else `*flag` is 0 and `*message` NULL.
+///
+/// Errors: `EFA_ERR_NULL` (`comm`, `flag`, `message`); `EFA_ERR_RANK`; `EFA_ERR_TAG`.
+#[no_mangle]
+pub unsafe extern "C" fn efa_improbe(
+    comm: *const efa_comm,
+    source: c_int,
+    tag: c_int,
+    flag: *mut c_int,
+    message: *mut *mut efa_message,
+    status: *mut efa_status,
+) -> c_int {
+    call("efa_improbe", || {
+        let c = comm_ref(comm)?;
+        need(flag, "flag")?;
+        need(message, "message")?;
+        match c.improbe(source_arg(source)?, tag_arg(tag)?)? {
+            Some(msg) => {
+                put_status(status, efa_status::of(msg.status()));
+                put(
+                    message,
+                    "message",
+                    Box::into_raw(Box::new(efa_message { msg })),
+                )?;
+                put(flag, "flag", 1)
+            }
+            None => {
+                put(message, "message", std::ptr::null_mut())?;
+                put(flag, "flag", 0)
+            }
+        }
+    })
+}
+
+/// Receives the message `*message` into `buf` (room for `count` elements of `datatype`)
+/// (`MPI_Mrecv`), frees the handle and sets `*message` NULL (also on error: the message is
+/// then consumed, as MPI does).
+///
+/// Errors: `EFA_ERR_NULL` (`message`, `*message`; `buf` with `count > 0`); `EFA_ERR_ARG`;
+/// `EFA_ERR_TRUNCATED` when the message is longer than `buf`; `EFA_ERR_TIMEOUT`.
+#[no_mangle]
+pub unsafe extern "C" fn efa_mrecv(
+    buf: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    message: *mut *mut efa_message,
+    status: *mut efa_status,
+) -> c_int {
+    call("efa_mrecv", || {
+        need(message, "message")?;
+        // SAFETY: `buf` holds room for `count` elements (the header's contract); checked
+        // before the message is taken, so a bad buffer loses nothing.
+        let data = unsafe { bytes_mut(buf, count, datatype, "buf") }?;
+        // SAFETY: not NULL; points to NULL or a live handle (the header's contract).
+        let h = unsafe { message.replace(std::ptr::null_mut()) };
+        if h.is_null() {
+            return Err(CErr::null("*message"));
+        }
+        // SAFETY: a live handle from efa_mprobe/efa_improbe, freed once (`*message` is NULL).
+        let m = unsafe { Box::from_raw(h) };
+        let st = m.msg.recv(data)?;
+        put_status(status, efa_status::of(st));
+        Ok(())
+    })
+}
+
+/// Frees `*message` unreceived and sets it NULL: the message goes back to its place in the
+/// queue for a later receive or probe. A NULL `*message` is a no-op.
+///
+/// Errors: `EFA_ERR_NULL` (`message`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_message_free(message: *mut *mut efa_message) -> c_int {
+    call("efa_message_free", || {
+        need(message, "message")?;
+        // SAFETY: not NULL; points to NULL or a live handle (the header's contract).
+        let h = unsafe { message.replace(std::ptr::null_mut()) };
+        if !h.is_null() {
+            // SAFETY: a live handle, freed once.
+            drop(unsafe { Box::from_raw(h) });
+        }
+        Ok(())
+    })
+}

@@ -129,6 +129,23 @@ static void test_p2p(efa_comm *c, int n) {
   CHECK(st.bytes == 12 && st.source == prev, "probe %zu", st.bytes);
   OK(efa_recv(c, t3, 3, EFA_INT32, st.source, 13, NULL));
   OK(efa_wait(&sreq, NULL));
+
+  /* Matched probe: size the buffer from the status, then receive exactly that message; a
+   * message freed unreceived goes back for a later receive. */
+  int32_t m5[5] = {5, 6, 7, 8, 9};
+  OK(efa_isend(c, m5, 5, EFA_INT32, next, 14, &sreq));
+  efa_message *msg = NULL;
+  OK(efa_mprobe(c, prev, 14, &msg, &st));
+  CHECK(msg != NULL && st.bytes == 20, "mprobe %zu", st.bytes);
+  OK(efa_message_free(&msg));
+  CHECK(msg == NULL, "message_free sets NULL");
+  flag = 0;
+  while (!flag) OK(efa_improbe(c, EFA_ANY_SOURCE, 14, &flag, &msg, &st));
+  int32_t *mb = calloc(st.bytes / 4, 4);
+  OK(efa_mrecv(mb, st.bytes / 4, EFA_INT32, &msg, &st));
+  CHECK(msg == NULL && mb[0] == 5 && mb[4] == 9, "mrecv %d", mb[0]);
+  free(mb);
+  OK(efa_wait(&sreq, NULL));
 }
 
 static void test_coll(efa_comm *c, int n) {
