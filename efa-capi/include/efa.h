@@ -283,6 +283,12 @@ typedef struct efa_request efa_request;
 typedef struct efa_win efa_win;
 
 /*
+ The C function of a user operator: `acc[i] = acc[i] op x[i]` for `count` elements, `acc`
+ holding the result of the lower ranks.
+ */
+typedef void (*efa_user_function)(void *acc, const void *x, uintptr_t count, void *user_data);
+
+/*
  What a completed receive got (`MPI_Status`). Functions that fill one accept NULL for
  "ignore" (`MPI_STATUS_IGNORE`).
  */
@@ -431,6 +437,29 @@ const char *efa_last_error(void);
  Errors: `EFA_ERR_NULL` (`buf` with `len > 0`). Does not change the last error.
  */
 int efa_last_error_copy(char *buf, uintptr_t len, uintptr_t *needed);
+
+/*
+ Makes a user reduction operator (`MPI_Op_create`) and returns its id in `*op`, for the
+ `op` argument of every reduction. `function(acc, x, count, user_data)` must set
+ `acc[i] = acc[i] op x[i]` for `count` elements of the call's datatype; `acc` holds the
+ result of the lower ranks, so a non-commutative operator (`commute` = 0) is applied in
+ rank order. The library may call it on any run of whole elements (chunks, blocks), so it
+ must combine each element of the datatype on its own: the C ABI has no derived datatypes,
+ so records spanning several elements (a matrix) cannot be one element here. It may be
+ called from any thread (non-blocking collectives run on a helper thread) and must not
+ call libefa. `user_data` is passed through.
+
+ Errors: `EFA_ERR_NULL` (`function`, `op`).
+ */
+int efa_op_create(efa_user_function function, int commute, void *user_data, int *op);
+
+/*
+ Frees a user operator (`MPI_Op_free`) and sets `*op` to -1. Collectives already started
+ with it keep it until they complete.
+
+ Errors: `EFA_ERR_NULL` (`op`); `EFA_ERR_ARG` when `*op` is no live user operator.
+ */
+int efa_op_free(int *op);
 
 /*
  Reduces `count` elements across all ranks; every rank gets the result in `recvbuf`

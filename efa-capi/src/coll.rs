@@ -6,13 +6,22 @@
 //! and copy the result into the receive buffer when they complete ([`crate::efa_wait`] and
 //! friends): the receive buffer must stay valid until then, the send buffer need not.
 
+// `op.clone()` is shared by ReduceOp (Copy) and UserOp (Clone) in with_op!.
+#![allow(clippy::clone_on_copy)]
+
 use std::ffi::{c_int, c_void};
 
 use bytemuck::Zeroable;
-use efa_core::{AnyRequest, CollRequest, Communicator, Pod, ReduceOp};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use efa_core::{AnyRequest, CollRequest, Communicator, Pod, ReduceOp, UserOp};
 
 use crate::p2p::{efa_datatype, new_request, slice, slice_mut, with_type, CollPending, Kind};
-use crate::{call, comm_ref, efa_comm, efa_request, is_in_place, need, rank_arg, CErr, CResult};
+use crate::{
+    call, comm_ref, efa_comm, efa_request, is_in_place, need, put, rank_arg, CErr, CResult,
+};
 
 /// Reduction operators (`MPI_Op`).
 #[repr(C)]
@@ -30,18 +39,152 @@ pub enum efa_op {
     EFA_AVG = 4,
 }
 
-fn op_arg(op: c_int) -> CResult<ReduceOp> {
-    Ok(match op {
+/// A reduction operator of a call: built in, or one made by [`efa_op_create`].
+pub(crate) enum Op {
+    Builtin(ReduceOp),
+    User(Arc<UserFn>),
+}
+
+fn op_arg(op: c_int) -> CResult<Op> {
+    Ok(Op::Builtin(match op {
         0 => ReduceOp::Sum,
         1 => ReduceOp::Prod,
         2 => ReduceOp::Min,
         3 => ReduceOp::Max,
         4 => ReduceOp::Avg,
+        o if o >= USER_OP_BASE => {
+            let ops = user_ops().lock().unwrap_or_else(|p| p.into_inner());
+            return match ops.get(&o) {
+                Some(f) => Ok(Op::User(f.clone())),
+                None => Err(CErr::arg(format!(
+                    "op {o} is not a live user operator (efa_op_create; freed ones are gone)"
+                ))),
+            };
+        }
         o => {
             return Err(CErr::arg(format!(
-                "op {o} is not an efa_op (EFA_SUM .. EFA_AVG, 0..4)"
+                "op {o} is not an efa_op (EFA_SUM .. EFA_AVG, 0..4) or a user operator from efa_op_create"
             )))
         }
+    }))
+}
+
+/// Runs `$body` with `$o` the call's operator as a Rust `Reduction<$T>`: a [`ReduceOp`] or
+/// a [`UserOp`] calling the C function.
+macro_rules! with_op {
+    ($op:expr, $T:ty, $o:ident => $body:expr) => {
+        match $op {
+            Op::Builtin(r) => {
+                let $o = r;
+                $body
+            }
+            Op::User(u) => {
+                let $o = u.typed::<$T>();
+                $body
+            }
+        }
+    };
+}
+
+/// The C function of a user operator: `acc[i] = acc[i] op x[i]` for `count` elements, `acc`
+/// holding the result of the lower ranks.
+pub type efa_user_function = Option<
+    unsafe extern "C" fn(acc: *mut c_void, x: *const c_void, count: usize, user_data: *mut c_void),
+>;
+
+/// A user operator: the C function, whether it commutes, and its `user_data`.
+pub(crate) struct UserFn {
+    f: unsafe extern "C" fn(*mut c_void, *const c_void, usize, *mut c_void),
+    commute: bool,
+    user_data: usize,
+}
+
+impl UserFn {
+    fn typed<T: Pod + Send + Sync>(self: &Arc<Self>) -> UserOp<T> {
+        let me = self.clone();
+        let f = move |acc: &mut [T], x: &[T]| {
+            // SAFETY: `acc` and `x` hold `count` elements of the call's datatype; the function
+            // and `user_data` are valid until efa_op_free and may be called from any thread
+            // (efa_op_create's contract).
+            unsafe {
+                (me.f)(
+                    acc.as_mut_ptr() as *mut c_void,
+                    x.as_ptr() as *const c_void,
+                    acc.len().min(x.len()),
+                    me.user_data as *mut c_void,
+                )
+            }
+        };
+        if self.commute {
+            UserOp::commutative(f)
+        } else {
+            UserOp::non_commutative(f)
+        }
+    }
+}
+
+/// The first id of user operators (the `efa_op` values are below).
+const USER_OP_BASE: c_int = 1000;
+
+fn user_ops() -> &'static Mutex<HashMap<c_int, Arc<UserFn>>> {
+    static OPS: OnceLock<Mutex<HashMap<c_int, Arc<UserFn>>>> = OnceLock::new();
+    OPS.get_or_init(Default::default)
+}
+
+/// Makes a user reduction operator (`MPI_Op_create`) and returns its id in `*op`, for the
+/// `op` argument of every reduction. `function(acc, x, count, user_data)` must set
+/// `acc[i] = acc[i] op x[i]` for `count` elements of the call's datatype; `acc` holds the
+/// result of the lower ranks, so a non-commutative operator (`commute` = 0) is applied in
+/// rank order. The library may call it on any run of whole elements (chunks, blocks), so it
+/// must combine each element of the datatype on its own: the C ABI has no derived datatypes,
+/// so records spanning several elements (a matrix) cannot be one element here. It may be
+/// called from any thread (non-blocking collectives run on a helper thread) and must not
+/// call libefa. `user_data` is passed through.
+///
+/// Errors: `EFA_ERR_NULL` (`function`, `op`).
+#[no_mangle]
+pub unsafe extern "C" fn efa_op_create(
+    function: efa_user_function,
+    commute: c_int,
+    user_data: *mut c_void,
+    op: *mut c_int,
+) -> c_int {
+    call("efa_op_create", || {
+        let f = function.ok_or_else(|| CErr::null("function"))?;
+        need(op, "op")?;
+        static NEXT: AtomicI32 = AtomicI32::new(USER_OP_BASE);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let u = UserFn {
+            f,
+            commute: commute != 0,
+            user_data: user_data as usize,
+        };
+        user_ops()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::new(u));
+        put(op, "op", id)
+    })
+}
+
+/// Frees a user operator (`MPI_Op_free`) and sets `*op` to -1. Collectives already started
+/// with it keep it until they complete.
+///
+/// Errors: `EFA_ERR_NULL` (`op`); `EFA_ERR_ARG` when `*op` is no live user operator.
+#[no_mangle]
+pub unsafe extern "C" fn efa_op_free(op: *mut c_int) -> c_int {
+    call("efa_op_free", || {
+        need(op, "op")?;
+        // SAFETY: not NULL; points to an int (the header's contract).
+        let id = unsafe { op.read() };
+        let gone = user_ops()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if gone.is_none() {
+            return Err(CErr::arg(format!("op {id} is not a live user operator")));
+        }
+        put(op, "op", -1)
     })
 }
 
@@ -157,7 +300,7 @@ pub unsafe extern "C" fn efa_allreduce(
     coll("efa_allreduce", comm, datatype, |c, d| {
         let op = op_arg(op)?;
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.allreduce(b, op), |s, r| c.allreduce_into(s, r, op)) })
+        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.allreduce(b, op.clone()), |s, r| c.allreduce_into(s, r, op.clone())) }))
     })
 }
 
@@ -186,7 +329,7 @@ pub unsafe extern "C" fn efa_reduce(
             0
         };
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, rc, |b| c.reduce(b, op, root), |s, r| c.reduce_into(s, r, op, root)) })
+        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, rc, |b| c.reduce(b, op.clone(), root), |s, r| c.reduce_into(s, r, op.clone(), root)) }))
     })
 }
 
@@ -214,7 +357,7 @@ pub unsafe extern "C" fn efa_reduce_scatter_block(
             recvcount
         };
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, total, rc, |b| c.reduce_scatter(b, op), |s, r| c.reduce_scatter_into(s, r, op)) })
+        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, total, rc, |b| c.reduce_scatter(b, op.clone()), |s, r| c.reduce_scatter_into(s, r, op.clone())) }))
     })
 }
 
@@ -234,7 +377,7 @@ pub unsafe extern "C" fn efa_scan(
     coll("efa_scan", comm, datatype, |c, d| {
         let op = op_arg(op)?;
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.scan(b, op), |s, r| c.scan_into(s, r, op)) })
+        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.scan(b, op.clone()), |s, r| c.scan_into(s, r, op.clone())) }))
     })
 }
 
@@ -255,7 +398,7 @@ pub unsafe extern "C" fn efa_exscan(
     coll("efa_exscan", comm, datatype, |c, d| {
         let op = op_arg(op)?;
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.exscan(b, op), |s, r| c.exscan_into(s, r, op)) })
+        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.exscan(b, op.clone()), |s, r| c.exscan_into(s, r, op.clone())) }))
     })
 }
 
@@ -663,11 +806,11 @@ pub unsafe extern "C" fn efa_iallreduce(
     coll("efa_iallreduce", comm, datatype, |c, d| {
         need(request, "request")?;
         let op = op_arg(op)?;
-        with_type!(d, T => {
+        with_type!(d, T => with_op!(op, T, op => {
             // SAFETY: the header's buffer contract.
             let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
             start(c, request, c.iallreduce(v, op), out, 0)
-        })
+        }))
     })
 }
 
@@ -692,11 +835,11 @@ pub unsafe extern "C" fn efa_ireduce(
         } else {
             0
         };
-        with_type!(d, T => {
+        with_type!(d, T => with_op!(op, T, op => {
             // SAFETY: the header's buffer contract.
             let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, rc) }?;
             start(c, request, c.ireduce(v, op, root), out, 0)
-        })
+        }))
     })
 }
 
@@ -716,12 +859,12 @@ pub unsafe extern "C" fn efa_ireduce_scatter_block(
         let op = op_arg(op)?;
         let total = mul(recvcount, n_of(c), "reduce_scatter")?;
         let ip = is_in_place(sendbuf);
-        with_type!(d, T => {
+        with_type!(d, T => with_op!(op, T, op => {
             // SAFETY: the header's buffer contract.
             let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, total, if ip { total } else { recvcount }) }?;
             let from = if ip { 0 } else { c.rank() as usize * recvcount };
             start(c, request, c.ireduce_scatter(v, op), out, from)
-        })
+        }))
     })
 }
 
@@ -739,11 +882,11 @@ pub unsafe extern "C" fn efa_iscan(
     coll("efa_iscan", comm, datatype, |c, d| {
         need(request, "request")?;
         let op = op_arg(op)?;
-        with_type!(d, T => {
+        with_type!(d, T => with_op!(op, T, op => {
             // SAFETY: the header's buffer contract.
             let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
             start(c, request, c.iscan(v, op), out, 0)
-        })
+        }))
     })
 }
 
@@ -761,12 +904,12 @@ pub unsafe extern "C" fn efa_iexscan(
     coll("efa_iexscan", comm, datatype, |c, d| {
         need(request, "request")?;
         let op = op_arg(op)?;
-        with_type!(d, T => {
+        with_type!(d, T => with_op!(op, T, op => {
             // SAFETY: the header's buffer contract.
             let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
             let out = if c.rank() == 0 { &mut out[..0] } else { out };
             start(c, request, c.iexscan(v, op), out, 0)
-        })
+        }))
     })
 }
 

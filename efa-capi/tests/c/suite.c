@@ -277,6 +277,60 @@ static void test_coll(efa_comm *c, int n) {
   free(a2ar); free(ones); free(idx); free(rs); free(nag);
 }
 
+/* Non-commutative, associative, element by element: keep the left (lower ranks') value. */
+static void keep_first(void *acc, const void *x, size_t count, void *user_data) {
+  (void)acc;
+  (void)x;
+  (void)count;
+  (*(int *)user_data)++;
+}
+
+/* Keep the right (higher rank's) value. */
+static void keep_last(void *acc, const void *x, size_t count, void *user_data) {
+  (void)user_data;
+  memcpy(acc, x, count * sizeof(int64_t));
+}
+
+static void bitor_op(void *acc, const void *x, size_t count, void *user_data) {
+  (void)user_data;
+  for (size_t i = 0; i < count; i++) ((uint32_t *)acc)[i] |= ((const uint32_t *)x)[i];
+}
+
+static void test_user_ops(efa_comm *c, int n) {
+  /* Non-commutative operators are applied in rank order: keep_first gives rank 0's values,
+   * keep_last the last rank's, and a scan with keep_last gives each rank its own. */
+  int calls = 0, op = -1, last = -1;
+  OK(efa_op_create(keep_first, 0, &calls, &op));
+  OK(efa_op_create(keep_last, 0, NULL, &last));
+  int64_t v[5], w[5];
+  for (int i = 0; i < 5; i++) v[i] = w[i] = me * 10 + i;
+  OK(efa_allreduce(c, EFA_IN_PLACE, v, 5, EFA_INT64, op));
+  for (int i = 0; i < 5; i++) CHECK(v[i] == i, "keep_first [%d] %ld", i, (long)v[i]);
+  OK(efa_allreduce(c, EFA_IN_PLACE, w, 5, EFA_INT64, last));
+  for (int i = 0; i < 5; i++) CHECK(w[i] == (n - 1) * 10 + i, "keep_last [%d] %ld", i, (long)w[i]);
+  for (int i = 0; i < 5; i++) w[i] = me * 10 + i;
+  OK(efa_scan(c, EFA_IN_PLACE, w, 5, EFA_INT64, last));
+  for (int i = 0; i < 5; i++) CHECK(w[i] == me * 10 + i, "scan keep_last [%d] %ld", i, (long)w[i]);
+  /* Some ranks only pass data on; across the job the C function ran. */
+  int total_calls = calls;
+  OK(efa_allreduce(c, EFA_IN_PLACE, &total_calls, 1, EFA_INT32, EFA_SUM));
+  CHECK(n == 1 || total_calls > 0, "the C function was called %d times", total_calls);
+  OK(efa_op_free(&last));
+  int64_t m[1] = {0};
+  OK(efa_op_free(&op));
+  CHECK(op == -1, "op_free sets -1");
+  int freed = 1000000;
+  CHECK(efa_allreduce(c, EFA_IN_PLACE, m, 1, EFA_INT64, freed) == EFA_ERR_ARG, "unknown op");
+  int bor = -1;
+  OK(efa_op_create(bitor_op, 1, NULL, &bor));
+  uint32_t bits = 1u << me, bits_out = 0;
+  efa_request *r = NULL;
+  OK(efa_iallreduce(c, &bits, &bits_out, 1, EFA_UINT32, bor, &r));
+  OK(efa_wait(&r, NULL));
+  CHECK(bits_out == (1u << n) - 1, "bitor %x", bits_out);
+  OK(efa_op_free(&bor));
+}
+
 static void test_comms(efa_comm *c, int n) {
   efa_comm *d = NULL, *half = NULL;
   OK(efa_comm_dup(c, &d));
@@ -357,6 +411,7 @@ int main(void) {
   test_errors(c, n);
   test_p2p(c, n);
   test_coll(c, n);
+  test_user_ops(c, n);
   test_comms(c, n);
   test_rma(c, n);
   OK(efa_finalize(&c));
