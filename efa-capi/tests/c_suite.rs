@@ -35,7 +35,11 @@ fn compile(src: &Path, name: &str) -> PathBuf {
         "{} is missing: cargo builds it with this package's library",
         lib.join("libefa.so").display()
     );
-    let out = std::env::temp_dir().join(format!("efa-capi-{}-{name}", std::process::id()));
+    // Built under a name of its own, then renamed over the last run's (atomic: a job of a
+    // concurrent test run keeps the file it started), so nothing piles up in target/tmp.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let out = dir.join(name);
+    let building = dir.join(format!("{name}.{}", std::process::id()));
     let mut cmd = Command::new("cc");
     cmd.args(["-Wall", "-Wextra", "-Werror", "-std=c11", "-pedantic"])
         .arg("-I")
@@ -46,7 +50,7 @@ fn compile(src: &Path, name: &str) -> PathBuf {
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .arg("-lefa")
         .arg("-o")
-        .arg(&out);
+        .arg(&building);
     let o = cmd.output().expect("run the compiler");
     assert!(
         o.status.success() && o.stderr.is_empty(),
@@ -54,6 +58,7 @@ fn compile(src: &Path, name: &str) -> PathBuf {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    std::fs::rename(&building, &out).expect("rename the suite into place");
     out
 }
 
