@@ -50,12 +50,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Non-blocking: receives from anyone, sends to everyone, then wait for all.
     let len = 10_000;
     let mut bufs: Vec<Vec<u32>> = (0..n).map(|_| vec![0u32; len]).collect();
+    // A send borrows its buffer until it completes (large ones are read from it in place).
+    let outs: Vec<Vec<u32>> = (0..n).map(|peer| pattern(me, peer, 100, len)).collect();
     let mut reqs: Vec<P2pRequest<'_>> = Vec::new();
     for b in bufs.iter_mut().take(n as usize - 1) {
         reqs.push(comm.irecv(b, Source::Any, Tag::Is(100))?.into());
     }
     for peer in (0..n).filter(|&p| p != me) {
-        reqs.push(comm.isend(&pattern(me, peer, 100, len), peer, 100)?.into());
+        reqs.push(comm.isend(&outs[peer as usize], peer, 100)?.into());
     }
     let statuses = comm.wait_all(reqs)?;
     for (b, st) in bufs.iter().zip(&statuses[..n as usize - 1]) {

@@ -10,11 +10,18 @@
 //! and software matching so that `Source::Any` works across every transport at once.
 //!
 //! # Buffers
-//! The NIC never touches user memory: eager payloads are copied into registered bounce
-//! buffers, a rendezvous sender's data is copied into a registered buffer that the
-//! receiver reads, and the receiver reads into memory the engine owns. So every user-facing
-//! call may borrow (`&[T]`, `&mut [T]`), and a request or future that is dropped or leaked
-//! cannot make the NIC write into freed memory.
+//! Eager payloads are copied into registered bounce buffers. A large message moves from the
+//! sender's buffer straight into the receiver's (zero-copy RGET, from the provider's
+//! threshold on, [`efa_fabric::rget_threshold`]): `send` and `isend` register the user's
+//! buffer for peers to read, and the request borrows it (`SendRequest<'a>`) until the
+//! receiver has read it; `recv`, `wait` and [`Communicator::wait_all`] read into the user's
+//! buffer from inside the call that holds the borrow. Below that threshold the sender's data
+//! is copied into a registered engine buffer and the receiver reads into engine memory.
+//! So the NIC writes user memory only inside a call that holds its `&mut` borrow, and reads
+//! it only while a request or call borrows it: a request or future that is dropped or
+//! leaked cannot make the NIC write into freed memory (a leaked send request leaves its
+//! buffer registered, see [`efa_fabric::Exposed`]: a peer may read what the memory holds
+//! later, nothing in this process changes).
 //!
 //! # Progress
 //! All endpoints' completion queues are read by one progress function, so a rank can talk
@@ -41,7 +48,7 @@
 //!
 //! | request | dropped before `wait` | `cancel()` |
 //! |---|---|---|
-//! | [`SendRequest`] (`isend`) | the send goes on (the engine owns a copy of the data); its outcome is not reported; `finalize` still waits for it | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
+//! | [`SendRequest`] (`isend`) | a copied send (eager, or below the zero-copy threshold) goes on (the engine owns the copy); its outcome is not reported; `finalize` still waits for it. A send whose buffer is registered (zero-copy) waits in `drop` until the receiver has read it, up to the deadline (the peer then counts as failed), so that the borrow ends only when no peer reads the buffer: drop such a request only when its receive is posted or will be without this thread's help | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
 //! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched is consumed and lost: a rendezvous read still under way goes on into the engine's own buffer and is discarded (never into the dropped buffer), so the sender's send completes, and `finalize` waits for it. The same when `wait` fails or an async receive's future is dropped | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
 //! | [`P2pRequest`] | as the send or receive it holds | as the send or receive it holds |
 //! | [`CollRequest`](crate::CollRequest) (`iallreduce`, ...) | the collective runs to its end on its helper thread (the other ranks take part in it); its result is discarded | never: the other ranks would wait for this one until their deadline |
@@ -52,14 +59,12 @@
 //! request's `wait` joins its helper thread, whose collective has that deadline itself.
 //!
 //! **Persistent requests** (`MPI_Send_init`/`MPI_Start`) are not offered: in this engine
-//! they could not be cheaper than fresh requests. Starting a send costs a copy of the
-//! data (eager: into a registered bounce buffer; rendezvous: into an exposed buffer the
-//! engine owns, because the NIC never touches user memory, see Buffers), a header and one
-//! post; a rendezvous also needs its RTS, read and ACK each time. None of that can be set up once and
-//! reused; all a persistent request would save is the argument checks, a request id and a
-//! hash-map entry, small next to the copy and the post. They become worth
-//! having when the data path sends from registered user memory (issue 13), where `init`
-//! could register the halo buffer once.
+//! they could not be cheaper than fresh requests. Starting a small send costs a copy of
+//! the data into a registered bounce buffer, a header and one post; a large one registers
+//! the user's buffer (0.2-0.5 µs on shm and tcp; libfabric's MR cache keeps it cheap on
+//! verbs and efa, see `efa_fabric`'s "Registration cache") and needs its RTS, read and
+//! ACK each time. All a persistent request would save is the argument checks, a request id
+//! and that registration, small next to the post and the transfer.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -499,11 +504,12 @@ struct Engine {
     reads: Vec<ReadOp>,
     /// Receives whose read waits for the call that holds their user buffer.
     wanted: Vec<RecvId>,
-    /// The receive whose request is waiting in this engine now (`RecvRequest::wait`,
-    /// `test`): its read is left for it; any other waiting read is done through an engine
-    /// buffer at the next progress, so that no rank waits for a receive that its owner is
-    /// not waiting for (an `irecv` followed by a blocking `send` on both sides).
-    owner: Option<RecvId>,
+    /// The receives whose buffers a call waiting in this engine now holds
+    /// ([`RecvRequest::wait`], [`Communicator::wait_all`]): their reads are left for those
+    /// calls; any other waiting read is done through an engine buffer at the next progress,
+    /// so that no rank waits for a receive that its owner is not waiting for (an `irecv`
+    /// followed by a blocking `send` on both sides).
+    owners: Vec<RecvId>,
     /// Free eager-payload buffers (capacity: the largest eager limit), reused.
     small: Vec<Vec<u8>>,
     /// Capacity of the buffers in `small`.
@@ -1200,20 +1206,85 @@ impl Communicator {
         lock_engine(&self.inner.engine)
     }
 
-    /// Starts sending `buf` to `dest` with `tag`. The data is copied (eager) or handed to
-    /// the engine (rendezvous) before this returns, so `buf` may be reused at once.
+    /// Starts sending `buf` to `dest` with `tag` (`MPI_Isend`). The request borrows `buf`
+    /// until it completes or is dropped.
+    ///
+    /// A small message (up to the route's eager limit) is copied into the message at once;
+    /// a large one is sent without a copy: `buf` is registered for the request's lifetime
+    /// and the receiver reads it (RGET; from the provider's zero-copy threshold on, 64 KiB on
+    /// shm and tcp, [`efa_fabric::rget_threshold`]), or, below that threshold, copied into
+    /// an engine buffer that the receiver reads. Dropping an unfinished request whose buffer
+    /// is registered waits, up to the communicator's deadline, until the receiver has read
+    /// it (see [Requests](self#requests)).
     ///
     /// # Errors
-    /// [`Error::InvalidRank`], [`Error::ReservedTag`], fabric errors.
-    pub fn isend<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<SendRequest> {
+    /// [`Error::InvalidRank`], [`Error::ReservedTag`], [`Error::PeerFailed`],
+    /// [`Error::Finalized`]; fabric errors (registering `buf`, posting the message).
+    pub fn isend<'a, T: Pod>(&self, buf: &'a [T], dest: u32, tag: u32) -> Result<SendRequest<'a>> {
         if tag > MAX_USER_TAG {
             return Err(Error::ReservedTag(tag));
         }
-        self.isend_ctx(bytemuck::cast_slice(buf), dest, tag, self.group.ctx)
+        self.check_rank(dest)?;
+        self.start_send(
+            bytemuck::cast_slice(buf),
+            self.world_of(dest),
+            tag,
+            self.group.ctx,
+        )
     }
 
-    /// Starts a send of `data` to `dest` (a rank of this communicator) on context `ctx`.
-    fn isend_ctx(&self, data: &[u8], dest: u32, tag: u32, ctx: u32) -> Result<SendRequest> {
+    /// Starts a send of `data` to world rank `w` on context `ctx`, borrowing `data`: a
+    /// large message exposes it (zero-copy RGET, [`Engine::zero_copy_send`]), a smaller one
+    /// is copied. A send that completed at once (eager) is taken out of the engine here, so
+    /// its request has nothing left to wait for.
+    fn start_send<'a>(
+        &self,
+        data: &'a [u8],
+        w: u32,
+        tag: u32,
+        ctx: u32,
+    ) -> Result<SendRequest<'a>> {
+        let mut e = self.engine();
+        let (id, exposed) = match e.zero_copy_send(w, data.len()) {
+            None => (e.start_send(data, w, tag, ctx)?, None),
+            Some(ep) => {
+                // Registered without the lock (other threads' calls need it meanwhile).
+                drop(e);
+                let exposed = ep
+                    .expose(data)
+                    .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
+                let remote = remote_of(&exposed.remote());
+                e = self.engine();
+                (
+                    e.start_send_exposed(data, w, tag, ctx, remote)?,
+                    Some(exposed),
+                )
+            }
+        };
+        let id = if e.core.send_finished(id) {
+            e.take_send(id)?;
+            None
+        } else {
+            Some(id)
+        };
+        drop(e);
+        Ok(SendRequest {
+            comm: self.clone(),
+            id,
+            dest: w,
+            exposed,
+        })
+    }
+
+    /// Starts a send of a copy of `data` to `dest` (a rank of this communicator) on context
+    /// `ctx`: the request borrows nothing.
+    fn isend_copied(
+        &self,
+        data: &[u8],
+        dest: u32,
+        tag: u32,
+        ctx: u32,
+    ) -> Result<SendRequest<'static>> {
         self.check_rank(dest)?;
         let dest = self.world_of(dest);
         let id = self.engine().start_send(data, dest, tag, ctx)?;
@@ -1221,6 +1292,7 @@ impl Communicator {
             comm: self.clone(),
             id: Some(id),
             dest,
+            exposed: None,
         })
     }
 
@@ -1252,8 +1324,15 @@ impl Communicator {
 
     /// [`Communicator::isend`] of raw bytes with any tag, including the reserved range above
     /// [`MAX_USER_TAG`] (for collectives and other library-internal traffic).
-    pub(crate) fn isend_bytes(&self, data: &[u8], dest: u32, tag: u32) -> Result<SendRequest> {
-        self.isend_ctx(data, dest, tag, self.group.ctx)
+    /// The data is copied (eager, or into an exposed engine buffer), so the request borrows
+    /// nothing: collectives and windows keep their requests past their buffers' scopes.
+    pub(crate) fn isend_bytes(
+        &self,
+        data: &[u8],
+        dest: u32,
+        tag: u32,
+    ) -> Result<SendRequest<'static>> {
+        self.isend_copied(data, dest, tag, self.group.ctx)
     }
 
     /// [`Communicator::irecv`] of raw bytes with an exact tag, including reserved ones.
@@ -1300,42 +1379,16 @@ impl Communicator {
             return Err(Error::ReservedTag(tag));
         }
         self.check_rank(dest)?;
-        let data: &[u8] = bytemuck::cast_slice(buf);
-        let w = self.world_of(dest);
-        let mut e = self.engine();
-        let Some(ep) = e.zero_copy_send(w, data.len()) else {
-            // Copied (eager, or into an exposed engine buffer). An eager send is complete
-            // at once: it ends under the same lock, without a request.
-            let id = e.start_send(data, w, tag, self.group.ctx)?;
-            if e.core.send_finished(id) {
-                return e.take_send(id);
-            }
-            drop(e);
-            return SendRequest {
-                comm: self.clone(),
-                id: Some(id),
-                dest: w,
-            }
-            .wait();
-        };
-        drop(e);
-        let exposed = ep
-            .expose(data)
-            .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
-        let remote = remote_of(&exposed.remote());
-        let id = self
-            .engine()
-            .start_send_exposed(data, w, tag, self.group.ctx, remote)?;
-        let res = SendRequest {
-            comm: self.clone(),
-            id: Some(id),
-            dest: w,
-        }
-        .wait();
-        // The receiver has read the data (or the send failed): the registration ends here,
-        // with the borrow of `buf`.
-        drop(exposed);
-        res
+        // An eager send completes inside `start_send`, under its one lock; a large one waits
+        // for the receiver's read of `buf`, which stays registered until then (also when the
+        // wait fails: the request deregisters it as it ends).
+        self.start_send(
+            bytemuck::cast_slice(buf),
+            self.world_of(dest),
+            tag,
+            self.group.ctx,
+        )?
+        .wait()
     }
 
     /// Receives into `buf` and returns who sent how much with which tag.
@@ -1394,12 +1447,23 @@ impl Communicator {
         self.engine().progress()
     }
 
-    /// Waits for every request, returning the receive statuses in order (`None` for sends).
-    /// All requests are waited for even when one fails; the first error is returned.
+    /// Waits for every request (`MPI_Waitall`), returning the receive statuses in order
+    /// (`None` for sends). All requests are waited for even when one fails; the first error
+    /// is returned.
+    ///
+    /// Large messages matched by any of the receives are read straight into their buffers
+    /// (zero-copy RGET), several at once, whichever request they belong to: this call
+    /// holds every buffer until it returns.
     ///
     /// # Errors
-    /// The first request's error.
-    pub fn wait_all(&self, reqs: Vec<P2pRequest<'_>>) -> Result<Vec<Option<Status>>> {
+    /// The first request's error (in the order of `reqs`).
+    pub fn wait_all(&self, mut reqs: Vec<P2pRequest<'_>>) -> Result<Vec<Option<Status>>> {
+        // Until every receive has finished, their reads are done here in place; then each
+        // request's wait only collects its outcome. (A failure here, a deadline, is
+        // reported by the waits below as well.)
+        if let Err(e) = self.read_all_in_place(&mut reqs) {
+            tracing::debug!("wait_all: {e}");
+        }
         let mut out = Vec::with_capacity(reqs.len());
         let mut first_err = None;
         for r in reqs {
@@ -1416,6 +1480,62 @@ impl Communicator {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+}
+
+impl Communicator {
+    /// [`Communicator::wait_all`]'s first part: waits until every receive of `reqs` has
+    /// finished, reading each large message matched to one of them into its buffer
+    /// ([`read_in_place`], all that are waiting at once).
+    fn read_all_in_place(&self, reqs: &mut [P2pRequest<'_>]) -> Result<()> {
+        let ids: Vec<RecvId> = reqs
+            .iter()
+            .filter_map(|r| match r {
+                P2pRequest::Recv(r) => r.id,
+                P2pRequest::Send(_) => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut wanted: Vec<(RecvId, WantedInPlace)> = Vec::new();
+        let res = loop {
+            let waited = wait_loop(self, "wait_all", None, |e| {
+                for &id in &ids {
+                    e.own(id);
+                    if let Some(w) = e.take_wanted(id) {
+                        wanted.push((id, w));
+                    }
+                }
+                !wanted.is_empty() || ids.iter().all(|&id| e.core.recv_finished(id))
+            });
+            if let Err(e) = waited {
+                break Err(e);
+            }
+            if wanted.is_empty() {
+                break Ok(());
+            }
+            let mut batch: Vec<(&mut [u8], RecvId, WantedInPlace)> = Vec::new();
+            for r in reqs.iter_mut() {
+                let P2pRequest::Recv(r) = r else { continue };
+                let Some(id) = r.id else { continue };
+                let Some(i) = wanted.iter().position(|(w, _)| *w == id) else {
+                    continue;
+                };
+                let (_, w) = wanted.swap_remove(i);
+                if let Some(buf) = r.buf.as_deref_mut() {
+                    batch.push((buf, id, w));
+                }
+            }
+            if let Err(e) = read_in_place(self, &mut batch) {
+                break Err(e);
+            }
+        };
+        let mut e = self.engine();
+        for &id in &ids {
+            e.disown(id);
+        }
+        res
     }
 }
 
@@ -1453,13 +1573,13 @@ async fn poll_until(
 #[derive(Debug)]
 pub enum P2pRequest<'a> {
     /// A send.
-    Send(SendRequest),
+    Send(SendRequest<'a>),
     /// A receive.
     Recv(RecvRequest<'a>),
 }
 
-impl From<SendRequest> for P2pRequest<'_> {
-    fn from(r: SendRequest) -> Self {
+impl<'a> From<SendRequest<'a>> for P2pRequest<'a> {
+    fn from(r: SendRequest<'a>) -> Self {
         P2pRequest::Send(r)
     }
 }
@@ -1469,24 +1589,31 @@ impl<'a> From<RecvRequest<'a>> for P2pRequest<'a> {
     }
 }
 
-/// A send in progress ([`Request`]). What dropping it does, and why it cannot be
-/// cancelled: [Requests](self#requests).
+/// A send in progress ([`Request`]), borrowing its buffer for `'a` (a send whose data was
+/// copied borrows nothing: `SendRequest<'static>`). What dropping it does, and why it cannot
+/// be cancelled: [Requests](self#requests).
 #[derive(Debug)]
 #[must_use = "a send request should be waited for to learn its outcome"]
-pub struct SendRequest {
+pub struct SendRequest<'a> {
     comm: Communicator,
-    /// `None` once waited for (consumed).
+    /// `None` once waited for (consumed), or when the send completed as it started.
     id: Option<SendId>,
     dest: u32,
+    /// The user's buffer, registered for the receiver to read (zero-copy RGET) until the
+    /// send has finished; deregistered when the request ends.
+    exposed: Option<efa_fabric::Exposed<'a>>,
 }
 
-impl SendRequest {
+impl SendRequest<'_> {
     /// Progresses and reports whether the send has completed (successfully or not).
     ///
     /// # Errors
     /// Fabric errors that belong to no operation.
     pub fn test(&mut self) -> Result<bool> {
         let mut e = self.comm.engine();
+        if self.id.is_none_or(|id| e.core.send_finished(id)) {
+            return Ok(true);
+        }
         e.progress()?;
         Ok(self.id.is_none_or(|id| e.core.send_finished(id)))
     }
@@ -1497,26 +1624,45 @@ impl SendRequest {
     /// [`Error::Timeout`] naming the peer; [`Error::PeerFailed`]; fabric errors. (A
     /// truncation is reported to the receiver only.)
     pub fn wait(mut self) -> Result<()> {
-        let Some(id) = self.id else {
+        let Some(id) = self.id.take() else {
             return Ok(());
         };
-        let comm = self.comm.clone();
-        wait_loop(&comm, "send", Some(self.dest), |e| e.core.send_finished(id))?;
-        // Consumed: the drop below has nothing left to detach. (Not `mem::forget`, which
-        // would leak this request's clone of the communicator, so the communicator would
-        // never be dropped and never finalize.)
-        self.id = None;
-        let res = comm.engine().take_send(id);
+        let res = wait_loop(&self.comm, "send", Some(self.dest), |e| {
+            e.core.send_finished(id)
+        });
+        let res = match res {
+            Ok(()) => self.comm.engine().take_send(id),
+            Err(err) => {
+                self.comm.engine().core.drop_send(id);
+                Err(err)
+            }
+        };
+        // The receiver has read the data, or the send failed (its peer then counts as
+        // failed): the registration ends with the request (`exposed` drops with `self`).
         res
     }
 }
 
-impl Drop for SendRequest {
+impl Drop for SendRequest<'_> {
     fn drop(&mut self) {
-        // Forget the outcome; in-flight data stays owned by the engine until done.
-        if let Some(id) = self.id.take() {
-            self.comm.engine().core.drop_send(id);
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        if self.exposed.is_some() {
+            // The receiver may read the borrowed buffer until the send finishes: wait for
+            // that (up to the deadline, after which the peer counts as failed), so that the
+            // registration, and the borrow, end only once no peer reads it any more.
+            if let Err(e) = wait_loop(&self.comm, "send", Some(self.dest), |e| {
+                e.core.send_finished(id)
+            }) {
+                tracing::debug!(
+                    "a dropped send of a registered buffer to rank {}: {e}",
+                    self.dest
+                );
+            }
         }
+        // Forget the outcome; in-flight copied data stays owned by the engine until done.
+        self.comm.engine().core.drop_send(id);
     }
 }
 
@@ -1545,26 +1691,6 @@ impl RecvRequest<'_> {
         let mut e = self.comm.engine();
         e.progress()?;
         Ok(self.id.is_none_or(|id| e.core.recv_finished(id)))
-    }
-
-    /// Zero-copy RGET of the large rendezvous message the engine matched to receive `id`
-    /// ([`Engine::take_wanted`]): reads it from the sender's exposed buffer straight into
-    /// this request's buffer (`fi_read` through [`efa_fabric::Endpoint::read_into`]), and
-    /// returns only once the read has completed, failed or been cancelled and drained: the
-    /// NIC writes the user's memory only inside this call, which holds the borrow, so
-    /// neither a dropped nor a leaked request can let it write freed memory.
-    fn read_in_place(&mut self, id: RecvId, wanted: WantedInPlace) -> Result<()> {
-        let (peer, ep, addr, region, len) = wanted;
-        let buf = self.buf.as_deref_mut().ok_or(Error::Internal {
-            what: "a receive request without its buffer has a read to do",
-        })?;
-        let res = ep.read_into(&mut buf[..len], addr, &region, 0, self.comm.timeout());
-        let mut e = self.comm.engine();
-        match res {
-            Ok(_) => e.read_in_place_done(id),
-            Err(err) => e.read_failed(id, peer, err),
-        }
-        e.drain()
     }
 
     /// Cancels the receive if no message has matched it yet (`MPI_Cancel`): `true` when
@@ -1603,12 +1729,17 @@ impl RecvRequest<'_> {
         loop {
             let mut wanted = None;
             let waited = wait_loop(&comm, "recv", peer, |e| {
-                e.owner = Some(id);
+                e.own(id);
                 wanted = e.take_wanted(id);
                 wanted.is_some() || e.core.recv_finished(id)
             });
             let read = match (waited, wanted) {
-                (Ok(()), Some(w)) => self.read_in_place(id, w).map(|()| true),
+                (Ok(()), Some(w)) => match self.buf.as_deref_mut() {
+                    Some(buf) => read_in_place(&comm, &mut [(buf, id, w)]).map(|()| true),
+                    None => Err(Error::Internal {
+                        what: "a receive request without its buffer has a read to do",
+                    }),
+                },
                 (Ok(()), None) => Ok(false),
                 (Err(e), _) => Err(e),
             };
@@ -1677,6 +1808,41 @@ impl Drop for RecvRequest<'_> {
             self.comm.engine().cancel_recv(id);
         }
     }
+}
+
+/// Zero-copy RGET of the large rendezvous messages the engine matched to receives
+/// ([`Engine::take_wanted`]): reads each from its sender's exposed buffer straight into its
+/// request's buffer (`fi_read`, all at once in one [`efa_fabric::rma_scope`]), and returns
+/// only once every read has completed, failed or been cancelled and drained: the NIC writes
+/// the user's memory only inside this call, which holds the borrows, so neither a dropped
+/// nor a leaked request can let it write freed memory. Each receive learns its read's
+/// outcome; the first error of the actions that follow is returned.
+fn read_in_place(
+    comm: &Communicator,
+    batch: &mut [(&mut [u8], RecvId, WantedInPlace)],
+) -> Result<()> {
+    let mut outcomes: Vec<(RecvId, u32, std::result::Result<usize, efa_fabric::Error>)> =
+        Vec::with_capacity(batch.len());
+    efa_fabric::rma_scope(comm.timeout(), |s| {
+        let mut posted = Vec::with_capacity(batch.len());
+        for (buf, id, (peer, ep, addr, region, len)) in batch.iter_mut() {
+            match s.read(ep, &mut buf[..*len], *addr, region, 0) {
+                Ok(sid) => posted.push((*id, *peer, sid)),
+                Err(e) => outcomes.push((*id, *peer, Err(e))),
+            }
+        }
+        for (id, peer, sid) in posted {
+            outcomes.push((id, peer, s.wait(sid)));
+        }
+    });
+    let mut e = comm.engine();
+    for (id, peer, res) in outcomes {
+        match res {
+            Ok(_) => e.read_in_place_done(id),
+            Err(err) => e.read_failed(id, peer, err),
+        }
+    }
+    e.drain()
 }
 
 /// Progresses until `done` holds, spinning then backing off, up to the timeout.
@@ -1987,7 +2153,7 @@ fn assemble(
         exposed: Vec::new(),
         reads: Vec::new(),
         wanted: Vec::new(),
-        owner: None,
+        owners: Vec::new(),
         small: Vec::new(),
         small_cap,
         exposed_free,
@@ -2524,10 +2690,18 @@ impl Engine {
         self.recv_slots.get(id.index()).is_some_and(|s| s.in_place)
     }
 
+    /// A call holding receive `id`'s buffer waits for it now: its read is left for that
+    /// call ([`Engine::take_wanted`]), not read into an engine buffer.
+    fn own(&mut self, id: RecvId) {
+        if !self.owners.contains(&id) {
+            self.owners.push(id);
+        }
+    }
+
     /// Receive `id`'s wait has ended: its read, if one comes, is no longer left for it.
     fn disown(&mut self, id: RecvId) {
-        if self.owner == Some(id) {
-            self.owner = None;
+        if let Some(i) = self.owners.iter().position(|&r| r == id) {
+            self.owners.swap_remove(i);
         }
     }
 
@@ -3080,7 +3254,7 @@ impl Engine {
         let mut i = 0;
         while i < self.wanted.len() {
             let id = self.wanted[i];
-            if Some(id) == self.owner {
+            if self.owners.contains(&id) {
                 i += 1;
                 continue;
             }
@@ -3586,7 +3760,7 @@ impl Communicator {
         }
         let mut sends = Vec::new();
         for p in (0..n).filter(|&p| p != me) {
-            sends.push(self.isend_ctx(mine, p, tag, xctx)?);
+            sends.push(self.isend_copied(mine, p, tag, xctx)?);
         }
         let mut reqs: Vec<&mut dyn AnyRequest> = Vec::new();
         reqs.extend(recvs.iter_mut().map(|r| r as &mut dyn AnyRequest));
@@ -3661,9 +3835,13 @@ impl Communicator {
         src: impl Into<Source>,
         recv_tag: impl Into<Tag>,
     ) -> Result<Status> {
-        // `isend` copies the data (eager into a bounce buffer, rendezvous into memory the
-        // engine owns), so `buf` is free for the receive at once.
-        let mut s = self.isend(&*buf, dest, send_tag)?;
+        // The data is copied (eager into a bounce buffer, rendezvous into memory the engine
+        // owns), so `buf` is free for the receive at once.
+        if send_tag > MAX_USER_TAG {
+            return Err(Error::ReservedTag(send_tag));
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(&*buf);
+        let mut s = self.isend_copied(bytes, dest, send_tag, self.group.ctx)?;
         let mut r = self.irecv(buf, src, recv_tag)?;
         self.wait_requests("sendrecv_replace", &mut [&mut r, &mut s], |done, all| {
             done == all
@@ -3911,7 +4089,7 @@ pub trait Request: AnyRequest {
     fn wait(self) -> Result<Self::Output>;
 }
 
-impl AnyRequest for SendRequest {
+impl AnyRequest for SendRequest<'_> {
     fn test(&mut self) -> Result<bool> {
         SendRequest::test(self)
     }
@@ -3922,7 +4100,7 @@ impl AnyRequest for SendRequest {
     }
 }
 
-impl Request for SendRequest {
+impl Request for SendRequest<'_> {
     type Output = ();
     fn wait(self) -> Result<()> {
         SendRequest::wait(self)

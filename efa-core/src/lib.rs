@@ -9,7 +9,8 @@
 //! let (me, n) = (comm.rank(), comm.size());
 //! let next = (me + 1) % n;
 //! let prev = (me + n - 1) % n;
-//! let req = comm.isend(&[me as u64; 4], next, 7)?;
+//! let mine = [me as u64; 4];
+//! let req = comm.isend(&mine, next, 7)?; // borrows `mine` until it completes
 //! let mut got = [0u64; 4];
 //! let status = comm.recv(&mut got, Source::Any, Tag::Is(7))?;
 //! req.wait()?;

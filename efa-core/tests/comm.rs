@@ -57,16 +57,13 @@ fn child_all_pairs() {
     // Non-blocking: all receives posted with Source::Any, then all sends; wait_all.
     let len = 5000;
     let mut bufs: Vec<Vec<u64>> = (0..n).map(|_| vec![0u64; len]).collect();
+    let out = pattern(1000 + me as u64, len);
     let mut reqs: Vec<efa_core::P2pRequest<'_>> = Vec::new();
     for b in bufs.iter_mut() {
         reqs.push(comm.irecv(b, Source::Any, Tag::Is(77)).unwrap().into());
     }
     for peer in 0..n {
-        reqs.push(
-            comm.isend(&pattern(1000 + me as u64, len), peer, 77)
-                .unwrap()
-                .into(),
-        );
+        reqs.push(comm.isend(&out, peer, 77).unwrap().into());
     }
     let statuses = comm.wait_all(reqs).unwrap();
     let mut sources: Vec<u32> = statuses[..n as usize]
@@ -83,11 +80,12 @@ fn child_all_pairs() {
     let prev = (me + n - 1) % n;
     // Mixed eager and rendezvous sizes; the sends are not waited for until all receives
     // are done (rendezvous sends need the matching receive, as in MPI).
-    let sends: Vec<_> = (0..50u64)
-        .map(|k| {
-            let len = if k % 3 == 0 { 3000 } else { 2 };
-            comm.isend(&vec![k; len], next, 5).unwrap()
-        })
+    let outs: Vec<Vec<u64>> = (0..50u64)
+        .map(|k| vec![k; if k % 3 == 0 { 3000 } else { 2 }])
+        .collect();
+    let sends: Vec<_> = outs
+        .iter()
+        .map(|out| comm.isend(out, next, 5).unwrap())
         .collect();
     for k in 0..50u64 {
         let mut b = vec![0u64; 3000];

@@ -61,7 +61,8 @@ fn child_dropped() {
                 comm.send(&payload(round, 1, 16), 0, 1).unwrap();
                 // 2. Matched while posted (the receiver's barrier processed the
                 //    announcement), then dropped with its data in flight.
-                let req = comm.isend(&payload(round, 2, len), 0, 1).unwrap();
+                let out = payload(round, 2, len);
+                let req = comm.isend(&out, 0, 1).unwrap();
                 comm.barrier().unwrap();
                 req.wait()
                     .unwrap_or_else(|e| panic!("{what}: isend to a dropped receive: {e}"));

@@ -68,12 +68,17 @@ fn lifecycle_rank() {
     {
         order = vec![b];
     }
+    // Every send borrows its data until it completes.
+    let outs: Vec<(u32, Vec<u8>)> = (0..rounds)
+        .flat_map(|round| {
+            order
+                .iter()
+                .map(move |&len| (round, burst_pattern(me, round, len)))
+        })
+        .collect();
     let mut sends = Vec::new();
-    for round in 0..rounds {
-        for &len in &order {
-            let data = burst_pattern(me, round, len);
-            sends.push(comm.isend(&data, next, round).expect("isend"));
-        }
+    for (round, data) in &outs {
+        sends.push(comm.isend(data, next, *round).expect("isend"));
     }
     // A receiver that is descheduled for a while (here: sleeps, for up to 3 s, longer than
     // efa-fabric's 2 s drain of dropped operations) while its sender returns from `main`.

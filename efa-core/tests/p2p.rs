@@ -114,11 +114,12 @@ fn child_probe() {
     if me == 1 {
         // Non-blocking: the rendezvous completes only when rank 0 receives it, after the
         // third message.
-        let sends: Vec<_> = [3usize, 50_000, 4]
+        let outs: Vec<Vec<u32>> = [3usize, 50_000, 4]
             .into_iter()
             .enumerate()
-            .map(|(i, len)| comm.isend(&data(1, i as u32, len), 0, 9).unwrap())
+            .map(|(i, len)| data(1, i as u32, len))
             .collect();
+        let sends: Vec<_> = outs.iter().map(|d| comm.isend(d, 0, 9).unwrap()).collect();
         for s in sends {
             s.wait().unwrap();
         }
@@ -216,7 +217,8 @@ fn child_requests() {
     let mut recv = comm.irecv(&mut got, prev, 60).unwrap();
     let mut coll = comm.iallreduce(vec![me; 100], ReduceOp::Sum);
     let mut put = win.iput(next, 1, &[me + 1]).unwrap();
-    let mut send = comm.isend(&data(me, 60, 20_000), next, 60).unwrap();
+    let out = data(me, 60, 20_000);
+    let mut send = comm.isend(&out, next, 60).unwrap();
     let mut cancelled = [false; 4];
     {
         let mut reqs: Vec<&mut dyn AnyRequest> = vec![&mut recv, &mut coll, &mut put, &mut send];
@@ -321,11 +323,11 @@ fn child_settings() {
     // Many more messages than posted buffers, of every size class, still arrive.
     let (me, n) = (comm.rank(), comm.size());
     let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    let outs: Vec<Vec<u32>> = (0..100u32)
+        .map(|k| data(me, k, [1usize, 200, 2000][k as usize % 3]))
+        .collect();
     let sends: Vec<_> = (0..100u32)
-        .map(|k| {
-            let len = [1usize, 200, 2000][k as usize % 3];
-            comm.isend(&data(me, k, len), next, k).unwrap()
-        })
+        .map(|k| comm.isend(&outs[k as usize], next, k).unwrap())
         .collect();
     for k in 0..100u32 {
         let len = [1usize, 200, 2000][k as usize % 3];

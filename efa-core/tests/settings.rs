@@ -56,7 +56,8 @@ fn child_ring() {
     }
     let comm = Communicator::init().unwrap();
     let (me, n) = (comm.rank(), comm.size());
-    let req = comm.isend(&[me; 4], (me + 1) % n, 5).unwrap();
+    let mine = [me; 4];
+    let req = comm.isend(&mine, (me + 1) % n, 5).unwrap();
     let mut got = [0u32; 4];
     comm.recv(&mut got, Source::Any, Tag::Is(5)).unwrap();
     req.wait().unwrap();

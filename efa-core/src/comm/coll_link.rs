@@ -126,7 +126,7 @@ impl CollLink {
 
 /// A posted collective send.
 #[derive(Debug)]
-pub(crate) struct CollSend(SendRequest);
+pub(crate) struct CollSend(SendRequest<'static>);
 
 impl CollSend {
     /// Whether the send has completed (successfully or not), without progressing.

@@ -223,16 +223,13 @@ pub fn verify_all_pairs(comm: &efa_core::Communicator) {
     }
     let len = 10_000;
     let mut bufs: Vec<Vec<u32>> = (1..n).map(|_| vec![0u32; len]).collect();
+    let outs: Vec<Vec<u32>> = (0..n).map(|peer| pattern(me, peer, 100, len)).collect();
     let mut reqs: Vec<P2pRequest<'_>> = Vec::new();
     for b in &mut bufs {
         reqs.push(comm.irecv(b, Source::Any, Tag::Is(100)).unwrap().into());
     }
     for peer in (0..n).filter(|&p| p != me) {
-        reqs.push(
-            comm.isend(&pattern(me, peer, 100, len), peer, 100)
-                .unwrap()
-                .into(),
-        );
+        reqs.push(comm.isend(&outs[peer as usize], peer, 100).unwrap().into());
     }
     let statuses = comm.wait_all(reqs).unwrap();
     for (b, st) in bufs.iter().zip(&statuses) {
