@@ -1485,54 +1485,93 @@ impl Communicator {
 
 impl Communicator {
     /// [`Communicator::wait_all`]'s first part: waits until every receive of `reqs` has
-    /// finished, reading each large message matched to one of them into its buffer
-    /// ([`read_in_place`], all that are waiting at once).
+    /// finished, reading each large message matched to one of them straight into its
+    /// buffer as soon as it is matched, while earlier reads are still under way (all in one
+    /// [`efa_fabric::rma_scope`], which this call holds with every buffer: the NIC writes
+    /// them only inside it, see [`read_in_place`]).
     fn read_all_in_place(&self, reqs: &mut [P2pRequest<'_>]) -> Result<()> {
-        let ids: Vec<RecvId> = reqs
-            .iter()
+        // Each receive still running, with its buffer (taken when its read is posted).
+        let mut bufs: Vec<(RecvId, Option<&mut [u8]>)> = reqs
+            .iter_mut()
             .filter_map(|r| match r {
-                P2pRequest::Recv(r) => r.id,
+                P2pRequest::Recv(r) => Some((r.id?, r.buf.as_deref_mut())),
                 P2pRequest::Send(_) => None,
             })
             .collect();
-        if ids.is_empty() {
+        if bufs.is_empty() {
             return Ok(());
         }
-        let mut wanted: Vec<(RecvId, WantedInPlace)> = Vec::new();
-        let res = loop {
-            let waited = wait_loop(self, "wait_all", None, |e| {
-                for &id in &ids {
-                    e.own(id);
-                    if let Some(w) = e.take_wanted(id) {
-                        wanted.push((id, w));
+        {
+            let mut e = self.engine();
+            for &(id, _) in &bufs {
+                e.own(id);
+            }
+        }
+        // `bufs[..finished]` have finished (receives of one window mostly finish in order).
+        let mut finished = 0;
+        let res = efa_fabric::rma_scope(self.timeout(), |s| {
+            // Reads posted and not yet reaped: receive, peer, the scope's id.
+            let mut posted: Vec<(RecvId, u32, efa_fabric::ScopedId)> = Vec::new();
+            let res = wait_loop(self, "wait_all", None, |e| {
+                let mut i = 0;
+                while i < e.wanted.len() {
+                    let id = e.wanted[i];
+                    let Some(slot) = bufs.iter_mut().find(|(r, b)| *r == id && b.is_some())
+                    else {
+                        i += 1;
+                        continue;
+                    };
+                    let Some((peer, ep, addr, region, len)) = e.take_wanted(id) else {
+                        i += 1;
+                        continue;
+                    };
+                    // Taken out of `e.wanted`: the next one is at `i` now.
+                    let buf = slot.1.take().expect("checked above");
+                    match s.read(&ep, &mut buf[..len], addr, &region, 0) {
+                        Ok(sid) => posted.push((id, peer, sid)),
+                        Err(err) => e.read_failed(id, peer, err),
                     }
                 }
-                !wanted.is_empty() || ids.iter().all(|&id| e.core.recv_finished(id))
+                let mut reaped = false;
+                let mut k = 0;
+                while k < posted.len() {
+                    let (id, peer, sid) = posted[k];
+                    match s.test(sid) {
+                        Ok(false) => {
+                            k += 1;
+                            continue;
+                        }
+                        Ok(true) => match s.wait(sid) {
+                            Ok(_) => e.read_in_place_done(id),
+                            Err(err) => e.read_failed(id, peer, err),
+                        },
+                        Err(err) => e.read_failed(id, peer, err),
+                    }
+                    posted.swap_remove(k);
+                    reaped = true;
+                }
+                if reaped {
+                    if let Err(err) = e.drain() {
+                        tracing::debug!("wait_all: after in-place reads: {err}");
+                    }
+                }
+                while finished < bufs.len() && e.core.recv_finished(bufs[finished].0) {
+                    finished += 1;
+                }
+                posted.is_empty() && finished == bufs.len()
             });
-            if let Err(e) = waited {
-                break Err(e);
-            }
-            if wanted.is_empty() {
-                break Ok(());
-            }
-            let mut batch: Vec<(&mut [u8], RecvId, WantedInPlace)> = Vec::new();
-            for r in reqs.iter_mut() {
-                let P2pRequest::Recv(r) = r else { continue };
-                let Some(id) = r.id else { continue };
-                let Some(i) = wanted.iter().position(|(w, _)| *w == id) else {
-                    continue;
-                };
-                let (_, w) = wanted.swap_remove(i);
-                if let Some(buf) = r.buf.as_deref_mut() {
-                    batch.push((buf, id, w));
+            if res.is_err() && !posted.is_empty() {
+                // The scope cancels and drains these reads as it ends; their receives fail.
+                let mut e = self.engine();
+                for &(id, peer, _) in &posted {
+                    let waited = self.timeout();
+                    e.read_failed(id, peer, efa_fabric::Error::Timeout { op: "read", waited });
                 }
             }
-            if let Err(e) = read_in_place(self, &mut batch) {
-                break Err(e);
-            }
-        };
+            res
+        });
         let mut e = self.engine();
-        for &id in &ids {
+        for &(id, _) in &bufs {
             e.disown(id);
         }
         res
