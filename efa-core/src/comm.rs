@@ -1407,12 +1407,18 @@ impl Communicator {
         self.irecv(buf, src, tag)?.wait()
     }
 
-    /// Async [`Communicator::send`] for tokio code. The future may be dropped at any time.
+    /// Async [`Communicator::send`] for tokio code. The future may be dropped at any time
+    /// without blocking: the data is copied (eager, or into an engine buffer that the
+    /// receiver reads), so a dropped future's send goes on detached, as a dropped copied
+    /// [`SendRequest`] does.
     ///
     /// # Errors
     /// As [`Communicator::send`].
     pub async fn send_async<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
-        let mut req = self.isend(buf, dest, tag)?;
+        if tag > MAX_USER_TAG {
+            return Err(Error::ReservedTag(tag));
+        }
+        let mut req = self.isend_copied(bytemuck::cast_slice(buf), dest, tag, self.group.ctx)?;
         poll_until(self, "send", Some(dest), || req.test()).await?;
         req.wait()
     }
@@ -1516,8 +1522,7 @@ impl Communicator {
                 let mut i = 0;
                 while i < e.wanted.len() {
                     let id = e.wanted[i];
-                    let Some(slot) = bufs.iter_mut().find(|(r, b)| *r == id && b.is_some())
-                    else {
+                    let Some(slot) = bufs.iter_mut().find(|(r, b)| *r == id && b.is_some()) else {
                         i += 1;
                         continue;
                     };

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use efa_core::{
-    AnyRequest, Communicator, Error, ReduceOp, Request, SettingSource, Source, Tag, WindowAccess,
+    AnyRequest, Communicator, Error, P2pRequest, ReduceOp, Request, SettingSource, Source, Tag,
+    WindowAccess,
 };
 
 mod common;
@@ -402,6 +403,37 @@ fn child_rget() {
         let st = r.wait().unwrap();
         assert_eq!(st.len, len);
         assert_eq!(got, data(peer, 1, len / 4), "exchange {len}");
+        // A window of isends from one buffer, received by wait_all (every message read in
+        // place), both ways at once.
+        let mut slots = vec![0u32; 4 * len / 4];
+        let mut reqs: Vec<P2pRequest<'_>> = Vec::new();
+        for slot in slots.chunks_exact_mut(len / 4) {
+            reqs.push(comm.irecv(slot, peer, 3).unwrap().into());
+        }
+        for _ in 0..4 {
+            reqs.push(comm.isend(&mine, peer, 3).unwrap().into());
+        }
+        let sts = comm.wait_all(reqs).unwrap();
+        for (st, slot) in sts.iter().zip(slots.chunks_exact(len / 4)) {
+            assert_eq!(st.expect("a receive's status").len, len);
+            assert!(slot == data(peer, 1, len / 4), "window of {len}");
+        }
+        // A dropped isend of a registered buffer waits until the receiver, late on purpose,
+        // has read it: the buffer is rewritten right after the drop, and the receiver must
+        // still get what was sent.
+        let mut out = data(me, 4, len / 4);
+        if me == 0 {
+            drop(comm.isend(&out, peer, 4).unwrap());
+            out.fill(0xdead_beef);
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            comm.recv(&mut got, peer, 4).unwrap();
+            assert!(
+                got == data(peer, 4, len / 4),
+                "dropped isend of {len} changed"
+            );
+        }
+        drop(out);
     }
     comm.finalize().unwrap();
     println!("child_rget: done");
