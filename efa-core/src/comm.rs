@@ -48,7 +48,7 @@
 //!
 //! | request | dropped before `wait` | `cancel()` |
 //! |---|---|---|
-//! | [`SendRequest`] (`isend`) | a copied send (eager, or below the zero-copy threshold) goes on (the engine owns the copy); its outcome is not reported; `finalize` still waits for it. A send whose buffer is registered (zero-copy) waits in `drop` until the receiver has read it, up to the deadline (the peer then counts as failed), so that the borrow ends only when no peer reads the buffer: drop such a request only when its receive is posted or will be without this thread's help | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
+//! | [`SendRequest`] (`isend`, `ibsend`) | a copied send (`ibsend`; `isend` when eager or below the zero-copy threshold) goes on (the engine owns the copy); its outcome is not reported; `finalize` still waits for it. A send whose buffer is registered (zero-copy) waits in `drop` until the receiver has read it, up to the deadline (the peer then counts as failed), so that the borrow ends only when no peer reads the buffer: drop such a request only when its receive is posted or will be without this thread's help | never: the eager data is already in the peer's receive buffers, or the rendezvous announced (MPI 4.0 deprecates cancelling sends too) |
 //! | [`RecvRequest`] (`irecv`, [`Message::irecv`]) | the receive is cancelled: an unmatched message stays for a later receive; a message already matched is consumed and lost: a rendezvous read still under way goes on into the engine's own buffer and is discarded (never into the dropped buffer), so the sender's send completes, and `finalize` waits for it. The same when `wait` fails or an async receive's future is dropped | while no message has matched it; `wait` then returns [`Error::Cancelled`] |
 //! | [`P2pRequest`] | as the send or receive it holds | as the send or receive it holds |
 //! | [`CollRequest`](crate::CollRequest) (`iallreduce`, ...) | the collective runs to its end on its helper thread (the other ranks take part in it); its result is discarded | never: the other ranks would wait for this one until their deadline |
@@ -1233,6 +1233,23 @@ impl Communicator {
         )
     }
 
+    /// Starts a buffered send of `buf` to `dest` with `tag` (as `MPI_Ibsend`): the data is
+    /// copied before this returns (eager: into the message; larger: into an engine buffer
+    /// that the receiver reads), so the request borrows nothing and `buf` may be reused at
+    /// once. A dropped request detaches: the send goes on and `finalize` waits for it. Costs
+    /// a copy of a large message that [`Communicator::isend`] avoids; for requests that must
+    /// outlive the buffer (bindings, fire-and-forget sends).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`], [`Error::ReservedTag`], [`Error::PeerFailed`],
+    /// [`Error::Finalized`]; fabric errors (registering an engine buffer, posting).
+    pub fn ibsend<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<SendRequest<'static>> {
+        if tag > MAX_USER_TAG {
+            return Err(Error::ReservedTag(tag));
+        }
+        self.isend_copied(bytemuck::cast_slice(buf), dest, tag, self.group.ctx)
+    }
+
     /// Starts a send of `data` to world rank `w` on context `ctx`, borrowing `data`: a
     /// large message exposes it (zero-copy RGET, [`Engine::zero_copy_send`]), a smaller one
     /// is copied. A send that completed at once (eager) is taken out of the engine here, so
@@ -1375,20 +1392,10 @@ impl Communicator {
     /// receiver reads it (RGET); the call returns once the receiver has acknowledged, and
     /// deregisters it then (also when it fails).
     pub fn send<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
-        if tag > MAX_USER_TAG {
-            return Err(Error::ReservedTag(tag));
-        }
-        self.check_rank(dest)?;
-        // An eager send completes inside `start_send`, under its one lock; a large one waits
-        // for the receiver's read of `buf`, which stays registered until then (also when the
+        // An eager send completes inside `isend`, under its one lock; a large one waits for
+        // the receiver's read of `buf`, which stays registered until then (also when the
         // wait fails: the request deregisters it as it ends).
-        self.start_send(
-            bytemuck::cast_slice(buf),
-            self.world_of(dest),
-            tag,
-            self.group.ctx,
-        )?
-        .wait()
+        self.isend(buf, dest, tag)?.wait()
     }
 
     /// Receives into `buf` and returns who sent how much with which tag.
@@ -1415,10 +1422,7 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::send`].
     pub async fn send_async<T: Pod>(&self, buf: &[T], dest: u32, tag: u32) -> Result<()> {
-        if tag > MAX_USER_TAG {
-            return Err(Error::ReservedTag(tag));
-        }
-        let mut req = self.isend_copied(bytemuck::cast_slice(buf), dest, tag, self.group.ctx)?;
+        let mut req = self.ibsend(buf, dest, tag)?;
         poll_until(self, "send", Some(dest), || req.test()).await?;
         req.wait()
     }
@@ -3881,11 +3885,7 @@ impl Communicator {
     ) -> Result<Status> {
         // The data is copied (eager into a bounce buffer, rendezvous into memory the engine
         // owns), so `buf` is free for the receive at once.
-        if send_tag > MAX_USER_TAG {
-            return Err(Error::ReservedTag(send_tag));
-        }
-        let bytes: &[u8] = bytemuck::cast_slice(&*buf);
-        let mut s = self.isend_copied(bytes, dest, send_tag, self.group.ctx)?;
+        let mut s = self.ibsend(&*buf, dest, send_tag)?;
         let mut r = self.irecv(buf, src, recv_tag)?;
         self.wait_requests("sendrecv_replace", &mut [&mut r, &mut s], |done, all| {
             done == all
