@@ -370,7 +370,9 @@ impl Communicator {
         tag: u32,
     ) -> PyResult<Request> {
         let b = Buf::get(buf, false, "buf")?;
-        let r = self.comm.isend(b.bytes(), dest, tag).py_err(py)?;
+        // Buffered (`ibsend`): the data is copied, so the request borrows nothing from the
+        // Python object and a dropped request detaches.
+        let r = self.comm.ibsend(b.bytes(), dest, tag).py_err(py)?;
         Ok(Request::pending(Pending::Send(r)))
     }
 
@@ -899,7 +901,7 @@ struct RecvPending {
 }
 
 enum Pending {
-    Send(SendRequest),
+    Send(SendRequest<'static>),
     Recv(RecvPending),
 }
 
