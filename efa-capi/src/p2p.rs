@@ -457,7 +457,7 @@ pub(crate) trait CollPending: AnyRequest {
 }
 
 pub(crate) enum Kind {
-    Send(SendRequest),
+    Send(SendRequest<'static>),
     Recv(RecvRequest<'static>),
     Coll(Box<dyn CollPending>),
     Rma(crate::rma::RmaPending),
@@ -553,7 +553,9 @@ pub unsafe extern "C" fn efa_isend(
         need(request, "request")?;
         // SAFETY: `buf` holds `count` elements for the call (the header's contract).
         let data = unsafe { bytes(buf, count, datatype, "buf") }?;
-        let r = c.isend(data, rank_arg(dest, "dest")?, send_tag(tag)?)?;
+        // Buffered (`ibsend`): the data is copied, as documented, so the request borrows
+        // nothing from the caller's memory.
+        let r = c.ibsend(data, rank_arg(dest, "dest")?, send_tag(tag)?)?;
         new_request(request, c, Kind::Send(r))
     })
 }
