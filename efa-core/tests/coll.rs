@@ -89,6 +89,9 @@ fn check_type<T: TestElem>(comm: &Communicator, name: &str) -> usize {
         let cfg = CollConfig {
             algorithm: algo,
             chunk_bytes: 1024, // several chunks per block: exercises pipelining
+            // At most 2 chunks in flight: most sends wait in the queue, and receives into
+            // ranges that queued sends still have to read force them out first.
+            window_bytes: 0,
             ..CollConfig::default()
         };
         for op in OPS {
@@ -316,6 +319,7 @@ fn child_reference() {
         let cfg = CollConfig {
             algorithm: algo,
             chunk_bytes: 4096,
+            window_bytes: 3 * 4096,
             ..CollConfig::default()
         };
         for count in [1usize, 1021, 100_003] {
@@ -369,7 +373,15 @@ fn collectives_match_reference_5_to_8() {
 
 #[test]
 fn collectives_over_tcp_only() {
-    let text = run_reference(3, &[("EFA_TRANSPORTS", "ip")]);
+    // Small chunks and the smallest window: every collective's sends are queued.
+    let text = run_reference(
+        3,
+        &[
+            ("EFA_TRANSPORTS", "ip"),
+            ("EFA_COLL_CHUNK", "4096"),
+            ("EFA_COLL_WINDOW", "0"),
+        ],
+    );
     assert_routes(&text, 3, "ip");
 }
 

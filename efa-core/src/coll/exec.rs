@@ -6,7 +6,7 @@
 //! arguments, compare counts, run the body's schedule, wait for the sends). Each collective
 //! states only its schedule and kernel, in the body.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -259,7 +259,7 @@ pub(super) fn run<R>(
             op: call.kind.name(),
         });
     }
-    let mut ex = Exec::new(link, call.kind, seq)?;
+    let mut ex = Exec::new(link, call.kind, seq, cfg)?;
     let desc = Desc {
         kind: call.kind,
         dtype: call.dtype,
@@ -303,6 +303,8 @@ pub(super) struct Exec<'c> {
     reports: BTreeMap<u32, u32>,
     aborted: bool,
     sends: Vec<(CollSend, u32)>,
+    /// [`CollConfig::window_bytes`].
+    window_bytes: usize,
     /// The first receive of the wrong size (only possible when ranks' counts disagree and
     /// the argument check could not see it: `alltoallv`, or the check turned off).
     mismatch: Option<Error>,
@@ -317,7 +319,7 @@ struct Pending {
 }
 
 impl<'c> Exec<'c> {
-    fn new(link: &'c CollLink, kind: Kind, seq: u32) -> Result<Exec<'c>> {
+    fn new(link: &'c CollLink, kind: Kind, seq: u32, cfg: &CollConfig) -> Result<Exec<'c>> {
         let start = Instant::now();
         let mut ex = Exec {
             link,
@@ -331,6 +333,7 @@ impl<'c> Exec<'c> {
             reports: BTreeMap::new(),
             aborted: false,
             sends: Vec::new(),
+            window_bytes: cfg.window_bytes,
             mismatch: None,
         };
         if ex.n > 1 {
@@ -443,14 +446,18 @@ impl<'c> Exec<'c> {
 
     /// Polls `done` (progressing the engine) until it yields, the deadline passes, or another
     /// rank reports a failure.
-    fn poll<R>(&mut self, peer: u32, mut done: impl FnMut() -> Option<R>) -> Result<R> {
+    fn poll<R>(
+        &mut self,
+        peer: u32,
+        mut done: impl FnMut(&mut Self) -> Result<Option<R>>,
+    ) -> Result<R> {
         let mut waiter = self.link.waiter();
         loop {
-            if let Some(x) = done() {
+            if let Some(x) = done(self)? {
                 return Ok(x);
             }
             self.link.progress()?;
-            if let Some(x) = done() {
+            if let Some(x) = done(self)? {
                 return Ok(x);
             }
             if self.collect_aborts().is_some() {
@@ -552,11 +559,26 @@ impl<'c> Exec<'c> {
 
     /// The data of a receive, or `None` when it arrived with the wrong size (kept in
     /// `mismatch` and reported once this rank's part of the schedule is done, so that its
-    /// peers are not left waiting for its sends).
-    fn wait_recv(&mut self, mut p: Pending, elem: usize) -> Result<Option<Vec<u8>>> {
+    /// peers are not left waiting for its sends). While it waits, queued sends go out as
+    /// the window allows.
+    fn wait_recv(
+        &mut self,
+        mut p: Pending,
+        elem: usize,
+        q: &mut SendQueue,
+        work: &[u8],
+        input: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
         let peer = p.peer;
         let want = p.range.len() * elem;
-        let data = match self.poll(peer, || p.req.take())? {
+        let got = self.poll(peer, |ex| {
+            if let Some(x) = p.req.take() {
+                return Ok(Some(x));
+            }
+            ex.pump(q, work, input, 0)?;
+            Ok(None)
+        })?;
+        let data = match got {
             Ok((_, data)) => data,
             // More arrived than this rank's count allows: the same disagreement as a short
             // block, told the same way (a collective caller cannot act on a tag).
@@ -590,14 +612,70 @@ impl<'c> Exec<'c> {
         Ok(Some(data))
     }
 
-    fn isend(&mut self, bytes: &[u8], peer: u32, sub: u32) -> Result<()> {
-        let r = self.link.post_send(bytes, peer, self.tag(sub))?;
-        self.sends.push((r, peer));
+    /// Retires the sends that have finished (returning the first failure), then issues
+    /// queued sends, in order, while fewer than the window are in flight; the first `force`
+    /// of them go out regardless of the window.
+    fn pump(
+        &mut self,
+        q: &mut SendQueue,
+        work: &[u8],
+        input: &[u8],
+        mut force: usize,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < self.sends.len() {
+            if self.sends[i].0.is_finished() {
+                self.sends.swap_remove(i).0.wait()?;
+            } else {
+                i += 1;
+            }
+        }
+        while let Some(x) = q.queued.front() {
+            if force == 0 && self.sends.len() >= q.window {
+                break;
+            }
+            let src = if x.input { input } else { work };
+            let r = self
+                .link
+                .post_send(&src[x.bytes.clone()], x.peer, self.tag(q.sub))?;
+            self.sends.push((r, x.peer));
+            q.queued.pop_front();
+            force = force.saturating_sub(1);
+        }
         Ok(())
+    }
+
+    /// Issues every queued send that reads working-buffer bytes `range` (and those queued
+    /// before it), whatever the window: the range is about to be overwritten, and a send
+    /// carries the data as it was when the schedule reached it.
+    fn before_write(
+        &mut self,
+        q: &mut SendQueue,
+        work: &[u8],
+        input: &[u8],
+        range: &Range<usize>,
+    ) -> Result<()> {
+        let last = q
+            .queued
+            .iter()
+            .rposition(|x| !x.input && x.bytes.start < range.end && range.start < x.bytes.end);
+        match last {
+            Some(i) => self.pump(q, work, input, i + 1),
+            None => Ok(()),
+        }
     }
 
     /// Runs `steps` (see [`schedule`] for their meaning) over `work` (and `input` for sends
     /// marked so), in chunks of at most `chunk` elements of `elem` bytes.
+    ///
+    /// Sends are queued in schedule order and issued while at most `window` chunks
+    /// (`max(2, window_bytes / chunk bytes)`, see [`CollConfig::window_bytes`]) are in
+    /// flight; waiting for a receive issues more as earlier ones finish. The data of a send
+    /// is still the working buffer's at the point the schedule issues it: a receive that
+    /// would overwrite a queued send's range first issues it. Bounding what is in flight
+    /// keeps the engine's send and receive buffers few, so they stay in cache and in the
+    /// engine's pools, and the reduction of one chunk overlaps the transfer of the next
+    /// instead of every chunk of a step being copied out before the first is reduced.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_steps(
         &mut self,
@@ -640,22 +718,28 @@ impl<'c> Exec<'c> {
         if steps.is_empty() {
             return Ok(());
         }
+        let mut q = SendQueue {
+            queued: VecDeque::new(),
+            window: window_chunks(self.window_bytes, chunk * elem),
+            sub,
+        };
         let mut cur = post(self, 0)?;
         let mut early = vec![false; steps[0].sends.len()];
         for s in 0..steps.len() {
-            // Sends of this step not already issued chunk by chunk.
+            // Sends of this step not already queued chunk by chunk.
             for (k, x) in steps[s].sends.iter().enumerate() {
                 if early[k] {
                     continue;
                 }
                 for c in chunks(&x.range) {
-                    let src = if x.input { input } else { &*work };
-                    let r = self
-                        .link
-                        .post_send(&src[bytes(&c)], x.peer, self.tag(sub))?;
-                    self.sends.push((r, x.peer));
+                    q.queued.push_back(Queued {
+                        peer: x.peer,
+                        bytes: bytes(&c),
+                        input: x.input,
+                    });
                 }
             }
+            self.pump(&mut q, work, input, 0)?;
             let next_sends = steps.get(s + 1).map_or(&[][..], |n| &n.sends[..]);
             let next = if s + 1 < steps.len() {
                 post(self, s + 1)?
@@ -685,7 +769,8 @@ impl<'c> Exec<'c> {
                 let (range, action, index) = (p.range.clone(), p.action, p.index);
                 // A receive of the wrong size is not applied, but the sends that follow it
                 // still go out: the peers wait for them.
-                if let Some(data) = self.wait_recv(p, elem)? {
+                if let Some(data) = self.wait_recv(p, elem, &mut q, work, input)? {
+                    self.before_write(&mut q, work, input, &bytes(&range))?;
                     let dst = &mut work[bytes(&range)];
                     match action {
                         Action::Copy => dst.copy_from_slice(&data),
@@ -695,17 +780,29 @@ impl<'c> Exec<'c> {
                     self.link.recycle(data);
                 }
                 for &k in &follow[index] {
-                    self.isend(&work[bytes(&range)], next_sends[k].peer, sub)?;
+                    q.queued.push_back(Queued {
+                        peer: next_sends[k].peer,
+                        bytes: bytes(&range),
+                        input: false,
+                    });
                 }
+                self.pump(&mut q, work, input, 0)?;
             }
             cur = next;
+        }
+        // The rest of the queue, still within the window.
+        if let Some(peer) = q.queued.front().map(|x| x.peer) {
+            self.poll(peer, |ex| {
+                ex.pump(&mut q, work, input, 0)?;
+                Ok(q.queued.is_empty().then_some(()))
+            })?;
         }
         self.wait_sends()
     }
 
     fn wait_sends(&mut self) -> Result<()> {
         for (r, peer) in std::mem::take(&mut self.sends) {
-            self.poll(peer, || r.is_finished().then_some(()))?;
+            self.poll(peer, |_| Ok(r.is_finished().then_some(())))?;
             r.wait()?;
         }
         match self.mismatch.take() {
@@ -713,6 +810,29 @@ impl<'c> Exec<'c> {
             None => Ok(()),
         }
     }
+}
+
+/// Chunks a schedule may have in flight (issued, not yet finished) at once: `window_bytes`
+/// of `chunk_bytes`-byte chunks, at least 2 (so one transfers while the next is queued).
+pub(super) fn window_chunks(window_bytes: usize, chunk_bytes: usize) -> usize {
+    (window_bytes / chunk_bytes.max(1)).max(2)
+}
+
+/// A send of a schedule, queued until the window has room.
+struct Queued {
+    peer: u32,
+    /// Bytes of the working (or input) buffer.
+    bytes: Range<usize>,
+    input: bool,
+}
+
+/// The sends of one [`Exec::run_steps`] not yet issued, in the order the schedule issues
+/// them (which is the order each peer's receives list them).
+struct SendQueue {
+    queued: VecDeque<Queued>,
+    /// Most sends in flight at once.
+    window: usize,
+    sub: u32,
 }
 
 #[cfg(test)]

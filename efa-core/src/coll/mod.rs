@@ -120,6 +120,12 @@ pub struct CollConfig {
     /// and reducing more finely but cost more per-message overhead (each rendezvous is a
     /// round trip). Default 256 KiB (`EFA_COLL_CHUNK`).
     pub chunk_bytes: usize,
+    /// Most bytes of a pipelined schedule in flight at once: its sends are issued while
+    /// fewer than `max(2, window_bytes / chunk_bytes)` chunks are unfinished, the rest as
+    /// earlier ones finish. A small window keeps the engine's chunk buffers few and in
+    /// cache, so that a large call is as fast per byte as a small one; a large one hides
+    /// more latency per chunk. Does not change results. Default 1 MiB (`EFA_COLL_WINDOW`).
+    pub window_bytes: usize,
     /// Check that all ranks called with the same arguments (see the module docs). Default
     /// on (`EFA_COLL_CHECK=0` turns it off; mismatched calls then fail with truncation
     /// errors or time-outs instead of a clear error, or silently reduce garbage).
@@ -132,6 +138,7 @@ impl Default for CollConfig {
             algorithm: Algorithm::Auto,
             ring_threshold: 64 << 10,
             chunk_bytes: 256 << 10,
+            window_bytes: 1 << 20,
             check: true,
         }
     }
@@ -139,8 +146,8 @@ impl Default for CollConfig {
 
 impl CollConfig {
     /// Defaults overridden by `EFA_ALLREDUCE_ALGO` (`auto`, `rd` or `recursive_doubling`,
-    /// `ring`; any case), `EFA_COLL_RING_MIN` (bytes), `EFA_COLL_CHUNK` (bytes, at least 64)
-    /// and `EFA_COLL_CHECK` (`1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`). Unset or blank
+    /// `ring`; any case), `EFA_COLL_RING_MIN` (bytes), `EFA_COLL_CHUNK` (bytes, at least 64),
+    /// `EFA_COLL_WINDOW` (bytes) and `EFA_COLL_CHECK` (`1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`). Unset or blank
     /// variables keep the defaults.
     ///
     /// # Errors
@@ -192,6 +199,9 @@ impl CollConfig {
                     CHUNK,
                 ));
             }
+        }
+        if let Some(v) = var("EFA_COLL_WINDOW")? {
+            c.window_bytes = bytes("EFA_COLL_WINDOW", v, BYTES)?;
         }
         if let Some(v) = var("EFA_COLL_CHECK")? {
             c.check = match v.trim().to_ascii_lowercase().as_str() {
@@ -1786,14 +1796,16 @@ mod env_tests {
             ("EFA_ALLREDUCE_ALGO", "Ring"),
             ("EFA_COLL_RING_MIN", " 1024 "),
             ("EFA_COLL_CHUNK", "64"),
+            ("EFA_COLL_WINDOW", "0"),
             ("EFA_COLL_CHECK", "off"),
         ])
         .unwrap();
         assert_eq!(c.algorithm, Algorithm::Ring);
         assert_eq!(
-            (c.ring_threshold, c.chunk_bytes, c.check),
-            (1024, 64, false)
+            (c.ring_threshold, c.chunk_bytes, c.window_bytes, c.check),
+            (1024, 64, 0, false)
         );
+        assert_eq!(cfg(&[]).unwrap().window_bytes, 1 << 20);
         let c = cfg(&[
             ("EFA_ALLREDUCE_ALGO", "recursive_doubling"),
             ("EFA_COLL_CHECK", "YES"),
@@ -1829,6 +1841,12 @@ mod env_tests {
                 "1M",
                 "EFA_COLL_CHUNK=\"1M\": not a whole number of bytes; accepted: a whole number \
                  of bytes, at least 64, e.g. 262144",
+            ),
+            (
+                "EFA_COLL_WINDOW",
+                "1m",
+                "EFA_COLL_WINDOW=\"1m\": not a whole number of bytes; accepted: a whole \
+                 number of bytes, e.g. 65536",
             ),
             (
                 "EFA_COLL_CHECK",
