@@ -27,7 +27,7 @@
 //! pins the IP route's interface; `EFA_FABRIC_ADDR` pins the fabric endpoint to one local
 //! address (hosts whose fabric interface has several); `EFA_TIMEOUT` (seconds, default 60)
 //! is the deadline of every blocking call; the collectives read `EFA_ALLREDUCE_ALGO`,
-//! `EFA_COLL_RING_MIN`, `EFA_COLL_CHUNK` and `EFA_COLL_CHECK` (see
+//! `EFA_COLL_RING_MIN`, `EFA_COLL_CHUNK`, `EFA_COLL_WINDOW` and `EFA_COLL_CHECK` (see
 //! [`CollConfig::from_env`]). A bad value is an [`Error::Setting`] naming the variable, the
 //! value and the accepted forms.
 //!
