@@ -16,8 +16,6 @@ multi_threaded_pg.py do) over the efa communicator, for CPU tensors:
   process group (the GIL is released while efa works), so ``async_op=True`` and DDP overlap
   communication with computation as with Gloo; ``wait()`` raises the operation's error
   (an ``efa.Error`` with the Rust text; ``efa.TimeoutError`` is a ``TimeoutError``).
-* All-reduces of large tensors run as a sequence of ``EFA_TORCH_ALLREDUCE_PIECE``-byte
-  pieces (default 1 MiB; 0 turns it off): see ``_PIECE`` below for why.
 * Tensors need not be contiguous (a contiguous copy is used and copied back) nor detached.
 
 Bootstrap: the efa world communicator joins the job the way ``efa.Communicator()`` does
@@ -55,27 +53,6 @@ _OPS = {
     _RED.MAX: efa.MAX,
     _RED.PRODUCT: efa.PROD,
 }
-
-def _piece_bytes():
-    v = os.environ.get("EFA_TORCH_ALLREDUCE_PIECE", str(1 << 20))
-    try:
-        n = int(v)
-        if n < 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(
-            f"EFA_TORCH_ALLREDUCE_PIECE={v!r}: expected a whole number of bytes (0: whole "
-            "tensors)"
-        ) from None
-    return n
-
-
-# All-reduces of tensors larger than this many bytes are done in pieces of this size, one
-# after the other (0: whole tensors). Measured 2026-12-02, 2 ranks on one host (shm): one
-# 25 MiB efa-core allreduce ran at 0.9-1.1 GB/s, the same data as 1 MiB pieces at 2.7 GB/s
-# (python/bench/ddp_step.py shows what it does to DDP). A workaround until efa-core's large
-# allreduce keeps that speed by itself.
-_PIECE = _piece_bytes()
 
 _world = None
 _world_lock = threading.Lock()
@@ -266,13 +243,7 @@ class ProcessGroupEFA(dist.ProcessGroup):
         def run():
             for t in tensors:
                 f, back = _flat(t)
-                flat = f.reshape(-1)
-                step = _PIECE // max(f.element_size(), 1) if _PIECE else 0
-                if step == 0 or flat.numel() <= step:
-                    self._comm.allreduce(flat, op)
-                else:
-                    for i in range(0, flat.numel(), step):
-                        self._comm.allreduce(flat[i : i + step], op)
+                self._comm.allreduce(f.reshape(-1), op)
                 back()
 
         return self._submit(tensors, run)
