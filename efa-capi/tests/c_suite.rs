@@ -246,8 +246,9 @@ fn build_installed(prefix: &Path, src: &Path, out: &str, static_lib: bool) -> Pa
             });
         }
     } else {
+        // pkg-config's flags alone, as the README says: they must make the program load
+        // this libefa.so at run time (efa.pc's rpath), not rdma-core's libefa.so.
         cmd.args(pkg_config(prefix, &["--cflags", "--libs"]));
-        cmd.arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()));
     }
     let o = cmd.output().expect("run the compiler");
     assert!(
@@ -272,7 +273,10 @@ fn examples_c_and_fortran() {
     ] {
         let exe = build_installed(&prefix, &ex.join(src), out, static_lib);
         let mut cmd = Command::new(common::efarun_exe());
-        cmd.args(["-n", "3"]).arg(&exe);
+        // Not cargo's LD_LIBRARY_PATH (it holds target/<profile>): a user's shell has none.
+        cmd.args(["-n", "3"])
+            .arg(&exe)
+            .env_remove("LD_LIBRARY_PATH");
         let got = run_job(out, cmd, 0, Duration::from_secs(120));
         assert_eq!(
             got.matches(line).count(),
@@ -289,7 +293,9 @@ fn examples_c_and_fortran() {
     }
     let exe = build_installed(&prefix, &ex.join("allreduce.f90"), "allreduce-f", false);
     let mut cmd = Command::new(common::efarun_exe());
-    cmd.args(["-n", "3"]).arg(&exe);
+    cmd.args(["-n", "3"])
+        .arg(&exe)
+        .env_remove("LD_LIBRARY_PATH");
     let got = run_job("fortran", cmd, 0, Duration::from_secs(120));
     assert_eq!(
         got.matches("fortran allreduce ok").count(),

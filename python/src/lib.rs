@@ -170,13 +170,21 @@ fn not_reducible(what: &str, t: Dtype) -> PyErr {
     ))
 }
 
-/// `bytes` as elements of `T`: whole elements, aligned (`what` names the argument).
+/// `bytes` as elements of `T`: whole elements, aligned (`what` names the argument). An
+/// empty buffer is no elements whatever its address (an empty array's may be any, e.g. the
+/// dangling `1` of an empty `Buf`, which is not aligned for `T`).
 fn elems<'a, T: bytemuck::Pod>(bytes: &'a [u8], what: &str) -> PyResult<&'a [T]> {
+    if bytes.is_empty() {
+        return Ok(&[]);
+    }
     bytemuck::try_cast_slice(bytes).map_err(|e| misfit::<T>(what, e))
 }
 
-/// `bytes` as elements of `T`, writable.
+/// `bytes` as elements of `T`, writable (empty as in [`elems`]).
 fn elems_mut<'a, T: bytemuck::Pod>(bytes: &'a mut [u8], what: &str) -> PyResult<&'a mut [T]> {
+    if bytes.is_empty() {
+        return Ok(&mut []);
+    }
     bytemuck::try_cast_slice_mut(bytes).map_err(|e| misfit::<T>(what, e))
 }
 

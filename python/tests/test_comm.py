@@ -265,6 +265,25 @@ def test_non_contiguous_is_rejected(comm, call):
         getattr(comm, call)(*args)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.complex128],
+                         ids=lambda d: np.dtype(d).name)
+def test_zero_length_buffers(comm, dtype):
+    """Empty arrays are no elements, whatever their address: every call accepts them."""
+    e = np.zeros(0, dtype)
+    if dtype is not np.complex128:
+        comm.allreduce(e, efa.SUM)
+        comm.allreduce_into(np.zeros(0, dtype), e, efa.SUM)
+    comm.broadcast(e, 0)
+    comm.allgather(e)
+    nxt, prv = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    req = comm.irecv(np.zeros(0, dtype), prv, 21)
+    comm.send(e, nxt, 21)
+    assert req.wait().nbytes == 0
+    st = comm.sendrecv(e, nxt, np.zeros(0, dtype), prv, 22, 22)
+    assert st.source == prv and st.nbytes == 0
+    comm.barrier()
+
+
 def test_bad_arguments(comm):
     ro = np.zeros(4, dtype=np.float32)
     ro.flags.writeable = False
