@@ -19,6 +19,14 @@ Rust error's text (``efa.TimeoutError`` is also a builtin ``TimeoutError``).
 ``import efa.torch`` registers the torch.distributed backend ``"efa"``.
 """
 
+import os as _os
+
+# Debian's libfabric links PSM (libpsm_infinipath), whose libinfinipath installs handlers for
+# SIGINT, SIGTERM, SIGSEGV, ... when it is loaded (with _efa below) that call exit(1): Ctrl-C
+# would end the interpreter silently with status 1 instead of raising KeyboardInterrupt.
+# IPATH_NO_BACKTRACE (read by its constructor) keeps Python's handlers.
+_os.environ.setdefault("IPATH_NO_BACKTRACE", "1")
+
 from . import _efa
 from ._efa import ANY_SOURCE, ANY_TAG, MAX_TAG, Communicator, ReduceOp, Request, Status
 from ._errors import (

@@ -370,6 +370,29 @@ def test_timeout_is_a_timeout_error(comm, tmp_path):
     assert float(out.stdout.split()[-1]) < 5
 
 
+def test_ctrl_c_raises_keyboard_interrupt(comm, tmp_path):
+    """SIGINT after `import efa` and a communicator is Python's KeyboardInterrupt (PSM's
+    libinfinipath, loaded with libfabric, would otherwise exit(1) silently)."""
+    if comm.rank != 0:
+        return
+    script = tmp_path / "sigint.py"
+    script.write_text(
+        "import os, signal, time, efa\n"
+        "c = efa.Communicator(timeout=5)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    c.barrier()\n"
+        "    print('INTERRUPTED')\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith(("EFA_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC",
+                                "IPATH_"))}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "INTERRUPTED" in out.stdout, (out.returncode, out.stdout + out.stderr)
+
+
 def test_dup_split_route(comm):
     d = comm.dup()
     assert (d.rank, d.size) == (comm.rank, comm.size) and d.context_id != comm.context_id
