@@ -882,7 +882,8 @@ int efa_send(const struct efa_comm *comm,
 
  Errors: `EFA_ERR_NULL` (`comm`; `buf` with `count > 0`); `EFA_ERR_ARG`; `EFA_ERR_RANK`;
  `EFA_ERR_TAG`; `EFA_ERR_TRUNCATED` when the message is longer than `buf` (nothing
- more is written; the message is consumed); `EFA_ERR_TIMEOUT`; `EFA_ERR_PEER_FAILED`;
+ more is written; the message is consumed) or is not a whole number of elements of
+ `datatype` (`status` is not filled); `EFA_ERR_TIMEOUT`; `EFA_ERR_PEER_FAILED`;
  `EFA_ERR_PEER_FINALIZED`.
  */
 int efa_recv(const struct efa_comm *comm,
@@ -1075,7 +1076,8 @@ int efa_improbe(const struct efa_comm *comm,
  then consumed, as MPI does).
 
  Errors: `EFA_ERR_NULL` (`message`, `*message`; `buf` with `count > 0`); `EFA_ERR_ARG`;
- `EFA_ERR_TRUNCATED` when the message is longer than `buf`; `EFA_ERR_TIMEOUT`.
+ `EFA_ERR_TRUNCATED` when the message is longer than `buf` or not a whole number of
+ elements of `datatype`; `EFA_ERR_TIMEOUT`.
  */
 int efa_mrecv(void *buf,
               uintptr_t count,

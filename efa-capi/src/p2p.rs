@@ -285,23 +285,13 @@ unsafe fn bytes<'a>(
     with_type!(d, T => unsafe { slice::<T>(buf, count, what) }.map(bytemuck_bytes))
 }
 
-unsafe fn bytes_mut<'a>(
-    buf: *mut c_void,
-    count: usize,
-    datatype: c_int,
-    what: &str,
-) -> CResult<&'a mut [u8]> {
-    let d = efa_datatype::from_int(datatype)?;
-    // SAFETY: the caller's buffer contract (see `slice_mut`).
-    with_type!(d, T => unsafe { slice_mut::<T>(buf, count, what) }.map(bytemuck_bytes_mut))
+/// Checks a receive buffer of `count` elements of `d` (as [`slice_mut`]) without borrowing it.
+fn check_buf_of(d: efa_datatype, buf: *mut c_void, count: usize, what: &str) -> CResult<()> {
+    with_type!(d, T => check_buf::<T>(buf, count, what).map(|_| ()))
 }
 
 fn bytemuck_bytes<T: Pod>(s: &[T]) -> &[u8] {
     bytemuck::cast_slice(s)
-}
-
-fn bytemuck_bytes_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
-    bytemuck::cast_slice_mut(s)
 }
 
 /// Sends `count` elements of `datatype` at `buf` to rank `dest` of `comm` with `tag`
@@ -335,7 +325,8 @@ pub unsafe extern "C" fn efa_send(
 ///
 /// Errors: `EFA_ERR_NULL` (`comm`; `buf` with `count > 0`); `EFA_ERR_ARG`; `EFA_ERR_RANK`;
 /// `EFA_ERR_TAG`; `EFA_ERR_TRUNCATED` when the message is longer than `buf` (nothing
-/// more is written; the message is consumed); `EFA_ERR_TIMEOUT`; `EFA_ERR_PEER_FAILED`;
+/// more is written; the message is consumed) or is not a whole number of elements of
+/// `datatype` (`status` is not filled); `EFA_ERR_TIMEOUT`; `EFA_ERR_PEER_FAILED`;
 /// `EFA_ERR_PEER_FINALIZED`.
 #[no_mangle]
 pub unsafe extern "C" fn efa_recv(
@@ -349,9 +340,14 @@ pub unsafe extern "C" fn efa_recv(
 ) -> c_int {
     call("efa_recv", || {
         let c = comm_ref(comm)?;
-        // SAFETY: `buf` holds room for `count` elements (the header's contract).
-        let data = unsafe { bytes_mut(buf, count, datatype, "buf") }?;
-        let st = c.recv(data, source_arg(source)?, tag_arg(tag)?)?;
+        let d = efa_datatype::from_int(datatype)?;
+        let (src, tag) = (source_arg(source)?, tag_arg(tag)?);
+        // Typed, so that efa-core refuses a message that is not whole elements.
+        let st = with_type!(d, T => {
+            // SAFETY: `buf` holds room for `count` elements (the header's contract).
+            let data = unsafe { slice_mut::<T>(buf, count, "buf") }?;
+            c.recv(data, src, tag)?
+        });
         put_status(status, efa_status::of(st));
         Ok(())
     })
@@ -380,8 +376,7 @@ pub unsafe extern "C" fn efa_sendrecv(
         let c = comm_ref(comm)?;
         // SAFETY: the buffers hold their counts (the header's contract).
         let s = unsafe { bytes(sendbuf, sendcount, sendtype, "sendbuf") }?;
-        // SAFETY: as above.
-        let r = unsafe { bytes_mut(recvbuf, recvcount, recvtype, "recvbuf") }?;
+        let rt = efa_datatype::from_int(recvtype)?;
         let src = match source_arg(source)? {
             Source::Rank(r) => r,
             Source::Any => {
@@ -390,14 +385,16 @@ pub unsafe extern "C" fn efa_sendrecv(
                 ))
             }
         };
-        let st = c.sendrecv(
-            s,
+        let (dest, sendtag, recvtag) = (
             rank_arg(dest, "dest")?,
             send_tag(sendtag)?,
-            r,
-            src,
             tag_arg(recvtag)?,
-        )?;
+        );
+        let st = with_type!(rt, T => {
+            // SAFETY: `recvbuf` holds room for `recvcount` elements (the header's contract).
+            let r = unsafe { slice_mut::<T>(recvbuf, recvcount, "recvbuf") }?;
+            c.sendrecv(s, dest, sendtag, r, src, recvtag)?
+        });
         put_status(status, efa_status::of(st));
         Ok(())
     })
@@ -580,11 +577,15 @@ pub unsafe extern "C" fn efa_irecv(
     call("efa_irecv", || {
         let c = comm_ref(comm)?;
         need(request, "request")?;
-        // SAFETY: `buf` stays valid and exclusively the request's until it completes or is
-        // freed (the header's contract), so the 'static borrow never outlives the memory:
-        // the request (which cancels on drop) is always dropped first.
-        let data: &'static mut [u8] = unsafe { bytes_mut(buf, count, datatype, "buf") }?;
-        let r = c.irecv(data, source_arg(source)?, tag_arg(tag)?)?;
+        let d = efa_datatype::from_int(datatype)?;
+        let (src, tag) = (source_arg(source)?, tag_arg(tag)?);
+        let r = with_type!(d, T => {
+            // SAFETY: `buf` stays valid and exclusively the request's until it completes or
+            // is freed (the header's contract), so the 'static borrow never outlives the
+            // memory: the request (which cancels on drop) is always dropped first.
+            let data: &'static mut [T] = unsafe { slice_mut::<T>(buf, count, "buf") }?;
+            c.irecv(data, src, tag)?
+        });
         new_request(request, c, Kind::Recv(r))
     })
 }
@@ -894,7 +895,8 @@ pub unsafe extern "C" fn efa_improbe(
 /// then consumed, as MPI does).
 ///
 /// Errors: `EFA_ERR_NULL` (`message`, `*message`; `buf` with `count > 0`); `EFA_ERR_ARG`;
-/// `EFA_ERR_TRUNCATED` when the message is longer than `buf`; `EFA_ERR_TIMEOUT`.
+/// `EFA_ERR_TRUNCATED` when the message is longer than `buf` or not a whole number of
+/// elements of `datatype`; `EFA_ERR_TIMEOUT`.
 #[no_mangle]
 pub unsafe extern "C" fn efa_mrecv(
     buf: *mut c_void,
@@ -905,9 +907,9 @@ pub unsafe extern "C" fn efa_mrecv(
 ) -> c_int {
     call("efa_mrecv", || {
         need(message, "message")?;
-        // SAFETY: `buf` holds room for `count` elements (the header's contract); checked
-        // before the message is taken, so a bad buffer loses nothing.
-        let data = unsafe { bytes_mut(buf, count, datatype, "buf") }?;
+        let d = efa_datatype::from_int(datatype)?;
+        // Checked before the message is taken, so a bad buffer loses nothing.
+        check_buf_of(d, buf, count, "buf")?;
         // SAFETY: not NULL; points to NULL or a live handle (the header's contract).
         let h = unsafe { message.replace(std::ptr::null_mut()) };
         if h.is_null() {
@@ -915,7 +917,11 @@ pub unsafe extern "C" fn efa_mrecv(
         }
         // SAFETY: a live handle from efa_mprobe/efa_improbe, freed once (`*message` is NULL).
         let m = unsafe { Box::from_raw(h) };
-        let st = m.msg.recv(data)?;
+        let st = with_type!(d, T => {
+            // SAFETY: `buf` holds room for `count` elements (the header's contract).
+            let data = unsafe { slice_mut::<T>(buf, count, "buf") }?;
+            m.msg.recv(data)?
+        });
         put_status(status, efa_status::of(st));
         Ok(())
     })

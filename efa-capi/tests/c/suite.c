@@ -112,6 +112,27 @@ static void test_p2p(efa_comm *c, int n) {
   CHECK(efa_recv(c, t1, 1, EFA_INT32, prev, 12, NULL) == EFA_ERR_TRUNCATED, "truncated");
   CHECK(strlen(efa_last_error()) > 10, "truncation text: %s", efa_last_error());
   OK(efa_wait(&sreq, NULL));
+  /* A message that is not whole elements of the receive's datatype (3 bytes into int32) is
+   * refused, with efa-core's text, by recv, irecv + wait, sendrecv and mrecv alike. */
+  uint8_t b3[3] = {1, 2, 3};
+  int32_t w2[2] = {0, 0};
+  OK(efa_isend(c, b3, 3, EFA_UINT8, next, 13, &sreq));
+  CHECK(efa_recv(c, w2, 2, EFA_INT32, prev, 13, NULL) == EFA_ERR_TRUNCATED, "3 bytes as int32");
+  CHECK(strstr(efa_last_error(), "not a whole number of 4-byte elements") != NULL, "text: %s",
+        efa_last_error());
+  OK(efa_wait(&sreq, NULL));
+  OK(efa_isend(c, b3, 3, EFA_UINT8, next, 14, &sreq));
+  OK(efa_irecv(c, w2, 2, EFA_INT32, prev, 14, &r));
+  CHECK(efa_wait(&r, NULL) == EFA_ERR_TRUNCATED, "irecv of 3 bytes as int32");
+  OK(efa_wait(&sreq, NULL));
+  CHECK(efa_sendrecv(c, b3, 3, EFA_UINT8, next, 15, w2, 2, EFA_INT32, prev, 15, NULL) ==
+            EFA_ERR_TRUNCATED,
+        "sendrecv of 3 bytes as int32");
+  OK(efa_isend(c, b3, 3, EFA_UINT8, next, 16, &sreq));
+  efa_message *m3 = NULL;
+  OK(efa_mprobe(c, prev, 16, &m3, NULL));
+  CHECK(efa_mrecv(w2, 2, EFA_INT32, &m3, NULL) == EFA_ERR_TRUNCATED, "mrecv of 3 bytes");
+  OK(efa_wait(&sreq, NULL));
 
   /* Cancel an unmatched receive. */
   OK(efa_irecv(c, t1, 1, EFA_INT32, prev, 999, &r));
