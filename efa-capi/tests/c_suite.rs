@@ -12,11 +12,13 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// `target/<profile>`, where cargo put `libefa.so` (next to this test's `deps/`).
+/// `target/<profile>/deps`, this test binary's own directory, where `cargo test` puts the
+/// `libefa.so` and `libefa.a` it built for this run. (`target/<profile>/libefa.so` exists
+/// only after a `cargo build`, and may be older than the source under test: a clean clone
+/// running `cargo test` alone has none.)
 fn lib_dir() -> PathBuf {
     let me = std::env::current_exe().expect("test binary path");
     me.parent()
-        .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>")
         .to_path_buf()
 }
