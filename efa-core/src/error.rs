@@ -33,6 +33,11 @@
 //! | foreign or corrupt traffic | [`Error::MalformedMessage`] |
 //! | this communicator's life | [`Error::Finalized`] |
 //! | a bug in efa-core | [`Error::Internal`] |
+//!
+//! # Classes
+//! [`Error::class`] sorts the variants into [`ErrorClass`]es, coarse enough for a caller
+//! that cannot match Rust enums: the C ABI's error codes and the Python package's exception
+//! classes are both read from it, so a situation is classified once, here.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -320,6 +325,63 @@ pub enum Error {
     Cancelled,
 }
 
+/// The class of an [`Error`] ([`Error::class`]): what a caller outside Rust (the C ABI's
+/// `efa_errcode`, the Python package's exception classes) or a generic handler branches on.
+/// Each [`Error`] variant belongs to exactly one class; a deadline passed anywhere, in
+/// bootstrap as well, is [`ErrorClass::Timeout`].
+///
+/// Not `#[non_exhaustive]` on purpose: a new class must be mapped by every binding, and
+/// their exhaustive matches make that a compile error instead of a silent "other".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Start-up failed: rank, size or rendezvous not found, a peer's card unreadable, no
+    /// host id ([`Error::Bootstrap`] but its deadlines, [`Error::Card`], [`Error::HostId`]).
+    Bootstrap,
+    /// A bad setting ([`Error::Setting`], [`Error::Transports`]).
+    Setting,
+    /// No transport reaches a peer ([`Error::NoTransport`], [`Error::MaxMsgTooSmall`],
+    /// [`Error::NoRoute`]).
+    NoRoute,
+    /// A rank argument out of range ([`Error::InvalidRank`]).
+    Rank,
+    /// A tag reserved for the library ([`Error::ReservedTag`]).
+    Tag,
+    /// A message does not fit its receive buffer, in bytes or in whole elements
+    /// ([`Error::Truncated`], [`Error::ElementSize`]).
+    Truncated,
+    /// A deadline passed: an operation ([`Error::Timeout`]), a rank that never joined or a
+    /// store that did not answer during bootstrap.
+    Timeout,
+    /// The fabric failed an operation ([`Error::Fabric`]).
+    Fabric,
+    /// Foreign or corrupt traffic ([`Error::MalformedMessage`]).
+    Protocol,
+    /// Ranks called different collectives, or with different arguments
+    /// ([`Error::CollectiveMismatch`]).
+    Mismatch,
+    /// A collective's buffers, counts or displacements do not fit the call
+    /// ([`Error::Collective`]).
+    CollectiveArgument,
+    /// An RMA window or operation error ([`Error::WindowMismatch`],
+    /// [`Error::RmaOutOfBounds`], [`Error::RmaAccess`], [`Error::NoRma`],
+    /// [`Error::CqDataTooSmall`], [`Error::NotifyRank`]).
+    Rma,
+    /// A fixed resource ran out ([`Error::ContextsExhausted`]).
+    Resource,
+    /// A communicator already exists in this process ([`Error::AlreadyInitialized`]).
+    AlreadyInitialized,
+    /// A peer failed ([`Error::PeerFailed`]).
+    PeerFailed,
+    /// A peer finalized ([`Error::PeerFinalized`]).
+    PeerFinalized,
+    /// This communicator was finalized ([`Error::Finalized`]).
+    Finalized,
+    /// The receive was cancelled ([`Error::Cancelled`]).
+    Cancelled,
+    /// A bug in efa-core ([`Error::Internal`]).
+    Internal,
+}
+
 impl From<TransportsEnvError> for Error {
     fn from(e: TransportsEnvError) -> Self {
         match e {
@@ -330,6 +392,44 @@ impl From<TransportsEnvError> for Error {
 }
 
 impl Error {
+    /// The [`ErrorClass`] of this error: the one place that sorts variants into classes
+    /// (the C ABI's codes and the Python exceptions read it).
+    pub fn class(&self) -> ErrorClass {
+        use crate::store::StoreError;
+        match self {
+            Error::Bootstrap(BootstrapError::RankNeverJoined { .. })
+            | Error::Bootstrap(BootstrapError::Store(
+                StoreError::Timeout { .. } | StoreError::Incomplete { .. },
+            ))
+            | Error::Timeout { .. } => ErrorClass::Timeout,
+            Error::Bootstrap(_) | Error::Card { .. } | Error::HostId(_) => ErrorClass::Bootstrap,
+            Error::Transports(_) | Error::Setting(_) => ErrorClass::Setting,
+            Error::NoTransport { .. } | Error::MaxMsgTooSmall { .. } | Error::NoRoute { .. } => {
+                ErrorClass::NoRoute
+            }
+            Error::InvalidRank { .. } => ErrorClass::Rank,
+            Error::ReservedTag(_) => ErrorClass::Tag,
+            Error::Truncated { .. } | Error::ElementSize { .. } => ErrorClass::Truncated,
+            Error::Fabric { .. } => ErrorClass::Fabric,
+            Error::MalformedMessage { .. } => ErrorClass::Protocol,
+            Error::CollectiveMismatch { .. } => ErrorClass::Mismatch,
+            Error::Collective(_) => ErrorClass::CollectiveArgument,
+            Error::WindowMismatch { .. }
+            | Error::RmaOutOfBounds { .. }
+            | Error::RmaAccess { .. }
+            | Error::NoRma { .. }
+            | Error::CqDataTooSmall { .. }
+            | Error::NotifyRank { .. } => ErrorClass::Rma,
+            Error::ContextsExhausted { .. } => ErrorClass::Resource,
+            Error::AlreadyInitialized { .. } => ErrorClass::AlreadyInitialized,
+            Error::PeerFailed { .. } => ErrorClass::PeerFailed,
+            Error::PeerFinalized { .. } => ErrorClass::PeerFinalized,
+            Error::Finalized => ErrorClass::Finalized,
+            Error::Cancelled => ErrorClass::Cancelled,
+            Error::Internal { .. } => ErrorClass::Internal,
+        }
+    }
+
     pub(crate) fn fabric(op: &'static str, peer: Option<u32>, source: efa_fabric::Error) -> Self {
         // Every failed fabric operation passes here: `EFA_DEBUG=debug` shows it even when
         // the application swallows the error.
@@ -720,6 +820,48 @@ fn fmt_missing(missing: &[(Transport, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_deadline_is_the_timeout_class_and_other_start_up_errors_bootstrap() {
+        let waited = Duration::from_secs(3);
+        let never_joined = Error::Bootstrap(BootstrapError::RankNeverJoined {
+            ranks: vec![1],
+            waited,
+            store: "tcp 127.0.0.1:1".into(),
+        });
+        let store_timeout =
+            Error::Bootstrap(BootstrapError::Store(crate::store::StoreError::Timeout {
+                key: "k".into(),
+                waited,
+            }));
+        let incomplete = Error::Bootstrap(BootstrapError::Store(
+            crate::store::StoreError::Incomplete {
+                exchange: "cards".into(),
+                world: 2,
+                missing: vec![1],
+                waited,
+            },
+        ));
+        let op_timeout = Error::Timeout {
+            op: "recv",
+            peer: Some(1),
+            waited,
+        };
+        for e in [&never_joined, &store_timeout, &incomplete, &op_timeout] {
+            assert_eq!(e.class(), ErrorClass::Timeout, "{e:#?}");
+        }
+        let not_a_deadline = Error::Bootstrap(BootstrapError::Store(
+            crate::store::StoreError::InvalidToken {
+                reason: "differs".into(),
+            },
+        ));
+        assert_eq!(not_a_deadline.class(), ErrorClass::Bootstrap);
+        assert_eq!(
+            Error::ElementSize { bytes: 3, elem: 4 }.class(),
+            ErrorClass::Truncated
+        );
+        assert_eq!(Error::Finalized.class(), ErrorClass::Finalized);
+    }
 
     #[test]
     fn debug_is_the_report_and_alternate_the_structure() {

@@ -119,7 +119,7 @@ pub use comm::{
     AnyRequest, Communicator, CommunicatorBuilder, Config, Message, P2pRequest, RecvRequest,
     Request, SendRequest, Source, Status, Tag,
 };
-pub use error::{Error, Malformed, PeerFailure, Result, SettingError, SettingSource};
+pub use error::{Error, ErrorClass, Malformed, PeerFailure, Result, SettingError, SettingSource};
 pub use placement::Transport;
 pub use wait::WaitPolicy;
 pub use window::{RmaOp, RmaRequest, Window, WindowAccess};
