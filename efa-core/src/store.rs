@@ -523,8 +523,7 @@ impl StoreToken {
                 op: "generating a store token",
                 source,
             })?;
-        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Self(hex.into_bytes()))
+        Ok(Self(hex(&raw).into_bytes()))
     }
 
     /// The token's text.
