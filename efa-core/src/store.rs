@@ -2168,10 +2168,7 @@ pub(crate) async fn connection<S>(
             let req = Request::decode(&frame);
             if let Some(reason) = refusal(shared.token.as_ref(), authed, &req) {
                 tracing::warn!("refused a store client from {peer}: {reason}; its connection is closed");
-                let mut reply = Vec::with_capacity(5 + reason.len());
-                reply.extend_from_slice(&((reason.len() + 1) as u32).to_be_bytes());
-                reply.push(ST_REFUSED);
-                reply.extend_from_slice(reason.as_bytes());
+                let reply = reply_frame(ST_REFUSED, reason.as_bytes());
                 // Best effort and bounded: the client may be gone or not reading; either way
                 // the connection ends here.
                 let _ = tokio::time::timeout(limits.frame, async {
