@@ -2196,42 +2196,29 @@ pub(crate) async fn connection<S>(
                     members,
                     wait,
                 }) => {
-                    let mut done = match shared.exchange_done(&exchange, world) {
-                        Ok(d) => d,
-                        Err(msg) => {
-                            write_reply(&mut stream, &reply_frame(ST_ERROR, msg.as_bytes()), &shared, limits)
-                                .await?;
-                            continue;
+                    // The reply is built once per selection and shared by every rank that
+                    // asks for it, so it is written here, not copied into `body`.
+                    let frame = match shared.exchange_done(&exchange, world) {
+                        Err(msg) => Arc::new(reply_frame(ST_ERROR, msg.as_bytes())),
+                        Ok(mut done) => {
+                            if !*done.borrow_and_update() {
+                                let until = tokio::time::Instant::now() + wait;
+                                let filled = async move {
+                                    while !*done.borrow_and_update() {
+                                        if tokio::time::timeout_at(until, done.changed()).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                };
+                                let watched =
+                                    wait_watching(&mut stream, &mut chunk, &decoder, "GATHER", filled);
+                                if watched.await?.is_none() {
+                                    return Ok(());
+                                }
+                            }
+                            shared.gather_reply(&exchange, &members)
                         }
                     };
-                    if !*done.borrow_and_update() {
-                        if !decoder.is_empty() {
-                            return Err(protocol_violation(
-                                "request sent while a GATHER was waiting".into(),
-                            ));
-                        }
-                        // As for GET: watch the connection while the exchange fills.
-                        let until = tokio::time::Instant::now() + wait;
-                        tokio::select! {
-                            biased;
-                            _ = async {
-                                while !*done.borrow_and_update() {
-                                    if tokio::time::timeout_at(until, done.changed()).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            } => {}
-                            r = stream.read(&mut chunk) => {
-                                return match r? {
-                                    0 => Ok(()),
-                                    _ => Err(protocol_violation(
-                                        "request sent while a GATHER was waiting".into(),
-                                    )),
-                                };
-                            }
-                        }
-                    }
-                    let frame = shared.gather_reply(&exchange, &members);
                     write_reply(&mut stream, &frame, &shared, limits).await?;
                     continue;
                 }
@@ -2251,32 +2238,22 @@ pub(crate) async fn connection<S>(
                     (ST_VALUE, Vec::new())
                 }
                 Ok(Request::Get { key, wait }) => {
-                    // While the GET waits, watch the connection: a client that closes it
-                    // has gone (and departs now, not when the wait ends); one that sends
-                    // more breaks the one-request-in-flight rule.
                     let present = shared.map().get(&key).cloned();
-                    match present {
-                        Some(v) => (ST_VALUE, v),
-                        None if !decoder.is_empty() => {
-                            return Err(protocol_violation(
-                                "request sent while a GET was waiting".into(),
-                            ))
-                        }
-                        None => tokio::select! {
-                            biased;
-                            v = wait_for(&shared, &key, wait) => match v {
-                                Some(v) => (ST_VALUE, v),
-                                None => (ST_NOT_FOUND, Vec::new()),
-                            },
-                            r = stream.read(&mut chunk) => {
-                                return match r? {
-                                    0 => Ok(()),
-                                    _ => Err(protocol_violation(
-                                        "request sent while a GET was waiting".into(),
-                                    )),
-                                };
+                    let found = match present {
+                        Some(v) => Some(v),
+                        None => {
+                            let waited = wait_for(&shared, &key, wait);
+                            match wait_watching(&mut stream, &mut chunk, &decoder, "GET", waited)
+                                .await?
+                            {
+                                Some(found) => found,
+                                None => return Ok(()),
                             }
-                        },
+                        }
+                    };
+                    match found {
+                        Some(v) => (ST_VALUE, v),
+                        None => (ST_NOT_FOUND, Vec::new()),
                     }
                 }
                 Ok(Request::Leave) => {
@@ -2295,6 +2272,33 @@ pub(crate) async fn connection<S>(
     }
     if let Some(r) = rank {
         shared.depart(r);
+    }
+}
+
+/// Runs `wait` (a GET's or a GATHER's: `what`) while watching the connection: a client
+/// that closes it has gone (`Ok(None)`: it departs now, not when the wait ends); one that
+/// sends more, or had already sent more, breaks the one-request-in-flight rule (an error).
+async fn wait_watching<S, T>(
+    stream: &mut S,
+    chunk: &mut [u8],
+    decoder: &FrameDecoder,
+    what: &str,
+    wait: impl std::future::Future<Output = T>,
+) -> io::Result<Option<T>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let broken = || protocol_violation(format!("request sent while a {what} was waiting"));
+    if !decoder.is_empty() {
+        return Err(broken());
+    }
+    tokio::select! {
+        biased;
+        v = wait => Ok(Some(v)),
+        r = stream.read(chunk) => match r? {
+            0 => Ok(None),
+            _ => Err(broken()),
+        },
     }
 }
 
