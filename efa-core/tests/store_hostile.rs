@@ -56,6 +56,26 @@ fn get(key: &str, wait_ms: u64) -> Vec<u8> {
     frame(&p)
 }
 
+/// A GATHER of every entry of `exchange` among `world` ranks (selector 0: all).
+fn gather(exchange: &str, world: u32, wait_ms: u64) -> Vec<u8> {
+    let mut p = vec![7u8];
+    p.extend_from_slice(&(exchange.len() as u32).to_be_bytes());
+    p.extend_from_slice(exchange.as_bytes());
+    p.extend_from_slice(&world.to_be_bytes());
+    p.push(0);
+    p.extend_from_slice(&wait_ms.to_be_bytes());
+    frame(&p)
+}
+
+/// The requests that wait on the server (a GET of a key nobody sets, a GATHER of an
+/// exchange nobody publishes in), by name.
+fn waiting_requests() -> [(&'static str, Vec<u8>); 2] {
+    [
+        ("GET", get("never", 60_000)),
+        ("GATHER", gather("never", 2, 60_000)),
+    ]
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -266,49 +286,89 @@ fn get_with_the_longest_wait_is_answered_when_the_key_is_set() {
     assert_eq!((status, body.as_slice()), (0, &b"value"[..]));
 }
 
-/// A rank whose connection closes while the server holds its GET has left: the server must
-/// notice at once, not when the GET's wait ends (a serving rank 0 waits for departures).
+/// A rank whose connection closes while the server holds its GET (or GATHER) has left: the
+/// server must notice at once, not when the wait ends (a serving rank 0 waits for
+/// departures).
 #[test]
 fn client_gone_during_a_get_counts_as_departed_at_once() {
-    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr();
-    let mut s = connect(addr);
-    s.write_all(&hello(0)).unwrap();
-    assert_eq!(reply(&mut s).unwrap().0, 0);
-    s.write_all(&get("never", 60_000)).unwrap();
-    thread::sleep(Duration::from_millis(100));
-    drop(s);
-    let t0 = Instant::now();
-    server
-        .wait_departed(1, Instant::now() + Duration::from_secs(3))
-        .expect("rank 0 departed when its connection closed");
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    for (what, request) in waiting_requests() {
+        let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr();
+        let mut s = connect(addr);
+        s.write_all(&hello(0)).unwrap();
+        assert_eq!(reply(&mut s).unwrap().0, 0);
+        s.write_all(&request).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        drop(s);
+        let t0 = Instant::now();
+        server
+            .wait_departed(1, Instant::now() + Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{what}: rank 0 departed when its connection closed: {e}"));
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{what}: {:?}",
+            t0.elapsed()
+        );
+    }
 }
 
-/// A client that sends a second request while its GET waits breaks the one-request-in-flight
-/// rule: the server closes that connection (and serves everybody else).
+/// A client that sends a second request while its GET (or GATHER) waits breaks the
+/// one-request-in-flight rule: the server closes that connection (and serves everybody
+/// else).
 #[test]
 fn pipelined_request_during_a_get_closes_only_that_connection() {
+    for (what, request) in waiting_requests() {
+        let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr();
+        let mut s = connect(addr);
+        s.write_all(&hello(0)).unwrap();
+        assert_eq!(reply(&mut s).unwrap().0, 0);
+        s.write_all(&request).unwrap();
+        s.write_all(&hello(0)).unwrap();
+        let t0 = Instant::now();
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(
+            matches!(r, Ok(0)) || r.is_err(),
+            "{what}: expected the connection closed, got {r:?} {rest:?}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{what}");
+        let other = TcpStore::connect(
+            &addr.to_string(),
+            1,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        other.set("k", b"v").unwrap();
+    }
+}
+
+/// A GATHER of an exchange that is already complete does not wait, so a request sent right
+/// behind it is served, as after a GET of a key that is set.
+#[test]
+fn request_behind_a_gather_that_need_not_wait_is_served() {
     let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr();
-    let mut s = connect(addr);
-    s.write_all(&hello(0)).unwrap();
-    assert_eq!(reply(&mut s).unwrap().0, 0);
-    s.write_all(&get("never", 60_000)).unwrap();
-    s.write_all(&hello(0)).unwrap();
-    let t0 = Instant::now();
-    let mut rest = Vec::new();
-    let r = s.read_to_end(&mut rest);
-    assert!(
-        matches!(r, Ok(0)) || r.is_err(),
-        "expected the connection closed, got {r:?} {rest:?}"
-    );
-    assert!(t0.elapsed() < Duration::from_secs(5));
-    let other = TcpStore::connect(
-        &addr.to_string(),
+    let store = TcpStore::connect(
+        &server.local_addr().to_string(),
+        0,
+        Instant::now() + Duration::from_secs(5),
+    )
+    .unwrap();
+    barrier(
+        &store,
+        "done",
+        0,
         1,
         Instant::now() + Duration::from_secs(5),
     )
     .unwrap();
-    other.set("k", b"v").unwrap();
+    let mut s = connect(server.local_addr());
+    s.write_all(&hello(1)).unwrap();
+    assert_eq!(reply(&mut s).unwrap().0, 0);
+    s.write_all(&[gather("done", 1, 60_000), set("k", b"v")].concat())
+        .unwrap();
+    // One entry: rank 0's empty barrier blob.
+    let entries = [1u32, 0, 0].map(u32::to_be_bytes).concat();
+    assert_eq!(reply(&mut s).unwrap(), (0, entries));
+    assert_eq!(reply(&mut s).unwrap().0, 0);
 }
