@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use crate::placement::{Card, EndpointCard, ProcessId, Subnet, Transport};
 use crate::store::{
-    self, FrameDecoder, Request, Shared, StoreToken, MAX_FRAME, ST_ERROR, ST_NOT_FOUND, ST_REFUSED,
-    ST_VALUE,
+    self, FrameDecoder, Request, Shared, StoreToken, MAX_FRAME, ST_ERROR, ST_INVALID, ST_NOT_FOUND,
+    ST_REFUSED, ST_VALUE,
 };
 use crate::wire::{FailCode, Header, Kind, ACK_TRUNCATED, HDR_LEN, RTS_PAYLOAD};
 
@@ -250,7 +250,10 @@ fn check_replies(out: &[u8], frames: usize) -> Vec<u8> {
         let body = store::read_reply(&mut r)
             .unwrap_or_else(|e| panic!("server wrote a malformed reply frame: {e}"));
         assert!(
-            matches!(body[0], ST_VALUE | ST_NOT_FOUND | ST_ERROR | ST_REFUSED),
+            matches!(
+                body[0],
+                ST_VALUE | ST_NOT_FOUND | ST_ERROR | ST_REFUSED | ST_INVALID
+            ),
             "server wrote reply status {}",
             body[0]
         );

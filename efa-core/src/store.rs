@@ -55,7 +55,11 @@
 //! a token is the rest of the frame. A reply starts with a status byte: `0` value follows
 //! (for GATHER: `count:u32`, then `rank:u32 len:u32 value` per entry), `1` not found (the
 //! wait expired; for GATHER the missing ranks follow, `u32` each), `2` error text follows,
-//! `3` refused (text follows, then the server closes the connection). PUBLISH stores its
+//! `3` refused (text follows, then the server closes the connection), `4` (to PUBLISH and
+//! GATHER only) the exchange is used inconsistently (the exchange as a key, then the reason
+//! text: [`StoreError::InvalidExchange`]). The protocol has no version number: a server
+//! answers an opcode it does not know with the error `unknown opcode N`, which a client
+//! reports as [`StoreError::ServerOutdated`]. PUBLISH stores its
 //! value under `exchange/rank` too, so GET reads one rank's entry. The token rules below
 //! apply to every request alike.
 //! One request is in flight per connection; a [`TcpStore`] serialises its callers.
@@ -204,6 +208,21 @@ pub enum StoreError {
         addr: String,
         /// The server's message.
         message: String,
+    },
+    /// The server does not know a request this program sent ([`Store::publish`] and
+    /// [`Store::gather`] are newer than the rest of the protocol): it comes from an older
+    /// efa-rs release than the program, typically an older `efarun` on the `PATH`. Start the
+    /// job with the `efarun` of the program's release (or rebuild the program against the
+    /// launcher's). The store protocol carries no version: the server's "unknown opcode"
+    /// answer to the request is how the client tells.
+    #[error("{server}, which serves the store at {addr}, does not know the {request} request: it is from an older efa-rs release than this program; start the job with the efarun of the program's release (or rebuild the program against the launcher's)")]
+    ServerOutdated {
+        /// Who serves the store: `efarun`, `rank 0`, or `the server` when not known.
+        server: String,
+        /// The store's address.
+        addr: String,
+        /// The request it does not know: `PUBLISH`, `GATHER`.
+        request: &'static str,
     },
     /// The key is empty, too long or otherwise unusable.
     #[error("invalid store key `{key}`: {reason}")]
@@ -1228,10 +1247,51 @@ pub(crate) const ST_VALUE: u8 = 0;
 pub(crate) const ST_NOT_FOUND: u8 = 1;
 pub(crate) const ST_ERROR: u8 = 2;
 pub(crate) const ST_REFUSED: u8 = 3;
+/// A PUBLISH or GATHER used its exchange inconsistently ([`StoreError::InvalidExchange`]):
+/// the exchange as a key, then the reason text. Only replies to those requests carry it,
+/// so clients older than them never see it.
+pub(crate) const ST_INVALID: u8 = 4;
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
     buf.extend_from_slice(s.as_bytes());
+}
+
+/// A big-endian `u32` at the start of `b`, and the bytes it took.
+fn take_u32(b: &[u8]) -> Result<(u32, usize), String> {
+    let a: [u8; 4] = b
+        .get(..4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or("truncated u32")?;
+    Ok((u32::from_be_bytes(a), 4))
+}
+
+/// A [`put_str`] string (a key, an exchange or a group) at the start of `b`, and the bytes
+/// it took.
+fn take_str(b: &[u8]) -> Result<(String, usize), String> {
+    let (len, n) = take_u32(b)?;
+    let len = len as usize;
+    if len > MAX_KEY {
+        return Err(format!("key of {len} bytes is longer than {MAX_KEY}"));
+    }
+    let s = b.get(n..n + len).ok_or("truncated key")?;
+    let s = std::str::from_utf8(s).map_err(|_| "key is not UTF-8")?;
+    Ok((s.to_owned(), n + len))
+}
+
+/// The server's error text for an opcode it does not know. Servers from before an opcode
+/// existed answer its requests so (an `efarun` older than the program): the client
+/// recognises the text to report [`StoreError::ServerOutdated`], so it must not change.
+fn unknown_opcode(op: u8) -> String {
+    format!("unknown opcode {op}")
+}
+
+/// The body of an [`ST_INVALID`] reply: the exchange, then why its use is inconsistent.
+fn invalid_body(exchange: &str, reason: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + exchange.len() + reason.len());
+    put_str(&mut b, exchange);
+    b.extend_from_slice(reason.as_bytes());
+    b
 }
 
 /// A request as the server sees it.
@@ -1278,20 +1338,30 @@ fn wait_ms(wait: Duration) -> u64 {
 }
 
 impl Request {
+    /// The request's opcode, and its name in the protocol (for messages).
+    fn opcode(&self) -> (u8, &'static str) {
+        match self {
+            Request::Hello { .. } => (OP_HELLO, "HELLO"),
+            Request::Set { .. } => (OP_SET, "SET"),
+            Request::Get { .. } => (OP_GET, "GET"),
+            Request::Leave => (OP_LEAVE, "LEAVE"),
+            Request::HelloAuth { .. } => (OP_HELLO_AUTH, "HELLO_AUTH"),
+            Request::Publish { .. } => (OP_PUBLISH, "PUBLISH"),
+            Request::Gather { .. } => (OP_GATHER, "GATHER"),
+        }
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
+        let mut b = vec![self.opcode().0];
         match self {
             Request::Hello { rank } => {
-                b.push(OP_HELLO);
                 b.extend_from_slice(&rank.to_be_bytes());
             }
             Request::Set { key, value } => {
-                b.push(OP_SET);
                 put_str(&mut b, key);
                 b.extend_from_slice(value);
             }
             Request::Get { key, wait } => {
-                b.push(OP_GET);
                 put_str(&mut b, key);
                 b.extend_from_slice(&wait_ms(*wait).to_be_bytes());
             }
@@ -1302,7 +1372,6 @@ impl Request {
                 group,
                 value,
             } => {
-                b.push(OP_PUBLISH);
                 put_str(&mut b, exchange);
                 b.extend_from_slice(&rank.to_be_bytes());
                 b.extend_from_slice(&world.to_be_bytes());
@@ -1315,7 +1384,6 @@ impl Request {
                 members,
                 wait,
             } => {
-                b.push(OP_GATHER);
                 put_str(&mut b, exchange);
                 b.extend_from_slice(&world.to_be_bytes());
                 match members {
@@ -1328,9 +1396,8 @@ impl Request {
                 }
                 b.extend_from_slice(&wait_ms(*wait).to_be_bytes());
             }
-            Request::Leave => b.push(OP_LEAVE),
+            Request::Leave => {}
             Request::HelloAuth { rank, token } => {
-                b.push(OP_HELLO_AUTH);
                 b.extend_from_slice(&rank.to_be_bytes());
                 b.extend_from_slice(token);
             }
@@ -1340,23 +1407,6 @@ impl Request {
 
     pub(crate) fn decode(frame: &[u8]) -> Result<Self, String> {
         let (&op, rest) = frame.split_first().ok_or("empty request")?;
-        let take_u32 = |b: &[u8]| -> Result<(u32, usize), String> {
-            let a: [u8; 4] = b
-                .get(..4)
-                .and_then(|s| s.try_into().ok())
-                .ok_or("truncated u32")?;
-            Ok((u32::from_be_bytes(a), 4))
-        };
-        let take_str = |b: &[u8]| -> Result<(String, usize), String> {
-            let (len, n) = take_u32(b)?;
-            let len = len as usize;
-            if len > MAX_KEY {
-                return Err(format!("key of {len} bytes is longer than {MAX_KEY}"));
-            }
-            let s = b.get(n..n + len).ok_or("truncated key")?;
-            let s = std::str::from_utf8(s).map_err(|_| "key is not UTF-8")?;
-            Ok((s.to_owned(), n + len))
-        };
         match op {
             OP_HELLO => {
                 let (rank, n) = take_u32(rest)?;
@@ -1436,7 +1486,7 @@ impl Request {
                     token: token.to_vec(),
                 })
             }
-            other => Err(format!("unknown opcode {other}")),
+            other => Err(unknown_opcode(other)),
         }
     }
 }
@@ -1548,22 +1598,24 @@ impl Shared {
         self.exchanges.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a PUBLISH; the error text is the reply's.
+    /// Records a PUBLISH; the error is the reply's status and body.
     fn publish(
         &self,
-        exchange: String,
+        exchange: &str,
         rank: u32,
         world: u32,
         group: &str,
         value: Vec<u8>,
-    ) -> Result<(), String> {
-        let key = entry_key(&exchange, rank);
-        check_key(&key).map_err(|e| e.to_string())?;
+    ) -> Result<(), (u8, Vec<u8>)> {
+        let key = entry_key(exchange, rank);
+        check_key(&key).map_err(|e| (ST_ERROR, e.to_string().into_bytes()))?;
         let mut exchanges = self.exchanges();
         let ex = exchanges
-            .entry(exchange)
+            .entry(exchange.to_owned())
             .or_insert_with(|| ServerExchange::new(world));
-        ex.index.publish(rank, world, group)?;
+        ex.index
+            .publish(rank, world, group)
+            .map_err(|reason| (ST_INVALID, invalid_body(exchange, &reason)))?;
         // A rank publishing again may change its value.
         ex.replies.clear();
         self.map().insert(key, value);
@@ -1575,13 +1627,16 @@ impl Shared {
         Ok(())
     }
 
-    /// The exchange's completion flag to wait on; the error text is the reply's.
-    fn exchange_done(&self, exchange: &str, world: u32) -> Result<watch::Receiver<bool>, String> {
+    /// The exchange's completion flag to wait on; the error is the reply's body (status
+    /// [`ST_INVALID`]).
+    fn exchange_done(&self, exchange: &str, world: u32) -> Result<watch::Receiver<bool>, Vec<u8>> {
         let mut exchanges = self.exchanges();
         let ex = exchanges
             .entry(exchange.to_owned())
             .or_insert_with(|| ServerExchange::new(world));
-        ex.index.check_world(world)?;
+        ex.index
+            .check_world(world)
+            .map_err(|reason| invalid_body(exchange, &reason))?;
         Ok(ex.done.subscribe())
     }
 
@@ -2186,9 +2241,9 @@ pub(crate) async fn connection<S>(
                     world,
                     group,
                     value,
-                }) => match shared.publish(exchange, r, world, &group, value) {
+                }) => match shared.publish(&exchange, r, world, &group, value) {
                     Ok(()) => (ST_VALUE, Vec::new()),
-                    Err(msg) => (ST_ERROR, msg.into_bytes()),
+                    Err(reply) => reply,
                 },
                 Ok(Request::Gather {
                     exchange,
@@ -2199,7 +2254,7 @@ pub(crate) async fn connection<S>(
                     // The reply is built once per selection and shared by every rank that
                     // asks for it, so it is written here, not copied into `body`.
                     let frame = match shared.exchange_done(&exchange, world) {
-                        Err(msg) => Arc::new(reply_frame(ST_ERROR, msg.as_bytes())),
+                        Err(body) => Arc::new(reply_frame(ST_INVALID, &body)),
                         Ok(mut done) => {
                             if !*done.borrow_and_update() {
                                 let until = tokio::time::Instant::now() + wait;
@@ -2744,8 +2799,28 @@ impl TcpStore {
         deadline: Option<Instant>,
     ) -> Result<(u8, Vec<u8>), StoreError> {
         match self.exchange(req, deadline)? {
-            Ok(body) => self.parse(body),
+            Ok(body) => self.parse(body).map_err(|e| self.outdated(req, e)),
             Err((e, waited)) => Err(self.lost(e, waited)),
+        }
+    }
+
+    /// [`StoreError::ServerOutdated`] for a server that answered `req` with "unknown opcode"
+    /// of `req`'s own opcode: it is older than the request (the text every server has
+    /// answered an unknown opcode with). Any other error is returned as it is.
+    fn outdated(&self, req: &Request, e: StoreError) -> StoreError {
+        let (op, request) = req.opcode();
+        match e {
+            StoreError::Server { addr, message } if message == unknown_opcode(op) => {
+                StoreError::ServerOutdated {
+                    server: self
+                        .served_by
+                        .as_ref()
+                        .map_or_else(|| "the server".to_owned(), |s| s.name.clone()),
+                    addr,
+                    request,
+                }
+            }
+            e => e,
         }
     }
 
@@ -2962,8 +3037,9 @@ pub(crate) fn read_reply(stream: &mut impl Read) -> io::Result<Vec<u8>> {
 /// # Errors
 ///
 /// [`StoreError::Server`] for an error reply, [`StoreError::Refused`] for a refusal (the
-/// server closes the connection after it), [`StoreError::Protocol`] for an empty body or an
-/// unknown status.
+/// server closes the connection after it), [`StoreError::InvalidExchange`] for an exchange
+/// used inconsistently, [`StoreError::Protocol`] for an empty body, an unknown status or
+/// an invalid-exchange reply that does not name its exchange.
 pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>), StoreError> {
     if body.is_empty() {
         return Err(StoreError::Protocol {
@@ -2981,6 +3057,16 @@ pub(crate) fn parse_reply(addr: &str, mut body: Vec<u8>) -> Result<(u8, Vec<u8>)
         ST_REFUSED => Err(StoreError::Refused {
             addr: addr.to_owned(),
             reason: String::from_utf8_lossy(&body).into_owned(),
+        }),
+        ST_INVALID => Err(match take_str(&body) {
+            Ok((exchange, n)) => StoreError::InvalidExchange {
+                exchange,
+                reason: String::from_utf8_lossy(&body[n..]).into_owned(),
+            },
+            Err(e) => StoreError::Protocol {
+                addr: addr.to_owned(),
+                detail: format!("an invalid-exchange reply without its exchange: {e}"),
+            },
         }),
         other => Err(StoreError::Protocol {
             addr: addr.to_owned(),
@@ -3369,6 +3455,77 @@ mod tests {
         .expect("connect retries after the dropped connection");
         drop(fake.join().unwrap());
         drop(store);
+    }
+
+    /// A server from before PUBLISH and GATHER (an older efarun) answers them with "unknown
+    /// opcode 6" and "unknown opcode 7", as every server has answered opcodes it does not
+    /// know: the client names the version mismatch instead of passing the text on.
+    #[test]
+    fn a_server_older_than_the_request_is_named_outdated() {
+        // The text of servers before PUBLISH, and of this one.
+        assert_eq!(Request::decode(&[99]).unwrap_err(), "unknown opcode 99");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let old = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            while s.read_exact(&mut len).is_ok() {
+                let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                s.read_exact(&mut body).unwrap();
+                let reply = match body[0] {
+                    OP_HELLO..=OP_HELLO_AUTH => reply_frame(ST_VALUE, &[]),
+                    op => reply_frame(ST_ERROR, format!("unknown opcode {op}").as_bytes()),
+                };
+                s.write_all(&reply).unwrap();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let efarun = StoreServerInfo {
+            name: "efarun".into(),
+            listens_first: true,
+        };
+        let store = TcpStore::connect_served(&addr.to_string(), 3, None, efarun, deadline).unwrap();
+        let e = store.publish("card", 3, 4, "", b"c", deadline).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::ServerOutdated { server, request: "PUBLISH", .. } if server == "efarun"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("older efa-rs release"), "{e}");
+        let e = store
+            .gather("card", 3, 4, &Members::All, deadline)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::ServerOutdated {
+                    request: "GATHER",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // The connection still serves the requests the old server knows.
+        store.set("k", b"v").unwrap();
+        drop(store);
+        old.join().unwrap();
+    }
+
+    /// An invalid-exchange reply names its exchange; one that does not is a protocol error.
+    #[test]
+    fn invalid_exchange_replies_are_typed() {
+        let mut body = vec![ST_INVALID];
+        body.extend_from_slice(&invalid_body("job/card", "rank 9 published among 4 ranks"));
+        match parse_reply("a", body) {
+            Err(StoreError::InvalidExchange { exchange, reason }) => {
+                assert_eq!(exchange, "job/card");
+                assert_eq!(reason, "rank 9 published among 4 ranks");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_reply("a", vec![ST_INVALID, 0, 0]),
+            Err(StoreError::Protocol { .. })
+        ));
     }
 
     /// A burst of new connections does not push out connections that have not yet had

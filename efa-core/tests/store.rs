@@ -787,6 +787,12 @@ fn exchanges_refuse_inconsistent_worlds_and_ranks() {
             "{}: {e}",
             store.describe()
         );
+        // The same error on every store (the TCP server's travels as its own status).
+        assert!(
+            matches!(&e, StoreError::InvalidExchange { exchange, .. } if exchange == "y"),
+            "{}: {e:?}",
+            store.describe()
+        );
     }
     for store in [&tcp as &dyn Store, &mem] {
         store.publish("z", 0, 4, "", b"v", soon(1_000)).unwrap();
@@ -796,6 +802,11 @@ fn exchanges_refuse_inconsistent_worlds_and_ranks() {
         assert!(
             e.to_string().contains("started among 4"),
             "{}: {e}",
+            store.describe()
+        );
+        assert!(
+            matches!(&e, StoreError::InvalidExchange { exchange, .. } if exchange == "z"),
+            "{}: {e:?}",
             store.describe()
         );
     }
