@@ -24,7 +24,9 @@
 //!   only as its last reply. Run twice: on a server without a token (a `HELLO_AUTH` is
 //!   refused) and on one with [`FUZZ_TOKEN`] (nothing is served before a first request that
 //!   is a `HELLO_AUTH` with that token).
-//! * [`store_reply`]: the client's reply reader and parser accept only well-formed replies.
+//! * [`store_reply`]: the client's reply reader and parser accept only well-formed replies,
+//!   and a GATHER's entries (also a file store's combined file) only in their canonical
+//!   form.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -281,11 +283,16 @@ pub fn store_reply(data: &[u8]) {
             "reply of {} bytes accepted",
             body.len()
         );
-        if let Ok((status, _)) = store::parse_reply("fuzz", body) {
+        if let Ok((status, value)) = store::parse_reply("fuzz", body) {
             assert!(
                 matches!(status, ST_VALUE | ST_NOT_FOUND),
                 "reply status {status} accepted"
             );
+            // A GATHER's value: accepted entries re-encode to exactly the value.
+            if let Ok(entries) = store::decode_gathered(&value) {
+                let again = store::encode_gathered(entries.iter().map(|(r, v)| (*r, v.as_slice())));
+                assert_eq!(again, value, "gathered entries re-encode differently");
+            }
         }
     }
 }
@@ -466,6 +473,18 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             frame(&[ST_NOT_FOUND]),
             [frame(b"\x00card bytes"), frame(b"\x02unknown opcode 9")].concat(),
             frame(b"\x03wrong EFA_STORE_TOKEN"),
+            {
+                let cards: Vec<Vec<u8>> = sample_cards()
+                    .iter()
+                    .map(|c| c.encode().expect("sample card encodes"))
+                    .collect();
+                let entries = cards.iter().enumerate().map(|(r, c)| (r as u32, &c[..]));
+                let mut gathered = vec![ST_VALUE];
+                gathered.extend(store::encode_gathered(entries));
+                frame(&gathered)
+            },
+            frame(&[ST_NOT_FOUND, 0, 0, 0, 2, 0, 0, 0, 3]),
+            frame(b"\x04\x00\x00\x00\x08job/cardan exchange among 5 ranks, but it was started among 4"),
         ],
         _ => Vec::new(),
     }
