@@ -427,6 +427,24 @@ impl ExchangeIndex {
             Members::Nobody => Vec::new(),
         }
     }
+
+    /// The entries `members` selects, as `(rank, value)` in rank order, read from `map`,
+    /// where the TCP server and the in-process store keep them under [`entry_key`] (an
+    /// entry removed since, by [`Store::delete`], reads as empty).
+    pub(crate) fn entries<'m>(
+        &self,
+        exchange: &str,
+        members: &Members,
+        map: &'m HashMap<String, Vec<u8>>,
+    ) -> Vec<(u32, &'m [u8])> {
+        self.members(members)
+            .into_iter()
+            .map(|r| {
+                let v = map.get(&entry_key(exchange, r));
+                (r, v.map_or(&[][..], Vec::as_slice))
+            })
+            .collect()
+    }
 }
 
 /// Encodes gathered entries: `count:u32`, then per entry `rank:u32 len:u32 bytes`
@@ -862,12 +880,9 @@ impl Store for MemoryStore {
             });
         }
         Ok(index
-            .members(members)
+            .entries(exchange, members, &state.map)
             .into_iter()
-            .map(|r| {
-                let v = state.map.get(&entry_key(exchange, r));
-                (r, v.cloned().unwrap_or_default())
-            })
+            .map(|(r, v)| (r, v.to_vec()))
             .collect())
     }
 }
@@ -1660,14 +1675,7 @@ impl Shared {
             return r.clone();
         }
         let map = self.map();
-        let ranks = ex.index.members(members);
-        let keys: Vec<String> = ranks.iter().map(|&r| entry_key(exchange, r)).collect();
-        let body = encode_gathered(
-            ranks
-                .iter()
-                .zip(&keys)
-                .map(|(&r, k)| (r, map.get(k).map_or(&[][..], Vec::as_slice))),
-        );
+        let body = encode_gathered(ex.index.entries(exchange, members, &map).into_iter());
         drop(map);
         let frame = if body.len() + 1 > MAX_FRAME {
             reply_frame(
