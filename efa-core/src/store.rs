@@ -2832,6 +2832,24 @@ impl TcpStore {
         }
     }
 
+    /// Sends a request that waits on the server (GET, GATHER), built by `make` for the
+    /// time left until `deadline`, and sends it again while the server answers "not yet"
+    /// ([`ST_NOT_FOUND`]) before `deadline` (it measures the wait from when the request
+    /// arrived). Returns the last reply: [`ST_VALUE`], or [`ST_NOT_FOUND`] once `deadline`
+    /// has passed.
+    fn request_until(
+        &self,
+        deadline: Instant,
+        make: impl Fn(Duration) -> Request,
+    ) -> Result<(u8, Vec<u8>), StoreError> {
+        loop {
+            let (status, body) = self.request(&make(remaining(deadline)), Some(Instant::now()))?;
+            if status == ST_VALUE || remaining(deadline).is_zero() {
+                return Ok((status, body));
+            }
+        }
+    }
+
     fn set_within(
         &self,
         key: &str,
@@ -3147,62 +3165,46 @@ impl Store for TcpStore {
             addr: self.addr.clone(),
             detail,
         };
-        loop {
-            let (status, body) = self.request(
-                &Request::Gather {
-                    exchange: exchange.to_owned(),
-                    world,
-                    members: members.clone(),
-                    wait: remaining(deadline),
-                },
-                Some(Instant::now()),
-            )?;
-            if status == ST_VALUE {
-                return decode_gathered(&body).map_err(malformed);
-            }
-            if remaining(deadline).is_zero() {
-                if body.len() % 4 != 0 {
-                    return Err(malformed(format!(
-                        "a list of missing ranks of {} bytes",
-                        body.len()
-                    )));
-                }
-                return Err(StoreError::Incomplete {
-                    exchange: exchange.to_owned(),
-                    world,
-                    missing: body
-                        .chunks_exact(4)
-                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                    waited: start.elapsed(),
-                });
-            }
+        let (status, body) = self.request_until(deadline, |wait| Request::Gather {
+            exchange: exchange.to_owned(),
+            world,
+            members: members.clone(),
+            wait,
+        })?;
+        if status == ST_VALUE {
+            return decode_gathered(&body).map_err(malformed);
         }
+        if body.len() % 4 != 0 {
+            return Err(malformed(format!(
+                "a list of missing ranks of {} bytes",
+                body.len()
+            )));
+        }
+        Err(StoreError::Incomplete {
+            exchange: exchange.to_owned(),
+            world,
+            missing: body
+                .chunks_exact(4)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            waited: start.elapsed(),
+        })
     }
 
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
         check_key(key)?;
         let start = Instant::now();
-        loop {
-            let (status, value) = self.request(
-                &Request::Get {
-                    key: key.to_owned(),
-                    wait: remaining(deadline),
-                },
-                Some(Instant::now()),
-            )?;
-            if status == ST_VALUE {
-                return Ok(value);
-            }
-            // The server measures the wait from when the request arrived; ask again if our
-            // own deadline has not quite passed yet.
-            if remaining(deadline).is_zero() {
-                return Err(StoreError::Timeout {
-                    key: key.to_owned(),
-                    waited: start.elapsed(),
-                });
-            }
+        let (status, value) = self.request_until(deadline, |wait| Request::Get {
+            key: key.to_owned(),
+            wait,
+        })?;
+        if status == ST_VALUE {
+            return Ok(value);
         }
+        Err(StoreError::Timeout {
+            key: key.to_owned(),
+            waited: start.elapsed(),
+        })
     }
 }
 
