@@ -43,24 +43,35 @@ fn blob(rank: u32) -> Vec<u8> {
     format!("card of rank {rank}").into_bytes()
 }
 
-/// Runs `size` ranks as threads; `open(rank)` gives each its store. Checks that every rank
-/// sees every blob.
-fn run_exchange(size: u32, open: impl Fn(u32) -> Arc<dyn Store> + Send + Sync + 'static) {
-    let open = Arc::new(open);
+/// Runs `size` ranks as threads, each `rank_main(rank, store)` with the store `open(rank)`
+/// gives it; returns what each returned, in rank order.
+fn run_ranks<T: Send + 'static>(
+    size: u32,
+    open: impl Fn(u32) -> Arc<dyn Store> + Send + Sync + 'static,
+    rank_main: impl Fn(u32, &dyn Store) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let both = Arc::new((open, rank_main));
     let handles: Vec<_> = (0..size)
         .map(|rank| {
-            let open = open.clone();
+            let both = both.clone();
             thread::spawn(move || {
-                let store = open(rank);
-                let all =
-                    exchange_all(&*store, "card", rank, size, &blob(rank), soon(10_000)).unwrap();
-                barrier(&*store, "done", rank, size, soon(10_000)).unwrap();
-                all
+                let store = (both.0)(rank);
+                (both.1)(rank, &*store)
             })
         })
         .collect();
-    for h in handles {
-        let all = h.join().unwrap();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Runs `size` ranks as threads; `open(rank)` gives each its store. Checks that every rank
+/// sees every blob.
+fn run_exchange(size: u32, open: impl Fn(u32) -> Arc<dyn Store> + Send + Sync + 'static) {
+    let got = run_ranks(size, open, move |rank, store| {
+        let all = exchange_all(store, "card", rank, size, &blob(rank), soon(10_000)).unwrap();
+        barrier(store, "done", rank, size, soon(10_000)).unwrap();
+        all
+    });
+    for all in got {
         assert_eq!(all, (0..size).map(blob).collect::<Vec<_>>());
     }
 }
@@ -675,32 +686,16 @@ fn run_grouped(
     per_group: u32,
     open: impl Fn(u32) -> Arc<dyn Store> + Send + Sync + 'static,
 ) {
-    let open = Arc::new(open);
-    let handles: Vec<_> = (0..size)
-        .map(|rank| {
-            let open = open.clone();
-            thread::spawn(move || {
-                let store = open(rank);
-                let group = format!("host {}", rank / per_group);
-                let got = exchange_grouped(
-                    &*store,
-                    "card",
-                    rank,
-                    size,
-                    &group,
-                    &blob(rank),
-                    soon(10_000),
-                )
-                .unwrap();
-                let far = (rank + per_group) % size;
-                let far_blob = lookup(&*store, "card", far, soon(10_000)).unwrap();
-                barrier(&*store, "done", rank, size, soon(10_000)).unwrap();
-                (rank, got, far, far_blob)
-            })
-        })
-        .collect();
-    for h in handles {
-        let (rank, got, far, far_blob) = h.join().unwrap();
+    let results = run_ranks(size, open, move |rank, store| {
+        let group = format!("host {}", rank / per_group);
+        let got =
+            exchange_grouped(store, "card", rank, size, &group, &blob(rank), soon(10_000)).unwrap();
+        let far = (rank + per_group) % size;
+        let far_blob = lookup(store, "card", far, soon(10_000)).unwrap();
+        barrier(store, "done", rank, size, soon(10_000)).unwrap();
+        (rank, got, far, far_blob)
+    });
+    for (rank, got, far, far_blob) in results {
         let first = rank / per_group * per_group;
         let want: Vec<(u32, Vec<u8>)> = (first..(first + per_group).min(size))
             .map(|r| (r, blob(r)))
