@@ -83,6 +83,14 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// A raw client connection to `addr` that has said HELLO as `rank` and been answered.
+fn greeted(addr: SocketAddr, rank: u32) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(&hello(rank)).unwrap();
+    assert_eq!(reply(&mut s).unwrap().0, 0, "HELLO answered");
+    s
+}
+
 /// Reads one reply frame: (status, body).
 fn reply(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
     let mut len = [0u8; 4];
@@ -274,9 +282,7 @@ fn ranks_among_hostile_clients(token: Option<StoreToken>) {
 fn get_with_the_longest_wait_is_answered_when_the_key_is_set() {
     let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
     let addr = server.local_addr();
-    let mut waiter = connect(addr);
-    waiter.write_all(&hello(0)).unwrap();
-    assert_eq!(reply(&mut waiter).unwrap().0, 0);
+    let mut waiter = greeted(addr, 0);
     waiter.write_all(&get("late", u64::MAX)).unwrap();
     thread::sleep(Duration::from_millis(100));
     let mut setter = connect(addr);
@@ -294,9 +300,7 @@ fn client_gone_during_a_get_counts_as_departed_at_once() {
     for (what, request) in waiting_requests() {
         let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
         let addr = server.local_addr();
-        let mut s = connect(addr);
-        s.write_all(&hello(0)).unwrap();
-        assert_eq!(reply(&mut s).unwrap().0, 0);
+        let mut s = greeted(addr, 0);
         s.write_all(&request).unwrap();
         thread::sleep(Duration::from_millis(100));
         drop(s);
@@ -320,9 +324,7 @@ fn pipelined_request_during_a_get_closes_only_that_connection() {
     for (what, request) in waiting_requests() {
         let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
         let addr = server.local_addr();
-        let mut s = connect(addr);
-        s.write_all(&hello(0)).unwrap();
-        assert_eq!(reply(&mut s).unwrap().0, 0);
+        let mut s = greeted(addr, 0);
         s.write_all(&request).unwrap();
         s.write_all(&hello(0)).unwrap();
         let t0 = Instant::now();
@@ -362,9 +364,7 @@ fn request_behind_a_gather_that_need_not_wait_is_served() {
         Instant::now() + Duration::from_secs(5),
     )
     .unwrap();
-    let mut s = connect(server.local_addr());
-    s.write_all(&hello(1)).unwrap();
-    assert_eq!(reply(&mut s).unwrap().0, 0);
+    let mut s = greeted(server.local_addr(), 1);
     s.write_all(&[gather("done", 1, 60_000), set("k", b"v")].concat())
         .unwrap();
     // One entry: rank 0's empty barrier blob.
