@@ -648,7 +648,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// [`StoreError::InvalidExchange`] when `rank >= world`, or when `world` differs from
-    /// the size another rank gave for the same exchange; the errors of [`Store::set_by`].
+    /// the size another rank gave for the same exchange (the file store keeps no size, so
+    /// it cannot tell this); [`StoreError::ServerOutdated`] from a TCP server older than
+    /// this request; the errors of [`Store::set_by`].
     fn publish(
         &self,
         exchange: &str,
@@ -669,8 +671,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// [`StoreError::Incomplete`] listing every rank that had not published by `deadline`;
-    /// [`StoreError::InvalidExchange`] when `world` differs from the exchange's; I/O and
-    /// protocol errors.
+    /// [`StoreError::InvalidExchange`] when `world` differs from the exchange's (not on the
+    /// file store, as for [`Store::publish`]); [`StoreError::ServerOutdated`] from a TCP
+    /// server older than this request; I/O and protocol errors.
     fn gather(
         &self,
         exchange: &str,
