@@ -26,6 +26,14 @@
 #           same flags and columns), 2 ranks, float32 sum, per route (shm vs vader, TCP on lo
 #           vs the TCP BTL on lo); busbw (GB/s) of both and ours/ompi. AR_MIN, AR_MAX,
 #           AR_FACTOR, AR_ITERS, AR_WARMUP, AR_ROUTES ("shm tcp").
+# hosts     2 "hosts" x 2 ranks: network namespaces h1 and h2 of ci/netns/hosts.sh (one subnet,
+#           10.77.1.11 and .12, IP between them on efa0, shared memory within each), allreduce
+#           float32 sum. Ours: every rank started in its namespace (EFA_RANK..., store served by
+#           rank 0 at 10.77.1.11). Open MPI: mpirun in h1 with --host h1:2,h2:2 and
+#           bench/netns-rsh as its rsh agent, which starts each node's orted in its namespace
+#           under that node's hostname. 4 ranks on 2 cores: ours EFA_WAIT=block, Open MPI
+#           mpi_yield_when_idle 1. Time per call and busbw (2(n-1)/n), ratio = ours / Open MPI.
+#           H_MIN (4k), H_MAX (64m), H_FACTOR (4), H_ITERS (20), H_WARMUP (5). Needs root.
 #
 # IP traffic stays on loopback for every tool: efa-bench gets EFA_IFACE=lo (or -d lo),
 # fi_pingpong -d lo plus FI_TCP_IFACE/FI_UDP_IFACE/FI_SOCKETS_IFACE=lo and 127.0.0.1, Open MPI
@@ -44,7 +52,7 @@ PROVIDERS=${PROVIDERS:-"shm tcp;ofi_rxm udp;ofi_rxd"}
 SIZES=${SIZES:-"8 1024 65536 1048576 4194304"}
 ROUNDS=${ROUNDS:-3}
 PARTS=${PARTS:-osu}
-[ "$PARTS" = all ] && PARTS="osu oversub pingpong allreduce"
+[ "$PARTS" = all ] && PARTS="osu oversub pingpong allreduce hosts"
 export FI_TCP_IFACE=lo FI_UDP_IFACE=lo FI_SOCKETS_IFACE=lo
 
 want() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -338,3 +346,86 @@ for route in $AR_ROUTES; do
 done
 printf "# reference, NOT measured in this run: Gloo (issue 6) 1 MiB busbw %s GB/s\n" "$GLOO_1M_BUSBW"
 fi # allreduce
+
+# ---- 2 "hosts" x 2 ranks in network namespaces, allreduce vs Open MPI ---------------------
+if want hosts; then
+need_mpi
+H_MIN=${H_MIN:-4k}
+H_MAX=${H_MAX:-64m}
+H_FACTOR=${H_FACTOR:-4}
+H_ITERS=${H_ITERS:-20}
+H_WARMUP=${H_WARMUP:-5}
+why=$(ci/netns/hosts.sh check 2>&1) || { echo "hosts: SKIPPED: $why" >&2; exit 1; }
+command -v unshare >/dev/null || { echo "hosts: SKIPPED: unshare (util-linux) missing" >&2; exit 1; }
+MPI_AR=$CARGO_TARGET_DIR/mpi_allreduce
+mpicc.openmpi -O2 -o "$MPI_AR" bench/mpi_allreduce.c
+hflags=(-b "$H_MIN" -e "$H_MAX" -f "$H_FACTOR" -n "$H_ITERS" -w "$H_WARMUP" -c 1 -d float -o sum)
+# ci/netns/hosts.sh's naming: `hosts.sh gc` of other runs removes them only once this PID is gone.
+export EFA_NS_PREFIX=efans-$$
+ci/netns/hosts.sh up "$EFA_NS_PREFIX" >/dev/null
+trap 'ci/netns/hosts.sh down "$EFA_NS_PREFIX" >/dev/null 2>&1 || true; rm -rf "$tmp"' EXIT
+# Ranks 0, 1 on h1 (10.77.1.11, where rank 0 serves the store), 2, 3 on h2 (10.77.1.12).
+hosts_layout=("0 h1 0" "1 h1 1" "2 h2 0" "3 h2 1")
+# busbw = size / time * 2(n-1)/n, n = 4.
+hrows() { sed 's/^\[[0-9]*\] //' | awk '!/^#/ && NF == 9 && $6 > 0 { printf "%d %.6f %.2f\n", $1, $1 / ($6 * 1e3) * 2 * 3 / 4, $6 }'; }
+
+# Every rank in its namespace under its hostname (as netns-rsh does for Open MPI), IP route on
+# efa0, the block wait policy (what auto picks when it knows ranks outnumber cores; each
+# "host" here believes it has the 2 cores to itself).
+ours_hosts() {
+    local port=$((30000 + RANDOM % 20000)) pids=() l rank host lr rc=0
+    for l in "${hosts_layout[@]}"; do
+        read -r rank host lr <<<"$l"
+        env -u FI_TCP_IFACE -u FI_SOCKETS_IFACE -u FI_UDP_IFACE -u EFA_TRANSPORTS \
+            EFA_RANK="$rank" EFA_WORLD_SIZE=4 EFA_LOCAL_RANK="$lr" EFA_LOCAL_SIZE=2 \
+            EFA_STORE=10.77.1.11:$port EFA_IFACE=efa0 EFA_WAIT=block EFA_TIMEOUT=120 \
+            timeout 600 bench/netns-rsh "$host" "$EFA_BENCH" allreduce "${hflags[*]}" \
+            >"$tmp/hosts-rank$rank.out" 2>"$tmp/hosts-rank$rank.err" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    [ $rc -eq 0 ] || { cat "$tmp"/hosts-rank*.err >&2; return 1; }
+    hrows <"$tmp/hosts-rank0.out"
+}
+
+# mpirun in h1; the rsh agent starts each node's orted in its namespace. Open MPI yields when
+# idle (what --oversubscribe sets), TCP BTL and out-of-band traffic on efa0.
+ompi_hosts() {
+    timeout 600 ip netns exec "$EFA_NS_PREFIX-h1" unshare --uts /bin/sh -c "hostname h1 && exec \
+        mpirun.openmpi --allow-run-as-root --bind-to none --host h1:2,h2:2 -np 4 \
+        --mca plm_rsh_agent $PWD/bench/netns-rsh -x EFA_NS_PREFIX --mca pml ob1 \
+        --mca btl self,vader,tcp --mca btl_tcp_if_include efa0 --mca oob_tcp_if_include efa0 \
+        --mca mpi_yield_when_idle 1 $MPI_AR ${hflags[*]}" | hrows
+}
+
+for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) -eq 1 ]; then
+        ours_hosts >"$tmp/h-ours-$r" || true
+        ompi_hosts >"$tmp/h-ompi-$r" || true
+    else
+        ompi_hosts >"$tmp/h-ompi-$r" || true
+        ours_hosts >"$tmp/h-ours-$r" || true
+    fi
+    echo "hosts round $r/$ROUNDS done" >&2
+done
+
+echo
+printf "# 2 hosts x 2 ranks (network namespaces h1, h2 on one subnet; IP between hosts, shared\n"
+printf "# memory within), allreduce float32 sum, out of place, -n %s -w %s, median of %s rounds,\n" \
+    "$H_ITERS" "$H_WARMUP" "$ROUNDS"
+printf "# %s, %s cores (4 ranks: oversubscribed; ours EFA_WAIT=block, Open MPI mpi_yield_when_idle 1).\n" \
+    "$(hostname)" "$(nproc)"
+printf "# Time per call (us); ratio = ours / Open MPI (lower is better; target <= 0.83).\n"
+printf "%10s %12s %12s %8s %12s %12s\n" bytes ours_us ompi_us ratio ours_busbw ompi_busbw
+sizes=$(cat "$tmp"/h-*-* 2>/dev/null | awk '{print $1}' | sort -n | uniq)
+for s in $sizes; do
+    ot=$(cat "$tmp"/h-ours-* | awk -v s="$s" '$1 == s { print $3 }' | median)
+    mt=$(cat "$tmp"/h-ompi-* | awk -v s="$s" '$1 == s { print $3 }' | median)
+    ob=$(cat "$tmp"/h-ours-* | awk -v s="$s" '$1 == s { print $2 }' | median)
+    mb=$(cat "$tmp"/h-ompi-* | awk -v s="$s" '$1 == s { print $2 }' | median)
+    awk -v s="$s" -v ot="$ot" -v mt="$mt" -v ob="$ob" -v mb="$mb" 'BEGIN {
+        x = (mt + 0 > 0 && ot + 0 > 0) ? sprintf("%.2f", ot / mt) : "n/a";
+        printf "%10d %12s %12s %8s %12.3f %12.3f\n", s, ot, mt, x, ob, mb
+    }'
+done
+fi # hosts
