@@ -6,7 +6,7 @@
 //!
 //! | Variable | Values | Meaning |
 //! |---|---|---|
-//! | `EFA_DEBUG` | `error`, `warn`, `info`, `debug`, `trace` (any case); `off` or empty: nothing | The most detailed level printed. `info`: bootstrap (launcher, rendezvous) and "communicator ready"; `debug`: also each provider and endpoint opened, the route to every peer and why, and every failed fabric operation; `trace`: also per-message events. |
+//! | `EFA_DEBUG` | `error`, `warn`, `info`, `debug`, `trace` (any case); `off` or empty: nothing | The most detailed level printed. `info`: bootstrap (launcher, rendezvous) and "communicator ready"; `debug`: also each provider and endpoint opened, the route to every peer and why, every failed fabric operation, and the algorithm of each allreduce (`coll`: size in bytes, chosen and configured algorithm); `trace`: also per-message events. |
 //! | `EFA_DEBUG_SUBSYS` | comma-separated subsystems, or `^` followed by a list to exclude them; default `all` | Which parts log: `bootstrap`, `store` (the rendezvous store), `comm` (endpoints, routes, messages, failures), `coll` (collectives), `rma` (windows), `fabric` (`efa-fabric`: domains, endpoints, completions), `all`. |
 //! | `EFA_DEBUG_FILE` | a path; `%h` becomes the host name, `%p` the process id, `%r` the rank, `%%` a `%` | Where the lines go instead of stderr. The file is created, or appended to. |
 //!

@@ -160,6 +160,62 @@ fn efa_debug_subsys_filters() {
     );
 }
 
+/// Child: one allreduce below the ring threshold (16 B) and one above it (1 MiB of f32).
+#[test]
+#[ignore]
+fn child_allreduce_two_sizes() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    let n = comm.size() as f32;
+    for len in [4usize, 1 << 18] {
+        let mut v = vec![1.0f32; len];
+        comm.allreduce(&mut v, efa_core::ReduceOp::Sum).unwrap();
+        assert!(v.iter().all(|&x| x == n));
+    }
+}
+
+/// The allreduce algorithm chosen for each call is logged at debug level under `coll`, with
+/// the size and the configured algorithm; `EFA_ALLREDUCE_ALGO` shows in both.
+#[test]
+fn efa_debug_coll_logs_the_allreduce_algorithm() {
+    let algos = |env: &[(&str, &str)]| -> Vec<String> {
+        let out = job(2, "child_allreduce_two_sizes", env);
+        assert!(out.status.success());
+        let text = stderr(&out);
+        let lines = debug_lines(&text);
+        assert!(
+            !lines.iter().any(|l| l.contains("efa_core::comm")),
+            "EFA_DEBUG_SUBSYS=coll let comm through:\n{text}"
+        );
+        lines
+            .iter()
+            .filter(|l| l.starts_with("[0] ") && l.contains("allreduce algorithm"))
+            .map(|l| {
+                let a = l.split("algorithm=").nth(1).unwrap_or("");
+                let b = l.split("bytes=").nth(1).unwrap_or("");
+                format!(
+                    "{} {}",
+                    b.split_whitespace().next().unwrap_or(""),
+                    a.split_whitespace().next().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let base = [("EFA_DEBUG", "debug"), ("EFA_DEBUG_SUBSYS", "coll")];
+    assert_eq!(
+        algos(&base),
+        ["16 RecursiveDoubling", "1048576 Ring"],
+        "auto: recursive doubling below the ring threshold, ring above"
+    );
+    let forced = [base[0], base[1], ("EFA_ALLREDUCE_ALGO", "rd")];
+    assert_eq!(
+        algos(&forced),
+        ["16 RecursiveDoubling", "1048576 RecursiveDoubling"]
+    );
+}
+
 #[test]
 fn efa_debug_file_writes_one_file_per_rank() {
     let dir = std::env::temp_dir().join(format!("efa-debug-file-{}", std::process::id()));

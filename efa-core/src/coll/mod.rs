@@ -277,6 +277,16 @@ fn allreduce_seq<T, O: Reduction<T>>(
     } else {
         Algorithm::RecursiveDoubling
     };
+    tracing::debug!(
+        rank = me,
+        ranks = n,
+        bytes = buf.len() * op.work_elem(),
+        algorithm = ?algo,
+        configured = ?cfg.algorithm,
+        ring_threshold = cfg.ring_threshold,
+        commutative = op.commutative(),
+        "allreduce algorithm"
+    );
     let call = op_call::<T, O>(Kind::Allreduce, buf.len(), op, algo.code(), invalid);
     exec::run(link, seq, cfg, call, |ex| {
         op.with_work(buf, &mut |bytes, k| {
