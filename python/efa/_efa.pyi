@@ -106,7 +106,7 @@ class Communicator:
         """Sends ``buf`` to ``dest``; returns once it has completed locally."""
     def recv(self, buf: Buffer, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Status:
         """Receives at most len(buf) elements. TruncatedError (nothing written) when the
-        message is larger; ArgumentError when it is not whole elements of buf's type."""
+        message is larger, or not whole elements of buf's type."""
     def isend(self, buf: Buffer, dest: int, tag: int = 0) -> Request:
         """Starts a send; ``buf`` is free at once (eager copy or rendezvous handoff)."""
     def irecv(self, buf: Buffer, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:

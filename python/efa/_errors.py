@@ -1,7 +1,10 @@
 """The exceptions of efa. ``str(exc)`` is the Rust error's text; ``exc.report`` its readable
 report (with causes and a hint); ``exc.rank`` the failed or finalized peer where there is one.
 
-Which efa-core error becomes which class is decided in one place, ``python/src/error.rs``.
+The class follows the error's class in efa-core (``efa_core::ErrorClass``, which sorts the
+Rust errors); ``python/src/error.rs`` maps each of those classes to one of these. Errors of
+the classes without a narrower one here (no route to a peer, a fabric failure, foreign
+traffic, RMA, an exhausted resource, an internal bug) are plain ``Error``.
 """
 
 import builtins
@@ -16,7 +19,8 @@ class Error(Exception):
 
 class TimeoutError(Error, builtins.TimeoutError):
     """A blocking call passed its deadline (``EFA_TIMEOUT`` or ``Communicator(timeout=...)``),
-    or a rank never joined the job in time."""
+    or during start-up a rank never joined, or the rendezvous store did not answer or did not
+    hear from every rank, in time."""
 
 
 class PeerFailedError(Error):
@@ -28,7 +32,8 @@ class PeerFinalizedError(Error):
 
 
 class TruncatedError(Error):
-    """The message was larger than the receive buffer; nothing was written."""
+    """The message was larger than the receive buffer, or not a whole number of the receive
+    buffer's elements; nothing was written."""
 
 
 class CollectiveError(Error, ValueError):
@@ -37,8 +42,7 @@ class CollectiveError(Error, ValueError):
 
 
 class ArgumentError(Error, ValueError):
-    """A rank out of range, a reserved tag, or a message that is not a whole number of the
-    receive buffer's elements."""
+    """A rank out of range, or a reserved tag."""
 
 
 class SettingError(Error, ValueError):
@@ -46,7 +50,8 @@ class SettingError(Error, ValueError):
 
 
 class BootstrapError(Error):
-    """Finding rank, size or rendezvous failed (the message names the variable)."""
+    """Finding rank, size or rendezvous failed (the message names the variable), a peer's
+    address card could not be read, or this host's id could not be found."""
 
 
 class FinalizedError(Error):

@@ -1,35 +1,39 @@
-//! efa-core errors as Python exceptions: the class is chosen here (the one place that maps
-//! [`efa_core::Error`]'s variants), the classes themselves are defined in
+//! efa-core errors as Python exceptions. The class is chosen from the error's
+//! [`ErrorClass`] ([`efa_core::Error::class`], the one place that sorts efa-core's variants)
+//! by one match over the classes below; the classes themselves are defined in
 //! `efa/_errors.py` (so that `efa.TimeoutError` can derive from both `efa.Error` and the
 //! builtin `TimeoutError`). `str(exc)` is the Rust error's text; `exc.report` is its
 //! readable report with the causes and a hint (what `fn main() -> Result<..>` prints).
 
-use efa_core::bootstrap::BootstrapError;
-use efa_core::store::StoreError;
-use efa_core::Error;
+use efa_core::{Error, ErrorClass};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::PyModule;
 
-/// The name in `efa._errors` of the class raised for `e`.
-pub fn class_name(e: &Error) -> &'static str {
-    match e {
-        Error::Timeout { .. }
-        | Error::Bootstrap(BootstrapError::RankNeverJoined { .. })
-        | Error::Bootstrap(BootstrapError::Store(StoreError::Timeout { .. })) => "TimeoutError",
-        Error::PeerFailed { .. } => "PeerFailedError",
-        Error::PeerFinalized { .. } => "PeerFinalizedError",
-        Error::Truncated { .. } => "TruncatedError",
-        Error::CollectiveMismatch { .. } | Error::Collective(_) => "CollectiveError",
-        Error::InvalidRank { .. } | Error::ReservedTag(_) | Error::ElementSize { .. } => {
-            "ArgumentError"
-        }
-        Error::Setting(_) | Error::Transports(_) => "SettingError",
-        Error::Bootstrap(_) => "BootstrapError",
-        Error::Finalized => "FinalizedError",
-        Error::Cancelled => "CancelledError",
-        Error::AlreadyInitialized { .. } => "AlreadyInitializedError",
-        _ => "Error",
+/// The name in `efa._errors` of the class raised for an error of class `class`.
+///
+/// Exhaustive on purpose (`ErrorClass` is not `#[non_exhaustive]`): a new class in efa-core
+/// does not compile here until it is given a Python class.
+pub fn class_name(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::Timeout => "TimeoutError",
+        ErrorClass::PeerFailed => "PeerFailedError",
+        ErrorClass::PeerFinalized => "PeerFinalizedError",
+        ErrorClass::Truncated => "TruncatedError",
+        ErrorClass::Mismatch | ErrorClass::CollectiveArgument => "CollectiveError",
+        ErrorClass::Rank | ErrorClass::Tag => "ArgumentError",
+        ErrorClass::Setting => "SettingError",
+        ErrorClass::Bootstrap => "BootstrapError",
+        ErrorClass::Finalized => "FinalizedError",
+        ErrorClass::Cancelled => "CancelledError",
+        ErrorClass::AlreadyInitialized => "AlreadyInitializedError",
+        // No narrower Python class: the base `efa.Error`, with the Rust text.
+        ErrorClass::NoRoute
+        | ErrorClass::Fabric
+        | ErrorClass::Protocol
+        | ErrorClass::Rma
+        | ErrorClass::Resource
+        | ErrorClass::Internal => "Error",
     }
 }
 
@@ -41,7 +45,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         let m = ERRORS.get_or_try_init(py, || {
             PyModule::import(py, "efa._errors").map(Bound::unbind)
         })?;
-        let cls = m.bind(py).getattr(class_name(&e))?;
+        let cls = m.bind(py).getattr(class_name(e.class()))?;
         let exc = cls.call1((e.to_string(),))?;
         exc.setattr("report", format!("{e:?}"))?;
         let rank = match &e {

@@ -247,9 +247,14 @@ def test_truncated(comm):
         return
     if comm.rank == 0:
         comm.send(np.arange(8, dtype=np.int32), 1, 11)
+        comm.send(np.arange(3, dtype=np.int16), 1, 12)  # 6 bytes: 1.5 int32s
     else:
         with pytest.raises(efa.TruncatedError, match="does not fit the 16-byte receive buffer"):
             comm.recv(np.zeros(4, dtype=np.int32), 0, 11)
+        got = np.full(4, -1, dtype=np.int32)
+        with pytest.raises(efa.TruncatedError, match="not a whole number of 4-byte elements"):
+            comm.recv(got, 0, 12)
+        assert np.all(got == -1), got  # nothing written
     comm.barrier()
 
 
