@@ -6,7 +6,8 @@ Usage: ci/test-count.py TAG=LOG...
 TAG names where the log came from: "host" for cargo test runs on this machine, "vm" for the
 soft-RoCE VM's log (ci/vm/softroce.sh), "pytest" for a directory of JUnit files that
 ci/python's pytest runs wrote, one per rank (<run>-rank<R>.xml): a test of a run counts once,
-as failed if it failed on any rank, as skipped if every rank skipped it, else as real. Per test binary (a "Running ..." or "Doc-tests ..."
+as failed if it failed on any rank, as skipped if every rank skipped it (listed with the
+reason pytest.skip gave, the <skipped message=...> of the JUnit file), else as real. Per test binary (a "Running ..." or "Doc-tests ..."
 section of cargo's output, or a "softroce: RUN [i] CMD" section of the VM's) it reads which
 tests started ("test NAME ... "), which failed (" ... FAILED" or the "failures:" list) and
 which were ignored, and sorts each test that passed into:
@@ -18,7 +19,8 @@ which were ignored, and sorts each test that passed into:
   real       every other test that passed
 
 A test of the same binary and name run by two host logs is counted once (the later run).
-Every "SKIPPED: " line is listed with its reason. If a section's own "test result:" line
+Every "SKIPPED: " line is listed with its reason, and so is every skipped pytest test (as
+"SKIPPED: pytest <run> <file>::<test>: <reason>"). If a section's own "test result:" line
 disagrees with what was parsed, the result line's counts are used for it (all as real) and
 the disagreement is printed.
 
@@ -112,22 +114,32 @@ def parse(tag, path):
 
 
 def parse_pytest(path):
-    """(run, test) -> "real" | "skipped" | "failed", from ci/python's per-rank JUnit files."""
+    """(run, test) -> (kind, reason), from ci/python's per-rank JUnit files: kind is "real",
+    "skipped" or "failed"; reason is the skip's reason for "skipped" (the distinct reasons
+    the ranks gave, joined by "; "), else None."""
     import glob
     import xml.etree.ElementTree as ET
 
     out = {}
+    reasons = {}
     for f in sorted(glob.glob(os.path.join(path, "*-rank*.xml"))):
         run = re.sub(r"-rank\d+\.xml$", "", os.path.basename(f))
         for case in ET.parse(f).getroot().iter("testcase"):
             key = (run, "%s::%s" % (case.get("classname"), case.get("name")))
             kinds = {c.tag for c in case}
             kind = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "real"
+            for c in case.iter("skipped"):
+                why = c.get("message") or (c.text or "").strip()
+                if why and why not in reasons.setdefault(key, []):
+                    reasons[key].append(why)
             prev = out.get(key)
             if prev == "failed" or (prev == "real" and kind == "skipped"):
                 continue
             out[key] = kind
-    return out
+    return {
+        key: (kind, "; ".join(reasons.get(key) or ["(no reason given)"]) if kind == "skipped" else None)
+        for key, kind in out.items()
+    }
 
 
 def main():
@@ -142,11 +154,13 @@ def main():
             notes.append("ci/test-count: no log %s" % path)
             continue
         if tag == "pytest":
-            for (run, name), kind in parse_pytest(path).items():
+            for (run, name), (kind, reason) in sorted(parse_pytest(path).items()):
                 if kind == "failed":
                     failed.append("pytest %s %s" % (run, name))
                 else:
                     runs[("pytest", run, name)] = kind
+                if kind == "skipped":
+                    all_skip_lines.append("pytest %s %s: %s" % (run, name, reason))
             continue
         sections, skip_lines = parse(tag, path)
         all_skip_lines.extend(skip_lines)
