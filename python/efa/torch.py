@@ -11,11 +11,15 @@ multi_threaded_pg.py do) over the efa communicator, for CPU tensors:
   barrier, send, recv (also from any source).
 * Element types: what efa reduces (int8, uint8, int32, int64, float16, bfloat16, float32,
   float64; also uint32/uint64) and, for data movements, any type.
-* Every call returns a ``torch.distributed.Work`` whose ``get_future()`` holds the output
-  tensors (DDP's reducer reads them). Operations run in order on one worker thread per
-  process group (the GIL is released while efa works), so ``async_op=True`` and DDP overlap
-  communication with computation as with Gloo; ``wait()`` raises the operation's error
-  (an ``efa.Error`` with the Rust text; ``efa.TimeoutError`` is a ``TimeoutError``).
+* Every call returns one ``torch.distributed.Work`` whose ``get_future()`` holds the output
+  tensors (DDP's reducer reads them); a coalesced call (``allreduce_coalesced``,
+  ``all_gather_coalesced``, and ``all_gather_into_tensor``/``reduce_scatter_tensor`` under
+  ``_coalescing_manager``) returns one for the whole group of tensors, holding every output
+  and failing if any of its operations failed (the rest are then not run). Operations run
+  in order on one worker thread per process group (the GIL is released while efa works),
+  so ``async_op=True`` and DDP overlap communication with computation as with Gloo;
+  ``wait()`` raises the operation's error (an ``efa.Error`` with the Rust text;
+  ``efa.TimeoutError`` is a ``TimeoutError``).
 * Tensors need not be contiguous (a contiguous copy is used and copied back) nor detached.
 
 Bootstrap: the efa world communicator joins the job the way ``efa.Communicator()`` does
@@ -180,6 +184,14 @@ def _flat(t):
     return c, lambda: d.copy_(c)
 
 
+def _check_pairs(call, outputs, inputs):
+    if len(outputs) != len(inputs):
+        raise ValueError(
+            f"efa backend: {call}: {len(outputs)} outputs for {len(inputs)} inputs; each "
+            "input needs its own output"
+        )
+
+
 def _check_cpu(tensors):
     for t in tensors:
         if t.device.type != "cpu":
@@ -279,6 +291,7 @@ class ProcessGroupEFA(dist.ProcessGroup):
         return self._submit(tensors, run)
 
     def allgather(self, output_lists, inputs, opts=None):
+        _check_pairs("allgather", output_lists, inputs)
         _check_cpu(inputs)
 
         def run():
@@ -293,24 +306,28 @@ class ProcessGroupEFA(dist.ProcessGroup):
 
         return self._submit(output_lists, run)
 
+    allgather_coalesced = allgather  # one Work for every (outputs, input) pair already
+
     def _allgather_base(self, output, input, opts=None):
-        _check_cpu([output, input])
-
-        def run():
-            o, back = _flat(output)
-            i, _ = _flat(input)
-            self._comm.allgather_into(i.reshape(-1), o.reshape(-1))
-            back()
-
-        return self._submit([output], run)
+        return self.allgather_into_tensor_coalesced([output], [input], opts)
 
     all_gather_single = _allgather_base
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
-        works = [self._allgather_base(o, i, opts) for o, i in zip(outputs, inputs)]
-        return works[-1] if works else self._submit([], lambda: None)
+        _check_pairs("allgather_into_tensor_coalesced", outputs, inputs)
+        _check_cpu(list(outputs) + list(inputs))
+
+        def run():
+            for output, input in zip(outputs, inputs):
+                o, back = _flat(output)
+                i, _ = _flat(input)
+                self._comm.allgather_into(i.reshape(-1), o.reshape(-1))
+                back()
+
+        return self._submit(list(outputs), run)
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
+        _check_pairs("reduce_scatter", outputs, input_lists)
         _check_cpu(outputs)
         op = _op(opts) if opts is not None else efa.SUM
 
@@ -324,25 +341,26 @@ class ProcessGroupEFA(dist.ProcessGroup):
         return self._submit(outputs, run)
 
     def _reduce_scatter_base(self, output, input, opts=None):
-        _check_cpu([output, input])
-        op = _op(opts) if opts is not None else efa.SUM
-
-        def run():
-            o, back = _flat(output)
-            i, _ = _flat(input)
-            self._comm.reduce_scatter_into(i.reshape(-1), o.reshape(-1), op)
-            back()
-
-        return self._submit([output], run)
+        return self.reduce_scatter_tensor_coalesced([output], [input], opts)
 
     reduce_scatter_single = _reduce_scatter_base
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
-        works = [self._reduce_scatter_base(o, i, opts) for o, i in zip(outputs, inputs)]
-        return works[-1] if works else self._submit([], lambda: None)
+        _check_pairs("reduce_scatter_tensor_coalesced", outputs, inputs)
+        _check_cpu(list(outputs) + list(inputs))
+        op = _op(opts) if opts is not None else efa.SUM
+
+        def run():
+            for output, input in zip(outputs, inputs):
+                o, back = _flat(output)
+                i, _ = _flat(input)
+                self._comm.reduce_scatter_into(i.reshape(-1), o.reshape(-1), op)
+                back()
+
+        return self._submit(list(outputs), run)
 
     def alltoall(self, outputs, inputs, opts=None):
-        _check_cpu(outputs + inputs)
+        _check_cpu(list(outputs) + list(inputs))
 
         def run():
             send = torch.cat([t.detach().reshape(-1) for t in inputs])

@@ -88,6 +88,62 @@ def test_broadcast_allgather_reduce_scatter_all_to_all(pg):
     assert torch.all(m[:, 1] == n) and torch.all(m[:, 0] == 0)
 
 
+def test_coalesced_ops_return_one_work(pg):
+    """A coalesced call is one Work for all its tensors: its future holds every output, and
+    it fails when any of its operations failed, not only the last."""
+    r, n = rank_size()
+    backend, _ = pg  # the efa group itself: torch uses the ProcessGroup the backend returns
+    assert isinstance(backend, efa.torch.ProcessGroupEFA), backend
+
+    def pairs():
+        outs = [torch.zeros(2 * n), torch.zeros(3 * n, dtype=torch.int64)]
+        ins = [torch.full((2,), float(r)), torch.full((3,), r + 10, dtype=torch.int64)]
+        return outs, ins
+
+    gathered = [torch.arange(n).repeat_interleave(2).float(),
+                (torch.arange(n) + 10).repeat_interleave(3)]
+    outs, ins = pairs()
+    w = backend.allgather_into_tensor_coalesced(outs, ins)
+    assert w.wait()
+    got = w.get_future().value()
+    assert len(got) == 2 and all(torch.equal(g, e) for g, e in zip(got, gathered)), got
+    assert all(torch.equal(o, e) for o, e in zip(outs, gathered))
+
+    rs_outs = [torch.zeros(2), torch.zeros(1, dtype=torch.int64)]
+    rs_ins = [torch.arange(2.0 * n) + r, torch.arange(n) + r]
+    w = backend.reduce_scatter_tensor_coalesced(rs_outs, rs_ins, dist.ReduceScatterOptions())
+    assert w.wait()
+    assert len(w.get_future().value()) == 2
+    assert rs_outs[0].tolist() == [float(sum(2 * r + i + q for q in range(n))) for i in range(2)]
+    assert rs_outs[1].tolist() == [sum(r + q for q in range(n))]
+
+    # torch's own coalescing: one Work for the group, with every result
+    outs, ins = pairs()
+    with dist._coalescing_manager(async_ops=True) as cm:
+        for o, i in zip(outs, ins):
+            dist.all_gather_into_tensor(o, i)
+    cm.wait()
+    assert all(torch.equal(o, e) for o, e in zip(outs, gathered))
+
+    # the first of two fails (an output of the wrong size, on every rank): the one Work
+    # reports it
+    outs, ins = pairs()
+    outs[0] = torch.zeros(2 * n + 1)
+    w = backend.allgather_into_tensor_coalesced(outs, ins)
+    with pytest.raises(efa.CollectiveError):
+        w.wait()
+    assert not w.is_success() and isinstance(w.exception(), efa.CollectiveError)
+
+    # all_gather_coalesced: lists of outputs, one Work
+    lists = [[torch.zeros(2) for _ in range(n)], [torch.zeros(3, dtype=torch.int64) for _ in range(n)]]
+    w = backend.allgather_coalesced(lists, [torch.full((2,), float(r)), torch.full((3,), r, dtype=torch.int64)])
+    assert w.wait() and len(w.get_future().value()) == 2
+    assert [[int(t[0]) for t in ts] for ts in lists] == [list(range(n))] * 2
+
+    with pytest.raises(ValueError, match="2 outputs for 1 inputs"):
+        backend.allgather_into_tensor_coalesced(outs, ins[:1])
+
+
 def test_barrier_send_recv(pg):
     r, n = rank_size()
     dist.barrier()
