@@ -5,7 +5,8 @@ It is a ``torch.distributed.ProcessGroup`` written in Python (registered with
 ``torch.distributed.Backend.register_backend``, as PyTorch's own test_c10d_pypg.py and
 multi_threaded_pg.py do) over the efa communicator, for CPU tensors:
 
-* all_reduce (SUM, AVG, MIN, MAX, PRODUCT), broadcast, all_gather (list and
+* all_reduce (SUM, AVG, MIN, MAX, PRODUCT; AVG of floating-point tensors only, as with
+  gloo: other dtypes raise ValueError), broadcast, all_gather (list and
   ``all_gather_into_tensor``), reduce_scatter (list and ``reduce_scatter_tensor``),
   all_to_all (list and ``all_to_all_single``, with split sizes), reduce, gather, scatter,
   barrier, send, recv (also from any source).
@@ -161,17 +162,34 @@ class _Work(dist._Work):
         return self._result
 
 
-def _op(opts_or_op):
-    op = getattr(opts_or_op, "reduceOp", opts_or_op)
+def _op(opts, tensors):
+    """efa's operator for torch's ``opts.reduceOp`` (or a ``ReduceOp``; SUM when ``opts`` is
+    None) over ``tensors``: the one place that decides which reductions the backend does.
+
+    ValueError, before any data moves, for an operator efa lacks and for AVG of tensors that
+    are not floating point: gloo refuses integer AVG too (its sum cannot be divided in
+    place), where efa itself would truncate."""
+    if opts is None:
+        return efa.SUM
+    op = getattr(opts, "reduceOp", opts)
     kind = getattr(op, "op", op)
     try:
-        return _OPS[kind]
+        red = _OPS[kind]
     except (KeyError, TypeError):
         raise ValueError(
             f"efa backend: reduce op {getattr(kind, 'name', kind)} is not supported; efa "
             "reduces with SUM, AVG, MIN, "
             "MAX and PRODUCT"
         ) from None
+    if red == efa.AVG:
+        for t in tensors:
+            if not t.is_floating_point():
+                raise ValueError(
+                    f"efa backend: ReduceOp.AVG of {t.dtype} tensors is not supported (as "
+                    "with gloo): an average of integers is in general not an integer; reduce "
+                    "a floating-point tensor, or use SUM and divide"
+                )
+    return red
 
 
 def _flat(t):
@@ -250,7 +268,7 @@ class ProcessGroupEFA(dist.ProcessGroup):
 
     def allreduce(self, tensors, opts=None):
         _check_cpu(tensors)
-        op = _op(opts) if opts is not None else efa.SUM
+        op = _op(opts, tensors)
 
         def run():
             for t in tensors:
@@ -277,7 +295,7 @@ class ProcessGroupEFA(dist.ProcessGroup):
 
     def reduce(self, tensors, opts):
         _check_cpu(tensors)
-        op, root = _op(opts), opts.rootRank
+        op, root = _op(opts, tensors), opts.rootRank
 
         def run():
             for t in tensors:
@@ -329,7 +347,7 @@ class ProcessGroupEFA(dist.ProcessGroup):
     def reduce_scatter(self, outputs, input_lists, opts=None):
         _check_pairs("reduce_scatter", outputs, input_lists)
         _check_cpu(outputs)
-        op = _op(opts) if opts is not None else efa.SUM
+        op = _op(opts, outputs)
 
         def run():
             for out, ins in zip(outputs, input_lists):
@@ -348,7 +366,7 @@ class ProcessGroupEFA(dist.ProcessGroup):
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
         _check_pairs("reduce_scatter_tensor_coalesced", outputs, inputs)
         _check_cpu(list(outputs) + list(inputs))
-        op = _op(opts) if opts is not None else efa.SUM
+        op = _op(opts, outputs)
 
         def run():
             for output, input in zip(outputs, inputs):

@@ -37,11 +37,21 @@ def rank_size():
 ], ids=["sum", "avg", "min", "max", "product"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
 def test_all_reduce(pg, op, fn, dtype):
-    if op == dist.ReduceOp.AVG and not dtype.is_floating_point:
-        pytest.skip("AVG of integers is not defined by torch")
     r, n = rank_size()
     xs = [(torch.arange(12) % 5 + k).to(dtype) for k in range(n)]
     t = xs[r].clone()
+    if op == dist.ReduceOp.AVG and not dtype.is_floating_point:
+        _, gloo = pg
+        with pytest.raises(RuntimeError, match="can't be cast"):  # gloo refuses it
+            dist.all_reduce(t.clone(), op=op, group=gloo)
+        refused = rf"ReduceOp.AVG of {dtype} tensors is not supported"
+        with pytest.raises(ValueError, match=refused):
+            dist.all_reduce(t, op=op, async_op=True)
+        assert torch.equal(t, xs[r])  # refused before any data moved
+        with pytest.raises(ValueError, match=refused):  # the same rule for every reduction
+            dist.reduce_scatter_tensor(torch.zeros(2, dtype=dtype), torch.ones(2 * n, dtype=dtype), op=op)
+        dist.barrier()  # and no rank is left inside a collective
+        return
     w = dist.all_reduce(t, op=op, async_op=True)
     assert w.wait()
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
