@@ -18,6 +18,24 @@ def pytest_configure(config):
         config.option.xmlpath = os.path.join(out, f"{run}-rank{rank}.xml")
     if "EFA_RANK" not in os.environ and "RANK" not in os.environ:
         print("SKIPPED: efa python tests: not started by a launcher (run under efarun -n 2)")
+    config.addinivalue_line(
+        "markers",
+        "min_ranks(n, why): the test needs a job of at least n ranks; with fewer it is "
+        "skipped, saying so and why (every rank skips alike: the size is the job's)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _min_ranks(request):
+    """Skips a test marked ``min_ranks(n, why)`` when the job has fewer than n ranks, as the
+    test module's ``world_size`` fixture tells."""
+    mark = request.node.get_closest_marker("min_ranks")
+    if mark is None:
+        return
+    need, why = mark.args
+    have = request.getfixturevalue("world_size")
+    if have < need:
+        pytest.skip(f"needs >= {need} ranks, the job has {have}: {why}")
 
 
 @pytest.fixture(scope="session")

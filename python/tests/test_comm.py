@@ -17,6 +17,11 @@ REDUCIBLE = [np.int8, np.uint8, np.int32, np.uint32, np.int64, np.uint64, np.flo
 NOT_REDUCIBLE = [np.bool_, np.int16, np.uint16, np.complex64, np.complex128]
 
 
+@pytest.fixture(scope="session")
+def world_size(comm):
+    return comm.size
+
+
 def data(rank, n, dtype, salt=0):
     """Rank-specific values that fit every dtype (small, so sums stay exact)."""
     v = (np.arange(n) * 3 + rank * 7 + salt) % 11
@@ -241,8 +246,9 @@ def test_sendrecv_probe_cancel(comm):
     comm.barrier()
 
 
+@pytest.mark.min_ranks(2, "rank 0 sends to rank 1")
 def test_truncated(comm):
-    if comm.size < 2 or comm.rank > 1:
+    if comm.rank > 1:
         comm.barrier()
         return
     if comm.rank == 0:
@@ -306,12 +312,20 @@ def test_bad_arguments(comm):
     assert isinstance(e.value, ValueError) and e.value.report
     with pytest.raises(efa.ArgumentError, match="reserved"):
         comm.send(np.zeros(1), 0, efa.MAX_TAG + 1)
+    n = comm.size
+    with pytest.raises(efa.CollectiveError, match=f"receive buffer holds {2 * n + 1} elements; it must hold {2 * n}"):
+        comm.allgather_into(np.zeros(2, np.int32), np.zeros(comm.size * 2 + 1, np.int32))
+
+
+@pytest.mark.min_ranks(2, "with 1 rank every length is a whole number of blocks")
+def test_allgather_in_place_needs_whole_blocks(comm):
     with pytest.raises(efa.CollectiveError, match="not a whole number of blocks for"):
         comm.allgather(np.zeros(comm.size * 2 + 1, np.int32))
 
 
+@pytest.mark.min_ranks(2, "rank 0 waits for a message that rank 1 sends late")
 def test_gil_is_released_while_blocked(comm):
-    if comm.size < 2 or comm.rank > 1:
+    if comm.rank > 1:
         comm.barrier()
         return
     if comm.rank == 1:
@@ -406,6 +420,9 @@ def test_dup_split_route(comm):
     assert np.all(x == comm.size)
     half = comm.split(comm.rank % 2, comm.rank)
     assert half.size == len(range(comm.rank % 2, comm.size, 2))
-    if comm.size > 1:
-        assert comm.route((comm.rank + 1) % comm.size).startswith("shm")
     d.finalize()  # MPI_Comm_disconnect: waits for d's sends, releases it
+
+
+@pytest.mark.min_ranks(2, "the route to another rank on this host")
+def test_route_to_a_local_peer_is_shm(comm):
+    assert comm.route((comm.rank + 1) % comm.size).startswith("shm")
