@@ -122,6 +122,7 @@ class _Work(dist._Work):
         super().__init__()
         self._fut = torch.futures.Future()
         self._result = result
+        self._done = threading.Event()
 
     def _run(self, fn):
         try:
@@ -130,8 +131,19 @@ class _Work(dist._Work):
             self._fut.set_exception(e)
         else:
             self._fut.set_result(self._result)
+        self._done.set()
 
     def wait(self, timeout=None):
+        """Waits until the operation has run; re-raises its error.
+
+        ``timeout`` (a ``datetime.timedelta`` or seconds; ``None`` or zero: no limit, as
+        torch's ``kNoTimeout``) bounds this wait: past it, ``TimeoutError`` is raised and
+        the operation stays queued (its own efa deadline, ``EFA_TIMEOUT``, still applies)."""
+        secs = getattr(timeout, "total_seconds", lambda: timeout)()
+        if secs and not self._done.wait(secs):
+            raise TimeoutError(
+                f"efa backend: the operation did not finish within {secs:g} s (Work.wait)"
+            )
         self._fut.wait()
         return True
 
@@ -311,6 +323,20 @@ class ProcessGroupEFA(dist.ProcessGroup):
     def allgather(self, output_lists, inputs, opts=None):
         _check_pairs("allgather", output_lists, inputs)
         _check_cpu(inputs)
+        for outs, inp in zip(output_lists, inputs):
+            if len(outs) != self.size():
+                raise ValueError(
+                    f"efa backend: allgather: {len(outs)} output tensors for {self.size()} "
+                    "ranks; give one per rank"
+                )
+            for o in outs:
+                if o.numel() != inp.numel() or o.dtype != inp.dtype:
+                    raise ValueError(
+                        f"efa backend: allgather: an output of {o.numel()} {o.dtype} "
+                        f"elements for an input of {inp.numel()} {inp.dtype}; each must "
+                        "match the input"
+                    )
+            _check_cpu(outs)
 
         def run():
             for outs, inp in zip(output_lists, inputs):

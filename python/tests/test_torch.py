@@ -179,6 +179,38 @@ def test_barrier_send_recv(pg):
     dist.barrier()
 
 
+@pytest.mark.min_ranks(2, "rank 0 receives what rank 1 sends late")
+def test_work_wait_timeout(pg):
+    import datetime
+    import time
+
+    r, n = rank_size()
+    dist.barrier()
+    if r == 0:
+        t = torch.zeros(4)
+        w = dist.irecv(t, src=1, tag=9)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not finish within 0.2 s"):
+            w.wait(datetime.timedelta(milliseconds=200))
+        assert time.monotonic() - start < 0.9  # bounded by the timeout, not by the send
+        assert w.wait() and torch.all(t == 5.0)  # then it completes normally
+    elif r == 1:
+        time.sleep(1.0)
+        dist.send(torch.full((4,), 5.0), 0, tag=9)
+    dist.barrier()
+
+
+def test_allgather_output_lists_are_checked(pg):
+    r, n = rank_size()
+    with pytest.raises(ValueError, match=f"{n + 1} output tensors for {n} ranks"):
+        dist.all_gather([torch.zeros(2) for _ in range(n + 1)], torch.ones(2))
+    with pytest.raises(ValueError, match="each must match the input"):
+        dist.all_gather([torch.zeros(3) for _ in range(n)], torch.ones(2))
+    outs = [torch.zeros(2) for _ in range(n)]
+    dist.all_gather(outs, torch.full((2,), float(r)))  # nothing was left queued by the refusals
+    assert [int(o[0]) for o in outs] == list(range(n))
+
+
 def test_errors_are_raised(pg):
     with pytest.raises(ValueError, match="op BAND is not supported"):
         dist.all_reduce(torch.ones(2, dtype=torch.int32), op=dist.ReduceOp.BAND)
