@@ -28,8 +28,9 @@ fn crate_dir() -> &'static Path {
 }
 
 /// Compiles the C suite `src` with `cc -Wall -Wextra -Werror` against the header of the
-/// source tree and the `libefa.so` cargo built; panics with the compiler's output on any
-/// warning.
+/// source tree and the `libefa.so` cargo built, with an rpath to that library's directory
+/// (so it runs without `LD_LIBRARY_PATH`, as a user's program would); panics with the
+/// compiler's output on any warning.
 fn compile(src: &Path, name: &str) -> PathBuf {
     let lib = lib_dir();
     assert!(
@@ -77,11 +78,16 @@ fn which(p: &str) -> Option<PathBuf> {
         .find(|f| f.is_file())
 }
 
-/// Runs `cmd` (a launcher and the suite) with a deadline and checks that each of `n` ranks
-/// printed its line.
+/// Runs `cmd` (a launcher and the suite) with a deadline, without `LD_LIBRARY_PATH`, and
+/// checks that each of `n` ranks printed its line.
 fn run_job(test: &str, mut cmd: Command, n: u32, timeout: Duration) -> String {
+    // Not cargo's LD_LIBRARY_PATH (it holds target/<profile>/deps): a user's shell has none,
+    // so the programs must find libefa.so through the rpath they were linked with (`compile`,
+    // and efa.pc for the installed examples). Without it the loader would take rdma-core's
+    // libefa.so (its EFA provider), or none, and every job here would fail to start.
     cmd.stdin(Stdio::null())
         .env("EFA_TIMEOUT", "60")
+        .env_remove("LD_LIBRARY_PATH")
         .process_group(0);
     let out_path = std::env::temp_dir().join(format!("efa-capi-{}-{test}.out", std::process::id()));
     cmd.stdout(std::fs::File::create(&out_path).unwrap());
@@ -275,10 +281,7 @@ fn examples_c_and_fortran() {
     ] {
         let exe = build_installed(&prefix, &ex.join(src), out, static_lib);
         let mut cmd = Command::new(common::efarun_exe());
-        // Not cargo's LD_LIBRARY_PATH (it holds target/<profile>): a user's shell has none.
-        cmd.args(["-n", "3"])
-            .arg(&exe)
-            .env_remove("LD_LIBRARY_PATH");
+        cmd.args(["-n", "3"]).arg(&exe);
         let got = run_job(out, cmd, 0, Duration::from_secs(120));
         assert_eq!(
             got.matches(line).count(),
@@ -295,9 +298,7 @@ fn examples_c_and_fortran() {
     }
     let exe = build_installed(&prefix, &ex.join("allreduce.f90"), "allreduce-f", false);
     let mut cmd = Command::new(common::efarun_exe());
-    cmd.args(["-n", "3"])
-        .arg(&exe)
-        .env_remove("LD_LIBRARY_PATH");
+    cmd.args(["-n", "3"]).arg(&exe);
     let got = run_job("fortran", cmd, 0, Duration::from_secs(120));
     assert_eq!(
         got.matches("fortran allreduce ok").count(),
