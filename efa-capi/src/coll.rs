@@ -6,7 +6,7 @@
 //! and copy the result into the receive buffer when they complete ([`crate::efa_wait`] and
 //! friends): the receive buffer must stay valid until then, the send buffer need not.
 
-// `op.clone()` is shared by ReduceOp (Copy) and UserOp (Clone) in with_op!.
+// `op.clone()` is shared by ReduceOp (Copy) and UserOp (Clone) in reduction!.
 #![allow(clippy::clone_on_copy)]
 
 use std::ffi::{c_int, c_void};
@@ -69,20 +69,24 @@ fn op_arg(op: c_int) -> CResult<Op> {
     }))
 }
 
-/// Runs `$body` with `$o` the call's operator as a Rust `Reduction<$T>`: a [`ReduceOp`] or
-/// a [`UserOp`] calling the C function.
-macro_rules! with_op {
-    ($op:expr, $T:ty, $o:ident => $body:expr) => {
-        match $op {
-            Op::Builtin(r) => {
+/// The one dispatch of the reducing collectives (allreduce, reduce, reduce_scatter_block,
+/// scan, exscan; blocking and non-blocking): checks the communicator and the datatype
+/// ([`coll`]) and the operator ([`op_arg`]), then runs `$body` with `$c` the communicator,
+/// `$T` the element type and `$o` the operator as a Rust `Reduction<$T>` (a [`ReduceOp`],
+/// or a [`UserOp`] calling the C function).
+macro_rules! reduction {
+    ($name:literal, $comm:expr, $datatype:expr, $op:expr,
+     |$c:ident, $T:ident, $o:ident| $body:expr) => {
+        coll($name, $comm, $datatype, |$c, d| match op_arg($op)? {
+            Op::Builtin(r) => with_type!(d, $T => {
                 let $o = r;
                 $body
-            }
-            Op::User(u) => {
+            }),
+            Op::User(u) => with_type!(d, $T => {
                 let $o = u.typed::<$T>();
                 $body
-            }
-        }
+            }),
+        })
     };
 }
 
@@ -271,6 +275,34 @@ unsafe fn in_or_out<T: Pod>(
     Ok(())
 }
 
+/// A reduction of `count` elements in and out (allreduce, scan, exscan): `in_place(c, recv,
+/// op)` or `out_of_place(c, send, recv, op)`, as [`in_or_out`] picks.
+///
+/// # Safety
+/// As [`in_or_out`].
+unsafe fn reduce_n<T: Pod, O: Clone>(
+    c: &Communicator,
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    op: O,
+    in_place: fn(&Communicator, &mut [T], O) -> efa_core::Result<()>,
+    out_of_place: fn(&Communicator, &[T], &mut [T], O) -> efa_core::Result<()>,
+) -> CResult<()> {
+    let o = op.clone();
+    // SAFETY: forwarded contract.
+    unsafe {
+        in_or_out::<T>(
+            sendbuf,
+            recvbuf,
+            count,
+            count,
+            |b| in_place(c, b, o),
+            |s, r| out_of_place(c, s, r, op),
+        )
+    }
+}
+
 /// The root argument, and whether this rank is it.
 fn root_of(c: &Communicator, root: c_int) -> CResult<(u32, bool)> {
     let r = rank_arg(root, "root")?;
@@ -297,10 +329,10 @@ pub unsafe extern "C" fn efa_allreduce(
     datatype: c_int,
     op: c_int,
 ) -> c_int {
-    coll("efa_allreduce", comm, datatype, |c, d| {
-        let op = op_arg(op)?;
+    reduction!("efa_allreduce", comm, datatype, op, |c, T, op| {
+        let (in_place, out_of_place) = (Communicator::allreduce, Communicator::allreduce_into);
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.allreduce(b, op.clone()), |s, r| c.allreduce_into(s, r, op.clone())) }))
+        unsafe { reduce_n::<T, _>(c, sendbuf, recvbuf, count, op, in_place, out_of_place) }
     })
 }
 
@@ -320,8 +352,7 @@ pub unsafe extern "C" fn efa_reduce(
     op: c_int,
     root: c_int,
 ) -> c_int {
-    coll("efa_reduce", comm, datatype, |c, d| {
-        let op = op_arg(op)?;
+    reduction!("efa_reduce", comm, datatype, op, |c, T, op| {
         let (root, is_root) = root_of(c, root)?;
         let rc = if is_root || is_in_place(sendbuf) {
             count
@@ -329,7 +360,16 @@ pub unsafe extern "C" fn efa_reduce(
             0
         };
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, rc, |b| c.reduce(b, op.clone(), root), |s, r| c.reduce_into(s, r, op.clone(), root)) }))
+        unsafe {
+            in_or_out::<T>(
+                sendbuf,
+                recvbuf,
+                count,
+                rc,
+                |b| c.reduce(b, op.clone(), root),
+                |s, r| c.reduce_into(s, r, op.clone(), root),
+            )
+        }
     })
 }
 
@@ -348,17 +388,31 @@ pub unsafe extern "C" fn efa_reduce_scatter_block(
     datatype: c_int,
     op: c_int,
 ) -> c_int {
-    coll("efa_reduce_scatter_block", comm, datatype, |c, d| {
-        let op = op_arg(op)?;
-        let total = mul(recvcount, n_of(c), "reduce_scatter")?;
-        let rc = if is_in_place(sendbuf) {
-            total
-        } else {
-            recvcount
-        };
-        // SAFETY: the header's buffer contract.
-        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, total, rc, |b| c.reduce_scatter(b, op.clone()), |s, r| c.reduce_scatter_into(s, r, op.clone())) }))
-    })
+    reduction!(
+        "efa_reduce_scatter_block",
+        comm,
+        datatype,
+        op,
+        |c, T, op| {
+            let total = mul(recvcount, n_of(c), "reduce_scatter")?;
+            let rc = if is_in_place(sendbuf) {
+                total
+            } else {
+                recvcount
+            };
+            // SAFETY: the header's buffer contract.
+            unsafe {
+                in_or_out::<T>(
+                    sendbuf,
+                    recvbuf,
+                    total,
+                    rc,
+                    |b| c.reduce_scatter(b, op.clone()),
+                    |s, r| c.reduce_scatter_into(s, r, op.clone()),
+                )
+            }
+        }
+    )
 }
 
 /// Inclusive prefix reduction (`MPI_Scan`): `recvbuf` (`count`) of rank `r` gets the
@@ -374,10 +428,10 @@ pub unsafe extern "C" fn efa_scan(
     datatype: c_int,
     op: c_int,
 ) -> c_int {
-    coll("efa_scan", comm, datatype, |c, d| {
-        let op = op_arg(op)?;
+    reduction!("efa_scan", comm, datatype, op, |c, T, op| {
+        let (in_place, out_of_place) = (Communicator::scan, Communicator::scan_into);
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.scan(b, op.clone()), |s, r| c.scan_into(s, r, op.clone())) }))
+        unsafe { reduce_n::<T, _>(c, sendbuf, recvbuf, count, op, in_place, out_of_place) }
     })
 }
 
@@ -395,10 +449,10 @@ pub unsafe extern "C" fn efa_exscan(
     datatype: c_int,
     op: c_int,
 ) -> c_int {
-    coll("efa_exscan", comm, datatype, |c, d| {
-        let op = op_arg(op)?;
+    reduction!("efa_exscan", comm, datatype, op, |c, T, op| {
+        let (in_place, out_of_place) = (Communicator::exscan, Communicator::exscan_into);
         // SAFETY: the header's buffer contract.
-        with_type!(d, T => with_op!(op, T, op => unsafe { in_or_out::<T>(sendbuf, recvbuf, count, count, |b| c.exscan(b, op.clone()), |s, r| c.exscan_into(s, r, op.clone())) }))
+        unsafe { reduce_n::<T, _>(c, sendbuf, recvbuf, count, op, in_place, out_of_place) }
     })
 }
 
@@ -803,14 +857,11 @@ pub unsafe extern "C" fn efa_iallreduce(
     op: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    coll("efa_iallreduce", comm, datatype, |c, d| {
+    reduction!("efa_iallreduce", comm, datatype, op, |c, T, op| {
         need(request, "request")?;
-        let op = op_arg(op)?;
-        with_type!(d, T => with_op!(op, T, op => {
-            // SAFETY: the header's buffer contract.
-            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
-            start(c, request, c.iallreduce(v, op), out, 0)
-        }))
+        // SAFETY: the header's buffer contract.
+        let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
+        start(c, request, c.iallreduce(v, op), out, 0)
     })
 }
 
@@ -826,20 +877,17 @@ pub unsafe extern "C" fn efa_ireduce(
     root: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    coll("efa_ireduce", comm, datatype, |c, d| {
+    reduction!("efa_ireduce", comm, datatype, op, |c, T, op| {
         need(request, "request")?;
-        let op = op_arg(op)?;
         let (root, is_root) = root_of(c, root)?;
         let rc = if is_root || is_in_place(sendbuf) {
             count
         } else {
             0
         };
-        with_type!(d, T => with_op!(op, T, op => {
-            // SAFETY: the header's buffer contract.
-            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, rc) }?;
-            start(c, request, c.ireduce(v, op, root), out, 0)
-        }))
+        // SAFETY: the header's buffer contract.
+        let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, rc) }?;
+        start(c, request, c.ireduce(v, op, root), out, 0)
     })
 }
 
@@ -854,18 +902,23 @@ pub unsafe extern "C" fn efa_ireduce_scatter_block(
     op: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    coll("efa_ireduce_scatter_block", comm, datatype, |c, d| {
-        need(request, "request")?;
-        let op = op_arg(op)?;
-        let total = mul(recvcount, n_of(c), "reduce_scatter")?;
-        let ip = is_in_place(sendbuf);
-        with_type!(d, T => with_op!(op, T, op => {
+    reduction!(
+        "efa_ireduce_scatter_block",
+        comm,
+        datatype,
+        op,
+        |c, T, op| {
+            need(request, "request")?;
+            let total = mul(recvcount, n_of(c), "reduce_scatter")?;
+            let ip = is_in_place(sendbuf);
             // SAFETY: the header's buffer contract.
-            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, total, if ip { total } else { recvcount }) }?;
+            let (v, out) = unsafe {
+                vec_in::<T>(sendbuf, recvbuf, total, if ip { total } else { recvcount })
+            }?;
             let from = if ip { 0 } else { c.rank() as usize * recvcount };
             start(c, request, c.ireduce_scatter(v, op), out, from)
-        }))
-    })
+        }
+    )
 }
 
 /// Starts [`efa_scan`] (`MPI_Iscan`).
@@ -879,14 +932,11 @@ pub unsafe extern "C" fn efa_iscan(
     op: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    coll("efa_iscan", comm, datatype, |c, d| {
+    reduction!("efa_iscan", comm, datatype, op, |c, T, op| {
         need(request, "request")?;
-        let op = op_arg(op)?;
-        with_type!(d, T => with_op!(op, T, op => {
-            // SAFETY: the header's buffer contract.
-            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
-            start(c, request, c.iscan(v, op), out, 0)
-        }))
+        // SAFETY: the header's buffer contract.
+        let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
+        start(c, request, c.iscan(v, op), out, 0)
     })
 }
 
@@ -901,15 +951,12 @@ pub unsafe extern "C" fn efa_iexscan(
     op: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    coll("efa_iexscan", comm, datatype, |c, d| {
+    reduction!("efa_iexscan", comm, datatype, op, |c, T, op| {
         need(request, "request")?;
-        let op = op_arg(op)?;
-        with_type!(d, T => with_op!(op, T, op => {
-            // SAFETY: the header's buffer contract.
-            let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
-            let out = if c.rank() == 0 { &mut out[..0] } else { out };
-            start(c, request, c.iexscan(v, op), out, 0)
-        }))
+        // SAFETY: the header's buffer contract.
+        let (v, out) = unsafe { vec_in::<T>(sendbuf, recvbuf, count, count) }?;
+        let out = if c.rank() == 0 { &mut out[..0] } else { out };
+        start(c, request, c.iexscan(v, op), out, 0)
     })
 }
 
