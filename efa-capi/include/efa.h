@@ -103,7 +103,8 @@ typedef enum efa_errcode {
   EFA_ERR_ARG = 2,
   /*
    Finding rank, size or rendezvous from the launcher's environment failed, or the
-   exchange of cards between ranks did.
+   exchange of cards between ranks did (a rank that never joined, or a rendezvous store
+   that did not answer in time, is `EFA_ERR_TIMEOUT`).
    */
   EFA_ERR_BOOTSTRAP = 3,
   /*
@@ -128,7 +129,8 @@ typedef enum efa_errcode {
    */
   EFA_ERR_TRUNCATED = 8,
   /*
-   A deadline (`EFA_TIMEOUT`) passed; the text names the operation and the peer.
+   A deadline (`EFA_TIMEOUT`) passed, in an operation (the text names it and the peer) or
+   during bootstrap (a rank that never joined, a store that did not answer).
    */
   EFA_ERR_TIMEOUT = 9,
   /*
@@ -189,7 +191,8 @@ typedef enum efa_errcode {
    */
   EFA_ERR_PANIC = 23,
   /*
-   An error of a kind this version of the C ABI does not name (see the last error).
+   Reserved: no longer returned (every Rust error now has a class with a code of its
+   own); kept so that the other codes keep their values.
    */
   EFA_ERR_OTHER = 24,
 } efa_errcode;
@@ -328,8 +331,9 @@ extern const uint8_t efa_in_place_marker;
 
  Collective over the job. `*comm` is set only on success.
 
- Errors: `EFA_ERR_NULL` (`comm`); `EFA_ERR_BOOTSTRAP` (no launcher found, ranks that never
- joined); `EFA_ERR_SETTING`; `EFA_ERR_NO_ROUTE`; `EFA_ERR_FABRIC`;
+ Errors: `EFA_ERR_NULL` (`comm`); `EFA_ERR_BOOTSTRAP` (no launcher found, a peer's card
+ unreadable); `EFA_ERR_TIMEOUT` (ranks that never joined, a rendezvous store that did not
+ answer); `EFA_ERR_SETTING`; `EFA_ERR_NO_ROUTE`; `EFA_ERR_FABRIC`;
  `EFA_ERR_ALREADY_INIT` when this process already holds the job's communicator.
  */
 int efa_init(struct efa_comm **comm);

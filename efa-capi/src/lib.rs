@@ -41,7 +41,7 @@ pub use coll::*;
 pub use p2p::*;
 pub use rma::*;
 
-use efa_core::{Communicator, Error};
+use efa_core::{Communicator, Error, ErrorClass};
 
 /// A static NUL-terminated C string.
 macro_rules! cs {
@@ -63,7 +63,8 @@ pub enum efa_errcode {
     /// overflows.
     EFA_ERR_ARG = 2,
     /// Finding rank, size or rendezvous from the launcher's environment failed, or the
-    /// exchange of cards between ranks did.
+    /// exchange of cards between ranks did (a rank that never joined, or a rendezvous store
+    /// that did not answer in time, is `EFA_ERR_TIMEOUT`).
     EFA_ERR_BOOTSTRAP = 3,
     /// A bad `EFA_*` setting (the text names the variable, its value and the accepted forms).
     EFA_ERR_SETTING = 4,
@@ -76,7 +77,8 @@ pub enum efa_errcode {
     /// A received message was longer than the receive buffer, or not a whole number of
     /// elements.
     EFA_ERR_TRUNCATED = 8,
-    /// A deadline (`EFA_TIMEOUT`) passed; the text names the operation and the peer.
+    /// A deadline (`EFA_TIMEOUT`) passed, in an operation (the text names it and the peer) or
+    /// during bootstrap (a rank that never joined, a store that did not answer).
     EFA_ERR_TIMEOUT = 9,
     /// A libfabric call failed (the text names the call and `fi_strerror`).
     EFA_ERR_FABRIC = 10,
@@ -107,7 +109,8 @@ pub enum efa_errcode {
     EFA_ERR_INTERNAL = 22,
     /// A Rust panic was caught at the boundary (a bug: please report it).
     EFA_ERR_PANIC = 23,
-    /// An error of a kind this version of the C ABI does not name (see the last error).
+    /// Reserved: no longer returned (every Rust error now has a class with a code of its
+    /// own); kept so that the other codes keep their values.
     EFA_ERR_OTHER = 24,
 }
 
@@ -153,36 +156,30 @@ impl CErr {
     }
 }
 
-/// The one mapping from [`efa_core::Error`] to an error code.
+/// The error code of an [`efa_core::Error`]: its [`ErrorClass`] (efa-core sorts the
+/// variants into classes in one place, [`Error::class`]), one code per class. The match is
+/// exhaustive on purpose: a new class is a compile error here until it has a code.
 pub(crate) fn code_of(e: &Error) -> efa_errcode {
-    match e {
-        Error::Bootstrap(_) | Error::Card { .. } | Error::HostId(_) => EFA_ERR_BOOTSTRAP,
-        Error::Transports(_) | Error::Setting(_) => EFA_ERR_SETTING,
-        Error::NoTransport { .. } | Error::MaxMsgTooSmall { .. } | Error::NoRoute { .. } => {
-            EFA_ERR_NO_ROUTE
-        }
-        Error::InvalidRank { .. } => EFA_ERR_RANK,
-        Error::ReservedTag(_) => EFA_ERR_TAG,
-        Error::Truncated { .. } | Error::ElementSize { .. } => EFA_ERR_TRUNCATED,
-        Error::Timeout { .. } => EFA_ERR_TIMEOUT,
-        Error::Fabric { .. } => EFA_ERR_FABRIC,
-        Error::MalformedMessage { .. } => EFA_ERR_PROTOCOL,
-        Error::CollectiveMismatch { .. } => EFA_ERR_MISMATCH,
-        Error::Collective(_) => EFA_ERR_COLL_ARG,
-        Error::WindowMismatch { .. }
-        | Error::RmaOutOfBounds { .. }
-        | Error::RmaAccess { .. }
-        | Error::NoRma { .. }
-        | Error::CqDataTooSmall { .. }
-        | Error::NotifyRank { .. } => EFA_ERR_RMA,
-        Error::ContextsExhausted { .. } => EFA_ERR_RESOURCE,
-        Error::AlreadyInitialized { .. } => EFA_ERR_ALREADY_INIT,
-        Error::PeerFailed { .. } => EFA_ERR_PEER_FAILED,
-        Error::Internal { .. } => EFA_ERR_INTERNAL,
-        Error::Finalized => EFA_ERR_FINALIZED,
-        Error::PeerFinalized { .. } => EFA_ERR_PEER_FINALIZED,
-        Error::Cancelled => EFA_ERR_CANCELLED,
-        _ => EFA_ERR_OTHER,
+    match e.class() {
+        ErrorClass::Bootstrap => EFA_ERR_BOOTSTRAP,
+        ErrorClass::Setting => EFA_ERR_SETTING,
+        ErrorClass::NoRoute => EFA_ERR_NO_ROUTE,
+        ErrorClass::Rank => EFA_ERR_RANK,
+        ErrorClass::Tag => EFA_ERR_TAG,
+        ErrorClass::Truncated => EFA_ERR_TRUNCATED,
+        ErrorClass::Timeout => EFA_ERR_TIMEOUT,
+        ErrorClass::Fabric => EFA_ERR_FABRIC,
+        ErrorClass::Protocol => EFA_ERR_PROTOCOL,
+        ErrorClass::Mismatch => EFA_ERR_MISMATCH,
+        ErrorClass::CollectiveArgument => EFA_ERR_COLL_ARG,
+        ErrorClass::Rma => EFA_ERR_RMA,
+        ErrorClass::Resource => EFA_ERR_RESOURCE,
+        ErrorClass::AlreadyInitialized => EFA_ERR_ALREADY_INIT,
+        ErrorClass::PeerFailed => EFA_ERR_PEER_FAILED,
+        ErrorClass::PeerFinalized => EFA_ERR_PEER_FINALIZED,
+        ErrorClass::Finalized => EFA_ERR_FINALIZED,
+        ErrorClass::Cancelled => EFA_ERR_CANCELLED,
+        ErrorClass::Internal => EFA_ERR_INTERNAL,
     }
 }
 
@@ -302,8 +299,9 @@ fn new_comm(out: *mut *mut efa_comm, comm: Communicator) -> CResult<()> {
 ///
 /// Collective over the job. `*comm` is set only on success.
 ///
-/// Errors: `EFA_ERR_NULL` (`comm`); `EFA_ERR_BOOTSTRAP` (no launcher found, ranks that never
-/// joined); `EFA_ERR_SETTING`; `EFA_ERR_NO_ROUTE`; `EFA_ERR_FABRIC`;
+/// Errors: `EFA_ERR_NULL` (`comm`); `EFA_ERR_BOOTSTRAP` (no launcher found, a peer's card
+/// unreadable); `EFA_ERR_TIMEOUT` (ranks that never joined, a rendezvous store that did not
+/// answer); `EFA_ERR_SETTING`; `EFA_ERR_NO_ROUTE`; `EFA_ERR_FABRIC`;
 /// `EFA_ERR_ALREADY_INIT` when this process already holds the job's communicator.
 #[no_mangle]
 pub unsafe extern "C" fn efa_init(comm: *mut *mut efa_comm) -> c_int {
@@ -541,7 +539,7 @@ pub extern "C" fn efa_strerror(code: c_int) -> *const c_char {
         21 => cs!("requests still pending on the handle"),
         22 => cs!("internal error (a bug)"),
         23 => cs!("panic caught at the C boundary (a bug)"),
-        24 => cs!("other error"),
+        24 => cs!("other error (reserved: not returned)"),
         _ => cs!("unknown efa error code"),
     };
     s
@@ -571,5 +569,40 @@ pub unsafe extern "C" fn efa_last_error_copy(
         Ok(Ok(())) => EFA_SUCCESS as c_int,
         Ok(Err(e)) => e.code as c_int,
         Err(_) => EFA_ERR_PANIC as c_int,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_error_code_follows_the_error_class() {
+        let waited = Duration::from_secs(3);
+        let never_joined = Error::Bootstrap(efa_core::bootstrap::BootstrapError::RankNeverJoined {
+            ranks: vec![1],
+            waited,
+            store: "tcp 127.0.0.1:1".into(),
+        });
+        let op_timeout = Error::Timeout {
+            op: "recv",
+            peer: Some(1),
+            waited,
+        };
+        for (e, code) in [
+            // A deadline in bootstrap is a timeout, as efa-core classes it.
+            (never_joined, EFA_ERR_TIMEOUT),
+            (op_timeout, EFA_ERR_TIMEOUT),
+            (Error::ElementSize { bytes: 3, elem: 4 }, EFA_ERR_TRUNCATED),
+            (Error::Finalized, EFA_ERR_FINALIZED),
+            (Error::Cancelled, EFA_ERR_CANCELLED),
+            (Error::Internal { what: "x" }, EFA_ERR_INTERNAL),
+        ] {
+            let text = e.to_string();
+            let c = CErr::from(e);
+            assert_eq!(c.code, code, "{text}");
+            assert_eq!(c.msg, text, "the last error is the Rust error's text");
+        }
     }
 }
