@@ -20,7 +20,7 @@ use efa_core::{AnyRequest, CollRequest, Communicator, Pod, ReduceOp, UserOp};
 
 use crate::p2p::{efa_datatype, new_request, slice, slice_mut, with_type, CollPending, Kind};
 use crate::{
-    call, comm_ref, efa_comm, efa_request, is_in_place, need, put, rank_arg, CErr, CResult,
+    comm_ref, efa_comm, efa_request, guarded, is_in_place, need, put, rank_arg, CErr, CResult,
 };
 
 /// Reduction operators (`MPI_Op`).
@@ -153,7 +153,7 @@ pub unsafe extern "C" fn efa_op_create(
     user_data: *mut c_void,
     op: *mut c_int,
 ) -> c_int {
-    call("efa_op_create", || {
+    guarded("efa_op_create", || {
         let f = function.ok_or_else(|| CErr::null("function"))?;
         need(op, "op")?;
         static NEXT: AtomicI32 = AtomicI32::new(USER_OP_BASE);
@@ -177,7 +177,7 @@ pub unsafe extern "C" fn efa_op_create(
 /// Errors: `EFA_ERR_NULL` (`op`); `EFA_ERR_ARG` when `*op` is no live user operator.
 #[no_mangle]
 pub unsafe extern "C" fn efa_op_free(op: *mut c_int) -> c_int {
-    call("efa_op_free", || {
+    guarded("efa_op_free", || {
         need(op, "op")?;
         // SAFETY: not NULL; points to an int (the header's contract).
         let id = unsafe { op.read() };
@@ -242,7 +242,7 @@ fn coll(
     datatype: c_int,
     f: impl FnOnce(&Communicator, efa_datatype) -> CResult<()>,
 ) -> c_int {
-    call(name, || {
+    guarded(name, || {
         let c = comm_ref(comm)?;
         let d = efa_datatype::from_int(datatype)?;
         f(c, d)
@@ -480,7 +480,7 @@ pub unsafe extern "C" fn efa_bcast(
 /// `EFA_ERR_PEER_FAILED`.
 #[no_mangle]
 pub unsafe extern "C" fn efa_barrier(comm: *const efa_comm) -> c_int {
-    call("efa_barrier", || Ok(comm_ref(comm)?.barrier()?))
+    guarded("efa_barrier", || Ok(comm_ref(comm)?.barrier()?))
 }
 
 /// Gathers `count` elements of every rank into `recvbuf` (`n * count`, block `r` from rank
@@ -987,7 +987,7 @@ pub unsafe extern "C" fn efa_ibarrier(
     comm: *const efa_comm,
     request: *mut *mut efa_request,
 ) -> c_int {
-    call("efa_ibarrier", || {
+    guarded("efa_ibarrier", || {
         let c = comm_ref(comm)?;
         need(request, "request")?;
         new_request(request, c, Kind::Coll(Box::new(Barrier(c.ibarrier()))))

@@ -10,8 +10,9 @@
 //! - It returns an `efa_errcode` as `int`: `EFA_SUCCESS` (0) or an error code. On an error
 //!   the calling thread's last-error text ([`efa_last_error`]) is set to the Rust error's
 //!   `Display` text (the same text a Rust program sees); [`efa_strerror`] names the code.
-//! - No Rust panic crosses the boundary: a panic is caught, reported as `EFA_ERR_PANIC` with
-//!   its message as the last error.
+//! - No Rust panic crosses the boundary: a panic is caught (in one place, `guarded`),
+//!   reported as `EFA_ERR_PANIC` with its message as the last error. [`efa_strerror`] and
+//!   [`efa_last_error`], which return text rather than a code, cannot panic.
 //! - Handles (`efa_comm`, `efa_request`, `efa_win`) are opaque pointers. Every pointer
 //!   argument is checked for NULL (`EFA_ERR_NULL`), except where a function's docs say NULL
 //!   means "ignore" (status outputs) or "not significant" (a buffer of 0 elements, a
@@ -205,25 +206,34 @@ fn set_last_error(msg: &str) {
     LAST_ERROR.with(|l| *l.borrow_mut() = c);
 }
 
-/// Runs the body of an exported function: maps its error to a code and the last error, and
-/// catches a panic.
-pub(crate) fn call(name: &str, f: impl FnOnce() -> CResult<()>) -> c_int {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => EFA_SUCCESS as c_int,
-        Ok(Err(e)) => {
+/// Runs `f`, turning a panic into an `EFA_ERR_PANIC` error that names the function `name`:
+/// the one `catch_unwind` of the crate (through [`guarded`], or directly for
+/// [`efa_last_error_copy`], which must not change the last error).
+fn unwound(name: &str, f: impl FnOnce() -> CResult<()>) -> CResult<()> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(CErr::new(
+            EFA_ERR_PANIC,
+            format!(
+                "{name}: panic in libefa caught at the C boundary: {what}; this is a bug: please report it with the output of EFA_DEBUG=debug"
+            ),
+        ))
+    })
+}
+
+/// Runs the body of an exported function `name`: catches a panic ([`unwound`]), and on an
+/// error sets the calling thread's last error to its text and returns its code. Every
+/// `extern "C"` function that returns an `efa_errcode` goes through it.
+pub(crate) fn guarded(name: &str, f: impl FnOnce() -> CResult<()>) -> c_int {
+    match unwound(name, f) {
+        Ok(()) => EFA_SUCCESS as c_int,
+        Err(e) => {
             set_last_error(&e.msg);
             e.code as c_int
-        }
-        Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".into());
-            set_last_error(&format!(
-                "{name}: panic in libefa caught at the C boundary: {what}; this is a bug: please report it with the output of EFA_DEBUG=debug"
-            ));
-            EFA_ERR_PANIC as c_int
         }
     }
 }
@@ -305,7 +315,7 @@ fn new_comm(out: *mut *mut efa_comm, comm: Communicator) -> CResult<()> {
 /// `EFA_ERR_ALREADY_INIT` when this process already holds the job's communicator.
 #[no_mangle]
 pub unsafe extern "C" fn efa_init(comm: *mut *mut efa_comm) -> c_int {
-    call("efa_init", || {
+    guarded("efa_init", || {
         need(comm, "comm (output)")?;
         new_comm(comm, Communicator::init()?)
     })
@@ -322,7 +332,7 @@ pub unsafe extern "C" fn efa_init(comm: *mut *mut efa_comm) -> c_int {
 /// when a message could not be delivered.
 #[no_mangle]
 pub unsafe extern "C" fn efa_finalize(comm: *mut *mut efa_comm) -> c_int {
-    call("efa_finalize", || {
+    guarded("efa_finalize", || {
         need(comm, "comm")?;
         // SAFETY: `comm` is not NULL and points to a handle pointer (the header's contract).
         let h = unsafe { comm.replace(std::ptr::null_mut()) };
@@ -347,7 +357,7 @@ pub unsafe extern "C" fn efa_abort(
     code: c_int,
     reason: *const c_char,
 ) -> c_int {
-    call("efa_abort", || {
+    guarded("efa_abort", || {
         let c = comm_ref(comm)?;
         let why = if reason.is_null() {
             String::from("efa_abort called")
@@ -366,7 +376,7 @@ pub unsafe extern "C" fn efa_abort(
 /// Errors: `EFA_ERR_NULL` (`comm`, `rank`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_comm_rank(comm: *const efa_comm, rank: *mut c_int) -> c_int {
-    call("efa_comm_rank", || {
+    guarded("efa_comm_rank", || {
         let c = comm_ref(comm)?;
         put(rank, "rank", c.rank() as c_int)
     })
@@ -377,7 +387,7 @@ pub unsafe extern "C" fn efa_comm_rank(comm: *const efa_comm, rank: *mut c_int) 
 /// Errors: `EFA_ERR_NULL` (`comm`, `size`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_comm_size(comm: *const efa_comm, size: *mut c_int) -> c_int {
-    call("efa_comm_size", || {
+    guarded("efa_comm_size", || {
         let c = comm_ref(comm)?;
         put(size, "size", c.size() as c_int)
     })
@@ -391,7 +401,7 @@ pub unsafe extern "C" fn efa_comm_size(comm: *const efa_comm, size: *mut c_int) 
 /// `EFA_ERR_TIMEOUT`, `EFA_ERR_PEER_FAILED`.
 #[no_mangle]
 pub unsafe extern "C" fn efa_comm_dup(comm: *const efa_comm, newcomm: *mut *mut efa_comm) -> c_int {
-    call("efa_comm_dup", || {
+    guarded("efa_comm_dup", || {
         let c = comm_ref(comm)?;
         need(newcomm, "newcomm")?;
         new_comm(newcomm, c.dup()?)
@@ -412,7 +422,7 @@ pub unsafe extern "C" fn efa_comm_split(
     key: c_int,
     newcomm: *mut *mut efa_comm,
 ) -> c_int {
-    call("efa_comm_split", || {
+    guarded("efa_comm_split", || {
         let c = comm_ref(comm)?;
         need(newcomm, "newcomm")?;
         let color = match color {
@@ -462,7 +472,7 @@ pub unsafe extern "C" fn efa_route(
     reason_len: usize,
     reason_needed: *mut usize,
 ) -> c_int {
-    call("efa_route", || {
+    guarded("efa_route", || {
         let c = comm_ref(comm)?;
         need(transport, "transport")?;
         let route = c.route(rank_arg(peer, "peer")?)?;
@@ -502,7 +512,7 @@ pub(crate) fn copy_cstr(s: &str, buf: *mut c_char, len: usize, needed: *mut usiz
 /// Errors: `EFA_ERR_NULL` (`comm`, `seconds`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_comm_timeout(comm: *const efa_comm, seconds: *mut f64) -> c_int {
-    call("efa_comm_timeout", || {
+    guarded("efa_comm_timeout", || {
         let c = comm_ref(comm)?;
         put(seconds, "seconds", c.timeout().as_secs_f64())
     })
@@ -550,7 +560,11 @@ pub extern "C" fn efa_strerror(code: c_int) -> *const c_char {
 /// Valid until the next failing call on this thread. Successful calls leave it unchanged.
 #[no_mangle]
 pub extern "C" fn efa_last_error() -> *const c_char {
-    LAST_ERROR.with(|l| l.borrow().as_ptr())
+    // Cannot panic (so it needs no `guarded`): `try_with` fails instead of panicking while
+    // the thread's storage is torn down, and nothing holds the cell borrowed across calls.
+    LAST_ERROR
+        .try_with(|l| l.borrow().as_ptr())
+        .unwrap_or(cs!(""))
 }
 
 /// Copies the last error text ([`efa_last_error`]) NUL-terminated into `buf` (`len` bytes,
@@ -564,12 +578,11 @@ pub unsafe extern "C" fn efa_last_error_copy(
     len: usize,
     needed: *mut usize,
 ) -> c_int {
-    let text = LAST_ERROR.with(|l| l.borrow().to_string_lossy().into_owned());
-    match catch_unwind(AssertUnwindSafe(|| copy_cstr(&text, buf, len, needed))) {
-        Ok(Ok(())) => EFA_SUCCESS as c_int,
-        Ok(Err(e)) => e.code as c_int,
-        Err(_) => EFA_ERR_PANIC as c_int,
-    }
+    let copied = unwound("efa_last_error_copy", || {
+        let text = LAST_ERROR.with(|l| l.borrow().to_string_lossy().into_owned());
+        copy_cstr(&text, buf, len, needed)
+    });
+    copied.map_or_else(|e| e.code as c_int, |()| EFA_SUCCESS as c_int)
 }
 
 #[cfg(test)]
@@ -604,5 +617,40 @@ mod tests {
             assert_eq!(c.code, code, "{text}");
             assert_eq!(c.msg, text, "the last error is the Rust error's text");
         }
+    }
+
+    fn last_error() -> String {
+        // SAFETY: efa_last_error never returns NULL; the text is NUL-terminated.
+        unsafe { CStr::from_ptr(efa_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_efa_err_panic_with_its_message() {
+        let rc = guarded("efa_test_fn", || panic!("boom {}", 42));
+        assert_eq!(rc, EFA_ERR_PANIC as c_int);
+        let text = last_error();
+        assert!(text.starts_with("efa_test_fn: panic"), "{text}");
+        assert!(text.contains("boom 42"), "{text}");
+        // An error sets the last error; a success leaves it.
+        assert_eq!(
+            guarded("f", || Err(CErr::arg("bad thing"))),
+            EFA_ERR_ARG as c_int
+        );
+        assert_eq!(guarded("f", || Ok(())), EFA_SUCCESS as c_int);
+        assert_eq!(last_error(), "bad thing");
+    }
+
+    #[test]
+    fn last_error_copy_does_not_change_the_last_error() {
+        assert_eq!(
+            guarded("f", || Err(CErr::arg("kept"))),
+            EFA_ERR_ARG as c_int
+        );
+        // SAFETY: NULL with a length > 0 is refused before any write.
+        let rc = unsafe { efa_last_error_copy(std::ptr::null_mut(), 8, std::ptr::null_mut()) };
+        assert_eq!(rc, EFA_ERR_NULL as c_int);
+        assert_eq!(last_error(), "kept");
     }
 }

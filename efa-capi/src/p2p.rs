@@ -6,7 +6,7 @@ use efa_core::{AnyRequest, Communicator, Pod, RecvRequest, SendRequest, Source, 
 
 use crate::efa_errcode::*;
 use crate::{
-    call, comm_ref, efa_comm, need, put, rank_arg, CErr, CResult, EFA_ANY_SOURCE, EFA_ANY_TAG,
+    comm_ref, efa_comm, guarded, need, put, rank_arg, CErr, CResult, EFA_ANY_SOURCE, EFA_ANY_TAG,
     EFA_UNDEFINED,
 };
 
@@ -125,7 +125,7 @@ pub(crate) use with_type;
 /// Errors: `EFA_ERR_ARG` (unknown datatype); `EFA_ERR_NULL` (`size`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_type_size(datatype: c_int, size: *mut usize) -> c_int {
-    call("efa_type_size", || {
+    guarded("efa_type_size", || {
         let d = efa_datatype::from_int(datatype)?;
         put(size, "size", d.size())
     })
@@ -233,7 +233,7 @@ pub unsafe extern "C" fn efa_get_count(
     datatype: c_int,
     count: *mut c_int,
 ) -> c_int {
-    call("efa_get_count", || {
+    guarded("efa_get_count", || {
         need(status, "status")?;
         let d = efa_datatype::from_int(datatype)?;
         // SAFETY: not NULL; points to an efa_status (the header's contract).
@@ -310,7 +310,7 @@ pub unsafe extern "C" fn efa_send(
     dest: c_int,
     tag: c_int,
 ) -> c_int {
-    call("efa_send", || {
+    guarded("efa_send", || {
         let c = comm_ref(comm)?;
         // SAFETY: `buf` holds `count` elements for the call (the header's contract).
         let data = unsafe { bytes(buf, count, datatype, "buf") }?;
@@ -338,7 +338,7 @@ pub unsafe extern "C" fn efa_recv(
     tag: c_int,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_recv", || {
+    guarded("efa_recv", || {
         let c = comm_ref(comm)?;
         let d = efa_datatype::from_int(datatype)?;
         let (src, tag) = (source_arg(source)?, tag_arg(tag)?);
@@ -372,7 +372,7 @@ pub unsafe extern "C" fn efa_sendrecv(
     recvtag: c_int,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_sendrecv", || {
+    guarded("efa_sendrecv", || {
         let c = comm_ref(comm)?;
         // SAFETY: the buffers hold their counts (the header's contract).
         let s = unsafe { bytes(sendbuf, sendcount, sendtype, "sendbuf") }?;
@@ -412,7 +412,7 @@ pub unsafe extern "C" fn efa_probe(
     tag: c_int,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_probe", || {
+    guarded("efa_probe", || {
         let c = comm_ref(comm)?;
         need(status, "status")?;
         let st = c.probe(source_arg(source)?, tag_arg(tag)?)?;
@@ -432,7 +432,7 @@ pub unsafe extern "C" fn efa_iprobe(
     flag: *mut c_int,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_iprobe", || {
+    guarded("efa_iprobe", || {
         let c = comm_ref(comm)?;
         need(flag, "flag")?;
         match c.iprobe(source_arg(source)?, tag_arg(tag)?)? {
@@ -545,7 +545,7 @@ pub unsafe extern "C" fn efa_isend(
     tag: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    call("efa_isend", || {
+    guarded("efa_isend", || {
         let c = comm_ref(comm)?;
         need(request, "request")?;
         // SAFETY: `buf` holds `count` elements for the call (the header's contract).
@@ -574,7 +574,7 @@ pub unsafe extern "C" fn efa_irecv(
     tag: c_int,
     request: *mut *mut efa_request,
 ) -> c_int {
-    call("efa_irecv", || {
+    guarded("efa_irecv", || {
         let c = comm_ref(comm)?;
         need(request, "request")?;
         let d = efa_datatype::from_int(datatype)?;
@@ -602,7 +602,7 @@ pub unsafe extern "C" fn efa_wait(
     request: *mut *mut efa_request,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_wait", || {
+    guarded("efa_wait", || {
         need(request, "request")?;
         // SAFETY: `request` is not NULL (the header's contract for the rest).
         let Some(r) = (unsafe { take(request) }) else {
@@ -627,7 +627,7 @@ pub unsafe extern "C" fn efa_test(
     flag: *mut c_int,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_test", || {
+    guarded("efa_test", || {
         need(request, "request")?;
         need(flag, "flag")?;
         // SAFETY: not NULL; points to NULL or a live handle (the header's contract).
@@ -658,7 +658,7 @@ pub unsafe extern "C" fn efa_test(
 /// Errors: `EFA_ERR_NULL` (`request`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_cancel(request: *mut efa_request, cancelled: *mut c_int) -> c_int {
-    call("efa_cancel", || {
+    guarded("efa_cancel", || {
         need(request, "request")?;
         // SAFETY: not NULL; a live handle (the header's contract).
         let c = unsafe { (*request).any() }.cancel()?;
@@ -677,7 +677,7 @@ pub unsafe extern "C" fn efa_cancel(request: *mut efa_request, cancelled: *mut c
 /// Errors: `EFA_ERR_NULL` (`request`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_request_free(request: *mut *mut efa_request) -> c_int {
-    call("efa_request_free", || {
+    guarded("efa_request_free", || {
         need(request, "request")?;
         // SAFETY: as in efa_wait.
         drop(unsafe { take(request) });
@@ -712,7 +712,7 @@ pub unsafe extern "C" fn efa_waitall(
     requests: *mut *mut efa_request,
     statuses: *mut efa_status,
 ) -> c_int {
-    call("efa_waitall", || {
+    guarded("efa_waitall", || {
         // SAFETY: the header's contract for `requests`.
         let reqs = unsafe { req_array(requests, count) }?;
         let mut first: Option<CErr> = None;
@@ -753,7 +753,7 @@ pub unsafe extern "C" fn efa_testall(
     flag: *mut c_int,
     statuses: *mut efa_status,
 ) -> c_int {
-    let r = call("efa_testall", || {
+    let r = guarded("efa_testall", || {
         need(flag, "flag")?;
         // SAFETY: the header's contract for `requests`.
         let reqs = unsafe { req_array(requests, count) }?;
@@ -789,7 +789,7 @@ pub unsafe extern "C" fn efa_waitany(
     index: *mut c_int,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_waitany", || {
+    guarded("efa_waitany", || {
         need(index, "index")?;
         // SAFETY: the header's contract for `requests`.
         let reqs = unsafe { req_array(requests, count) }?;
@@ -842,7 +842,7 @@ pub unsafe extern "C" fn efa_mprobe(
     message: *mut *mut efa_message,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_mprobe", || {
+    guarded("efa_mprobe", || {
         let c = comm_ref(comm)?;
         need(message, "message")?;
         let msg = c.mprobe(source_arg(source)?, tag_arg(tag)?)?;
@@ -868,7 +868,7 @@ pub unsafe extern "C" fn efa_improbe(
     message: *mut *mut efa_message,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_improbe", || {
+    guarded("efa_improbe", || {
         let c = comm_ref(comm)?;
         need(flag, "flag")?;
         need(message, "message")?;
@@ -905,7 +905,7 @@ pub unsafe extern "C" fn efa_mrecv(
     message: *mut *mut efa_message,
     status: *mut efa_status,
 ) -> c_int {
-    call("efa_mrecv", || {
+    guarded("efa_mrecv", || {
         need(message, "message")?;
         let d = efa_datatype::from_int(datatype)?;
         // Checked before the message is taken, so a bad buffer loses nothing.
@@ -933,7 +933,7 @@ pub unsafe extern "C" fn efa_mrecv(
 /// Errors: `EFA_ERR_NULL` (`message`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_message_free(message: *mut *mut efa_message) -> c_int {
-    call("efa_message_free", || {
+    guarded("efa_message_free", || {
         need(message, "message")?;
         // SAFETY: not NULL; points to NULL or a live handle (the header's contract).
         let h = unsafe { message.replace(std::ptr::null_mut()) };

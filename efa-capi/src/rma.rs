@@ -9,7 +9,7 @@ use efa_core::{AnyRequest, RmaRequest, Window, WindowAccess};
 
 use crate::efa_errcode::EFA_ERR_PENDING;
 use crate::p2p::{new_request, slice, slice_mut, Kind};
-use crate::{call, comm_ref, efa_comm, efa_request, need, put, rank_arg, CErr, CResult};
+use crate::{comm_ref, efa_comm, efa_request, guarded, need, put, rank_arg, CErr, CResult};
 
 /// Who may access a window remotely.
 #[repr(C)]
@@ -81,7 +81,7 @@ pub unsafe extern "C" fn efa_win_create(
     access: c_int,
     win: *mut *mut efa_win,
 ) -> c_int {
-    call("efa_win_create", || {
+    guarded("efa_win_create", || {
         let c = comm_ref(comm)?;
         need(win, "win")?;
         let access = match access {
@@ -111,7 +111,7 @@ pub unsafe extern "C" fn efa_win_create(
 /// in flight (nothing is freed: complete them first); the fence's errors.
 #[no_mangle]
 pub unsafe extern "C" fn efa_win_free(win: *mut *mut efa_win) -> c_int {
-    call("efa_win_free", || {
+    guarded("efa_win_free", || {
         need(win, "win")?;
         // SAFETY: not NULL (the header's contract for the rest).
         let h = unsafe { *win };
@@ -132,7 +132,7 @@ pub unsafe extern "C" fn efa_win_free(win: *mut *mut efa_win) -> c_int {
 /// Errors: `EFA_ERR_NULL` (`win`, `bytes`).
 #[no_mangle]
 pub unsafe extern "C" fn efa_win_size(win: *const efa_win, bytes: *mut usize) -> c_int {
-    call("efa_win_size", || {
+    guarded("efa_win_size", || {
         put(bytes, "bytes", win_ref(win)?.win.len())
     })
 }
@@ -148,7 +148,7 @@ pub unsafe extern "C" fn efa_win_read_local(
     out: *mut c_void,
     len: usize,
 ) -> c_int {
-    call("efa_win_read_local", || {
+    guarded("efa_win_read_local", || {
         let w = win_ref(win)?;
         // SAFETY: `out` holds `len` bytes (the header's contract).
         let o = unsafe { slice_mut::<u8>(out, len, "out") }?;
@@ -166,7 +166,7 @@ pub unsafe extern "C" fn efa_win_write_local(
     data: *const c_void,
     len: usize,
 ) -> c_int {
-    call("efa_win_write_local", || {
+    guarded("efa_win_write_local", || {
         need(win, "win")?;
         // SAFETY: not NULL; a live handle, not aliased during the call (the header's contract).
         let w = unsafe { &mut *win };
@@ -193,7 +193,7 @@ pub unsafe extern "C" fn efa_put(
     data: *const c_void,
     len: usize,
 ) -> c_int {
-    call("efa_put", || {
+    guarded("efa_put", || {
         let w = win_ref(win)?;
         // SAFETY: `data` holds `len` bytes.
         let d = unsafe { slice::<u8>(data, len, "data") }?;
@@ -213,7 +213,7 @@ pub unsafe extern "C" fn efa_get(
     out: *mut c_void,
     len: usize,
 ) -> c_int {
-    call("efa_get", || {
+    guarded("efa_get", || {
         let w = win_ref(win)?;
         // SAFETY: `out` holds `len` bytes.
         let o = unsafe { slice_mut::<u8>(out, len, "out") }?;
@@ -247,7 +247,7 @@ pub unsafe extern "C" fn efa_iput(
     len: usize,
     request: *mut *mut efa_request,
 ) -> c_int {
-    call("efa_iput", || {
+    guarded("efa_iput", || {
         let w = win_ref(win)?;
         need(request, "request")?;
         // SAFETY: `data` holds `len` bytes for the call.
@@ -273,7 +273,7 @@ pub unsafe extern "C" fn efa_iget(
     len: usize,
     request: *mut *mut efa_request,
 ) -> c_int {
-    call("efa_iget", || {
+    guarded("efa_iget", || {
         let w = win_ref(win)?;
         need(request, "request")?;
         // SAFETY: `out` stays valid until the request completes (the header's contract).
@@ -299,7 +299,7 @@ pub unsafe extern "C" fn efa_put_notify(
     len: usize,
     value: u16,
 ) -> c_int {
-    call("efa_put_notify", || {
+    guarded("efa_put_notify", || {
         let w = win_ref(win)?;
         // SAFETY: `data` holds `len` bytes.
         let d = unsafe { slice::<u8>(data, len, "data") }?;
@@ -318,7 +318,7 @@ pub unsafe extern "C" fn efa_win_wait_notify(
     source: *mut c_int,
     value: *mut u16,
 ) -> c_int {
-    call("efa_win_wait_notify", || {
+    guarded("efa_win_wait_notify", || {
         let w = win_ref(win)?;
         need(source, "source")?;
         need(value, "value")?;
@@ -335,7 +335,7 @@ pub unsafe extern "C" fn efa_win_wait_notify(
 /// `EFA_ERR_TIMEOUT`.
 #[no_mangle]
 pub unsafe extern "C" fn efa_win_flush(win: *const efa_win, peer: c_int) -> c_int {
-    call("efa_win_flush", || {
+    guarded("efa_win_flush", || {
         Ok(win_ref(win)?.win.flush(rank_arg(peer, "peer")?)?)
     })
 }
@@ -345,7 +345,7 @@ pub unsafe extern "C" fn efa_win_flush(win: *const efa_win, peer: c_int) -> c_in
 /// Errors: as [`efa_win_flush`].
 #[no_mangle]
 pub unsafe extern "C" fn efa_win_flush_all(win: *const efa_win) -> c_int {
-    call("efa_win_flush_all", || Ok(win_ref(win)?.win.flush_all()?))
+    guarded("efa_win_flush_all", || Ok(win_ref(win)?.win.flush_all()?))
 }
 
 /// Collective synchronisation (`MPI_Win_fence`): flushes every put, then a barrier; after
@@ -354,5 +354,5 @@ pub unsafe extern "C" fn efa_win_flush_all(win: *const efa_win) -> c_int {
 /// Errors: as [`efa_win_flush`], plus `EFA_ERR_PEER_FAILED`.
 #[no_mangle]
 pub unsafe extern "C" fn efa_win_fence(win: *const efa_win) -> c_int {
-    call("efa_win_fence", || Ok(win_ref(win)?.win.fence()?))
+    guarded("efa_win_fence", || Ok(win_ref(win)?.win.fence()?))
 }
