@@ -1016,7 +1016,9 @@ int efa_request_free(struct efa_request **request);
  Every request is waited for even when one fails. `statuses` (NULL, or `count` entries)
  gets each one's status, with its own error code in `error`. Returns the first error.
 
- Errors: `EFA_ERR_NULL` (`requests` with `count > 0`); the first failed request's error.
+ Errors: `EFA_ERR_NULL` (`requests` with `count > 0`); `EFA_ERR_ARG` when `count`
+ entries of `requests` or `statuses` overflow the address space or an array is not
+ aligned (nothing is waited for); the first failed request's error.
  */
 int efa_waitall(uintptr_t count, struct efa_request **requests, struct efa_status *statuses);
 
@@ -1037,7 +1039,8 @@ int efa_testall(uintptr_t count,
  NULL entries are skipped; when all are NULL (or `count` is 0), `*index` is
  `EFA_UNDEFINED` at once. The deadline is that of the first request's communicator.
 
- Errors: `EFA_ERR_NULL` (`index`; `requests` with `count > 0`); `EFA_ERR_TIMEOUT` when
+ Errors: `EFA_ERR_NULL` (`index`; `requests` with `count > 0`); `EFA_ERR_ARG` when `count`
+ entries of `requests` overflow the address space; `EFA_ERR_TIMEOUT` when
  none completes in time (nothing is freed); the completed request's error (`*index` is
  set, and it is freed).
  */

@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use efa_core::{AnyRequest, CollRequest, Communicator, Pod, ReduceOp, UserOp};
 
-use crate::p2p::{efa_datatype, new_request, slice, slice_mut, with_type, CollPending, Kind};
+use crate::p2p::{efa_datatype, new_request, with_type, CollPending, Kind};
 use crate::{
-    comm_ref, efa_comm, efa_request, guarded, is_in_place, need, put, rank_arg, CErr, CResult,
+    comm_ref, efa_comm, efa_request, guarded, is_in_place, need, put, rank_arg, slice, slice_mut,
+    CErr, CResult,
 };
 
 /// Reduction operators (`MPI_Op`).

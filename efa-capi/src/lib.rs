@@ -249,6 +249,64 @@ pub(crate) fn put<T>(out: *mut T, what: &str, v: T) -> CResult<()> {
     Ok(())
 }
 
+/// Checks a buffer argument and gives the slice: NULL is allowed only for 0 elements; the
+/// address must be aligned for `T` and the size must fit in `isize`.
+///
+/// # Safety
+/// A non-NULL `p` points to `n` valid elements that stay valid (and, for `slice_mut`, are
+/// not accessed elsewhere) for `'a` (the header's contract for every buffer).
+pub(crate) unsafe fn slice<'a, T>(p: *const c_void, n: usize, what: &str) -> CResult<&'a [T]> {
+    let p = check_buf::<T>(p, n, what)?;
+    // SAFETY: checked non-NULL (or dangling for n == 0), aligned, size fits; validity and
+    // lifetime are the caller's contract above.
+    Ok(unsafe { std::slice::from_raw_parts(p as *const T, n) })
+}
+
+/// [`slice`] for a buffer the library writes.
+///
+/// # Safety
+/// As [`slice`].
+pub(crate) unsafe fn slice_mut<'a, T>(
+    p: *mut c_void,
+    n: usize,
+    what: &str,
+) -> CResult<&'a mut [T]> {
+    let p = check_buf::<T>(p, n, what)?;
+    // SAFETY: as in `slice`; the caller's contract makes the memory exclusively ours.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut T, n) })
+}
+
+/// The one check of a buffer argument (a data buffer, a counts or displacements array, a
+/// request or status array, a text buffer): NULL only with 0 elements (`EFA_ERR_NULL`
+/// naming `what`), not `EFA_IN_PLACE`, aligned for `T`, and `n` elements of `T` fit in
+/// `isize` without wrapping around the address space (else `EFA_ERR_ARG`). Gives the
+/// address to use (a dangling one for 0 elements).
+pub(crate) fn check_buf<T>(p: *const c_void, n: usize, what: &str) -> CResult<*const c_void> {
+    if n == 0 {
+        return Ok(std::ptr::NonNull::<T>::dangling().as_ptr() as *const c_void);
+    }
+    if p.is_null() {
+        return Err(CErr::null(&format!("{what} (with {n} elements)")));
+    }
+    if is_in_place(p) {
+        return Err(CErr::arg(format!(
+            "{what} is EFA_IN_PLACE, which this argument does not accept"
+        )));
+    }
+    if (p as usize) & (std::mem::align_of::<T>() - 1) != 0 {
+        return Err(CErr::arg(format!(
+            "{what} at {p:?} is not aligned for its datatype ({} bytes)",
+            std::mem::align_of::<T>()
+        )));
+    }
+    match n.checked_mul(std::mem::size_of::<T>()) {
+        Some(b) if b <= isize::MAX as usize && (p as usize).checked_add(b).is_some() => Ok(p),
+        _ => Err(CErr::arg(format!(
+            "{what}: {n} elements overflow the address space"
+        ))),
+    }
+}
+
 /// Checks an output pointer for NULL before any work is done (so that nothing is lost).
 pub(crate) fn need<T>(p: *const T, what: &str) -> CResult<()> {
     if p.is_null() {
@@ -482,27 +540,33 @@ pub unsafe extern "C" fn efa_route(
             efa_core::Transport::Ip => efa_transport::EFA_TRANSPORT_IP,
         };
         put(transport, "transport", t as c_int)?;
-        copy_cstr(&route.reason.to_string(), reason, reason_len, reason_needed)
+        let text = route.reason.to_string();
+        copy_cstr(&text, reason, reason_len, reason_needed, "reason")
     })
 }
 
-/// Copies `s` NUL-terminated into `buf` (`len` bytes, truncated to fit).
-pub(crate) fn copy_cstr(s: &str, buf: *mut c_char, len: usize, needed: *mut usize) -> CResult<()> {
+/// Copies `s` NUL-terminated into the text buffer `buf` of `len` bytes, checked as every
+/// buffer ([`slice_mut`]: NULL only when `len` is 0; nothing is written on an error). A
+/// capacity too small is not an error: the text is truncated to `len - 1` bytes, and
+/// `*needed` (if not NULL) gets the bytes the whole text needs including the NUL, so the
+/// caller can tell (`*needed > len`) and call again with a larger buffer.
+pub(crate) fn copy_cstr(
+    s: &str,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+    what: &str,
+) -> CResult<()> {
+    // SAFETY: a non-NULL `buf` holds `len` bytes (the header's contract).
+    let out = unsafe { slice_mut::<u8>(buf as *mut c_void, len, what) }?;
     if !needed.is_null() {
         // SAFETY: not NULL; points to a size_t (the header's contract).
         unsafe { needed.write(s.len() + 1) };
     }
-    if len == 0 {
-        return Ok(());
-    }
-    if buf.is_null() {
-        return Err(CErr::null("buffer (with a length > 0)"));
-    }
-    let n = s.len().min(len - 1);
-    // SAFETY: `buf` is not NULL and holds `len` bytes (the header's contract); `n < len`.
-    unsafe {
-        std::ptr::copy_nonoverlapping(s.as_ptr(), buf as *mut u8, n);
-        buf.add(n).write(0);
+    if let Some(room) = len.checked_sub(1) {
+        let n = s.len().min(room);
+        out[..n].copy_from_slice(&s.as_bytes()[..n]);
+        out[n] = 0;
     }
     Ok(())
 }
@@ -580,7 +644,7 @@ pub unsafe extern "C" fn efa_last_error_copy(
 ) -> c_int {
     let copied = unwound("efa_last_error_copy", || {
         let text = LAST_ERROR.with(|l| l.borrow().to_string_lossy().into_owned());
-        copy_cstr(&text, buf, len, needed)
+        copy_cstr(&text, buf, len, needed, "buf")
     });
     copied.map_or_else(|e| e.code as c_int, |()| EFA_SUCCESS as c_int)
 }
@@ -640,6 +704,54 @@ mod tests {
         );
         assert_eq!(guarded("f", || Ok(())), EFA_SUCCESS as c_int);
         assert_eq!(last_error(), "bad thing");
+    }
+
+    #[test]
+    fn check_buf_refuses_null_overflow_misalignment_and_in_place() {
+        let x = [0u64; 2];
+        let p = x.as_ptr() as *const c_void;
+        let code = |r: CResult<*const c_void>| r.map(|_| ()).map_err(|e| e.code);
+        // NULL: only with 0 elements.
+        assert_eq!(code(check_buf::<u64>(std::ptr::null(), 0, "b")), Ok(()));
+        let e = check_buf::<u64>(std::ptr::null(), 3, "recvbuf").unwrap_err();
+        assert_eq!(e.code, EFA_ERR_NULL);
+        assert_eq!(e.msg, "recvbuf (with 3 elements) is NULL");
+        assert_eq!(code(check_buf::<u64>(p, 2, "b")), Ok(()));
+        // count * size overflows usize, or passes isize::MAX, or wraps the address space.
+        for n in [usize::MAX, usize::MAX / 8 + 1, isize::MAX as usize / 8 + 1] {
+            let e = check_buf::<u64>(p, n, "b").unwrap_err();
+            assert_eq!(e.code, EFA_ERR_ARG, "{n}: {}", e.msg);
+            assert!(e.msg.contains("overflow"), "{}", e.msg);
+        }
+        let high = (usize::MAX - 15) as *const c_void;
+        assert_eq!(code(check_buf::<u8>(high, 16, "b")), Err(EFA_ERR_ARG));
+        assert_eq!(code(check_buf::<u8>(high, 15, "b")), Ok(()));
+        // Alignment of the element type.
+        let odd = (p as usize + 1) as *const c_void;
+        assert_eq!(code(check_buf::<u64>(odd, 1, "b")), Err(EFA_ERR_ARG));
+        assert_eq!(code(check_buf::<u8>(odd, 1, "b")), Ok(()));
+        let in_place = &efa_in_place_marker as *const u8 as *const c_void;
+        assert_eq!(code(check_buf::<u8>(in_place, 1, "b")), Err(EFA_ERR_ARG));
+    }
+
+    #[test]
+    fn a_text_buffer_is_checked_and_truncated_to_its_capacity() {
+        let mut needed = 0usize;
+        let mut buf = [0x55 as c_char; 4];
+        let rc = copy_cstr("hello", buf.as_mut_ptr(), 4, &mut needed, "reason");
+        assert!(rc.is_ok());
+        assert_eq!(needed, 6);
+        // SAFETY: NUL-terminated by copy_cstr.
+        assert_eq!(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_bytes(), b"hel");
+        needed = 0;
+        let e = copy_cstr("hello", std::ptr::null_mut(), 4, &mut needed, "reason").unwrap_err();
+        assert_eq!(
+            (e.code, needed),
+            (EFA_ERR_NULL, 0),
+            "nothing written on an error"
+        );
+        assert!(copy_cstr("hello", std::ptr::null_mut(), 0, &mut needed, "reason").is_ok());
+        assert_eq!(needed, 6, "a size query with no buffer");
     }
 
     #[test]

@@ -6,8 +6,8 @@ use efa_core::{AnyRequest, Communicator, Pod, RecvRequest, SendRequest, Source, 
 
 use crate::efa_errcode::*;
 use crate::{
-    comm_ref, efa_comm, guarded, need, put, rank_arg, CErr, CResult, EFA_ANY_SOURCE, EFA_ANY_TAG,
-    EFA_UNDEFINED,
+    check_buf, comm_ref, efa_comm, guarded, need, put, rank_arg, slice, slice_mut, CErr, CResult,
+    EFA_ANY_SOURCE, EFA_ANY_TAG, EFA_UNDEFINED,
 };
 
 /// Element types of buffers (`MPI_Datatype`). Counts are in elements of this type.
@@ -129,59 +129,6 @@ pub unsafe extern "C" fn efa_type_size(datatype: c_int, size: *mut usize) -> c_i
         let d = efa_datatype::from_int(datatype)?;
         put(size, "size", d.size())
     })
-}
-
-/// Checks a buffer argument and gives the slice: NULL is allowed only for 0 elements; the
-/// address must be aligned for `T` and the size must fit in `isize`.
-///
-/// # Safety
-/// A non-NULL `p` points to `n` valid elements that stay valid (and, for `slice_mut`, are
-/// not accessed elsewhere) for `'a` (the header's contract for every buffer).
-pub(crate) unsafe fn slice<'a, T>(p: *const c_void, n: usize, what: &str) -> CResult<&'a [T]> {
-    let p = check_buf::<T>(p, n, what)?;
-    // SAFETY: checked non-NULL (or dangling for n == 0), aligned, size fits; validity and
-    // lifetime are the caller's contract above.
-    Ok(unsafe { std::slice::from_raw_parts(p as *const T, n) })
-}
-
-/// [`slice`] for a buffer the library writes.
-///
-/// # Safety
-/// As [`slice`].
-pub(crate) unsafe fn slice_mut<'a, T>(
-    p: *mut c_void,
-    n: usize,
-    what: &str,
-) -> CResult<&'a mut [T]> {
-    let p = check_buf::<T>(p, n, what)?;
-    // SAFETY: as in `slice`; the caller's contract makes the memory exclusively ours.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut T, n) })
-}
-
-fn check_buf<T>(p: *const c_void, n: usize, what: &str) -> CResult<*const c_void> {
-    if n == 0 {
-        return Ok(std::ptr::NonNull::<T>::dangling().as_ptr() as *const c_void);
-    }
-    if p.is_null() {
-        return Err(CErr::null(&format!("{what} (with {n} elements)")));
-    }
-    if crate::is_in_place(p) {
-        return Err(CErr::arg(format!(
-            "{what} is EFA_IN_PLACE, which this argument does not accept"
-        )));
-    }
-    if (p as usize) & (std::mem::align_of::<T>() - 1) != 0 {
-        return Err(CErr::arg(format!(
-            "{what} at {p:?} is not aligned for its datatype ({} bytes)",
-            std::mem::align_of::<T>()
-        )));
-    }
-    match n.checked_mul(std::mem::size_of::<T>()) {
-        Some(b) if b <= isize::MAX as usize => Ok(p),
-        _ => Err(CErr::arg(format!(
-            "{what}: {n} elements overflow the address space"
-        ))),
-    }
 }
 
 /// What a completed receive got (`MPI_Status`). Functions that fill one accept NULL for
@@ -685,27 +632,43 @@ pub unsafe extern "C" fn efa_request_free(request: *mut *mut efa_request) -> c_i
     })
 }
 
-/// The requests of a C array of `count` handle pointers.
+/// The requests of a C array of `count` handle pointers, checked as every buffer
+/// ([`slice_mut`]: NULL only when `count` is 0, alignment, size).
 ///
 /// # Safety
-/// `reqs` is not NULL and holds `count` entries, each NULL or a live handle.
+/// A non-NULL `reqs` holds `count` entries, each NULL or a live handle.
 unsafe fn req_array<'a>(
     reqs: *mut *mut efa_request,
     count: usize,
 ) -> CResult<&'a mut [*mut efa_request]> {
-    if count == 0 {
-        return Ok(&mut []);
-    }
-    need(reqs, "requests")?;
     // SAFETY: the caller's contract.
-    Ok(unsafe { std::slice::from_raw_parts_mut(reqs, count) })
+    unsafe { slice_mut(reqs as *mut c_void, count, "requests") }
+}
+
+/// The `count` statuses of [`efa_waitall`] / [`efa_testall`]: `None` for NULL ("ignore"),
+/// else checked as every buffer ([`slice_mut`]). Checked before any request completes, so
+/// that a bad array loses no completion.
+///
+/// # Safety
+/// A non-NULL `statuses` holds `count` entries.
+unsafe fn status_array<'a>(
+    statuses: *mut efa_status,
+    count: usize,
+) -> CResult<Option<&'a mut [efa_status]>> {
+    if statuses.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: the caller's contract.
+    unsafe { slice_mut(statuses as *mut c_void, count, "statuses") }.map(Some)
 }
 
 /// Waits for all `count` requests (`MPI_Waitall`), frees them and sets every entry NULL.
 /// Every request is waited for even when one fails. `statuses` (NULL, or `count` entries)
 /// gets each one's status, with its own error code in `error`. Returns the first error.
 ///
-/// Errors: `EFA_ERR_NULL` (`requests` with `count > 0`); the first failed request's error.
+/// Errors: `EFA_ERR_NULL` (`requests` with `count > 0`); `EFA_ERR_ARG` when `count`
+/// entries of `requests` or `statuses` overflow the address space or an array is not
+/// aligned (nothing is waited for); the first failed request's error.
 #[no_mangle]
 pub unsafe extern "C" fn efa_waitall(
     count: usize,
@@ -713,7 +676,9 @@ pub unsafe extern "C" fn efa_waitall(
     statuses: *mut efa_status,
 ) -> c_int {
     guarded("efa_waitall", || {
-        // SAFETY: the header's contract for `requests`.
+        // SAFETY: the header's contract for `statuses` and `requests`.
+        let mut sts = unsafe { status_array(statuses, count) }?;
+        // SAFETY: as above.
         let reqs = unsafe { req_array(requests, count) }?;
         let mut first: Option<CErr> = None;
         for (i, slot) in reqs.iter_mut().enumerate() {
@@ -733,9 +698,8 @@ pub unsafe extern "C" fn efa_waitall(
                     }
                 },
             };
-            if !statuses.is_null() {
-                // SAFETY: `statuses` holds `count` entries (the header's contract).
-                put_status(unsafe { statuses.add(i) }, st);
+            if let Some(s) = sts.as_deref_mut() {
+                s[i] = st;
             }
         }
         first.map_or(Ok(()), Err)
@@ -755,7 +719,9 @@ pub unsafe extern "C" fn efa_testall(
 ) -> c_int {
     let r = guarded("efa_testall", || {
         need(flag, "flag")?;
-        // SAFETY: the header's contract for `requests`.
+        // SAFETY: the header's contract for `statuses` and `requests`.
+        unsafe { status_array(statuses, count) }?;
+        // SAFETY: as above.
         let reqs = unsafe { req_array(requests, count) }?;
         let mut all = true;
         for h in reqs.iter() {
@@ -779,7 +745,8 @@ pub unsafe extern "C" fn efa_testall(
 /// NULL entries are skipped; when all are NULL (or `count` is 0), `*index` is
 /// `EFA_UNDEFINED` at once. The deadline is that of the first request's communicator.
 ///
-/// Errors: `EFA_ERR_NULL` (`index`; `requests` with `count > 0`); `EFA_ERR_TIMEOUT` when
+/// Errors: `EFA_ERR_NULL` (`index`; `requests` with `count > 0`); `EFA_ERR_ARG` when `count`
+/// entries of `requests` overflow the address space; `EFA_ERR_TIMEOUT` when
 /// none completes in time (nothing is freed); the completed request's error (`*index` is
 /// set, and it is freed).
 #[no_mangle]

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use efa_core::{AnyRequest, RmaRequest, Window, WindowAccess};
 
 use crate::efa_errcode::EFA_ERR_PENDING;
-use crate::p2p::{new_request, slice, slice_mut, Kind};
-use crate::{comm_ref, efa_comm, efa_request, guarded, need, put, rank_arg, CErr, CResult};
+use crate::p2p::{new_request, Kind};
+use crate::{
+    comm_ref, efa_comm, efa_request, guarded, need, put, rank_arg, slice, slice_mut, CErr, CResult,
+};
 
 /// Who may access a window remotely.
 #[repr(C)]

@@ -4,6 +4,7 @@
  * "efa-c-suite: rank R of N: K checks passed" at the end; any failed check prints what and
  * where and exits 1. */
 #include <efa.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,30 @@ static void test_errors(efa_comm *c, int n) {
   size_t sz = 0;
   OK(efa_type_size(EFA_BFLOAT16, &sz));
   CHECK(sz == 2, "bf16 size %zu", sz);
+  /* Bad buffers, one check for all (data, counts, request and status arrays, text). */
+  CHECK(efa_send(c, &v, SIZE_MAX / 2, EFA_INT32, 0, 1) == EFA_ERR_ARG, "count * 4 overflows");
+  CHECK(strstr(efa_last_error(), "overflow") != NULL, "text: %s", efa_last_error());
+  CHECK(efa_allgatherv(c, &v, 1, d, NULL, EFA_INT32) == EFA_ERR_NULL, "NULL recvcounts");
+  CHECK(strstr(efa_last_error(), "recvcounts") != NULL, "text: %s", efa_last_error());
+  CHECK(efa_waitall(2, NULL, NULL) == EFA_ERR_NULL, "NULL request array");
+  CHECK(strstr(efa_last_error(), "requests") != NULL, "text: %s", efa_last_error());
+  efa_request *nulls[2] = {NULL, NULL};
+  efa_status sts[2];
+  CHECK(efa_waitall(SIZE_MAX / 4, nulls, NULL) == EFA_ERR_ARG, "request array overflows");
+  CHECK(efa_waitany(SIZE_MAX / 4, nulls, &x, NULL) == EFA_ERR_ARG, "waitany array overflows");
+  CHECK(efa_testall(SIZE_MAX / 4, nulls, &x, NULL) == EFA_ERR_ARG, "testall array overflows");
+  CHECK(efa_waitall(SIZE_MAX / 16, nulls, sts) == EFA_ERR_ARG, "status array overflows");
+  CHECK(strstr(efa_last_error(), "statuses") != NULL, "text: %s", efa_last_error());
+  OK(efa_waitall(2, nulls, sts));
+  CHECK(sts[1].source == EFA_ANY_SOURCE && sts[1].error == EFA_SUCCESS, "empty statuses");
+  int tr = 0;
+  CHECK(efa_route(c, 0, &tr, NULL, 16, NULL) == EFA_ERR_NULL, "NULL reason with a length");
+  CHECK(strstr(efa_last_error(), "reason") != NULL, "text: %s", efa_last_error());
+  char tiny[4];
+  size_t full = 0;
+  OK(efa_route(c, 0, &tr, tiny, sizeof tiny, &full));
+  CHECK(strlen(tiny) == 3 && full > sizeof tiny, "truncated reason %zu", full);
+  CHECK(efa_last_error_copy(NULL, 8, NULL) == EFA_ERR_NULL, "NULL text buffer");
   /* A NULL request pointer target is a no-op wait. */
   efa_request *none = NULL;
   efa_status st;
