@@ -15,6 +15,12 @@
 
 #include <stddef.h>
 #include <stdint.h>
+/* Marks the packed pair types (efa_double_int, ...): no padding, as libefa reads them. */
+#if defined(__GNUC__) || defined(__clang__)
+#define EFA_PACKED __attribute__((packed))
+#else
+#error "efa.h: the pair types need a packed struct attribute (GCC or Clang)"
+#endif
 
 /*
  `source` argument of receives and probes: any rank (`MPI_ANY_SOURCE`).
@@ -81,6 +87,24 @@ typedef enum efa_datatype {
    `double`.
    */
   EFA_DOUBLE = 9,
+  /*
+   A `float` and its index: [`efa_float_int`] (`MPI_FLOAT_INT`), for `EFA_MINLOC` and
+   `EFA_MAXLOC`.
+   */
+  EFA_FLOAT_INT = 10,
+  /*
+   A `double` and its index: [`efa_double_int`] (`MPI_DOUBLE_INT`).
+   */
+  EFA_DOUBLE_INT = 11,
+  /*
+   An `int64_t` (C's `long` on 64-bit Linux) and its index: [`efa_long_int`]
+   (`MPI_LONG_INT`).
+   */
+  EFA_LONG_INT = 12,
+  /*
+   An `int32_t` and its index: [`efa_2int`] (`MPI_2INT`).
+   */
+  EFA_2INT = 13,
 } efa_datatype;
 
 /*
@@ -221,6 +245,16 @@ typedef enum efa_op {
    Sum divided by the number of ranks once at the end (integer division for integers).
    */
   EFA_AVG = 4,
+  /*
+   The smallest value and its index (`MPI_MINLOC`), over the pair datatypes only
+   (`EFA_FLOAT_INT`, `EFA_DOUBLE_INT`, `EFA_LONG_INT`, `EFA_2INT`): among equal values
+   the lowest index wins; a float NaN never wins against a number.
+   */
+  EFA_MINLOC = 5,
+  /*
+   The largest value and its index (`MPI_MAXLOC`), as `EFA_MINLOC`.
+   */
+  EFA_MAXLOC = 6,
 } efa_op;
 
 /*
@@ -313,6 +347,66 @@ typedef struct efa_status {
    */
   int error;
 } efa_status;
+
+/*
+ An element of `EFA_FLOAT_INT`: 8 bytes, `value` at 0, `index` at 4. Like every pair type
+ (`efa_double_int`, `efa_long_int`, `efa_2int`) it is packed, as libefa reads it: no
+ padding, alignment 1, size the value's + 4. So `efa_double_int` is 12 bytes, not the 16
+ of MPI's `struct { double; int; }`: declare buffers with these types. The index is
+ unsigned (`uint32_t`).
+ */
+typedef struct EFA_PACKED efa_float_int {
+  /*
+   The value compared.
+   */
+  float value;
+  /*
+   Where it came from (a rank, an element index, ...); among equal values the lowest wins.
+   */
+  uint32_t index;
+} efa_float_int;
+
+/*
+ An element of `EFA_DOUBLE_INT`: 12 bytes (packed), `value` at 0, `index` at 8.
+ */
+typedef struct EFA_PACKED efa_double_int {
+  /*
+   The value compared.
+   */
+  double value;
+  /*
+   As in [`efa_float_int`].
+   */
+  uint32_t index;
+} efa_double_int;
+
+/*
+ An element of `EFA_LONG_INT`: 12 bytes (packed), `value` at 0, `index` at 8.
+ */
+typedef struct EFA_PACKED efa_long_int {
+  /*
+   The value compared.
+   */
+  int64_t value;
+  /*
+   As in [`efa_float_int`].
+   */
+  uint32_t index;
+} efa_long_int;
+
+/*
+ An element of `EFA_2INT`: 8 bytes, `value` at 0, `index` at 4.
+ */
+typedef struct EFA_PACKED efa_2int {
+  /*
+   The value compared.
+   */
+  int32_t value;
+  /*
+   As in [`efa_float_int`].
+   */
+  uint32_t index;
+} efa_2int;
 
 #ifdef __cplusplus
 extern "C" {
@@ -472,8 +566,9 @@ int efa_op_free(int *op);
  datatype and op.
 
  Errors (for every collective, with the additions each lists): `EFA_ERR_NULL` (`comm`; a
- buffer or array with elements); `EFA_ERR_ARG` (datatype, op, alignment, overlapping
- buffers); `EFA_ERR_MISMATCH` on every rank when ranks pass different counts, datatypes,
+ buffer or array with elements); `EFA_ERR_ARG` (datatype, op, an op that does not fit the
+ datatype: `EFA_MINLOC`/`EFA_MAXLOC` with a plain datatype or a built-in arithmetic op with
+ a pair datatype; alignment, overlapping buffers, counts whose size overflows); `EFA_ERR_MISMATCH` on every rank when ranks pass different counts, datatypes,
  ops or roots; `EFA_ERR_COLL_ARG` when a rank's buffers or counts do not fit the call (on
  every rank, naming it); `EFA_ERR_RANK` (root); `EFA_ERR_TIMEOUT`, `EFA_ERR_PEER_FAILED`
  naming the rank.

@@ -6,7 +6,7 @@
 //! and copy the result into the receive buffer when they complete ([`crate::efa_wait`] and
 //! friends): the receive buffer must stay valid until then, the send buffer need not.
 
-// `op.clone()` is shared by ReduceOp (Copy) and UserOp (Clone) in reduction!.
+// `op.clone()` is shared by ReduceOp and LocOp (Copy) and UserOp (Clone) in reduction!.
 #![allow(clippy::clone_on_copy)]
 
 use std::ffi::{c_int, c_void};
@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use efa_core::{AnyRequest, CollRequest, Communicator, Pod, ReduceOp, UserOp};
+use efa_core::{AnyRequest, CollRequest, Communicator, LocOp, Pod, ReduceOp, UserOp};
 
-use crate::p2p::{efa_datatype, new_request, with_type, CollPending, Kind};
+use crate::p2p::{efa_datatype, match_type, new_request, with_type, CollPending, Kind};
 use crate::{
     comm_ref, efa_comm, efa_request, guarded, is_in_place, need, put, rank_arg, slice, slice_mut,
     CErr, CResult,
@@ -38,11 +38,19 @@ pub enum efa_op {
     EFA_MAX = 3,
     /// Sum divided by the number of ranks once at the end (integer division for integers).
     EFA_AVG = 4,
+    /// The smallest value and its index (`MPI_MINLOC`), over the pair datatypes only
+    /// (`EFA_FLOAT_INT`, `EFA_DOUBLE_INT`, `EFA_LONG_INT`, `EFA_2INT`): among equal values
+    /// the lowest index wins; a float NaN never wins against a number.
+    EFA_MINLOC = 5,
+    /// The largest value and its index (`MPI_MAXLOC`), as `EFA_MINLOC`.
+    EFA_MAXLOC = 6,
 }
 
-/// A reduction operator of a call: built in, or one made by [`efa_op_create`].
+/// A reduction operator of a call: built in, min/max with location, or one made by
+/// [`efa_op_create`].
 pub(crate) enum Op {
     Builtin(ReduceOp),
+    Loc(LocOp),
     User(Arc<UserFn>),
 }
 
@@ -53,6 +61,8 @@ fn op_arg(op: c_int) -> CResult<Op> {
         2 => ReduceOp::Min,
         3 => ReduceOp::Max,
         4 => ReduceOp::Avg,
+        5 => return Ok(Op::Loc(LocOp::MinLoc)),
+        6 => return Ok(Op::Loc(LocOp::MaxLoc)),
         o if o >= USER_OP_BASE => {
             let ops = user_ops().lock().unwrap_or_else(|p| p.into_inner());
             return match ops.get(&o) {
@@ -64,7 +74,7 @@ fn op_arg(op: c_int) -> CResult<Op> {
         }
         o => {
             return Err(CErr::arg(format!(
-                "op {o} is not an efa_op (EFA_SUM .. EFA_AVG, 0..4) or a user operator from efa_op_create"
+                "op {o} is not an efa_op (EFA_SUM .. EFA_MAXLOC, 0..6) or a user operator from efa_op_create"
             )))
         }
     }))
@@ -73,14 +83,19 @@ fn op_arg(op: c_int) -> CResult<Op> {
 /// The one dispatch of the reducing collectives (allreduce, reduce, reduce_scatter_block,
 /// scan, exscan; blocking and non-blocking): checks the communicator and the datatype
 /// ([`coll`]) and the operator ([`op_arg`]), then runs `$body` with `$c` the communicator,
-/// `$T` the element type and `$o` the operator as a Rust `Reduction<$T>` (a [`ReduceOp`],
-/// or a [`UserOp`] calling the C function).
+/// `$T` the element type and `$o` the operator as a Rust `Reduction<$T>`: a [`ReduceOp`]
+/// over a plain datatype, a [`LocOp`] over a pair datatype, or a [`UserOp`] calling the C
+/// function over either. Any other pairing is `EFA_ERR_ARG` ([`op_misfit`]).
 macro_rules! reduction {
     ($name:literal, $comm:expr, $datatype:expr, $op:expr,
      |$c:ident, $T:ident, $o:ident| $body:expr) => {
         coll($name, $comm, $datatype, |$c, d| match op_arg($op)? {
-            Op::Builtin(r) => with_type!(d, $T => {
+            Op::Builtin(r) => match_type!(d, elem $T => {
                 let $o = r;
+                $body
+            }, pair _P => Err(op_misfit(d, $op))),
+            Op::Loc(l) => match_type!(d, elem _E => Err(op_misfit(d, $op)), pair $T => {
+                let $o = l;
                 $body
             }),
             Op::User(u) => with_type!(d, $T => {
@@ -89,6 +104,17 @@ macro_rules! reduction {
             }),
         })
     };
+}
+
+/// The error of a built-in operator over a pair datatype, or of `EFA_MINLOC`/`EFA_MAXLOC`
+/// over a plain one.
+fn op_misfit(d: efa_datatype, op: c_int) -> CErr {
+    let pair = match_type!(d, elem _E => false, pair _P => true);
+    CErr::arg(if pair {
+        format!("op {op} (a built-in arithmetic operator) does not apply to the pair datatype {d:?}: pairs take EFA_MINLOC, EFA_MAXLOC or a user operator")
+    } else {
+        format!("op {op} (EFA_MINLOC or EFA_MAXLOC) needs a pair datatype (EFA_FLOAT_INT, EFA_DOUBLE_INT, EFA_LONG_INT, EFA_2INT), not {d:?}")
+    })
 }
 
 /// The C function of a user operator: `acc[i] = acc[i] op x[i]` for `count` elements, `acc`
@@ -316,8 +342,9 @@ fn root_of(c: &Communicator, root: c_int) -> CResult<(u32, bool)> {
 /// datatype and op.
 ///
 /// Errors (for every collective, with the additions each lists): `EFA_ERR_NULL` (`comm`; a
-/// buffer or array with elements); `EFA_ERR_ARG` (datatype, op, alignment, overlapping
-/// buffers); `EFA_ERR_MISMATCH` on every rank when ranks pass different counts, datatypes,
+/// buffer or array with elements); `EFA_ERR_ARG` (datatype, op, an op that does not fit the
+/// datatype: `EFA_MINLOC`/`EFA_MAXLOC` with a plain datatype or a built-in arithmetic op with
+/// a pair datatype; alignment, overlapping buffers, counts whose size overflows); `EFA_ERR_MISMATCH` on every rank when ranks pass different counts, datatypes,
 /// ops or roots; `EFA_ERR_COLL_ARG` when a rank's buffers or counts do not fit the call (on
 /// every rank, naming it); `EFA_ERR_RANK` (root); `EFA_ERR_TIMEOUT`, `EFA_ERR_PEER_FAILED`
 /// naming the rank.

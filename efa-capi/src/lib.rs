@@ -3,7 +3,8 @@
 //! An MPI-flavoured surface over [`efa_core`]'s public API, for C, C++ and Fortran
 //! (`bind(C)`) programs: communicators (init/finalize, rank/size, dup/split), blocking and
 //! non-blocking point-to-point messaging with wildcards and wait/test/waitall/waitany, every
-//! collective (blocking and non-blocking, with datatype and operator enums), RMA windows, and
+//! collective (blocking and non-blocking, with datatype and operator enums, min/max with
+//! location over packed value-index pairs), RMA windows, and
 //! the route to a peer with its reason.
 //!
 //! # Rules every function follows

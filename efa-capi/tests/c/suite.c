@@ -4,6 +4,7 @@
  * "efa-c-suite: rank R of N: K checks passed" at the end; any failed check prints what and
  * where and exits 1. */
 #include <efa.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -377,6 +378,69 @@ static void test_user_ops(efa_comm *c, int n) {
   OK(efa_op_free(&bor));
 }
 
+/* The pair types have the documented layout: packed, as libefa reads them. */
+_Static_assert(sizeof(efa_float_int) == 8 && offsetof(efa_float_int, index) == 4, "float_int");
+_Static_assert(sizeof(efa_double_int) == 12 && offsetof(efa_double_int, index) == 8,
+               "double_int");
+_Static_assert(sizeof(efa_long_int) == 12 && offsetof(efa_long_int, index) == 8, "long_int");
+_Static_assert(sizeof(efa_2int) == 8 && offsetof(efa_2int, index) == 4, "2int");
+
+static void test_minloc(efa_comm *c, int n) {
+  size_t sz = 0;
+  OK(efa_type_size(EFA_DOUBLE_INT, &sz));
+  CHECK(sz == sizeof(efa_double_int), "double_int size %zu", sz);
+  /* [0] the same value everywhere: the lowest index wins (rank 0's).
+   * [1] value me % 2: min 0 at index 0 (ties with ranks 2, ...), max 1 at index 1.
+   * [2] value -me, index 100 + me: min at the last rank, max at rank 0.
+   * [3] the same value, index n - me: the lowest index is the last rank's (1). */
+  efa_double_int d[4], lo[4], hi[4];
+  d[0].value = 3.5; d[0].index = (uint32_t)me;
+  d[1].value = me % 2; d[1].index = (uint32_t)me;
+  d[2].value = -me; d[2].index = 100 + (uint32_t)me;
+  d[3].value = 7; d[3].index = (uint32_t)(n - me);
+  OK(efa_allreduce(c, d, lo, 4, EFA_DOUBLE_INT, EFA_MINLOC));
+  OK(efa_allreduce(c, d, hi, 4, EFA_DOUBLE_INT, EFA_MAXLOC));
+  CHECK(lo[0].value == 3.5 && lo[0].index == 0, "minloc tie %f %u", lo[0].value, lo[0].index);
+  CHECK(hi[0].value == 3.5 && hi[0].index == 0, "maxloc tie %f %u", hi[0].value, hi[0].index);
+  CHECK(lo[1].value == 0 && lo[1].index == 0, "minloc [1] %f %u", lo[1].value, lo[1].index);
+  CHECK(hi[1].value == 1 && hi[1].index == 1, "maxloc [1] %f %u", hi[1].value, hi[1].index);
+  CHECK(lo[2].value == -(n - 1) && lo[2].index == 100 + (uint32_t)(n - 1), "minloc [2] %u",
+        lo[2].index);
+  CHECK(hi[2].value == 0 && hi[2].index == 100, "maxloc [2] %u", hi[2].index);
+  CHECK(lo[3].index == 1 && hi[3].index == 1, "tie by index %u %u", lo[3].index, hi[3].index);
+  /* 2INT in place; LONG_INT reduced to the last rank; FLOAT_INT non-blocking; a scan. */
+  efa_2int iv = {me / 2, (uint32_t)me};
+  OK(efa_allreduce(c, EFA_IN_PLACE, &iv, 1, EFA_2INT, EFA_MAXLOC));
+  CHECK(iv.value == (n - 1) / 2 && iv.index == (uint32_t)((n - 1) / 2 * 2), "2int %d %u",
+        iv.value, iv.index);
+  efa_long_int lv = {-(int64_t)me * 1000000000000LL, (uint32_t)me}, lr = {0, 0};
+  OK(efa_reduce(c, &lv, me == n - 1 ? &lr : NULL, 1, EFA_LONG_INT, EFA_MINLOC, n - 1));
+  if (me == n - 1)
+    CHECK(lr.value == -(int64_t)(n - 1) * 1000000000000LL && lr.index == (uint32_t)(n - 1),
+          "long_int %u", lr.index);
+  efa_float_int fv = {1.0f, (uint32_t)(n - me)}, fr = {0, 0};
+  efa_request *r = NULL;
+  OK(efa_iallreduce(c, &fv, &fr, 1, EFA_FLOAT_INT, EFA_MINLOC, &r));
+  OK(efa_wait(&r, NULL));
+  CHECK(fr.value == 1.0f && fr.index == 1, "ifloat_int %f %u", fr.value, fr.index);
+  efa_2int sv = {n - me, (uint32_t)me}, sr = {0, 0};
+  OK(efa_scan(c, &sv, &sr, 1, EFA_2INT, EFA_MINLOC));
+  CHECK(sr.value == n - me && sr.index == (uint32_t)me, "scan minloc %d %u", sr.value, sr.index);
+  /* A pair with an arithmetic op, or MINLOC with a plain type: EFA_ERR_ARG on every rank. */
+  CHECK(efa_allreduce(c, EFA_IN_PLACE, lo, 4, EFA_DOUBLE_INT, EFA_SUM) == EFA_ERR_ARG,
+        "pair with EFA_SUM");
+  CHECK(strstr(efa_last_error(), "pair datatype") != NULL, "text: %s", efa_last_error());
+  double plain = 1;
+  CHECK(efa_allreduce(c, EFA_IN_PLACE, &plain, 1, EFA_DOUBLE, EFA_MAXLOC) == EFA_ERR_ARG,
+        "EFA_MAXLOC with a plain type");
+  CHECK(efa_iallreduce(c, &plain, lo, 1, EFA_DOUBLE, EFA_MINLOC, &r) == EFA_ERR_ARG && r == NULL,
+        "EFA_MINLOC with a plain type, non-blocking");
+  /* Pairs are plain data to every other call. */
+  efa_2int b = {me == 0 ? 42 : 0, me == 0 ? 7u : 0u};
+  OK(efa_bcast(c, &b, 1, EFA_2INT, 0));
+  CHECK(b.value == 42 && b.index == 7, "bcast 2int %d %u", b.value, b.index);
+}
+
 static void test_comms(efa_comm *c, int n) {
   efa_comm *d = NULL, *half = NULL;
   OK(efa_comm_dup(c, &d));
@@ -458,6 +522,7 @@ int main(void) {
   test_p2p(c, n);
   test_coll(c, n);
   test_user_ops(c, n);
+  test_minloc(c, n);
   test_comms(c, n);
   test_rma(c, n);
   OK(efa_finalize(&c));
