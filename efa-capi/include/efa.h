@@ -15,12 +15,6 @@
 
 #include <stddef.h>
 #include <stdint.h>
-/* Marks the packed pair types (efa_double_int, ...): no padding, as libefa reads them. */
-#if defined(__GNUC__) || defined(__clang__)
-#define EFA_PACKED __attribute__((packed))
-#else
-#error "efa.h: the pair types need a packed struct attribute (GCC or Clang)"
-#endif
 
 /*
  `source` argument of receives and probes: any rank (`MPI_ANY_SOURCE`).
@@ -88,21 +82,21 @@ typedef enum efa_datatype {
    */
   EFA_DOUBLE = 9,
   /*
-   A `float` and its index: [`efa_float_int`] (`MPI_FLOAT_INT`), for `EFA_MINLOC` and
-   `EFA_MAXLOC`.
+   A `float` and its `int` index: `efa_float_int` (`MPI_FLOAT_INT`), for `EFA_MINLOC`
+   and `EFA_MAXLOC`. The pair types have MPI's layout (natural alignment, so a program's
+   own `struct { float; int; }` is the same) and any `int` index.
    */
   EFA_FLOAT_INT = 10,
   /*
-   A `double` and its index: [`efa_double_int`] (`MPI_DOUBLE_INT`).
+   A `double` and its `int` index: `efa_double_int` (`MPI_DOUBLE_INT`), 16 bytes.
    */
   EFA_DOUBLE_INT = 11,
   /*
-   An `int64_t` (C's `long` on 64-bit Linux) and its index: [`efa_long_int`]
-   (`MPI_LONG_INT`).
+   A `long` and its `int` index: `efa_long_int` (`MPI_LONG_INT`), 16 bytes.
    */
   EFA_LONG_INT = 12,
   /*
-   An `int32_t` and its index: [`efa_2int`] (`MPI_2INT`).
+   An `int` and its `int` index: `efa_2int` (`MPI_2INT`).
    */
   EFA_2INT = 13,
 } efa_datatype;
@@ -247,8 +241,11 @@ typedef enum efa_op {
   EFA_AVG = 4,
   /*
    The smallest value and its index (`MPI_MINLOC`), over the pair datatypes only
-   (`EFA_FLOAT_INT`, `EFA_DOUBLE_INT`, `EFA_LONG_INT`, `EFA_2INT`): among equal values
-   the lowest index wins; a float NaN never wins against a number.
+   (`EFA_FLOAT_INT`, `EFA_DOUBLE_INT`, `EFA_LONG_INT`, `EFA_2INT`, MPI's layouts): among
+   equal values the lowest index wins, in signed order (any `int`, negative ones
+   included, as MPI); a float NaN never wins against a number. The library reduces a
+   copy of the pairs and writes back `value` and `index` only (at completion for the
+   non-blocking forms), never the padding.
    */
   EFA_MINLOC = 5,
   /*
@@ -349,27 +346,29 @@ typedef struct efa_status {
 } efa_status;
 
 /*
- An element of `EFA_FLOAT_INT`: 8 bytes, `value` at 0, `index` at 4. Like every pair type
- (`efa_double_int`, `efa_long_int`, `efa_2int`) it is packed, as libefa reads it: no
- padding, alignment 1, size the value's + 4. So `efa_double_int` is 12 bytes, not the 16
- of MPI's `struct { double; int; }`: declare buffers with these types. The index is
- unsigned (`uint32_t`).
+ An element of `EFA_FLOAT_INT` (`MPI_FLOAT_INT`): `struct { float value; int index; }`,
+ 8 bytes, `index` at 4.
  */
-typedef struct EFA_PACKED efa_float_int {
+typedef struct efa_float_int {
   /*
    The value compared.
    */
   float value;
   /*
-   Where it came from (a rank, an element index, ...); among equal values the lowest wins.
+   Where the value came from (a rank, an element index, ...): any `int`, negative ones
+   included. Among equal values `EFA_MINLOC` and `EFA_MAXLOC` keep the lowest index
+   (signed order, as MPI).
    */
-  uint32_t index;
+  int index;
 } efa_float_int;
 
 /*
- An element of `EFA_DOUBLE_INT`: 12 bytes (packed), `value` at 0, `index` at 8.
+ An element of `EFA_DOUBLE_INT` (`MPI_DOUBLE_INT`): `struct { double value; int index; }`
+ with natural alignment, as MPI's: 16 bytes (alignment 8), `index` at 8, then 4 bytes of
+ padding. `EFA_MINLOC`/`EFA_MAXLOC` neither read nor write the padding; other calls (a
+ broadcast, a user operator) copy it as it is.
  */
-typedef struct EFA_PACKED efa_double_int {
+typedef struct efa_double_int {
   /*
    The value compared.
    */
@@ -377,35 +376,38 @@ typedef struct EFA_PACKED efa_double_int {
   /*
    As in [`efa_float_int`].
    */
-  uint32_t index;
+  int index;
 } efa_double_int;
 
 /*
- An element of `EFA_LONG_INT`: 12 bytes (packed), `value` at 0, `index` at 8.
+ An element of `EFA_LONG_INT` (`MPI_LONG_INT`): `struct { long value; int index; }`, 16
+ bytes on 64-bit Linux (alignment 8), `index` at 8, then 4 bytes of padding, as
+ [`efa_double_int`].
  */
-typedef struct EFA_PACKED efa_long_int {
+typedef struct efa_long_int {
   /*
    The value compared.
    */
-  int64_t value;
+  long value;
   /*
    As in [`efa_float_int`].
    */
-  uint32_t index;
+  int index;
 } efa_long_int;
 
 /*
- An element of `EFA_2INT`: 8 bytes, `value` at 0, `index` at 4.
+ An element of `EFA_2INT` (`MPI_2INT`): `struct { int value; int index; }`, 8 bytes,
+ `index` at 4.
  */
-typedef struct EFA_PACKED efa_2int {
+typedef struct efa_2int {
   /*
    The value compared.
    */
-  int32_t value;
+  int value;
   /*
    As in [`efa_float_int`].
    */
-  uint32_t index;
+  int index;
 } efa_2int;
 
 #ifdef __cplusplus

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use efa_core::{AnyRequest, CollRequest, Communicator, LocOp, Pod, ReduceOp, UserOp};
 
 use crate::p2p::{efa_datatype, match_type, new_request, with_type, CollPending, Kind};
+use crate::pair::{staged, unstage, with_staged, Staged};
 use crate::{
     comm_ref, efa_comm, efa_request, guarded, is_in_place, need, put, rank_arg, slice, slice_mut,
     CErr, CResult,
@@ -39,8 +40,11 @@ pub enum efa_op {
     /// Sum divided by the number of ranks once at the end (integer division for integers).
     EFA_AVG = 4,
     /// The smallest value and its index (`MPI_MINLOC`), over the pair datatypes only
-    /// (`EFA_FLOAT_INT`, `EFA_DOUBLE_INT`, `EFA_LONG_INT`, `EFA_2INT`): among equal values
-    /// the lowest index wins; a float NaN never wins against a number.
+    /// (`EFA_FLOAT_INT`, `EFA_DOUBLE_INT`, `EFA_LONG_INT`, `EFA_2INT`, MPI's layouts): among
+    /// equal values the lowest index wins, in signed order (any `int`, negative ones
+    /// included, as MPI); a float NaN never wins against a number. The library reduces a
+    /// copy of the pairs and writes back `value` and `index` only (at completion for the
+    /// non-blocking forms), never the padding.
     EFA_MINLOC = 5,
     /// The largest value and its index (`MPI_MAXLOC`), as `EFA_MINLOC`.
     EFA_MAXLOC = 6,
@@ -83,9 +87,11 @@ fn op_arg(op: c_int) -> CResult<Op> {
 /// The one dispatch of the reducing collectives (allreduce, reduce, reduce_scatter_block,
 /// scan, exscan; blocking and non-blocking): checks the communicator and the datatype
 /// ([`coll`]) and the operator ([`op_arg`]), then runs `$body` with `$c` the communicator,
-/// `$T` the element type and `$o` the operator as a Rust `Reduction<$T>`: a [`ReduceOp`]
-/// over a plain datatype, a [`LocOp`] over a pair datatype, or a [`UserOp`] calling the C
-/// function over either. Any other pairing is `EFA_ERR_ARG` ([`op_misfit`]).
+/// `$T` the element type efa-core computes on and `$o` the operator as a Rust
+/// `Reduction<$T>`: a [`ReduceOp`] over a plain datatype, a [`LocOp`] over a pair datatype's
+/// `ValueIndex` (staged from the caller's MPI-layout pairs by [`in_or_out`] and [`vec_in`],
+/// written back by them or by [`CopyBack`]), or a [`UserOp`] calling the C function over the
+/// caller's elements as they are. Any other pairing is `EFA_ERR_ARG` ([`op_misfit`]).
 macro_rules! reduction {
     ($name:literal, $comm:expr, $datatype:expr, $op:expr,
      |$c:ident, $T:ident, $o:ident| $body:expr) => {
@@ -93,8 +99,8 @@ macro_rules! reduction {
             Op::Builtin(r) => match_type!(d, elem $T => {
                 let $o = r;
                 $body
-            }, pair _P => Err(op_misfit(d, $op))),
-            Op::Loc(l) => match_type!(d, elem _E => Err(op_misfit(d, $op)), pair $T => {
+            }, pair _P, _L => Err(op_misfit(d, $op))),
+            Op::Loc(l) => match_type!(d, elem _E => Err(op_misfit(d, $op)), pair _P, $T => {
                 let $o = l;
                 $body
             }),
@@ -109,7 +115,7 @@ macro_rules! reduction {
 /// The error of a built-in operator over a pair datatype, or of `EFA_MINLOC`/`EFA_MAXLOC`
 /// over a plain one.
 fn op_misfit(d: efa_datatype, op: c_int) -> CErr {
-    let pair = match_type!(d, elem _E => false, pair _P => true);
+    let pair = match_type!(d, elem _E => false, pair _P, _L => true);
     CErr::arg(if pair {
         format!("op {op} (a built-in arithmetic operator) does not apply to the pair datatype {d:?}: pairs take EFA_MINLOC, EFA_MAXLOC or a user operator")
     } else {
@@ -277,10 +283,12 @@ fn coll(
 }
 
 /// The in-place or out-of-place form over `count` elements of receive (and send) buffer.
+/// The buffers hold `T::C` (checked for that type's alignment and size); `in_place` and
+/// `out_of_place` see them as `T` ([`with_staged`], [`staged`]).
 ///
 /// # Safety
 /// The buffers hold `count` elements each, valid for the call.
-unsafe fn in_or_out<T: Pod>(
+unsafe fn in_or_out<T: Staged>(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     send_count: usize,
@@ -290,14 +298,16 @@ unsafe fn in_or_out<T: Pod>(
 ) -> CResult<()> {
     if is_in_place(sendbuf) {
         // SAFETY: forwarded buffer contract.
-        in_place(unsafe { slice_mut::<T>(recvbuf, recv_count, "recvbuf") }?)?;
+        let recv = unsafe { slice_mut::<T::C>(recvbuf, recv_count, "recvbuf") }?;
+        with_staged(recv, in_place)?;
     } else {
         // SAFETY: as above.
-        let recv = unsafe { slice_mut::<T>(recvbuf, recv_count, "recvbuf") }?;
+        let recv = unsafe { slice_mut::<T::C>(recvbuf, recv_count, "recvbuf") }?;
         // SAFETY: as above.
-        let send = unsafe { slice::<T>(sendbuf, send_count, "sendbuf") }?;
+        let send = unsafe { slice::<T::C>(sendbuf, send_count, "sendbuf") }?;
         disjoint(send, recv)?;
-        out_of_place(send, recv)?;
+        let send = staged::<T>(send);
+        with_staged(recv, |r| out_of_place(&send, r))?;
     }
     Ok(())
 }
@@ -307,7 +317,7 @@ unsafe fn in_or_out<T: Pod>(
 ///
 /// # Safety
 /// As [`in_or_out`].
-unsafe fn reduce_n<T: Pod, O: Clone>(
+unsafe fn reduce_n<T: Staged, O: Clone>(
     c: &Communicator,
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
@@ -770,16 +780,16 @@ pub unsafe extern "C" fn efa_alltoallv(
 
 // ---- Non-blocking ----------------------------------------------------------------------------
 
-/// A non-blocking collective whose result (`len` elements from `from`) is copied to `out`
-/// when it completes.
-struct CopyBack<T: Pod + Send> {
+/// A non-blocking collective whose result (`len` elements from `from`) is written to the
+/// caller's `out` ([`unstage`]) when it completes.
+struct CopyBack<T: Staged> {
     req: CollRequest<Vec<T>>,
-    out: *mut T,
+    out: *mut T::C,
     from: usize,
     len: usize,
 }
 
-impl<T: Pod + Send> AnyRequest for CopyBack<T> {
+impl<T: Staged> AnyRequest for CopyBack<T> {
     fn test(&mut self) -> efa_core::Result<bool> {
         self.req.test()
     }
@@ -788,7 +798,7 @@ impl<T: Pod + Send> AnyRequest for CopyBack<T> {
     }
 }
 
-impl<T: Pod + Send> CollPending for CopyBack<T> {
+impl<T: Staged> CollPending for CopyBack<T> {
     fn finish(self: Box<Self>) -> efa_core::Result<()> {
         let v = self.req.wait()?;
         if self.len > 0 {
@@ -798,9 +808,10 @@ impl<T: Pod + Send> CollPending for CopyBack<T> {
                     what: "a non-blocking collective returned a shorter buffer than it was given",
                 })?;
             // SAFETY: `out` was checked (non-NULL, aligned, `len` elements) when the request
-            // started, and stays valid until it completes (the header's contract); `src` is
-            // our own vector, so they do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.out, self.len) };
+            // started, and stays valid and unused by the caller until it completes (the
+            // header's contract); `src` is our own vector, so they do not overlap.
+            let out = unsafe { std::slice::from_raw_parts_mut(self.out, self.len) };
+            unstage(src, out);
         }
         Ok(())
     }
@@ -824,11 +835,11 @@ impl CollPending for Barrier {
 }
 
 /// A request for `req` whose result `[from..][..out.len()]` goes to `out`.
-fn start<T: Pod + Send>(
+fn start<T: Staged>(
     c: &Communicator,
     request: *mut *mut efa_request,
     req: CollRequest<Vec<T>>,
-    out: &mut [T],
+    out: &mut [T::C],
     from: usize,
 ) -> CResult<()> {
     let kind = Kind::Coll(Box::new(CopyBack {
@@ -840,23 +851,24 @@ fn start<T: Pod + Send>(
     new_request(request, c, kind)
 }
 
-/// The input vector (a copy of `sendbuf`, or of `recvbuf` in place) and the output slice.
+/// The input vector (a copy of `sendbuf`, or of `recvbuf` in place, as `T`: [`staged`])
+/// and the output slice (for [`start`]).
 ///
 /// # Safety
 /// The buffers hold their counts and `recvbuf` stays valid until the request completes.
-unsafe fn vec_in<'a, T: Pod>(
+unsafe fn vec_in<'a, T: Staged>(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     send_count: usize,
     recv_count: usize,
-) -> CResult<(Vec<T>, &'a mut [T])> {
+) -> CResult<(Vec<T>, &'a mut [T::C])> {
     // SAFETY: forwarded contract.
-    let out = unsafe { slice_mut::<T>(recvbuf, recv_count, "recvbuf") }?;
+    let out = unsafe { slice_mut::<T::C>(recvbuf, recv_count, "recvbuf") }?;
     let v = if is_in_place(sendbuf) {
-        out.to_vec()
+        staged::<T>(out).into_owned()
     } else {
         // SAFETY: forwarded contract.
-        unsafe { slice::<T>(sendbuf, send_count, "sendbuf") }?.to_vec()
+        staged::<T>(unsafe { slice::<T::C>(sendbuf, send_count, "sendbuf") }?).into_owned()
     };
     Ok((v, out))
 }

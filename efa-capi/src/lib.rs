@@ -4,8 +4,8 @@
 //! (`bind(C)`) programs: communicators (init/finalize, rank/size, dup/split), blocking and
 //! non-blocking point-to-point messaging with wildcards and wait/test/waitall/waitany, every
 //! collective (blocking and non-blocking, with datatype and operator enums, min/max with
-//! location over packed value-index pairs), RMA windows, and
-//! the route to a peer with its reason.
+//! location over MPI's value-index pair types), RMA windows, and the route to a peer with
+//! its reason.
 //!
 //! # Rules every function follows
 //! - It returns an `efa_errcode` as `int`: `EFA_SUCCESS` (0) or an error code. On an error
@@ -37,10 +37,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 mod coll;
 mod p2p;
+mod pair;
 mod rma;
 
 pub use coll::*;
 pub use p2p::*;
+pub use pair::{efa_2int, efa_double_int, efa_float_int, efa_long_int};
 pub use rma::*;
 
 use efa_core::{Communicator, Error, ErrorClass};

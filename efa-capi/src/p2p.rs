@@ -34,79 +34,17 @@ pub enum efa_datatype {
     EFA_FLOAT = 8,
     /// `double`.
     EFA_DOUBLE = 9,
-    /// A `float` and its index: [`efa_float_int`] (`MPI_FLOAT_INT`), for `EFA_MINLOC` and
-    /// `EFA_MAXLOC`.
+    /// A `float` and its `int` index: `efa_float_int` (`MPI_FLOAT_INT`), for `EFA_MINLOC`
+    /// and `EFA_MAXLOC`. The pair types have MPI's layout (natural alignment, so a program's
+    /// own `struct { float; int; }` is the same) and any `int` index.
     EFA_FLOAT_INT = 10,
-    /// A `double` and its index: [`efa_double_int`] (`MPI_DOUBLE_INT`).
+    /// A `double` and its `int` index: `efa_double_int` (`MPI_DOUBLE_INT`), 16 bytes.
     EFA_DOUBLE_INT = 11,
-    /// An `int64_t` (C's `long` on 64-bit Linux) and its index: [`efa_long_int`]
-    /// (`MPI_LONG_INT`).
+    /// A `long` and its `int` index: `efa_long_int` (`MPI_LONG_INT`), 16 bytes.
     EFA_LONG_INT = 12,
-    /// An `int32_t` and its index: [`efa_2int`] (`MPI_2INT`).
+    /// An `int` and its `int` index: `efa_2int` (`MPI_2INT`).
     EFA_2INT = 13,
 }
-
-// The pair types of `EFA_MINLOC` / `EFA_MAXLOC` (MPI 4.0 section 6.9.4). Each is exactly
-// efa-core's `ValueIndex<V>`, which the reductions read in place (`same_layout!` below).
-
-/// An element of `EFA_FLOAT_INT`: 8 bytes, `value` at 0, `index` at 4. Like every pair type
-/// (`efa_double_int`, `efa_long_int`, `efa_2int`) it is packed, as libefa reads it: no
-/// padding, alignment 1, size the value's + 4. So `efa_double_int` is 12 bytes, not the 16
-/// of MPI's `struct { double; int; }`: declare buffers with these types. The index is
-/// unsigned (`uint32_t`).
-#[repr(C, packed)]
-#[derive(Debug, Clone, Copy)]
-pub struct efa_float_int {
-    /// The value compared.
-    pub value: f32,
-    /// Where it came from (a rank, an element index, ...); among equal values the lowest wins.
-    pub index: u32,
-}
-
-/// An element of `EFA_DOUBLE_INT`: 12 bytes (packed), `value` at 0, `index` at 8.
-#[repr(C, packed)]
-#[derive(Debug, Clone, Copy)]
-pub struct efa_double_int {
-    /// The value compared.
-    pub value: f64,
-    /// As in [`efa_float_int`].
-    pub index: u32,
-}
-
-/// An element of `EFA_LONG_INT`: 12 bytes (packed), `value` at 0, `index` at 8.
-#[repr(C, packed)]
-#[derive(Debug, Clone, Copy)]
-pub struct efa_long_int {
-    /// The value compared.
-    pub value: i64,
-    /// As in [`efa_float_int`].
-    pub index: u32,
-}
-
-/// An element of `EFA_2INT`: 8 bytes, `value` at 0, `index` at 4.
-#[repr(C, packed)]
-#[derive(Debug, Clone, Copy)]
-pub struct efa_2int {
-    /// The value compared.
-    pub value: i32,
-    /// As in [`efa_float_int`].
-    pub index: u32,
-}
-
-/// Fails the build unless the C pair type `$c` has the layout of `ValueIndex<$v>`, the type
-/// the reductions see (`match_type!` maps the datatype to it).
-macro_rules! same_layout {
-    ($($c:ty => $v:ty),*) => {$(
-        const _: () = {
-            use std::mem::{align_of, offset_of, size_of};
-            type V = efa_core::ValueIndex<$v>;
-            assert!(size_of::<$c>() == size_of::<V>() && align_of::<$c>() == align_of::<V>());
-            assert!(offset_of!($c, value) == offset_of!(V, value));
-            assert!(offset_of!($c, index) == offset_of!(V, index));
-        };
-    )*};
-}
-same_layout!(efa_float_int => f32, efa_double_int => f64, efa_long_int => i64, efa_2int => i32);
 
 impl efa_datatype {
     pub(crate) fn from_int(d: c_int) -> CResult<efa_datatype> {
@@ -140,27 +78,33 @@ impl efa_datatype {
     }
 }
 
-/// The one map from an `efa_datatype` to its Rust type: runs `$elem` with `$T` the element
-/// type of a plain datatype (an `efa_core::Element`), or `$pair` with `$P` the
-/// `ValueIndex` of a pair datatype (`EFA_FLOAT_INT`, ...).
+/// The one map from an `efa_datatype` to its Rust types: runs `$elem` with `$T` the element
+/// type of a plain datatype (an `efa_core::Element`), or `$pair` with `$P` the `Pod` twin of
+/// a pair datatype's C type (`EFA_FLOAT_INT`, ...: its bytes as the caller lays them out)
+/// and `$L` the `ValueIndex` that `EFA_MINLOC`/`EFA_MAXLOC` reduce it as
+/// ([`crate::pair::Staged`] converts between them).
 macro_rules! match_type {
-    ($dt:expr, elem $T:ident => $elem:expr, pair $P:ident => $pair:expr) => {{
+    ($dt:expr, elem $T:ident => $elem:expr, pair $P:ident, $L:ident => $pair:expr) => {{
         use $crate::p2p::efa_datatype as D;
         match $dt {
             D::EFA_FLOAT_INT => {
-                type $P = efa_core::ValueIndex<f32>;
+                type $P = $crate::pair::FloatIntBits;
+                type $L = efa_core::ValueIndex<f32>;
                 $pair
             }
             D::EFA_DOUBLE_INT => {
-                type $P = efa_core::ValueIndex<f64>;
+                type $P = $crate::pair::DoubleIntBits;
+                type $L = efa_core::ValueIndex<f64>;
                 $pair
             }
             D::EFA_LONG_INT => {
-                type $P = efa_core::ValueIndex<i64>;
+                type $P = $crate::pair::LongIntBits;
+                type $L = efa_core::ValueIndex<i64>;
                 $pair
             }
             D::EFA_2INT => {
-                type $P = efa_core::ValueIndex<i32>;
+                type $P = $crate::pair::TwoIntBits;
+                type $L = efa_core::ValueIndex<i32>;
                 $pair
             }
             D::EFA_INT8 => {
@@ -207,10 +151,11 @@ macro_rules! match_type {
     }};
 }
 
-/// Runs `$body` with `$T` the Rust type of datatype `$dt` (an `efa_datatype`), plain or pair.
+/// Runs `$body` with `$T` the Rust type of datatype `$dt` (an `efa_datatype`) as the caller
+/// lays it out: a plain element type or a pair's `Pod` twin.
 macro_rules! with_type {
     ($dt:expr, $T:ident => $body:expr) => {
-        $crate::p2p::match_type!($dt, elem $T => $body, pair $T => $body)
+        $crate::p2p::match_type!($dt, elem $T => $body, pair $T, _L => $body)
     };
 }
 pub(crate) use {match_type, with_type};

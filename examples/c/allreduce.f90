@@ -1,5 +1,5 @@
 ! Fortran through the same C ABI (bind(C)): an allreduce of doubles, and a MAXLOC over
-! (value, index) pairs.
+! (double, int) pairs.
 !
 !   gfortran allreduce.f90 $(pkg-config --libs efa) -o allreduce_f && efarun -n 4 ./allreduce_f
 module efa
@@ -7,12 +7,12 @@ module efa
   implicit none
   ! Values of efa.h's enums.
   integer(c_int), parameter :: EFA_SUCCESS = 0, EFA_DOUBLE = 9, EFA_SUM = 0
-  integer(c_int), parameter :: EFA_FLOAT_INT = 10, EFA_MAXLOC = 6
-  ! efa.h's efa_float_int (EFA_FLOAT_INT): 8 bytes, value at 0, index at 4 (packed in C; this layout has no
-  ! padding either).
-  type, bind(C) :: float_int_pair
-    real(c_float) :: value
-    integer(c_int32_t) :: index
+  integer(c_int), parameter :: EFA_DOUBLE_INT = 11, EFA_MAXLOC = 6
+  ! efa.h's efa_double_int (EFA_DOUBLE_INT, MPI_DOUBLE_INT): a bind(C) type has the C layout,
+  ! 16 bytes with the index at 8.
+  type, bind(C) :: double_int_pair
+    real(c_double) :: value
+    integer(c_int) :: index
   end type
   interface
     integer(c_int) function efa_init(comm) bind(C, name="efa_init")
@@ -67,7 +67,7 @@ program allreduce_f
   type(c_ptr) :: comm
   integer(c_int) :: rank, nranks, i
   real(c_double), target :: x(100), s(100)
-  type(float_int_pair), target :: mine, best
+  type(double_int_pair), target :: mine, best
   logical :: good
   call check(efa_init(comm), "efa_init")
   call check(efa_comm_rank(comm, rank), "efa_comm_rank")
@@ -81,13 +81,14 @@ program allreduce_f
   do i = 1, 100
     good = good .and. abs(s(i) - real(nranks * (nranks - 1) / 2 + nranks * i, c_double)) < 1d-9
   end do
-  ! The largest value is the last rank's; two ranks share it when there are 4 or more
-  ! (value rank / 2), and the lowest index among them wins.
-  mine = float_int_pair(real(rank / 2, c_float), rank)
-  call check(efa_allreduce(comm, c_loc(mine), c_loc(best), int(1, c_size_t), EFA_FLOAT_INT, &
+  ! The largest value (rank / 2) is the last rank's, shared with the one before it when
+  ! the number of ranks is even; the index is -rank, and the lowest index among them wins
+  ! (signed, as MPI's): the last rank's, -(nranks - 1).
+  mine = double_int_pair(real(rank / 2, c_double), -rank)
+  call check(efa_allreduce(comm, c_loc(mine), c_loc(best), int(1, c_size_t), EFA_DOUBLE_INT, &
                            EFA_MAXLOC), "efa_allreduce MAXLOC")
-  good = good .and. abs(best%value - real((nranks - 1) / 2, c_float)) < 0.5 &
-              .and. best%index == (nranks - 1) / 2 * 2
+  good = good .and. abs(best%value - real((nranks - 1) / 2, c_double)) < 0.5d0 &
+              .and. best%index == -(nranks - 1)
   if (good) then
     print '(a,i0,a)', "rank ", rank, ": fortran allreduce ok"
   else

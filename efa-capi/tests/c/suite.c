@@ -378,54 +378,144 @@ static void test_user_ops(efa_comm *c, int n) {
   OK(efa_op_free(&bor));
 }
 
-/* The pair types have the documented layout: packed, as libefa reads them. */
+/* The pair types have MPI's layout: natural alignment, an int index. */
 _Static_assert(sizeof(efa_float_int) == 8 && offsetof(efa_float_int, index) == 4, "float_int");
-_Static_assert(sizeof(efa_double_int) == 12 && offsetof(efa_double_int, index) == 8,
+_Static_assert(sizeof(efa_double_int) == 16 && offsetof(efa_double_int, index) == 8,
                "double_int");
-_Static_assert(sizeof(efa_long_int) == 12 && offsetof(efa_long_int, index) == 8, "long_int");
+_Static_assert(sizeof(efa_long_int) == 16 && offsetof(efa_long_int, index) == 8, "long_int");
 _Static_assert(sizeof(efa_2int) == 8 && offsetof(efa_2int, index) == 4, "2int");
+
+/* What a program ported from MPI declares itself for MPI_DOUBLE_INT (not efa.h's type). */
+struct mpi_double_int {
+  double val;
+  int loc;
+};
+_Static_assert(sizeof(struct mpi_double_int) == sizeof(efa_double_int), "MPI layout");
+
+/* A user operator over EFA_DOUBLE_INT sees the caller's layout: sums the values, keeps the
+ * largest index. */
+static void sum_keep_max_index(void *acc, const void *x, size_t count, void *user_data) {
+  (void)user_data;
+  struct mpi_double_int *a = acc;
+  const struct mpi_double_int *b = x;
+  for (size_t i = 0; i < count; i++) {
+    a[i].val += b[i].val;
+    if (b[i].loc > a[i].loc) a[i].loc = b[i].loc;
+  }
+}
 
 static void test_minloc(efa_comm *c, int n) {
   size_t sz = 0;
   OK(efa_type_size(EFA_DOUBLE_INT, &sz));
   CHECK(sz == sizeof(efa_double_int), "double_int size %zu", sz);
+  OK(efa_type_size(EFA_LONG_INT, &sz));
+  CHECK(sz == sizeof(efa_long_int), "long_int size %zu", sz);
   /* [0] the same value everywhere: the lowest index wins (rank 0's).
    * [1] value me % 2: min 0 at index 0 (ties with ranks 2, ...), max 1 at index 1.
    * [2] value -me, index 100 + me: min at the last rank, max at rank 0.
-   * [3] the same value, index n - me: the lowest index is the last rank's (1). */
-  efa_double_int d[4], lo[4], hi[4];
-  d[0].value = 3.5; d[0].index = (uint32_t)me;
-  d[1].value = me % 2; d[1].index = (uint32_t)me;
-  d[2].value = -me; d[2].index = 100 + (uint32_t)me;
-  d[3].value = 7; d[3].index = (uint32_t)(n - me);
-  OK(efa_allreduce(c, d, lo, 4, EFA_DOUBLE_INT, EFA_MINLOC));
-  OK(efa_allreduce(c, d, hi, 4, EFA_DOUBLE_INT, EFA_MAXLOC));
-  CHECK(lo[0].value == 3.5 && lo[0].index == 0, "minloc tie %f %u", lo[0].value, lo[0].index);
-  CHECK(hi[0].value == 3.5 && hi[0].index == 0, "maxloc tie %f %u", hi[0].value, hi[0].index);
-  CHECK(lo[1].value == 0 && lo[1].index == 0, "minloc [1] %f %u", lo[1].value, lo[1].index);
-  CHECK(hi[1].value == 1 && hi[1].index == 1, "maxloc [1] %f %u", hi[1].value, hi[1].index);
-  CHECK(lo[2].value == -(n - 1) && lo[2].index == 100 + (uint32_t)(n - 1), "minloc [2] %u",
-        lo[2].index);
-  CHECK(hi[2].value == 0 && hi[2].index == 100, "maxloc [2] %u", hi[2].index);
-  CHECK(lo[3].index == 1 && hi[3].index == 1, "tie by index %u %u", lo[3].index, hi[3].index);
-  /* 2INT in place; LONG_INT reduced to the last rank; FLOAT_INT non-blocking; a scan. */
-  efa_2int iv = {me / 2, (uint32_t)me};
+   * [3] the same value, index n - me: the lowest index is the last rank's (1).
+   * [4] the same value, index -1 at the last rank, me elsewhere: -1 is the lowest index
+   *     (signed order, as MPI; as an unsigned number it would be the highest).
+   * [5] the same value, index INT_MIN + me: the lowest is rank 0's. */
+  efa_double_int d[6], lo[6], hi[6];
+  memset(lo, 0x55, sizeof lo); /* the padding: MINLOC/MAXLOC leave it alone */
+  for (int i = 0; i < 6; i++) {
+    d[i].value = 7;
+    d[i].index = me;
+  }
+  d[0].value = 3.5;
+  d[1].value = me % 2;
+  d[2].value = -me; d[2].index = 100 + me;
+  d[3].index = n - me;
+  d[4].index = me == n - 1 ? -1 : me;
+  d[5].index = INT32_MIN + me;
+  OK(efa_allreduce(c, d, lo, 6, EFA_DOUBLE_INT, EFA_MINLOC));
+  OK(efa_allreduce(c, d, hi, 6, EFA_DOUBLE_INT, EFA_MAXLOC));
+  CHECK(lo[0].value == 3.5 && lo[0].index == 0, "minloc tie %f %d", lo[0].value, lo[0].index);
+  CHECK(hi[0].value == 3.5 && hi[0].index == 0, "maxloc tie %f %d", hi[0].value, hi[0].index);
+  CHECK(lo[1].value == 0 && lo[1].index == 0, "minloc [1] %f %d", lo[1].value, lo[1].index);
+  CHECK(hi[1].value == 1 && hi[1].index == 1, "maxloc [1] %f %d", hi[1].value, hi[1].index);
+  CHECK(lo[2].value == -(n - 1) && lo[2].index == 100 + n - 1, "minloc [2] %d", lo[2].index);
+  CHECK(hi[2].value == 0 && hi[2].index == 100, "maxloc [2] %d", hi[2].index);
+  CHECK(lo[3].index == 1 && hi[3].index == 1, "tie by index %d %d", lo[3].index, hi[3].index);
+  CHECK(lo[4].index == -1 && hi[4].index == -1, "negative index %d %d", lo[4].index,
+        hi[4].index);
+  CHECK(lo[5].index == INT32_MIN && hi[5].index == INT32_MIN, "INT_MIN %d %d", lo[5].index,
+        hi[5].index);
+  const unsigned char *pad = (const unsigned char *)&lo[5] + offsetof(efa_double_int, index) +
+                             sizeof(int);
+  CHECK(pad[0] == 0x55 && pad[3] == 0x55, "padding written: %x", pad[0]);
+  /* An array of the program's own MPI-style structs, out of place, in place, non-blocking
+   * (the result lands at the wait), and as plain data to a broadcast. Element i: value
+   * (i + me) % n, index 10 * me - i: the minimum 0 is at rank (n - i % n) % n. */
+  enum { K = 5 };
+  struct mpi_double_int mine[K], best[K], ibest[K];
+  for (int i = 0; i < K; i++) {
+    mine[i].val = (i + me) % n;
+    mine[i].loc = 10 * me - i;
+  }
+  OK(efa_allreduce(c, mine, best, K, EFA_DOUBLE_INT, EFA_MINLOC));
+  for (int i = 0; i < K; i++) {
+    int at = (n - i % n) % n;
+    CHECK(best[i].val == 0 && best[i].loc == 10 * at - i, "own struct [%d]: %f %d", i,
+          best[i].val, best[i].loc);
+  }
+  efa_request *r = NULL;
+  memset(ibest, 0, sizeof ibest);
+  OK(efa_iallreduce(c, mine, ibest, K, EFA_DOUBLE_INT, EFA_MAXLOC, &r));
+  OK(efa_wait(&r, NULL));
+  for (int i = 0; i < K; i++) {
+    int at = (2 * n - 1 - i % n) % n;
+    CHECK(ibest[i].val == n - 1 && ibest[i].loc == 10 * at - i, "own struct iallreduce [%d]: %f %d",
+          i, ibest[i].val, ibest[i].loc);
+  }
+  OK(efa_allreduce(c, EFA_IN_PLACE, mine, K, EFA_DOUBLE_INT, EFA_MINLOC));
+  for (int i = 0; i < K; i++)
+    CHECK(mine[i].val == best[i].val && mine[i].loc == best[i].loc,
+          "own struct in place [%d]: %f %d", i, mine[i].val, mine[i].loc);
+  struct mpi_double_int b2[2] = {{me == 0 ? 1.5 : 0, me == 0 ? -3 : 0},
+                                 {me == 0 ? 2.5 : 0, me == 0 ? 9 : 0}};
+  OK(efa_bcast(c, b2, 2, EFA_DOUBLE_INT, 0));
+  CHECK(b2[0].val == 1.5 && b2[0].loc == -3 && b2[1].val == 2.5 && b2[1].loc == 9,
+        "bcast own struct %f %d %f %d", b2[0].val, b2[0].loc, b2[1].val, b2[1].loc);
+  /* A user operator over the pair datatype sees MPI's layout (and the caller's indices). */
+  int sumop = -1;
+  OK(efa_op_create(sum_keep_max_index, 1, NULL, &sumop));
+  struct mpi_double_int u[2] = {{me, -me}, {1, me}};
+  OK(efa_allreduce(c, EFA_IN_PLACE, u, 2, EFA_DOUBLE_INT, sumop));
+  CHECK(u[0].val == n * (n - 1) / 2 && u[0].loc == 0 && u[1].val == n && u[1].loc == n - 1,
+        "user op over pairs %f %d %f %d", u[0].val, u[0].loc, u[1].val, u[1].loc);
+  OK(efa_op_free(&sumop));
+  /* 2INT in place; LONG_INT reduced to the last rank (blocking and not); FLOAT_INT
+   * non-blocking; scans. */
+  efa_2int iv = {me / 2, me};
   OK(efa_allreduce(c, EFA_IN_PLACE, &iv, 1, EFA_2INT, EFA_MAXLOC));
-  CHECK(iv.value == (n - 1) / 2 && iv.index == (uint32_t)((n - 1) / 2 * 2), "2int %d %u",
-        iv.value, iv.index);
-  efa_long_int lv = {-(int64_t)me * 1000000000000LL, (uint32_t)me}, lr = {0, 0};
+  CHECK(iv.value == (n - 1) / 2 && iv.index == (n - 1) / 2 * 2, "2int %d %d", iv.value,
+        iv.index);
+  efa_long_int lv = {-(long)me * 1000000000000L, me}, lr = {0, 0}, ilr = {0, 0};
   OK(efa_reduce(c, &lv, me == n - 1 ? &lr : NULL, 1, EFA_LONG_INT, EFA_MINLOC, n - 1));
   if (me == n - 1)
-    CHECK(lr.value == -(int64_t)(n - 1) * 1000000000000LL && lr.index == (uint32_t)(n - 1),
-          "long_int %u", lr.index);
-  efa_float_int fv = {1.0f, (uint32_t)(n - me)}, fr = {0, 0};
-  efa_request *r = NULL;
+    CHECK(lr.value == -(long)(n - 1) * 1000000000000L && lr.index == n - 1, "long_int %d",
+          lr.index);
+  OK(efa_ireduce(c, &lv, me == n - 1 ? &ilr : NULL, 1, EFA_LONG_INT, EFA_MAXLOC, n - 1, &r));
+  OK(efa_wait(&r, NULL));
+  if (me == n - 1) CHECK(ilr.value == 0 && ilr.index == 0, "ireduce long_int %d", ilr.index);
+  efa_float_int fv = {1.0f, n - me}, fr = {0, 0};
   OK(efa_iallreduce(c, &fv, &fr, 1, EFA_FLOAT_INT, EFA_MINLOC, &r));
   OK(efa_wait(&r, NULL));
-  CHECK(fr.value == 1.0f && fr.index == 1, "ifloat_int %f %u", fr.value, fr.index);
-  efa_2int sv = {n - me, (uint32_t)me}, sr = {0, 0};
+  CHECK(fr.value == 1.0f && fr.index == 1, "ifloat_int %f %d", fr.value, fr.index);
+  efa_2int sv = {n - me, me}, sr = {0, 0};
   OK(efa_scan(c, &sv, &sr, 1, EFA_2INT, EFA_MINLOC));
-  CHECK(sr.value == n - me && sr.index == (uint32_t)me, "scan minloc %d %u", sr.value, sr.index);
+  CHECK(sr.value == n - me && sr.index == me, "scan minloc %d %d", sr.value, sr.index);
+  /* Exscan with negative indices: rank r > 0 gets the max of ranks 0..r-1 (value 5 at each,
+   * index -r: the lowest index is the highest of those ranks); rank 0's recvbuf is kept. */
+  efa_2int ev = {5, -me}, er = {-42, -43};
+  OK(efa_iexscan(c, &ev, &er, 1, EFA_2INT, EFA_MAXLOC, &r));
+  OK(efa_wait(&r, NULL));
+  if (me == 0)
+    CHECK(er.value == -42 && er.index == -43, "exscan rank 0 written %d %d", er.value, er.index);
+  else
+    CHECK(er.value == 5 && er.index == -(me - 1), "exscan maxloc %d %d", er.value, er.index);
   /* A pair with an arithmetic op, or MINLOC with a plain type: EFA_ERR_ARG on every rank. */
   CHECK(efa_allreduce(c, EFA_IN_PLACE, lo, 4, EFA_DOUBLE_INT, EFA_SUM) == EFA_ERR_ARG,
         "pair with EFA_SUM");
@@ -435,10 +525,14 @@ static void test_minloc(efa_comm *c, int n) {
         "EFA_MAXLOC with a plain type");
   CHECK(efa_iallreduce(c, &plain, lo, 1, EFA_DOUBLE, EFA_MINLOC, &r) == EFA_ERR_ARG && r == NULL,
         "EFA_MINLOC with a plain type, non-blocking");
+  /* A double pair is aligned as a double: a buffer off by 4 bytes is refused. */
+  CHECK(efa_allreduce(c, EFA_IN_PLACE, (char *)lo + 4, 1, EFA_DOUBLE_INT, EFA_MINLOC) ==
+            EFA_ERR_ARG,
+        "misaligned pair");
   /* Pairs are plain data to every other call. */
-  efa_2int b = {me == 0 ? 42 : 0, me == 0 ? 7u : 0u};
+  efa_2int b = {me == 0 ? 42 : 0, me == 0 ? -7 : 0};
   OK(efa_bcast(c, &b, 1, EFA_2INT, 0));
-  CHECK(b.value == 42 && b.index == 7, "bcast 2int %d %u", b.value, b.index);
+  CHECK(b.value == 42 && b.index == -7, "bcast 2int %d %d", b.value, b.index);
 }
 
 static void test_comms(efa_comm *c, int n) {
