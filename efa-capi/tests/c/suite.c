@@ -516,6 +516,13 @@ static void test_minloc(efa_comm *c, int n) {
     CHECK(er.value == -42 && er.index == -43, "exscan rank 0 written %d %d", er.value, er.index);
   else
     CHECK(er.value == 5 && er.index == -(me - 1), "exscan maxloc %d %d", er.value, er.index);
+  /* Pair datatypes of the same size but different types on different ranks: a mismatch
+   * on every rank, and the buffer is left as it was. */
+  efa_long_int mm = {5, -5};
+  int rc = efa_allreduce(c, EFA_IN_PLACE, &mm, 1, me == 0 ? EFA_LONG_INT : EFA_DOUBLE_INT,
+                         EFA_MINLOC);
+  CHECK(rc == EFA_ERR_MISMATCH && mm.value == 5 && mm.index == -5, "pair mismatch rc %d %d",
+        rc, mm.index);
   /* A pair with an arithmetic op, or MINLOC with a plain type: EFA_ERR_ARG on every rank. */
   CHECK(efa_allreduce(c, EFA_IN_PLACE, lo, 4, EFA_DOUBLE_INT, EFA_SUM) == EFA_ERR_ARG,
         "pair with EFA_SUM");
