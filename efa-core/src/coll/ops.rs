@@ -246,8 +246,12 @@ pub enum LocOp {
     MaxLoc,
 }
 
-/// A value and its index, the element of [`LocOp`] reductions (MPI's `MPI_FLOAT_INT`,
-/// `MPI_2INT`, ...). Packed (no padding, alignment 1): `size_of` is the value's size + 4.
+/// A value and its index, the element of [`LocOp`] reductions: the role of MPI's
+/// `MPI_FLOAT_INT`, `MPI_2INT`, ... pairs, but not their layout. Packed (no padding,
+/// alignment 1): `size_of` is the value's size + 4 (MPI's `struct { double; int; }` is 16
+/// bytes), and the index is unsigned (MPI's is a signed `int`); ties take the lowest index in
+/// unsigned order. The C ABI (`efa-capi`) offers MPI's layout and signed indices by converting
+/// to and from this type.
 /// Fields cannot be borrowed (`&p.index` does not compile); read them by value
 /// (`let i = p.index;`) or with [`ValueIndex::value`] and [`ValueIndex::index`].
 #[repr(C, packed)]
