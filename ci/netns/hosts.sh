@@ -5,6 +5,7 @@
 #   ci/netns/hosts.sh down PREFIX   delete them, killing any process still inside
 #   ci/netns/hosts.sh check         exit 0 if namespaces can be created here, else print why
 #   ci/netns/hosts.sh gc            delete leftovers of runs whose owner PID is gone
+#   ci/netns/hosts.sh addr HOST     print HOST's address (h1 -> 10.77.1.11)
 #
 # Topology (PREFIX like efans-<pid>, so parallel runs never collide):
 #
@@ -120,5 +121,6 @@ case "${1:-}" in
   down) [ -n "${2:-}" ] || die "usage: $0 down PREFIX"; down "$2" ;;
   check) r=$(why_not); if [ -n "$r" ]; then echo "$r"; exit 1; fi ;;
   gc) gc ;;
-  *) die "usage: $0 up PREFIX | down PREFIX | check | gc" ;;
+  addr) [ -n "${2:-}" ] && [ -n "${ADDR[$2]:-}" ] || die "usage: $0 addr HOST (one of ${HOSTS[*]})"; echo "${ADDR[$2]%/*}" ;;
+  *) die "usage: $0 up PREFIX | down PREFIX | check | gc | addr HOST" ;;
 esac
