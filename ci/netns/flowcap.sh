@@ -23,11 +23,10 @@
 #       `-- 1:1XX ceil --per-flow (or --slow-rate for a --slow-port), XX = port & 0xff: one
 #                 class per listening port BASE .. BASE+255
 #
-# Every class's guaranteed `rate` is aggregate/256 (at most 256 leaf classes are ever busy at
-# once at that rate, so their sum never exceeds the aggregate); above it a class borrows from
-# 1:1 up to its `ceil`. So one flow gets at most its ceil, and K busy flows get
-# min(K x per-flow, aggregate) in total, shared by htb's round robin (quantum 64 KB, about one
-# GSO packet). The cap applies at each host's egress, so it holds in both directions of a flow
+# Every leaf class's guaranteed `rate` is aggregate/257 (there are 257 leaves, so even all of
+# them busy at that rate stay within the aggregate); above it a class borrows from 1:1 up to its
+# `ceil`. So one flow gets at most its ceil, and K busy flows get min(K x per-flow, aggregate)
+# in total, shared by htb's round robin (quantum 64 KiB, the largest GSO packet). The cap applies at each host's egress, so it holds in both directions of a flow
 # when both of its hosts are capped (the default), as EC2's does.
 #
 # How a flow is recognised. The host kernel here has htb, tbf and the u32 classifier with hash
@@ -56,8 +55,9 @@
 # them). `throttle --slow-rate` with the per-flow rate undoes it.
 #
 # Namespaces come from ci/netns/hosts.sh up PREFIX; deleting them (hosts.sh down) removes the
-# qdiscs too. `apply` replaces a cap applied before. `clear` removes the qdisc and the reserved ports from the hosts; `show` prints
-# each host's classes with their byte counters (tc -s).
+# qdiscs too. `apply` replaces a cap applied before. `clear` removes the qdisc and the reserved
+# ports from the hosts; `show` prints each host's qdisc and the classes that carried traffic,
+# with their byte counters (tc -s).
 set -euo pipefail
 
 usage() {
@@ -78,8 +78,8 @@ bits() {
   case $u in bit) echo $((n)) ;; kbit) echo $((n * 1000)) ;; mbit) echo $((n * 1000000)) ;; gbit) echo $((n * 1000000000)) ;; esac
 }
 
-# htb burst in bytes for a rate in bit/s: 2 ms at that rate, but at least 128 KiB (two GSO
-# packets of veth: a smaller bucket would make htb throttle below the rate).
+# htb burst in bytes for a rate in bit/s: 2 ms at that rate, but at least 128 KiB, twice the
+# largest (GSO) packet a veth may pass, so that one packet never exceeds the bucket.
 burst() { local b=$(($1 / 8 / 500)); [ "$b" -ge 131072 ] || b=131072; echo "$b"; }
 
 DEFAULT_BASE=30464
@@ -124,7 +124,7 @@ clear_host() {
 
 apply_host() {
   local h=$1 i port ceil class g bf ba hex
-  g=$((aggregate / 256))
+  g=$((aggregate / 257))
   [ "$g" -ge 8 ] || g=8
   bf=$(burst "$per_flow") ba=$(burst "$aggregate")
   {
