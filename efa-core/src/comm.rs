@@ -1224,13 +1224,8 @@ impl Communicator {
         if tag > MAX_USER_TAG {
             return Err(Error::ReservedTag(tag));
         }
-        self.check_rank(dest)?;
-        self.start_send(
-            bytemuck::cast_slice(buf),
-            self.world_of(dest),
-            tag,
-            self.group.ctx,
-        )
+        let w = self.world_rank(dest)?;
+        self.start_send(bytemuck::cast_slice(buf), w, tag, self.group.ctx)
     }
 
     /// Starts a buffered send of `buf` to `dest` with `tag` (as `MPI_Ibsend`): the data is
@@ -1252,8 +1247,7 @@ impl Communicator {
 
     /// Starts a send of `data` to world rank `w` on context `ctx`, borrowing `data`: a
     /// large message exposes it (zero-copy RGET, [`Engine::zero_copy_send`]), a smaller one
-    /// is copied. A send that completed at once (eager) is taken out of the engine here, so
-    /// its request has nothing left to wait for.
+    /// is copied ([`Communicator::post_copied`]).
     fn start_send<'a>(
         &self,
         data: &'a [u8],
@@ -1261,23 +1255,58 @@ impl Communicator {
         tag: u32,
         ctx: u32,
     ) -> Result<SendRequest<'a>> {
-        let mut e = self.engine();
-        let (id, exposed) = match e.zero_copy_send(w, data.len()) {
-            None => (e.start_send(data, w, tag, ctx)?, None),
-            Some(ep) => {
-                // Registered without the lock (other threads' calls need it meanwhile).
-                drop(e);
-                let exposed = ep
-                    .expose(data)
-                    .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
-                let remote = remote_of(&exposed.remote());
-                e = self.engine();
-                (
-                    e.start_send_exposed(data, w, tag, ctx, remote)?,
-                    Some(exposed),
-                )
-            }
+        let e = self.engine();
+        let Some(ep) = e.zero_copy_send(w, data.len()) else {
+            return self.post_copied(e, data, w, tag, ctx);
         };
+        // Registered without the lock (other threads' calls need it meanwhile).
+        drop(e);
+        let exposed = ep
+            .expose(data)
+            .map_err(|e| Error::fabric("registering the send buffer", Some(w), e))?;
+        let remote = remote_of(&exposed.remote());
+        let mut e = self.engine();
+        let id = e.start_send_exposed(data, w, tag, ctx, remote)?;
+        self.send_request(e, w, id, Some(exposed))
+    }
+
+    /// Starts a send of a copy of `data` to `dest` (a rank of this communicator) on context
+    /// `ctx`: the request borrows nothing.
+    fn isend_copied(
+        &self,
+        data: &[u8],
+        dest: u32,
+        tag: u32,
+        ctx: u32,
+    ) -> Result<SendRequest<'static>> {
+        let w = self.world_rank(dest)?;
+        self.post_copied(self.engine(), data, w, tag, ctx)
+    }
+
+    /// Posts a send of a copy of `data` to world rank `w` on context `ctx` (eager, or into
+    /// an exposed engine buffer), under the engine lock `e`.
+    fn post_copied(
+        &self,
+        mut e: MutexGuard<'_, Engine>,
+        data: &[u8],
+        w: u32,
+        tag: u32,
+        ctx: u32,
+    ) -> Result<SendRequest<'static>> {
+        let id = e.start_send(data, w, tag, ctx)?;
+        self.send_request(e, w, id, None)
+    }
+
+    /// The request of send `id` to world rank `w`, just posted under the engine lock `e`
+    /// (the one place a [`SendRequest`] is built). A send that completed at once (eager) is
+    /// taken out of the engine here, so its request has nothing left to wait for.
+    fn send_request<'a>(
+        &self,
+        mut e: MutexGuard<'_, Engine>,
+        w: u32,
+        id: SendId,
+        exposed: Option<efa_fabric::Exposed<'a>>,
+    ) -> Result<SendRequest<'a>> {
         let id = if e.core.send_finished(id) {
             e.take_send(id)?;
             None
@@ -1290,26 +1319,6 @@ impl Communicator {
             id,
             dest: w,
             exposed,
-        })
-    }
-
-    /// Starts a send of a copy of `data` to `dest` (a rank of this communicator) on context
-    /// `ctx`: the request borrows nothing.
-    fn isend_copied(
-        &self,
-        data: &[u8],
-        dest: u32,
-        tag: u32,
-        ctx: u32,
-    ) -> Result<SendRequest<'static>> {
-        self.check_rank(dest)?;
-        let dest = self.world_of(dest);
-        let id = self.engine().start_send(data, dest, tag, ctx)?;
-        Ok(SendRequest {
-            comm: self.clone(),
-            id: Some(id),
-            dest,
-            exposed: None,
         })
     }
 
