@@ -1545,7 +1545,12 @@ impl Communicator {
                     };
                     // Taken out of `e.wanted`: the next one is at `i` now.
                     let buf = slot.1.take().expect("checked above");
-                    match s.read(&ep, &mut buf[..len], addr, &region, 0) {
+                    let capacity = buf.len();
+                    let Some(dst) = in_place_target(buf, len) else {
+                        e.read_not_posted(id, capacity, len);
+                        continue;
+                    };
+                    match s.read(&ep, dst, addr, &region, 0) {
                         Ok(sid) => posted.push((id, peer, sid)),
                         Err(err) => e.read_failed(id, peer, err),
                     }
@@ -1792,7 +1797,7 @@ impl RecvRequest<'_> {
             });
             let read = match (waited, wanted) {
                 (Ok(()), Some(w)) => match self.buf.as_deref_mut() {
-                    Some(buf) => read_in_place(&comm, &mut [(buf, id, w)]).map(|()| true),
+                    Some(buf) => read_in_place(&comm, buf, id, w).map(|()| true),
                     None => Err(Error::Internal {
                         what: "a receive request without its buffer has a read to do",
                     }),
@@ -1867,39 +1872,42 @@ impl Drop for RecvRequest<'_> {
     }
 }
 
-/// Zero-copy RGET of the large rendezvous messages the engine matched to receives
-/// ([`Engine::take_wanted`]): reads each from its sender's exposed buffer straight into its
-/// request's buffer (`fi_read`, all at once in one [`efa_fabric::rma_scope`]), and returns
-/// only once every read has completed, failed or been cancelled and drained: the NIC writes
-/// the user's memory only inside this call, which holds the borrows, so neither a dropped
-/// nor a leaked request can let it write freed memory. Each receive learns its read's
-/// outcome; the first error of the actions that follow is returned.
+/// Zero-copy RGET of one large rendezvous message the engine matched to receive `id`
+/// ([`Engine::take_wanted`]): reads it from its sender's exposed buffer straight into `buf`
+/// (`fi_read` in one [`efa_fabric::rma_scope`]), and returns only once the read has
+/// completed, failed or been cancelled and drained: the NIC writes the user's memory only
+/// inside this call, which holds the borrow, so neither a dropped nor a leaked request can
+/// let it write freed memory. The receive learns the read's outcome ([`in_place_target`]
+/// for a `buf` too short); the first error of the actions that follow is returned. Builds
+/// no list: one message, one read.
 fn read_in_place(
     comm: &Communicator,
-    batch: &mut [(&mut [u8], RecvId, WantedInPlace)],
+    buf: &mut [u8],
+    id: RecvId,
+    (peer, ep, addr, region, len): WantedInPlace,
 ) -> Result<()> {
-    let mut outcomes: Vec<(RecvId, u32, std::result::Result<usize, efa_fabric::Error>)> =
-        Vec::with_capacity(batch.len());
-    efa_fabric::rma_scope(comm.timeout(), |s| {
-        let mut posted = Vec::with_capacity(batch.len());
-        for (buf, id, (peer, ep, addr, region, len)) in batch.iter_mut() {
-            match s.read(ep, &mut buf[..*len], *addr, region, 0) {
-                Ok(sid) => posted.push((*id, *peer, sid)),
-                Err(e) => outcomes.push((*id, *peer, Err(e))),
-            }
-        }
-        for (id, peer, sid) in posted {
-            outcomes.push((id, peer, s.wait(sid)));
-        }
+    let capacity = buf.len();
+    let res = in_place_target(buf, len).map(|dst| {
+        efa_fabric::rma_scope(comm.timeout(), |s| {
+            s.read(&ep, dst, addr, &region, 0)
+                .and_then(|sid| s.wait(sid))
+        })
     });
     let mut e = comm.engine();
-    for (id, peer, res) in outcomes {
-        match res {
-            Ok(_) => e.read_in_place_done(id),
-            Err(err) => e.read_failed(id, peer, err),
-        }
+    match res {
+        Some(Ok(_)) => e.read_in_place_done(id),
+        Some(Err(err)) => e.read_failed(id, peer, err),
+        None => e.read_not_posted(id, capacity, len),
     }
     e.drain()
+}
+
+/// The part of a receive's buffer `buf` that its in-place read of `len` bytes fills;
+/// `None` when `buf` is shorter. (The protocol core truncates a message longer than its
+/// receive before asking for a read, so `None` means broken bookkeeping, reported with
+/// [`Engine::read_not_posted`], not a panic.)
+fn in_place_target(buf: &mut [u8], len: usize) -> Option<&mut [u8]> {
+    buf.get_mut(..len)
 }
 
 /// Progresses until `done` holds, spinning then backing off, up to the timeout.
@@ -2865,6 +2873,19 @@ impl Engine {
             .unwrap_or_else(|source| Error::fabric("read", Some(peer), source));
         if self.core.recv_live(recv) {
             self.recv_slot(recv).error = Some(err);
+        }
+    }
+
+    /// Receive `id`'s read of `len` bytes into its `capacity`-byte buffer was not posted
+    /// (see [`in_place_target`]): the receive fails with [`Error::Internal`], and its
+    /// sender is told the read failed. The peer is not to blame, so it is not marked failed.
+    fn read_not_posted(&mut self, id: RecvId, capacity: usize, len: usize) {
+        tracing::error!("receive {id:?}: a {len}-byte read for a {capacity}-byte buffer");
+        self.core.read_failed(id);
+        if self.core.recv_live(id) {
+            self.recv_slot(id).error = Some(Error::Internal {
+                what: "a rendezvous read is longer than its receive buffer",
+            });
         }
     }
 
