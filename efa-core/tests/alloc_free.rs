@@ -11,6 +11,10 @@
 //! where the warm-up never saw it happen (seen: 1-2 such growths in 2000 round trips with 3
 //! jobs at once). So at most [`GROWTH`] allocations are allowed per size, whatever the time
 //! taken: one allocation per message (2 × `ITERS` per rank) is far above it.
+//!
+//! A large message's receive (RGET read straight into the user's buffer, `read_in_place`)
+//! makes none either: only the receives are counted there, since the sender registers its
+//! buffer per message (that allocates, in libfabric and here).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -117,19 +121,91 @@ fn child_alloc() {
     println!("child_alloc: done");
 }
 
+/// Large messages: from the zero-copy threshold on ([`efa_fabric::rget_threshold`]).
+const LARGE: [usize; 2] = [64 << 10, 1 << 20];
+const LARGE_WARMUP: usize = 30;
+const LARGE_ITERS: usize = 200;
+
 #[test]
-fn small_messages_do_not_allocate() {
-    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
-        let out = efarun(2, "child_alloc", env);
-        let text = String::from_utf8_lossy(&out.stdout);
+#[ignore = "rank program for large_receives_do_not_allocate"]
+fn child_large_recv() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::init().unwrap();
+    assert_eq!(comm.size(), 2, "a 2-rank program");
+    let me = comm.rank();
+    let peer = 1 - me;
+    let rget = comm
+        .route(peer)
+        .ok()
+        .and_then(|r| comm.provider(r.transport))
+        .and_then(efa_fabric::rget_threshold);
+    let Some(threshold) = rget else {
+        println!("child_large_recv: skipped: the provider has no zero-copy reads");
+        comm.finalize().unwrap();
+        println!("child_alloc: done");
+        return;
+    };
+    for len in LARGE {
         assert!(
-            out.status.success(),
-            "child_alloc on {env:?} failed:\n{text}"
+            len >= threshold,
+            "{len} B is below the {threshold} B threshold"
         );
+        let mut buf = vec![0x5Au8; len];
+        let mut allocs = 0;
+        let start = Instant::now();
+        for i in 0..LARGE_WARMUP + LARGE_ITERS {
+            let counted = i >= LARGE_WARMUP;
+            let mut recv = |buf: &mut [u8]| {
+                let before = ALLOCS.load(Ordering::Relaxed);
+                COUNTING.with(|c| c.set(counted));
+                let st = comm.recv(buf, peer, 5);
+                COUNTING.with(|c| c.set(false));
+                allocs += ALLOCS.load(Ordering::Relaxed) - before;
+                assert_eq!(st.unwrap().len, len);
+            };
+            if me == 0 {
+                comm.send(&buf[..], peer, 5).unwrap();
+                recv(&mut buf);
+            } else {
+                recv(&mut buf);
+                comm.send(&buf[..], peer, 5).unwrap();
+            }
+        }
+        let took = start.elapsed();
+        println!("rank {me}: {len} B: {allocs} allocations in {LARGE_ITERS} receives ({took:?})");
+        assert!(
+            allocs <= GROWTH,
+            "{len} B receives: {allocs} heap allocations in {LARGE_ITERS} ({took:?})"
+        );
+        assert!(buf.iter().all(|&b| b == 0x5A), "{len} B: data changed");
+        comm.barrier().unwrap();
+    }
+    comm.finalize().unwrap();
+    println!("child_alloc: done");
+}
+
+/// Runs `child` as 2 ranks on shm, then on IP; both ranks must finish.
+fn run_both(child: &str) {
+    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
+        let out = efarun(2, child, env);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{child} on {env:?} failed:\n{text}");
         assert_eq!(
             text.matches("child_alloc: done").count(),
             2,
-            "both ranks of child_alloc on {env:?} must finish:\n{text}"
+            "both ranks of {child} on {env:?} must finish:\n{text}"
         );
     }
+}
+
+#[test]
+fn small_messages_do_not_allocate() {
+    run_both("child_alloc");
+}
+
+#[test]
+fn large_receives_do_not_allocate() {
+    run_both("child_large_recv");
 }

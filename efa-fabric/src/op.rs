@@ -855,7 +855,7 @@ pub fn rma_scope<'env, R>(
     f: impl for<'scope> FnOnce(&'scope RmaScope<'scope, 'env>) -> R,
 ) -> R {
     let scope = RmaScope {
-        ops: std::cell::RefCell::new(Drain::default()),
+        ops: std::cell::RefCell::new(Drain::new()),
         deadline: Deadline::after(timeout),
         timeout,
         _scope: std::marker::PhantomData,
@@ -1016,15 +1016,16 @@ impl<'scope> RmaScope<'scope, '_> {
     /// CQ read errors that belong to no operation.
     pub fn test(&self, id: ScopedId) -> Result<bool> {
         if !self.all_done(id) {
-            for ep in self.endpoints(id) {
-                ep.progress()?;
-            }
+            self.progress(id).1?;
         }
         Ok(self.all_done(id))
     }
 
-    fn endpoints(&self, id: ScopedId) -> Vec<Endpoint> {
-        distinct_endpoints(&self.ops.borrow().ops[id.first..id.first + id.count])
+    /// Progresses the endpoints of `id`'s chunks once each ([`progress_distinct`]).
+    fn progress(&self, id: ScopedId) -> (usize, Result<()>) {
+        // Progress only reads CQs and marks contexts done; nothing posts to this scope
+        // meanwhile, so the shared borrow of the chunk list is not contended.
+        progress_distinct(&self.ops.borrow().ops[id.first..id.first + id.count])
     }
 
     /// Waits until every chunk of `id` has completed, or the scope's deadline. Returns the
@@ -1035,15 +1036,12 @@ impl<'scope> RmaScope<'scope, '_> {
     /// operation stays in the scope, which cancels and drains it when it ends; a read's
     /// buffer then holds unspecified bytes).
     pub fn wait(&self, id: ScopedId) -> Result<usize> {
-        let eps = self.endpoints(id);
         let mut backoff = Backoff::new();
         // The deadline is the scope's (set when it began), read every 64 polls.
         let mut polls = 0u32;
         while !self.all_done(id) {
-            let mut n = 0;
-            for ep in &eps {
-                n += ep.progress()?;
-            }
+            let (n, res) = self.progress(id);
+            res?;
             if n == 0 {
                 backoff.snooze();
             } else {
@@ -1087,24 +1085,47 @@ impl<'scope> RmaScope<'scope, '_> {
 /// The chunks posted in a scope and the temporary registrations they use. Dropping it
 /// cancels what is still running and waits until every chunk is reaped; only then are the
 /// contexts freed and the registrations closed (field order).
-#[derive(Default)]
 struct Drain {
     ops: Vec<ScopedOp>,
     regs: Vec<MemoryRegion<RawMemory>>,
 }
 
-/// The endpoints `ops` were posted on, each once.
-fn distinct_endpoints(ops: &[ScopedOp]) -> Vec<Endpoint> {
-    let mut eps: Vec<Endpoint> = Vec::new();
-    for o in ops {
-        if !eps.iter().any(|e| e.raw() == o.ep.raw()) {
-            eps.push(o.ep.clone());
+thread_local! {
+    /// The (emptied) chunk list of this thread's last [`rma_scope`], for the next one: a
+    /// scope per rendezvous message (the receiver's RGET) then allocates no list.
+    static SPARE_OPS: std::cell::Cell<Vec<ScopedOp>> = const { std::cell::Cell::new(Vec::new()) };
+}
+/// A chunk list with room for more than this many chunks is not kept for reuse.
+const SPARE_OPS_KEEP: usize = 1024;
+
+/// Progresses each endpoint that `ops` were posted on once (chunks mostly share one),
+/// also after one fails; returns the completions read and the first CQ read error. Builds
+/// no list of the endpoints: this runs per poll.
+fn progress_distinct(ops: &[ScopedOp]) -> (usize, Result<()>) {
+    let (mut n, mut res) = (0, Ok(()));
+    for (i, o) in ops.iter().enumerate() {
+        if ops[..i].iter().all(|p| p.ep.raw() != o.ep.raw()) {
+            match o.ep.progress() {
+                Ok(k) => n += k,
+                Err(e) => res = res.and(Err(e)),
+            }
         }
     }
-    eps
+    (n, res)
 }
 
 impl Drain {
+    /// An empty drain, with this thread's spare chunk list if it has one.
+    fn new() -> Drain {
+        Drain {
+            // (No spare once this thread's locals are being destroyed: a new list.)
+            ops: SPARE_OPS
+                .try_with(std::cell::Cell::take)
+                .unwrap_or_default(),
+            regs: Vec::new(),
+        }
+    }
+
     /// Cancels the chunks still running and progresses their endpoints until every chunk
     /// is reaped, however long the provider takes (logging every few seconds).
     fn cancel_and_reap(&self) {
@@ -1114,15 +1135,12 @@ impl Drain {
                 tracing::debug!("fi_cancel of a scoped RMA operation: {e}");
             }
         }
-        let eps = distinct_endpoints(ops);
         let started = std::time::Instant::now();
         let mut next_report = started + CANCEL_GRACE;
         let mut backoff = Backoff::new();
         while !ops.iter().all(|o| o.ctx.is_done()) {
-            let mut n = 0;
-            for ep in &eps {
-                n += ep.progress().unwrap_or(0);
-            }
+            // A CQ read error belongs to no chunk here: keep progressing until all are done.
+            let (n, _) = progress_distinct(ops);
             if n == 0 {
                 backoff.snooze();
             } else {
@@ -1151,6 +1169,11 @@ impl Drop for Drain {
         // registrations close (field order).
         for o in self.ops.drain(..) {
             OpContext::recycle(o.ctx);
+        }
+        if self.ops.capacity() <= SPARE_OPS_KEEP {
+            let ops = std::mem::take(&mut self.ops);
+            // (Once this thread's locals are being destroyed, the list is just freed.)
+            let _ = SPARE_OPS.try_with(|spare| spare.set(ops));
         }
     }
 }
