@@ -1048,6 +1048,7 @@ impl Communicator {
             &self,
             "finalize: waiting for a send to complete",
             None,
+            None,
             |e| e.core.unfinished_send_on(ctx).is_none(),
         )
     }
@@ -1470,23 +1471,33 @@ impl Communicator {
     /// (`None` for sends). All requests are waited for even when one fails; the first error
     /// is returned.
     ///
+    /// The whole call has one deadline: this communicator's [timeout](Self::timeout),
+    /// counted from the call's entry (not from each request's wait), so requests that
+    /// never complete make it return after about one timeout, however many there are.
+    ///
     /// Large messages matched by any of the receives are read straight into their buffers
     /// (zero-copy RGET), several at once, whichever request they belong to: this call
     /// holds every buffer until it returns.
     ///
     /// # Errors
-    /// The first request's error (in the order of `reqs`).
+    /// The first failed request's error (in the order of `reqs`): that request's own error,
+    /// as its `wait` would return it (for example [`Error::Truncated`] or
+    /// [`Error::PeerFailed`]), or, for a request still running when the call's deadline
+    /// passes, [`Error::Timeout`] (naming its peer, which then counts as failed, as in
+    /// [`Communicator::recv`]; `peer: None` for a receive from [`Source::Any`]) or the
+    /// [`Error::PeerFailed`] of a peer that another rank reported first.
     pub fn wait_all(&self, mut reqs: Vec<P2pRequest<'_>>) -> Result<Vec<Option<Status>>> {
+        let deadline = CallDeadline::new(self.timeout());
         // Until every receive has finished, their reads are done here in place; then each
         // request's wait only collects its outcome. (A failure here, a deadline, is
         // reported by the waits below as well.)
-        if let Err(e) = self.read_all_in_place(&mut reqs) {
+        if let Err(e) = self.read_all_in_place(&mut reqs, &deadline) {
             tracing::debug!("wait_all: {e}");
         }
         let mut out = Vec::with_capacity(reqs.len());
         let mut first_err = None;
         for r in reqs {
-            let res = Request::wait(r);
+            let res = r.wait_by(Some(&deadline));
             match res {
                 Ok(s) => out.push(s),
                 Err(e) => {
@@ -1508,7 +1519,11 @@ impl Communicator {
     /// buffer as soon as it is matched, while earlier reads are still under way (all in one
     /// [`efa_fabric::rma_scope`], which this call holds with every buffer: the NIC writes
     /// them only inside it, see [`read_in_place`]).
-    fn read_all_in_place(&self, reqs: &mut [P2pRequest<'_>]) -> Result<()> {
+    fn read_all_in_place(
+        &self,
+        reqs: &mut [P2pRequest<'_>],
+        deadline: &CallDeadline,
+    ) -> Result<()> {
         // Each receive still running, with its buffer (taken when its read is posted).
         let mut bufs: Vec<(RecvId, Option<&mut [u8]>)> = reqs
             .iter_mut()
@@ -1528,10 +1543,10 @@ impl Communicator {
         }
         // `bufs[..finished]` have finished (receives of one window mostly finish in order).
         let mut finished = 0;
-        let res = efa_fabric::rma_scope(self.timeout(), |s| {
+        let res = efa_fabric::rma_scope(deadline.left(), |s| {
             // Reads posted and not yet reaped: receive, peer, the scope's id.
             let mut posted: Vec<(RecvId, u32, efa_fabric::ScopedId)> = Vec::new();
-            let res = wait_loop(self, "wait_all", None, |e| {
+            let res = wait_loop(self, "wait_all", None, Some(deadline), |e| {
                 let mut i = 0;
                 while i < e.wanted.len() {
                     let id = e.wanted[i];
@@ -1586,8 +1601,8 @@ impl Communicator {
             if res.is_err() && !posted.is_empty() {
                 // The scope cancels and drains these reads as it ends; their receives fail.
                 let mut e = self.engine();
+                let waited = deadline.start.elapsed();
                 for &(id, peer, _) in &posted {
-                    let waited = self.timeout();
                     e.read_failed(id, peer, efa_fabric::Error::Timeout { op: "read", waited });
                 }
             }
@@ -1685,11 +1700,17 @@ impl SendRequest<'_> {
     /// # Errors
     /// [`Error::Timeout`] naming the peer; [`Error::PeerFailed`]; fabric errors. (A
     /// truncation is reported to the receiver only.)
-    pub fn wait(mut self) -> Result<()> {
+    pub fn wait(self) -> Result<()> {
+        self.wait_by(None)
+    }
+
+    /// [`SendRequest::wait`] up to `deadline` (a call's that waits for several requests),
+    /// or, with `None`, the communicator's timeout from now.
+    fn wait_by(mut self, deadline: Option<&CallDeadline>) -> Result<()> {
         let Some(id) = self.id.take() else {
             return Ok(());
         };
-        let res = wait_loop(&self.comm, "send", Some(self.dest), |e| {
+        let res = wait_loop(&self.comm, "send", Some(self.dest), deadline, |e| {
             e.core.send_finished(id)
         });
         let res = match res {
@@ -1714,7 +1735,7 @@ impl Drop for SendRequest<'_> {
             // The receiver may read the borrowed buffer until the send finishes: wait for
             // that (up to the deadline, after which the peer counts as failed), so that the
             // registration, and the borrow, end only once no peer reads it any more.
-            if let Err(e) = wait_loop(&self.comm, "send", Some(self.dest), |e| {
+            if let Err(e) = wait_loop(&self.comm, "send", Some(self.dest), None, |e| {
                 e.core.send_finished(id)
             }) {
                 tracing::debug!(
@@ -1774,7 +1795,13 @@ impl RecvRequest<'_> {
     /// # Errors
     /// [`Error::Truncated`] (nothing written), [`Error::Timeout`], [`Error::ElementSize`],
     /// fabric errors.
-    pub fn wait(mut self) -> Result<Status> {
+    pub fn wait(self) -> Result<Status> {
+        self.wait_by(None)
+    }
+
+    /// [`RecvRequest::wait`] up to `deadline` (a call's that waits for several requests),
+    /// or, with `None`, the communicator's timeout from now.
+    fn wait_by(mut self, deadline: Option<&CallDeadline>) -> Result<Status> {
         let peer = match self.src {
             Source::Rank(r) => Some(r),
             Source::Any => None,
@@ -1790,14 +1817,14 @@ impl RecvRequest<'_> {
         // `owner`: its read is left for this call, not read into an engine buffer.
         loop {
             let mut wanted = None;
-            let waited = wait_loop(&comm, "recv", peer, |e| {
+            let waited = wait_loop(&comm, "recv", peer, deadline, |e| {
                 e.own(id);
                 wanted = e.take_wanted(id);
                 wanted.is_some() || e.core.recv_finished(id)
             });
             let read = match (waited, wanted) {
                 (Ok(()), Some(w)) => match self.buf.as_deref_mut() {
-                    Some(buf) => read_in_place(&comm, buf, id, w).map(|()| true),
+                    Some(buf) => read_in_place(&comm, deadline, buf, id, w).map(|()| true),
                     None => Err(Error::Internal {
                         what: "a receive request without its buffer has a read to do",
                     }),
@@ -1882,13 +1909,14 @@ impl Drop for RecvRequest<'_> {
 /// no list: one message, one read.
 fn read_in_place(
     comm: &Communicator,
+    deadline: Option<&CallDeadline>,
     buf: &mut [u8],
     id: RecvId,
     (peer, ep, addr, region, len): WantedInPlace,
 ) -> Result<()> {
     let capacity = buf.len();
     let res = in_place_target(buf, len).map(|dst| {
-        efa_fabric::rma_scope(comm.timeout(), |s| {
+        efa_fabric::rma_scope(time_left(comm, deadline), |s| {
             s.read(&ep, dst, addr, &region, 0)
                 .and_then(|sid| s.wait(sid))
         })
@@ -1910,15 +1938,47 @@ fn in_place_target(buf: &mut [u8], len: usize) -> Option<&mut [u8]> {
     buf.get_mut(..len)
 }
 
-/// Progresses until `done` holds, spinning then backing off, up to the timeout.
+/// The deadline of one call that waits several times ([`Communicator::wait_all`]): the
+/// communicator's timeout from the call's entry, shared by every wait inside it, so that
+/// requests that never complete take one timeout in all, not one each.
+#[derive(Debug, Clone, Copy)]
+struct CallDeadline {
+    start: Instant,
+    timeout: Duration,
+}
+
+impl CallDeadline {
+    /// `timeout` from now.
+    fn new(timeout: Duration) -> CallDeadline {
+        CallDeadline {
+            start: Instant::now(),
+            timeout,
+        }
+    }
+
+    /// What is left of it (zero once passed).
+    fn left(&self) -> Duration {
+        self.timeout.saturating_sub(self.start.elapsed())
+    }
+}
+
+/// How long a wait may take: what is left of `deadline`, or with `None` (a wait that is a
+/// call of its own) the communicator's whole timeout.
+fn time_left(comm: &Communicator, deadline: Option<&CallDeadline>) -> Duration {
+    deadline.map_or_else(|| comm.timeout(), CallDeadline::left)
+}
+
+/// Progresses until `done` holds, spinning then backing off, up to `deadline` (see
+/// [`time_left`]).
 fn wait_loop(
     comm: &Communicator,
     op: &'static str,
     peer: Option<u32>,
+    deadline: Option<&CallDeadline>,
     mut done: impl FnMut(&mut Engine) -> bool,
 ) -> Result<()> {
-    let start = Instant::now();
-    let timeout = comm.timeout();
+    let start = deadline.map_or_else(Instant::now, |d| d.start);
+    let timeout = time_left(comm, deadline);
     let mut waiter = comm.inner.wait.waiter();
     let mut clock = efa_fabric::PollClock::new(timeout);
     loop {
@@ -4216,9 +4276,16 @@ impl Request for P2pRequest<'_> {
     /// `None` for a send, the status for a receive.
     type Output = Option<Status>;
     fn wait(self) -> Result<Option<Status>> {
+        self.wait_by(None)
+    }
+}
+
+impl P2pRequest<'_> {
+    /// [`Request::wait`] up to `deadline` (see [`time_left`]).
+    fn wait_by(self, deadline: Option<&CallDeadline>) -> Result<Option<Status>> {
         match self {
-            P2pRequest::Send(s) => s.wait().map(|()| None),
-            P2pRequest::Recv(r) => r.wait().map(Some),
+            P2pRequest::Send(s) => s.wait_by(deadline).map(|()| None),
+            P2pRequest::Recv(r) => r.wait_by(deadline).map(Some),
         }
     }
 }
@@ -4230,8 +4297,9 @@ impl Communicator {
     /// this communicator's. The request stays in `reqs`: `wait` on it returns at once.
     ///
     /// # Errors
-    /// [`Error::Timeout`] when none completes within the deadline; an error from a
-    /// request's `test`.
+    /// [`Error::Timeout`] when none completes within the deadline (one for the whole call:
+    /// this communicator's timeout from the call's entry); an error from a request's
+    /// `test`.
     pub fn wait_any(&self, reqs: &mut [&mut dyn AnyRequest]) -> Result<Option<usize>> {
         if reqs.is_empty() {
             return Ok(None);

@@ -304,6 +304,67 @@ fn request_model() {
 }
 
 /// Settings without an environment variable are set through the builder and read back.
+/// The deadline of [`child_wait_all_deadline`] (it also bounds joining).
+const WAIT_ALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Receives in that child that nothing matches.
+const NEVER: usize = 4;
+
+/// `wait_all` over requests that never complete (receives from any source, on a tag
+/// nobody sends) has one deadline for the whole call: it returns `Timeout` after about one
+/// timeout, not one per request (which would be `NEVER` + 1 timeouts). A send in the same
+/// call, whose receive is posted, still completes.
+#[test]
+#[ignore = "rank program for wait_all_has_one_deadline"]
+fn child_wait_all_deadline() {
+    if !in_job() {
+        return;
+    }
+    let comm = Communicator::builder()
+        .timeout(WAIT_ALL_TIMEOUT)
+        .build()
+        .unwrap();
+    let (me, n) = (comm.rank(), comm.size());
+    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    let mut bufs = [[0u32; 4]; NEVER];
+    let sent = [me, 7];
+    let mut reqs: Vec<P2pRequest<'_>> = vec![comm.isend(&sent, next, 81).unwrap().into()];
+    for b in bufs.iter_mut() {
+        reqs.push(comm.irecv(b, Source::Any, 82).unwrap().into());
+    }
+    comm.barrier().unwrap();
+    let start = Instant::now();
+    let e = comm.wait_all(reqs).unwrap_err();
+    let took = start.elapsed();
+    match e {
+        Error::Timeout {
+            peer: None, waited, ..
+        } => {
+            assert!(waited >= WAIT_ALL_TIMEOUT, "reported after {waited:?}");
+        }
+        other => panic!("rank {me}: expected a timeout naming no peer, got {other:?}"),
+    }
+    assert!(
+        took >= WAIT_ALL_TIMEOUT,
+        "rank {me}: gave up after {took:?}, before the deadline"
+    );
+    assert!(
+        took < 2 * WAIT_ALL_TIMEOUT,
+        "rank {me}: wait_all of {NEVER} unmatched receives took {took:?}: one deadline of \
+         {WAIT_ALL_TIMEOUT:?} per request, not one for the call"
+    );
+    let mut b = [0u32; 2];
+    comm.recv(&mut b, prev, 81).unwrap();
+    assert_eq!(b, [prev, 7]);
+    comm.barrier().unwrap();
+    comm.finalize().unwrap();
+    println!("child_wait_all_deadline: done");
+}
+
+#[test]
+fn wait_all_has_one_deadline() {
+    run_both(2, "child_wait_all_deadline");
+}
+
 #[test]
 #[ignore = "rank program for builder_settings"]
 fn child_settings() {
