@@ -24,7 +24,7 @@ use std::time::Instant;
 use efa_core::Communicator;
 
 mod common;
-use common::{efarun, in_job};
+use common::{in_job, run_both, skip_test};
 
 struct Counting;
 
@@ -74,18 +74,37 @@ const ITERS: usize = 2000;
 /// Allocations allowed per size: queues and free lists reaching a new high-water mark.
 const GROWTH: u64 = 8;
 
-fn ping_pong(comm: &Communicator, buf: &mut [u8], n: usize) {
+/// Runs `f` with this thread's allocations counted (also when an enclosing call counts
+/// already); returns its result and how many it made.
+fn counting<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let before = ALLOCS.load(Ordering::Relaxed);
+    let was = COUNTING.with(|c| c.replace(true));
+    let r = f();
+    COUNTING.with(|c| c.set(was));
+    (r, ALLOCS.load(Ordering::Relaxed) - before)
+}
+
+/// `n` round trips of the whole of `buf` with the other rank (rank 0 sends first); returns
+/// the heap allocations this thread made inside the receives.
+fn ping_pong(comm: &Communicator, buf: &mut [u8], n: usize) -> u64 {
     let me = comm.rank();
     let peer = 1 - me;
+    let mut in_recv = 0;
+    let mut recv = |buf: &mut [u8]| {
+        let (st, allocs) = counting(|| comm.recv(buf, peer, 3));
+        assert_eq!(st.unwrap().len, buf.len());
+        in_recv += allocs;
+    };
     for _ in 0..n {
         if me == 0 {
             comm.send(&buf[..], peer, 3).unwrap();
-            comm.recv(buf, peer, 3).unwrap();
+            recv(buf);
         } else {
-            comm.recv(buf, peer, 3).unwrap();
+            recv(buf);
             comm.send(&buf[..], peer, 3).unwrap();
         }
     }
+    in_recv
 }
 
 #[test]
@@ -100,13 +119,9 @@ fn child_alloc() {
         let mut buf = vec![0x5Au8; len];
         ping_pong(&comm, &mut buf, WARMUP);
         comm.barrier().unwrap();
-        let before = ALLOCS.load(Ordering::Relaxed);
         let start = Instant::now();
-        COUNTING.with(|c| c.set(true));
-        ping_pong(&comm, &mut buf, ITERS);
-        COUNTING.with(|c| c.set(false));
+        let (_, allocs) = counting(|| ping_pong(&comm, &mut buf, ITERS));
         let took = start.elapsed();
-        let allocs = ALLOCS.load(Ordering::Relaxed) - before;
         println!(
             "rank {}: {len} B: {allocs} allocations in {ITERS} round trips ({took:?})",
             comm.rank(),
@@ -142,9 +157,9 @@ fn child_large_recv() {
         .and_then(|r| comm.provider(r.transport))
         .and_then(efa_fabric::rget_threshold);
     let Some(threshold) = rget else {
-        println!("child_large_recv: skipped: the provider has no zero-copy reads");
+        skip_test("the provider reads no rendezvous message in place (no zero-copy RMA)");
         comm.finalize().unwrap();
-        println!("child_alloc: done");
+        println!("child_large_recv: done");
         return;
     };
     for len in LARGE {
@@ -153,26 +168,10 @@ fn child_large_recv() {
             "{len} B is below the {threshold} B threshold"
         );
         let mut buf = vec![0x5Au8; len];
-        let mut allocs = 0;
+        ping_pong(&comm, &mut buf, LARGE_WARMUP);
+        comm.barrier().unwrap();
         let start = Instant::now();
-        for i in 0..LARGE_WARMUP + LARGE_ITERS {
-            let counted = i >= LARGE_WARMUP;
-            let mut recv = |buf: &mut [u8]| {
-                let before = ALLOCS.load(Ordering::Relaxed);
-                COUNTING.with(|c| c.set(counted));
-                let st = comm.recv(buf, peer, 5);
-                COUNTING.with(|c| c.set(false));
-                allocs += ALLOCS.load(Ordering::Relaxed) - before;
-                assert_eq!(st.unwrap().len, len);
-            };
-            if me == 0 {
-                comm.send(&buf[..], peer, 5).unwrap();
-                recv(&mut buf);
-            } else {
-                recv(&mut buf);
-                comm.send(&buf[..], peer, 5).unwrap();
-            }
-        }
+        let allocs = ping_pong(&comm, &mut buf, LARGE_ITERS);
         let took = start.elapsed();
         println!("rank {me}: {len} B: {allocs} allocations in {LARGE_ITERS} receives ({took:?})");
         assert!(
@@ -183,29 +182,15 @@ fn child_large_recv() {
         comm.barrier().unwrap();
     }
     comm.finalize().unwrap();
-    println!("child_alloc: done");
-}
-
-/// Runs `child` as 2 ranks on shm, then on IP; both ranks must finish.
-fn run_both(child: &str) {
-    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
-        let out = efarun(2, child, env);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{child} on {env:?} failed:\n{text}");
-        assert_eq!(
-            text.matches("child_alloc: done").count(),
-            2,
-            "both ranks of {child} on {env:?} must finish:\n{text}"
-        );
-    }
+    println!("child_large_recv: done");
 }
 
 #[test]
 fn small_messages_do_not_allocate() {
-    run_both("child_alloc");
+    run_both(2, "child_alloc");
 }
 
 #[test]
 fn large_receives_do_not_allocate() {
-    run_both("child_large_recv");
+    run_both(2, "child_large_recv");
 }

@@ -10,22 +10,7 @@ use efa_core::{
 };
 
 mod common;
-use common::{efarun, in_job};
-
-/// Runs `child` as `n` ranks on shm (the default on one host) and on IP, and checks that
-/// every rank printed `done`.
-fn run_both(n: u32, child: &str) {
-    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
-        let out = efarun(n, child, env);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{child} on {env:?} failed:\n{text}");
-        assert_eq!(
-            text.matches(&format!("{child}: done")).count(),
-            n as usize,
-            "every rank of {child} on {env:?} must finish:\n{text}"
-        );
-    }
-}
+use common::{in_job, run_both};
 
 fn data(from: u32, tag: u32, len: usize) -> Vec<u32> {
     (0..len as u32)
@@ -303,7 +288,6 @@ fn request_model() {
     run_both(3, "child_requests");
 }
 
-/// Settings without an environment variable are set through the builder and read back.
 /// The deadline of [`child_wait_all_deadline`] (it also bounds joining).
 const WAIT_ALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Receives in that child that nothing matches.
@@ -365,6 +349,7 @@ fn wait_all_has_one_deadline() {
     run_both(2, "child_wait_all_deadline");
 }
 
+/// Settings without an environment variable are set through the builder and read back.
 #[test]
 #[ignore = "rank program for builder_settings"]
 fn child_settings() {

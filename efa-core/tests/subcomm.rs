@@ -4,22 +4,7 @@
 use efa_core::{Communicator, Error, ReduceOp, Source, Tag, WindowAccess};
 
 mod common;
-use common::{efarun, in_job};
-
-/// Runs `child` as `n` ranks on shm (the default on one host) and on IP, and checks that
-/// every rank printed `done`.
-fn run_both(n: u32, child: &str) {
-    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
-        let out = efarun(n, child, env);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{child} on {env:?} failed:\n{text}");
-        assert_eq!(
-            text.matches(&format!("{child}: done")).count(),
-            n as usize,
-            "every rank of {child} on {env:?} must finish:\n{text}"
-        );
-    }
-}
+use common::{efarun, in_job, run_both};
 
 /// Equal tags on the world and on a dup never cross: wildcard receives and probes on one
 /// see nothing of the other, a receive posted with wildcards on the dup does not take a

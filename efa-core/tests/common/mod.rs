@@ -102,6 +102,21 @@ pub fn efarun(n: u32, name: &str, env: &[(&str, &str)]) -> Output {
     out
 }
 
+/// Runs child test `child` as `n` ranks on shm (the default on one host), then on IP
+/// (`EFA_TRANSPORTS=ip`): each job must succeed and every rank print `<child>: done`.
+pub fn run_both(n: u32, child: &str) {
+    for env in [&[][..], &[("EFA_TRANSPORTS", "ip")][..]] {
+        let out = efarun(n, child, env);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{child} on {env:?} failed:\n{text}");
+        assert_eq!(
+            text.matches(&format!("{child}: done")).count(),
+            n as usize,
+            "every rank of {child} on {env:?} must finish:\n{text}"
+        );
+    }
+}
+
 /// Prints that the running test is skipped, and why: `SKIPPED: <test>: <why>`, straight to
 /// this process's stderr, past the test harness's output capture, so that the reason reaches
 /// the CI log (ci/test lists every such line and counts the test as skipped, not passed).
