@@ -338,18 +338,38 @@ fn child_large() {
     }
     let comm = Communicator::init().unwrap();
     let len: usize = std::env::var("LARGE_BYTES").map_or(64 << 20, |v| v.parse().unwrap());
+    let period: Vec<u8> = (0..LARGE_PERIOD).map(large_byte).collect();
     if comm.rank() == 0 {
-        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4093) as u8).collect();
+        let mut data = vec![0u8; len];
+        for c in data.chunks_mut(LARGE_PERIOD) {
+            c.copy_from_slice(&period[..c.len()]);
+        }
         comm.send(&data, 1, 0).unwrap();
     } else {
         let mut got = vec![0u8; len];
         let st = comm.recv(&mut got, 0, 0).unwrap();
         assert_eq!(st.len, len);
-        assert!(got
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == (i * 7 + i / 4093) as u8));
+        assert!(got.chunks(LARGE_PERIOD).all(|c| c == &period[..c.len()]));
         println!("large message of {len} bytes verified");
+    }
+}
+
+/// Byte `i` of [`child_large`]'s message.
+fn large_byte(i: usize) -> u8 {
+    (i * 7 + i / 4093) as u8
+}
+
+/// The period of [`large_byte`]: with i = 4093 q + r it is 28652 q + 7 r (mod 256), and
+/// 28652 × 64 is a multiple of 256. Both ranks copy and compare whole periods: a loop per
+/// byte over 1 GiB takes minutes in a debug build on a loaded host, and the receiver's
+/// deadline (`EFA_TIMEOUT`) ran out while the sender was still filling its buffer.
+const LARGE_PERIOD: usize = 4093 * 64;
+
+/// [`LARGE_PERIOD`] is [`large_byte`]'s period (checked over two periods and a bit).
+#[test]
+fn large_pattern_has_its_period() {
+    for i in 0..2 * LARGE_PERIOD + 5000 {
+        assert_eq!(large_byte(i + LARGE_PERIOD), large_byte(i), "byte {i}");
     }
 }
 
