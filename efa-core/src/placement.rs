@@ -381,20 +381,29 @@ pub struct ProcessId {
     pub host: String,
 }
 
+/// [`ProcessId::is_gone`] of the process `pid` started at `start` (0: unknown).
+fn process_gone(pid: u32, start: u64) -> bool {
+    pid != 0
+        && proc_stat(pid)
+            .is_none_or(|(state, now)| matches!(state, 'Z' | 'X') || (start != 0 && now != start))
+}
+
+/// [`ProcessId::is_stopped`] of the process `pid`.
+fn process_stopped(pid: u32) -> bool {
+    pid != 0 && proc_stat(pid).is_some_and(|(st, _)| matches!(st, 'T' | 't'))
+}
+
 impl ProcessId {
     /// Whether this process (on this host) has ended: no such pid, a zombie, or a pid that
     /// now belongs to a process started at another time. False when the pid is unknown (0).
     /// The one liveness rule of the communicator's same-host checks.
     pub fn is_gone(&self) -> bool {
-        self.pid != 0
-            && proc_stat(self.pid).is_none_or(|(state, start)| {
-                matches!(state, 'Z' | 'X') || (self.start != 0 && start != self.start)
-            })
+        process_gone(self.pid, self.start)
     }
 
     /// Whether this process (on this host) is stopped (SIGSTOP, a debugger).
     pub fn is_stopped(&self) -> bool {
-        self.pid != 0 && proc_stat(self.pid).is_some_and(|(st, _)| matches!(st, 'T' | 't'))
+        process_stopped(self.pid)
     }
 
     /// This process.
@@ -999,6 +1008,245 @@ pub fn choose_routes(
         .collect()
 }
 
+/// Every rank's [`Card`], kept compactly for the life of a communicator: the strings that
+/// many cards share (host ids, host names, provider names) and the subnets are stored once,
+/// and each card's endpoint addresses go into one byte arena. A card costs its addresses
+/// plus about 60 bytes ([`CardTable::heap_bytes`]), against about 400 for a [`Card`]
+/// (measured with the cards of this host's shm and tcp endpoints).
+///
+/// The communicator keeps the table so that it can choose a peer's route and insert its
+/// address on first use ([`CardTable::card`] gives back the card as it was published).
+#[derive(Debug, Clone, Default)]
+pub struct CardTable {
+    /// Interned strings: host ids, host names, provider names.
+    strings: Vec<String>,
+    /// Interned subnets.
+    subnets: Vec<Subnet>,
+    /// Per rank.
+    entries: Vec<CardEntry>,
+    /// Every card's endpoints, in rank order.
+    endpoints: Vec<EndpointEntry>,
+    /// Every endpoint's address, in the order of `endpoints`.
+    addrs: Vec<u8>,
+}
+
+/// [`CardTable`]'s record of one card (indices into its interned lists; [`NONE`] for no
+/// subnet).
+#[derive(Debug, Clone, Copy)]
+struct CardEntry {
+    start: u64,
+    pid: u32,
+    host_id: u32,
+    host: u32,
+    fabric_subnet: u32,
+    ip_subnet: u32,
+    /// Index of its first endpoint in [`CardTable::endpoints`].
+    first_endpoint: u32,
+    endpoints: u16,
+}
+
+/// [`CardTable`]'s record of one endpoint.
+#[derive(Debug, Clone, Copy)]
+struct EndpointEntry {
+    /// Where its address starts in [`CardTable::addrs`].
+    addr: u32,
+    addr_len: u16,
+    provider: u16,
+    transport: Transport,
+}
+
+/// [`CardEntry`]'s index for no subnet.
+const NONE: u32 = u32::MAX;
+
+/// A table of cards that does not fit [`CardTable`]'s 32-bit offsets.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("the cards' {what} exceed {max} ({have}): the communicator cannot index them")]
+pub struct CardTableFull {
+    /// What overflowed: "addresses" (bytes of all endpoint addresses), "endpoints",
+    /// "distinct strings".
+    pub what: &'static str,
+    /// How many there would be.
+    pub have: usize,
+    /// The most there may be.
+    pub max: usize,
+}
+
+impl CardTable {
+    /// The table of `cards` (indexed like `cards`, which is by rank).
+    ///
+    /// # Errors
+    /// [`CardTableFull`] when all addresses together exceed 4 GiB, the endpoints 4 Gi, or
+    /// the distinct provider names 65,536 (no job comes near).
+    pub fn new(cards: &[Card]) -> Result<CardTable, CardTableFull> {
+        let mut t = CardTable::default();
+        let mut interned: std::collections::HashMap<String, u32> = Default::default();
+        let mut subnets: std::collections::HashMap<Subnet, u32> = Default::default();
+        let mut intern = |t: &mut CardTable, s: &str| -> Result<u32, CardTableFull> {
+            if let Some(&i) = interned.get(s) {
+                return Ok(i);
+            }
+            let i = u32::try_from(t.strings.len()).map_err(|_| CardTableFull {
+                what: "distinct strings",
+                have: t.strings.len() + 1,
+                max: u32::MAX as usize,
+            })?;
+            t.strings.push(s.to_owned());
+            interned.insert(s.to_owned(), i);
+            Ok(i)
+        };
+        let mut subnet = |t: &mut CardTable, s: Option<Subnet>| match s {
+            None => NONE,
+            Some(s) => *subnets.entry(s).or_insert_with(|| {
+                t.subnets.push(s);
+                t.subnets.len() as u32 - 1
+            }),
+        };
+        let full = |what, have, max| CardTableFull { what, have, max };
+        for c in cards {
+            let first_endpoint = u32::try_from(t.endpoints.len())
+                .map_err(|_| full("endpoints", t.endpoints.len(), u32::MAX as usize))?;
+            for e in &c.endpoints {
+                let provider = intern(&mut t, &e.provider)?;
+                let provider = u16::try_from(provider)
+                    .map_err(|_| full("distinct strings", provider as usize, 65_535))?;
+                let addr = u32::try_from(t.addrs.len())
+                    .ok()
+                    .filter(|a| a.checked_add(e.addr.len() as u32).is_some())
+                    .ok_or_else(|| {
+                        full("addresses", t.addrs.len() + e.addr.len(), u32::MAX as usize)
+                    })?;
+                let addr_len = u16::try_from(e.addr.len())
+                    .map_err(|_| full("address bytes of an endpoint", e.addr.len(), 65_535))?;
+                t.addrs.extend_from_slice(&e.addr);
+                t.endpoints.push(EndpointEntry {
+                    addr,
+                    addr_len,
+                    provider,
+                    transport: e.transport,
+                });
+            }
+            let entry = CardEntry {
+                start: c.process.start,
+                pid: c.process.pid,
+                host_id: intern(&mut t, &c.host_id)?,
+                host: intern(&mut t, &c.process.host)?,
+                fabric_subnet: subnet(&mut t, c.fabric_subnet),
+                ip_subnet: subnet(&mut t, c.ip_subnet),
+                first_endpoint,
+                endpoints: u16::try_from(c.endpoints.len())
+                    .map_err(|_| full("endpoints of a card", c.endpoints.len(), 65_535))?,
+            };
+            t.entries.push(entry);
+        }
+        t.strings.shrink_to_fit();
+        t.subnets.shrink_to_fit();
+        t.entries.shrink_to_fit();
+        t.endpoints.shrink_to_fit();
+        t.addrs.shrink_to_fit();
+        Ok(t)
+    }
+
+    /// Number of cards.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table holds no card.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Rank `rank`'s card as it was published, or `None` past the table's end.
+    pub fn card(&self, rank: u32) -> Option<Card> {
+        let e = self.entries.get(rank as usize)?;
+        let first = e.first_endpoint as usize;
+        let endpoints = self.endpoints[first..first + usize::from(e.endpoints)]
+            .iter()
+            .map(|ep| EndpointCard {
+                transport: ep.transport,
+                provider: self.strings[usize::from(ep.provider)].clone(),
+                addr: self.addr(ep).to_vec(),
+            })
+            .collect();
+        let subnet = |i: u32| (i != NONE).then(|| self.subnets[i as usize]);
+        Some(Card {
+            rank,
+            host_id: self.strings[e.host_id as usize].clone(),
+            endpoints,
+            fabric_subnet: subnet(e.fabric_subnet),
+            ip_subnet: subnet(e.ip_subnet),
+            process: self.process(rank)?,
+        })
+    }
+
+    /// Rank `rank`'s process, or `None` past the table's end.
+    pub fn process(&self, rank: u32) -> Option<ProcessId> {
+        let e = self.entries.get(rank as usize)?;
+        Some(ProcessId {
+            pid: e.pid,
+            start: e.start,
+            host: self.strings[e.host as usize].clone(),
+        })
+    }
+
+    /// Whether ranks `a` and `b` published the same host id (false past the table's end).
+    pub fn same_host(&self, a: u32, b: u32) -> bool {
+        match (self.entries.get(a as usize), self.entries.get(b as usize)) {
+            (Some(x), Some(y)) => x.host_id == y.host_id,
+            _ => false,
+        }
+    }
+
+    /// Whether rank `rank`'s process, on this host, has ended ([`ProcessId::is_gone`]
+    /// without building the id; false past the table's end).
+    pub fn process_gone(&self, rank: u32) -> bool {
+        self.entries
+            .get(rank as usize)
+            .is_some_and(|e| process_gone(e.pid, e.start))
+    }
+
+    /// Rank `rank`'s pid when its process, on this host, is stopped
+    /// ([`ProcessId::is_stopped`]; `None` past the table's end).
+    pub fn process_stopped(&self, rank: u32) -> Option<u32> {
+        let e = self.entries.get(rank as usize)?;
+        process_stopped(e.pid).then_some(e.pid)
+    }
+
+    /// Rank `rank`'s pid (0: unknown or past the table's end).
+    pub fn pid(&self, rank: u32) -> u32 {
+        self.entries.get(rank as usize).map_or(0, |e| e.pid)
+    }
+
+    /// Rank `rank`'s address on its endpoint number `endpoint` (an index into its card's
+    /// endpoints, as [`Route::peer_endpoint`]).
+    pub fn addr_of(&self, rank: u32, endpoint: usize) -> Option<&[u8]> {
+        let e = self.entries.get(rank as usize)?;
+        if endpoint >= usize::from(e.endpoints) {
+            return None;
+        }
+        Some(self.addr(&self.endpoints[e.first_endpoint as usize + endpoint]))
+    }
+
+    fn addr(&self, ep: &EndpointEntry) -> &[u8] {
+        let a = ep.addr as usize;
+        &self.addrs[a..a + usize::from(ep.addr_len)]
+    }
+
+    /// Bytes the table holds: its own size and every allocation's capacity.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .strings
+                .iter()
+                .map(|s| std::mem::size_of::<String>() + s.capacity())
+                .sum::<usize>()
+            + self.subnets.capacity() * std::mem::size_of::<Subnet>()
+            + self.entries.capacity() * std::mem::size_of::<CardEntry>()
+            + self.endpoints.capacity() * std::mem::size_of::<EndpointEntry>()
+            + self.addrs.capacity()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1558,5 +1806,78 @@ mod tests {
             assert!(id.contains("/netns:"), "{id}");
             assert_eq!(id, host_id().unwrap());
         }
+    }
+
+    /// The card table gives back every card as published (interned strings, shared
+    /// subnets, empty fields, no endpoint), in less memory than the cards.
+    #[test]
+    fn card_table_round_trips_compactly() {
+        let subnet: Subnet = "10.0.1.0/24".parse().unwrap();
+        let cards: Vec<Card> = (0..300u32)
+            .map(|r| Card {
+                rank: r,
+                host_id: format!("host-{}", r / 100),
+                endpoints: match r % 3 {
+                    0 => vec![],
+                    1 => vec![ep(Transport::Shm, "shm")],
+                    _ => vec![
+                        EndpointCard {
+                            transport: Transport::Fabric,
+                            provider: "efa".into(),
+                            addr: vec![r as u8; (r % 40) as usize],
+                        },
+                        ep(Transport::Ip, "tcp;ofi_rxm"),
+                    ],
+                },
+                fabric_subnet: (r % 2 == 0).then_some(subnet),
+                ip_subnet: (r % 5 == 0).then(|| format!("192.168.{}.0/24", r % 7).parse().unwrap()),
+                process: ProcessId {
+                    pid: r * 3,
+                    start: u64::from(r) << 20,
+                    host: if r % 4 == 0 {
+                        String::new()
+                    } else {
+                        format!("node{}", r / 100)
+                    },
+                },
+            })
+            .collect();
+        let t = CardTable::new(&cards).unwrap();
+        assert_eq!(t.len(), cards.len());
+        for (r, c) in cards.iter().enumerate() {
+            let r = r as u32;
+            assert_eq!(t.card(r).as_ref(), Some(c));
+            assert_eq!(t.process(r).as_ref(), Some(&c.process));
+            assert_eq!(t.pid(r), c.process.pid);
+            for (i, e) in c.endpoints.iter().enumerate() {
+                assert_eq!(t.addr_of(r, i), Some(e.addr.as_slice()));
+            }
+            assert_eq!(t.addr_of(r, c.endpoints.len()), None);
+            assert!(t.same_host(r, (r / 100) * 100));
+            assert_eq!(t.same_host(r, 299), r >= 200);
+        }
+        assert_eq!(t.card(300), None);
+        assert!(!t.same_host(0, 300));
+        let as_cards: usize = cards
+            .iter()
+            .map(|c| {
+                std::mem::size_of::<Card>()
+                    + c.host_id.capacity()
+                    + c.process.host.capacity()
+                    + c.endpoints
+                        .iter()
+                        .map(|e| {
+                            std::mem::size_of::<EndpointCard>()
+                                + e.provider.capacity()
+                                + e.addr.capacity()
+                        })
+                        .sum::<usize>()
+            })
+            .sum();
+        assert!(
+            t.heap_bytes() * 3 < as_cards,
+            "table {} bytes against {as_cards} for the cards",
+            t.heap_bytes()
+        );
     }
 }
