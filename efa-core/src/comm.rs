@@ -29,6 +29,35 @@
 //! wait policy ([`crate::wait`]: spin, yield, or block on the CQs' wait fds; chosen
 //! automatically so that ranks outnumbering cores still make progress).
 //!
+//! # State per peer
+//! A rank pays for a peer it never talks to only a few bytes (issue 17 §2, in the manner
+//! of UCX's lazy endpoints and PMIx's direct modex). At start every route is chosen
+//! ([`placement::choose_route`]: a peer no transport reaches fails `build`), but a peer's
+//! address enters the endpoint's address vector (`fi_av_insert`) only when this rank first
+//! sends to it, reads a rendezvous from it, probes it or exposes an RMA window to it.
+//! Messages from peers not yet inserted are received and matched all the same: receive
+//! buffers are posted for any source and the sender's rank is in the header. The cards are
+//! kept in a [`placement::CardTable`] (shared strings once, addresses in one arena), from
+//! which a peer's address is read on first use and [`Communicator::route`] is told.
+//!
+//! What stays per peer, idle or not ([`Communicator::peer_state_bytes`]), measured by the
+//! unit test `idle_peer_state_fits_256_bytes` for 16,384 simulated ranks, 96 per host, with
+//! this host's address sizes (shm 72 B, tcp 16 B): **220 bytes per peer**: 153 for its
+//! card, 48 of protocol state (sequence numbers, credits, finalize flags), 8 + 2 for its
+//! address and route, 8 for the world group's rank maps, 1 for its liveness flag (and 4
+//! for the fast-box index when the host has several ranks). With 8 ranks per host it is
+//! 228 bytes; with one rank per host 293 (each card then carries its own host id and host
+//! name). Before (the same accounting): about 285 bytes per peer kept (a
+//! `Route` of 72, a process id of 72, address, carrier and probe time 48, liveness map
+//! entry about 20, fast-box index 16, the same protocol state and group), plus every peer's
+//! address in libfabric's address vector, plus about 550 bytes per peer of decoded cards
+//! during start.
+//!
+//! Still paid for every peer: finalize's handshake (`Fin`/`FinAck` with every rank, so
+//! finalize inserts every address not yet inserted), a failure notice (sent to every rank),
+//! an RMA window (exchanged with every rank), and the fast boxes of same-host ranks
+//! (their rings, created and attached at start; `EFA_FASTBOX=0` turns them off).
+//!
 //! # Matching and communicators
 //! A message is matched on (context id, source, tag), in the order each sender sent it
 //! (MPI's non-overtaking rule, per communicator and stronger: per pair of processes).
@@ -78,7 +107,7 @@ use crate::bootstrap::{self, Bootstrap};
 use crate::error::{Error, Malformed, PeerFailure, Result, SettingError};
 use crate::fastbox::FastPath;
 use crate::net;
-use crate::placement::{self, Card, EndpointCard, Route, Transport, TransportSet};
+use crate::placement::{self, Card, CardTable, EndpointCard, Route, Transport, TransportSet};
 use crate::proto::{self, Action, Body, Core, Mode, Outcome, PostError, RecvId, Remote, SendId};
 use crate::roles;
 use crate::store::Store;
@@ -397,11 +426,24 @@ struct Port {
     seen: u64,
 }
 
-/// How this rank reaches one peer.
-#[derive(Debug, Clone)]
-struct PeerRoute {
-    port: usize,
-    addr: FiAddr,
+/// How this rank reaches each peer. The route (which endpoint of this rank, which of the
+/// peer's) is chosen for every peer at start ([`placement::choose_route`], so that a peer no
+/// transport reaches is an error of `build`); the peer's address is inserted into the
+/// endpoint's address vector only when this rank first sends to it, reads from it or
+/// exposes an RMA window to it ([`Engine::resolve`]). A message from a peer this rank has
+/// not resolved is still received and matched: receive buffers are posted for any source
+/// (`FI_ADDR_UNSPEC`) and the sender's rank travels in the header ([`Header::src`]).
+///
+/// Per peer this is 10 bytes until first use, and 10 after it (see
+/// [`Engine::peer_state_bytes`]).
+#[derive(Debug, Default)]
+struct Peers {
+    /// Per peer: the index of the port its route uses, and the index of the peer's
+    /// endpoint on its card ([`Route::peer_endpoint`]).
+    route: Vec<(u8, u8)>,
+    /// Per peer: its address in that port's address vector; [`FiAddr::UNSPEC`] until first
+    /// use.
+    addr: Vec<FiAddr>,
 }
 
 /// Where control and eager messages to a peer go, and where they come from. Today every
@@ -411,7 +453,7 @@ struct PeerRoute {
 /// is [`Engine::send_ctrl_with`], which matches on the peer's carrier, and the receive side
 /// is [`Engine::progress_round`], which polls every carrier and hands each message (its
 /// header and payload bytes) to [`Engine::on_control`]. Rendezvous data always moves by RMA read on
-/// the peer's [`PeerRoute`] endpoint, whatever carries its control messages. The protocol
+/// the peer's route's endpoint ([`Peers`]), whatever carries its control messages. The protocol
 /// core restores each sender's order across carriers (sequence numbers), so one peer's
 /// messages may use several carriers at once.
 #[derive(Debug, Clone, Copy)]
@@ -490,10 +532,11 @@ struct Background {
 struct Engine {
     rank: u32,
     ports: Vec<Port>,
-    /// The endpoint of each peer's route (for rendezvous reads and RMA).
-    peers: Vec<PeerRoute>,
-    /// Where each peer's control and eager messages go.
-    carriers: Vec<Carrier>,
+    /// The endpoint of each peer's route and the peer's address on it, resolved on first
+    /// use (its control and eager messages, rendezvous reads and RMA all use it).
+    peers: Peers,
+    /// Every rank's card, compactly: where a peer's address is found on first use.
+    cards: Arc<CardTable>,
     /// Matching, ordering, rendezvous, flow control and finalize.
     core: Core<Vec<u8>>,
     /// Per receive slot of the core.
@@ -538,8 +581,9 @@ struct Engine {
     last_check: Instant,
     /// When peers on other hosts were last probed ([`Kind::Ping`]).
     last_ping: Instant,
-    /// Per peer: since when probes find no room to be sent (see [`PROBE_REFUSED_LIMIT`]).
-    refused_since: Vec<Option<Instant>>,
+    /// The peers whose probes find no room to be sent, and since when (see
+    /// [`PROBE_REFUSED_LIMIT`]); empty while every probe is sent.
+    refused_since: HashMap<u32, Instant>,
     /// An operation passed its deadline: the job is not healthy, so finalize waits for its
     /// peers only briefly instead of a whole deadline more.
     broken: bool,
@@ -633,7 +677,9 @@ struct Inner {
     rank: u32,
     size: u32,
     config: Config,
-    routes: Vec<Route>,
+    /// Every rank's card (shared with the engine): routes are told from them
+    /// ([`Communicator::route`]).
+    cards: Arc<CardTable>,
     providers: Vec<(Transport, String)>,
     /// Keeps a rank-0-served TCP store alive until the communicator is dropped.
     _store: Arc<dyn Store>,
@@ -935,6 +981,12 @@ impl Group {
     fn size(&self) -> u32 {
         self.world_of.len() as u32
     }
+
+    /// Bytes of its per-rank tables (`size_of` plus capacity).
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Group>()
+            + (self.world_of.capacity() + self.local_of.capacity()) * std::mem::size_of::<u32>()
+    }
 }
 
 impl std::fmt::Debug for Communicator {
@@ -987,10 +1039,19 @@ impl Communicator {
         let prefix = claim.store_prefix.clone();
         let cards = exchange_cards(&*store, &prefix, &card, rank, size, deadline)?;
         let routes = choose_routes(&card, &cards, &config.transports)?;
-        let peers = connect_peers(rank, &mut ports, &cards, &routes)?;
-        let live = liveness(&card, &cards, &ports, &peers);
+        let peers = peer_routes(rank, &mut ports, &routes)?;
         let fast = FastPath::create(rank, &cards, &routes, &prefix);
         let on_host = cards.iter().filter(|c| c.host_id == card.host_id).count() as u32;
+        // From here on the cards are kept compactly, and the routes not at all (a peer's
+        // address is found in its card on first use).
+        drop(routes);
+        let cards = Arc::new(CardTable::new(&cards).map_err(|e| {
+            tracing::error!("{e}");
+            Error::Internal {
+                what: "the job's cards exceed the communicator's card table (4 GiB of addresses)",
+            }
+        })?);
+        let live = liveness(rank, &cards, &ports);
         // The rings have no wait fd: a blocking wait must sleep in bounded steps.
         let wait = wait_set(&config, &ports, usize::from(fast.is_some()), on_host, cores);
         let comm = assemble(
@@ -1000,7 +1061,7 @@ impl Communicator {
             store.clone(),
             ports,
             peers,
-            routes,
+            cards,
             live,
             claim,
             wait,
@@ -1095,13 +1156,24 @@ impl Communicator {
         self.check_rank(rank)?;
         Ok(self.group.world_of[rank as usize])
     }
-    /// The route to `peer` (a rank of this communicator), with the reason it was chosen.
+    /// The route to `peer` (a rank of this communicator), with the reason it was chosen:
+    /// [`placement::choose_route`] of the two ranks' cards, the choice the communicator
+    /// made for `peer` when it was built (it keeps the cards, not the routes, and connects
+    /// a peer on first use).
     ///
     /// # Errors
-    /// [`Error::InvalidRank`].
-    pub fn route(&self, peer: u32) -> Result<&Route> {
+    /// [`Error::InvalidRank`]; [`Error::NoRoute`] never happens here (`build` fails first).
+    pub fn route(&self, peer: u32) -> Result<Route> {
         let w = self.world_rank(peer)?;
-        Ok(&self.inner.routes[w as usize])
+        let cards = &self.inner.cards;
+        let (Some(me), Some(them)) = (cards.card(self.inner.rank), cards.card(w)) else {
+            return Err(Error::InvalidRank {
+                rank: peer,
+                size: self.size(),
+            });
+        };
+        placement::choose_route(&me, &them, &self.inner.config.transports)
+            .map_err(|source| Error::NoRoute { peer: w, source })
     }
     /// The provider serving `transport` on this rank, if that transport is open.
     pub fn provider(&self, transport: Transport) -> Option<&str> {
@@ -1119,6 +1191,34 @@ impl Communicator {
     /// The settings this communicator was built with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Bytes this rank keeps for the ranks of the job, used or idle: every structure of
+    /// the communicator whose size grows with the world size, measured as `size_of` plus
+    /// heap capacity (the card table, each peer's route and address, the protocol's
+    /// per-peer state, liveness, failure probes, the fast-box index, and this
+    /// communicator's group). Divided by [`Communicator::size`] it is the cost of a peer;
+    /// for the world communicator of a job that talks to few peers it stays under 256
+    /// bytes per peer (see [module docs](crate::comm#state-per-peer)). Not counted:
+    /// libfabric's memory (its address vectors and connections, which grow only with the
+    /// peers this rank has talked to) and the fast boxes' shared-memory rings.
+    pub fn peer_state_bytes(&self) -> usize {
+        self.engine().peer_state_bytes() + self.group.bytes()
+    }
+
+    /// How many ranks of the job (this one included) this rank has connected to so far:
+    /// whose address it inserted into an endpoint's address vector because it sent to
+    /// them, read a rendezvous from them, probed them or exposed an RMA window to them. A
+    /// peer that only sent to this rank is not counted (see
+    /// [State per peer](crate::comm#state-per-peer)); messages carried by the fast boxes
+    /// between ranks on one host connect nobody either.
+    pub fn connected_peers(&self) -> u32 {
+        self.engine()
+            .peers
+            .addr
+            .iter()
+            .filter(|&&a| a != FiAddr::UNSPEC)
+            .count() as u32
     }
 
     /// The world rank of this communicator's `rank` (checked by the caller).
@@ -1143,12 +1243,17 @@ impl Communicator {
     }
 
     /// The endpoint and address through which `peer` (a rank of this communicator) is
-    /// reached (for RMA).
-    pub(crate) fn peer_endpoint(&self, peer: u32) -> (usize, Endpoint, FiAddr) {
+    /// reached (for RMA), inserting the peer's address on first use.
+    ///
+    /// # Errors
+    /// Fabric errors of `fi_av_insert`.
+    pub(crate) fn peer_endpoint(&self, peer: u32) -> Result<(usize, Endpoint, FiAddr)> {
         let w = self.world_of(peer);
-        let e = self.engine();
-        let r = &e.peers[w as usize];
-        (r.port, e.ports[r.port].ep.clone(), r.addr)
+        let mut e = self.engine();
+        let (port, addr) = e
+            .resolve(w)
+            .map_err(|source| Error::fabric("fi_av_insert", Some(w), source))?;
+        Ok((port, e.ports[port].ep.clone(), addr))
     }
 
     /// Every open endpoint, by port index, with whether any peer is routed through it.
@@ -2150,56 +2255,64 @@ fn choose_routes(card: &Card, cards: &[Card], allowed: &TransportSet) -> Result<
         .collect()
 }
 
-/// Inserts every peer's address into the address vector of the endpoint its route uses,
-/// and marks those endpoints used.
+/// Each peer's route as the engine keeps it (the port and the peer's endpoint, no
+/// address yet: see [`Peers`]), and marks the endpoints that some peer is routed through.
 ///
 /// # Errors
-/// Fabric errors of `fi_av_insert`.
-fn connect_peers(
-    rank: u32,
-    ports: &mut [Port],
-    cards: &[Card],
-    routes: &[Route],
-) -> Result<Vec<PeerRoute>> {
-    let mut peers = Vec::with_capacity(routes.len());
-    for (r, (route, peer_card)) in routes.iter().zip(cards).enumerate() {
-        let port = ports
-            .iter()
-            .position(|p| p.transport == route.transport)
-            .expect("routes use opened transports");
-        let addr = ports[port]
-            .ep
-            .av()
-            .insert(&peer_card.endpoints[route.peer_endpoint].addr)
-            .map_err(|e| Error::fabric("fi_av_insert", Some(r as u32), e))?;
-        tracing::debug!(rank, peer = r, transport = %route.transport, provider = %ports[port].provider, reason = %route.reason, "route");
-        ports[port].used = true;
-        peers.push(PeerRoute { port, addr });
+/// [`Error::Internal`] when a route uses a transport that has no open endpoint or an
+/// endpoint index past 255 (placement chooses only among opened endpoints, at most a few).
+fn peer_routes(rank: u32, ports: &mut [Port], routes: &[Route]) -> Result<Peers> {
+    let transports: Vec<Transport> = ports.iter().map(|p| p.transport).collect();
+    let (peers, used) = routes_to_ports(rank, &transports, routes)?;
+    for (p, used) in ports.iter_mut().zip(used) {
+        p.used = used;
     }
     Ok(peers)
 }
 
-/// The liveness flags shared by the engine and every endpoint's post path, and which rank
-/// each endpoint's addresses are.
-fn liveness(card: &Card, cards: &[Card], ports: &[Port], peers: &[PeerRoute]) -> Arc<Liveness> {
+/// [`peer_routes`] over the transports of the open ports, in port order: the engine's
+/// routes, and whether each port is used.
+fn routes_to_ports(
+    rank: u32,
+    transports: &[Transport],
+    routes: &[Route],
+) -> Result<(Peers, Vec<bool>)> {
+    let mut used = vec![false; transports.len()];
+    let mut peers = Peers {
+        route: Vec::with_capacity(routes.len()),
+        addr: vec![FiAddr::UNSPEC; routes.len()],
+    };
+    for (r, route) in routes.iter().enumerate() {
+        let port = transports
+            .iter()
+            .position(|&t| t == route.transport)
+            .and_then(|p| u8::try_from(p).ok())
+            .ok_or(Error::Internal {
+                what: "a route uses a transport that has no open endpoint",
+            })?;
+        let peer_endpoint = u8::try_from(route.peer_endpoint).map_err(|_| Error::Internal {
+            what: "a route uses a peer endpoint past the 256th",
+        })?;
+        tracing::debug!(rank, peer = r, transport = %route.transport, reason = %route.reason, "route");
+        used[usize::from(port)] = true;
+        peers.route.push((port, peer_endpoint));
+    }
+    Ok((peers, used))
+}
+
+/// The liveness flags shared by the engine and every endpoint's post path; each endpoint
+/// learns which rank an address is as the engine inserts it ([`Engine::resolve`]).
+fn liveness(rank: u32, cards: &Arc<CardTable>, ports: &[Port]) -> Arc<Liveness> {
     let live = Arc::new(Liveness {
         dead: (0..cards.len())
             .map(|_| std::sync::atomic::AtomicBool::new(false))
             .collect(),
-        procs: cards
-            .iter()
-            .map(|c| (c.process.clone(), c.host_id == card.host_id))
-            .collect(),
+        cards: cards.clone(),
+        rank,
     });
-    for (i, port) in ports.iter().enumerate() {
-        let rank_of = peers
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.port == i)
-            .map(|(rank, r)| (r.addr, rank as u32))
-            .collect();
+    for port in ports {
         let _ = port.liveness.set(PortLiveness {
-            rank_of,
+            rank_of: Mutex::new(HashMap::new()),
             liveness: live.clone(),
         });
     }
@@ -2244,8 +2357,8 @@ fn assemble(
     config: Config,
     store: Arc<dyn Store>,
     ports: Vec<Port>,
-    peers: Vec<PeerRoute>,
-    routes: Vec<Route>,
+    peers: Peers,
+    cards: Arc<CardTable>,
     live: Arc<Liveness>,
     claim: WorldClaim,
     wait: Arc<WaitSet>,
@@ -2254,58 +2367,13 @@ fn assemble(
         .iter()
         .map(|p| (p.transport, p.provider.clone()))
         .collect();
-    let scratch_len = ports
-        .iter()
-        .map(|p| p.inject.max(HDR_LEN + p.eager))
-        .max()
-        .unwrap_or(HDR_LEN);
-    let small_cap = ports.iter().map(|p| p.eager).max().unwrap_or(0);
-    let carriers = peers
-        .iter()
-        .map(|r| Carrier::Port {
-            port: r.port,
-            addr: r.addr,
-        })
-        .collect();
-    let exposed_free = ports.iter().map(|_| Vec::new()).collect();
-    let mut engine = Engine {
-        rank,
-        ports,
-        peers,
-        carriers,
-        core: Core::new(rank, size, proto::Config::default()),
-        recv_slots: Vec::new(),
-        exposed: Vec::new(),
-        reads: Vec::new(),
-        wanted: Vec::new(),
-        owners: Vec::new(),
-        small: Vec::new(),
-        small_cap,
-        exposed_free,
-        background: Vec::new(),
-        // Control messages are assembled here when they are injected: as large as the
-        // largest inject size or eager message of any endpoint.
-        scratch: vec![0u8; scratch_len],
-        ctx: WORLD_CTX,
-        events: 0,
-        notifications: VecDeque::new(),
-        pool: BufPool::default(),
-        finalized: false,
-        live,
-        failure: None,
-        polls: 0,
-        last_check: Instant::now(),
-        last_ping: Instant::now(),
-        refused_since: vec![None; size as usize],
-        broken: false,
-        fast: None,
-    };
+    let mut engine = Engine::new(rank, size, ports, peers, cards.clone(), live);
     engine.post_all_slots()?;
     Ok(Communicator {
         inner: Arc::new(Inner {
             rank,
             size,
-            routes,
+            cards,
             providers,
             _store: store,
             engine: Mutex::new(engine),
@@ -2316,6 +2384,90 @@ fn assemble(
         }),
         group: Arc::new(Group::world(rank, size)),
     })
+}
+
+impl Engine {
+    /// The engine of rank `rank` of `size` over the open endpoints, with no receive buffer
+    /// posted yet ([`Engine::post_all_slots`]).
+    fn new(
+        rank: u32,
+        size: u32,
+        ports: Vec<Port>,
+        peers: Peers,
+        cards: Arc<CardTable>,
+        live: Arc<Liveness>,
+    ) -> Engine {
+        let scratch_len = ports
+            .iter()
+            .map(|p| p.inject.max(HDR_LEN + p.eager))
+            .max()
+            .unwrap_or(HDR_LEN);
+        let small_cap = ports.iter().map(|p| p.eager).max().unwrap_or(0);
+        let exposed_free = ports.iter().map(|_| Vec::new()).collect();
+        Engine {
+            rank,
+            ports,
+            peers,
+            cards,
+            core: Core::new(rank, size, proto::Config::default()),
+            recv_slots: Vec::new(),
+            exposed: Vec::new(),
+            reads: Vec::new(),
+            wanted: Vec::new(),
+            owners: Vec::new(),
+            small: Vec::new(),
+            small_cap,
+            exposed_free,
+            background: Vec::new(),
+            // Control messages are assembled here when they are injected: as large as the
+            // largest inject size or eager message of any endpoint.
+            scratch: vec![0u8; scratch_len],
+            ctx: WORLD_CTX,
+            events: 0,
+            notifications: VecDeque::new(),
+            pool: BufPool::default(),
+            finalized: false,
+            live,
+            failure: None,
+            polls: 0,
+            last_check: Instant::now(),
+            last_ping: Instant::now(),
+            refused_since: HashMap::new(),
+            broken: false,
+            fast: None,
+        }
+    }
+
+    /// Bytes of the state this rank keeps per rank of the job, whether it ever talks to
+    /// it or not (the structures whose size grows with the job; `size_of` plus heap
+    /// capacity): the card table, each peer's route and address, the protocol core's
+    /// per-peer state, the liveness flags and the addresses each endpoint has learned,
+    /// the probe bookkeeping and the fast-box index. Not counted: libfabric's own memory
+    /// (its address vectors, connections) and the fast boxes' shared-memory rings (see
+    /// [`crate::fastbox`]).
+    fn peer_state_bytes(&self) -> usize {
+        let map_entry = |k: usize, v: usize| k + v + 1; // hashbrown: a control byte per slot
+        let learned: usize = self
+            .ports
+            .iter()
+            .filter_map(|p| p.liveness.get())
+            .map(|pl| {
+                let m = pl
+                    .rank_of
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                m.capacity() * map_entry(std::mem::size_of::<FiAddr>(), 4)
+            })
+            .sum();
+        self.cards.heap_bytes()
+            + self.peers.route.capacity() * std::mem::size_of::<(u8, u8)>()
+            + self.peers.addr.capacity() * std::mem::size_of::<FiAddr>()
+            + self.core.peer_bytes()
+            + self.live.dead.capacity() * std::mem::size_of::<std::sync::atomic::AtomicBool>()
+            + learned
+            + self.refused_since.capacity() * map_entry(4, std::mem::size_of::<Instant>())
+            + self.fast.as_ref().map_or(0, FastPath::index_bytes)
+    }
 }
 
 /// Waits until every rank has posted its receive buffers (so nobody sends before its peer
@@ -2348,10 +2500,24 @@ fn ready_barrier(comm: &Communicator, store: &dyn Store) -> Result<()> {
     Ok(())
 }
 
-/// The ranks behind one endpoint's addresses, and the communicator's liveness flags.
+/// The ranks behind one endpoint's addresses (those inserted so far), and the
+/// communicator's liveness flags.
 struct PortLiveness {
-    rank_of: HashMap<FiAddr, u32>,
+    /// Filled by [`Engine::resolve`] under the engine's lock; read by posts that retry on a
+    /// full queue (rarely: the lock is not on a fast path).
+    rank_of: Mutex<HashMap<FiAddr, u32>>,
     liveness: Arc<Liveness>,
+}
+
+impl PortLiveness {
+    /// The rank whose address `addr` is on this endpoint, once inserted.
+    fn rank_of(&self, addr: FiAddr) -> Option<u32> {
+        self.rank_of
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&addr)
+            .copied()
+    }
 }
 
 /// What posts retrying on a full queue ask: whether the rank they post to is still alive.
@@ -2359,19 +2525,25 @@ struct PortLiveness {
 struct Liveness {
     /// Ranks known to have failed.
     dead: Vec<std::sync::atomic::AtomicBool>,
-    /// Each rank's process, and whether it shares this host (so its pid can be checked).
-    procs: Vec<(placement::ProcessId, bool)>,
+    /// Each rank's process and host (so that a same-host peer's pid can be checked).
+    cards: Arc<CardTable>,
+    /// This rank.
+    rank: u32,
 }
 
 impl Liveness {
+    /// Whether `rank` runs on this host.
+    fn same_host(&self, rank: u32) -> bool {
+        self.cards.same_host(self.rank, rank)
+    }
+
     /// False once `rank` is known to have failed, or its process on this host is gone.
     fn alive(&self, rank: u32) -> bool {
         let r = rank as usize;
         if self.dead[r].load(std::sync::atomic::Ordering::Relaxed) {
             return false;
         }
-        let (p, same_host) = &self.procs[r];
-        !(*same_host && p.is_gone())
+        !(self.same_host(rank) && self.cards.process_gone(rank))
     }
 }
 
@@ -2386,11 +2558,8 @@ fn open_port(
     let check = {
         let l = liveness.clone();
         Arc::new(move |addr: FiAddr| {
-            l.get().is_none_or(|pl| {
-                pl.rank_of
-                    .get(&addr)
-                    .is_none_or(|&rank| pl.liveness.alive(rank))
-            })
+            l.get()
+                .is_none_or(|pl| pl.rank_of(addr).is_none_or(|rank| pl.liveness.alive(rank)))
         })
     };
     // Posts that find the provider's queue full retry (progressing) for at most the
@@ -2476,16 +2645,53 @@ impl Engine {
         Ok(())
     }
 
-    fn route(&self, peer: u32) -> (usize, FiAddr) {
-        let r = &self.peers[peer as usize];
-        (r.port, r.addr)
+    /// The port of `peer`'s route.
+    fn port_of(&self, peer: u32) -> usize {
+        usize::from(self.peers.route[peer as usize].0)
+    }
+
+    /// The port of `peer`'s route and the peer's address in its address vector, inserting
+    /// the address (from the peer's card) on first use, and telling the port's post path
+    /// which rank the address is.
+    ///
+    /// # Errors
+    /// Fabric errors of `fi_av_insert`.
+    fn resolve(&mut self, peer: u32) -> std::result::Result<(usize, FiAddr), efa_fabric::Error> {
+        let (port, endpoint) = self.peers.route[peer as usize];
+        let port = usize::from(port);
+        let known = self.peers.addr[peer as usize];
+        if known != FiAddr::UNSPEC {
+            return Ok((port, known));
+        }
+        // Placement chose the endpoint among the card's, so it exists; an empty address
+        // (never) would be refused by the provider as any bad address is.
+        let bytes = self
+            .cards
+            .addr_of(peer, usize::from(endpoint))
+            .unwrap_or_default();
+        let addr = self.ports[port].ep.av().insert(bytes)?;
+        tracing::trace!(rank = self.rank, peer, provider = %self.ports[port].provider, "peer connected on first use");
+        self.peers.addr[peer as usize] = addr;
+        if let Some(pl) = self.ports[port].liveness.get() {
+            pl.rank_of
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(addr, peer);
+        }
+        Ok((port, addr))
+    }
+
+    /// Where control and eager messages to `dest` go (resolving it on first use).
+    fn carrier(&mut self, dest: u32) -> Result<Carrier> {
+        let (port, addr) = self
+            .resolve(dest)
+            .map_err(|e| Error::fabric("fi_av_insert", Some(dest), e))?;
+        Ok(Carrier::Port { port, addr })
     }
 
     /// The largest eager payload to `peer`: its carrier's.
     fn eager_limit(&self, peer: u32) -> usize {
-        match self.carriers[peer as usize] {
-            Carrier::Port { port, .. } => self.ports[port].eager,
-        }
+        self.ports[self.port_of(peer)].eager
     }
 
     /// Sends a control message (header + payload) to `dest`: inject when it fits, else
@@ -2509,7 +2715,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let Carrier::Port { port, addr } = self.carriers[dest as usize];
+        let Carrier::Port { port, addr } = self.carrier(dest)?;
         let total = HDR_LEN + payload.len();
         let p = &mut self.ports[port];
         if inject && total <= p.inject {
@@ -2542,7 +2748,7 @@ impl Engine {
     /// when the provider had no room (`FI_EAGAIN`: a connection-oriented provider answers
     /// so while it tries to reach a peer that is gone).
     fn probe(&mut self, dest: u32) -> std::result::Result<bool, efa_fabric::Error> {
-        let (port, addr) = self.route(dest);
+        let (port, addr) = self.resolve(dest)?;
         let hdr = Header {
             kind: Kind::Ping,
             flags: 0,
@@ -2625,8 +2831,7 @@ impl Engine {
         if len <= self.eager_limit(dest) || !self.zero_copy(dest, len) {
             return None;
         }
-        let (port, _) = self.route(dest);
-        Some(self.ports[port].ep.clone())
+        Some(self.ports[self.port_of(dest)].ep.clone())
     }
 
     fn start_send_inner(
@@ -2661,7 +2866,7 @@ impl Engine {
 
     /// Copies `data` into a registered buffer that `dest` may read, kept for send `id`.
     fn expose(&mut self, id: SendId, dest: u32, data: &[u8]) -> Result<Remote> {
-        let (port, _) = self.route(dest);
+        let port = self.port_of(dest);
         let free = &mut self.exposed_free[port];
         let best = free
             .iter()
@@ -2788,16 +2993,18 @@ impl Engine {
     /// buffer: from the provider's measured threshold on ([`efa_fabric::rget_threshold`];
     /// below it, reading into an engine buffer and copying is as fast).
     fn zero_copy(&self, peer: u32, len: usize) -> bool {
-        let (port, _) = self.route(peer);
+        let port = self.port_of(peer);
         efa_fabric::rget_threshold(&self.ports[port].provider).is_some_and(|t| len >= t)
     }
 
     /// Takes receive `id`'s waiting read: the endpoint, the peer's address, the region and
-    /// the length to read into the user's buffer.
+    /// the length to read into the user's buffer. (The peer was resolved when the read was
+    /// left for the call, [`Engine::drain`].)
     fn take_wanted(&mut self, id: RecvId) -> Option<WantedInPlace> {
         let w = self.recv_slots.get_mut(id.index())?.wanted.take()?;
         self.wanted.retain(|&r| r != id);
-        let (port, addr) = self.route(w.peer);
+        let port = self.port_of(w.peer);
+        let addr = self.peers.addr[w.peer as usize];
         let region = region_of(w.remote, w.len);
         Some((w.peer, self.ports[port].ep.clone(), addr, region, w.len))
     }
@@ -2865,9 +3072,16 @@ impl Engine {
                     len,
                 } => {
                     if self.recv_slot(recv).dest == RecvDest::User && self.zero_copy(peer, len) {
-                        // Read later, by the call that holds the user's buffer.
-                        self.recv_slot(recv).wanted = Some(WantedRead { peer, remote, len });
-                        self.wanted.push(recv);
+                        // Read later, by the call that holds the user's buffer; the peer's
+                        // address is inserted now, on first use.
+                        match self.resolve(peer) {
+                            Ok(_) => {
+                                self.recv_slot(recv).wanted =
+                                    Some(WantedRead { peer, remote, len });
+                                self.wanted.push(recv);
+                            }
+                            Err(e) => self.read_failed(recv, peer, e),
+                        }
                     } else {
                         self.start_read(recv, peer, remote, len);
                     }
@@ -2902,7 +3116,13 @@ impl Engine {
             self.core.read_done(recv);
             return;
         }
-        let (port, addr) = self.route(peer);
+        let (port, addr) = match self.resolve(peer) {
+            Ok(r) => r,
+            Err(e) => {
+                self.read_failed(recv, peer, e);
+                return;
+            }
+        };
         let region = region_of(remote, len);
         let max = self.ports[port].max_msg;
         let mut chunks = Vec::new();
@@ -3079,7 +3299,7 @@ impl Engine {
                 rndv: 0,
                 ctx: self.ctx,
             };
-            for p in 0..self.peers.len() as u32 {
+            for p in 0..self.cards.len() as u32 {
                 if p == self.rank || p == rank || self.core.peer_acked_fin(p) {
                     continue;
                 }
@@ -3114,7 +3334,7 @@ impl Engine {
                 source: None,
             },
         };
-        let rank = if (h.tag as usize) < self.peers.len() {
+        let rank = if (h.tag as usize) < self.cards.len() {
             h.tag
         } else {
             h.src
@@ -3125,18 +3345,17 @@ impl Engine {
     /// Looks at the processes of same-host peers that have not finalized: one that is gone
     /// (or whose pid now belongs to another process) has failed.
     fn check_peers(&mut self) {
-        for p in 0..self.live.procs.len() {
-            let (proc_, same_host) = &self.live.procs[p];
-            if p as u32 == self.rank
-                || !same_host
-                || proc_.pid == 0
-                || self.core.peer_finalized(p as u32)
+        for p in 0..self.cards.len() as u32 {
+            if p == self.rank
+                || !self.live.same_host(p)
+                || self.cards.pid(p) == 0
+                || self.core.peer_finalized(p)
             {
                 continue;
             }
-            if proc_.is_gone() {
-                let cause = exited(proc_);
-                self.mark_failed(p as u32, cause, true);
+            if self.cards.process_gone(p) {
+                let cause = exited(&self.cards.process(p).unwrap_or_default());
+                self.mark_failed(p, cause, true);
                 return;
             }
         }
@@ -3160,10 +3379,10 @@ impl Engine {
     fn ping_remote_peers(&mut self) {
         // All peers on this host (their processes are looked at instead): nothing to probe,
         // and nothing to allocate every PING_INTERVAL.
-        if self.live.procs.iter().all(|(_, same_host)| *same_host) {
+        if (0..self.cards.len() as u32).all(|p| self.live.same_host(p)) {
             return;
         }
-        let mut want = vec![false; self.live.procs.len()];
+        let mut want = vec![false; self.cards.len()];
         let mut bulk = vec![false; want.len()];
         let mut any = false;
         self.core.for_each_awaited(|peer, moving| match peer {
@@ -3174,7 +3393,7 @@ impl Engine {
             None => any = true,
         });
         for (p, wanted) in want.into_iter().enumerate() {
-            let remote = !self.live.procs[p].1;
+            let remote = !self.live.same_host(p as u32);
             if p as u32 == self.rank
                 || !remote
                 || self.core.peer_finalized(p as u32)
@@ -3185,16 +3404,19 @@ impl Engine {
             // While rendezvous data moves to or from the peer, a full queue is congestion (a
             // large transfer fills it for seconds), not a dead peer: not judged then.
             if bulk[p] {
-                self.refused_since[p] = None;
+                self.refused_since.remove(&(p as u32));
             }
             let mut source = None;
             let detail = match self.probe(p as u32) {
                 Ok(true) => {
-                    self.refused_since[p] = None;
+                    self.refused_since.remove(&(p as u32));
                     continue;
                 }
                 Ok(false) => {
-                    let since = *self.refused_since[p].get_or_insert_with(Instant::now);
+                    let since = *self
+                        .refused_since
+                        .entry(p as u32)
+                        .or_insert_with(Instant::now);
                     if since.elapsed() < PROBE_REFUSED_LIMIT {
                         continue;
                     }
@@ -3217,13 +3439,9 @@ impl Engine {
 
     /// A same-host peer whose process is stopped (SIGSTOP, a debugger): rank and pid.
     fn stopped_peer(&self) -> Option<(u32, u32)> {
-        self.live
-            .procs
-            .iter()
-            .enumerate()
-            .filter(|(p, (_, same))| *p as u32 != self.rank && *same)
-            .find(|(_, (id, _))| id.is_stopped())
-            .map(|(p, (id, _))| (p as u32, id.pid))
+        (0..self.cards.len() as u32)
+            .filter(|&p| p != self.rank && self.live.same_host(p))
+            .find_map(|p| Some((p, self.cards.process_stopped(p)?)))
     }
 
     /// What a wait that passed its deadline reports: a stopped same-host peer is named as
@@ -3536,7 +3754,7 @@ impl Engine {
                 return;
             }
         };
-        if h.src as usize >= self.peers.len() {
+        if h.src as usize >= self.cards.len() {
             tracing::warn!(src = h.src, "control message from an unknown rank");
             return;
         }
@@ -3605,9 +3823,8 @@ impl Engine {
         if peer == self.rank || self.core.peer_finalized(peer) {
             return Err(source);
         }
-        let (proc_, same_host) = &self.live.procs[peer as usize];
-        let cause = if *same_host && proc_.is_gone() {
-            exited(proc_)
+        let cause = if self.live.same_host(peer) && self.cards.process_gone(peer) {
+            exited(&self.cards.process(peer).unwrap_or_default())
         } else {
             PeerFailure::Unreachable {
                 detail: source.to_string(),
@@ -4371,6 +4588,88 @@ impl Communicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A card like those of this host's ranks: shm and `tcp;ofi_rxm` endpoints (addresses of
+    /// 72 and 16 bytes, as efa-fabric's shm region names and `sockaddr_in` are), a boot id
+    /// with a network namespace as host id, `per_host` ranks per host.
+    fn sim_card(rank: u32, per_host: u32) -> Card {
+        let host = rank / per_host;
+        Card {
+            rank,
+            host_id: format!("577d94e6-308f-4af8-b0d6-8d6a{host:08x}/netns:4026531833"),
+            endpoints: vec![
+                EndpointCard {
+                    transport: Transport::Shm,
+                    provider: "shm".into(),
+                    addr: format!("{:072}", u64::from(rank) * 7919).into_bytes(),
+                },
+                EndpointCard {
+                    transport: Transport::Ip,
+                    provider: "tcp;ofi_rxm".into(),
+                    addr: [&[2, 0, 0x9c, 0x40][..], &rank.to_be_bytes(), &[0; 8]].concat(),
+                },
+            ],
+            fabric_subnet: None,
+            ip_subnet: Some("10.0.0.0/16".parse().unwrap()),
+            process: placement::ProcessId {
+                pid: 1000 + rank,
+                start: 123_456 + u64::from(rank),
+                host: format!("ip-10-0-{}-{}", host / 256, host % 256),
+            },
+        }
+    }
+
+    /// Issue 17 §2's target: the state a rank keeps for the job's ranks is at most 256
+    /// bytes per rank while it has talked to none of them, for up to 16,384 simulated ranks
+    /// with 8 to 192 ranks per host, built by the same functions as a real communicator's
+    /// (cards, routes, liveness, engine, group). With one rank per host it is 293 bytes
+    /// (each card then carries a host id and host name of its own, 63 bytes here): held
+    /// to 300. Fails if any per-peer structure grows past the budget.
+    #[test]
+    fn idle_peer_state_fits_256_bytes() {
+        for (n, per_host, budget) in [
+            (16_384u32, 96u32, 256.0),
+            (4096, 192, 256.0),
+            (1024, 8, 256.0),
+            (1024, 1, 300.0),
+        ] {
+            let me = n / 2 + 3;
+            let cards: Vec<Card> = (0..n).map(|r| sim_card(r, per_host)).collect();
+            let routes = choose_routes(&cards[me as usize], &cards, &TransportSet::all()).unwrap();
+            let transports = [Transport::Shm, Transport::Ip];
+            let (peers, used) = routes_to_ports(me, &transports, &routes).unwrap();
+            // Shm serves this rank itself (and its host's ranks), tcp the others.
+            assert_eq!(used, [true, true]);
+            let table = Arc::new(CardTable::new(&cards).unwrap());
+            let live = liveness(me, &table, &[]);
+            let engine = Engine::new(me, n, Vec::new(), peers, table, live);
+            let bytes = engine.peer_state_bytes() + Group::world(me, n).bytes();
+            let per_peer = bytes as f64 / f64::from(n);
+            println!(
+                "{n} ranks, {per_host} per host: {bytes} bytes, {per_peer:.1} per peer, of which cards {:.1}",
+                engine.cards.heap_bytes() as f64 / f64::from(n)
+            );
+            assert!(
+                per_peer <= budget,
+                "{per_peer:.1} bytes per idle peer at {n} ranks, {per_host} per host, exceeds \
+                 {budget}"
+            );
+            // And the table gives back every card as published (it is what routes and
+            // addresses are read from on first use).
+            for r in [0, me, n - 1] {
+                assert_eq!(engine.cards.card(r).as_ref(), Some(&cards[r as usize]));
+            }
+            assert_eq!(
+                engine
+                    .peers
+                    .addr
+                    .iter()
+                    .filter(|a| **a != FiAddr::UNSPEC)
+                    .count(),
+                0
+            );
+        }
+    }
 
     /// EFA_TIMEOUT: each kind of bad value says what is wrong with it (a huge but finite
     /// value once read "not a finite number").

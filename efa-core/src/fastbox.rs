@@ -47,12 +47,16 @@ fn max_message(ring: usize) -> usize {
     efa_shm::ring::max_message_limit(ring)
 }
 
+/// [`FastPath::index_of`] of a rank whose segment is not attached.
+const UNATTACHED: u32 = u32::MAX;
+
 /// This rank's fast boxes and the map between world ranks and local indices.
 #[derive(Debug)]
 pub(crate) struct FastPath {
     boxes: Fastboxes,
-    /// By world rank: the peer's local index, once its segment is attached.
-    index_of: Vec<Option<usize>>,
+    /// By world rank: the peer's local index, once its segment is attached ([`UNATTACHED`]
+    /// before).
+    index_of: Vec<u32>,
     /// By local index: the world rank.
     rank_of: Vec<u32>,
     /// Messages sent through the rings, and received from them.
@@ -127,7 +131,7 @@ impl FastPath {
         match Fastboxes::create(&key, local, rank_of.len(), &config) {
             Ok(boxes) => Some(FastPath {
                 boxes,
-                index_of: vec![None; cards.len()],
+                index_of: vec![UNATTACHED; cards.len()],
                 rank_of,
                 sent: 0,
                 received: 0,
@@ -143,6 +147,14 @@ impl FastPath {
         }
     }
 
+    /// Bytes of its tables indexed by rank (`size_of` plus capacity; the rings are shared
+    /// memory, not counted).
+    pub(crate) fn index_bytes(&self) -> usize {
+        std::mem::size_of::<FastPath>()
+            + self.index_of.capacity() * std::mem::size_of::<u32>()
+            + self.rank_of.capacity() * std::mem::size_of::<u32>()
+    }
+
     /// Maps every local peer's segment (they exist once the ready barrier has passed).
     /// Peers that fail are logged and keep using the provider.
     pub(crate) fn attach(&mut self) {
@@ -151,7 +163,7 @@ impl FastPath {
                 continue;
             }
             match self.boxes.attach(i) {
-                Ok(()) => self.index_of[r as usize] = Some(i),
+                Ok(()) => self.index_of[r as usize] = i as u32,
                 Err(e) => tracing::warn!(
                     peer = r,
                     "fast box not attached, using the shm provider: {e}"
@@ -160,7 +172,7 @@ impl FastPath {
         }
         tracing::debug!(
             target: "efa_core::comm",
-            peers = self.index_of.iter().flatten().count(),
+            peers = self.index_of.iter().filter(|&&i| i != UNATTACHED).count(),
             local = self.rank_of.len(),
             max_message = self.boxes.max_message(),
             "fast boxes attached"
@@ -171,13 +183,17 @@ impl FastPath {
     /// message is too large for one, or the ring is full: send it through the provider.
     #[inline]
     pub(crate) fn try_send(&mut self, dest: u32, hdr: &Header, payload: &[u8]) -> bool {
-        let Some(Some(i)) = self.index_of.get(dest as usize) else {
+        let Some(&i) = self
+            .index_of
+            .get(dest as usize)
+            .filter(|&&i| i != UNATTACHED)
+        else {
             return false;
         };
         let mut h = [0u8; HDR_LEN];
         hdr.encode(&mut h);
         // The size limit is the rings' own decision (`TooLarge`), checked before any write.
-        match self.boxes.try_send(*i, &h, payload) {
+        match self.boxes.try_send(i as usize, &h, payload) {
             Ok(true) => {
                 self.sent += 1;
                 true

@@ -1010,16 +1010,19 @@ pub fn choose_routes(
 
 /// Every rank's [`Card`], kept compactly for the life of a communicator: the strings that
 /// many cards share (host ids, host names, provider names) and the subnets are stored once,
-/// and each card's endpoint addresses go into one byte arena. A card costs its addresses
-/// plus about 60 bytes ([`CardTable::heap_bytes`]), against about 400 for a [`Card`]
-/// (measured with the cards of this host's shm and tcp endpoints).
+/// and each card's endpoint addresses go into one byte arena. A card costs 40 bytes, 12
+/// per endpoint and its address bytes (153 bytes with this host's shm and tcp endpoints),
+/// plus its host's strings shared by the host's ranks ([`CardTable::heap_bytes`]), against
+/// about 550 for a [`Card`] (measured: the unit test `idle_peer_state_fits_256_bytes`).
 ///
 /// The communicator keeps the table so that it can choose a peer's route and insert its
 /// address on first use ([`CardTable::card`] gives back the card as it was published).
 #[derive(Debug, Clone, Default)]
 pub struct CardTable {
-    /// Interned strings: host ids, host names, provider names.
-    strings: Vec<String>,
+    /// Interned strings (host ids, host names, provider names), one after another.
+    strings: Vec<u8>,
+    /// Where each interned string starts in `strings`, and a last entry where they end.
+    string_at: Vec<u32>,
     /// Interned subnets.
     subnets: Vec<Subnet>,
     /// Per rank.
@@ -1063,7 +1066,8 @@ const NONE: u32 = u32::MAX;
 #[error("the cards' {what} exceed {max} ({have}): the communicator cannot index them")]
 pub struct CardTableFull {
     /// What overflowed: "addresses" (bytes of all endpoint addresses), "endpoints",
-    /// "distinct strings".
+    /// "bytes of distinct strings", "distinct strings" (provider names), or the endpoints
+    /// or address bytes of one card.
     pub what: &'static str,
     /// How many there would be.
     pub have: usize,
@@ -1075,22 +1079,28 @@ impl CardTable {
     /// The table of `cards` (indexed like `cards`, which is by rank).
     ///
     /// # Errors
-    /// [`CardTableFull`] when all addresses together exceed 4 GiB, the endpoints 4 Gi, or
-    /// the distinct provider names 65,536 (no job comes near).
+    /// [`CardTableFull`] when all addresses or all distinct strings together exceed 4 GiB,
+    /// the endpoints 4 Gi, or a provider name is first seen after 65,535 distinct strings
+    /// (no job comes near).
     pub fn new(cards: &[Card]) -> Result<CardTable, CardTableFull> {
-        let mut t = CardTable::default();
+        let mut t = CardTable {
+            string_at: vec![0],
+            ..CardTable::default()
+        };
         let mut interned: std::collections::HashMap<String, u32> = Default::default();
         let mut subnets: std::collections::HashMap<Subnet, u32> = Default::default();
         let mut intern = |t: &mut CardTable, s: &str| -> Result<u32, CardTableFull> {
             if let Some(&i) = interned.get(s) {
                 return Ok(i);
             }
-            let i = u32::try_from(t.strings.len()).map_err(|_| CardTableFull {
-                what: "distinct strings",
-                have: t.strings.len() + 1,
+            let i = t.string_at.len() as u32 - 1;
+            let end = u32::try_from(t.strings.len() + s.len()).map_err(|_| CardTableFull {
+                what: "bytes of distinct strings",
+                have: t.strings.len() + s.len(),
                 max: u32::MAX as usize,
             })?;
-            t.strings.push(s.to_owned());
+            t.strings.extend_from_slice(s.as_bytes());
+            t.string_at.push(end);
             interned.insert(s.to_owned(), i);
             Ok(i)
         };
@@ -1139,6 +1149,7 @@ impl CardTable {
             t.entries.push(entry);
         }
         t.strings.shrink_to_fit();
+        t.string_at.shrink_to_fit();
         t.subnets.shrink_to_fit();
         t.entries.shrink_to_fit();
         t.endpoints.shrink_to_fit();
@@ -1164,14 +1175,14 @@ impl CardTable {
             .iter()
             .map(|ep| EndpointCard {
                 transport: ep.transport,
-                provider: self.strings[usize::from(ep.provider)].clone(),
+                provider: self.string(u32::from(ep.provider)).to_owned(),
                 addr: self.addr(ep).to_vec(),
             })
             .collect();
         let subnet = |i: u32| (i != NONE).then(|| self.subnets[i as usize]);
         Some(Card {
             rank,
-            host_id: self.strings[e.host_id as usize].clone(),
+            host_id: self.string(e.host_id).to_owned(),
             endpoints,
             fabric_subnet: subnet(e.fabric_subnet),
             ip_subnet: subnet(e.ip_subnet),
@@ -1185,7 +1196,7 @@ impl CardTable {
         Some(ProcessId {
             pid: e.pid,
             start: e.start,
-            host: self.strings[e.host as usize].clone(),
+            host: self.string(e.host).to_owned(),
         })
     }
 
@@ -1227,6 +1238,12 @@ impl CardTable {
         Some(self.addr(&self.endpoints[e.first_endpoint as usize + endpoint]))
     }
 
+    /// Interned string `i` (valid UTF-8: it was copied from a `&str`).
+    fn string(&self, i: u32) -> &str {
+        let (a, b) = (self.string_at[i as usize], self.string_at[i as usize + 1]);
+        std::str::from_utf8(&self.strings[a as usize..b as usize]).unwrap_or_default()
+    }
+
     fn addr(&self, ep: &EndpointEntry) -> &[u8] {
         let a = ep.addr as usize;
         &self.addrs[a..a + usize::from(ep.addr_len)]
@@ -1235,11 +1252,8 @@ impl CardTable {
     /// Bytes the table holds: its own size and every allocation's capacity.
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self
-                .strings
-                .iter()
-                .map(|s| std::mem::size_of::<String>() + s.capacity())
-                .sum::<usize>()
+            + self.strings.capacity()
+            + self.string_at.capacity() * std::mem::size_of::<u32>()
             + self.subnets.capacity() * std::mem::size_of::<Subnet>()
             + self.entries.capacity() * std::mem::size_of::<CardEntry>()
             + self.endpoints.capacity() * std::mem::size_of::<EndpointEntry>()

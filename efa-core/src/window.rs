@@ -195,7 +195,7 @@ impl<T: Pod> Window<T> {
         }
         let mut sends = Vec::new();
         for p in 0..n {
-            let (port, _, _) = comm.peer_endpoint(p);
+            let (port, _, _) = comm.peer_endpoint(p)?;
             let mut d = [0u8; DESC_LEN];
             d[..RemoteRegion::WIRE_LEN].copy_from_slice(&regions[&port].to_bytes());
             d[RemoteRegion::WIRE_LEN] = access.code();
@@ -210,7 +210,7 @@ impl<T: Pod> Window<T> {
         let mut peers = Vec::with_capacity(n as usize);
         for (p, d) in descs.iter().enumerate() {
             let (remote, access) = parse_desc(p as u32, d, bytes)?;
-            let (_, ep, addr) = comm.peer_endpoint(p as u32);
+            let (_, ep, addr) = comm.peer_endpoint(p as u32)?;
             peers.push(PeerWin {
                 ep,
                 addr,

@@ -1132,6 +1132,18 @@ impl<P> Core<P> {
         waiting
     }
 
+    /// Bytes of the per-peer state (its size and every allocation's capacity), which grows
+    /// with the number of ranks: sequence numbers, credits and finalize flags, and the
+    /// messages held for their turn.
+    pub fn peer_bytes(&self) -> usize {
+        self.peers.capacity() * std::mem::size_of::<Peer<P>>()
+            + self
+                .peers
+                .iter()
+                .map(|p| p.early.capacity() * std::mem::size_of::<(u32, Ordered<P>)>())
+                .sum::<usize>()
+    }
+
     #[cfg(test)]
     /// Live receive and send entries (for leak checks).
     pub fn live_requests(&self) -> (usize, usize) {
