@@ -309,12 +309,17 @@ struct FinState {
     got_ack: bool,
 }
 
+/// A peer's sequenced messages that arrived before their turn, with their sequence numbers.
+type Early<P> = Vec<(u32, Ordered<P>)>;
+
 #[derive(Debug)]
 struct Peer<P> {
     next_seq: u32,
     expected_seq: u32,
-    /// Sequenced messages that arrived before their turn.
-    early: Vec<(u32, Ordered<P>)>,
+    /// Sequenced messages that arrived before their turn. Allocated when the first one
+    /// does (most peers never send out of turn, and an idle peer costs 8 bytes here, not
+    /// 24), then kept (a peer that did once may again: no allocation per message).
+    early: Option<Box<Early<P>>>,
     /// Eager messages this rank may still send to the peer.
     credits: u32,
     /// Eager messages of the peer consumed here and not yet returned as credits.
@@ -393,7 +398,7 @@ impl<P> Core<P> {
                 .map(|_| Peer {
                     next_seq: 0,
                     expected_seq: 0,
-                    early: Vec::new(),
+                    early: None,
                     credits,
                     owed: 0,
                     unexpected_eager: 0,
@@ -772,17 +777,22 @@ impl<P> Core<P> {
         }
         let peer = &mut self.peers[src as usize];
         if h.seq != peer.expected_seq {
-            peer.early.push((h.seq, ordered));
+            peer.early
+                .get_or_insert_with(Box::default)
+                .push((h.seq, ordered));
             return Ok(());
         }
         self.in_order(src, ordered);
         loop {
             let peer = &mut self.peers[src as usize];
             let next = peer.expected_seq;
-            let Some(i) = peer.early.iter().position(|(s, _)| *s == next) else {
+            let Some(early) = peer.early.as_mut() else {
                 break;
             };
-            let (_, m) = peer.early.swap_remove(i);
+            let Some(i) = early.iter().position(|(s, _)| *s == next) else {
+                break;
+            };
+            let (_, m) = early.swap_remove(i);
             self.in_order(src, m);
         }
         Ok(())
@@ -1140,7 +1150,11 @@ impl<P> Core<P> {
             + self
                 .peers
                 .iter()
-                .map(|p| p.early.capacity() * std::mem::size_of::<(u32, Ordered<P>)>())
+                .filter_map(|p| p.early.as_ref())
+                .map(|e| {
+                    std::mem::size_of::<Early<P>>()
+                        + e.capacity() * std::mem::size_of::<(u32, Ordered<P>)>()
+                })
                 .sum::<usize>()
     }
 
