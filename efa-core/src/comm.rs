@@ -75,7 +75,9 @@
 //!
 //! Still paid for every peer: finalize's handshake (`Fin`/`FinAck` with every rank, so
 //! finalize inserts every address not yet inserted), a failure notice (sent to every rank),
-//! an RMA window (exchanged with every rank), and the fast boxes of same-host ranks
+//! an RMA window (exchanged with every rank), a receive from any source that waits long
+//! enough for the failure detector to probe peers on other hosts (it probes every such
+//! peer, connecting it), and the fast boxes of same-host ranks
 //! (their rings, created and attached at start; `EFA_FASTBOX=0` turns them off).
 //!
 //! # Matching and communicators
