@@ -1219,9 +1219,10 @@ impl Communicator {
     /// the communicator whose size grows with the world size, measured as `size_of` plus
     /// heap capacity (the card table, each peer's route and address, the protocol's
     /// per-peer state, liveness, failure probes, the fast-box index, and this
-    /// communicator's group). Divided by [`Communicator::size`] it is the cost of a peer;
-    /// for the world communicator of a job that talks to few peers it stays under 256
-    /// bytes per peer (see [module docs](crate::comm#state-per-peer)). Not counted:
+    /// communicator's group). Divided by [`Communicator::size`] it is the cost of a peer:
+    /// for a large world of idle peers about 204 bytes with 96 ranks per host, 277 with one
+    /// rank per host (see [module docs](crate::comm#state-per-peer)); each peer connected
+    /// adds an entry of its endpoint's address map (about 16 bytes). Not counted:
     /// libfabric's memory (its address vectors and connections, which grow only with the
     /// peers this rank has talked to) and the fast boxes' shared-memory rings.
     pub fn peer_state_bytes(&self) -> usize {
