@@ -129,7 +129,9 @@ use crate::bootstrap::{self, Bootstrap};
 use crate::error::{Error, Malformed, PeerFailure, Result, SettingError};
 use crate::fastbox::FastPath;
 use crate::net;
-use crate::placement::{self, Card, CardTable, EndpointCard, Route, Transport, TransportSet};
+use crate::placement::{
+    self, Card, CardTable, CardTableBuilder, EndpointCard, Route, Transport, TransportSet,
+};
 use crate::proto::{self, Action, Body, Core, Mode, Outcome, PostError, RecvId, Remote, SendId};
 use crate::roles;
 use crate::store::Store;
@@ -1059,20 +1061,15 @@ impl Communicator {
         };
         let (mut ports, card) = open_ports(rank, &discovery, &selection, &config, cq_wait)?;
         let prefix = claim.store_prefix.clone();
-        let cards = exchange_cards(&*store, &prefix, &card, rank, size, deadline)?;
-        let routes = choose_routes(&card, &cards, &config.transports)?;
-        let peers = peer_routes(rank, &mut ports, &routes)?;
+        let (cards, routes) =
+            exchange_cards(&*store, &prefix, &card, size, deadline, &config.transports)?;
+        let peers = peer_routes(&mut ports, &routes)?;
         let fast = FastPath::create(rank, &cards, &routes, &prefix);
-        let on_host = cards.iter().filter(|c| c.host_id == card.host_id).count() as u32;
-        // From here on the cards are kept compactly, and the routes not at all (a peer's
+        let on_host = (0..size).filter(|&r| cards.same_host(r, rank)).count() as u32;
+        // From here on the routes are kept as the engine's two bytes per peer (a peer's
         // address is found in its card on first use).
         drop(routes);
-        let cards = Arc::new(CardTable::new(&cards).map_err(|e| {
-            tracing::error!("{e}");
-            Error::Internal {
-                what: "the job's cards exceed the communicator's card table (4 GiB of addresses)",
-            }
-        })?);
+        let cards = Arc::new(cards);
         let live = liveness(rank, &cards, &ports);
         // The rings have no wait fd: a blocking wait must sleep in bounded steps.
         let wait = wait_set(&config, &ports, usize::from(fast.is_some()), on_host, cores);
@@ -2226,18 +2223,21 @@ fn open_ports(
     Ok((ports, card))
 }
 
-/// Publishes this rank's card and reads every rank's, indexed by rank.
+/// Publishes this rank's card, reads every rank's into a table indexed by rank, and
+/// chooses the route to each ([`placement::choose_route`]).
 ///
 /// # Errors
-/// [`Error::Card`] for a card that does not encode or decode; store errors and timeouts.
+/// [`Error::Card`] for a card that does not encode or decode; [`Error::NoRoute`] for the
+/// first peer that no allowed transport reaches; store errors and timeouts.
 fn exchange_cards(
     store: &dyn Store,
     prefix: &str,
     card: &Card,
-    rank: u32,
     size: u32,
     deadline: Instant,
-) -> Result<Vec<Card>> {
+    allowed: &TransportSet,
+) -> Result<(CardTable, Vec<Chosen>)> {
+    let rank = card.rank;
     let encoded = card
         .encode()
         .map_err(|source| Error::Card { rank, source })?;
@@ -2249,34 +2249,30 @@ fn exchange_cards(
         &encoded,
         deadline,
     )?;
-    blobs
-        .iter()
-        .enumerate()
-        .map(|(r, b)| {
-            Card::decode(b).map_err(|source| Error::Card {
-                rank: r as u32,
-                source,
-            })
-        })
-        .collect()
+    // One card decoded at a time, each reply blob freed once read: start-up never holds
+    // every card decoded (about 550 bytes per rank) next to the reply.
+    let mut table = CardTableBuilder::default();
+    let mut routes = Vec::with_capacity(blobs.len());
+    for (r, blob) in blobs.into_iter().enumerate() {
+        let peer = r as u32;
+        let c = Card::decode(&blob).map_err(|source| Error::Card { rank: peer, source })?;
+        let route = placement::choose_route(card, &c, allowed)
+            .map_err(|source| Error::NoRoute { peer, source })?;
+        tracing::debug!(rank, peer, transport = %route.transport, reason = %route.reason, "route");
+        routes.push((route.transport, route.peer_endpoint));
+        table.push(&c).map_err(|e| {
+            tracing::error!("{e}");
+            Error::Internal {
+                what: "the job's cards exceed the communicator's card table (4 GiB of addresses)",
+            }
+        })?;
+    }
+    Ok((table.finish(), routes))
 }
 
-/// The route to every rank ([`placement::choose_route`]), indexed by rank.
-///
-/// # Errors
-/// [`Error::NoRoute`] for the first peer that no allowed transport reaches.
-fn choose_routes(card: &Card, cards: &[Card], allowed: &TransportSet) -> Result<Vec<Route>> {
-    cards
-        .iter()
-        .enumerate()
-        .map(|(r, peer_card)| {
-            placement::choose_route(card, peer_card, allowed).map_err(|source| Error::NoRoute {
-                peer: r as u32,
-                source,
-            })
-        })
-        .collect()
-}
+/// A route as start-up keeps it: the transport and the index of the peer's endpoint on its
+/// card ([`Route::transport`], [`Route::peer_endpoint`]).
+pub(crate) type Chosen = (Transport, usize);
 
 /// Each peer's route as the engine keeps it (the port and the peer's endpoint, no
 /// address yet: see [`Peers`]), and marks the endpoints that some peer is routed through.
@@ -2284,9 +2280,9 @@ fn choose_routes(card: &Card, cards: &[Card], allowed: &TransportSet) -> Result<
 /// # Errors
 /// [`Error::Internal`] when a route uses a transport that has no open endpoint or an
 /// endpoint index past 255 (placement chooses only among opened endpoints, at most a few).
-fn peer_routes(rank: u32, ports: &mut [Port], routes: &[Route]) -> Result<Peers> {
+fn peer_routes(ports: &mut [Port], routes: &[Chosen]) -> Result<Peers> {
     let transports: Vec<Transport> = ports.iter().map(|p| p.transport).collect();
-    let (peers, used) = routes_to_ports(rank, &transports, routes)?;
+    let (peers, used) = routes_to_ports(&transports, routes)?;
     for (p, used) in ports.iter_mut().zip(used) {
         p.used = used;
     }
@@ -2295,28 +2291,23 @@ fn peer_routes(rank: u32, ports: &mut [Port], routes: &[Route]) -> Result<Peers>
 
 /// [`peer_routes`] over the transports of the open ports, in port order: the engine's
 /// routes, and whether each port is used.
-fn routes_to_ports(
-    rank: u32,
-    transports: &[Transport],
-    routes: &[Route],
-) -> Result<(Peers, Vec<bool>)> {
+fn routes_to_ports(transports: &[Transport], routes: &[Chosen]) -> Result<(Peers, Vec<bool>)> {
     let mut used = vec![false; transports.len()];
     let mut peers = Peers {
         route: Vec::with_capacity(routes.len()),
         addr: vec![FiAddr::UNSPEC; routes.len()],
     };
-    for (r, route) in routes.iter().enumerate() {
+    for &(transport, peer_endpoint) in routes {
         let port = transports
             .iter()
-            .position(|&t| t == route.transport)
+            .position(|&t| t == transport)
             .and_then(|p| u8::try_from(p).ok())
             .ok_or(Error::Internal {
                 what: "a route uses a transport that has no open endpoint",
             })?;
-        let peer_endpoint = u8::try_from(route.peer_endpoint).map_err(|_| Error::Internal {
+        let peer_endpoint = u8::try_from(peer_endpoint).map_err(|_| Error::Internal {
             what: "a route uses a peer endpoint past the 256th",
         })?;
-        tracing::debug!(rank, peer = r, transport = %route.transport, reason = %route.reason, "route");
         used[usize::from(port)] = true;
         peers.route.push((port, peer_endpoint));
     }
@@ -4658,9 +4649,13 @@ mod tests {
         ] {
             let me = n / 2 + 3;
             let cards: Vec<Card> = (0..n).map(|r| sim_card(r, per_host)).collect();
-            let routes = choose_routes(&cards[me as usize], &cards, &TransportSet::all()).unwrap();
+            let routes: Vec<Chosen> =
+                placement::choose_routes(&cards[me as usize], &cards, &TransportSet::all())
+                    .into_iter()
+                    .map(|r| r.map(|r| (r.transport, r.peer_endpoint)).unwrap())
+                    .collect();
             let transports = [Transport::Shm, Transport::Ip];
-            let (peers, used) = routes_to_ports(me, &transports, &routes).unwrap();
+            let (peers, used) = routes_to_ports(&transports, &routes).unwrap();
             // Shm serves this rank itself (and its host's ranks), tcp the others.
             assert_eq!(used, [true, true]);
             let table = Arc::new(CardTable::new(&cards).unwrap());

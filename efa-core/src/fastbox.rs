@@ -21,7 +21,8 @@
 
 use efa_shm::Fastboxes;
 
-use crate::placement::{Card, Route, Transport};
+use crate::comm::Chosen;
+use crate::placement::{CardTable, Transport};
 use crate::wire::{Header, HDR_LEN};
 
 /// Environment variable that turns the carrier off when `0`, `off` or `false`.
@@ -92,16 +93,13 @@ impl FastPath {
     /// process).
     pub(crate) fn create(
         rank: u32,
-        cards: &[Card],
-        routes: &[Route],
+        cards: &CardTable,
+        routes: &[Chosen],
         prefix: &str,
     ) -> Option<FastPath> {
-        let me = cards.get(rank as usize)?;
         let rank_of: Vec<u32> = (0..cards.len() as u32)
             .filter(|&r| {
-                r == rank
-                    || (routes[r as usize].transport == Transport::Shm
-                        && cards[r as usize].host_id == me.host_id)
+                r == rank || (routes[r as usize].0 == Transport::Shm && cards.same_host(r, rank))
             })
             .collect();
         if rank_of.len() < 2 || disabled() {
@@ -111,7 +109,7 @@ impl FastPath {
         // The job key: the shm endpoint address of the lowest local rank names one endpoint
         // of one process (efa-fabric's region names are unique over time), so it is the same
         // on every local rank and differs between jobs; the prefix tells apart worlds.
-        let first = &cards[rank_of[0] as usize];
+        let first = cards.card(rank_of[0])?;
         let addr = first
             .endpoints
             .iter()

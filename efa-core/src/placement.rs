@@ -1058,6 +1058,116 @@ struct EndpointEntry {
     transport: Transport,
 }
 
+/// Builds a [`CardTable`] one card at a time (in rank order), so that the cards need not
+/// all be decoded at once: the communicator decodes each card from the store's reply, keeps
+/// what it needs and drops it.
+#[derive(Debug)]
+pub struct CardTableBuilder {
+    t: CardTable,
+    interned: std::collections::HashMap<String, u32>,
+    subnets: std::collections::HashMap<Subnet, u32>,
+}
+
+impl Default for CardTableBuilder {
+    fn default() -> Self {
+        CardTableBuilder {
+            t: CardTable {
+                string_at: vec![0],
+                ..CardTable::default()
+            },
+            interned: Default::default(),
+            subnets: Default::default(),
+        }
+    }
+}
+
+impl CardTableBuilder {
+    /// Interned string `s`'s index.
+    fn intern(&mut self, s: &str) -> Result<u32, CardTableFull> {
+        if let Some(&i) = self.interned.get(s) {
+            return Ok(i);
+        }
+        let t = &mut self.t;
+        let i = t.string_at.len() as u32 - 1;
+        let end = u32::try_from(t.strings.len() + s.len()).map_err(|_| CardTableFull {
+            what: "bytes of distinct strings",
+            have: t.strings.len() + s.len(),
+            max: u32::MAX as usize,
+        })?;
+        t.strings.extend_from_slice(s.as_bytes());
+        t.string_at.push(end);
+        self.interned.insert(s.to_owned(), i);
+        Ok(i)
+    }
+
+    /// Interned subnet `s`'s index ([`NONE`] for none).
+    fn subnet(&mut self, s: Option<Subnet>) -> u32 {
+        match s {
+            None => NONE,
+            Some(s) => *self.subnets.entry(s).or_insert_with(|| {
+                self.t.subnets.push(s);
+                self.t.subnets.len() as u32 - 1
+            }),
+        }
+    }
+
+    /// Adds the card of the next rank (the first pushed is rank 0's).
+    ///
+    /// # Errors
+    /// As [`CardTable::new`].
+    pub fn push(&mut self, c: &Card) -> Result<(), CardTableFull> {
+        let full = |what, have, max| CardTableFull { what, have, max };
+        let first_endpoint = u32::try_from(self.t.endpoints.len())
+            .map_err(|_| full("endpoints", self.t.endpoints.len(), u32::MAX as usize))?;
+        for e in &c.endpoints {
+            let provider = self.intern(&e.provider)?;
+            let provider = u16::try_from(provider)
+                .map_err(|_| full("distinct strings", provider as usize, 65_535))?;
+            let t = &mut self.t;
+            let addr = u32::try_from(t.addrs.len())
+                .ok()
+                .filter(|a| a.checked_add(e.addr.len() as u32).is_some())
+                .ok_or_else(|| {
+                    full("addresses", t.addrs.len() + e.addr.len(), u32::MAX as usize)
+                })?;
+            let addr_len = u16::try_from(e.addr.len())
+                .map_err(|_| full("address bytes of an endpoint", e.addr.len(), 65_535))?;
+            t.addrs.extend_from_slice(&e.addr);
+            t.endpoints.push(EndpointEntry {
+                addr,
+                addr_len,
+                provider,
+                transport: e.transport,
+            });
+        }
+        let entry = CardEntry {
+            start: c.process.start,
+            pid: c.process.pid,
+            host_id: self.intern(&c.host_id)?,
+            host: self.intern(&c.process.host)?,
+            fabric_subnet: self.subnet(c.fabric_subnet),
+            ip_subnet: self.subnet(c.ip_subnet),
+            first_endpoint,
+            endpoints: u16::try_from(c.endpoints.len())
+                .map_err(|_| full("endpoints of a card", c.endpoints.len(), 65_535))?,
+        };
+        self.t.entries.push(entry);
+        Ok(())
+    }
+
+    /// The table, its memory trimmed to what it holds.
+    pub fn finish(self) -> CardTable {
+        let mut t = self.t;
+        t.strings.shrink_to_fit();
+        t.string_at.shrink_to_fit();
+        t.subnets.shrink_to_fit();
+        t.entries.shrink_to_fit();
+        t.endpoints.shrink_to_fit();
+        t.addrs.shrink_to_fit();
+        t
+    }
+}
+
 /// [`CardEntry`]'s index for no subnet.
 const NONE: u32 = u32::MAX;
 
@@ -1083,78 +1193,11 @@ impl CardTable {
     /// the endpoints 4 Gi, or a provider name is first seen after 65,535 distinct strings
     /// (no job comes near).
     pub fn new(cards: &[Card]) -> Result<CardTable, CardTableFull> {
-        let mut t = CardTable {
-            string_at: vec![0],
-            ..CardTable::default()
-        };
-        let mut interned: std::collections::HashMap<String, u32> = Default::default();
-        let mut subnets: std::collections::HashMap<Subnet, u32> = Default::default();
-        let mut intern = |t: &mut CardTable, s: &str| -> Result<u32, CardTableFull> {
-            if let Some(&i) = interned.get(s) {
-                return Ok(i);
-            }
-            let i = t.string_at.len() as u32 - 1;
-            let end = u32::try_from(t.strings.len() + s.len()).map_err(|_| CardTableFull {
-                what: "bytes of distinct strings",
-                have: t.strings.len() + s.len(),
-                max: u32::MAX as usize,
-            })?;
-            t.strings.extend_from_slice(s.as_bytes());
-            t.string_at.push(end);
-            interned.insert(s.to_owned(), i);
-            Ok(i)
-        };
-        let mut subnet = |t: &mut CardTable, s: Option<Subnet>| match s {
-            None => NONE,
-            Some(s) => *subnets.entry(s).or_insert_with(|| {
-                t.subnets.push(s);
-                t.subnets.len() as u32 - 1
-            }),
-        };
-        let full = |what, have, max| CardTableFull { what, have, max };
+        let mut b = CardTableBuilder::default();
         for c in cards {
-            let first_endpoint = u32::try_from(t.endpoints.len())
-                .map_err(|_| full("endpoints", t.endpoints.len(), u32::MAX as usize))?;
-            for e in &c.endpoints {
-                let provider = intern(&mut t, &e.provider)?;
-                let provider = u16::try_from(provider)
-                    .map_err(|_| full("distinct strings", provider as usize, 65_535))?;
-                let addr = u32::try_from(t.addrs.len())
-                    .ok()
-                    .filter(|a| a.checked_add(e.addr.len() as u32).is_some())
-                    .ok_or_else(|| {
-                        full("addresses", t.addrs.len() + e.addr.len(), u32::MAX as usize)
-                    })?;
-                let addr_len = u16::try_from(e.addr.len())
-                    .map_err(|_| full("address bytes of an endpoint", e.addr.len(), 65_535))?;
-                t.addrs.extend_from_slice(&e.addr);
-                t.endpoints.push(EndpointEntry {
-                    addr,
-                    addr_len,
-                    provider,
-                    transport: e.transport,
-                });
-            }
-            let entry = CardEntry {
-                start: c.process.start,
-                pid: c.process.pid,
-                host_id: intern(&mut t, &c.host_id)?,
-                host: intern(&mut t, &c.process.host)?,
-                fabric_subnet: subnet(&mut t, c.fabric_subnet),
-                ip_subnet: subnet(&mut t, c.ip_subnet),
-                first_endpoint,
-                endpoints: u16::try_from(c.endpoints.len())
-                    .map_err(|_| full("endpoints of a card", c.endpoints.len(), 65_535))?,
-            };
-            t.entries.push(entry);
+            b.push(c)?;
         }
-        t.strings.shrink_to_fit();
-        t.string_at.shrink_to_fit();
-        t.subnets.shrink_to_fit();
-        t.entries.shrink_to_fit();
-        t.endpoints.shrink_to_fit();
-        t.addrs.shrink_to_fit();
-        Ok(t)
+        Ok(b.finish())
     }
 
     /// Number of cards.
