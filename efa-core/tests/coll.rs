@@ -487,8 +487,8 @@ fn mismatches_fail_on_every_rank() {
 }
 
 /// Rank 2 exits before joining the second collective (an allreduce, or as `COLL_KIND`
-/// says a gatherv, a scan with a user op, or an alltoallv): the others fail within their
-/// deadline, naming rank 2.
+/// says a gatherv, a scan with a user op, or an alltoallv), once all have finished the first:
+/// the others fail within their deadline, naming rank 2.
 #[test]
 #[ignore = "rank program for dead_rank_is_named"]
 fn child_dead_rank() {
@@ -501,9 +501,16 @@ fn child_dead_rank() {
     let len = if big { 1 << 20 } else { 10 };
     let mut b = vec![1f32; len];
     comm.allreduce(&mut b, ReduceOp::Sum).unwrap();
+    // Rank 2 leaves only once every rank has finished the first allreduce (each tells it so):
+    // else a survivor still inside it could see rank 2 gone and fail that one instead.
+    const DONE: u32 = 77;
     if me == 2 {
+        for r in (0..comm.size()).filter(|&r| r != 2) {
+            comm.recv(&mut [0u8; 1], r, DONE).unwrap();
+        }
         std::process::exit(0);
     }
+    comm.send(&[1u8], 2, DONE).unwrap();
     let t = Instant::now();
     let nu = comm.size() as usize;
     // COLL_KIND picks the collective the survivors are in when rank 2 is gone.
