@@ -2102,10 +2102,18 @@ fn wait_loop(
     deadline: Option<&CallDeadline>,
     mut done: impl FnMut(&mut Engine) -> bool,
 ) -> Result<()> {
-    let start = deadline.map_or_else(Instant::now, |d| d.start);
+    let now = Instant::now();
+    let start = deadline.map_or(now, |d| d.start);
     let timeout = time_left(comm, deadline);
     let mut waiter = comm.inner.wait.waiter();
-    let mut clock = efa_fabric::PollClock::new(timeout);
+    // The deadline counts from the call's entry. Policies that yield or block on every idle
+    // poll read the clock at every poll (one vDSO read beside a system call): reading it
+    // every 64 polls made deadlines seconds late under yield on a crowded host.
+    let every = match comm.inner.wait.policy() {
+        crate::wait::WaitPolicy::Yield | crate::wait::WaitPolicy::Block => 1,
+        _ => efa_fabric::PollClock::EVERY,
+    };
+    let mut clock = efa_fabric::PollClock::until(now + timeout, every);
     loop {
         {
             let mut e = comm.engine();

@@ -230,6 +230,8 @@ pub struct PollClock {
     timeout: std::time::Duration,
     polls: u32,
     deadline: Option<Instant>,
+    /// Calls between clock reads ([`PollClock::EVERY`] unless set by [`PollClock::until`]).
+    every: u32,
 }
 
 impl PollClock {
@@ -242,14 +244,28 @@ impl PollClock {
             timeout,
             polls: 0,
             deadline: None,
+            every: Self::EVERY,
+        }
+    }
+
+    /// A clock that expires at `deadline`, read every `every` calls (at least 1). For loops
+    /// that idle by yielding or blocking between polls, where one clock read costs nothing
+    /// beside the idle and reading only every [`PollClock::EVERY`] calls could make the
+    /// deadline late by that many idles (seconds of `sched_yield` on a crowded host).
+    pub fn until(deadline: Instant, every: u32) -> Self {
+        PollClock {
+            timeout: std::time::Duration::ZERO,
+            polls: 0,
+            deadline: Some(deadline),
+            every: every.max(1),
         }
     }
 
     /// Counts one poll; true once the timeout has passed (checked every [`PollClock::EVERY`]
-    /// calls).
+    /// calls, or as set by [`PollClock::until`]).
     pub fn expired(&mut self) -> bool {
         self.polls = self.polls.wrapping_add(1);
-        if !self.polls.is_multiple_of(Self::EVERY) {
+        if !self.polls.is_multiple_of(self.every) {
             return false;
         }
         let now = Instant::now();
@@ -315,5 +331,21 @@ mod tests {
         std::thread::sleep(Duration::from_millis(6));
         assert!(d.expired());
         assert!(d.waited() >= Duration::from_millis(5));
+    }
+
+    #[test]
+    fn until_reads_the_clock_as_often_as_asked() {
+        let past = Instant::now() - Duration::from_millis(1);
+        let mut every = PollClock::until(past, 1);
+        assert!(
+            every.expired(),
+            "a deadline already passed, read at the first call"
+        );
+        let mut sparse = PollClock::until(past, 4);
+        assert!(!sparse.expired() && !sparse.expired() && !sparse.expired());
+        assert!(sparse.expired(), "read at the 4th call");
+        let mut later = PollClock::until(Instant::now() + Duration::from_secs(60), 1);
+        assert!(!later.expired());
+        assert!(PollClock::until(past, 0).expired(), "every 0 counts as 1");
     }
 }
