@@ -2,7 +2,7 @@
 //! point-to-point messaging with MPI semantics.
 //!
 //! # Protocol
-//! The decisions are made by a pure state machine, [`crate::proto`] (matching, per-sender
+//! The decisions are made by a pure state machine, the private module `proto` (matching, per-sender
 //! ordering, eager or RGET rendezvous, truncation, flow control, finalize); the `Engine`
 //! here executes them on the endpoints. See [`crate::wire`]: eager messages up to
 //! [`Config::eager_limit`], RGET rendezvous above (the receiver reads the sender's exposed

@@ -6,7 +6,7 @@
 //! buffer's address and key); the receiver matches it against a posted receive, reads the
 //! data (`fi_read`, in chunks of at most the provider's `max_msg_size`, see [`chunks`]) and
 //! answers `Ack`, which completes the send. The protocol decisions live in
-//! [`crate::proto`].
+//! the private module `proto`.
 //!
 //! Every eager and RTS message carries a per-(sender, receiver) sequence number, so that
 //! the receiver processes each sender's messages in the order they were sent (MPI's
@@ -53,7 +53,7 @@ pub enum Kind {
     /// exposed buffer is released.
     Ack,
     /// Flow control: the receiver consumed `len` eager messages of the sender, which may
-    /// send that many more eagerly (see [`crate::proto`]).
+    /// send that many more eagerly (see the private module `proto`).
     Credit,
 }
 
