@@ -139,6 +139,7 @@ use crate::wait::{WaitPolicy, WaitSet};
 use crate::wire::{self, FailCode, Header, Kind, CTRL_TAG, HDR_LEN};
 
 mod coll_link;
+pub mod stripe;
 pub(crate) use coll_link::{CollLink, CollRecv, CollSend, CollTag};
 
 pub use crate::tag::{Source, Status, Tag, MAX_USER_TAG};
@@ -161,6 +162,7 @@ pub struct Config {
     pub(crate) shm_eager_limit: usize,
     pub(crate) rx_depth: usize,
     pub(crate) wait: WaitPolicy,
+    pub(crate) ip_flows: stripe::FlowSettings,
 }
 
 impl Config {
@@ -201,6 +203,12 @@ impl Config {
     pub fn wait(&self) -> WaitPolicy {
         self.wait
     }
+    /// Flows per peer on the IP route and how large reads are striped over them
+    /// ([`CommunicatorBuilder::ip_flows`]; `EFA_IP_FLOWS`, `EFA_IP_STRIPE_MIN`,
+    /// `EFA_IP_STRIPE`; see [`stripe`]).
+    pub fn ip_flows(&self) -> stripe::FlowSettings {
+        self.ip_flows
+    }
 }
 
 impl Default for Config {
@@ -214,6 +222,7 @@ impl Default for Config {
             shm_eager_limit: 32 * 1024,
             rx_depth: 64,
             wait: WaitPolicy::Auto,
+            ip_flows: stripe::FlowSettings::default(),
         }
     }
 }
@@ -229,6 +238,9 @@ pub struct CommunicatorBuilder {
     transports_explicit: bool,
     /// `wait` was called: `EFA_WAIT` is then not read.
     wait_explicit: bool,
+    /// `ip_flows` was called: `EFA_IP_FLOWS`, `EFA_IP_STRIPE_MIN` and `EFA_IP_STRIPE` are
+    /// then not read.
+    ip_flows_explicit: bool,
 }
 
 impl CommunicatorBuilder {
@@ -241,6 +253,7 @@ impl CommunicatorBuilder {
             env: true,
             transports_explicit: false,
             wait_explicit: false,
+            ip_flows_explicit: false,
         }
     }
     /// Explicit rank, size and rendezvous. Default: detected from the environment.
@@ -296,6 +309,19 @@ impl CommunicatorBuilder {
     /// costs a registered buffer of header + eager limit bytes.
     pub fn rx_depth(mut self, buffers: usize) -> Self {
         self.config.rx_depth = buffers;
+        self
+    }
+
+    /// Flows (TCP connections) per peer on the IP route, and how rendezvous reads are
+    /// striped over them (see [`stripe`] for the rule and its constants). Default:
+    /// `EFA_IP_FLOWS` (else 1), `EFA_IP_STRIPE_MIN` (else 256 KiB), `EFA_IP_STRIPE` (else
+    /// adaptive). More flows pass a per-flow cap (EC2: 5-25 Gbit/s per flow) at the cost of
+    /// one endpoint and connection per flow and peer. Explicit settings win over the
+    /// variables; [`CommunicatorBuilder::build`] fails with [`Error::Setting`] for a flow
+    /// count outside 1 to [`stripe::MAX_FLOWS`] or a threshold below [`stripe::CHUNK_MIN`].
+    pub fn ip_flows(mut self, settings: stripe::FlowSettings) -> Self {
+        self.config.ip_flows = settings;
+        self.ip_flows_explicit = true;
         self
     }
 
@@ -378,6 +404,13 @@ impl CommunicatorBuilder {
             if let Some(p) = crate::wait::wait_from_env()? {
                 self.config.wait = p;
             }
+        }
+        if self.ip_flows_explicit {
+            self.config
+                .ip_flows
+                .check("CommunicatorBuilder::ip_flows")?;
+        } else {
+            self.config.ip_flows = stripe::FlowSettings::from_env()?;
         }
         net::settle_addresses(&mut self.config.ip_iface, &mut self.config.fabric_addr)?;
         let boot = match self.bootstrap {

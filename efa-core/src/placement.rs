@@ -357,7 +357,9 @@ pub struct Card {
     pub rank: u32,
     /// Host identity, see [`host_id`]. At most 65535 bytes.
     pub host_id: String,
-    /// Opened endpoints; at most 65535.
+    /// Opened endpoints; at most 65535. An endpoint followed by more of the same transport
+    /// and provider has flows: those are its further flows (the IP route's striping,
+    /// `EFA_IP_FLOWS`), counted by [`Card::flows`]; routes use the first.
     pub endpoints: Vec<EndpointCard>,
     /// Subnet of the fabric interface, if known.
     pub fabric_subnet: Option<Subnet>,
@@ -476,6 +478,19 @@ impl Card {
     /// Whether the card has an endpoint for `t`.
     pub fn has(&self, t: Transport) -> bool {
         self.endpoints.iter().any(|e| e.transport == t)
+    }
+
+    /// How many flows endpoint `first` has: itself and the endpoints right after it with the
+    /// same transport and provider (0 when `first` is out of range). The one rule of where a
+    /// card keeps its flows.
+    pub fn flows(&self, first: usize) -> usize {
+        let Some(e) = self.endpoints.get(first) else {
+            return 0;
+        };
+        1 + self.endpoints[first + 1..]
+            .iter()
+            .take_while(|f| f.transport == e.transport && f.provider == e.provider)
+            .count()
     }
 
     /// The transports this card offers, in order of preference.
@@ -1318,6 +1333,30 @@ mod tests {
 
     fn net(s: &str) -> Option<Subnet> {
         Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn flows_follow_their_first_endpoint_and_routes_use_the_first() {
+        let mut a = full(0, "h1", "10.0.0.0/24");
+        let mut b = full(1, "h2", "10.0.0.0/24");
+        let ip = a
+            .endpoints
+            .iter()
+            .position(|e| e.transport == Transport::Ip)
+            .unwrap();
+        assert_eq!(a.flows(ip), 1);
+        for _ in 0..3 {
+            let extra = a.endpoints[ip].clone();
+            a.endpoints.insert(ip + 1, extra);
+        }
+        let extra = b.endpoints[ip].clone();
+        b.endpoints.insert(ip + 1, extra);
+        assert_eq!((a.flows(ip), b.flows(ip)), (4, 2));
+        assert_eq!(a.flows(a.endpoints.len()), 0);
+        let r = choose_route(&a, &b, &TransportSet::of(&[Transport::Ip])).unwrap();
+        assert_eq!((r.local_endpoint, r.peer_endpoint), (ip, ip));
+        // The cards still encode and decode exactly.
+        assert_eq!(Card::decode(&a.encode().unwrap()).unwrap(), a);
     }
 
     /// A card with shm, efa and tcp endpoints on `host`, fabric and IP in `subnet`.
