@@ -23,6 +23,15 @@
 //! buffer registered, see [`efa_fabric::Exposed`]: a peer may read what the memory holds
 //! later, nothing in this process changes).
 //!
+//! # Flows
+//! With `EFA_IP_FLOWS=K` (K > 1; [`CommunicatorBuilder::ip_flows`]) the IP transport opens
+//! K endpoints in one domain (over `tcp;ofi_rxm`, K connections per peer: K 5-tuples) and
+//! publishes their addresses in the card ([`Card::flows`]), inserting a peer's on its first
+//! use as its route's address is ([`Engine::resolve`]); control and eager messages use
+//! the first, and rendezvous reads from the stripe threshold on are cut into chunks spread
+//! over all of them ([`stripe`]: the rule, its constants, equal or adaptive).
+//! [`Communicator::ip_flows`] tells what each flow carried.
+//!
 //! # Progress
 //! All endpoints' completion queues are read by one progress function, so a rank can talk
 //! to peers on different routes at once. Every blocking call waits under the communicator's
@@ -469,6 +478,10 @@ struct Port {
     transport: Transport,
     provider: String,
     ep: Endpoint,
+    /// The further flows of the IP route (`EFA_IP_FLOWS` - 1 endpoints, in `ep`'s domain,
+    /// address vector and CQ: each its own connection to a peer; they only carry striped
+    /// rendezvous reads, see [`stripe`]). Empty on other transports.
+    flows: Vec<Endpoint>,
     max_msg: usize,
     inject: usize,
     /// Posted control-message receive buffers.
@@ -549,9 +562,49 @@ enum RecvDest {
 }
 
 /// A read into the user's buffer that its receive's waiting call is to do
-/// ([`Engine::take_wanted`]): the peer, the endpoint and the peer's address on it, the
-/// peer's exposed region, and the length in bytes.
-type WantedInPlace = (u32, Endpoint, FiAddr, efa_fabric::RemoteRegion, usize);
+/// ([`Engine::take_wanted`]): the peer, its parts ([`Engine::read_plan`]), the peer's
+/// exposed region, and the length in bytes.
+type WantedInPlace = (u32, Parts<ReadPart>, efa_fabric::RemoteRegion, usize);
+
+/// One or more items, the first inline: a read in one part allocates nothing for it.
+#[derive(Debug, Clone)]
+struct Parts<T> {
+    first: T,
+    rest: Vec<T>,
+}
+
+impl<T> Parts<T> {
+    fn one(first: T) -> Parts<T> {
+        Parts {
+            first,
+            rest: Vec::new(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        std::iter::once(&mut self.first).chain(&mut self.rest)
+    }
+
+    fn into_items(self) -> impl Iterator<Item = T> {
+        std::iter::once(self.first).chain(self.rest)
+    }
+}
+
+/// One piece of a rendezvous read ([`Engine::read_plan`]): bytes `off..off + len` of the
+/// peer's region, read through `ep` from the peer's address `addr` on it; `flow` is the
+/// peer's flow it was assigned to, `None` when the read is not striped.
+#[derive(Debug, Clone)]
+struct ReadPart {
+    flow: Option<usize>,
+    ep: Endpoint,
+    addr: FiAddr,
+    off: usize,
+    len: usize,
+}
 
 /// A rendezvous read to do into a user's buffer.
 #[derive(Debug, Clone, Copy)]
@@ -568,6 +621,9 @@ struct ReadOp {
     peer: u32,
     len: usize,
     chunks: Vec<Pending<BufPrefix<Vec<u8>>>>,
+    /// Per chunk: its flow, its length, and whether its completion was reported to the
+    /// peer's scheduler ([`Engine::read_part_done`]).
+    flows: Vec<(Option<usize>, usize, bool)>,
 }
 
 /// A send's exposed buffer: a registered copy of its data that the receiver reads.
@@ -594,6 +650,13 @@ struct Engine {
     peers: Peers,
     /// Every rank's card, compactly: where a peer's address is found on first use.
     cards: Arc<CardTable>,
+    /// The flows of each peer whose route has several, set up on its first striped read
+    /// ([`Engine::read_plan`]); no entry (no memory) for the others.
+    flows: HashMap<u32, PeerFlows>,
+    /// Reads of at least this many bytes are striped over a peer's flows.
+    stripe_min: usize,
+    /// How chunks are handed to a peer's flows.
+    stripe_mode: stripe::StripeMode,
     /// Matching, ordering, rendezvous, flow control and finalize.
     core: Core<Vec<u8>>,
     /// Per receive slot of the core.
@@ -1227,6 +1290,18 @@ impl Communicator {
         placement::choose_route(&me, &them, &self.inner.config.transports)
             .map_err(|source| Error::NoRoute { peer: w, source })
     }
+    /// The flows to `peer` (a rank of this communicator) when its route has several
+    /// (the IP route with `EFA_IP_FLOWS` > 1 on both ranks; [`stripe`]): per flow, the bytes
+    /// and chunks of striped reads it carried into this rank, and its measured rate. `None`
+    /// when the route has one flow, or before this rank first used the peer (its flows are
+    /// connected on first use, as its route's address is).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRank`].
+    pub fn ip_flows(&self, peer: u32) -> Result<Option<Vec<stripe::FlowStat>>> {
+        let w = self.world_rank(peer)?;
+        Ok(self.engine().flows.get(&w).map(|f| f.sched.stats()))
+    }
     /// The provider serving `transport` on this rank, if that transport is open.
     pub fn provider(&self, transport: Transport) -> Option<&str> {
         self.inner
@@ -1702,8 +1777,8 @@ impl Communicator {
         // `bufs[..finished]` have finished (receives of one window mostly finish in order).
         let mut finished = 0;
         let res = efa_fabric::rma_scope(deadline.left(), |s| {
-            // Reads posted and not yet reaped: receive, peer, the scope's id.
-            let mut posted: Vec<(RecvId, u32, efa_fabric::ScopedId)> = Vec::new();
+            // Reads posted and not yet reaped.
+            let mut posted: Vec<(RecvId, ScopedRead)> = Vec::new();
             let res = wait_loop(self, "wait_all", None, Some(deadline), |e| {
                 let mut i = 0;
                 while i < e.wanted.len() {
@@ -1712,7 +1787,7 @@ impl Communicator {
                         i += 1;
                         continue;
                     };
-                    let Some((peer, ep, addr, region, len)) = e.take_wanted(id) else {
+                    let Some((peer, parts, region, len)) = e.take_wanted(id) else {
                         i += 1;
                         continue;
                     };
@@ -1720,30 +1795,27 @@ impl Communicator {
                     let buf = slot.1.take().expect("checked above");
                     let capacity = buf.len();
                     let Some(dst) = in_place_target(buf, len) else {
+                        for p in parts.iter() {
+                            e.read_part_dropped(peer, p.flow, p.len);
+                        }
                         e.read_not_posted(id, capacity, len);
                         continue;
                     };
-                    match s.read(&ep, dst, addr, &region, 0) {
-                        Ok(sid) => posted.push((id, peer, sid)),
-                        Err(err) => e.read_failed(id, peer, err),
-                    }
+                    posted.push((id, ScopedRead::post(s, dst, peer, parts, &region)));
                 }
                 let mut reaped = false;
                 let mut k = 0;
                 while k < posted.len() {
-                    let (id, peer, sid) = posted[k];
-                    match s.test(sid) {
-                        Ok(false) => {
-                            k += 1;
-                            continue;
-                        }
-                        Ok(true) => match s.wait(sid) {
-                            Ok(_) => e.read_in_place_done(id),
-                            Err(err) => e.read_failed(id, peer, err),
-                        },
+                    if !posted[k].1.poll(s) {
+                        k += 1;
+                        continue;
+                    }
+                    let (id, r) = posted.swap_remove(k);
+                    let peer = r.peer;
+                    match r.finish(s, e, deadline.start.elapsed()) {
+                        Ok(()) => e.read_in_place_done(id),
                         Err(err) => e.read_failed(id, peer, err),
                     }
-                    posted.swap_remove(k);
                     reaped = true;
                 }
                 if reaped {
@@ -1757,11 +1829,15 @@ impl Communicator {
                 posted.is_empty() && finished == bufs.len()
             });
             if res.is_err() && !posted.is_empty() {
-                // The scope cancels and drains these reads as it ends; their receives fail.
+                // The scope cancels and drains these reads as it ends; their receives fail
+                // (with a timeout, as their parts have not all completed).
                 let mut e = self.engine();
-                let waited = deadline.start.elapsed();
-                for &(id, peer, _) in &posted {
-                    e.read_failed(id, peer, efa_fabric::Error::Timeout { op: "read", waited });
+                for (id, r) in posted {
+                    let peer = r.peer;
+                    match r.finish(s, &mut e, deadline.start.elapsed()) {
+                        Ok(()) => e.read_in_place_done(id),
+                        Err(err) => e.read_failed(id, peer, err),
+                    }
                 }
             }
             res
@@ -2064,28 +2140,168 @@ impl Drop for RecvRequest<'_> {
 /// inside this call, which holds the borrow, so neither a dropped nor a leaked request can
 /// let it write freed memory. The receive learns the read's outcome ([`in_place_target`]
 /// for a `buf` too short); the first error of the actions that follow is returned. Builds
-/// no list: one message, one read.
+/// no list: one message, one scoped read per part of its [`Engine::read_plan`] (one part,
+/// kept inline, unless the read is striped over the peer's flows).
 fn read_in_place(
     comm: &Communicator,
     deadline: Option<&CallDeadline>,
     buf: &mut [u8],
     id: RecvId,
-    (peer, ep, addr, region, len): WantedInPlace,
+    (peer, parts, region, len): WantedInPlace,
 ) -> Result<()> {
     let capacity = buf.len();
-    let res = in_place_target(buf, len).map(|dst| {
-        efa_fabric::rma_scope(time_left(comm, deadline), |s| {
-            s.read(&ep, dst, addr, &region, 0)
-                .and_then(|sid| s.wait(sid))
-        })
-    });
-    let mut e = comm.engine();
-    match res {
-        Some(Ok(_)) => e.read_in_place_done(id),
-        Some(Err(err)) => e.read_failed(id, peer, err),
-        None => e.read_not_posted(id, capacity, len),
+    let Some(dst) = in_place_target(buf, len) else {
+        let mut e = comm.engine();
+        for p in parts.iter() {
+            e.read_part_dropped(peer, p.flow, p.len);
+        }
+        e.read_not_posted(id, capacity, len);
+        return e.drain();
+    };
+    let timeout = time_left(comm, deadline);
+    efa_fabric::rma_scope(timeout, |s| {
+        // One scoped read per part (one part unless striped: nothing allocated for it).
+        let mut read = ScopedRead::post(s, dst, peer, parts, &region);
+        let mut clock = efa_fabric::PollClock::new(timeout);
+        while !read.poll(s) && !clock.expired() {
+            std::thread::yield_now();
+        }
+        let mut e = comm.engine();
+        match read.finish(s, &mut e, timeout) {
+            Ok(()) => e.read_in_place_done(id),
+            Err(err) => e.read_failed(id, peer, err),
+        }
+        e.drain()
+    })
+}
+
+/// One part of a [`ScopedRead`]: its scoped id (`None`: not posted), flow, length in
+/// bytes, and when it was seen complete.
+struct ScopedPart {
+    id: Option<efa_fabric::ScopedId>,
+    flow: Option<usize>,
+    len: usize,
+    done: Option<Instant>,
+}
+
+/// A rendezvous read into a user's buffer posted in an [`efa_fabric::rma_scope`]: one
+/// scoped operation per part of its [`Engine::read_plan`].
+struct ScopedRead {
+    peer: u32,
+    parts: Parts<ScopedPart>,
+    /// The first error posting or progressing a part.
+    error: Option<efa_fabric::Error>,
+}
+
+impl ScopedRead {
+    /// Posts `parts` (in order, covering `buf`) of a read from `peer`'s `region` into `buf`.
+    /// A part that fails to post stops the posting; the error is kept for
+    /// [`ScopedRead::finish`] (the parts posted are drained by the scope).
+    fn post<'s>(
+        s: &'s efa_fabric::RmaScope<'s, '_>,
+        buf: &'s mut [u8],
+        peer: u32,
+        parts: Parts<ReadPart>,
+        region: &efa_fabric::RemoteRegion,
+    ) -> ScopedRead {
+        let mut error = None;
+        let mut rest = buf;
+        let mut post = |p: ReadPart| {
+            let at = p.len.min(rest.len());
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(at);
+            rest = tail;
+            let id = if error.is_none() {
+                match s.read(&p.ep, head, p.addr, region, p.off as u64) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        error = Some(e);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            ScopedPart {
+                id,
+                flow: p.flow,
+                len: p.len,
+                done: None,
+            }
+        };
+        let mut items = parts.into_items();
+        let first = post(items.next().expect("parts have a first"));
+        let rest_parts = items.map(&mut post).collect();
+        ScopedRead {
+            peer,
+            parts: Parts {
+                first,
+                rest: rest_parts,
+            },
+            error,
+        }
     }
-    e.drain()
+
+    /// Progresses the parts not yet complete once, noting when each completes; true once
+    /// every posted part has completed or an error stopped the read.
+    fn poll(&mut self, s: &efa_fabric::RmaScope<'_, '_>) -> bool {
+        if self.error.is_some() {
+            return true;
+        }
+        let mut all = true;
+        for part in self.parts.iter_mut() {
+            let Some(id) = part.id else { continue };
+            if part.done.is_some() {
+                continue;
+            }
+            match s.test(id) {
+                Ok(true) => part.done = Some(Instant::now()),
+                Ok(false) => all = false,
+                Err(e) => {
+                    self.error = Some(e);
+                    return true;
+                }
+            }
+        }
+        all
+    }
+
+    /// Tells the peer's scheduler what each part did, and gives the read's outcome: the
+    /// first error, [`efa_fabric::Error::Timeout`] (having `waited`) when a part has not
+    /// completed.
+    fn finish(
+        self,
+        s: &efa_fabric::RmaScope<'_, '_>,
+        e: &mut Engine,
+        waited: Duration,
+    ) -> std::result::Result<(), efa_fabric::Error> {
+        let mut res = match self.error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        };
+        for ScopedPart {
+            id,
+            flow,
+            len,
+            done,
+        } in self.parts.into_items()
+        {
+            match (id, done) {
+                (Some(id), Some(at)) => {
+                    e.read_part_done(self.peer, flow, len, at);
+                    if let (Ok(()), Err(err)) = (&res, s.wait(id)) {
+                        res = Err(err);
+                    }
+                }
+                _ => {
+                    e.read_part_dropped(self.peer, flow, len);
+                    if res.is_ok() {
+                        res = Err(efa_fabric::Error::Timeout { op: "read", waited });
+                    }
+                }
+            }
+        }
+        res
+    }
 }
 
 /// The part of a receive's buffer `buf` that its in-place read of `len` bytes fills;
@@ -2252,14 +2468,16 @@ fn open_ports(
         });
     }
     for p in &ports {
-        card.endpoints.push(EndpointCard {
-            transport: p.transport,
-            provider: p.provider.clone(),
-            addr: p
-                .ep
-                .name()
-                .map_err(|e| Error::fabric("fi_getname", None, e))?,
-        });
+        // Flow 0 first, then the further flows right after it ([`Card::flows`]).
+        for ep in std::iter::once(&p.ep).chain(&p.flows) {
+            card.endpoints.push(EndpointCard {
+                transport: p.transport,
+                provider: p.provider.clone(),
+                addr: ep
+                    .name()
+                    .map_err(|e| Error::fabric("fi_getname", None, e))?,
+            });
+        }
     }
     Ok((ports, card))
 }
@@ -2328,6 +2546,14 @@ fn peer_routes(ports: &mut [Port], routes: &[Chosen]) -> Result<Peers> {
         p.used = used;
     }
     Ok(peers)
+}
+
+/// The flows to one peer whose route has several ([`stripe`]): the peer's address of each
+/// (flow 0: the route's), and the scheduler that spreads striped reads over them. Made on
+/// the peer's first striped read ([`Engine::peer_flows`]).
+struct PeerFlows {
+    addrs: Vec<FiAddr>,
+    sched: stripe::Striper,
 }
 
 /// [`peer_routes`] over the transports of the open ports, in port order: the engine's
@@ -2423,6 +2649,8 @@ fn assemble(
         .map(|p| (p.transport, p.provider.clone()))
         .collect();
     let mut engine = Engine::new(rank, size, ports, peers, cards.clone(), live);
+    engine.stripe_min = config.ip_flows.stripe_min;
+    engine.stripe_mode = config.ip_flows.mode;
     engine.post_all_slots()?;
     Ok(Communicator {
         inner: Arc::new(Inner {
@@ -2464,6 +2692,9 @@ impl Engine {
             ports,
             peers,
             cards,
+            flows: HashMap::new(),
+            stripe_min: stripe::DEFAULT_STRIPE_MIN,
+            stripe_mode: stripe::StripeMode::default(),
             core: Core::new(rank, size, proto::Config::default()),
             recv_slots: Vec::new(),
             exposed: Vec::new(),
@@ -2620,15 +2851,28 @@ fn open_port(
     // Posts that find the provider's queue full retry (progressing) for at most the
     // communicator's deadline: a peer that died with our messages queued must not hold a
     // caller past the deadline it was promised.
-    let ep = (|| {
+    let extra = if transport == Transport::Ip {
+        config.ip_flows.flows - 1
+    } else {
+        0
+    };
+    let (ep, flows) = (|| {
         let domain = efa_fabric::Domain::open(info)?;
         let av = efa_fabric::AddressVector::open(&domain)?;
         let cq = efa_fabric::CompletionQueue::open_with(&domain, 0, cq_wait)?;
-        Endpoint::builder(&domain, &av, &cq)
-            .post_timeout(config.timeout)
-            // A post to a rank that died stops retrying at once (its queue never drains).
-            .peer_check(check)
-            .build()
+        let open = || {
+            Endpoint::builder(&domain, &av, &cq)
+                .post_timeout(config.timeout)
+                // A post to a rank that died stops retrying at once (its queue never drains).
+                .peer_check(check.clone())
+                .build()
+        };
+        // One domain for all flows: memory registered in it is readable through each.
+        let ep = open()?;
+        let flows = (0..extra)
+            .map(|_| open())
+            .collect::<efa_fabric::Result<Vec<_>>>()?;
+        Ok((ep, flows))
     })()
     .map_err(|e| Error::fabric("opening endpoint", None, e))?;
     let max_msg = info.max_msg_size();
@@ -2653,7 +2897,7 @@ fn open_port(
                 .map_err(|e| Error::fabric("registering buffers", None, e))?,
         );
     }
-    tracing::debug!(%transport, %provider, fabric = %info.fabric(), domain = %info.domain(), "endpoint open");
+    tracing::debug!(%transport, %provider, fabric = %info.fabric(), domain = %info.domain(), flows = 1 + flows.len(), "endpoint open");
     Ok(Port {
         liveness,
         transport,
@@ -2664,6 +2908,7 @@ fn open_port(
         slots: (0..config.rx_depth).map(|_| None).collect(),
         bounce,
         ep,
+        flows,
         used: false,
         seen: 0,
     })
@@ -2727,13 +2972,63 @@ impl Engine {
         let addr = self.ports[port].ep.av().insert(bytes)?;
         tracing::trace!(rank = self.rank, peer, provider = %self.ports[port].provider, "peer connected on first use");
         self.peers.addr[peer as usize] = addr;
+        self.tell_rank_of(port, addr, peer);
+        self.connect_flows(peer, port, usize::from(endpoint), addr)?;
+        Ok((port, addr))
+    }
+
+    /// Tells `port`'s post path that address `addr` is rank `peer`.
+    fn tell_rank_of(&self, port: usize, addr: FiAddr, peer: u32) {
         if let Some(pl) = self.ports[port].liveness.get() {
             pl.rank_of
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(addr, peer);
         }
-        Ok((port, addr))
+    }
+
+    /// On `peer`'s first use ([`Engine::resolve`]), when its route's endpoint (`port`, the
+    /// peer's `endpoint` on its card, already inserted as `addr`) has further flows on both
+    /// sides: inserts the peer's further flows' addresses and sets up its scheduler (as
+    /// many flows as both sides have, [`Card::flows`]).
+    ///
+    /// # Errors
+    /// Fabric errors of `fi_av_insert` (the peer then stays without further flows: its
+    /// reads use flow 0).
+    fn connect_flows(
+        &mut self,
+        peer: u32,
+        port: usize,
+        endpoint: usize,
+        addr: FiAddr,
+    ) -> std::result::Result<(), efa_fabric::Error> {
+        let mine = 1 + self.ports[port].flows.len();
+        if mine < 2 {
+            return Ok(());
+        }
+        let Some(card) = self.cards.card(peer) else {
+            return Ok(());
+        };
+        let n = mine.min(card.flows(endpoint));
+        if n < 2 {
+            return Ok(());
+        }
+        let mut addrs = Vec::with_capacity(n);
+        addrs.push(addr);
+        for e in &card.endpoints[endpoint + 1..endpoint + n] {
+            let a = self.ports[port].ep.av().insert(&e.addr)?;
+            self.tell_rank_of(port, a, peer);
+            addrs.push(a);
+        }
+        tracing::debug!(rank = self.rank, peer, flows = n, mode = %self.stripe_mode, stripe_min = self.stripe_min, "flows");
+        self.flows.insert(
+            peer,
+            PeerFlows {
+                addrs,
+                sched: stripe::Striper::new(n, self.stripe_mode),
+            },
+        );
+        Ok(())
     }
 
     /// Where control and eager messages to `dest` go (resolving it on first use).
@@ -3058,10 +3353,68 @@ impl Engine {
     fn take_wanted(&mut self, id: RecvId) -> Option<WantedInPlace> {
         let w = self.recv_slots.get_mut(id.index())?.wanted.take()?;
         self.wanted.retain(|&r| r != id);
-        let port = self.port_of(w.peer);
-        let addr = self.peers.addr[w.peer as usize];
         let region = region_of(w.remote, w.len);
-        Some((w.peer, self.ports[port].ep.clone(), addr, region, w.len))
+        let parts = self.read_plan(w.peer, w.len);
+        Some((w.peer, parts, region, w.len))
+    }
+
+    /// How a rendezvous read of `len` bytes from `peer` moves: striped when the peer has
+    /// several flows and `len` reaches the stripe threshold (`EFA_IP_STRIPE_MIN`): cut by
+    /// [`stripe::chunks`], each chunk on the flow the peer's scheduler chooses (and counted
+    /// queued there); otherwise one part on the route's endpoint. The one place that decides.
+    fn read_plan(&mut self, peer: u32, len: usize) -> Parts<ReadPart> {
+        // Resolved by the caller (the read was asked for after the peer's first use).
+        let port = self.port_of(peer);
+        let addr = self.peers.addr[peer as usize];
+        let p = &self.ports[port];
+        match self.flows.get_mut(&peer) {
+            Some(f) if len > 0 && len >= self.stripe_min => {
+                let now = Instant::now();
+                let mut parts = stripe::chunks(len, f.addrs.len(), p.max_msg)
+                    .into_iter()
+                    .map(|(off, clen)| {
+                        let flow = f.sched.assign(clen, now);
+                        ReadPart {
+                            flow: Some(flow),
+                            ep: if flow == 0 {
+                                p.ep.clone()
+                            } else {
+                                p.flows[flow - 1].clone()
+                            },
+                            addr: f.addrs[flow],
+                            off,
+                            len: clen,
+                        }
+                    });
+                let first = parts.next().expect("a striped read has chunks");
+                Parts {
+                    first,
+                    rest: parts.collect(),
+                }
+            }
+            _ => Parts::one(ReadPart {
+                flow: None,
+                ep: p.ep.clone(),
+                addr,
+                off: 0,
+                len,
+            }),
+        }
+    }
+
+    /// A part of a read from `peer` on `flow` completed at `at` (or failed: counted the
+    /// same, the read fails anyway): tells the peer's scheduler.
+    fn read_part_done(&mut self, peer: u32, flow: Option<usize>, len: usize, at: Instant) {
+        if let (Some(flow), Some(f)) = (flow, self.flows.get_mut(&peer)) {
+            f.sched.completed(flow, len, at);
+        }
+    }
+
+    /// A part of a read from `peer` on `flow` will not complete (never posted, abandoned).
+    fn read_part_dropped(&mut self, peer: u32, flow: Option<usize>, len: usize) {
+        if let (Some(flow), Some(f)) = (flow, self.flows.get_mut(&peer)) {
+            f.sched.dropped(flow, len);
+        }
     }
 
     /// Receive `id`'s data was read into the user's buffer.
@@ -3149,6 +3502,11 @@ impl Engine {
                 Action::AbandonRead(recv) => {
                     if let Some(i) = self.reads.iter().position(|r| r.recv == recv) {
                         let op = self.reads.swap_remove(i);
+                        for &(flow, len, reported) in &op.flows {
+                            if !reported {
+                                self.read_part_dropped(op.peer, flow, len);
+                            }
+                        }
                         op.chunks.into_iter().for_each(Pending::abandon);
                     }
                     Ok(())
@@ -3171,8 +3529,8 @@ impl Engine {
             self.core.read_done(recv);
             return;
         }
-        let (port, addr) = match self.resolve(peer) {
-            Ok(r) => r,
+        let port = match self.resolve(peer) {
+            Ok((port, _)) => port,
             Err(e) => {
                 self.read_failed(recv, peer, e);
                 return;
@@ -3181,14 +3539,30 @@ impl Engine {
         let region = region_of(remote, len);
         let max = self.ports[port].max_msg;
         let mut chunks = Vec::new();
-        for (off, clen) in wire::chunks(len, max) {
-            let buf = BufPrefix::new(self.pool.take_zeroed(clen), clen);
-            match self.ports[port].ep.read(buf, addr, &region, off as u64) {
-                Ok(p) => chunks.push(p),
-                Err(e) => {
-                    chunks.into_iter().for_each(Pending::abandon);
-                    self.read_failed(recv, peer, e.error);
-                    return;
+        let mut flows = Vec::new();
+        let parts = self.read_plan(peer, len);
+        for (i, part) in parts.iter().enumerate() {
+            for (off, clen) in wire::chunks(part.len, max) {
+                let off = part.off + off;
+                let buf = BufPrefix::new(self.pool.take_zeroed(clen), clen);
+                match part.ep.read(buf, part.addr, &region, off as u64) {
+                    Ok(p) => {
+                        chunks.push(p);
+                        flows.push((part.flow, clen, false));
+                    }
+                    Err(e) => {
+                        chunks.into_iter().for_each(Pending::abandon);
+                        for &(flow, clen, _) in &flows {
+                            self.read_part_dropped(peer, flow, clen);
+                        }
+                        // This part's unposted rest and the parts after it.
+                        self.read_part_dropped(peer, part.flow, part.off + part.len - off);
+                        for later in parts.iter().skip(i + 1) {
+                            self.read_part_dropped(peer, later.flow, later.len);
+                        }
+                        self.read_failed(recv, peer, e.error);
+                        return;
+                    }
                 }
             }
         }
@@ -3197,6 +3571,7 @@ impl Engine {
             peer,
             len,
             chunks,
+            flows,
         });
     }
 
@@ -3227,8 +3602,22 @@ impl Engine {
     /// Finishes the reads whose chunks have all completed.
     fn reap_reads(&mut self) {
         let mut i = 0;
+        let now = Instant::now();
         while i < self.reads.len() {
-            if !self.reads[i].chunks.iter().all(|c| c.is_done()) {
+            let op = &mut self.reads[i];
+            let peer = op.peer;
+            let mut newly = Vec::new();
+            for (c, f) in op.chunks.iter().zip(op.flows.iter_mut()) {
+                if !f.2 && c.is_done() {
+                    f.2 = true;
+                    newly.push((f.0, f.1));
+                }
+            }
+            let all = op.flows.iter().all(|f| f.2);
+            for (flow, len) in newly {
+                self.read_part_done(peer, flow, len, now);
+            }
+            if !all {
                 i += 1;
                 continue;
             }
