@@ -282,7 +282,7 @@ fn route_summary<'a>(routes: impl Iterator<Item = &'a (u32, String, String)>) ->
 
 /// Runs the benchmark as one rank of a launched job; rank 0 prints.
 pub fn run_rank(coll: Collective, a: &CollArgs) -> Result<()> {
-    let comm = crate::job::join(a.timeout)?;
+    let comm = crate::job::join(a.timeout, None)?;
     if let Some(want) = a.nranks {
         if want != comm.size() as usize && comm.rank() == 0 {
             eprintln!(

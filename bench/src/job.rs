@@ -28,11 +28,18 @@ pub fn run(n: usize, rank: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 /// Builds this rank's communicator, with `timeout` seconds for every blocking call when
-/// given (else the communicator's default: `EFA_TIMEOUT`, else 60).
-pub fn join(timeout: Option<f64>) -> Result<Communicator> {
+/// given (else the communicator's default: `EFA_TIMEOUT`, else 60), and `flows` flows per
+/// peer on the IP route when given (else `EFA_IP_FLOWS`, else 1).
+pub fn join(timeout: Option<f64>, flows: Option<usize>) -> Result<Communicator> {
     let mut b = Communicator::builder();
     if let Some(t) = timeout {
         b = b.timeout(Duration::from_secs_f64(t));
+    }
+    if let Some(k) = flows {
+        let mut s = efa_core::comm::stripe::FlowSettings::from_env()
+            .map_err(|e| err(format!("cannot join the job: {e}")))?;
+        s.flows = k;
+        b = b.ip_flows(s);
     }
     b.build()
         .map_err(|e| err(format!("cannot join the job: {e}")))

@@ -188,7 +188,7 @@ fn traffic(comm: &Communicator) -> Result<()> {
 /// Runs as one rank: measure after init, after traffic (then idle for `--idle` seconds);
 /// rank 0 prints every rank's numbers.
 pub fn run_rank(a: &RssArgs) -> Result<()> {
-    let comm = crate::job::join(a.timeout)?;
+    let comm = crate::job::join(a.timeout, None)?;
     let n = comm.size();
     let me = comm.rank();
     let route = if n > 1 {

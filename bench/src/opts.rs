@@ -288,6 +288,19 @@ pub struct OsuArgs {
     /// timeout). Default: `EFA_TIMEOUT`, else 60.
     #[arg(long, value_parser = parse_timeout)]
     pub timeout: Option<f64>,
+    /// Flows (TCP connections) per peer on the IP route, 1 to 64: sets the communicator's
+    /// `EFA_IP_FLOWS` (`EFA_IP_STRIPE_MIN` and `EFA_IP_STRIPE` still apply). Default:
+    /// `EFA_IP_FLOWS`, else 1. Other routes ignore it.
+    #[arg(long, value_parser = parse_flows)]
+    pub flows: Option<usize>,
+}
+
+fn parse_flows(s: &str) -> Result<usize, String> {
+    let max = efa_core::comm::stripe::MAX_FLOWS;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a flow count from 1 to {max}")),
+    }
 }
 
 impl OsuArgs {
@@ -789,6 +802,10 @@ mod tests {
         assert_eq!(OsuTest::Bw.default_counts(8192), (100, 10));
         assert_eq!(OsuTest::Bibw.default_counts(1 << 20), (20, 2));
         use clap::Parser as _;
+        assert!(Cli::try_parse_from(["efa-bench", "osu-bw", "--flows", "0"]).is_err());
+        assert!(Cli::try_parse_from(["efa-bench", "osu-bw", "--flows", "65"]).is_err());
+        let cli = Cli::parse_from(["efa-bench", "osu-bw", "--flows", "4"]);
+        assert_eq!(cli.cmd.osu().unwrap().1.flows, Some(4));
         let cli = Cli::parse_from(["efa-bench", "osu-bw", "-i", "5", "-x", "1", "-m", "1:4"]);
         let (t, a) = cli.cmd.osu().unwrap();
         assert_eq!(t, OsuTest::Bw);

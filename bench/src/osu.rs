@@ -75,7 +75,7 @@ fn check_len(st: &Status, size: usize, what: &str) -> Result<()> {
 
 /// Runs `test` as one rank of a 2-rank job; rank 0 prints.
 pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
-    let comm = crate::job::join(a.timeout)?;
+    let comm = crate::job::join(a.timeout, a.flows)?;
     if comm.size() != 2 {
         return Err(err(format!(
             "{} needs exactly 2 ranks (this job has {}), as OSU's point-to-point tests do",
@@ -97,7 +97,14 @@ pub fn run_rank(test: OsuTest, a: &OsuArgs) -> Result<()> {
         bench: test.name().into(),
         provider: provider.clone(),
         domain: comm.config().ip_iface().unwrap_or("-").into(),
-        route: format!("communicator/{route}/{provider}"),
+        route: match comm.ip_flows(peer)? {
+            Some(f) => format!(
+                "communicator/{route}/{provider}/{} flows {}",
+                f.len(),
+                comm.config().ip_flows().mode
+            ),
+            None => format!("communicator/{route}/{provider}"),
+        },
         api: "communicator".into(),
         window,
         libfabric: format!("{maj}.{min}"),
