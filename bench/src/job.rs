@@ -38,7 +38,7 @@ pub fn join(timeout: Option<f64>, flows: Option<usize>) -> Result<Communicator> 
     if let Some(k) = flows {
         let mut s = efa_core::comm::stripe::FlowSettings::from_env()
             .map_err(|e| err(format!("cannot join the job: {e}")))?;
-        s.flows = k;
+        s.flows = Some(k);
         b = b.ip_flows(s);
     }
     b.build()

@@ -323,7 +323,8 @@ impl CommunicatorBuilder {
 
     /// Flows (TCP connections) per peer on the IP route, and how rendezvous reads are
     /// striped over them (see [`stripe`] for the rule and its constants). Default:
-    /// `EFA_IP_FLOWS` (else 1), `EFA_IP_STRIPE_MIN` (else 256 KiB), `EFA_IP_STRIPE` (else
+    /// `EFA_IP_FLOWS` (else 8 on an AWS ENA interface, 1 elsewhere:
+    /// [`stripe::default_flows`]), `EFA_IP_STRIPE_MIN` (else 256 KiB), `EFA_IP_STRIPE` (else
     /// adaptive). More flows pass a per-flow cap (EC2: 5-25 Gbit/s per flow) at the cost of
     /// one endpoint and connection per flow and peer. Explicit settings win over the
     /// variables; [`CommunicatorBuilder::build`] fails with [`Error::Setting`] for a flow
@@ -2454,7 +2455,14 @@ fn open_ports(
             }
             continue;
         };
-        ports.push(open_port(rc.role, info, config, cq_wait)?);
+        let flows = match rc.role {
+            Transport::Ip => {
+                let iface = rc.chosen.and_then(|i| discovery.offers[i].iface.as_deref());
+                config.ip_flows.flows_for(iface)
+            }
+            _ => 1,
+        };
+        ports.push(open_port(rc.role, info, config, flows, cq_wait)?);
         match rc.role {
             Transport::Shm => {}
             Transport::Fabric => card.fabric_subnet = rc.subnet,
@@ -2833,10 +2841,12 @@ impl Liveness {
     }
 }
 
+/// Opens the endpoint of one transport, with `flows` - 1 further flows in its domain.
 fn open_port(
     transport: Transport,
     info: &Info,
     config: &Config,
+    flows: usize,
     cq_wait: efa_fabric::CqWait,
 ) -> Result<Port> {
     let provider = info.provider();
@@ -2851,11 +2861,7 @@ fn open_port(
     // Posts that find the provider's queue full retry (progressing) for at most the
     // communicator's deadline: a peer that died with our messages queued must not hold a
     // caller past the deadline it was promised.
-    let extra = if transport == Transport::Ip {
-        config.ip_flows.flows - 1
-    } else {
-        0
-    };
+    let extra = flows.saturating_sub(1);
     let (ep, flows) = (|| {
         let domain = efa_fabric::Domain::open(info)?;
         let av = efa_fabric::AddressVector::open(&domain)?;

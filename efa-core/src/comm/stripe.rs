@@ -53,7 +53,7 @@ pub const GAIN: f64 = 0.25;
 /// Shortest busy time a rate sample is measured over.
 pub const MIN_SAMPLE: Duration = Duration::from_micros(200);
 
-const FLOWS_FORMS: &str = "an integer from 1 to 64 (default 1)";
+const FLOWS_FORMS: &str = "an integer from 1 to 64 (default: 8 on an AWS ENA interface, else 1)";
 const STRIPE_MIN_FORMS: &str =
     "a size in bytes, at least 65536, with an optional k/m/g suffix (KiB, MiB, GiB; default 256k)";
 const STRIPE_FORMS: &str = "adaptive (default) or equal";
@@ -80,8 +80,10 @@ impl std::fmt::Display for StripeMode {
 /// The IP route's striping settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowSettings {
-    /// Flows (endpoints, so TCP connections) per peer on the IP route; 1 to [`MAX_FLOWS`].
-    pub flows: usize,
+    /// Flows (endpoints, so TCP connections) per peer on the IP route, 1 to
+    /// [`MAX_FLOWS`]; `None`: detected from the IP interface ([`default_flows`]:
+    /// [`ENA_FLOWS`] on an AWS ENA interface, else 1).
+    pub flows: Option<usize>,
     /// Reads of at least this many bytes are striped (never below [`CHUNK_MIN`]).
     pub stripe_min: usize,
     /// How chunks are handed to flows.
@@ -91,7 +93,7 @@ pub struct FlowSettings {
 impl Default for FlowSettings {
     fn default() -> Self {
         FlowSettings {
-            flows: 1,
+            flows: None,
             stripe_min: DEFAULT_STRIPE_MIN,
             mode: StripeMode::Adaptive,
         }
@@ -107,7 +109,7 @@ impl FlowSettings {
     pub fn from_env() -> Result<FlowSettings, SettingError> {
         let mut s = FlowSettings::default();
         if let Some(v) = env_var("EFA_IP_FLOWS", FLOWS_FORMS)? {
-            s.flows = parse_flows(&v).ok_or_else(|| {
+            s.flows = parse_flows(&v).map(Some).ok_or_else(|| {
                 SettingError::env("EFA_IP_FLOWS", v, "is not a flow count", FLOWS_FORMS)
             })?;
         }
@@ -137,10 +139,10 @@ impl FlowSettings {
     /// [`SettingError`] naming `method` for a flow count outside 1 to [`MAX_FLOWS`] or a
     /// threshold below [`CHUNK_MIN`].
     pub(crate) fn check(&self, method: &'static str) -> Result<(), SettingError> {
-        if !(1..=MAX_FLOWS).contains(&self.flows) {
+        if let Some(k) = self.flows.filter(|k| !(1..=MAX_FLOWS).contains(k)) {
             return Err(SettingError::argument(
                 method,
-                format!("flows: {}", self.flows),
+                format!("flows: {k}"),
                 "is not a flow count",
                 FLOWS_FORMS,
             ));
@@ -154,6 +156,36 @@ impl FlowSettings {
             ));
         }
         Ok(())
+    }
+}
+
+/// PCI vendor id of Amazon's network devices (ENA, EFA), as sysfs gives it.
+pub const AMAZON_PCI_VENDOR: &str = "0x1d0f";
+/// Flows per peer on an ENA interface when the count is not set (NCCL's socket transport
+/// opens 16 on ENA; the best count on EC2 is still to be measured, issue 15 §3).
+pub const ENA_FLOWS: usize = 8;
+
+/// The flow count of IP interface `iface` when none is set: [`ENA_FLOWS`] when
+/// `SYSFS/class/net/IFACE/device/vendor` names [`AMAZON_PCI_VENDOR`] (an ENA interface,
+/// whose flows EC2 caps), else 1 (no such file: loopback, a virtual or another vendor's
+/// device). `sysfs` is `/sys` outside tests. The one place that decides.
+pub fn default_flows(sysfs: &std::path::Path, iface: &str) -> usize {
+    if iface.is_empty() || iface.contains('/') || iface.starts_with('.') {
+        return 1;
+    }
+    let vendor = sysfs.join("class/net").join(iface).join("device/vendor");
+    match std::fs::read_to_string(vendor) {
+        Ok(v) if v.trim().eq_ignore_ascii_case(AMAZON_PCI_VENDOR) => ENA_FLOWS,
+        _ => 1,
+    }
+}
+
+impl FlowSettings {
+    /// The flow count for IP interface `iface`: the one set, else [`default_flows`] under
+    /// `/sys`.
+    pub fn flows_for(&self, iface: Option<&str>) -> usize {
+        self.flows
+            .unwrap_or_else(|| default_flows(std::path::Path::new("/sys"), iface.unwrap_or("")))
     }
 }
 
@@ -361,6 +393,31 @@ impl Striper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ena_interfaces_get_several_flows() {
+        let root = std::env::temp_dir().join(format!("efa-sysfs-{}", std::process::id()));
+        let dev = |name: &str, vendor: &str| {
+            let d = root.join("class/net").join(name).join("device");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("vendor"), vendor).unwrap();
+        };
+        dev("ens5", "0x1d0f\n");
+        dev("eth0", "0x8086\n");
+        std::fs::create_dir_all(root.join("class/net/lo")).unwrap();
+        assert_eq!(default_flows(&root, "ens5"), ENA_FLOWS);
+        assert_eq!(default_flows(&root, "eth0"), 1);
+        assert_eq!(default_flows(&root, "lo"), 1);
+        assert_eq!(default_flows(&root, "missing"), 1);
+        assert_eq!(default_flows(&root, "../net/ens5"), 1);
+        assert_eq!(default_flows(&root, ""), 1);
+        let set = FlowSettings {
+            flows: Some(3),
+            ..FlowSettings::default()
+        };
+        assert_eq!(set.flows_for(Some("ens5")), 3);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn settings_parse_and_refuse() {
