@@ -361,6 +361,45 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// How many flows per peer the IP route would open, and why (issue 15 §3): the
+/// communicator's own rule (`FlowSettings::flows_for`) on the IP role's interface.
+fn ip_flows_line(g: &Gathered) -> String {
+    use efa_core::comm::stripe::FlowSettings;
+    let Some(offer) = g
+        .selection
+        .roles
+        .iter()
+        .find(|rc| rc.role == efa_core::Transport::Ip)
+        .and_then(|rc| rc.chosen)
+        .map(|i| &g.offers[i])
+    else {
+        return String::new();
+    };
+    match FlowSettings::from_env() {
+        Err(e) => format!("  IP flows per peer: unusable setting: {e}\n"),
+        Ok(s) => {
+            let iface = offer.iface.as_deref();
+            let k = s.flows_for(iface);
+            let why = match (s.flows, k) {
+                (Some(_), _) => "set by EFA_IP_FLOWS".to_string(),
+                (None, 1) => format!(
+                    "{} is not an ENA interface; EFA_IP_FLOWS sets it",
+                    iface.unwrap_or("-")
+                ),
+                (None, _) => format!(
+                    "{} is an ENA interface; EFA_IP_FLOWS sets it",
+                    iface.unwrap_or("-")
+                ),
+            };
+            format!(
+                "  IP flows per peer: {k} ({why}); reads from {} B \
+                 striped, {}\n",
+                s.stripe_min, s.mode
+            )
+        }
+    }
+}
+
 fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "(unset)".into())
 }
@@ -421,6 +460,7 @@ pub fn render(g: &Gathered, routes: &[RouteLine], route_problems: &[String]) -> 
         ],
         &rows,
     ));
+    o.push_str(&ip_flows_line(g));
     o.push_str(&summary(g));
 
     o.push_str(&format!(

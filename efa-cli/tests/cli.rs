@@ -271,3 +271,47 @@ fn doctor_reports_every_check() {
         assert!(rxe["value"].as_str().unwrap().contains("ACTIVE"), "{rxe}");
     }
 }
+
+#[test]
+fn info_shows_the_ip_flow_count_and_why() {
+    let info = |env: &[(&str, &str)]| {
+        let mut c = Command::new(EFA);
+        c.args(["info"]).env("EFA_IFACE", "lo");
+        for k in [
+            "FI_PROVIDER",
+            "FI_TCP_IFACE",
+            "EFA_TRANSPORTS",
+            "EFA_IP_FLOWS",
+        ] {
+            c.env_remove(k);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let t = text(&o);
+        if !t.contains("  IP          tcp") {
+            eprintln!("SKIPPED: info_shows_the_ip_flow_count_and_why: no tcp IP role here:\n{t}");
+            return None;
+        }
+        Some(t)
+    };
+    let Some(t) = info(&[("EFA_IP_FLOWS", "4")]) else {
+        return;
+    };
+    assert!(
+        t.contains("IP flows per peer: 4 (set by EFA_IP_FLOWS)"),
+        "{t}"
+    );
+    let t = info(&[]).unwrap();
+    assert!(
+        t.contains("IP flows per peer: 1 (lo is not an ENA interface"),
+        "{t}"
+    );
+    let t = info(&[("EFA_IP_FLOWS", "0")]).unwrap();
+    assert!(
+        t.contains("IP flows per peer: unusable setting: EFA_IP_FLOWS=\"0\""),
+        "{t}"
+    );
+}
