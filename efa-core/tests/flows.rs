@@ -98,6 +98,22 @@ fn child_striped() {
         );
         assert_eq!(inmarks[k], [k as u32], "wait_all order after {len} B");
     }
+    // To itself (the route to this rank has the flows too): 1 MiB, verified.
+    let mine = bytes(me, me, 77, (1 << 20) + 5);
+    let req = comm.isend(&mine, me, 9).unwrap();
+    let mut back = vec![0u8; mine.len()];
+    comm.recv(&mut back, me, 9).unwrap();
+    req.wait().unwrap();
+    assert!(back == mine, "message to itself");
+    let to_self = comm
+        .ip_flows(me)
+        .unwrap()
+        .expect("the route to itself has flows");
+    let used = to_self.iter().filter(|f| f.bytes > 0).count();
+    assert!(
+        used >= 2,
+        "the message to itself used {used} flows: {to_self:?}"
+    );
     // 3. A collective: its receives go into engine buffers (the striped engine read path).
     let mut v: Vec<u64> = (0..(2 << 20) as u64).map(|i| i * (me as u64 + 1)).collect();
     comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
