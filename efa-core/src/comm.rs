@@ -27,7 +27,7 @@
 //! With `EFA_IP_FLOWS=K` (K > 1; [`CommunicatorBuilder::ip_flows`]) the IP transport opens
 //! K endpoints in one domain (over `tcp;ofi_rxm`, K connections per peer: K 5-tuples) and
 //! publishes their addresses in the card ([`Card::flows`]), inserting a peer's on its first
-//! use as its route's address is ([`Engine::resolve`]); control and eager messages use
+//! use, as its route's address is; control and eager messages use
 //! the first, and rendezvous reads from the stripe threshold on are cut into chunks spread
 //! over all of them ([`stripe`]: the rule, its constants, equal or adaptive).
 //! [`Communicator::ip_flows`] tells what each flow carried.
