@@ -31,7 +31,10 @@ fi
 store=$(mktemp -d /tmp/efa-flows-osu.XXXXXX)
 trap 'rm -rf "$store"' EXIT
 run_rank() { # RANK HOST
-  ip netns exec "$prefix-$2" env EFA_RANK="$1" EFA_WORLD_SIZE=2 EFA_STORE="file://$store" \
+  # Anything pinning libfabric to another interface (ci/test pins the IP providers to lo for
+  # its single-host tests) is removed: each rank uses its namespace's efa0.
+  ip netns exec "$prefix-$2" env -u FI_TCP_IFACE -u FI_SOCKETS_IFACE -u FI_UDP_IFACE \
+    -u FI_PROVIDER -u EFA_FABRIC_ADDR -u EFA_HOST_ID EFA_RANK="$1" EFA_WORLD_SIZE=2 EFA_STORE="file://$store" \
     EFA_TRANSPORTS=ip EFA_IFACE=efa0 EFA_IP_STRIPE="$mode" \
     FI_TCP_PORT_LOW_RANGE="$port" FI_TCP_PORT_HIGH_RANGE=$((port + flows - 1)) \
     timeout 300 "$bench" osu-bw -S 4m -i "${ITERS:-3}" -W "${WINDOW:-16}" --flows "$flows"
