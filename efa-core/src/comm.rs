@@ -138,6 +138,7 @@ use crate::bootstrap::{self, Bootstrap};
 use crate::error::{Error, Malformed, PeerFailure, Result, SettingError};
 use crate::fastbox::FastPath;
 use crate::net;
+use crate::placement::Chosen;
 use crate::placement::{
     self, Card, CardTable, CardTableBuilder, EndpointCard, Route, Transport, TransportSet,
 };
@@ -2536,10 +2537,6 @@ fn exchange_cards(
     }
     Ok((table.finish(), routes))
 }
-
-/// A route as start-up keeps it: the transport and the index of the peer's endpoint on its
-/// card ([`Route::transport`], [`Route::peer_endpoint`]).
-pub(crate) type Chosen = (Transport, usize);
 
 /// Each peer's route as the engine keeps it (the port and the peer's endpoint, no
 /// address yet: see [`Peers`]), and marks the endpoints that some peer is routed through.

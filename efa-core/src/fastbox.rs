@@ -21,8 +21,7 @@
 
 use efa_shm::Fastboxes;
 
-use crate::comm::Chosen;
-use crate::placement::{CardTable, Transport};
+use crate::placement::{CardTable, Chosen, Transport};
 use crate::wire::{Header, HDR_LEN};
 
 /// Environment variable that turns the carrier off when `0`, `off` or `false`.

@@ -828,6 +828,11 @@ impl fmt::Display for RouteReason {
     }
 }
 
+/// A route as start-up keeps it: the transport and the index of the peer's endpoint on its
+/// card ([`Route::transport`], [`Route::peer_endpoint`]). Here, beside [`Route`], so that the
+/// communicator and its carriers (`fastbox`) share it without importing each other.
+pub(crate) type Chosen = (Transport, usize);
+
 /// The chosen way to reach one peer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Route {
