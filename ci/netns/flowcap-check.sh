@@ -60,36 +60,9 @@ trap '$HOSTS_SH down "$prefix"' EXIT
 trap 'exit 130' INT TERM
 $HOSTS_SH up "$prefix" || { echo "flowcap-check: RESULT: FAIL: hosts.sh up $prefix failed"; exit 1; }
 
-failures=0    # assertions failed, over the whole check
-step_lo=0     # in the current attempt of a step: lower bounds failed (a loaded machine can do that)
-step_hard=0   # and anything else: an upper bound (the cap is missing or wrong), a tool failing
-ok() { echo "flowcap-check: ok: $*"; }
-
-# check DESCRIPTION VALUE OP BOUND: one assertion on numbers (awk does the arithmetic). A failed
-# ">=" counts as a lower bound, any other as hard.
-check() {
-  if awk -v v="$2" -v b="$4" "BEGIN { exit !(v $3 b) }"; then
-    ok "$1: $2 $3 $4"
-  else
-    echo "flowcap-check: FAIL: $1: $2 is not $3 $4"
-    if [ "$3" = ">=" ]; then step_lo=$((step_lo + 1)); else step_hard=$((step_hard + 1)); fi
-  fi
-}
-hard() { echo "flowcap-check: FAIL: $*"; step_hard=$((step_hard + 1)); }
-times() { awk -v f="$1" -v x="$2" 'BEGIN { print f * x }'; }
-
-# attempt STEP ARGS...: runs a step; if only lower bounds failed, runs it once more and keeps
-# that result (both are printed). An upper bound or a tool failure is never retried.
-attempt() {
-  step_lo=0 step_hard=0
-  "$@"
-  if [ "$step_hard" -eq 0 ] && [ "$step_lo" -gt 0 ]; then
-    echo "flowcap-check: retrying '$*' once: only lower bounds failed, which load on the machine can cause"
-    step_lo=0
-    "$@"
-  fi
-  failures=$((failures + step_lo + step_hard))
-}
+CHECK_NAME=flowcap-check
+# shellcheck source=ci/netns/checklib.sh
+. ci/netns/checklib.sh
 
 # measure FROM TO K: runs K flows, prints "total per-flow..." (Mbit/s); fails (status 1,
 # nothing printed) if flowtool.py does.

@@ -51,26 +51,9 @@ trap '$HOSTS_SH down "$prefix"' EXIT
 trap 'exit 130' INT TERM
 $HOSTS_SH up "$prefix" >/dev/null || { echo "stripe-check: RESULT: FAIL: hosts.sh up $prefix failed"; exit 1; }
 
-failures=0 step_lo=0 step_hard=0
-check() { # DESCRIPTION VALUE OP BOUND
-  if awk -v v="$2" -v b="$4" "BEGIN { exit !(v $3 b) }"; then
-    echo "stripe-check: ok: $1: $2 $3 $4"
-  else
-    echo "stripe-check: FAIL: $1: $2 is not $3 $4"
-    if [ "$3" = ">=" ]; then step_lo=$((step_lo + 1)); else step_hard=$((step_hard + 1)); fi
-  fi
-}
-times() { awk -v f="$1" -v x="$2" 'BEGIN { print f * x }'; }
-attempt() {
-  step_lo=0 step_hard=0
-  "$@"
-  if [ "$step_hard" -eq 0 ] && [ "$step_lo" -gt 0 ]; then
-    echo "stripe-check: retrying '$*' once: only lower bounds failed, which load can cause"
-    step_lo=0
-    "$@"
-  fi
-  failures=$((failures + step_lo + step_hard))
-}
+CHECK_NAME=stripe-check
+# shellcheck source=ci/netns/checklib.sh
+. ci/netns/checklib.sh
 # osu K MODE ITERS WINDOW: MB/s of one striped osu-bw run h1 -> h3 (empty on failure).
 osu() {
   local r
@@ -81,19 +64,19 @@ osu() {
 
 r1=""
 one() {
-  r1=$(osu 1 adaptive 2 8) || { echo "stripe-check: FAIL: K=1 did not run"; step_hard=$((step_hard + 1)); return; }
+  r1=$(osu 1 adaptive 2 8) || { hard "K=1 did not run"; return; }
   check "K=1 MB/s >= 0.8 x cap" "$r1" ">=" "$(times 0.1 "$C")"
   check "K=1 MB/s <= 1.05 x cap" "$r1" "<=" "$(times 0.13125 "$C")"
 }
 four() {
   local r want=$((4 * C < A ? 4 * C : A))
-  r=$(osu 4 adaptive 3 16) || { echo "stripe-check: FAIL: K=4 did not run"; step_hard=$((step_hard + 1)); return; }
+  r=$(osu 4 adaptive 3 16) || { hard "K=4 did not run"; return; }
   check "K=4 adaptive MB/s >= 0.8 x min(4 x cap, aggregate)" "$r" ">=" "$(times 0.1 "$want")"
   check "K=4 adaptive MB/s >= 2.5 x K=1 (striping on)" "$r" ">=" "$(times 2.5 "${r1:-0}")"
 }
 slow() {
   local a e
-  a=$(osu 4 adaptive 3 16) || { echo "stripe-check: FAIL: K=4 slow flow adaptive did not run"; step_hard=$((step_hard + 1)); return; }
+  a=$(osu 4 adaptive 3 16) || { hard "K=4 slow flow adaptive did not run"; return; }
   e=$(osu 4 equal 3 16) || e="n/a"
   check "K=4, one flow at half cap: adaptive MB/s >= 0.8 x sum of caps" "$a" ">=" "$(times 0.35 "$C")"
   echo "stripe-check: one slow flow, K=4: adaptive $a MB/s, equal $e MB/s (sum of caps $(times 0.4375 "$C"), 4 x slowest $(times 0.25 "$C"))"
